@@ -1,0 +1,1 @@
+//! The gpumemd (receive-datapath daemon) UNIX-socket protocol and client.

@@ -1,0 +1,5 @@
+//! Device memory for tcpx-rs: the gpumemd client, the devmem socket ABI of
+//! both kernel families, the RX pool and unpack.
+
+pub mod gpumemd;
+pub mod sockabi;

@@ -1,0 +1,1 @@
+//! The kernel devmem socket ABI: cmsgs, fragments and token return for TCPX and upstream kernels.
