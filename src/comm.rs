@@ -1,0 +1,692 @@
+//! Send and receive comms, and the requests they hand out.
+//!
+//! The control socket is driven by the caller's own thread inside
+//! `isend`/`irecv`/`test` (small messages never leave that thread, which
+//! keeps latency at raw-TCP level); chunks of large messages go to the
+//! NIC workers.
+
+use std::collections::VecDeque;
+use std::io::{IoSlice, Read};
+use std::net::TcpStream;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::sys::socket::MsgFlags;
+
+use crate::config::{MAX_INLINE, MAX_RECVS};
+use crate::engine::{Cmd, Job};
+use crate::error::{Error, Result};
+use crate::memory::{MemoryRegion, PtrKind, Region, RxPath, TxPath};
+use crate::net::NetInner;
+use crate::request::{ReqState, Sizes};
+use crate::wire::{self, Kind, Msg, MSG_INLINE, MSG_LEN, PREFIX_LEN};
+
+/// Largest chunk a peer may announce.
+const MAX_CHUNK: u64 = 1 << 30;
+
+/// A data socket of a comm: which worker owns it, and its id there.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct DataSock {
+    pub worker: usize,
+    pub id: u64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn close_data(net: &NetInner, socks: &[DataSock]) {
+    for s in socks {
+        net.workers[s.worker].submit(Cmd::Close { id: s.id });
+    }
+}
+
+// ---------------------------------------------------------------- send side
+
+struct SendCtrl {
+    stream: TcpStream,
+    /// Control bytes not yet accepted by the kernel.
+    out: Vec<u8>,
+    out_at: usize,
+    seq: u64,
+    /// Data socket that carries the next message's first chunk.
+    cursor: usize,
+    broken: Option<Error>,
+}
+
+impl SendCtrl {
+    /// Writes `parts` now if nothing is queued, and queues whatever the kernel does not take.
+    fn send_or_queue(&mut self, parts: &[&[u8]]) {
+        let mut skip = 0;
+        if self.out_at == self.out.len() && self.broken.is_none() {
+            self.out.clear();
+            self.out_at = 0;
+            let iov: Vec<IoSlice> = parts.iter().map(|p| IoSlice::new(p)).collect();
+            let flags = MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT;
+            match nix::sys::socket::sendmsg::<()>(self.stream.as_raw_fd(), &iov, &[], flags, None) {
+                Ok(n) => skip = n,
+                Err(Errno::EAGAIN | Errno::EINTR) => {}
+                Err(e) => self.broken = Some(Error::io("send control", e.into())),
+            }
+        }
+        for p in parts {
+            let s = skip.min(p.len());
+            self.out.extend_from_slice(&p[s..]);
+            skip -= s;
+        }
+    }
+
+    fn flush(&mut self) {
+        while self.out_at < self.out.len() && self.broken.is_none() {
+            let flags = MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT;
+            match nix::sys::socket::send(self.stream.as_raw_fd(), &self.out[self.out_at..], flags) {
+                Ok(n) => self.out_at += n,
+                Err(Errno::EAGAIN) => return,
+                Err(Errno::EINTR) => {}
+                Err(e) => self.broken = Some(Error::io("send control", e.into())),
+            }
+        }
+    }
+
+    fn flushed(&self) -> bool {
+        self.out_at == self.out.len()
+    }
+}
+
+pub(crate) struct SendCore {
+    net: Arc<NetInner>,
+    ctrl: Mutex<SendCtrl>,
+    socks: Vec<DataSock>,
+    inflight: AtomicUsize,
+    closed: AtomicBool,
+}
+
+/// The sending end of a connection (from `Net::connect`).
+pub struct SendComm {
+    core: Arc<SendCore>,
+}
+
+impl SendComm {
+    pub(crate) fn new(net: Arc<NetInner>, ctrl: TcpStream, socks: Vec<DataSock>) -> Self {
+        SendComm {
+            core: Arc::new(SendCore {
+                net,
+                ctrl: Mutex::new(SendCtrl {
+                    stream: ctrl,
+                    out: Vec::new(),
+                    out_at: 0,
+                    seq: 0,
+                    cursor: 0,
+                    broken: None,
+                }),
+                socks,
+                inflight: AtomicUsize::new(0),
+                closed: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// Number of data sockets this comm stripes over.
+    pub fn data_sockets(&self) -> usize {
+        self.core.socks.len()
+    }
+
+    /// Starts sending `len` bytes at `offset` of `mr` with `tag`.
+    /// `Ok(None)`: every request slot is busy; test() some and try again.
+    pub fn isend(&self, mr: &MemoryRegion, offset: usize, len: usize, tag: i32) -> Result<Option<Request>> {
+        let core = &self.core;
+        if core.closed.load(Ordering::Acquire) {
+            return Err(Error::Closed);
+        }
+        check_range(mr, offset, len)?;
+        let cfg = &core.net.cfg;
+        if core.inflight.load(Ordering::Acquire) >= cfg.max_requests {
+            return Ok(None);
+        }
+        let mut c = lock(&core.ctrl);
+        if let Some(e) = &c.broken {
+            return Err(e.clone());
+        }
+        let n = core.socks.len();
+        let inline = len <= cfg.inline_threshold || len == 0;
+        let msg = Msg {
+            seq: c.seq,
+            size: len as u64,
+            tag,
+            chunk_size: cfg.chunk_size as u32,
+            first_socket: c.cursor as u16,
+            flags: if inline { MSG_INLINE } else { 0 },
+        };
+        c.seq += 1;
+        let hdr = msg.encode();
+        let state = if inline {
+            let src = mr.inner.source(offset as u64, len)?;
+            // SAFETY: TxPath hands out `len` readable bytes; the region is held by `mr` for this call.
+            let body = unsafe { bytes(src, len) };
+            c.send_or_queue(&[&hdr, body]);
+            Arc::new(ReqState::new(1, 0))
+        } else {
+            c.send_or_queue(&[&hdr]);
+            let cs = cfg.chunk_size as u64;
+            let plan: Vec<_> = Job::plan(len as u64, cs, c.cursor, n).collect();
+            c.cursor = (c.cursor + Job::n_chunks(len as u64, cs) as usize) % n;
+            let state = Arc::new(ReqState::new(1, plan.len()));
+            for (s, first) in plan {
+                let sock = core.socks[s];
+                core.net.workers[sock.worker].submit(Cmd::Send {
+                    id: sock.id,
+                    job: Job {
+                        req: state.clone(),
+                        region: Some(mr.inner.clone()),
+                        base: offset as u64,
+                        seq: msg.seq,
+                        size: len as u64,
+                        chunk_size: cs,
+                        next_chunk: first,
+                        stride: n as u64,
+                    },
+                });
+            }
+            state
+        };
+        state.set_size(0, len as u64);
+        core.inflight.fetch_add(1, Ordering::AcqRel);
+        Ok(Some(Request::new(state, Owner::Send(core.clone()))))
+    }
+
+    /// Closes the comm; requests still in flight fail with `Error::Closed`.
+    pub fn close(self) {}
+}
+
+impl Drop for SendComm {
+    fn drop(&mut self) {
+        let core = &self.core;
+        core.closed.store(true, Ordering::Release);
+        {
+            // Give queued control bytes a brief chance to leave, so that completed
+            // sends are not lost; never block on a peer that stopped reading.
+            let mut c = lock(&core.ctrl);
+            let deadline = Instant::now() + Duration::from_millis(200);
+            while !c.flushed() && c.broken.is_none() && Instant::now() < deadline {
+                c.flush();
+                if !c.flushed() {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+            let _ = c.stream.shutdown(std::net::Shutdown::Both);
+        }
+        close_data(&core.net, &core.socks);
+    }
+}
+
+fn check_range(mr: &MemoryRegion, offset: usize, len: usize) -> Result<()> {
+    if mr.kind() != PtrKind::Host {
+        return Err(Error::Unsupported("only host memory moves on this build's data path".into()));
+    }
+    match offset.checked_add(len) {
+        Some(end) if end <= mr.len() => Ok(()),
+        _ => Err(Error::InvalidArgument(format!(
+            "bytes {offset}+{len} outside the {}-byte region",
+            mr.len()
+        ))),
+    }
+}
+
+/// # Safety
+/// `p` must be valid for reads of `len` bytes for the returned lifetime.
+unsafe fn bytes<'a>(p: *const u8, len: usize) -> &'a [u8] {
+    if len == 0 {
+        return &[];
+    }
+    // SAFETY: guaranteed by the caller.
+    unsafe { std::slice::from_raw_parts(p, len) }
+}
+
+// ------------------------------------------------------------- receive side
+
+/// One buffer of a (grouped) receive.
+#[derive(Debug, Clone, Copy)]
+pub struct RecvBuf<'a> {
+    pub mr: &'a MemoryRegion,
+    pub offset: usize,
+    pub len: usize,
+    pub tag: i32,
+}
+
+struct Sub {
+    region: Arc<Region>,
+    offset: u64,
+    len: u64,
+    tag: i32,
+    matched: bool,
+}
+
+struct Posted {
+    state: Arc<ReqState>,
+    subs: Vec<Sub>,
+    unmatched: usize,
+}
+
+struct RecvCtrl {
+    stream: TcpStream,
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    posted: VecDeque<Posted>,
+    next_seq: u64,
+    broken: Option<Error>,
+}
+
+impl RecvCtrl {
+    /// Reads more control bytes; false when none are available now.
+    fn fill(&mut self) -> bool {
+        if self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        let end = self.end;
+        match (&self.stream).read(&mut self.buf[end..]) {
+            Ok(0) => {
+                self.broken = Some(Error::ConnectionLost("peer closed the control connection".into()));
+                true
+            }
+            Ok(n) => {
+                self.end += n;
+                true
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => false,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => true,
+            Err(e) => {
+                self.broken = Some(Error::io("recv control", e));
+                true
+            }
+        }
+    }
+
+    fn avail(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+}
+
+pub(crate) struct RecvCore {
+    net: Arc<NetInner>,
+    ctrl: Mutex<RecvCtrl>,
+    socks: Vec<DataSock>,
+    inflight: AtomicUsize,
+    closed: AtomicBool,
+}
+
+/// The receiving end of a connection (from `ListenComm::accept`).
+pub struct RecvComm {
+    core: Arc<RecvCore>,
+}
+
+impl RecvComm {
+    pub(crate) fn new(net: Arc<NetInner>, ctrl: TcpStream, socks: Vec<DataSock>) -> Self {
+        RecvComm {
+            core: Arc::new(RecvCore {
+                net,
+                ctrl: Mutex::new(RecvCtrl {
+                    stream: ctrl,
+                    buf: vec![0; 2 * (MSG_LEN + MAX_INLINE)],
+                    start: 0,
+                    end: 0,
+                    posted: VecDeque::new(),
+                    next_seq: 0,
+                    broken: None,
+                }),
+                socks,
+                inflight: AtomicUsize::new(0),
+                closed: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    pub fn data_sockets(&self) -> usize {
+        self.core.socks.len()
+    }
+
+    /// Posts a receive of up to 8 buffers; each takes the next message whose tag matches it.
+    /// `Ok(None)`: every request slot is busy.
+    pub fn irecv(&self, bufs: &[RecvBuf<'_>]) -> Result<Option<Request>> {
+        let core = &self.core;
+        if core.closed.load(Ordering::Acquire) {
+            return Err(Error::Closed);
+        }
+        if bufs.is_empty() || bufs.len() > MAX_RECVS {
+            return Err(Error::InvalidArgument(format!(
+                "a receive takes 1..={MAX_RECVS} buffers, got {}",
+                bufs.len()
+            )));
+        }
+        for b in bufs {
+            check_range(b.mr, b.offset, b.len)?;
+        }
+        if core.inflight.load(Ordering::Acquire) >= core.net.cfg.max_requests {
+            return Ok(None);
+        }
+        let state = Arc::new(ReqState::receive(bufs.len()));
+        let posted = Posted {
+            state: state.clone(),
+            subs: bufs
+                .iter()
+                .map(|b| Sub {
+                    region: b.mr.inner.clone(),
+                    offset: b.offset as u64,
+                    len: b.len as u64,
+                    tag: b.tag,
+                    matched: false,
+                })
+                .collect(),
+            unmatched: bufs.len(),
+        };
+        let mut c = lock(&core.ctrl);
+        if let Some(e) = &c.broken {
+            return Err(e.clone());
+        }
+        c.posted.push_back(posted);
+        core.progress(&mut c);
+        core.inflight.fetch_add(1, Ordering::AcqRel);
+        Ok(Some(Request::new(state, Owner::Recv(core.clone()))))
+    }
+
+    /// Completes once received data is visible to the consumer. Host memory
+    /// needs no flush, so the request is done at once.
+    pub fn iflush(&self, _bufs: &[RecvBuf<'_>]) -> Result<Option<Request>> {
+        if self.core.closed.load(Ordering::Acquire) {
+            return Err(Error::Closed);
+        }
+        Ok(Some(Request::new(Arc::new(ReqState::new(0, 0)), Owner::None)))
+    }
+
+    pub fn close(self) {}
+}
+
+impl Drop for RecvComm {
+    fn drop(&mut self) {
+        let core = &self.core;
+        core.closed.store(true, Ordering::Release);
+        let mut c = lock(&core.ctrl);
+        for p in c.posted.drain(..) {
+            p.state.set_error(Error::Closed);
+        }
+        let _ = c.stream.shutdown(std::net::Shutdown::Both);
+        drop(c);
+        close_data(&core.net, &core.socks);
+    }
+}
+
+impl RecvCore {
+    /// Matches announced messages to posted receives and dispatches their chunks.
+    fn progress(&self, c: &mut RecvCtrl) {
+        loop {
+            if let Some(e) = c.broken.clone() {
+                for p in c.posted.drain(..) {
+                    p.state.set_error(e.clone());
+                }
+                return;
+            }
+            if c.posted.is_empty() {
+                return;
+            }
+            if c.avail().len() < PREFIX_LEN {
+                if !c.fill() {
+                    return;
+                }
+                continue;
+            }
+            let prefix = match wire::decode_prefix(c.avail()) {
+                Ok(p) if p.kind == Kind::Msg => p,
+                Ok(p) => {
+                    c.broken = Some(Error::Protocol(format!("{:?} header on the control socket", p.kind)));
+                    continue;
+                }
+                Err(e) => {
+                    c.broken = Some(e);
+                    continue;
+                }
+            };
+            let total = MSG_LEN + prefix.payload_len as usize;
+            if total > MSG_LEN + MAX_INLINE {
+                c.broken = Some(Error::Protocol(format!("inline payload of {} bytes", prefix.payload_len)));
+                continue;
+            }
+            if c.avail().len() < total {
+                if !c.fill() {
+                    return;
+                }
+                continue;
+            }
+            match Msg::decode(c.avail()) {
+                Ok(m) => {
+                    if let Err(e) = self.deliver(c, m) {
+                        c.broken = Some(e);
+                        continue;
+                    }
+                    c.start += total;
+                }
+                Err(e) => c.broken = Some(e),
+            }
+        }
+    }
+
+    /// Places one message into the front receive (or discards it with an error).
+    fn deliver(&self, c: &mut RecvCtrl, m: Msg) -> Result<()> {
+        if m.seq != c.next_seq {
+            return Err(Error::Protocol(format!("message {} arrived, expected {}", m.seq, c.next_seq)));
+        }
+        let n = self.socks.len();
+        if !m.is_inline() && (m.first_socket as usize >= n || m.chunk_size as u64 > MAX_CHUNK) {
+            return Err(Error::Protocol(format!(
+                "message {} names socket {} of {n} / chunk size {}",
+                m.seq, m.first_socket, m.chunk_size
+            )));
+        }
+        c.next_seq += 1;
+        let payload_at = c.start + MSG_LEN;
+        let Some(front) = c.posted.front_mut() else {
+            return Err(Error::Protocol("message delivered with no receive posted".into()));
+        };
+        let sub_i = front.subs.iter().position(|s| !s.matched && s.tag == m.tag);
+        // Claim a buffer: the matching one, or (on a tag mismatch) any free one so the receive still ends.
+        let claim = sub_i.or_else(|| front.subs.iter().position(|s| !s.matched));
+        let Some(i) = claim else {
+            return Err(Error::Protocol("no free buffer in the front receive".into()));
+        };
+        front.subs[i].matched = true;
+        front.unmatched -= 1;
+        front.state.matched_one();
+        front.state.set_size(i, m.size);
+        let sub = &front.subs[i];
+        let state = front.state.clone();
+        let region = if sub_i.is_none() {
+            state.set_error(Error::TagMismatch(m.tag));
+            None
+        } else if m.size > sub.len {
+            state.set_error(Error::Truncated {
+                tag: m.tag,
+                message: m.size,
+                buffer: sub.len,
+            });
+            None
+        } else {
+            Some((sub.region.clone(), sub.offset))
+        };
+        if front.unmatched == 0 {
+            c.posted.pop_front();
+        }
+        if m.is_inline() {
+            if let Some((r, off)) = region {
+                let len = m.size as usize;
+                let dst = r.sink(off, len)?;
+                // SAFETY: the sink is valid for `len` bytes and only this receive writes it.
+                unsafe { std::ptr::copy_nonoverlapping(c.buf[payload_at..payload_at + len].as_ptr(), dst, len) };
+                r.landed(off, len)?;
+            }
+            state.piece_done();
+            return Ok(());
+        }
+        let cs = m.chunk_size as u64;
+        let plan: Vec<_> = Job::plan(m.size, cs, m.first_socket as usize, n).collect();
+        state.add_pieces(plan.len());
+        let (region, base) = match region {
+            Some((r, off)) => (Some(r), off),
+            None => (None, 0),
+        };
+        for (s, first) in plan {
+            let sock = self.socks[s];
+            self.net.workers[sock.worker].submit(Cmd::Recv {
+                id: sock.id,
+                job: Job {
+                    req: state.clone(),
+                    region: region.clone(),
+                    base,
+                    seq: m.seq,
+                    size: m.size,
+                    chunk_size: cs,
+                    next_chunk: first,
+                    stride: n as u64,
+                },
+            });
+        }
+        state.piece_done();
+        Ok(())
+    }
+}
+
+// ------------------------------------------------------------------ requests
+
+enum Owner {
+    Send(Arc<SendCore>),
+    Recv(Arc<RecvCore>),
+    None,
+}
+
+/// An operation in flight. Poll it with `test()` (never blocks) or `wait()`.
+pub struct Request {
+    state: Arc<ReqState>,
+    owner: Owner,
+    finished: Option<Result<Sizes>>,
+}
+
+impl Request {
+    fn new(state: Arc<ReqState>, owner: Owner) -> Self {
+        Request {
+            state,
+            owner,
+            finished: None,
+        }
+    }
+
+    /// `Ok(Some(sizes))` once done (bytes received per buffer, or sent);
+    /// `Ok(None)` while in flight. Never blocks.
+    pub fn test(&mut self) -> Result<Option<Sizes>> {
+        if let Some(r) = &self.finished {
+            return r.clone().map(Some);
+        }
+        let outcome = match &self.owner {
+            Owner::Send(core) => {
+                let mut c = lock(&core.ctrl);
+                c.flush();
+                if let Some(e) = self.state.error() {
+                    Some(Err(e))
+                } else if self.state.is_done() && c.flushed() {
+                    Some(Ok(self.state.sizes()))
+                } else if let Some(e) = c.broken.clone() {
+                    Some(Err(e))
+                } else if core.closed.load(Ordering::Acquire) {
+                    Some(Err(Error::Closed))
+                } else {
+                    None
+                }
+            }
+            Owner::Recv(core) => {
+                let mut c = lock(&core.ctrl);
+                core.progress(&mut c);
+                drop(c);
+                if let Some(e) = self.state.error() {
+                    Some(Err(e))
+                } else if self.state.is_done() {
+                    Some(Ok(self.state.sizes()))
+                } else if core.closed.load(Ordering::Acquire) {
+                    Some(Err(Error::Closed))
+                } else {
+                    None
+                }
+            }
+            Owner::None => Some(Ok(self.state.sizes())),
+        };
+        match outcome {
+            None => Ok(None),
+            Some(r) => {
+                self.release();
+                self.finished = Some(r.clone());
+                r.map(Some)
+            }
+        }
+    }
+
+    /// Polls until done or `timeout` passes (`Error::Timeout`), sleeping between polls.
+    pub fn wait(&mut self, timeout: Duration) -> Result<Sizes> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.test()? {
+                return Ok(s);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Error::Timeout {
+                    what: "waiting for a request".into(),
+                    after_ms: timeout.as_millis() as u64,
+                });
+            }
+            let slice = (deadline - now).min(Duration::from_millis(1));
+            match &self.owner {
+                Owner::Recv(core) if self.state.has_unmatched() => {
+                    // Unmatched receives progress on control bytes, not on worker events.
+                    let fd = lock(&core.ctrl).stream.as_raw_fd();
+                    poll_in(fd, slice);
+                }
+                _ => self.state.wait_change(slice),
+            }
+        }
+    }
+
+    fn release(&mut self) {
+        match std::mem::replace(&mut self.owner, Owner::None) {
+            Owner::Send(c) => {
+                c.inflight.fetch_sub(1, Ordering::AcqRel);
+            }
+            Owner::Recv(c) => {
+                c.inflight.fetch_sub(1, Ordering::AcqRel);
+            }
+            Owner::None => {}
+        }
+    }
+}
+
+impl Drop for Request {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+impl std::fmt::Debug for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Request").field("finished", &self.finished).finish()
+    }
+}
+
+fn poll_in(fd: std::os::fd::RawFd, timeout: Duration) {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call.
+    unsafe { libc::poll(&mut p, 1, timeout.as_millis().max(1) as i32) };
+}

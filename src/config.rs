@@ -1,0 +1,224 @@
+//! One `Config`, built from the environment in one place.
+//!
+//! The TCPX plugin's `NCCL_*` variables are accepted where they mean the same
+//! thing; `TCPX_*` variables cover the rest and win when both are set.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+
+/// A NIC as the user named it: an interface name (`eth1`) or an address (`127.0.0.2`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NicSpec {
+    Name(String),
+    Addr(IpAddr),
+}
+
+impl NicSpec {
+    pub fn parse(s: &str) -> Result<Self> {
+        let s = s.trim();
+        if s.is_empty() {
+            return Err(Error::Config("empty NIC name".into()));
+        }
+        Ok(match s.parse::<IpAddr>() {
+            Ok(ip) => NicSpec::Addr(ip),
+            Err(_) => NicSpec::Name(s.to_string()),
+        })
+    }
+
+    /// A comma-separated list; NCCL's `=`/`^` prefixes are not supported.
+    pub fn parse_list(s: &str) -> Result<Vec<Self>> {
+        if s.starts_with('^') || s.starts_with('=') {
+            return Err(Error::Config(format!(
+                "{s:?}: prefix matching (^, =) is not supported; list interfaces or addresses exactly"
+            )));
+        }
+        s.split(',').filter(|p| !p.trim().is_empty()).map(Self::parse).collect()
+    }
+}
+
+/// Transport configuration. `Config::from_env()` reads the table in README.md.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Data NICs; a comm stripes over all of them. Empty = every up, non-loopback interface (or `lo`).
+    pub data_nics: Vec<NicSpec>,
+    /// NIC of the control socket. `None` = the first data NIC.
+    pub ctrl_nic: Option<NicSpec>,
+    /// Data sockets per NIC per comm.
+    pub sockets_per_nic: usize,
+    /// Bytes per chunk on a data socket.
+    pub chunk_size: usize,
+    /// Messages up to this size travel inline on the control socket (lowest latency).
+    pub inline_threshold: usize,
+    /// Requests in flight per comm.
+    pub max_requests: usize,
+    /// Deadline for connect/accept handshakes to finish once started.
+    pub handshake_timeout: Duration,
+    /// SO_SNDBUF/SO_RCVBUF for data sockets; `None` keeps kernel autotuning.
+    pub socket_buffer: Option<usize>,
+}
+
+pub const MAX_SOCKETS_PER_NIC: usize = 16;
+pub const MAX_NICS: usize = 16;
+pub const MAX_RECVS: usize = 8;
+/// Inline payloads are staged whole in the control buffers; keep them small.
+pub const MAX_INLINE: usize = 64 * 1024;
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_nics: Vec::new(),
+            ctrl_nic: None,
+            sockets_per_nic: 2,
+            chunk_size: 512 * 1024,
+            inline_threshold: 16 * 1024,
+            max_requests: 32,
+            handshake_timeout: Duration::from_secs(30),
+            socket_buffer: None,
+        }
+    }
+}
+
+impl Config {
+    /// Loopback config used by tests and the bench: each address is one "NIC".
+    pub fn loopback(addrs: &[&str]) -> Result<Self> {
+        let data_nics = addrs.iter().map(|a| NicSpec::parse(a)).collect::<Result<_>>()?;
+        Ok(Config {
+            data_nics,
+            ..Config::default()
+        })
+    }
+
+    /// Defaults overridden by environment variables.
+    pub fn from_env() -> Result<Self> {
+        Self::from_lookup(|k| std::env::var(k).ok())
+    }
+
+    /// `from_env` over any key lookup (tests pass a map).
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self> {
+        let first = |keys: &[&'static str]| keys.iter().find_map(|k| get(k).map(|v| (*k, v)));
+        let mut c = Config::default();
+        if let Some((_, v)) = first(&["TCPX_NICS", "NCCL_GPUDIRECTTCPX_SOCKET_IFNAME"]) {
+            c.data_nics = NicSpec::parse_list(&v)?;
+        }
+        if let Some((_, v)) = first(&["TCPX_CTRL_NIC", "NCCL_GPUDIRECTTCPX_CTRL_DEV", "NCCL_SOCKET_IFNAME"]) {
+            let mut l = NicSpec::parse_list(&v)?;
+            c.ctrl_nic = if l.is_empty() { None } else { Some(l.remove(0)) };
+        }
+        if let Some((k, v)) = first(&["TCPX_SOCKETS_PER_NIC"]) {
+            c.sockets_per_nic = parse_num(k, &v)?;
+        } else {
+            // The TCPX plugin opens NSOCKS_PERTHREAD x SOCKET_NTHREADS sockets per comm and NIC.
+            let per = first(&["NCCL_GPUDIRECTTCPX_NSOCKS_PERTHREAD", "NCCL_NSOCKS_PERTHREAD"]);
+            let thr = first(&["NCCL_GPUDIRECTTCPX_SOCKET_NTHREADS", "NCCL_SOCKET_NTHREADS"]);
+            if per.is_some() || thr.is_some() {
+                let p = per.map(|(k, v)| parse_num(k, &v)).transpose()?.unwrap_or(1);
+                let t = thr.map(|(k, v)| parse_num(k, &v)).transpose()?.unwrap_or(1);
+                c.sockets_per_nic = p * t;
+            }
+        }
+        if let Some((k, v)) = first(&["TCPX_CHUNK_SIZE"]) {
+            c.chunk_size = parse_num(k, &v)?;
+        }
+        if let Some((k, v)) = first(&["TCPX_INLINE_THRESHOLD"]) {
+            c.inline_threshold = parse_num(k, &v)?;
+        }
+        if let Some((k, v)) = first(&["TCPX_MAX_REQUESTS"]) {
+            c.max_requests = parse_num(k, &v)?;
+        }
+        if let Some((k, v)) = first(&["TCPX_HANDSHAKE_TIMEOUT_MS"]) {
+            c.handshake_timeout = Duration::from_millis(parse_num(k, &v)? as u64);
+        }
+        if let Some((k, v)) = first(&["TCPX_SOCKET_BUFFER"]) {
+            c.socket_buffer = Some(parse_num(k, &v)?);
+        }
+        c.validate()?;
+        Ok(c)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Config(m));
+        if self.sockets_per_nic == 0 || self.sockets_per_nic > MAX_SOCKETS_PER_NIC {
+            return bad(format!("sockets per NIC must be 1..={MAX_SOCKETS_PER_NIC}, got {}", self.sockets_per_nic));
+        }
+        if self.data_nics.len() > MAX_NICS {
+            return bad(format!("at most {MAX_NICS} data NICs, got {}", self.data_nics.len()));
+        }
+        if !(4096..=(1 << 30)).contains(&self.chunk_size) {
+            return bad(format!("chunk size must be 4 KiB..=1 GiB, got {}", self.chunk_size));
+        }
+        if self.inline_threshold > MAX_INLINE {
+            return bad(format!("inline threshold must be <= {MAX_INLINE}, got {}", self.inline_threshold));
+        }
+        if !(8..=1024).contains(&self.max_requests) {
+            return bad(format!("max requests must be 8..=1024, got {}", self.max_requests));
+        }
+        Ok(())
+    }
+}
+
+/// Accepts plain integers and K/M/G suffixes (powers of two), as NCCL users write sizes.
+fn parse_num(key: &str, v: &str) -> Result<usize> {
+    let t = v.trim();
+    let (digits, mult) = match t.as_bytes().last() {
+        Some(b'k' | b'K') => (&t[..t.len() - 1], 1usize << 10),
+        Some(b'm' | b'M') => (&t[..t.len() - 1], 1 << 20),
+        Some(b'g' | b'G') => (&t[..t.len() - 1], 1 << 30),
+        _ => (t, 1),
+    };
+    digits
+        .parse::<usize>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| Error::Config(format!("{key}={v:?} is not a number")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn cfg(pairs: &[(&str, &str)]) -> Result<Config> {
+        let m: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Config::from_lookup(|k| m.get(k).cloned())
+    }
+
+    #[test]
+    fn tcpx_variables_are_honoured() {
+        let c = cfg(&[
+            ("NCCL_GPUDIRECTTCPX_SOCKET_IFNAME", "eth1,eth2,127.0.0.3"),
+            ("NCCL_SOCKET_IFNAME", "eth0"),
+            ("NCCL_NSOCKS_PERTHREAD", "2"),
+            ("NCCL_SOCKET_NTHREADS", "3"),
+        ])
+        .unwrap();
+        assert_eq!(c.data_nics.len(), 3);
+        assert_eq!(c.data_nics[2], NicSpec::Addr("127.0.0.3".parse().unwrap()));
+        assert_eq!(c.ctrl_nic, Some(NicSpec::Name("eth0".into())));
+        assert_eq!(c.sockets_per_nic, 6);
+    }
+
+    #[test]
+    fn own_names_win_and_sizes_take_suffixes() {
+        let c = cfg(&[
+            ("TCPX_NICS", "127.0.0.2"),
+            ("NCCL_GPUDIRECTTCPX_SOCKET_IFNAME", "eth1"),
+            ("TCPX_CHUNK_SIZE", "1M"),
+            ("TCPX_SOCKETS_PER_NIC", "4"),
+            ("NCCL_NSOCKS_PERTHREAD", "8"),
+        ])
+        .unwrap();
+        assert_eq!(c.data_nics, vec![NicSpec::Addr("127.0.0.2".parse().unwrap())]);
+        assert_eq!(c.chunk_size, 1 << 20);
+        assert_eq!(c.sockets_per_nic, 4);
+    }
+
+    #[test]
+    fn bad_values_are_config_errors() {
+        assert!(matches!(cfg(&[("TCPX_CHUNK_SIZE", "lots")]), Err(Error::Config(_))));
+        assert!(matches!(cfg(&[("TCPX_SOCKETS_PER_NIC", "0")]), Err(Error::Config(_))));
+        assert!(matches!(cfg(&[("TCPX_MAX_REQUESTS", "4")]), Err(Error::Config(_))));
+        assert!(matches!(cfg(&[("NCCL_SOCKET_IFNAME", "^docker")]), Err(Error::Config(_))));
+    }
+}

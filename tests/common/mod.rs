@@ -1,0 +1,36 @@
+//! Shared fixtures: a connected comm pair over loopback "NICs".
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use tcpx::{Config, Net, RecvComm, SendComm};
+
+pub const T: Duration = Duration::from_secs(20);
+
+/// Three loopback addresses stand in for three NICs.
+pub fn three_nics() -> Config {
+    Config::loopback(&["127.0.0.1", "127.0.0.2", "127.0.0.3"]).unwrap()
+}
+
+/// Connects `a` (sender) to `b` (receiver) on device 0.
+pub fn pair(a: &Net, b: &Net) -> (SendComm, RecvComm) {
+    let (h, mut l) = b.listen(0).unwrap();
+    let mut h = tcpx::Handle::from_bytes(&h.to_bytes()).unwrap();
+    std::thread::scope(|s| {
+        let acc = s.spawn(move || l.accept_wait(T).unwrap());
+        let send = a.connect_wait(0, &mut h, T).unwrap();
+        (send, acc.join().unwrap())
+    })
+}
+
+/// Deterministic pseudo-random bytes (xorshift), cheap even in debug builds.
+pub fn pattern(seed: u64, buf: &mut [u8]) {
+    let mut x = seed | 1;
+    for chunk in buf.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let b = x.to_le_bytes();
+        chunk.copy_from_slice(&b[..chunk.len()]);
+    }
+}
