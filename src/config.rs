@@ -158,8 +158,12 @@ impl Config {
     }
 }
 
-/// Accepts plain integers and K/M/G suffixes (powers of two), as NCCL users write sizes.
 fn parse_num(key: &str, v: &str) -> Result<usize> {
+    parse_size(v).map_err(|_| Error::Config(format!("{key}={v:?} is not a number")))
+}
+
+/// Accepts plain integers and K/M/G suffixes (powers of two), as NCCL users write sizes.
+pub fn parse_size(v: &str) -> Result<usize> {
     let t = v.trim();
     let (digits, mult) = match t.as_bytes().last() {
         Some(b'k' | b'K') => (&t[..t.len() - 1], 1usize << 10),
@@ -171,7 +175,7 @@ fn parse_num(key: &str, v: &str) -> Result<usize> {
         .parse::<usize>()
         .ok()
         .and_then(|n| n.checked_mul(mult))
-        .ok_or_else(|| Error::Config(format!("{key}={v:?} is not a number")))
+        .ok_or_else(|| Error::Config(format!("{v:?} is not a size")))
 }
 
 #[cfg(test)]

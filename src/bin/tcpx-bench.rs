@@ -1,1 +1,393 @@
-fn main() {}
+//! tcpx-bench: throughput and latency of the transport.
+//!
+//! With no arguments: a loopback sweep (4 KiB … 256 MiB) over two loopback
+//! "NICs", a progress bar, then a table. `server` / `client <addr>` run the
+//! same sweep between two hosts. `tcp-pingpong` is the raw-TCP latency
+//! baseline that docs/PERFORMANCE.md compares against.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+use tcpx::{Config, Handle, HostMemory, MemoryRegion, Net, NicSpec, RecvBuf, RecvComm, SendComm, HANDLE_SIZE};
+
+#[derive(Parser, Debug)]
+#[command(version, about = "Throughput and latency of the tcpx-rs transport")]
+struct Cli {
+    #[command(subcommand)]
+    mode: Option<Mode>,
+    /// Data NICs (names or addresses, comma list). Default: the environment, else 127.0.0.1,127.0.0.2.
+    #[arg(long, global = true)]
+    nics: Option<String>,
+    /// Data sockets per NIC.
+    #[arg(long, global = true)]
+    sockets_per_nic: Option<usize>,
+    /// Chunk size in bytes (K/M suffixes allowed).
+    #[arg(long, global = true)]
+    chunk_size: Option<String>,
+    /// Smallest message (bytes, K/M/G suffixes).
+    #[arg(long, global = true, default_value = "4K")]
+    min_size: String,
+    /// Largest message.
+    #[arg(long, global = true, default_value = "256M")]
+    max_size: String,
+    /// Bytes moved per size in the throughput phase.
+    #[arg(long, global = true, default_value = "512M")]
+    bytes_per_size: String,
+    /// Messages in flight.
+    #[arg(long, global = true, default_value_t = 4)]
+    window: usize,
+    /// Print JSON instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum Mode {
+    /// Wait for a client on ADDR (host:port of the bootstrap socket) and serve its sweep.
+    Server {
+        #[arg(default_value = "0.0.0.0:7477")]
+        bind: String,
+    },
+    /// Run the sweep against a server's bootstrap address.
+    Client { addr: String },
+    /// Raw TCP ping-pong latency over loopback (the baseline).
+    TcpPingpong {
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        #[arg(long, default_value_t = 20000)]
+        iters: usize,
+    },
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+struct Plan {
+    sizes: Vec<usize>,
+    iters: Vec<usize>,
+    pings: Vec<usize>,
+    window: usize,
+}
+
+#[derive(Serialize, Debug)]
+struct Row {
+    size: usize,
+    iters: usize,
+    gbytes_per_s: f64,
+    gbits_per_s: f64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+const T: Duration = Duration::from_secs(60);
+
+type BoxResult<T> = Result<T, Box<dyn std::error::Error>>;
+
+fn parse_size(s: &str) -> BoxResult<usize> {
+    Ok(tcpx::config::parse_size(s)?)
+}
+
+fn config(cli: &Cli) -> BoxResult<Config> {
+    let mut c = Config::from_env()?;
+    if let Some(n) = &cli.nics {
+        c.data_nics = NicSpec::parse_list(n)?;
+    } else if c.data_nics.is_empty() {
+        c.data_nics = NicSpec::parse_list("127.0.0.1,127.0.0.2")?;
+    }
+    if let Some(k) = cli.sockets_per_nic {
+        c.sockets_per_nic = k;
+    }
+    if let Some(cs) = &cli.chunk_size {
+        c.chunk_size = parse_size(cs)?;
+    }
+    c.validate()?;
+    Ok(c)
+}
+
+fn plan(cli: &Cli) -> BoxResult<Plan> {
+    let (lo, hi, per) = (parse_size(&cli.min_size)?, parse_size(&cli.max_size)?, parse_size(&cli.bytes_per_size)?);
+    if lo == 0 || lo > hi {
+        return Err("need 0 < --min-size <= --max-size".into());
+    }
+    let mut sizes = Vec::new();
+    let mut s = lo;
+    while s <= hi {
+        sizes.push(s);
+        s *= 2;
+    }
+    let iters = sizes.iter().map(|&s| (per / s).clamp(4, 20_000)).collect();
+    let pings = sizes.iter().map(|&s| ((64 << 20) / s).clamp(5, 400)).collect();
+    Ok(Plan {
+        sizes,
+        iters,
+        pings,
+        window: cli.window.max(1),
+    })
+}
+
+/// Exchanges handles over `boot` and connects both directions.
+fn endpoint(net: &Net, mut boot: impl Read + Write) -> BoxResult<(SendComm, RecvComm)> {
+    let (h, mut listener) = net.listen(0)?;
+    boot.write_all(&h.to_bytes())?;
+    let mut peer = [0u8; HANDLE_SIZE];
+    boot.read_exact(&mut peer)?;
+    let mut peer = Handle::from_bytes(&peer)?;
+    std::thread::scope(|s| {
+        let acc = s.spawn(move || listener.accept_wait(T));
+        let send = net.connect_wait(0, &mut peer, T);
+        let recv = acc.join().map_err(|_| "accept thread panicked")?;
+        Ok((send?, recv?))
+    })
+}
+
+fn send_msg(tx: &SendComm, mr: &MemoryRegion, len: usize) -> tcpx::Result<tcpx::Request> {
+    loop {
+        if let Some(r) = tx.isend(mr, 0, len, 0)? {
+            return Ok(r);
+        }
+        std::thread::yield_now();
+    }
+}
+
+fn recv_msg(rx: &RecvComm, mr: &MemoryRegion, len: usize) -> tcpx::Result<tcpx::Request> {
+    loop {
+        if let Some(r) = rx.irecv(&[RecvBuf { mr, offset: 0, len, tag: 0 }])? {
+            return Ok(r);
+        }
+        std::thread::yield_now();
+    }
+}
+
+/// Drives the sweep; returns one row per size.
+fn run_sender(net: &Net, tx: &SendComm, rx: &RecvComm, plan: &Plan, bar: &ProgressBar) -> BoxResult<Vec<Row>> {
+    let pj = serde_json::to_vec(plan)?;
+    let pmr = net.reg_mr(HostMemory::from_slice(&pj)?);
+    send_msg(tx, &pmr, pj.len())?.wait(T)?;
+    let max = plan.sizes.iter().copied().max().unwrap_or(0);
+    let mut buf = HostMemory::zeroed(max)?;
+    for (i, b) in buf.iter_mut().enumerate() {
+        *b = (i % 251) as u8;
+    }
+    let src = net.reg_mr(buf);
+    let back = net.reg_mr(HostMemory::zeroed(max.max(1))?);
+    let mut rows = Vec::new();
+    for (k, &size) in plan.sizes.iter().enumerate() {
+        bar.set_message(format!("{} x {}", human(size), plan.iters[k]));
+        // Throughput: keep `window` messages in flight, then wait for the receiver's ack.
+        let t0 = Instant::now();
+        let mut inflight = std::collections::VecDeque::new();
+        for _ in 0..plan.iters[k] {
+            if inflight.len() == plan.window {
+                let mut r: tcpx::Request = inflight.pop_front().ok_or("empty window")?;
+                r.wait(T)?;
+            }
+            inflight.push_back(send_msg(tx, &src, size)?);
+        }
+        for mut r in inflight {
+            r.wait(T)?;
+        }
+        recv_msg(rx, &back, 0)?.wait(T)?;
+        let secs = t0.elapsed().as_secs_f64();
+        let gbps = (size * plan.iters[k]) as f64 / secs / 1e9;
+        // Latency: ping-pong, one-way time = round trip / 2.
+        let mut lat = Vec::with_capacity(plan.pings[k]);
+        for _ in 0..plan.pings[k] {
+            let t = Instant::now();
+            let mut r = recv_msg(rx, &back, size)?;
+            send_msg(tx, &src, size)?.wait(T)?;
+            r.wait(T)?;
+            lat.push(t.elapsed().as_secs_f64() * 1e6 / 2.0);
+        }
+        lat.sort_by(f64::total_cmp);
+        let pct = |p: f64| lat[((lat.len() - 1) as f64 * p).round() as usize];
+        rows.push(Row {
+            size,
+            iters: plan.iters[k],
+            gbytes_per_s: gbps,
+            gbits_per_s: gbps * 8.0,
+            p50_us: pct(0.5),
+            p99_us: pct(0.99),
+        });
+        bar.set_message(format!("{}: {gbps:.2} GB/s", human(size)));
+        bar.inc(1);
+    }
+    Ok(rows)
+}
+
+/// Mirrors run_sender: receives the plan, then each step.
+fn run_receiver(net: &Net, tx: &SendComm, rx: &RecvComm) -> BoxResult<()> {
+    let pmr = net.reg_mr(HostMemory::zeroed(64 * 1024)?);
+    let mut pmr = pmr;
+    let n = recv_msg(rx, &pmr, 64 * 1024)?.wait(T)?[0] as usize;
+    let plan: Plan = serde_json::from_slice(&pmr.bytes()?[..n])?;
+    let max = plan.sizes.iter().copied().max().unwrap_or(0);
+    let dst = net.reg_mr(HostMemory::zeroed(max.max(1))?);
+    let ack = net.reg_mr(HostMemory::zeroed(1)?);
+    for (k, &size) in plan.sizes.iter().enumerate() {
+        let mut inflight = std::collections::VecDeque::new();
+        for _ in 0..plan.iters[k] {
+            if inflight.len() == plan.window {
+                let mut r: tcpx::Request = inflight.pop_front().ok_or("empty window")?;
+                r.wait(T)?;
+            }
+            inflight.push_back(recv_msg(rx, &dst, size)?);
+        }
+        for mut r in inflight {
+            r.wait(T)?;
+        }
+        send_msg(tx, &ack, 0)?.wait(T)?;
+        for _ in 0..plan.pings[k] {
+            recv_msg(rx, &dst, size)?.wait(T)?;
+            send_msg(tx, &dst, size)?.wait(T)?;
+        }
+    }
+    Ok(())
+}
+
+fn human(n: usize) -> String {
+    match n {
+        n if n >= 1 << 30 && n % (1 << 30) == 0 => format!("{} GiB", n >> 30),
+        n if n >= 1 << 20 && n % (1 << 20) == 0 => format!("{} MiB", n >> 20),
+        n if n >= 1 << 10 && n % (1 << 10) == 0 => format!("{} KiB", n >> 10),
+        n => format!("{n} B"),
+    }
+}
+
+fn report(cli: &Cli, cfg: &Config, rows: &[Row]) -> BoxResult<()> {
+    if cli.json {
+        let out = serde_json::json!({
+            "nics": cfg.data_nics.iter().map(|n| format!("{n:?}")).collect::<Vec<_>>(),
+            "sockets_per_nic": cfg.sockets_per_nic,
+            "chunk_size": cfg.chunk_size,
+            "window": cli.window,
+            "results": rows,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    println!(
+        "tcpx-bench: {} NIC(s) x {} socket(s), chunk {}, window {}",
+        cfg.data_nics.len(),
+        cfg.sockets_per_nic,
+        human(cfg.chunk_size),
+        cli.window
+    );
+    println!("{:>10} {:>7} {:>9} {:>9} {:>11} {:>11}", "size", "iters", "GB/s", "Gb/s", "p50 us", "p99 us");
+    for r in rows {
+        println!(
+            "{:>10} {:>7} {:>9.3} {:>9.2} {:>11.1} {:>11.1}",
+            human(r.size),
+            r.iters,
+            r.gbytes_per_s,
+            r.gbits_per_s,
+            r.p50_us,
+            r.p99_us
+        );
+    }
+    Ok(())
+}
+
+fn progress(cli: &Cli, n: usize) -> ProgressBar {
+    if cli.json {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(n as u64);
+    if let Ok(style) = ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} sizes  {msg}") {
+        bar.set_style(style);
+    }
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
+
+fn tcp_pingpong(size: usize, iters: usize, json: bool) -> BoxResult<()> {
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    let addr = l.local_addr()?;
+    let echo = std::thread::spawn(move || -> std::io::Result<()> {
+        let (mut s, _) = l.accept()?;
+        s.set_nodelay(true)?;
+        let mut b = vec![0u8; size];
+        for _ in 0..iters {
+            s.read_exact(&mut b)?;
+            s.write_all(&b)?;
+        }
+        Ok(())
+    });
+    let mut c = TcpStream::connect(addr)?;
+    c.set_nodelay(true)?;
+    let mut b = vec![1u8; size];
+    let mut lat = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        let t = Instant::now();
+        c.write_all(&b)?;
+        c.read_exact(&mut b)?;
+        lat.push(t.elapsed().as_secs_f64() * 1e6 / 2.0);
+    }
+    echo.join().map_err(|_| "echo thread panicked")??;
+    lat.sort_by(f64::total_cmp);
+    let (p50, p99) = (lat[lat.len() / 2], lat[(lat.len() - 1) * 99 / 100]);
+    if json {
+        println!("{}", serde_json::json!({"size": size, "iters": iters, "p50_us": p50, "p99_us": p99}));
+    } else {
+        println!("raw TCP ping-pong {size} B: p50 {p50:.1} us, p99 {p99:.1} us (one way)");
+    }
+    Ok(())
+}
+
+fn main() -> BoxResult<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("TCPX_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    match &cli.mode {
+        Some(Mode::TcpPingpong { size, iters }) => tcp_pingpong(*size, *iters, cli.json),
+        Some(Mode::Server { bind }) => {
+            let cfg = config(&cli)?;
+            let net = Net::init(cfg)?;
+            let l = TcpListener::bind(bind)?;
+            eprintln!("tcpx-bench server: waiting on {}", l.local_addr()?);
+            loop {
+                let (boot, peer) = l.accept()?;
+                eprintln!("client {peer}");
+                let (tx, rx) = endpoint(&net, boot)?;
+                if let Err(e) = run_receiver(&net, &tx, &rx) {
+                    eprintln!("client {peer}: {e}");
+                }
+            }
+        }
+        Some(Mode::Client { addr }) => {
+            let cfg = config(&cli)?;
+            let plan = plan(&cli)?;
+            let net = Net::init(cfg.clone())?;
+            let boot = TcpStream::connect(addr)?;
+            let (tx, rx) = endpoint(&net, boot)?;
+            let bar = progress(&cli, plan.sizes.len());
+            let rows = run_sender(&net, &tx, &rx, &plan, &bar)?;
+            bar.finish_and_clear();
+            report(&cli, &cfg, &rows)
+        }
+        None => {
+            let cfg = config(&cli)?;
+            let plan = plan(&cli)?;
+            let net = Net::init(cfg.clone())?;
+            let (a, b) = UnixStream::pair()?;
+            let rows = std::thread::scope(|s| -> BoxResult<Vec<Row>> {
+                let netr = &net;
+                let server = s.spawn(move || -> Result<(), String> {
+                    let (tx, rx) = endpoint(netr, b).map_err(|e| e.to_string())?;
+                    run_receiver(netr, &tx, &rx).map_err(|e| e.to_string())
+                });
+                let (tx, rx) = endpoint(&net, a)?;
+                let bar = progress(&cli, plan.sizes.len());
+                let rows = run_sender(&net, &tx, &rx, &plan, &bar);
+                bar.finish_and_clear();
+                server.join().map_err(|_| "receiver thread panicked")??;
+                rows
+            })?;
+            report(&cli, &cfg, &rows)
+        }
+    }
+}

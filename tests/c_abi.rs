@@ -1,0 +1,61 @@
+//! The C ABI: the checked-in header matches the code, and a C program
+//! compiled with the system `cc` moves bytes through it.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn header_is_in_sync_with_the_code() {
+    let cfg = cbindgen::Config::from_file(root().join("cbindgen.toml")).unwrap();
+    let mut out = Vec::new();
+    cbindgen::Builder::new()
+        .with_config(cfg)
+        .with_src(root().join("src/ffi.rs"))
+        .generate()
+        .expect("cbindgen")
+        .write(&mut out);
+    let path = root().join("include/tcpx.h");
+    if std::env::var_os("TCPX_BLESS").is_some() {
+        std::fs::write(&path, &out).unwrap();
+    }
+    let checked_in = std::fs::read(&path).unwrap_or_default();
+    assert!(
+        checked_in == out,
+        "include/tcpx.h is out of date: run `TCPX_BLESS=1 cargo test --test c_abi` and commit it"
+    );
+}
+
+/// target/<profile>, where cargo put libtcpx.so for this test run.
+fn lib_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().and_then(Path::parent).unwrap().to_path_buf()
+}
+
+#[test]
+fn c_program_transfers_through_the_header() {
+    let dir = lib_dir();
+    assert!(dir.join("libtcpx.so").exists(), "libtcpx.so not found in {}", dir.display());
+    let bin = std::env::temp_dir().join(format!("tcpx-c-transfer-{}", std::process::id()));
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    let st = Command::new(&cc)
+        .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-O1", "-pthread", "-I"])
+        .arg(root().join("include"))
+        .arg(root().join("tests/c/transfer.c"))
+        .arg("-o")
+        .arg(&bin)
+        .arg(format!("-L{}", dir.display()))
+        .arg(format!("-Wl,-rpath,{}", dir.display()))
+        .arg("-ltcpx")
+        .status()
+        .expect("run the C compiler");
+    assert!(st.success(), "cc failed");
+    let out = Command::new(&bin).output().unwrap();
+    let _ = std::fs::remove_file(&bin);
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "C program failed:\n{text}");
+    assert!(text.contains("c-abi: ok"), "{text}");
+}
