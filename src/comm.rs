@@ -10,14 +10,14 @@ use std::io::{IoSlice, Read};
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::sys::socket::MsgFlags;
 
 use crate::config::{MAX_INLINE, MAX_RECVS};
-use crate::engine::{Cmd, Job};
+use crate::engine::{Cmd, Job, Poke};
 use crate::error::{Error, Result};
 use crate::memory::{MemoryRegion, PtrKind, Region, RxPath, TxPath};
 use crate::net::NetInner;
@@ -38,8 +38,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn close_data(net: &NetInner, socks: &[DataSock]) {
-    for s in socks {
+fn close_data(net: &NetInner, socks: &[DataSock], watch: &OnceLock<DataSock>) {
+    for s in socks.iter().chain(watch.get()) {
         net.workers[s.worker].submit(Cmd::Close { id: s.id });
     }
 }
@@ -100,6 +100,8 @@ pub(crate) struct SendCore {
     net: Arc<NetInner>,
     ctrl: Mutex<SendCtrl>,
     socks: Vec<DataSock>,
+    /// The worker's watch on the control socket.
+    watch: OnceLock<DataSock>,
     inflight: AtomicUsize,
     closed: AtomicBool,
 }
@@ -109,24 +111,34 @@ pub struct SendComm {
     core: Arc<SendCore>,
 }
 
+impl std::fmt::Debug for SendComm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SendComm({} data sockets)", self.core.socks.len())
+    }
+}
+
 impl SendComm {
-    pub(crate) fn new(net: Arc<NetInner>, ctrl: TcpStream, socks: Vec<DataSock>) -> Self {
-        SendComm {
-            core: Arc::new(SendCore {
-                net,
-                ctrl: Mutex::new(SendCtrl {
-                    stream: ctrl,
-                    out: Vec::new(),
-                    out_at: 0,
-                    seq: 0,
-                    cursor: 0,
-                    broken: None,
-                }),
-                socks,
-                inflight: AtomicUsize::new(0),
-                closed: AtomicBool::new(false),
+    pub(crate) fn new(net: Arc<NetInner>, ctrl: TcpStream, socks: Vec<DataSock>) -> Result<Self> {
+        let core = Arc::new(SendCore {
+            net,
+            ctrl: Mutex::new(SendCtrl {
+                stream: ctrl,
+                out: Vec::new(),
+                out_at: 0,
+                seq: 0,
+                cursor: 0,
+                broken: None,
             }),
-        }
+            socks,
+            watch: OnceLock::new(),
+            inflight: AtomicUsize::new(0),
+            closed: AtomicBool::new(false),
+        });
+        // Queued control bytes leave as soon as the socket drains, polled or not.
+        let target: Weak<dyn Poke> = Arc::downgrade(&core) as Weak<dyn Poke>;
+        let w = core.net.watch(core.home_nic(), &lock(&core.ctrl).stream, true, target)?;
+        let _ = core.watch.set(w);
+        Ok(SendComm { core })
     }
 
     /// Number of data sockets this comm stripes over.
@@ -218,7 +230,7 @@ impl Drop for SendComm {
             }
             let _ = c.stream.shutdown(std::net::Shutdown::Both);
         }
-        close_data(&core.net, &core.socks);
+        close_data(&core.net, &core.socks, &core.watch);
     }
 }
 
@@ -316,6 +328,8 @@ pub(crate) struct RecvCore {
     net: Arc<NetInner>,
     ctrl: Mutex<RecvCtrl>,
     socks: Vec<DataSock>,
+    /// The worker's watch on the control socket.
+    watch: OnceLock<DataSock>,
     inflight: AtomicUsize,
     closed: AtomicBool,
 }
@@ -325,25 +339,36 @@ pub struct RecvComm {
     core: Arc<RecvCore>,
 }
 
+impl std::fmt::Debug for RecvComm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RecvComm({} data sockets)", self.core.socks.len())
+    }
+}
+
 impl RecvComm {
-    pub(crate) fn new(net: Arc<NetInner>, ctrl: TcpStream, socks: Vec<DataSock>) -> Self {
-        RecvComm {
-            core: Arc::new(RecvCore {
-                net,
-                ctrl: Mutex::new(RecvCtrl {
-                    stream: ctrl,
-                    buf: vec![0; 2 * (MSG_LEN + MAX_INLINE)],
-                    start: 0,
-                    end: 0,
-                    posted: VecDeque::new(),
-                    next_seq: 0,
-                    broken: None,
-                }),
-                socks,
-                inflight: AtomicUsize::new(0),
-                closed: AtomicBool::new(false),
+    pub(crate) fn new(net: Arc<NetInner>, ctrl: TcpStream, socks: Vec<DataSock>) -> Result<Self> {
+        let core = Arc::new(RecvCore {
+            net,
+            ctrl: Mutex::new(RecvCtrl {
+                stream: ctrl,
+                buf: vec![0; 2 * (MSG_LEN + MAX_INLINE)],
+                start: 0,
+                end: 0,
+                posted: VecDeque::new(),
+                next_seq: 0,
+                broken: None,
             }),
-        }
+            socks,
+            watch: OnceLock::new(),
+            inflight: AtomicUsize::new(0),
+            closed: AtomicBool::new(false),
+        });
+        // Announced messages are matched as they arrive, even while the caller
+        // waits on something else (a single-threaded sender waiting on its send).
+        let target: Weak<dyn Poke> = Arc::downgrade(&core) as Weak<dyn Poke>;
+        let w = core.net.watch(core.home_nic(), &lock(&core.ctrl).stream, false, target)?;
+        let _ = core.watch.set(w);
+        Ok(RecvComm { core })
     }
 
     pub fn data_sockets(&self) -> usize {
@@ -416,11 +441,34 @@ impl Drop for RecvComm {
         }
         let _ = c.stream.shutdown(std::net::Shutdown::Both);
         drop(c);
-        close_data(&core.net, &core.socks);
+        close_data(&core.net, &core.socks, &core.watch);
+    }
+}
+
+impl Poke for SendCore {
+    fn poke(&self) {
+        lock(&self.ctrl).flush();
+    }
+}
+
+impl SendCore {
+    fn home_nic(&self) -> usize {
+        self.socks.first().map_or(0, |s| s.worker)
+    }
+}
+
+impl Poke for RecvCore {
+    fn poke(&self) {
+        let mut c = lock(&self.ctrl);
+        self.progress(&mut c);
     }
 }
 
 impl RecvCore {
+    fn home_nic(&self) -> usize {
+        self.socks.first().map_or(0, |s| s.worker)
+    }
+
     /// Matches announced messages to posted receives and dispatches their chunks.
     fn progress(&self, c: &mut RecvCtrl) {
         loop {

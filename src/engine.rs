@@ -5,9 +5,9 @@
 use std::collections::{HashMap, VecDeque};
 use std::io::{IoSlice, IoSliceMut};
 use std::net::TcpStream;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender};
@@ -72,8 +72,16 @@ impl Job {
     }
 }
 
+/// A control socket the worker watches for its owner, so that a comm
+/// progresses even while its caller waits on the other end.
+pub(crate) trait Poke: Send + Sync {
+    fn poke(&self);
+}
+
 pub(crate) enum Cmd {
     Add { id: u64, stream: TcpStream },
+    /// Calls `target.poke()` whenever `fd` turns readable (`out = false`) or writable.
+    Watch { id: u64, fd: OwnedFd, out: bool, target: Weak<dyn Poke> },
     Send { id: u64, job: Job },
     Recv { id: u64, job: Job },
     Close { id: u64 },
@@ -109,6 +117,7 @@ impl Worker {
             sleeping: sleeping.clone(),
             epoll,
             socks: HashMap::new(),
+            watches: HashMap::new(),
             scratch: Vec::new(),
         };
         let thread = std::thread::Builder::new()
@@ -341,6 +350,7 @@ struct WorkerLoop {
     sleeping: Arc<AtomicBool>,
     epoll: Epoll,
     socks: HashMap<u64, Sock>,
+    watches: HashMap<u64, (OwnedFd, Weak<dyn Poke>)>,
     scratch: Vec<u8>,
 }
 
@@ -372,6 +382,12 @@ impl WorkerLoop {
             for ev in &events[..n] {
                 if ev.data() == WAKE_ID {
                     let _ = self.wake.read();
+                    continue;
+                }
+                if let Some((_, target)) = self.watches.get(&ev.data()) {
+                    if let Some(t) = target.upgrade() {
+                        t.poke();
+                    }
                     continue;
                 }
                 if let Some(s) = self.socks.get_mut(&ev.data()) {
@@ -411,12 +427,22 @@ impl WorkerLoop {
                     },
                 );
             }
+            Cmd::Watch { id, fd, out, target } => {
+                let dir = if out { EpollFlags::EPOLLOUT } else { EpollFlags::EPOLLIN };
+                let flags = dir | EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLET;
+                if self.epoll.add(&fd, EpollEvent::new(flags, id)).is_ok() {
+                    self.watches.insert(id, (fd, target));
+                }
+            }
             Cmd::Send { id, job } | Cmd::Recv { id, job } if !self.socks.contains_key(&id) => {
                 job.finish(Some(Error::Closed));
             }
             Cmd::Send { id, job } => self.enqueue(id, job, true),
             Cmd::Recv { id, job } => self.enqueue(id, job, false),
             Cmd::Close { id } => {
+                if let Some((fd, _)) = self.watches.remove(&id) {
+                    let _ = self.epoll.delete(&fd);
+                }
                 if let Some(mut s) = self.socks.remove(&id) {
                     let _ = self.epoll.delete(&s.stream);
                     let _ = s.stream.shutdown(std::net::Shutdown::Both);

@@ -17,7 +17,7 @@ use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use crate::comm::{DataSock, RecvComm, SendComm};
 use crate::config::{Config, MAX_NICS, MAX_SOCKETS_PER_NIC};
 use crate::device::{self, Device};
-use crate::engine::{Cmd, Worker};
+use crate::engine::{Cmd, Poke, Worker};
 use crate::error::{Error, Result};
 use crate::handle::Handle;
 use crate::memory::{HostMemory, MemoryRegion, PtrKind};
@@ -37,6 +37,19 @@ impl NetInner {
         let id = self.next_sock_id.fetch_add(1, Ordering::Relaxed);
         self.workers[nic].submit(Cmd::Add { id, stream });
         DataSock { worker: nic, id }
+    }
+
+    /// Has worker `nic` poke `target` on `stream`'s readiness; the id closes the watch.
+    pub(crate) fn watch(&self, nic: usize, stream: &TcpStream, out: bool, target: std::sync::Weak<dyn Poke>) -> Result<DataSock> {
+        let fd = stream.try_clone().map_err(|e| Error::io("dup control socket", e))?;
+        let id = self.next_sock_id.fetch_add(1, Ordering::Relaxed);
+        self.workers[nic].submit(Cmd::Watch {
+            id,
+            fd: fd.into(),
+            out,
+            target,
+        });
+        Ok(DataSock { worker: nic, id })
     }
 
     fn tune(&self, s: &TcpStream) -> Result<()> {
@@ -413,7 +426,7 @@ impl Connecting {
                         net.tune(&stream)?;
                         socks.push(net.add_data_socket(c.nic, stream));
                     }
-                    return Ok(Some(SendComm::new(net.clone(), ctrl, socks)));
+                    return SendComm::new(net.clone(), ctrl, socks).map(Some);
                 }
                 Stage::Failed => return Err(Error::InvalidArgument("connect already failed".into())),
             }
@@ -576,7 +589,7 @@ impl ListenComm {
                     self.net.tune(&stream)?;
                     socks.push(self.net.add_data_socket(nic, stream));
                 }
-                Ok(Some(RecvComm::new(self.net.clone(), p.ctrl, socks)))
+                RecvComm::new(self.net.clone(), p.ctrl, socks).map(Some)
             }
         }
     }

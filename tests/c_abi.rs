@@ -35,10 +35,23 @@ fn lib_dir() -> PathBuf {
     exe.parent().and_then(Path::parent).unwrap().to_path_buf()
 }
 
+/// `cargo test` builds the library as an rlib only; build the cdylib the C program links.
+fn build_cdylib(dir: &Path) {
+    let release = dir.file_name().is_some_and(|n| n == "release");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "--lib", "--quiet"]).current_dir(root());
+    if release {
+        cmd.arg("--release");
+    }
+    assert!(cmd.status().expect("run cargo").success(), "cargo build --lib failed");
+    assert!(dir.join("libtcpx.so").exists(), "libtcpx.so not found in {}", dir.display());
+}
+
 #[test]
 fn c_program_transfers_through_the_header() {
     let dir = lib_dir();
-    assert!(dir.join("libtcpx.so").exists(), "libtcpx.so not found in {}", dir.display());
+    build_cdylib(&dir);
     let bin = std::env::temp_dir().join(format!("tcpx-c-transfer-{}", std::process::id()));
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
     let st = Command::new(&cc)

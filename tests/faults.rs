@@ -1,0 +1,223 @@
+//! Bad input and faults: every one ends in a typed error, quickly, and
+//! leaves other comms working.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{pair, pattern, three_nics, T};
+use tcpx::wire::{Hello, Role};
+use tcpx::{Error, Handle, HostMemory, Net, RecvBuf};
+
+const CHILD_ENV: &str = "TCPX_FAULT_CHILD";
+const BIG: usize = 256 << 20;
+/// Marks the child's own lines among the test harness output.
+const MARK: &str = "TCPX-CHILD:";
+
+/// Runs in a child process (see `spawn_child`): connects to or listens for the
+/// parent and streams big messages until killed.
+#[test]
+fn child_entry() {
+    let Ok(role) = std::env::var(CHILD_ENV) else { return };
+    let net = Net::init(three_nics()).unwrap();
+    let mr = net.reg_mr(HostMemory::zeroed(BIG).unwrap());
+    match role.as_str() {
+        "sender" => {
+            let hex = std::env::var("TCPX_FAULT_HANDLE").unwrap();
+            let mut h = Handle::from_bytes(&from_hex(&hex)).unwrap();
+            let send = net.connect_wait(0, &mut h, T).unwrap();
+            println!("{MARK}connected");
+            loop {
+                let mut r = send.isend(&mr, 0, BIG, 0).unwrap().unwrap();
+                let _ = r.wait(Duration::from_secs(3600));
+            }
+        }
+        "receiver" => {
+            let (h, mut l) = net.listen(0).unwrap();
+            println!("{MARK}{}", to_hex(&h.to_bytes()));
+            std::io::stdout().flush().unwrap();
+            let recv = l.accept_wait(T).unwrap();
+            // Take one message slowly, then stop reading: the sender's sockets fill up.
+            let mut r = recv.irecv(&[RecvBuf { mr: &mr, offset: 0, len: BIG, tag: 0 }]).unwrap().unwrap();
+            let _ = r.wait(Duration::from_secs(3600));
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+        r => panic!("unknown role {r}"),
+    }
+}
+
+fn to_hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn from_hex(s: &str) -> Vec<u8> {
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
+}
+
+fn spawn_child(role: &str, handle: Option<&Handle>) -> Child {
+    let mut c = Command::new(std::env::current_exe().unwrap());
+    c.args(["--exact", "child_entry", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, role)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    if let Some(h) = handle {
+        c.env("TCPX_FAULT_HANDLE", to_hex(&h.to_bytes()));
+    }
+    c.spawn().unwrap()
+}
+
+/// The child's next marked line, without the mark.
+fn child_line(child: &mut Child) -> String {
+    let out = child.stdout.as_mut().unwrap();
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    loop {
+        assert_eq!(out.read(&mut b).unwrap(), 1, "child exited early");
+        if b[0] == b'\n' {
+            let s = String::from_utf8(std::mem::take(&mut line)).unwrap();
+            if let Some((_, rest)) = s.split_once(MARK) {
+                return rest.trim().to_string();
+            }
+        } else {
+            line.push(b[0]);
+        }
+    }
+}
+
+/// Polls until an error; panics on success or after 5 s.
+fn expect_error_within_5s(r: &mut tcpx::Request) -> Error {
+    let t0 = Instant::now();
+    loop {
+        match r.test() {
+            Err(e) => {
+                assert!(t0.elapsed() < Duration::from_secs(5));
+                return e;
+            }
+            Ok(Some(s)) => panic!("request completed ({s:?}) instead of failing"),
+            Ok(None) if t0.elapsed() > Duration::from_secs(5) => panic!("no error within 5 s: hang"),
+            Ok(None) => std::thread::sleep(Duration::from_millis(1)),
+        }
+    }
+}
+
+#[test]
+fn killed_sender_fails_the_receive_within_5s() {
+    let net = Net::init(three_nics()).unwrap();
+    let (h, mut l) = net.listen(0).unwrap();
+    let mut child = spawn_child("sender", Some(&h));
+    let recv = l.accept_wait(T).unwrap();
+    assert_eq!(child_line(&mut child), "connected");
+    let mr = net.reg_mr(HostMemory::zeroed(BIG).unwrap());
+    let mut r = recv.irecv(&[RecvBuf { mr: &mr, offset: 0, len: BIG, tag: 0 }]).unwrap().unwrap();
+    std::thread::sleep(Duration::from_millis(30)); // mid-message
+    child.kill().unwrap();
+    let _ = child.wait();
+    let e = expect_error_within_5s(&mut r);
+    assert!(matches!(e, Error::ConnectionLost(_)), "{e}");
+}
+
+#[test]
+fn killed_receiver_fails_the_send_within_5s() {
+    let net = Net::init(three_nics()).unwrap();
+    let mut child = spawn_child("receiver", None);
+    let mut h = Handle::from_bytes(&from_hex(&child_line(&mut child))).unwrap();
+    let send = net.connect_wait(0, &mut h, T).unwrap();
+    let mr = net.reg_mr(HostMemory::zeroed(BIG).unwrap());
+    let mut first = send.isend(&mr, 0, BIG, 0).unwrap().unwrap();
+    first.wait(T).unwrap();
+    let mut r = send.isend(&mr, 0, BIG, 0).unwrap().unwrap();
+    std::thread::sleep(Duration::from_millis(30));
+    child.kill().unwrap();
+    let _ = child.wait();
+    let e = expect_error_within_5s(&mut r);
+    assert!(matches!(e, Error::ConnectionLost(_)), "{e}");
+}
+
+#[test]
+fn wrong_secret_garbage_and_silence_are_dropped_without_disturbing_others() {
+    let net = Net::init(three_nics()).unwrap();
+    let (h, mut l) = net.listen(0).unwrap();
+    let mut wrong = TcpStream::connect(h.addr()).unwrap();
+    let hello = Hello {
+        secret: [0x42; 16],
+        comm_id: 0,
+        role: Role::Control,
+        n_data: 3,
+    };
+    wrong.write_all(&hello.encode()).unwrap();
+    let mut garbage = TcpStream::connect(h.addr()).unwrap();
+    garbage.write_all(&[0xEE; 48]).unwrap();
+    let mut truncated = TcpStream::connect(h.addr()).unwrap();
+    truncated.write_all(&hello.encode()[..20]).unwrap();
+    truncated.shutdown(std::net::Shutdown::Write).unwrap();
+    let _silent = TcpStream::connect(h.addr()).unwrap();
+
+    // A legitimate peer connects in the middle of all that.
+    let mut good = h.clone();
+    let send_net = Net::init(three_nics()).unwrap();
+    let (send, recv) = std::thread::scope(|s| {
+        let c = s.spawn(|| send_net.connect_wait(0, &mut good, T).unwrap());
+        let r = l.accept_wait(T).unwrap();
+        (c.join().unwrap(), r)
+    });
+    for s in [&mut wrong, &mut garbage] {
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut b = [0u8; 64];
+        assert_eq!(s.read(&mut b).unwrap(), 0, "the listener must close a refused connection");
+    }
+    let mut src = HostMemory::zeroed(100_001).unwrap();
+    pattern(3, &mut src);
+    let expect = src.to_vec();
+    let src = send_net.reg_mr(src);
+    let mut dst = net.reg_mr(HostMemory::zeroed(100_001).unwrap());
+    let mut rx = recv.irecv(&[RecvBuf { mr: &dst, offset: 0, len: 100_001, tag: 0 }]).unwrap().unwrap();
+    send.isend(&src, 0, 100_001, 0).unwrap().unwrap().wait(T).unwrap();
+    rx.wait(T).unwrap();
+    drop(rx);
+    assert!(dst.bytes().unwrap() == &expect[..]);
+}
+
+#[test]
+fn garbage_handles_are_typed_errors() {
+    assert!(matches!(Handle::from_bytes(&[0xAB; 128]), Err(Error::BadHandle(_))));
+    assert!(matches!(Handle::from_bytes(&[0u8; 64]), Err(Error::BadHandle(_))));
+    let net = Net::init(three_nics()).unwrap();
+    let (h, _l) = net.listen(0).unwrap();
+    let b = h.to_bytes();
+    assert!(matches!(Handle::from_bytes(&b[..127]), Err(Error::BadHandle(_))));
+}
+
+#[test]
+fn close_with_requests_in_flight_fails_them_cleanly() {
+    let net = Net::init(three_nics()).unwrap();
+    // Receive side: posted, nothing sent.
+    let (_send, recv) = pair(&net, &net);
+    let dst = net.reg_mr(HostMemory::zeroed(16).unwrap());
+    let mut r = recv.irecv(&[RecvBuf { mr: &dst, offset: 0, len: 16, tag: 0 }]).unwrap().unwrap();
+    drop(recv);
+    assert!(matches!(expect_error_within_5s(&mut r), Error::Closed));
+    // Send side: a large message nobody receives stalls in the socket buffers.
+    let (send, _recv) = pair(&net, &net);
+    let big = net.reg_mr(HostMemory::zeroed(64 << 20).unwrap());
+    let mut s = send.isend(&big, 0, 64 << 20, 9).unwrap().unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    assert!(s.test().unwrap().is_none());
+    drop(send);
+    let e = expect_error_within_5s(&mut s);
+    assert!(matches!(e, Error::Closed), "{e}");
+}
+
+#[test]
+fn connect_to_a_closed_listener_fails_fast() {
+    let net = Net::init(three_nics()).unwrap();
+    let (h, l) = net.listen(0).unwrap();
+    drop(l);
+    let mut h = h;
+    let t0 = Instant::now();
+    let e = net.connect_wait(0, &mut h, T).unwrap_err();
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    assert!(matches!(e, Error::ConnectionLost(_)), "{e}");
+}
