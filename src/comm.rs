@@ -136,7 +136,9 @@ impl SendComm {
         });
         // Queued control bytes leave as soon as the socket drains, polled or not.
         let target: Weak<dyn Poke> = Arc::downgrade(&core) as Weak<dyn Poke>;
-        let w = core.net.watch(core.home_nic(), &lock(&core.ctrl).stream, true, target)?;
+        let w = core
+            .net
+            .watch(core.home_nic(), &lock(&core.ctrl).stream, true, target)?;
         let _ = core.watch.set(w);
         Ok(SendComm { core })
     }
@@ -148,7 +150,13 @@ impl SendComm {
 
     /// Starts sending `len` bytes at `offset` of `mr` with `tag`.
     /// `Ok(None)`: every request slot is busy; test() some and try again.
-    pub fn isend(&self, mr: &MemoryRegion, offset: usize, len: usize, tag: i32) -> Result<Option<Request>> {
+    pub fn isend(
+        &self,
+        mr: &MemoryRegion,
+        offset: usize,
+        len: usize,
+        tag: i32,
+    ) -> Result<Option<Request>> {
         let core = &self.core;
         if core.closed.load(Ordering::Acquire) {
             return Err(Error::Closed);
@@ -236,7 +244,9 @@ impl Drop for SendComm {
 
 fn check_range(mr: &MemoryRegion, offset: usize, len: usize) -> Result<()> {
     if mr.kind() != PtrKind::Host {
-        return Err(Error::Unsupported("only host memory moves on this build's data path".into()));
+        return Err(Error::Unsupported(
+            "only host memory moves on this build's data path".into(),
+        ));
     }
     match offset.checked_add(len) {
         Some(end) if end <= mr.len() => Ok(()),
@@ -303,7 +313,9 @@ impl RecvCtrl {
         let end = self.end;
         match (&self.stream).read(&mut self.buf[end..]) {
             Ok(0) => {
-                self.broken = Some(Error::ConnectionLost("peer closed the control connection".into()));
+                self.broken = Some(Error::ConnectionLost(
+                    "peer closed the control connection".into(),
+                ));
                 true
             }
             Ok(n) => {
@@ -366,7 +378,9 @@ impl RecvComm {
         // Announced messages are matched as they arrive, even while the caller
         // waits on something else (a single-threaded sender waiting on its send).
         let target: Weak<dyn Poke> = Arc::downgrade(&core) as Weak<dyn Poke>;
-        let w = core.net.watch(core.home_nic(), &lock(&core.ctrl).stream, false, target)?;
+        let w = core
+            .net
+            .watch(core.home_nic(), &lock(&core.ctrl).stream, false, target)?;
         let _ = core.watch.set(w);
         Ok(RecvComm { core })
     }
@@ -425,7 +439,10 @@ impl RecvComm {
         if self.core.closed.load(Ordering::Acquire) {
             return Err(Error::Closed);
         }
-        Ok(Some(Request::new(Arc::new(ReqState::new(0, 0)), Owner::None)))
+        Ok(Some(Request::new(
+            Arc::new(ReqState::new(0, 0)),
+            Owner::None,
+        )))
     }
 
     pub fn close(self) {}
@@ -490,7 +507,10 @@ impl RecvCore {
             let prefix = match wire::decode_prefix(c.avail()) {
                 Ok(p) if p.kind == Kind::Msg => p,
                 Ok(p) => {
-                    c.broken = Some(Error::Protocol(format!("{:?} header on the control socket", p.kind)));
+                    c.broken = Some(Error::Protocol(format!(
+                        "{:?} header on the control socket",
+                        p.kind
+                    )));
                     continue;
                 }
                 Err(e) => {
@@ -500,7 +520,10 @@ impl RecvCore {
             };
             let total = MSG_LEN + prefix.payload_len as usize;
             if total > MSG_LEN + MAX_INLINE {
-                c.broken = Some(Error::Protocol(format!("inline payload of {} bytes", prefix.payload_len)));
+                c.broken = Some(Error::Protocol(format!(
+                    "inline payload of {} bytes",
+                    prefix.payload_len
+                )));
                 continue;
             }
             if c.avail().len() < total {
@@ -525,7 +548,10 @@ impl RecvCore {
     /// Places one message into the front receive (or discards it with an error).
     fn deliver(&self, c: &mut RecvCtrl, m: Msg) -> Result<()> {
         if m.seq != c.next_seq {
-            return Err(Error::Protocol(format!("message {} arrived, expected {}", m.seq, c.next_seq)));
+            return Err(Error::Protocol(format!(
+                "message {} arrived, expected {}",
+                m.seq, c.next_seq
+            )));
         }
         let n = self.socks.len();
         if !m.is_inline() && (m.first_socket as usize >= n || m.chunk_size as u64 > MAX_CHUNK) {
@@ -537,13 +563,17 @@ impl RecvCore {
         c.next_seq += 1;
         let payload_at = c.start + MSG_LEN;
         let Some(front) = c.posted.front_mut() else {
-            return Err(Error::Protocol("message delivered with no receive posted".into()));
+            return Err(Error::Protocol(
+                "message delivered with no receive posted".into(),
+            ));
         };
         let sub_i = front.subs.iter().position(|s| !s.matched && s.tag == m.tag);
         // Claim a buffer: the matching one, or (on a tag mismatch) any free one so the receive still ends.
         let claim = sub_i.or_else(|| front.subs.iter().position(|s| !s.matched));
         let Some(i) = claim else {
-            return Err(Error::Protocol("no free buffer in the front receive".into()));
+            return Err(Error::Protocol(
+                "no free buffer in the front receive".into(),
+            ));
         };
         front.subs[i].matched = true;
         front.unmatched -= 1;
@@ -572,7 +602,13 @@ impl RecvCore {
                 let len = m.size as usize;
                 let dst = r.sink(off, len)?;
                 // SAFETY: the sink is valid for `len` bytes and only this receive writes it.
-                unsafe { std::ptr::copy_nonoverlapping(c.buf[payload_at..payload_at + len].as_ptr(), dst, len) };
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        c.buf[payload_at..payload_at + len].as_ptr(),
+                        dst,
+                        len,
+                    )
+                };
                 r.landed(off, len)?;
             }
             state.piece_done();
@@ -725,7 +761,9 @@ impl Drop for Request {
 
 impl std::fmt::Debug for Request {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Request").field("finished", &self.finished).finish()
+        f.debug_struct("Request")
+            .field("finished", &self.finished)
+            .finish()
     }
 }
 

@@ -34,7 +34,10 @@ impl NicSpec {
                 "{s:?}: prefix matching (^, =) is not supported; list interfaces or addresses exactly"
             )));
         }
-        s.split(',').filter(|p| !p.trim().is_empty()).map(Self::parse).collect()
+        s.split(',')
+            .filter(|p| !p.trim().is_empty())
+            .map(Self::parse)
+            .collect()
     }
 }
 
@@ -83,7 +86,10 @@ impl Default for Config {
 impl Config {
     /// Loopback config used by tests and the bench: each address is one "NIC".
     pub fn loopback(addrs: &[&str]) -> Result<Self> {
-        let data_nics = addrs.iter().map(|a| NicSpec::parse(a)).collect::<Result<_>>()?;
+        let data_nics = addrs
+            .iter()
+            .map(|a| NicSpec::parse(a))
+            .collect::<Result<_>>()?;
         Ok(Config {
             data_nics,
             ..Config::default()
@@ -102,15 +108,26 @@ impl Config {
         if let Some((_, v)) = first(&["TCPX_NICS", "NCCL_GPUDIRECTTCPX_SOCKET_IFNAME"]) {
             c.data_nics = NicSpec::parse_list(&v)?;
         }
-        if let Some((_, v)) = first(&["TCPX_CTRL_NIC", "NCCL_GPUDIRECTTCPX_CTRL_DEV", "NCCL_SOCKET_IFNAME"]) {
+        if let Some((_, v)) = first(&[
+            "TCPX_CTRL_NIC",
+            "NCCL_GPUDIRECTTCPX_CTRL_DEV",
+            "NCCL_SOCKET_IFNAME",
+        ]) {
             let mut l = NicSpec::parse_list(&v)?;
-            c.ctrl_nic = if l.is_empty() { None } else { Some(l.remove(0)) };
+            c.ctrl_nic = if l.is_empty() {
+                None
+            } else {
+                Some(l.remove(0))
+            };
         }
         if let Some((k, v)) = first(&["TCPX_SOCKETS_PER_NIC"]) {
             c.sockets_per_nic = parse_num(k, &v)?;
         } else {
             // The TCPX plugin opens NSOCKS_PERTHREAD x SOCKET_NTHREADS sockets per comm and NIC.
-            let per = first(&["NCCL_GPUDIRECTTCPX_NSOCKS_PERTHREAD", "NCCL_NSOCKS_PERTHREAD"]);
+            let per = first(&[
+                "NCCL_GPUDIRECTTCPX_NSOCKS_PERTHREAD",
+                "NCCL_NSOCKS_PERTHREAD",
+            ]);
             let thr = first(&["NCCL_GPUDIRECTTCPX_SOCKET_NTHREADS", "NCCL_SOCKET_NTHREADS"]);
             if per.is_some() || thr.is_some() {
                 let p = per.map(|(k, v)| parse_num(k, &v)).transpose()?.unwrap_or(1);
@@ -140,19 +157,34 @@ impl Config {
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Config(m));
         if self.sockets_per_nic == 0 || self.sockets_per_nic > MAX_SOCKETS_PER_NIC {
-            return bad(format!("sockets per NIC must be 1..={MAX_SOCKETS_PER_NIC}, got {}", self.sockets_per_nic));
+            return bad(format!(
+                "sockets per NIC must be 1..={MAX_SOCKETS_PER_NIC}, got {}",
+                self.sockets_per_nic
+            ));
         }
         if self.data_nics.len() > MAX_NICS {
-            return bad(format!("at most {MAX_NICS} data NICs, got {}", self.data_nics.len()));
+            return bad(format!(
+                "at most {MAX_NICS} data NICs, got {}",
+                self.data_nics.len()
+            ));
         }
         if !(4096..=(1 << 30)).contains(&self.chunk_size) {
-            return bad(format!("chunk size must be 4 KiB..=1 GiB, got {}", self.chunk_size));
+            return bad(format!(
+                "chunk size must be 4 KiB..=1 GiB, got {}",
+                self.chunk_size
+            ));
         }
         if self.inline_threshold > MAX_INLINE {
-            return bad(format!("inline threshold must be <= {MAX_INLINE}, got {}", self.inline_threshold));
+            return bad(format!(
+                "inline threshold must be <= {MAX_INLINE}, got {}",
+                self.inline_threshold
+            ));
         }
         if !(8..=1024).contains(&self.max_requests) {
-            return bad(format!("max requests must be 8..=1024, got {}", self.max_requests));
+            return bad(format!(
+                "max requests must be 8..=1024, got {}",
+                self.max_requests
+            ));
         }
         Ok(())
     }
@@ -184,7 +216,10 @@ mod tests {
     use std::collections::HashMap;
 
     fn cfg(pairs: &[(&str, &str)]) -> Result<Config> {
-        let m: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let m: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         Config::from_lookup(|k| m.get(k).cloned())
     }
 
@@ -213,16 +248,31 @@ mod tests {
             ("NCCL_NSOCKS_PERTHREAD", "8"),
         ])
         .unwrap();
-        assert_eq!(c.data_nics, vec![NicSpec::Addr("127.0.0.2".parse().unwrap())]);
+        assert_eq!(
+            c.data_nics,
+            vec![NicSpec::Addr("127.0.0.2".parse().unwrap())]
+        );
         assert_eq!(c.chunk_size, 1 << 20);
         assert_eq!(c.sockets_per_nic, 4);
     }
 
     #[test]
     fn bad_values_are_config_errors() {
-        assert!(matches!(cfg(&[("TCPX_CHUNK_SIZE", "lots")]), Err(Error::Config(_))));
-        assert!(matches!(cfg(&[("TCPX_SOCKETS_PER_NIC", "0")]), Err(Error::Config(_))));
-        assert!(matches!(cfg(&[("TCPX_MAX_REQUESTS", "4")]), Err(Error::Config(_))));
-        assert!(matches!(cfg(&[("NCCL_SOCKET_IFNAME", "^docker")]), Err(Error::Config(_))));
+        assert!(matches!(
+            cfg(&[("TCPX_CHUNK_SIZE", "lots")]),
+            Err(Error::Config(_))
+        ));
+        assert!(matches!(
+            cfg(&[("TCPX_SOCKETS_PER_NIC", "0")]),
+            Err(Error::Config(_))
+        ));
+        assert!(matches!(
+            cfg(&[("TCPX_MAX_REQUESTS", "4")]),
+            Err(Error::Config(_))
+        ));
+        assert!(matches!(
+            cfg(&[("NCCL_SOCKET_IFNAME", "^docker")]),
+            Err(Error::Config(_))
+        ));
     }
 }

@@ -118,7 +118,11 @@ pub(crate) fn discover(cfg: &Config) -> Result<Vec<Device>> {
         let mut v: Vec<_> = ifs
             .iter()
             .filter(|i| i.up && !i.loopback && i.addr.is_ipv4())
-            .filter(|i| !i.name.starts_with("docker") && !i.name.starts_with("virbr") && !i.name.starts_with("veth"))
+            .filter(|i| {
+                !i.name.starts_with("docker")
+                    && !i.name.starts_with("virbr")
+                    && !i.name.starts_with("veth")
+            })
             .map(|i| (i.name.clone(), i.addr))
             .collect();
         v.dedup_by(|a, b| a.0 == b.0);
@@ -156,7 +160,13 @@ mod tests {
     #[test]
     fn unknown_interface_is_a_clear_error() {
         let e = resolve(&NicSpec::Name("nope-no-such-if0".into())).unwrap_err();
-        assert!(matches!(e, Error::Interface(ref n) if n == "nope-no-such-if0"), "{e}");
-        assert!(matches!(resolve(&NicSpec::parse("192.0.2.77").unwrap()), Err(Error::Interface(_))));
+        assert!(
+            matches!(e, Error::Interface(ref n) if n == "nope-no-such-if0"),
+            "{e}"
+        );
+        assert!(matches!(
+            resolve(&NicSpec::parse("192.0.2.77").unwrap()),
+            Err(Error::Interface(_))
+        ));
     }
 }

@@ -42,7 +42,12 @@ impl Job {
     }
 
     /// The jobs of a message striped over `n_sockets`, as (socket index, first chunk).
-    pub fn plan(size: u64, chunk_size: u64, first_socket: usize, n_sockets: usize) -> impl Iterator<Item = (usize, u64)> {
+    pub fn plan(
+        size: u64,
+        chunk_size: u64,
+        first_socket: usize,
+        n_sockets: usize,
+    ) -> impl Iterator<Item = (usize, u64)> {
         let n_chunks = Self::n_chunks(size, chunk_size);
         (0..n_sockets).filter_map(move |s| {
             let k0 = ((s + n_sockets - first_socket) % n_sockets) as u64;
@@ -79,12 +84,28 @@ pub(crate) trait Poke: Send + Sync {
 }
 
 pub(crate) enum Cmd {
-    Add { id: u64, stream: TcpStream },
+    Add {
+        id: u64,
+        stream: TcpStream,
+    },
     /// Calls `target.poke()` whenever `fd` turns readable (`out = false`) or writable.
-    Watch { id: u64, fd: OwnedFd, out: bool, target: Weak<dyn Poke> },
-    Send { id: u64, job: Job },
-    Recv { id: u64, job: Job },
-    Close { id: u64 },
+    Watch {
+        id: u64,
+        fd: OwnedFd,
+        out: bool,
+        target: Weak<dyn Poke>,
+    },
+    Send {
+        id: u64,
+        job: Job,
+    },
+    Recv {
+        id: u64,
+        job: Job,
+    },
+    Close {
+        id: u64,
+    },
     Shutdown,
 }
 
@@ -106,7 +127,8 @@ impl Worker {
             EventFd::from_value_and_flags(0, EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)
                 .map_err(|e| Error::io("eventfd", e.into()))?,
         );
-        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(|e| Error::io("epoll_create", e.into()))?;
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)
+            .map_err(|e| Error::io("epoll_create", e.into()))?;
         epoll
             .add(wake.as_ref(), EpollEvent::new(EpollFlags::EPOLLIN, WAKE_ID))
             .map_err(|e| Error::io("epoll_ctl", e.into()))?;
@@ -187,7 +209,9 @@ impl Sock {
     fn progress_tx(&mut self) -> bool {
         let mut moved = false;
         while self.writable && self.dead.is_none() {
-            let Some(job) = self.sends.front_mut() else { break };
+            let Some(job) = self.sends.front_mut() else {
+                break;
+            };
             let (off, len) = job.chunk();
             if !self.tx.active {
                 self.tx = Cursor {
@@ -247,7 +271,9 @@ impl Sock {
     fn progress_rx(&mut self, scratch: &mut Vec<u8>) -> bool {
         let mut moved = false;
         while self.readable && self.dead.is_none() {
-            let Some(job) = self.recvs.front_mut() else { break };
+            let Some(job) = self.recvs.front_mut() else {
+                break;
+            };
             let (off, len) = job.chunk();
             if !self.rx.active {
                 self.rx = Cursor {
@@ -274,7 +300,10 @@ impl Sock {
                 }
             };
             let hdr_done = self.rx.hdr_done;
-            let mut iov = [IoSliceMut::new(&mut self.rx.hdr[hdr_done..]), IoSliceMut::new(body)];
+            let mut iov = [
+                IoSliceMut::new(&mut self.rx.hdr[hdr_done..]),
+                IoSliceMut::new(body),
+            ];
             match nix::sys::uio::readv(&self.stream, &mut iov) {
                 Ok(0) => self.fail(Error::ConnectionLost("peer closed a data socket".into())),
                 Ok(n) => {
@@ -291,7 +320,9 @@ impl Sock {
                         match Chunk::decode(&self.rx.hdr) {
                             Ok(c) if c == expected => {}
                             Ok(c) => {
-                                self.fail(Error::Protocol(format!("got chunk {c:?}, expected {expected:?}")));
+                                self.fail(Error::Protocol(format!(
+                                    "got chunk {c:?}, expected {expected:?}"
+                                )));
                                 break;
                             }
                             Err(e) => {
@@ -377,7 +408,10 @@ impl WorkerLoop {
                 continue;
             }
             // The timeout is a safety net only; the eventfd and socket edges wake us.
-            let n = self.epoll.wait(&mut events, EpollTimeout::from(1000u16)).unwrap_or(0);
+            let n = self
+                .epoll
+                .wait(&mut events, EpollTimeout::from(1000u16))
+                .unwrap_or(0);
             self.sleeping.store(false, Ordering::SeqCst);
             for ev in &events[..n] {
                 if ev.data() == WAKE_ID {
@@ -392,10 +426,17 @@ impl WorkerLoop {
                 }
                 if let Some(s) = self.socks.get_mut(&ev.data()) {
                     let f = ev.events();
-                    if f.intersects(EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR) {
+                    if f.intersects(
+                        EpollFlags::EPOLLIN
+                            | EpollFlags::EPOLLRDHUP
+                            | EpollFlags::EPOLLHUP
+                            | EpollFlags::EPOLLERR,
+                    ) {
                         s.readable = true;
                     }
-                    if f.intersects(EpollFlags::EPOLLOUT | EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR) {
+                    if f.intersects(
+                        EpollFlags::EPOLLOUT | EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR,
+                    ) {
                         s.writable = true;
                     }
                 }
@@ -407,7 +448,10 @@ impl WorkerLoop {
     fn handle(&mut self, cmd: Cmd) -> bool {
         match cmd {
             Cmd::Add { id, stream } => {
-                let flags = EpollFlags::EPOLLIN | EpollFlags::EPOLLOUT | EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLET;
+                let flags = EpollFlags::EPOLLIN
+                    | EpollFlags::EPOLLOUT
+                    | EpollFlags::EPOLLRDHUP
+                    | EpollFlags::EPOLLET;
                 let dead = self
                     .epoll
                     .add(&stream, EpollEvent::new(flags, id))
@@ -427,8 +471,17 @@ impl WorkerLoop {
                     },
                 );
             }
-            Cmd::Watch { id, fd, out, target } => {
-                let dir = if out { EpollFlags::EPOLLOUT } else { EpollFlags::EPOLLIN };
+            Cmd::Watch {
+                id,
+                fd,
+                out,
+                target,
+            } => {
+                let dir = if out {
+                    EpollFlags::EPOLLOUT
+                } else {
+                    EpollFlags::EPOLLIN
+                };
                 let flags = dir | EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLET;
                 if self.epoll.add(&fd, EpollEvent::new(flags, id)).is_ok() {
                     self.watches.insert(id, (fd, target));
@@ -460,7 +513,9 @@ impl WorkerLoop {
     }
 
     fn enqueue(&mut self, id: u64, job: Job, send: bool) {
-        let Some(s) = self.socks.get_mut(&id) else { return };
+        let Some(s) = self.socks.get_mut(&id) else {
+            return;
+        };
         if let Some(e) = &s.dead {
             job.finish(Some(e.clone()));
         } else if send {
@@ -477,7 +532,12 @@ mod tests {
 
     #[test]
     fn plan_covers_every_chunk_once() {
-        for (size, cs, first, n) in [(10u64, 3u64, 2usize, 4usize), (1, 4096, 0, 3), (4096 * 7, 4096, 5, 6), (5, 8, 1, 2)] {
+        for (size, cs, first, n) in [
+            (10u64, 3u64, 2usize, 4usize),
+            (1, 4096, 0, 3),
+            (4096 * 7, 4096, 5, 6),
+            (5, 8, 1, 2),
+        ] {
             let mut seen = vec![0; Job::n_chunks(size, cs) as usize];
             for (s, k0) in Job::plan(size, cs, first, n) {
                 let mut k = k0;
@@ -487,7 +547,10 @@ mod tests {
                     k += n as u64;
                 }
             }
-            assert!(seen.iter().all(|&c| c == 1), "{size} {cs} {first} {n}: {seen:?}");
+            assert!(
+                seen.iter().all(|&c| c == 1),
+                "{size} {cs} {first} {n}: {seen:?}"
+            );
         }
     }
 }

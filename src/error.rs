@@ -10,7 +10,9 @@ use std::io;
 pub enum Error {
     #[error("invalid configuration: {0}")]
     Config(String),
-    #[error("no device {dev}: {count} device(s) are configured (see NCCL_GPUDIRECTTCPX_SOCKET_IFNAME)")]
+    #[error(
+        "no device {dev}: {count} device(s) are configured (see NCCL_GPUDIRECTTCPX_SOCKET_IFNAME)"
+    )]
     NoSuchDevice { dev: usize, count: usize },
     #[error("interface {0:?} not found or has no usable IP address; check `ip addr` and NCCL_GPUDIRECTTCPX_SOCKET_IFNAME")]
     Interface(String),

@@ -3,7 +3,10 @@
 //! Every function returns a `TCPX_*` code (0 = success) and never unwinds:
 //! panics become `TCPX_EINTERNAL`. The message of the last failure on the
 //! calling thread is available from `tcpx_last_error()`.
-#![allow(non_camel_case_types)]
+//!
+//! The pointer contracts are C's: each function's comment in the header says
+//! what the caller must pass, so the entry points are plain `extern "C"`.
+#![allow(non_camel_case_types, clippy::not_unsafe_ptr_arg_deref)]
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -13,7 +16,9 @@ use std::sync::{Mutex, OnceLock};
 
 use crate::config::MAX_RECVS;
 use crate::handle::{Handle, HANDLE_SIZE, STAGE_OFFSET};
-use crate::{Config, Error, ListenComm, MemoryRegion, Net, PtrKind, RecvBuf, RecvComm, Request, SendComm};
+use crate::{
+    Config, Error, ListenComm, MemoryRegion, Net, PtrKind, RecvBuf, RecvComm, Request, SendComm,
+};
 
 pub const TCPX_SUCCESS: c_int = 0;
 pub const TCPX_EINTERNAL: c_int = 1;
@@ -80,7 +85,9 @@ fn guard(f: impl FnOnce() -> Result<(), Error>) -> c_int {
             e.code()
         }
         Err(_) => {
-            set_last_error("internal error (panic caught at the C boundary); please report it".into());
+            set_last_error(
+                "internal error (panic caught at the C boundary); please report it".into(),
+            );
             TCPX_EINTERNAL
         }
     }
@@ -125,7 +132,9 @@ pub extern "C" fn tcpx_init(nics: *const c_char, out: *mut *mut tcpx_net) -> c_i
         let mut cfg = Config::from_env()?;
         if !nics.is_null() {
             // SAFETY: non-null and NUL-terminated per the header contract.
-            let s = unsafe { CStr::from_ptr(nics) }.to_str().map_err(|_| Error::Config("nics is not UTF-8".into()))?;
+            let s = unsafe { CStr::from_ptr(nics) }
+                .to_str()
+                .map_err(|_| Error::Config("nics is not UTF-8".into()))?;
             cfg.data_nics = crate::NicSpec::parse_list(s)?;
         }
         put(out, Some(tcpx_net(Net::init(cfg)?)))
@@ -148,7 +157,11 @@ pub extern "C" fn tcpx_devices(net: *mut tcpx_net, ndev: *mut c_int) -> c_int {
 }
 
 #[no_mangle]
-pub extern "C" fn tcpx_get_properties(net: *mut tcpx_net, dev: c_int, props: *mut tcpx_properties) -> c_int {
+pub extern "C" fn tcpx_get_properties(
+    net: *mut tcpx_net,
+    dev: c_int,
+    props: *mut tcpx_properties,
+) -> c_int {
     guard(|| {
         let net = &nonnull(net, "net")?.0;
         let d = usize::try_from(dev)
@@ -172,11 +185,18 @@ pub extern "C" fn tcpx_get_properties(net: *mut tcpx_net, dev: c_int, props: *mu
 
 /// Listens on `dev`; writes TCPX_HANDLE_SIZE bytes to `handle` for the peer.
 #[no_mangle]
-pub extern "C" fn tcpx_listen(net: *mut tcpx_net, dev: c_int, handle: *mut c_void, out: *mut *mut tcpx_listen_comm) -> c_int {
+pub extern "C" fn tcpx_listen(
+    net: *mut tcpx_net,
+    dev: c_int,
+    handle: *mut c_void,
+    out: *mut *mut tcpx_listen_comm,
+) -> c_int {
     guard(|| {
         let net = &nonnull(net, "net")?.0;
         let h = nonnull(handle.cast::<[u8; HANDLE_SIZE]>(), "handle")?;
-        let (hd, l) = net.listen(usize::try_from(dev).map_err(|_| Error::InvalidArgument("negative device".into()))?)?;
+        let (hd, l) = net.listen(
+            usize::try_from(dev).map_err(|_| Error::InvalidArgument("negative device".into()))?,
+        )?;
         *h = hd.to_bytes();
         put(out, Some(tcpx_listen_comm(l)))
     })
@@ -185,12 +205,18 @@ pub extern "C" fn tcpx_listen(net: *mut tcpx_net, dev: c_int, handle: *mut c_voi
 /// Connects to the listener of `handle`. Sets `*out` to NULL while not yet
 /// connected: call again with the same handle buffer (it keeps the progress).
 #[no_mangle]
-pub extern "C" fn tcpx_connect(net: *mut tcpx_net, dev: c_int, handle: *mut c_void, out: *mut *mut tcpx_send_comm) -> c_int {
+pub extern "C" fn tcpx_connect(
+    net: *mut tcpx_net,
+    dev: c_int,
+    handle: *mut c_void,
+    out: *mut *mut tcpx_send_comm,
+) -> c_int {
     guard(|| {
         put::<tcpx_send_comm>(out, None)?;
         let net = &nonnull(net, "net")?.0;
         let bytes = nonnull(handle.cast::<[u8; HANDLE_SIZE]>(), "handle")?;
-        let dev = usize::try_from(dev).map_err(|_| Error::InvalidArgument("negative device".into()))?;
+        let dev =
+            usize::try_from(dev).map_err(|_| Error::InvalidArgument("negative device".into()))?;
         let mut stage = [0u8; 8];
         stage.copy_from_slice(&bytes[STAGE_OFFSET..]);
         let id = u64::from_le_bytes(stage);
@@ -219,7 +245,10 @@ pub extern "C" fn tcpx_connect(net: *mut tcpx_net, dev: c_int, handle: *mut c_vo
 
 /// Accepts a connection; `*out` is NULL while none is ready.
 #[no_mangle]
-pub extern "C" fn tcpx_accept(listen: *mut tcpx_listen_comm, out: *mut *mut tcpx_recv_comm) -> c_int {
+pub extern "C" fn tcpx_accept(
+    listen: *mut tcpx_listen_comm,
+    out: *mut *mut tcpx_recv_comm,
+) -> c_int {
     guard(|| {
         put::<tcpx_recv_comm>(out, None)?;
         let l = nonnull(listen, "listen comm")?;
@@ -231,7 +260,13 @@ pub extern "C" fn tcpx_accept(listen: *mut tcpx_listen_comm, out: *mut *mut tcpx
 /// Registers `size` bytes at `data` (`TCPX_PTR_HOST`; CUDA is not in this build).
 /// The memory must stay valid until tcpx_dereg_mr.
 #[no_mangle]
-pub extern "C" fn tcpx_reg_mr(net: *mut tcpx_net, data: *mut c_void, size: usize, ptr_type: c_int, out: *mut *mut tcpx_mr) -> c_int {
+pub extern "C" fn tcpx_reg_mr(
+    net: *mut tcpx_net,
+    data: *mut c_void,
+    size: usize,
+    ptr_type: c_int,
+    out: *mut *mut tcpx_mr,
+) -> c_int {
     guard(|| {
         let net = &nonnull(net, "net")?.0;
         let kind = match ptr_type {
@@ -263,7 +298,9 @@ fn offset_in(mr: &MemoryRegion, data: *const c_void, size: usize) -> Result<usiz
     let off = (data as usize).checked_sub(mr.addr());
     match off {
         Some(o) if o.checked_add(size).is_some_and(|e| e <= mr.len()) => Ok(o),
-        _ => Err(Error::InvalidArgument("buffer lies outside its memory region".into())),
+        _ => Err(Error::InvalidArgument(
+            "buffer lies outside its memory region".into(),
+        )),
     }
 }
 
@@ -313,7 +350,8 @@ pub extern "C" fn tcpx_irecv(
             // SAFETY: the arrays hold n elements (header contract); i < n.
             let (d, s, t, m) = unsafe { (*data.add(i), *sizes.add(i), *tags.add(i), *mrs.add(i)) };
             // SAFETY: each mr was created by tcpx_reg_mr and is alive (header contract).
-            let mr = unsafe { m.as_ref() }.ok_or_else(|| Error::InvalidArgument("NULL mr".into()))?;
+            let mr =
+                unsafe { m.as_ref() }.ok_or_else(|| Error::InvalidArgument("NULL mr".into()))?;
             bufs.push(RecvBuf {
                 mr: &mr.0,
                 offset: offset_in(&mr.0, d, s)?,

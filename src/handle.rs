@@ -79,7 +79,10 @@ impl Handle {
     pub fn from_bytes(b: &[u8]) -> Result<Self> {
         let bad = |m: &str| Err(Error::BadHandle(m.to_string()));
         if b.len() != HANDLE_SIZE {
-            return Err(Error::BadHandle(format!("{} bytes, expected {HANDLE_SIZE}", b.len())));
+            return Err(Error::BadHandle(format!(
+                "{} bytes, expected {HANDLE_SIZE}",
+                b.len()
+            )));
         }
         if b[0..4] != MAGIC {
             return bad("bad magic");
@@ -100,7 +103,8 @@ impl Handle {
         }
         let mut id = [0u8; 8];
         id.copy_from_slice(&b[24..32]);
-        let addr = wire::get_addr(&b[32..52]).map_err(|e| Error::BadHandle(format!("address: {e}")))?;
+        let addr =
+            wire::get_addr(&b[32..52]).map_err(|e| Error::BadHandle(format!("address: {e}")))?;
         if addr.ip().is_unspecified() {
             return bad("unspecified address");
         }
@@ -129,8 +133,14 @@ mod tests {
 
     #[test]
     fn garbage_and_truncated_handles_are_typed_errors() {
-        assert!(matches!(Handle::from_bytes(&[0u8; 128]), Err(Error::BadHandle(_))));
-        assert!(matches!(Handle::from_bytes(&sample().to_bytes()[..100]), Err(Error::BadHandle(_))));
+        assert!(matches!(
+            Handle::from_bytes(&[0u8; 128]),
+            Err(Error::BadHandle(_))
+        ));
+        assert!(matches!(
+            Handle::from_bytes(&sample().to_bytes()[..100]),
+            Err(Error::BadHandle(_))
+        ));
         let mut b = sample().to_bytes();
         b[60] = 1;
         assert!(matches!(Handle::from_bytes(&b), Err(Error::BadHandle(_))));

@@ -46,7 +46,8 @@ impl HostMemory {
         if p == libc::MAP_FAILED {
             return Err(Error::io("mmap", std::io::Error::last_os_error()));
         }
-        let ptr = NonNull::new(p.cast::<u8>()).ok_or_else(|| Error::InvalidArgument("mmap returned null".into()))?;
+        let ptr = NonNull::new(p.cast::<u8>())
+            .ok_or_else(|| Error::InvalidArgument("mmap returned null".into()))?;
         Ok(HostMemory { ptr, len })
     }
 
@@ -151,7 +152,9 @@ impl TxPath for Region {
         match self.kind {
             // SAFETY: off+len is inside the region (checked above).
             PtrKind::Host => Ok(unsafe { self.ptr.add(off) }),
-            PtrKind::Cuda => Err(Error::Unsupported("CUDA memory needs the bounce path".into())),
+            PtrKind::Cuda => Err(Error::Unsupported(
+                "CUDA memory needs the bounce path".into(),
+            )),
         }
     }
 }
@@ -162,7 +165,9 @@ impl RxPath for Region {
         match self.kind {
             // SAFETY: off+len is inside the region (checked above).
             PtrKind::Host => Ok(unsafe { self.ptr.add(off) }),
-            PtrKind::Cuda => Err(Error::Unsupported("CUDA memory needs the bounce path".into())),
+            PtrKind::Cuda => Err(Error::Unsupported(
+                "CUDA memory needs the bounce path".into(),
+            )),
         }
     }
     fn landed(&self, _off: u64, _len: usize) -> Result<()> {
@@ -227,7 +232,9 @@ impl MemoryRegion {
 
     fn host_ptr(&mut self) -> Result<*mut u8> {
         if self.inner.kind != PtrKind::Host {
-            return Err(Error::InvalidArgument("only host memory can be viewed as bytes".into()));
+            return Err(Error::InvalidArgument(
+                "only host memory can be viewed as bytes".into(),
+            ));
         }
         // get_mut proves no request holds a clone, and &mut self that nobody can make one.
         let r = Arc::get_mut(&mut self.inner).ok_or(Error::Busy)?;
@@ -265,7 +272,11 @@ impl MemoryRegion {
 
 impl std::fmt::Debug for MemoryRegion {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "MemoryRegion({:?}, {} bytes)", self.inner.kind, self.inner.len)
+        write!(
+            f,
+            "MemoryRegion({:?}, {} bytes)",
+            self.inner.kind, self.inner.len
+        )
     }
 }
 

@@ -40,8 +40,16 @@ impl NetInner {
     }
 
     /// Has worker `nic` poke `target` on `stream`'s readiness; the id closes the watch.
-    pub(crate) fn watch(&self, nic: usize, stream: &TcpStream, out: bool, target: std::sync::Weak<dyn Poke>) -> Result<DataSock> {
-        let fd = stream.try_clone().map_err(|e| Error::io("dup control socket", e))?;
+    pub(crate) fn watch(
+        &self,
+        nic: usize,
+        stream: &TcpStream,
+        out: bool,
+        target: std::sync::Weak<dyn Poke>,
+    ) -> Result<DataSock> {
+        let fd = stream
+            .try_clone()
+            .map_err(|e| Error::io("dup control socket", e))?;
         let id = self.next_sock_id.fetch_add(1, Ordering::Relaxed);
         self.workers[nic].submit(Cmd::Watch {
             id,
@@ -53,12 +61,16 @@ impl NetInner {
     }
 
     fn tune(&self, s: &TcpStream) -> Result<()> {
-        s.set_nonblocking(true).map_err(|e| Error::io("set_nonblocking", e))?;
-        s.set_nodelay(true).map_err(|e| Error::io("TCP_NODELAY", e))?;
+        s.set_nonblocking(true)
+            .map_err(|e| Error::io("set_nonblocking", e))?;
+        s.set_nodelay(true)
+            .map_err(|e| Error::io("TCP_NODELAY", e))?;
         if let Some(b) = self.cfg.socket_buffer {
             let r = SockRef::from(s);
-            r.set_send_buffer_size(b).map_err(|e| Error::io("SO_SNDBUF", e))?;
-            r.set_recv_buffer_size(b).map_err(|e| Error::io("SO_RCVBUF", e))?;
+            r.set_send_buffer_size(b)
+                .map_err(|e| Error::io("SO_SNDBUF", e))?;
+            r.set_recv_buffer_size(b)
+                .map_err(|e| Error::io("SO_RCVBUF", e))?;
         }
         Ok(())
     }
@@ -74,7 +86,12 @@ impl Net {
     pub fn init(cfg: Config) -> Result<Self> {
         cfg.validate()?;
         let devices = device::discover(&cfg)?;
-        let ctrl_ip = cfg.ctrl_nic.as_ref().map(device::resolve).transpose()?.map(|(_, ip)| ip);
+        let ctrl_ip = cfg
+            .ctrl_nic
+            .as_ref()
+            .map(device::resolve)
+            .transpose()?
+            .map(|(_, ip)| ip);
         let workers = devices
             .iter()
             .map(|d| Worker::spawn(format!("tcpx-{}", d.name)))
@@ -126,7 +143,12 @@ impl Net {
     /// `ptr..ptr+len` must stay valid, and untouched by the caller while a
     /// request uses it, until `dereg_mr` succeeds and every request using
     /// the region has completed.
-    pub unsafe fn reg_mr_raw(&self, ptr: *mut u8, len: usize, kind: PtrKind) -> Result<MemoryRegion> {
+    pub unsafe fn reg_mr_raw(
+        &self,
+        ptr: *mut u8,
+        len: usize,
+        kind: PtrKind,
+    ) -> Result<MemoryRegion> {
         if kind != PtrKind::Host {
             return Err(Error::Unsupported(
                 "CUDA memory: this build has no CUDA path yet; register host memory".into(),
@@ -160,7 +182,10 @@ impl Net {
                 listeners.len() - 1
             }
         };
-        let ctrl_addr = listeners[ctrl_at].0.local_addr().map_err(|e| Error::io("getsockname", e))?;
+        let ctrl_addr = listeners[ctrl_at]
+            .0
+            .local_addr()
+            .map_err(|e| Error::io("getsockname", e))?;
         let data_addrs = listeners
             .iter()
             .filter(|(_, nic)| nic.is_some())
@@ -207,7 +232,12 @@ impl Net {
     }
 
     /// `connect` until ready or `timeout`; the listener must be accepted elsewhere meanwhile.
-    pub fn connect_wait(&self, dev: usize, handle: &mut Handle, timeout: Duration) -> Result<SendComm> {
+    pub fn connect_wait(
+        &self,
+        dev: usize,
+        handle: &mut Handle,
+        timeout: Duration,
+    ) -> Result<SendComm> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(c) = self.connect(dev, handle)? {
@@ -236,14 +266,20 @@ fn random_secret() -> [u8; 16] {
 
 fn bind_listener(ip: IpAddr) -> Result<TcpListener> {
     let l = TcpListener::bind(SocketAddr::new(ip, 0)).map_err(|e| Error::io("bind listener", e))?;
-    l.set_nonblocking(true).map_err(|e| Error::io("set_nonblocking", e))?;
+    l.set_nonblocking(true)
+        .map_err(|e| Error::io("set_nonblocking", e))?;
     Ok(l)
 }
 
 fn start_connect(local: IpAddr, remote: SocketAddr) -> Result<Socket> {
-    let sock = Socket::new(Domain::for_address(remote), Type::STREAM, Some(Protocol::TCP))
-        .map_err(|e| Error::io("socket", e))?;
-    sock.set_nonblocking(true).map_err(|e| Error::io("set_nonblocking", e))?;
+    let sock = Socket::new(
+        Domain::for_address(remote),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )
+    .map_err(|e| Error::io("socket", e))?;
+    sock.set_nonblocking(true)
+        .map_err(|e| Error::io("set_nonblocking", e))?;
     if local.is_ipv4() == remote.is_ipv4() {
         // Pin the source NIC; the kernel routes by source address on multi-NIC hosts.
         sock.bind(&SocketAddr::new(local, 0).into())
@@ -279,7 +315,9 @@ fn connected(sock: &Socket, to: SocketAddr) -> Result<bool> {
 fn write_handshake(mut w: impl Write, bytes: &[u8]) -> Result<()> {
     match w.write(bytes) {
         Ok(n) if n == bytes.len() => Ok(()),
-        Ok(_) => Err(Error::ConnectionLost("handshake write was cut short".into())),
+        Ok(_) => Err(Error::ConnectionLost(
+            "handshake write was cut short".into(),
+        )),
         Err(e) => Err(Error::io("handshake write", e)),
     }
 }
@@ -290,7 +328,11 @@ fn read_some(mut s: &TcpStream, buf: &mut Vec<u8>, want: usize) -> Result<bool> 
         let mut tmp = [0u8; 512];
         let room = (want - buf.len()).min(tmp.len());
         match s.read(&mut tmp[..room]) {
-            Ok(0) => return Err(Error::ConnectionLost("peer closed during the handshake".into())),
+            Ok(0) => {
+                return Err(Error::ConnectionLost(
+                    "peer closed during the handshake".into(),
+                ))
+            }
             Ok(n) => buf.extend_from_slice(&tmp[..n]),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(false),
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
@@ -400,7 +442,11 @@ impl Connecting {
                         conns,
                     };
                 }
-                Stage::Data { ctrl, comm_id, mut conns } => {
+                Stage::Data {
+                    ctrl,
+                    comm_id,
+                    mut conns,
+                } => {
                     let mut all = true;
                     for c in conns.iter_mut().filter(|c| !c.hello_sent) {
                         if !connected(&c.sock, c.remote)? {
@@ -417,7 +463,11 @@ impl Connecting {
                         c.hello_sent = true;
                     }
                     if !all {
-                        self.stage = Stage::Data { ctrl, comm_id, conns };
+                        self.stage = Stage::Data {
+                            ctrl,
+                            comm_id,
+                            conns,
+                        };
                         return Ok(None);
                     }
                     let mut socks = Vec::with_capacity(conns.len());
@@ -428,7 +478,9 @@ impl Connecting {
                     }
                     return SendComm::new(net.clone(), ctrl, socks).map(Some);
                 }
-                Stage::Failed => return Err(Error::InvalidArgument("connect already failed".into())),
+                Stage::Failed => {
+                    return Err(Error::InvalidArgument("connect already failed".into()))
+                }
             }
         }
     }
@@ -497,7 +549,9 @@ impl ListenComm {
                     continue;
                 }
                 Ok(false) => {
-                    tracing::warn!("dropping a connection that sent no hello within {HELLO_TIMEOUT:?}");
+                    tracing::warn!(
+                        "dropping a connection that sent no hello within {HELLO_TIMEOUT:?}"
+                    );
                     self.fresh.swap_remove(i);
                 }
                 Err(e) => {
@@ -518,7 +572,10 @@ impl ListenComm {
         self.partial.retain(|id, p| {
             let keep = now < p.deadline;
             if !keep {
-                tracing::warn!(comm_id = id, "dropping a connection whose data sockets did not arrive within {timeout:?}");
+                tracing::warn!(
+                    comm_id = id,
+                    "dropping a connection whose data sockets did not arrive within {timeout:?}"
+                );
             }
             keep
         });
@@ -551,7 +608,10 @@ impl ListenComm {
         match h.role {
             Role::Control => {
                 if h.n_data == 0 || h.n_data as usize > max_data {
-                    return Err(Error::Protocol(format!("{} data sockets announced", h.n_data)));
+                    return Err(Error::Protocol(format!(
+                        "{} data sockets announced",
+                        h.n_data
+                    )));
                 }
                 let comm_id: u64 = rand::random();
                 write_handshake(&f.stream, &Welcome::encode(comm_id, &self.data_addrs))?;
@@ -566,16 +626,19 @@ impl ListenComm {
                 Ok(None)
             }
             Role::Data { index } => {
-                let nic = f.nic.ok_or_else(|| Error::Protocol("data socket on the control-only listener".into()))?;
-                let p = self
-                    .partial
-                    .get_mut(&h.comm_id)
-                    .ok_or_else(|| Error::Protocol(format!("data socket for unknown comm {:#x}", h.comm_id)))?;
+                let nic = f.nic.ok_or_else(|| {
+                    Error::Protocol("data socket on the control-only listener".into())
+                })?;
+                let p = self.partial.get_mut(&h.comm_id).ok_or_else(|| {
+                    Error::Protocol(format!("data socket for unknown comm {:#x}", h.comm_id))
+                })?;
                 let slot = p
                     .data
                     .get_mut(index as usize)
                     .filter(|s| s.is_none())
-                    .ok_or_else(|| Error::Protocol(format!("bad or duplicate data socket index {index}")))?;
+                    .ok_or_else(|| {
+                        Error::Protocol(format!("bad or duplicate data socket index {index}"))
+                    })?;
                 *slot = Some((nic, f.stream));
                 if p.data.iter().any(Option::is_none) {
                     return Ok(None);

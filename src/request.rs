@@ -91,7 +91,10 @@ impl ReqState {
     }
 
     pub fn sizes(&self) -> Sizes {
-        let mut s = Sizes { n: self.n, v: [0; MAX_RECVS] };
+        let mut s = Sizes {
+            n: self.n,
+            v: [0; MAX_RECVS],
+        };
         for i in 0..self.n {
             s.v[i] = self.sizes[i].load(Ordering::Acquire);
         }

@@ -128,10 +128,13 @@ impl<'a> Reader<'a> {
         Reader { b, at: 0 }
     }
     fn take<const N: usize>(&mut self) -> Result<[u8; N]> {
-        let s = self
-            .b
-            .get(self.at..self.at + N)
-            .ok_or_else(|| Error::Protocol(format!("header too short: need {} bytes, have {}", self.at + N, self.b.len())))?;
+        let s = self.b.get(self.at..self.at + N).ok_or_else(|| {
+            Error::Protocol(format!(
+                "header too short: need {} bytes, have {}",
+                self.at + N,
+                self.b.len()
+            ))
+        })?;
         self.at += N;
         let mut out = [0u8; N];
         out.copy_from_slice(s);
@@ -156,7 +159,9 @@ pub fn decode_prefix(b: &[u8]) -> Result<Prefix> {
     let mut r = Reader::new(b);
     let magic = r.u32()?;
     if magic != MAGIC {
-        return Err(Error::Protocol(format!("bad magic {magic:#010x}: not a tcpx-rs peer")));
+        return Err(Error::Protocol(format!(
+            "bad magic {magic:#010x}: not a tcpx-rs peer"
+        )));
     }
     let version = r.u8()?;
     if version != VERSION {
@@ -165,7 +170,8 @@ pub fn decode_prefix(b: &[u8]) -> Result<Prefix> {
         )));
     }
     let kind_raw = r.u8()?;
-    let kind = Kind::from_u8(kind_raw).ok_or_else(|| Error::Protocol(format!("unknown header kind {kind_raw}")))?;
+    let kind = Kind::from_u8(kind_raw)
+        .ok_or_else(|| Error::Protocol(format!("unknown header kind {kind_raw}")))?;
     let header_len = r.u16()? as usize;
     if header_len != kind.header_len() {
         return Err(Error::Protocol(format!(
@@ -182,10 +188,16 @@ pub fn decode_prefix(b: &[u8]) -> Result<Prefix> {
 fn expect(b: &[u8], kind: Kind) -> Result<Prefix> {
     let p = decode_prefix(b)?;
     if p.kind != kind {
-        return Err(Error::Protocol(format!("expected a {kind:?} header, got {:?}", p.kind)));
+        return Err(Error::Protocol(format!(
+            "expected a {kind:?} header, got {:?}",
+            p.kind
+        )));
     }
     if b.len() < kind.header_len() {
-        return Err(Error::Protocol(format!("{kind:?} header truncated at {} bytes", b.len())));
+        return Err(Error::Protocol(format!(
+            "{kind:?} header truncated at {} bytes",
+            b.len()
+        )));
     }
     Ok(p)
 }
@@ -265,7 +277,9 @@ impl Welcome {
 
     pub fn decode_addrs(payload: &[u8]) -> Result<Vec<SocketAddr>> {
         if payload.len() % ADDR_LEN != 0 {
-            return Err(Error::Protocol("Welcome payload is not a list of addresses".into()));
+            return Err(Error::Protocol(
+                "Welcome payload is not a list of addresses".into(),
+            ));
         }
         payload.chunks_exact(ADDR_LEN).map(get_addr).collect()
     }
@@ -274,7 +288,11 @@ impl Welcome {
 impl Msg {
     pub fn encode(&self) -> [u8; MSG_LEN] {
         let mut b = [0u8; MSG_LEN];
-        let payload = if self.is_inline() { self.size as u32 } else { 0 };
+        let payload = if self.is_inline() {
+            self.size as u32
+        } else {
+            0
+        };
         put_prefix(&mut b, Kind::Msg, payload);
         b[12..20].copy_from_slice(&self.seq.to_le_bytes());
         b[20..28].copy_from_slice(&self.size.to_le_bytes());
@@ -297,7 +315,10 @@ impl Msg {
             flags: r.u16()?,
         };
         if m.flags & !MSG_INLINE != 0 {
-            return Err(Error::Protocol(format!("unknown message flags {:#x}", m.flags)));
+            return Err(Error::Protocol(format!(
+                "unknown message flags {:#x}",
+                m.flags
+            )));
         }
         if m.is_inline() {
             if m.size > crate::config::MAX_INLINE as u64 || p.payload_len as u64 != m.size {
@@ -307,7 +328,9 @@ impl Msg {
                 )));
             }
         } else if p.payload_len != 0 || m.chunk_size == 0 {
-            return Err(Error::Protocol("chunked message with inline payload or zero chunk size".into()));
+            return Err(Error::Protocol(
+                "chunked message with inline payload or zero chunk size".into(),
+            ));
         }
         Ok(m)
     }
@@ -352,7 +375,9 @@ pub fn put_addr(b: &mut [u8], a: &SocketAddr) {
 pub fn get_addr(b: &[u8]) -> Result<SocketAddr> {
     let mut r = Reader::new(b);
     let family = r.u8()?;
-    let _pad = r.u8()?;
+    if r.u8()? != 0 {
+        return Err(Error::Protocol("nonzero padding in an address".into()));
+    }
     let port = r.u16()?;
     let raw = r.take::<16>()?;
     if port == 0 {
@@ -415,11 +440,19 @@ mod tests {
 
     #[test]
     fn corrupt_prefixes_are_rejected() {
-        let good = Chunk { seq: 1, offset: 2, len: 3 }.encode();
+        let good = Chunk {
+            seq: 1,
+            offset: 2,
+            len: 3,
+        }
+        .encode();
         for (i, v) in [(0usize, b'X'), (4, 2), (5, 9), (6, 33)] {
             let mut b = good;
             b[i] = v;
-            assert!(matches!(parse_header(&b), Err(Error::Protocol(_))), "byte {i}");
+            assert!(
+                matches!(parse_header(&b), Err(Error::Protocol(_))),
+                "byte {i}"
+            );
         }
         assert!(parse_header(&good[..20]).is_err());
     }

@@ -44,8 +44,15 @@ fn build_cdylib(dir: &Path) {
     if release {
         cmd.arg("--release");
     }
-    assert!(cmd.status().expect("run cargo").success(), "cargo build --lib failed");
-    assert!(dir.join("libtcpx.so").exists(), "libtcpx.so not found in {}", dir.display());
+    assert!(
+        cmd.status().expect("run cargo").success(),
+        "cargo build --lib failed"
+    );
+    assert!(
+        dir.join("libtcpx.so").exists(),
+        "libtcpx.so not found in {}",
+        dir.display()
+    );
 }
 
 #[test]
@@ -55,7 +62,9 @@ fn c_program_transfers_through_the_header() {
     let bin = std::env::temp_dir().join(format!("tcpx-c-transfer-{}", std::process::id()));
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
     let st = Command::new(&cc)
-        .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-O1", "-pthread", "-I"])
+        .args([
+            "-std=c11", "-Wall", "-Wextra", "-Werror", "-O1", "-pthread", "-I",
+        ])
         .arg(root().join("include"))
         .arg(root().join("tests/c/transfer.c"))
         .arg("-o")
@@ -68,7 +77,8 @@ fn c_program_transfers_through_the_header() {
     assert!(st.success(), "cc failed");
     let out = Command::new(&bin).output().unwrap();
     let _ = std::fs::remove_file(&bin);
-    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "C program failed:\n{text}");
     assert!(text.contains("c-abi: ok"), "{text}");
 }

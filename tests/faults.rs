@@ -21,7 +21,9 @@ const MARK: &str = "TCPX-CHILD:";
 /// parent and streams big messages until killed.
 #[test]
 fn child_entry() {
-    let Ok(role) = std::env::var(CHILD_ENV) else { return };
+    let Ok(role) = std::env::var(CHILD_ENV) else {
+        return;
+    };
     let net = Net::init(three_nics()).unwrap();
     let mr = net.reg_mr(HostMemory::zeroed(BIG).unwrap());
     match role.as_str() {
@@ -41,7 +43,15 @@ fn child_entry() {
             std::io::stdout().flush().unwrap();
             let recv = l.accept_wait(T).unwrap();
             // Take one message slowly, then stop reading: the sender's sockets fill up.
-            let mut r = recv.irecv(&[RecvBuf { mr: &mr, offset: 0, len: BIG, tag: 0 }]).unwrap().unwrap();
+            let mut r = recv
+                .irecv(&[RecvBuf {
+                    mr: &mr,
+                    offset: 0,
+                    len: BIG,
+                    tag: 0,
+                }])
+                .unwrap()
+                .unwrap();
             let _ = r.wait(Duration::from_secs(3600));
             std::thread::sleep(Duration::from_secs(3600));
         }
@@ -54,7 +64,10 @@ fn to_hex(b: &[u8]) -> String {
 }
 
 fn from_hex(s: &str) -> Vec<u8> {
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect()
 }
 
 fn spawn_child(role: &str, handle: Option<&Handle>) -> Child {
@@ -97,7 +110,9 @@ fn expect_error_within_5s(r: &mut tcpx::Request) -> Error {
                 return e;
             }
             Ok(Some(s)) => panic!("request completed ({s:?}) instead of failing"),
-            Ok(None) if t0.elapsed() > Duration::from_secs(5) => panic!("no error within 5 s: hang"),
+            Ok(None) if t0.elapsed() > Duration::from_secs(5) => {
+                panic!("no error within 5 s: hang")
+            }
             Ok(None) => std::thread::sleep(Duration::from_millis(1)),
         }
     }
@@ -111,7 +126,15 @@ fn killed_sender_fails_the_receive_within_5s() {
     let recv = l.accept_wait(T).unwrap();
     assert_eq!(child_line(&mut child), "connected");
     let mr = net.reg_mr(HostMemory::zeroed(BIG).unwrap());
-    let mut r = recv.irecv(&[RecvBuf { mr: &mr, offset: 0, len: BIG, tag: 0 }]).unwrap().unwrap();
+    let mut r = recv
+        .irecv(&[RecvBuf {
+            mr: &mr,
+            offset: 0,
+            len: BIG,
+            tag: 0,
+        }])
+        .unwrap()
+        .unwrap();
     std::thread::sleep(Duration::from_millis(30)); // mid-message
     child.kill().unwrap();
     let _ = child.wait();
@@ -166,15 +189,31 @@ fn wrong_secret_garbage_and_silence_are_dropped_without_disturbing_others() {
     for s in [&mut wrong, &mut garbage] {
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let mut b = [0u8; 64];
-        assert_eq!(s.read(&mut b).unwrap(), 0, "the listener must close a refused connection");
+        assert_eq!(
+            s.read(&mut b).unwrap(),
+            0,
+            "the listener must close a refused connection"
+        );
     }
     let mut src = HostMemory::zeroed(100_001).unwrap();
     pattern(3, &mut src);
     let expect = src.to_vec();
     let src = send_net.reg_mr(src);
     let mut dst = net.reg_mr(HostMemory::zeroed(100_001).unwrap());
-    let mut rx = recv.irecv(&[RecvBuf { mr: &dst, offset: 0, len: 100_001, tag: 0 }]).unwrap().unwrap();
-    send.isend(&src, 0, 100_001, 0).unwrap().unwrap().wait(T).unwrap();
+    let mut rx = recv
+        .irecv(&[RecvBuf {
+            mr: &dst,
+            offset: 0,
+            len: 100_001,
+            tag: 0,
+        }])
+        .unwrap()
+        .unwrap();
+    send.isend(&src, 0, 100_001, 0)
+        .unwrap()
+        .unwrap()
+        .wait(T)
+        .unwrap();
     rx.wait(T).unwrap();
     drop(rx);
     assert!(dst.bytes().unwrap() == &expect[..]);
@@ -182,12 +221,21 @@ fn wrong_secret_garbage_and_silence_are_dropped_without_disturbing_others() {
 
 #[test]
 fn garbage_handles_are_typed_errors() {
-    assert!(matches!(Handle::from_bytes(&[0xAB; 128]), Err(Error::BadHandle(_))));
-    assert!(matches!(Handle::from_bytes(&[0u8; 64]), Err(Error::BadHandle(_))));
+    assert!(matches!(
+        Handle::from_bytes(&[0xAB; 128]),
+        Err(Error::BadHandle(_))
+    ));
+    assert!(matches!(
+        Handle::from_bytes(&[0u8; 64]),
+        Err(Error::BadHandle(_))
+    ));
     let net = Net::init(three_nics()).unwrap();
     let (h, _l) = net.listen(0).unwrap();
     let b = h.to_bytes();
-    assert!(matches!(Handle::from_bytes(&b[..127]), Err(Error::BadHandle(_))));
+    assert!(matches!(
+        Handle::from_bytes(&b[..127]),
+        Err(Error::BadHandle(_))
+    ));
 }
 
 #[test]
@@ -196,7 +244,15 @@ fn close_with_requests_in_flight_fails_them_cleanly() {
     // Receive side: posted, nothing sent.
     let (_send, recv) = pair(&net, &net);
     let dst = net.reg_mr(HostMemory::zeroed(16).unwrap());
-    let mut r = recv.irecv(&[RecvBuf { mr: &dst, offset: 0, len: 16, tag: 0 }]).unwrap().unwrap();
+    let mut r = recv
+        .irecv(&[RecvBuf {
+            mr: &dst,
+            offset: 0,
+            len: 16,
+            tag: 0,
+        }])
+        .unwrap()
+        .unwrap();
     drop(recv);
     assert!(matches!(expect_error_within_5s(&mut r), Error::Closed));
     // Send side: a large message nobody receives stalls in the socket buffers.

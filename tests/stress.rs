@@ -12,7 +12,9 @@ fn sizes(seed: u64, n: usize) -> Vec<usize> {
     let mut x = seed;
     (0..n)
         .map(|_| {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             let r = (x >> 33) as usize;
             match r % 10 {
                 0..=5 => r % 20_000,
@@ -48,7 +50,10 @@ fn receiver(net: &Net, recv: &RecvComm, sizes: &[usize], seed: u64) {
         assert_eq!(got, sizes[i] as u64, "message {i}");
         let mut want = vec![0u8; sizes[i]];
         pattern(seed + i as u64, &mut want);
-        assert!(mr.bytes().unwrap()[..sizes[i]] == want[..], "message {i} differs");
+        assert!(
+            mr.bytes().unwrap()[..sizes[i]] == want[..],
+            "message {i} differs"
+        );
     };
     let mut inflight = VecDeque::new();
     for (i, &n) in sizes.iter().enumerate() {
@@ -60,7 +65,15 @@ fn receiver(net: &Net, recv: &RecvComm, sizes: &[usize], seed: u64) {
         }
         // Buffers a little larger than the message: sizes come from the sender.
         let mr = net.reg_mr(HostMemory::zeroed(n + 5).unwrap());
-        let r = recv.irecv(&[RecvBuf { mr: &mr, offset: 0, len: n + 5, tag: i as i32 }]).unwrap().expect("slot");
+        let r = recv
+            .irecv(&[RecvBuf {
+                mr: &mr,
+                offset: 0,
+                len: n + 5,
+                tag: i as i32,
+            }])
+            .unwrap()
+            .expect("slot");
         inflight.push_back((i, r, mr));
     }
     for (j, mut r, mr) in inflight {
@@ -98,10 +111,21 @@ fn message_over_4_gib_arrives_intact() {
     }
     let src = net.reg_mr(m);
     let mut dst = net.reg_mr(HostMemory::zeroed(size).unwrap());
-    let mut rx = recv.irecv(&[RecvBuf { mr: &dst, offset: 0, len: size, tag: 4 }]).unwrap().unwrap();
+    let mut rx = recv
+        .irecv(&[RecvBuf {
+            mr: &dst,
+            offset: 0,
+            len: size,
+            tag: 4,
+        }])
+        .unwrap()
+        .unwrap();
     let mut tx = send.isend(&src, 0, size, 4).unwrap().unwrap();
     tx.wait(std::time::Duration::from_secs(120)).unwrap();
-    assert_eq!(rx.wait(std::time::Duration::from_secs(120)).unwrap()[0], size as u64);
+    assert_eq!(
+        rx.wait(std::time::Duration::from_secs(120)).unwrap()[0],
+        size as u64
+    );
     drop(rx);
     for (i, page) in dst.bytes().unwrap().chunks(4096).enumerate() {
         assert_eq!(page[0], i as u8, "page {i}");

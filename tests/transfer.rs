@@ -16,7 +16,12 @@ fn send_recv(net: &Net, sizes: &[usize]) {
         let src = net.reg_mr(src);
         let mut dst = net.reg_mr(HostMemory::zeroed(size + 3).unwrap());
         let mut rx = recv
-            .irecv(&[RecvBuf { mr: &dst, offset: 1, len: size + 2, tag: 5 }])
+            .irecv(&[RecvBuf {
+                mr: &dst,
+                offset: 1,
+                len: size + 2,
+                tag: 5,
+            }])
             .unwrap()
             .unwrap();
         let mut tx = send.isend(&src, 0, size, 5).unwrap().unwrap();
@@ -33,7 +38,21 @@ fn send_recv(net: &Net, sizes: &[usize]) {
 #[test]
 fn odd_sizes_arrive_byte_exact_over_three_nics() {
     let net = Net::init(three_nics()).unwrap();
-    send_recv(&net, &[0, 1, 7, 4095, 16 * 1024, 16 * 1024 + 1, 100_003, 524_289, 3 * 524_288 + 17, 9_999_991]);
+    send_recv(
+        &net,
+        &[
+            0,
+            1,
+            7,
+            4095,
+            16 * 1024,
+            16 * 1024 + 1,
+            100_003,
+            524_289,
+            3 * 524_288 + 17,
+            9_999_991,
+        ],
+    );
 }
 
 #[test]
@@ -53,11 +72,23 @@ fn truncated_receive_is_an_error_and_the_comm_survives() {
     for big in [100usize, 2_000_000] {
         let src = net.reg_mr(HostMemory::zeroed(big).unwrap());
         let dst = net.reg_mr(HostMemory::zeroed(big / 2).unwrap());
-        let mut rx = recv.irecv(&[RecvBuf { mr: &dst, offset: 0, len: big / 2, tag: 1 }]).unwrap().unwrap();
+        let mut rx = recv
+            .irecv(&[RecvBuf {
+                mr: &dst,
+                offset: 0,
+                len: big / 2,
+                tag: 1,
+            }])
+            .unwrap()
+            .unwrap();
         let mut tx = send.isend(&src, 0, big, 1).unwrap().unwrap();
         tx.wait(T).unwrap();
         match rx.wait(T) {
-            Err(Error::Truncated { message, buffer, tag: 1 }) => {
+            Err(Error::Truncated {
+                message,
+                buffer,
+                tag: 1,
+            }) => {
                 assert_eq!((message, buffer), (big as u64, big as u64 / 2))
             }
             other => panic!("expected Truncated, got {other:?}"),
@@ -69,8 +100,20 @@ fn truncated_receive_is_an_error_and_the_comm_survives() {
     let expect = src.to_vec();
     let src = net.reg_mr(src);
     let mut dst = net.reg_mr(HostMemory::zeroed(777_777).unwrap());
-    let mut rx = recv.irecv(&[RecvBuf { mr: &dst, offset: 0, len: 777_777, tag: 2 }]).unwrap().unwrap();
-    send.isend(&src, 0, 777_777, 2).unwrap().unwrap().wait(T).unwrap();
+    let mut rx = recv
+        .irecv(&[RecvBuf {
+            mr: &dst,
+            offset: 0,
+            len: 777_777,
+            tag: 2,
+        }])
+        .unwrap()
+        .unwrap();
+    send.isend(&src, 0, 777_777, 2)
+        .unwrap()
+        .unwrap()
+        .wait(T)
+        .unwrap();
     rx.wait(T).unwrap();
     drop(rx);
     assert!(dst.bytes().unwrap() == &expect[..]);
@@ -92,16 +135,29 @@ fn grouped_receive_matches_by_tag() {
         .collect();
     let expect: Vec<Vec<u8>> = srcs.iter().map(|m| m.to_vec()).collect();
     let srcs: Vec<_> = srcs.into_iter().map(|m| net.reg_mr(m)).collect();
-    let mut dsts: Vec<_> = (0..4).map(|_| net.reg_mr(HostMemory::zeroed(400_000).unwrap())).collect();
+    let mut dsts: Vec<_> = (0..4)
+        .map(|_| net.reg_mr(HostMemory::zeroed(400_000).unwrap()))
+        .collect();
     // Buffers listed in a different order from the sends.
     let order = [3usize, 1, 0, 2];
     let bufs: Vec<_> = order
         .iter()
-        .map(|&i| RecvBuf { mr: &dsts[i], offset: 0, len: 400_000, tag: 100 + i as i32 })
+        .map(|&i| RecvBuf {
+            mr: &dsts[i],
+            offset: 0,
+            len: 400_000,
+            tag: 100 + i as i32,
+        })
         .collect();
     let mut rx = recv.irecv(&bufs).unwrap().unwrap();
     drop(bufs);
-    let mut txs: Vec<_> = (0..4).map(|i| send.isend(&srcs[i], 0, sizes[i], 100 + i as i32).unwrap().unwrap()).collect();
+    let mut txs: Vec<_> = (0..4)
+        .map(|i| {
+            send.isend(&srcs[i], 0, sizes[i], 100 + i as i32)
+                .unwrap()
+                .unwrap()
+        })
+        .collect();
     for t in &mut txs {
         t.wait(T).unwrap();
     }
@@ -110,7 +166,10 @@ fn grouped_receive_matches_by_tag() {
     assert_eq!(got.as_slice(), &want[..]);
     drop(rx);
     for (i, d) in dsts.iter_mut().enumerate() {
-        assert!(d.bytes().unwrap()[..sizes[i]] == expect[i][..], "buffer {i}");
+        assert!(
+            d.bytes().unwrap()[..sizes[i]] == expect[i][..],
+            "buffer {i}"
+        );
     }
 }
 
@@ -123,26 +182,68 @@ fn request_slots_run_out_without_blocking() {
     let dst = net.reg_mr(HostMemory::zeroed(16).unwrap());
     let mut held = Vec::new();
     for _ in 0..8 {
-        held.push(recv.irecv(&[RecvBuf { mr: &dst, offset: 0, len: 16, tag: 0 }]).unwrap().expect("slot"));
+        held.push(
+            recv.irecv(&[RecvBuf {
+                mr: &dst,
+                offset: 0,
+                len: 16,
+                tag: 0,
+            }])
+            .unwrap()
+            .expect("slot"),
+        );
     }
     let t0 = std::time::Instant::now();
-    assert!(recv.irecv(&[RecvBuf { mr: &dst, offset: 0, len: 16, tag: 0 }]).unwrap().is_none());
+    assert!(recv
+        .irecv(&[RecvBuf {
+            mr: &dst,
+            offset: 0,
+            len: 16,
+            tag: 0
+        }])
+        .unwrap()
+        .is_none());
     assert!(t0.elapsed() < Duration::from_millis(100));
     // Completing one frees one slot.
     let src = net.reg_mr(HostMemory::zeroed(16).unwrap());
-    send.isend(&src, 0, 16, 0).unwrap().unwrap().wait(T).unwrap();
+    send.isend(&src, 0, 16, 0)
+        .unwrap()
+        .unwrap()
+        .wait(T)
+        .unwrap();
     held[0].wait(T).unwrap();
-    assert!(recv.irecv(&[RecvBuf { mr: &dst, offset: 0, len: 16, tag: 0 }]).unwrap().is_some());
+    assert!(recv
+        .irecv(&[RecvBuf {
+            mr: &dst,
+            offset: 0,
+            len: 16,
+            tag: 0
+        }])
+        .unwrap()
+        .is_some());
 }
 
 #[test]
 fn bad_arguments_are_typed_errors() {
     let net = Net::init(Config::loopback(&["127.0.0.1"]).unwrap()).unwrap();
-    assert!(matches!(net.listen(5), Err(Error::NoSuchDevice { dev: 5, count: 1 })));
+    assert!(matches!(
+        net.listen(5),
+        Err(Error::NoSuchDevice { dev: 5, count: 1 })
+    ));
     let (send, recv) = pair(&net, &net);
     let mr = net.reg_mr(HostMemory::zeroed(10).unwrap());
-    assert!(matches!(send.isend(&mr, 5, 6, 0), Err(Error::InvalidArgument(_))));
+    assert!(matches!(
+        send.isend(&mr, 5, 6, 0),
+        Err(Error::InvalidArgument(_))
+    ));
     assert!(matches!(recv.irecv(&[]), Err(Error::InvalidArgument(_))));
-    let nine: Vec<_> = (0..9).map(|_| RecvBuf { mr: &mr, offset: 0, len: 1, tag: 0 }).collect();
+    let nine: Vec<_> = (0..9)
+        .map(|_| RecvBuf {
+            mr: &mr,
+            offset: 0,
+            len: 1,
+            tag: 0,
+        })
+        .collect();
     assert!(matches!(recv.irecv(&nine), Err(Error::InvalidArgument(_))));
 }

@@ -13,7 +13,10 @@ use std::time::{Duration, Instant};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
-use tcpx::{Config, Handle, HostMemory, MemoryRegion, Net, NicSpec, RecvBuf, RecvComm, SendComm, HANDLE_SIZE};
+use tcpx::{
+    Config, Handle, HostMemory, MemoryRegion, Net, NicSpec, RecvBuf, RecvComm, SendComm,
+    HANDLE_SIZE,
+};
 
 #[derive(Parser, Debug)]
 #[command(version, about = "Throughput and latency of the tcpx-rs transport")]
@@ -108,7 +111,11 @@ fn config(cli: &Cli) -> BoxResult<Config> {
 }
 
 fn plan(cli: &Cli) -> BoxResult<Plan> {
-    let (lo, hi, per) = (parse_size(&cli.min_size)?, parse_size(&cli.max_size)?, parse_size(&cli.bytes_per_size)?);
+    let (lo, hi, per) = (
+        parse_size(&cli.min_size)?,
+        parse_size(&cli.max_size)?,
+        parse_size(&cli.bytes_per_size)?,
+    );
     if lo == 0 || lo > hi {
         return Err("need 0 < --min-size <= --max-size".into());
     }
@@ -119,7 +126,10 @@ fn plan(cli: &Cli) -> BoxResult<Plan> {
         s *= 2;
     }
     let iters = sizes.iter().map(|&s| (per / s).clamp(4, 20_000)).collect();
-    let pings = sizes.iter().map(|&s| ((64 << 20) / s).clamp(5, 400)).collect();
+    let pings = sizes
+        .iter()
+        .map(|&s| ((64 << 20) / s).clamp(5, 400))
+        .collect();
     Ok(Plan {
         sizes,
         iters,
@@ -154,7 +164,12 @@ fn send_msg(tx: &SendComm, mr: &MemoryRegion, len: usize) -> tcpx::Result<tcpx::
 
 fn recv_msg(rx: &RecvComm, mr: &MemoryRegion, len: usize) -> tcpx::Result<tcpx::Request> {
     loop {
-        if let Some(r) = rx.irecv(&[RecvBuf { mr, offset: 0, len, tag: 0 }])? {
+        if let Some(r) = rx.irecv(&[RecvBuf {
+            mr,
+            offset: 0,
+            len,
+            tag: 0,
+        }])? {
             return Ok(r);
         }
         std::thread::yield_now();
@@ -162,7 +177,13 @@ fn recv_msg(rx: &RecvComm, mr: &MemoryRegion, len: usize) -> tcpx::Result<tcpx::
 }
 
 /// Drives the sweep; returns one row per size.
-fn run_sender(net: &Net, tx: &SendComm, rx: &RecvComm, plan: &Plan, bar: &ProgressBar) -> BoxResult<Vec<Row>> {
+fn run_sender(
+    net: &Net,
+    tx: &SendComm,
+    rx: &RecvComm,
+    plan: &Plan,
+    bar: &ProgressBar,
+) -> BoxResult<Vec<Row>> {
     let pj = serde_json::to_vec(plan)?;
     let pmr = net.reg_mr(HostMemory::from_slice(&pj)?);
     send_msg(tx, &pmr, pj.len())?.wait(T)?;
@@ -275,7 +296,10 @@ fn report(cli: &Cli, cfg: &Config, rows: &[Row]) -> BoxResult<()> {
         human(cfg.chunk_size),
         cli.window
     );
-    println!("{:>10} {:>7} {:>9} {:>9} {:>11} {:>11}", "size", "iters", "GB/s", "Gb/s", "p50 us", "p99 us");
+    println!(
+        "{:>10} {:>7} {:>9} {:>9} {:>11} {:>11}",
+        "size", "iters", "GB/s", "Gb/s", "p50 us", "p99 us"
+    );
     for r in rows {
         println!(
             "{:>10} {:>7} {:>9.3} {:>9.2} {:>11.1} {:>11.1}",
@@ -295,7 +319,9 @@ fn progress(cli: &Cli, n: usize) -> ProgressBar {
         return ProgressBar::hidden();
     }
     let bar = ProgressBar::new(n as u64);
-    if let Ok(style) = ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} sizes  {msg}") {
+    if let Ok(style) = ProgressStyle::with_template(
+        "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} sizes  {msg}",
+    ) {
         bar.set_style(style);
     }
     bar.enable_steady_tick(Duration::from_millis(200));
@@ -329,7 +355,10 @@ fn tcp_pingpong(size: usize, iters: usize, json: bool) -> BoxResult<()> {
     lat.sort_by(f64::total_cmp);
     let (p50, p99) = (lat[lat.len() / 2], lat[(lat.len() - 1) * 99 / 100]);
     if json {
-        println!("{}", serde_json::json!({"size": size, "iters": iters, "p50_us": p50, "p99_us": p99}));
+        println!(
+            "{}",
+            serde_json::json!({"size": size, "iters": iters, "p50_us": p50, "p99_us": p99})
+        );
     } else {
         println!("raw TCP ping-pong {size} B: p50 {p50:.1} us, p99 {p99:.1} us (one way)");
     }
@@ -339,7 +368,10 @@ fn tcp_pingpong(size: usize, iters: usize, json: bool) -> BoxResult<()> {
 fn main() -> BoxResult<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("TCPX_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TCPX_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     match &cli.mode {
