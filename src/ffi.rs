@@ -9,13 +9,11 @@
 #![allow(non_camel_case_types, clippy::not_unsafe_ptr_arg_deref)]
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::{Mutex, OnceLock};
 
 use crate::config::MAX_RECVS;
-use crate::handle::{Handle, HANDLE_SIZE, STAGE_OFFSET};
+use crate::handle::HANDLE_SIZE;
 use crate::{
     Config, Error, ListenComm, MemoryRegion, Net, PtrKind, RecvBuf, RecvComm, Request, SendComm,
 };
@@ -110,12 +108,6 @@ fn copy_str(dst: &mut [c_char], s: &str) {
         *d = *b as c_char;
     }
     dst[n] = 0;
-}
-
-/// Connects in progress, keyed by the stage word of the caller's handle buffer.
-fn connecting() -> &'static Mutex<HashMap<u64, Handle>> {
-    static M: OnceLock<Mutex<HashMap<u64, Handle>>> = OnceLock::new();
-    M.get_or_init(|| Mutex::new(HashMap::new()))
 }
 
 /// Message of the calling thread's last failure ("" if none). Valid until the next call on this thread.
@@ -217,29 +209,7 @@ pub extern "C" fn tcpx_connect(
         let bytes = nonnull(handle.cast::<[u8; HANDLE_SIZE]>(), "handle")?;
         let dev =
             usize::try_from(dev).map_err(|_| Error::InvalidArgument("negative device".into()))?;
-        let mut stage = [0u8; 8];
-        stage.copy_from_slice(&bytes[STAGE_OFFSET..]);
-        let id = u64::from_le_bytes(stage);
-        let mut map = connecting().lock().unwrap_or_else(|p| p.into_inner());
-        let mut h = match map.remove(&id) {
-            Some(h) => h,
-            None => Handle::from_bytes(&bytes[..])?,
-        };
-        bytes[STAGE_OFFSET..].fill(0);
-        match net.connect(dev, &mut h)? {
-            Some(c) => put(out, Some(tcpx_send_comm(c))),
-            None => {
-                let id = loop {
-                    let id: u64 = rand::random();
-                    if id != 0 && !map.contains_key(&id) {
-                        break id;
-                    }
-                };
-                map.insert(id, h);
-                bytes[STAGE_OFFSET..].copy_from_slice(&id.to_le_bytes());
-                Ok(())
-            }
-        }
+        put(out, net.connect_bytes(dev, bytes)?.map(tcpx_send_comm))
     })
 }
 

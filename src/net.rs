@@ -9,7 +9,7 @@ use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
@@ -19,7 +19,7 @@ use crate::config::{Config, MAX_NICS, MAX_SOCKETS_PER_NIC};
 use crate::device::{self, Device};
 use crate::engine::{Cmd, Poke, Worker};
 use crate::error::{Error, Result};
-use crate::handle::Handle;
+use crate::handle::{Handle, HANDLE_SIZE, STAGE_OFFSET};
 use crate::memory::{HostMemory, MemoryRegion, PtrKind};
 use crate::wire::{Hello, Role, Welcome, HELLO_LEN, WELCOME_LEN};
 
@@ -229,6 +229,38 @@ impl Net {
             Ok(None) => {}
         }
         result
+    }
+
+    /// `connect` on a raw 128-byte handle buffer, for C hosts (our C ABI, the
+    /// NCCL plugin): the progress lives in a table keyed by the handle's
+    /// caller-private stage word, so calling again with the same buffer resumes.
+    pub fn connect_bytes(
+        &self,
+        dev: usize,
+        bytes: &mut [u8; HANDLE_SIZE],
+    ) -> Result<Option<SendComm>> {
+        static CONNECTING: OnceLock<Mutex<HashMap<u64, Handle>>> = OnceLock::new();
+        let table = CONNECTING.get_or_init(|| Mutex::new(HashMap::new()));
+        let mut stage = [0u8; 8];
+        stage.copy_from_slice(&bytes[STAGE_OFFSET..]);
+        let mut map = table.lock().unwrap_or_else(|p| p.into_inner());
+        let mut h = match map.remove(&u64::from_le_bytes(stage)) {
+            Some(h) => h,
+            None => Handle::from_bytes(&bytes[..])?,
+        };
+        bytes[STAGE_OFFSET..].fill(0);
+        let comm = self.connect(dev, &mut h)?;
+        if comm.is_none() {
+            let id = loop {
+                let id: u64 = rand::random();
+                if id != 0 && !map.contains_key(&id) {
+                    break id;
+                }
+            };
+            map.insert(id, h);
+            bytes[STAGE_OFFSET..].copy_from_slice(&id.to_le_bytes());
+        }
+        Ok(comm)
     }
 
     /// `connect` until ready or `timeout`; the listener must be accepted elsewhere meanwhile.
