@@ -24,6 +24,10 @@ use crate::net::NetInner;
 use crate::request::{ReqState, Sizes};
 use crate::wire::{self, Kind, Msg, MSG_INLINE, MSG_LEN, PREFIX_LEN};
 
+/// How long `wait` polls before it sleeps: small messages finish within it,
+/// saving the two thread wake-ups of the sleeping path.
+const SPIN: Duration = Duration::from_micros(50);
+
 /// Largest chunk a peer may announce.
 const MAX_CHUNK: u64 = 1 << 30;
 
@@ -408,7 +412,7 @@ impl RecvComm {
         if core.inflight.load(Ordering::Acquire) >= core.net.cfg.max_requests {
             return Ok(None);
         }
-        let state = Arc::new(ReqState::receive(bufs.len()));
+        let state = Arc::new(ReqState::new(bufs.len(), bufs.len()));
         let posted = Posted {
             state: state.clone(),
             subs: bufs
@@ -577,7 +581,6 @@ impl RecvCore {
         };
         front.subs[i].matched = true;
         front.unmatched -= 1;
-        front.state.matched_one();
         front.state.set_size(i, m.size);
         let sub = &front.subs[i];
         let state = front.state.clone();
@@ -714,10 +717,13 @@ impl Request {
         }
     }
 
-    /// Polls until done or `timeout` passes (`Error::Timeout`), sleeping between polls.
+    /// Polls until done or `timeout` passes (`Error::Timeout`), sleeping
+    /// between polls: the NIC workers progress the comm and wake us.
     pub fn wait(&mut self, timeout: Duration) -> Result<Sizes> {
-        let deadline = Instant::now() + timeout;
+        let start = Instant::now();
+        let deadline = start + timeout;
         loop {
+            let seen = self.state.generation();
             if let Some(s) = self.test()? {
                 return Ok(s);
             }
@@ -728,15 +734,13 @@ impl Request {
                     after_ms: timeout.as_millis() as u64,
                 });
             }
-            let slice = (deadline - now).min(Duration::from_millis(1));
-            match &self.owner {
-                Owner::Recv(core) if self.state.has_unmatched() => {
-                    // Unmatched receives progress on control bytes, not on worker events.
-                    let fd = lock(&core.ctrl).stream.as_raw_fd();
-                    poll_in(fd, slice);
-                }
-                _ => self.state.wait_change(slice),
+            if now - start < SPIN {
+                std::hint::spin_loop();
+                continue;
             }
+            // The slice bounds how long a send waits on a full control socket.
+            self.state
+                .wait_change(seen, (deadline - now).min(Duration::from_millis(1)));
         }
     }
 
@@ -765,14 +769,4 @@ impl std::fmt::Debug for Request {
             .field("finished", &self.finished)
             .finish()
     }
-}
-
-fn poll_in(fd: std::os::fd::RawFd, timeout: Duration) {
-    let mut p = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd for the duration of the call.
-    unsafe { libc::poll(&mut p, 1, timeout.as_millis().max(1) as i32) };
 }

@@ -75,7 +75,7 @@ impl Default for Config {
             ctrl_nic: None,
             sockets_per_nic: 2,
             chunk_size: 512 * 1024,
-            inline_threshold: 16 * 1024,
+            inline_threshold: 64 * 1024,
             max_requests: 32,
             handshake_timeout: Duration::from_secs(30),
             socket_buffer: None,

@@ -10,33 +10,25 @@ use crate::error::Error;
 pub(crate) struct ReqState {
     /// Pieces still outstanding: unmatched receive buffers plus socket jobs.
     pending: AtomicUsize,
-    /// Receive buffers not yet matched to a message.
-    unmatched: AtomicUsize,
     error: Mutex<Option<Error>>,
     sizes: [AtomicU64; MAX_RECVS],
     n: usize,
+    /// Bumped on every completion or error, so a waiter cannot miss one.
+    generation: AtomicU64,
     cv_lock: Mutex<()>,
     cv: Condvar,
 }
 
 impl ReqState {
-    /// A send (n = 1) or flush (n = 0): `pending` socket jobs.
+    /// `n` sizes to report, `pending` pieces: socket jobs, plus one per
+    /// receive buffer until it is matched to a message.
     pub fn new(n: usize, pending: usize) -> Self {
-        Self::with_unmatched(n, pending, 0)
-    }
-
-    /// A receive of `n` buffers, none matched yet.
-    pub fn receive(n: usize) -> Self {
-        Self::with_unmatched(n, n, n)
-    }
-
-    fn with_unmatched(n: usize, pending: usize, unmatched: usize) -> Self {
         ReqState {
             pending: AtomicUsize::new(pending),
-            unmatched: AtomicUsize::new(unmatched),
             error: Mutex::new(None),
             sizes: Default::default(),
             n,
+            generation: AtomicU64::new(0),
             cv_lock: Mutex::new(()),
             cv: Condvar::new(),
         }
@@ -44,15 +36,6 @@ impl ReqState {
 
     pub fn add_pieces(&self, k: usize) {
         self.pending.fetch_add(k, Ordering::AcqRel);
-    }
-
-    pub fn matched_one(&self) {
-        self.unmatched.fetch_sub(1, Ordering::AcqRel);
-    }
-
-    /// True while some receive buffer still waits for its message.
-    pub fn has_unmatched(&self) -> bool {
-        self.unmatched.load(Ordering::Acquire) > 0
     }
 
     pub fn piece_done(&self) {
@@ -83,7 +66,12 @@ impl ReqState {
 
     fn notify(&self) {
         let _g = self.cv_lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.generation.fetch_add(1, Ordering::AcqRel);
         self.cv.notify_all();
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     pub fn set_size(&self, i: usize, size: u64) {
@@ -109,10 +97,10 @@ impl ReqState {
         self.pending.load(Ordering::Acquire) == 0
     }
 
-    /// Sleeps until a piece finishes or `timeout` passes.
-    pub fn wait_change(&self, timeout: Duration) {
+    /// Sleeps until the generation moves past `seen` or `timeout` passes.
+    pub fn wait_change(&self, seen: u64, timeout: Duration) {
         let g = self.cv_lock.lock().unwrap_or_else(|p| p.into_inner());
-        if self.is_done() {
+        if self.generation() != seen {
             return;
         }
         let _ = self.cv.wait_timeout(g, timeout);

@@ -64,6 +64,9 @@ enum Mode {
         size: usize,
         #[arg(long, default_value_t = 20000)]
         iters: usize,
+        /// Spin on non-blocking reads instead of sleeping in recv().
+        #[arg(long)]
+        spin: bool,
     },
 }
 
@@ -328,27 +331,46 @@ fn progress(cli: &Cli, n: usize) -> ProgressBar {
     bar
 }
 
-fn tcp_pingpong(size: usize, iters: usize, json: bool) -> BoxResult<()> {
+/// read_exact that optionally spins on a non-blocking socket.
+fn read_full(s: &mut TcpStream, b: &mut [u8], spin: bool) -> std::io::Result<()> {
+    if !spin {
+        return s.read_exact(b);
+    }
+    let mut at = 0;
+    while at < b.len() {
+        match s.read(&mut b[at..]) {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => at += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::hint::spin_loop(),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn tcp_pingpong(size: usize, iters: usize, spin: bool, json: bool) -> BoxResult<()> {
     let l = TcpListener::bind("127.0.0.1:0")?;
     let addr = l.local_addr()?;
     let echo = std::thread::spawn(move || -> std::io::Result<()> {
         let (mut s, _) = l.accept()?;
         s.set_nodelay(true)?;
+        s.set_nonblocking(spin)?;
         let mut b = vec![0u8; size];
         for _ in 0..iters {
-            s.read_exact(&mut b)?;
+            read_full(&mut s, &mut b, spin)?;
             s.write_all(&b)?;
         }
         Ok(())
     });
     let mut c = TcpStream::connect(addr)?;
     c.set_nodelay(true)?;
+    c.set_nonblocking(spin)?;
     let mut b = vec![1u8; size];
     let mut lat = Vec::with_capacity(iters);
     for _ in 0..iters {
         let t = Instant::now();
         c.write_all(&b)?;
-        c.read_exact(&mut b)?;
+        read_full(&mut c, &mut b, spin)?;
         lat.push(t.elapsed().as_secs_f64() * 1e6 / 2.0);
     }
     echo.join().map_err(|_| "echo thread panicked")??;
@@ -375,7 +397,9 @@ fn main() -> BoxResult<()> {
         .with_writer(std::io::stderr)
         .init();
     match &cli.mode {
-        Some(Mode::TcpPingpong { size, iters }) => tcp_pingpong(*size, *iters, cli.json),
+        Some(Mode::TcpPingpong { size, iters, spin }) => {
+            tcp_pingpong(*size, *iters, *spin, cli.json)
+        }
         Some(Mode::Server { bind }) => {
             let cfg = config(&cli)?;
             let net = Net::init(cfg)?;
