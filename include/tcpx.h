@@ -39,6 +39,8 @@
 
 #define TCPX_EIO 15
 
+#define TCPX_EGPUMEMD 16
+
 /**
  * `NCCL_PTR_HOST` / `NCCL_PTR_CUDA`.
  */

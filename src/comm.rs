@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
+use devmem::gpumemd::SteeredFlow;
 use nix::errno::Errno;
 use nix::sys::socket::MsgFlags;
 
@@ -344,6 +345,8 @@ pub(crate) struct RecvCore {
     net: Arc<NetInner>,
     ctrl: Mutex<RecvCtrl>,
     socks: Vec<DataSock>,
+    /// Flow-steering rules of the data sockets; withdrawn on close.
+    flows: Mutex<Vec<SteeredFlow>>,
     /// The worker's watch on the control socket.
     watch: OnceLock<DataSock>,
     inflight: AtomicUsize,
@@ -362,7 +365,12 @@ impl std::fmt::Debug for RecvComm {
 }
 
 impl RecvComm {
-    pub(crate) fn new(net: Arc<NetInner>, ctrl: TcpStream, socks: Vec<DataSock>) -> Result<Self> {
+    pub(crate) fn new(
+        net: Arc<NetInner>,
+        ctrl: TcpStream,
+        socks: Vec<DataSock>,
+        flows: Vec<SteeredFlow>,
+    ) -> Result<Self> {
         let core = Arc::new(RecvCore {
             net,
             ctrl: Mutex::new(RecvCtrl {
@@ -375,6 +383,7 @@ impl RecvComm {
                 broken: None,
             }),
             socks,
+            flows: Mutex::new(flows),
             watch: OnceLock::new(),
             inflight: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
@@ -463,6 +472,11 @@ impl Drop for RecvComm {
         let _ = c.stream.shutdown(std::net::Shutdown::Both);
         drop(c);
         close_data(&core.net, &core.socks, &core.watch);
+        for f in lock(&core.flows).drain(..) {
+            if let Err(e) = f.withdraw() {
+                tracing::warn!("withdrawing a flow-steering rule: {e}");
+            }
+        }
     }
 }
 

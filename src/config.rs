@@ -4,6 +4,7 @@
 //! thing; `TCPX_*` variables cover the rest and win when both are set.
 
 use std::net::IpAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
@@ -41,6 +42,17 @@ impl NicSpec {
     }
 }
 
+/// Whether payload should use devmem (gpumemd-managed RX queues).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DevmemMode {
+    /// Never contact gpumemd.
+    Off,
+    /// Use gpumemd when it answers; otherwise fall back to the host path (one log line).
+    Prefer,
+    /// Fail init when gpumemd does not answer.
+    Require,
+}
+
 /// Transport configuration. `Config::from_env()` reads the table in README.md.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -60,6 +72,16 @@ pub struct Config {
     pub handshake_timeout: Duration,
     /// SO_SNDBUF/SO_RCVBUF for data sockets; `None` keeps kernel autotuning.
     pub socket_buffer: Option<usize>,
+    /// Folder of gpumemd's UNIX sockets; `None` = no daemon is consulted.
+    pub gpumemd_prefix: Option<PathBuf>,
+    /// PCI address of the GPU whose RX queues gpumemd manages for us.
+    pub gpu_pci: Option<String>,
+    pub devmem: DevmemMode,
+    /// Register with gpumemd's application registry (the daemon may exit when
+    /// its last registered client leaves, so this is opt-in, as in the original).
+    pub gpumemd_register: bool,
+    /// Pause between installing flow-steering rules and using the comm.
+    pub flow_steering_wait: Duration,
 }
 
 pub const MAX_SOCKETS_PER_NIC: usize = 16;
@@ -79,6 +101,11 @@ impl Default for Config {
             max_requests: 32,
             handshake_timeout: Duration::from_secs(30),
             socket_buffer: None,
+            gpumemd_prefix: None,
+            gpu_pci: None,
+            devmem: DevmemMode::Prefer,
+            gpumemd_register: false,
+            flow_steering_wait: Duration::ZERO,
         }
     }
 }
@@ -150,6 +177,39 @@ impl Config {
         if let Some((k, v)) = first(&["TCPX_SOCKET_BUFFER"]) {
             c.socket_buffer = Some(parse_num(k, &v)?);
         }
+        if let Some((_, v)) = first(&[
+            "TCPX_GPUMEMD_PREFIX",
+            "NCCL_GPUDIRECTTCPX_UNIX_CLIENT_PREFIX",
+        ]) {
+            c.gpumemd_prefix = Some(PathBuf::from(v));
+        }
+        if let Some((_, v)) = first(&["TCPX_GPU_PCI"]) {
+            c.gpu_pci = Some(v.trim().to_string());
+        }
+        if let Some((k, v)) = first(&["TCPX_DEVMEM"]) {
+            c.devmem = match v.trim() {
+                "off" => DevmemMode::Off,
+                "prefer" => DevmemMode::Prefer,
+                "require" => DevmemMode::Require,
+                _ => {
+                    return Err(Error::Config(format!(
+                        "{k}={v:?}: use off, prefer or require"
+                    )))
+                }
+            };
+        }
+        if let Some((k, v)) = first(&[
+            "TCPX_GPUMEMD_REGISTER",
+            "NCCL_GPUDIRECTTCPX_REPORT_LIFECYCLE",
+        ]) {
+            c.gpumemd_register = parse_num(k, &v)? != 0;
+        }
+        if let Some((k, v)) = first(&[
+            "TCPX_FLOW_STEERING_WAIT_US",
+            "NCCL_GPUDIRECTTCPX_PROGRAM_FLOW_STEERING_WAIT_MICROS",
+        ]) {
+            c.flow_steering_wait = Duration::from_micros(parse_num(k, &v)? as u64);
+        }
         c.validate()?;
         Ok(c)
     }
@@ -179,6 +239,15 @@ impl Config {
                 "inline threshold must be <= {MAX_INLINE}, got {}",
                 self.inline_threshold
             ));
+        }
+        if self.gpumemd_prefix.is_some() && self.devmem != DevmemMode::Off && self.gpu_pci.is_none()
+        {
+            return bad(
+                "a gpumemd prefix is set but TCPX_GPU_PCI (the GPU's PCI address) is not".into(),
+            );
+        }
+        if self.devmem == DevmemMode::Require && self.gpumemd_prefix.is_none() {
+            return bad("TCPX_DEVMEM=require needs NCCL_GPUDIRECTTCPX_UNIX_CLIENT_PREFIX (gpumemd's socket folder)".into());
         }
         if !(8..=1024).contains(&self.max_requests) {
             return bad(format!(
@@ -254,6 +323,33 @@ mod tests {
         );
         assert_eq!(c.chunk_size, 1 << 20);
         assert_eq!(c.sockets_per_nic, 4);
+    }
+
+    #[test]
+    fn gpumemd_variables_are_honoured() {
+        let c = cfg(&[
+            ("NCCL_GPUDIRECTTCPX_UNIX_CLIENT_PREFIX", "/run/tcpx"),
+            ("TCPX_GPU_PCI", "0000:04:00.0"),
+            ("NCCL_GPUDIRECTTCPX_REPORT_LIFECYCLE", "1"),
+            (
+                "NCCL_GPUDIRECTTCPX_PROGRAM_FLOW_STEERING_WAIT_MICROS",
+                "50000",
+            ),
+            ("TCPX_DEVMEM", "require"),
+        ])
+        .unwrap();
+        assert_eq!(
+            c.gpumemd_prefix.as_deref(),
+            Some(std::path::Path::new("/run/tcpx"))
+        );
+        assert_eq!(c.gpu_pci.as_deref(), Some("0000:04:00.0"));
+        assert!(c.gpumemd_register);
+        assert_eq!(c.flow_steering_wait, Duration::from_millis(50));
+        assert_eq!(c.devmem, DevmemMode::Require);
+        // A prefix without a GPU, or require without a prefix, cannot work.
+        assert!(cfg(&[("NCCL_GPUDIRECTTCPX_UNIX_CLIENT_PREFIX", "/run/tcpx")]).is_err());
+        assert!(cfg(&[("TCPX_DEVMEM", "require")]).is_err());
+        assert!(cfg(&[("TCPX_DEVMEM", "maybe")]).is_err());
     }
 
     #[test]

@@ -22,12 +22,15 @@ bitflags::bitflags! {
 pub enum DataPath {
     /// Kernel TCP, host memory, copies on both sides.
     Host,
+    /// gpumemd answers: flows are steered to the GPU's RX queues (devmem control plane).
+    Devmem,
 }
 
 impl fmt::Display for DataPath {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             DataPath::Host => "host",
+            DataPath::Devmem => "devmem",
         })
     }
 }
@@ -112,7 +115,7 @@ pub(crate) fn resolve(spec: &NicSpec) -> Result<(String, IpAddr)> {
 }
 
 /// The configured data NICs, or every up non-loopback interface, or loopback.
-pub(crate) fn discover(cfg: &Config) -> Result<Vec<Device>> {
+pub(crate) fn discover(cfg: &Config, path: DataPath) -> Result<Vec<Device>> {
     let picked: Vec<(String, IpAddr)> = if cfg.data_nics.is_empty() {
         let ifs = interfaces()?;
         let mut v: Vec<_> = ifs
@@ -141,7 +144,7 @@ pub(crate) fn discover(cfg: &Config) -> Result<Vec<Device>> {
             addr,
             ptr_kinds: PtrKinds::HOST,
             max_comms: MAX_COMMS,
-            path: DataPath::Host,
+            path,
         })
         .collect())
 }

@@ -36,6 +36,8 @@ pub enum Error {
     Timeout { what: String, after_ms: u64 },
     #[error("not supported here: {0}")]
     Unsupported(String),
+    #[error("gpumemd: {0}")]
+    Gpumemd(String),
     #[error("{op} failed: {msg} ({kind:?})")]
     Io {
         op: &'static str,
@@ -76,6 +78,7 @@ impl Error {
             Error::Timeout { .. } => 13,
             Error::Unsupported(_) => 14,
             Error::Io { .. } => 15,
+            Error::Gpumemd(_) => 16,
         }
     }
 }

@@ -34,6 +34,7 @@ pub const TCPX_EINVAL: c_int = 12;
 pub const TCPX_ETIMEDOUT: c_int = 13;
 pub const TCPX_EUNSUPPORTED: c_int = 14;
 pub const TCPX_EIO: c_int = 15;
+pub const TCPX_EGPUMEMD: c_int = 16;
 
 /// `NCCL_PTR_HOST` / `NCCL_PTR_CUDA`.
 pub const TCPX_PTR_HOST: c_int = 1;

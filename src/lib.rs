@@ -40,6 +40,7 @@ mod device;
 mod engine;
 mod error;
 pub mod ffi;
+mod gpumemd;
 mod handle;
 mod memory;
 mod net;
@@ -47,7 +48,7 @@ mod request;
 pub mod wire;
 
 pub use comm::{RecvBuf, RecvComm, Request, SendComm};
-pub use config::{Config, NicSpec};
+pub use config::{Config, DevmemMode, NicSpec};
 pub use device::{DataPath, Device, PtrKinds};
 pub use error::{Error, Result};
 pub use handle::{Handle, HANDLE_SIZE};

@@ -16,15 +16,17 @@ use socket2::{Domain, Protocol, SockRef, Socket, Type};
 
 use crate::comm::{DataSock, RecvComm, SendComm};
 use crate::config::{Config, MAX_NICS, MAX_SOCKETS_PER_NIC};
-use crate::device::{self, Device};
+use crate::device::{self, DataPath, Device};
 use crate::engine::{Cmd, Poke, Worker};
 use crate::error::{Error, Result};
+use crate::gpumemd::Gpumemd;
 use crate::handle::{Handle, HANDLE_SIZE, STAGE_OFFSET};
 use crate::memory::{HostMemory, MemoryRegion, PtrKind};
 use crate::wire::{Hello, Role, Welcome, HELLO_LEN, WELCOME_LEN};
 
 pub(crate) struct NetInner {
     pub cfg: Config,
+    gpumemd: Option<Gpumemd>,
     pub devices: Vec<Device>,
     pub ctrl_ip: Option<IpAddr>,
     /// One progress worker per device, same index.
@@ -85,7 +87,13 @@ impl Net {
     /// Resolves the NICs, starts one worker per NIC and logs the data path once.
     pub fn init(cfg: Config) -> Result<Self> {
         cfg.validate()?;
-        let devices = device::discover(&cfg)?;
+        let gpumemd = Gpumemd::connect(&cfg)?;
+        let path = if gpumemd.is_some() {
+            DataPath::Devmem
+        } else {
+            DataPath::Host
+        };
+        let devices = device::discover(&cfg, path)?;
         let ctrl_ip = cfg
             .ctrl_nic
             .as_ref()
@@ -103,12 +111,17 @@ impl Net {
                 addr = %d.addr,
                 speed_mbps = d.speed_mbps,
                 path = %d.path,
-                "tcpx device (no devmem NIC or gpumemd configured: kernel TCP with host memory)"
+                "{}",
+                match d.path {
+                    DataPath::Devmem => "tcpx device: flows steered by gpumemd; payload still received by kernel TCP (no devmem RX in this build)",
+                    DataPath::Host => "tcpx device: kernel TCP with host memory (no gpumemd configured or answering)",
+                }
             );
         }
         Ok(Net {
             inner: Arc::new(NetInner {
                 cfg,
+                gpumemd,
                 devices,
                 ctrl_ip,
                 workers,
@@ -204,6 +217,7 @@ impl Net {
             data_addrs,
             fresh: Vec::new(),
             partial: HashMap::new(),
+            steering: Vec::new(),
         };
         Ok((handle, comm))
     }
@@ -545,6 +559,8 @@ pub struct ListenComm {
     data_addrs: Vec<SocketAddr>,
     fresh: Vec<Fresh>,
     partial: HashMap<u64, Partial>,
+    /// Accepted comms waiting out `flow_steering_wait`.
+    steering: Vec<(Instant, RecvComm)>,
 }
 
 impl ListenComm {
@@ -553,6 +569,9 @@ impl ListenComm {
     /// dropped without disturbing other connections.
     pub fn accept(&mut self) -> Result<Option<RecvComm>> {
         let now = Instant::now();
+        if let Some(i) = self.steering.iter().position(|(at, _)| *at <= now) {
+            return Ok(Some(self.steering.swap_remove(i).1));
+        }
         for (l, nic) in &self.listeners {
             loop {
                 match l.accept() {
@@ -595,6 +614,8 @@ impl ListenComm {
                     match self.on_hello(f) {
                         Ok(Some(comm)) => return Ok(Some(comm)),
                         Ok(None) => {}
+                        // Our own side failed (gpumemd under `require`): the caller must know.
+                        Err(e @ Error::Gpumemd(_)) => return Err(e),
                         Err(e) => tracing::warn!("refused a connection: {e}"),
                     }
                 }
@@ -679,12 +700,24 @@ impl ListenComm {
                     return Ok(None);
                 };
                 self.net.tune(&p.ctrl)?;
-                let mut socks = Vec::with_capacity(p.data.len());
-                for (nic, stream) in p.data.into_iter().flatten() {
+                let data: Vec<(usize, TcpStream)> = p.data.into_iter().flatten().collect();
+                let flows = match &self.net.gpumemd {
+                    Some(g) => g.steer(&data.iter().map(|(_, s)| s).collect::<Vec<_>>())?,
+                    None => Vec::new(),
+                };
+                let mut socks = Vec::with_capacity(data.len());
+                for (nic, stream) in data {
                     self.net.tune(&stream)?;
                     socks.push(self.net.add_data_socket(nic, stream));
                 }
-                RecvComm::new(self.net.clone(), p.ctrl, socks).map(Some)
+                let comm = RecvComm::new(self.net.clone(), p.ctrl, socks, flows)?;
+                let wait = self.net.cfg.flow_steering_wait;
+                if wait.is_zero() {
+                    return Ok(Some(comm));
+                }
+                // Hand the comm out once the NIC has had time to apply its rules.
+                self.steering.push((Instant::now() + wait, comm));
+                Ok(None)
             }
         }
     }

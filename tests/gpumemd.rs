@@ -1,0 +1,130 @@
+//! The transport with gpumemd: probe and path at init, one flow-steering
+//! rule per data socket on accept, all withdrawn on close, and fallback or
+//! failure according to `TCPX_DEVMEM`.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{pair, pattern, three_nics, T};
+use devmem::gpumemd::mock::{MockConfig, MockGpumemd};
+use tcpx::{Config, DataPath, DevmemMode, Error, HostMemory, Net, RecvBuf};
+
+fn with_daemon(prefix: &std::path::Path, mode: DevmemMode) -> Config {
+    let mut c = three_nics();
+    c.gpumemd_prefix = Some(prefix.to_path_buf());
+    c.gpu_pci = Some(MockConfig::default().gpu_pci);
+    c.devmem = mode;
+    c
+}
+
+#[test]
+fn daemon_registers_steers_every_data_socket_and_withdraws_on_close() {
+    let mock = MockGpumemd::start_temp(MockConfig::default()).unwrap();
+    let mut cfg = with_daemon(mock.prefix(), DevmemMode::Require);
+    cfg.gpumemd_register = true;
+    cfg.flow_steering_wait = Duration::from_millis(20);
+    let net = Net::init(cfg).unwrap();
+    assert!(net.devices().iter().all(|d| d.path == DataPath::Devmem));
+    assert_eq!(mock.registered_clients(), 1);
+
+    let plain = Net::init(three_nics()).unwrap();
+    let (send, recv) = pair(&plain, &net);
+    let rules = mock.installed_rules();
+    assert_eq!(
+        rules.len(),
+        recv.data_sockets(),
+        "one rule per data socket: {rules:?}"
+    );
+    let queues = MockConfig::default().queue_ids;
+    for r in &rules {
+        assert_eq!(
+            r.gpu_pci_addr.as_deref(),
+            Some(MockConfig::default().gpu_pci.as_str())
+        );
+        assert!(queues.contains(&r.queue_id.unwrap()));
+    }
+
+    let mut src = HostMemory::zeroed(1_234_567).unwrap();
+    pattern(5, &mut src);
+    let expect = src.to_vec();
+    let src = plain.reg_mr(src);
+    let mut dst = net.reg_mr(HostMemory::zeroed(1_234_567).unwrap());
+    let mut rx = recv
+        .irecv(&[RecvBuf {
+            mr: &dst,
+            offset: 0,
+            len: 1_234_567,
+            tag: 1,
+        }])
+        .unwrap()
+        .unwrap();
+    send.isend(&src, 0, 1_234_567, 1)
+        .unwrap()
+        .unwrap()
+        .wait(T)
+        .unwrap();
+    rx.wait(T).unwrap();
+    drop(rx);
+    assert!(dst.bytes().unwrap() == &expect[..]);
+
+    drop(recv);
+    assert!(
+        mock.installed_rules().is_empty(),
+        "rules left behind: {:?}",
+        mock.installed_rules()
+    );
+    drop(send);
+    drop(net);
+    let t0 = std::time::Instant::now();
+    while mock.registered_clients() != 0 && t0.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(
+        mock.registered_clients(),
+        0,
+        "registration outlived the transport"
+    );
+}
+
+#[test]
+fn absent_daemon_falls_back_or_fails_by_configuration() {
+    let dir = std::env::temp_dir().join(format!("tcpx-no-daemon-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let net = Net::init(with_daemon(&dir, DevmemMode::Prefer)).unwrap();
+    assert!(net.devices().iter().all(|d| d.path == DataPath::Host));
+    let t0 = std::time::Instant::now();
+    let e = Net::init(with_daemon(&dir, DevmemMode::Require))
+        .err()
+        .expect("require must fail");
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    assert!(
+        matches!(e, Error::Gpumemd(ref m) if m.contains("require")),
+        "{e}"
+    );
+    let _ = std::fs::remove_dir(&dir);
+}
+
+#[test]
+fn refused_rules_fail_accept_under_require_and_are_skipped_under_prefer() {
+    use devmem::gpumemd::mock::{Endpoint, Fault};
+    let mock = MockGpumemd::start_temp(MockConfig::default()).unwrap();
+    mock.set_fault(Fault::RefuseRules, Some(Endpoint::RuleInstall));
+    let plain = Net::init(three_nics()).unwrap();
+
+    let net = Net::init(with_daemon(mock.prefix(), DevmemMode::Prefer)).unwrap();
+    let (send, recv) = pair(&plain, &net);
+    assert!(mock.installed_rules().is_empty());
+    drop((send, recv));
+
+    let strict = Net::init(with_daemon(mock.prefix(), DevmemMode::Require)).unwrap();
+    let (h, mut l) = strict.listen(0).unwrap();
+    let mut h = h;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let _ = plain.connect_wait(0, &mut h, Duration::from_secs(5));
+        });
+        let e = l.accept_wait(Duration::from_secs(5)).unwrap_err();
+        assert!(matches!(e, Error::Gpumemd(_)), "{e}");
+    });
+}
