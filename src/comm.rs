@@ -212,6 +212,7 @@ impl SendComm {
                         chunk_size: cs,
                         next_chunk: first,
                         stride: n as u64,
+                        zc_last: None,
                     },
                 });
             }
@@ -651,6 +652,7 @@ impl RecvCore {
                     chunk_size: cs,
                     next_chunk: first,
                     stride: n as u64,
+                    zc_last: None,
                 },
             });
         }

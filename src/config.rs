@@ -53,6 +53,16 @@ pub enum DevmemMode {
     Require,
 }
 
+/// MSG_ZEROCOPY for host-memory sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ZeroCopy {
+    Off,
+    /// Always (even where the kernel reports it copied: loopback, tests).
+    On,
+    /// On, until the kernel reports that it copied anyway; then plain sends on that socket.
+    Auto,
+}
+
 /// Transport configuration. `Config::from_env()` reads the table in README.md.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -82,6 +92,9 @@ pub struct Config {
     pub gpumemd_register: bool,
     /// Pause between installing flow-steering rules and using the comm.
     pub flow_steering_wait: Duration,
+    pub zerocopy: ZeroCopy,
+    /// Smallest chunk payload sent with MSG_ZEROCOPY.
+    pub min_zcopy_size: usize,
 }
 
 pub const MAX_SOCKETS_PER_NIC: usize = 16;
@@ -106,6 +119,8 @@ impl Default for Config {
             devmem: DevmemMode::Prefer,
             gpumemd_register: false,
             flow_steering_wait: Duration::ZERO,
+            zerocopy: ZeroCopy::Auto,
+            min_zcopy_size: 32 * 1024,
         }
     }
 }
@@ -197,6 +212,17 @@ impl Config {
                     )))
                 }
             };
+        }
+        if let Some((k, v)) = first(&["TCPX_ZEROCOPY"]) {
+            c.zerocopy = match v.trim() {
+                "off" | "0" => ZeroCopy::Off,
+                "on" | "1" => ZeroCopy::On,
+                "auto" => ZeroCopy::Auto,
+                _ => return Err(Error::Config(format!("{k}={v:?}: use off, on or auto"))),
+            };
+        }
+        if let Some((k, v)) = first(&["TCPX_MIN_ZCOPY_SIZE", "NCCL_GPUDIRECTTCPX_MIN_ZCOPY_SIZE"]) {
+            c.min_zcopy_size = parse_num(k, &v)?;
         }
         if let Some((k, v)) = first(&[
             "TCPX_GPUMEMD_REGISTER",

@@ -14,12 +14,14 @@ use crossbeam_channel::{Receiver, Sender};
 use nix::errno::Errno;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
-use nix::sys::socket::MsgFlags;
+use nix::sys::socket::{ControlMessageOwned, MsgFlags};
 
+use crate::config::ZeroCopy;
 use crate::error::{Error, Result};
 use crate::memory::{Region, RxPath, TxPath};
 use crate::request::ReqState;
 use crate::wire::{Chunk, CHUNK_LEN};
+use crate::zerocopy::{self, Tracker};
 
 /// The chunks of one message that travel on one data socket:
 /// chunk indices `first, first + stride, …` below `ceil(size / chunk_size)`.
@@ -34,6 +36,8 @@ pub(crate) struct Job {
     pub chunk_size: u64,
     pub next_chunk: u64,
     pub stride: u64,
+    /// Id of the last MSG_ZEROCOPY send that carried this job's bytes.
+    pub zc_last: Option<u32>,
 }
 
 impl Job {
@@ -83,10 +87,19 @@ pub(crate) trait Poke: Send + Sync {
     fn poke(&self);
 }
 
+/// How a data socket sends payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct TxMode {
+    pub zerocopy: ZeroCopy,
+    /// Smallest payload sent with MSG_ZEROCOPY.
+    pub min_zcopy: usize,
+}
+
 pub(crate) enum Cmd {
     Add {
         id: u64,
         stream: TcpStream,
+        tx: TxMode,
     },
     /// Calls `target.poke()` whenever `fd` turns readable (`out = false`) or writable.
     Watch {
@@ -182,6 +195,19 @@ struct Cursor {
     body_done: usize,
 }
 
+/// Zero-copy state of a data socket.
+struct Zc {
+    /// False once the kernel reported copying in `auto` mode (or SO_ZEROCOPY failed).
+    enabled: bool,
+    mode: ZeroCopy,
+    min: usize,
+    tracker: Tracker,
+    /// Jobs fully sent whose last zero-copy send is not yet acknowledged.
+    awaiting: VecDeque<Job>,
+    /// The error queue has notifications to read.
+    errq: bool,
+}
+
 struct Sock {
     stream: TcpStream,
     sends: VecDeque<Job>,
@@ -191,11 +217,21 @@ struct Sock {
     readable: bool,
     writable: bool,
     dead: Option<Error>,
+    zc: Zc,
 }
+
+/// The process logs the kernel's copying of zero-copy sends once.
+static COPY_LOGGED: AtomicBool = AtomicBool::new(false);
 
 impl Sock {
     fn fail(&mut self, e: Error) {
-        for job in self.sends.drain(..).chain(self.recvs.drain(..)) {
+        let awaiting: Vec<Job> = self.zc.awaiting.drain(..).collect();
+        for job in self
+            .sends
+            .drain(..)
+            .chain(self.recvs.drain(..))
+            .chain(awaiting)
+        {
             job.finish(Some(e.clone()));
         }
         self.tx.active = false;
@@ -239,29 +275,128 @@ impl Sock {
             };
             // SAFETY: src is valid for len bytes while the job holds its region (TxPath contract).
             let body = unsafe { host_slice(src, len) };
-            let iov = [
+            let hdr_left = CHUNK_LEN - self.tx.hdr_done;
+            let zerocopy = self.zc.enabled && len >= self.zc.min && hdr_left == 0;
+            // With MSG_ZEROCOPY the kernel reads the iovecs after sendmsg returns, so the
+            // header (which the next chunk overwrites) goes first in a copying send of its own.
+            let iov_all = [
                 IoSlice::new(&self.tx.hdr[self.tx.hdr_done..]),
                 IoSlice::new(&body[self.tx.body_done..]),
             ];
-            let flags = MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT;
-            match nix::sys::socket::sendmsg::<()>(self.stream.as_raw_fd(), &iov, &[], flags, None) {
+            let iov: &[IoSlice] = if self.zc.enabled && len >= self.zc.min && hdr_left > 0 {
+                &iov_all[..1]
+            } else {
+                &iov_all
+            };
+            let plain = MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT;
+            let fd = self.stream.as_raw_fd();
+            let mut sent = if zerocopy {
+                match nix::sys::socket::sendmsg::<()>(
+                    fd,
+                    iov,
+                    &[],
+                    plain | MsgFlags::from_bits_retain(libc::MSG_ZEROCOPY),
+                    None,
+                ) {
+                    Ok(n) => {
+                        job.zc_last = Some(self.zc.tracker.sent());
+                        Ok(n)
+                    }
+                    // optmem exhausted: this send copies, the request still succeeds.
+                    Err(Errno::ENOBUFS) => {
+                        nix::sys::socket::sendmsg::<()>(fd, iov, &[], plain, None)
+                    }
+                    Err(e) => Err(e),
+                }
+            } else {
+                nix::sys::socket::sendmsg::<()>(fd, iov, &[], plain, None)
+            };
+            if let Err(Errno::EINTR) = sent {
+                sent = Ok(0);
+            }
+            match sent {
                 Ok(n) => {
-                    moved = true;
-                    let h = n.min(CHUNK_LEN - self.tx.hdr_done);
+                    moved |= n > 0;
+                    let h = n.min(hdr_left);
                     self.tx.hdr_done += h;
                     self.tx.body_done += n - h;
                     if self.tx.hdr_done == CHUNK_LEN && self.tx.body_done == len {
                         self.tx.active = false;
                         if job.advance() {
                             if let Some(done) = self.sends.pop_front() {
-                                done.finish(None);
+                                match done.zc_last {
+                                    Some(id) if !self.zc.tracker.done_through(id) => {
+                                        self.zc.awaiting.push_back(done)
+                                    }
+                                    _ => done.finish(None),
+                                }
                             }
                         }
                     }
                 }
                 Err(Errno::EAGAIN) => self.writable = false,
-                Err(Errno::EINTR) => {}
                 Err(e) => self.fail(Error::io("send", e.into())),
+            }
+        }
+        moved
+    }
+
+    /// Reads zero-copy completions and releases the jobs they cover. True if any finished.
+    fn progress_zc(&mut self) -> bool {
+        if !self.zc.errq || self.dead.is_some() {
+            return false;
+        }
+        self.zc.errq = false;
+        let fd = self.stream.as_raw_fd();
+        loop {
+            let mut cbuf = nix::cmsg_space!(libc::sock_extended_err, libc::sockaddr_in6);
+            let mut dummy = [0u8; 1];
+            let mut iov = [IoSliceMut::new(&mut dummy)];
+            let flags = MsgFlags::MSG_ERRQUEUE | MsgFlags::MSG_DONTWAIT;
+            let msg = match nix::sys::socket::recvmsg::<()>(fd, &mut iov, Some(&mut cbuf), flags) {
+                Ok(m) => m,
+                Err(Errno::EINTR) => continue,
+                Err(_) => break, // EAGAIN: drained
+            };
+            let Ok(cmsgs) = msg.cmsgs() else { break };
+            for c in cmsgs {
+                let ee = match c {
+                    ControlMessageOwned::Ipv4RecvErr(ee, _)
+                    | ControlMessageOwned::Ipv6RecvErr(ee, _) => ee,
+                    _ => continue,
+                };
+                let Some(done) = zerocopy::completion(&ee) else {
+                    continue;
+                };
+                self.zc.tracker.complete(done);
+                if done.copied && self.zc.mode == ZeroCopy::Auto && self.zc.enabled {
+                    // As msg_zerocopy.rst advises: the kernel copies anyway (loopback, or a NIC
+                    // without scatter-gather/checksum offload), so stop paying for notifications.
+                    self.zc.enabled = false;
+                    let peer = self
+                        .stream
+                        .peer_addr()
+                        .map(|a| a.to_string())
+                        .unwrap_or_default();
+                    if !COPY_LOGGED.swap(true, Ordering::Relaxed) {
+                        tracing::info!(%peer, "the kernel copies MSG_ZEROCOPY sends on this path; these sockets use plain sends (logged once)");
+                    } else {
+                        tracing::debug!(%peer, "zero-copy sends copied; plain sends from now on");
+                    }
+                }
+            }
+        }
+        let mut moved = false;
+        while let Some(job) = self.zc.awaiting.front() {
+            if !job
+                .zc_last
+                .is_some_and(|id| self.zc.tracker.done_through(id))
+            {
+                break;
+            }
+            if let Some(job) = self.zc.awaiting.pop_front() {
+                job.finish(None);
+                moved = true;
             }
         }
         moved
@@ -355,6 +490,28 @@ impl Sock {
     }
 }
 
+/// Sets SO_ZEROCOPY; false (with a log line) where the kernel refuses it.
+fn enable_zerocopy(s: &TcpStream) -> bool {
+    let one: libc::c_int = 1;
+    // SAFETY: a valid socket fd and a c_int option value of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            zerocopy::SO_ZEROCOPY,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        tracing::warn!(
+            "SO_ZEROCOPY refused ({}); plain sends",
+            std::io::Error::last_os_error()
+        );
+    }
+    rc == 0
+}
+
 /// # Safety
 /// `p` must be valid for reads of `len` bytes for the returned lifetime.
 unsafe fn host_slice<'a>(p: *const u8, len: usize) -> &'a [u8] {
@@ -396,6 +553,7 @@ impl WorkerLoop {
             }
             let mut moved = false;
             for s in self.socks.values_mut() {
+                moved |= s.progress_zc();
                 moved |= s.progress_tx();
                 moved |= s.progress_rx(&mut self.scratch);
             }
@@ -439,6 +597,9 @@ impl WorkerLoop {
                     ) {
                         s.writable = true;
                     }
+                    if f.contains(EpollFlags::EPOLLERR) {
+                        s.zc.errq = true;
+                    }
                 }
             }
         }
@@ -447,7 +608,8 @@ impl WorkerLoop {
     /// False when the worker must exit.
     fn handle(&mut self, cmd: Cmd) -> bool {
         match cmd {
-            Cmd::Add { id, stream } => {
+            Cmd::Add { id, stream, tx } => {
+                let zc_on = tx.zerocopy != ZeroCopy::Off && enable_zerocopy(&stream);
                 let flags = EpollFlags::EPOLLIN
                     | EpollFlags::EPOLLOUT
                     | EpollFlags::EPOLLRDHUP
@@ -468,6 +630,14 @@ impl WorkerLoop {
                         readable: true,
                         writable: true,
                         dead,
+                        zc: Zc {
+                            enabled: zc_on,
+                            mode: tx.zerocopy,
+                            min: tx.min_zcopy,
+                            tracker: Tracker::default(),
+                            awaiting: VecDeque::new(),
+                            errq: false,
+                        },
                     },
                 );
             }

@@ -46,9 +46,10 @@ mod memory;
 mod net;
 mod request;
 pub mod wire;
+mod zerocopy;
 
 pub use comm::{RecvBuf, RecvComm, Request, SendComm};
-pub use config::{Config, DevmemMode, NicSpec};
+pub use config::{Config, DevmemMode, NicSpec, ZeroCopy};
 pub use device::{DataPath, Device, PtrKinds};
 pub use error::{Error, Result};
 pub use handle::{Handle, HANDLE_SIZE};

@@ -17,7 +17,7 @@ use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use crate::comm::{DataSock, RecvComm, SendComm};
 use crate::config::{Config, MAX_NICS, MAX_SOCKETS_PER_NIC};
 use crate::device::{self, DataPath, Device};
-use crate::engine::{Cmd, Poke, Worker};
+use crate::engine::{Cmd, Poke, TxMode, Worker};
 use crate::error::{Error, Result};
 use crate::gpumemd::Gpumemd;
 use crate::handle::{Handle, HANDLE_SIZE, STAGE_OFFSET};
@@ -37,7 +37,11 @@ pub(crate) struct NetInner {
 impl NetInner {
     fn add_data_socket(&self, nic: usize, stream: TcpStream) -> DataSock {
         let id = self.next_sock_id.fetch_add(1, Ordering::Relaxed);
-        self.workers[nic].submit(Cmd::Add { id, stream });
+        let tx = TxMode {
+            zerocopy: self.cfg.zerocopy,
+            min_zcopy: self.cfg.min_zcopy_size,
+        };
+        self.workers[nic].submit(Cmd::Add { id, stream, tx });
         DataSock { worker: nic, id }
     }
 
