@@ -20,6 +20,7 @@ use crate::config::ZeroCopy;
 use crate::error::{Error, Result};
 use crate::memory::{Region, RxPath, TxPath};
 use crate::request::ReqState;
+use crate::stats::Counters;
 use crate::wire::{Chunk, CHUNK_LEN};
 use crate::zerocopy::{self, Tracker};
 
@@ -134,7 +135,7 @@ pub(crate) struct Worker {
 }
 
 impl Worker {
-    pub fn spawn(name: String) -> Result<Self> {
+    pub fn spawn(name: String, counters: Arc<Counters>) -> Result<Self> {
         let (tx, rx) = crossbeam_channel::unbounded();
         let wake = Arc::new(
             EventFd::from_value_and_flags(0, EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)
@@ -152,6 +153,7 @@ impl Worker {
             sleeping: sleeping.clone(),
             epoll,
             socks: HashMap::new(),
+            counters,
             watches: HashMap::new(),
             scratch: Vec::new(),
         };
@@ -242,7 +244,7 @@ impl Sock {
     }
 
     /// Sends until the socket would block or has nothing to send. True if bytes moved.
-    fn progress_tx(&mut self) -> bool {
+    fn progress_tx(&mut self, counters: &Counters) -> bool {
         let mut moved = false;
         while self.writable && self.dead.is_none() {
             let Some(job) = self.sends.front_mut() else {
@@ -300,10 +302,12 @@ impl Sock {
                 ) {
                     Ok(n) => {
                         job.zc_last = Some(self.zc.tracker.sent());
+                        Counters::bump(&counters.zc_sends, 1);
                         Ok(n)
                     }
                     // optmem exhausted: this send copies, the request still succeeds.
                     Err(Errno::ENOBUFS) => {
+                        Counters::bump(&counters.zc_enobufs, 1);
                         nix::sys::socket::sendmsg::<()>(fd, iov, &[], plain, None)
                     }
                     Err(e) => Err(e),
@@ -342,7 +346,7 @@ impl Sock {
     }
 
     /// Reads zero-copy completions and releases the jobs they cover. True if any finished.
-    fn progress_zc(&mut self) -> bool {
+    fn progress_zc(&mut self, counters: &Counters) -> bool {
         if !self.zc.errq || self.dead.is_some() {
             return false;
         }
@@ -369,10 +373,20 @@ impl Sock {
                     continue;
                 };
                 self.zc.tracker.complete(done);
+                let n = done.hi.wrapping_sub(done.lo).wrapping_add(1) as u64;
+                Counters::bump(
+                    if done.copied {
+                        &counters.zc_copied
+                    } else {
+                        &counters.zc_acked
+                    },
+                    n,
+                );
                 if done.copied && self.zc.mode == ZeroCopy::Auto && self.zc.enabled {
                     // As msg_zerocopy.rst advises: the kernel copies anyway (loopback, or a NIC
                     // without scatter-gather/checksum offload), so stop paying for notifications.
                     self.zc.enabled = false;
+                    Counters::bump(&counters.zc_switched_off, 1);
                     let peer = self
                         .stream
                         .peer_addr()
@@ -538,6 +552,7 @@ struct WorkerLoop {
     sleeping: Arc<AtomicBool>,
     epoll: Epoll,
     socks: HashMap<u64, Sock>,
+    counters: Arc<Counters>,
     watches: HashMap<u64, (OwnedFd, Weak<dyn Poke>)>,
     scratch: Vec<u8>,
 }
@@ -553,8 +568,8 @@ impl WorkerLoop {
             }
             let mut moved = false;
             for s in self.socks.values_mut() {
-                moved |= s.progress_zc();
-                moved |= s.progress_tx();
+                moved |= s.progress_zc(&self.counters);
+                moved |= s.progress_tx(&self.counters);
                 moved |= s.progress_rx(&mut self.scratch);
             }
             if moved {

@@ -45,6 +45,7 @@ mod handle;
 mod memory;
 mod net;
 mod request;
+mod stats;
 pub mod wire;
 mod zerocopy;
 
@@ -56,3 +57,4 @@ pub use handle::{Handle, HANDLE_SIZE};
 pub use memory::{HostMemory, MemoryRegion, PtrKind};
 pub use net::{ListenComm, Net};
 pub use request::Sizes;
+pub use stats::Stats;

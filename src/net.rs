@@ -22,6 +22,7 @@ use crate::error::{Error, Result};
 use crate::gpumemd::Gpumemd;
 use crate::handle::{Handle, HANDLE_SIZE, STAGE_OFFSET};
 use crate::memory::{HostMemory, MemoryRegion, PtrKind};
+use crate::stats::{Counters, Stats};
 use crate::wire::{Hello, Role, Welcome, HELLO_LEN, WELCOME_LEN};
 
 pub(crate) struct NetInner {
@@ -31,6 +32,7 @@ pub(crate) struct NetInner {
     pub ctrl_ip: Option<IpAddr>,
     /// One progress worker per device, same index.
     pub workers: Vec<Worker>,
+    counters: Arc<Counters>,
     next_sock_id: AtomicU64,
 }
 
@@ -104,9 +106,10 @@ impl Net {
             .map(device::resolve)
             .transpose()?
             .map(|(_, ip)| ip);
+        let counters = Arc::new(Counters::default());
         let workers = devices
             .iter()
-            .map(|d| Worker::spawn(format!("tcpx-{}", d.name)))
+            .map(|d| Worker::spawn(format!("tcpx-{}", d.name), counters.clone()))
             .collect::<Result<Vec<_>>>()?;
         for (i, d) in devices.iter().enumerate() {
             tracing::info!(
@@ -129,6 +132,7 @@ impl Net {
                 devices,
                 ctrl_ip,
                 workers,
+                counters,
                 next_sock_id: AtomicU64::new(1),
             }),
         })
@@ -140,6 +144,11 @@ impl Net {
 
     pub fn devices(&self) -> &[Device] {
         &self.inner.devices
+    }
+
+    /// Data-path counters since init (zero-copy use, fallbacks).
+    pub fn stats(&self) -> Stats {
+        self.inner.counters.snapshot()
     }
 
     fn device(&self, dev: usize) -> Result<&Device> {

@@ -14,7 +14,7 @@ use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use tcpx::{
-    Config, Handle, HostMemory, MemoryRegion, Net, NicSpec, RecvBuf, RecvComm, SendComm,
+    Config, Handle, HostMemory, MemoryRegion, Net, NicSpec, RecvBuf, RecvComm, SendComm, ZeroCopy,
     HANDLE_SIZE,
 };
 
@@ -44,6 +44,9 @@ struct Cli {
     /// Messages in flight.
     #[arg(long, global = true, default_value_t = 4)]
     window: usize,
+    /// MSG_ZEROCOPY for sends: off, on, auto (default: the environment, else auto).
+    #[arg(long, global = true)]
+    zerocopy: Option<String>,
     /// Print JSON instead of a table.
     #[arg(long, global = true)]
     json: bool,
@@ -86,6 +89,8 @@ struct Row {
     gbits_per_s: f64,
     p50_us: f64,
     p99_us: f64,
+    /// CPU seconds (user + system, both ends: the loopback run is one process) per GB moved.
+    cpu_s_per_gb: f64,
 }
 
 const T: Duration = Duration::from_secs(60);
@@ -108,6 +113,14 @@ fn config(cli: &Cli) -> BoxResult<Config> {
     }
     if let Some(cs) = &cli.chunk_size {
         c.chunk_size = parse_size(cs)?;
+    }
+    if let Some(z) = &cli.zerocopy {
+        c.zerocopy = match z.as_str() {
+            "off" => ZeroCopy::Off,
+            "on" => ZeroCopy::On,
+            "auto" => ZeroCopy::Auto,
+            _ => return Err(format!("--zerocopy {z:?}: use off, on or auto").into()),
+        };
     }
     c.validate()?;
     Ok(c)
@@ -201,6 +214,7 @@ fn run_sender(
     for (k, &size) in plan.sizes.iter().enumerate() {
         bar.set_message(format!("{} x {}", human(size), plan.iters[k]));
         // Throughput: keep `window` messages in flight, then wait for the receiver's ack.
+        let cpu0 = cpu_seconds();
         let t0 = Instant::now();
         let mut inflight = std::collections::VecDeque::new();
         for _ in 0..plan.iters[k] {
@@ -215,7 +229,9 @@ fn run_sender(
         }
         recv_msg(rx, &back, 0)?.wait(T)?;
         let secs = t0.elapsed().as_secs_f64();
-        let gbps = (size * plan.iters[k]) as f64 / secs / 1e9;
+        let gb = (size * plan.iters[k]) as f64 / 1e9;
+        let cpu_s_per_gb = (cpu_seconds() - cpu0) / gb;
+        let gbps = gb / secs;
         // Latency: ping-pong, one-way time = round trip / 2.
         let mut lat = Vec::with_capacity(plan.pings[k]);
         for _ in 0..plan.pings[k] {
@@ -234,6 +250,7 @@ fn run_sender(
             gbits_per_s: gbps * 8.0,
             p50_us: pct(0.5),
             p99_us: pct(0.99),
+            cpu_s_per_gb,
         });
         bar.set_message(format!("{}: {gbps:.2} GB/s", human(size)));
         bar.inc(1);
@@ -271,6 +288,16 @@ fn run_receiver(net: &Net, tx: &SendComm, rx: &RecvComm) -> BoxResult<()> {
     Ok(())
 }
 
+/// User + system CPU time of this process so far.
+fn cpu_seconds() -> f64 {
+    // SAFETY: getrusage fills the struct we pass; all-zero is a valid rusage.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: RUSAGE_SELF with a valid out pointer.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
+    let t = |v: libc::timeval| v.tv_sec as f64 + v.tv_usec as f64 * 1e-6;
+    t(u.ru_utime) + t(u.ru_stime)
+}
+
 fn human(n: usize) -> String {
     match n {
         n if n >= 1 << 30 && n % (1 << 30) == 0 => format!("{} GiB", n >> 30),
@@ -280,38 +307,52 @@ fn human(n: usize) -> String {
     }
 }
 
-fn report(cli: &Cli, cfg: &Config, rows: &[Row]) -> BoxResult<()> {
+fn report(cli: &Cli, cfg: &Config, rows: &[Row], stats: tcpx::Stats) -> BoxResult<()> {
     if cli.json {
         let out = serde_json::json!({
             "nics": cfg.data_nics.iter().map(|n| format!("{n:?}")).collect::<Vec<_>>(),
             "sockets_per_nic": cfg.sockets_per_nic,
             "chunk_size": cfg.chunk_size,
+            "zerocopy": format!("{:?}", cfg.zerocopy),
             "window": cli.window,
+            "stats": stats,
             "results": rows,
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
     }
     println!(
-        "tcpx-bench: {} NIC(s) x {} socket(s), chunk {}, window {}",
+        "tcpx-bench: {} NIC(s) x {} socket(s), chunk {}, window {}, zerocopy {:?}",
         cfg.data_nics.len(),
         cfg.sockets_per_nic,
         human(cfg.chunk_size),
-        cli.window
+        cli.window,
+        cfg.zerocopy
     );
     println!(
-        "{:>10} {:>7} {:>9} {:>9} {:>11} {:>11}",
-        "size", "iters", "GB/s", "Gb/s", "p50 us", "p99 us"
+        "{:>10} {:>7} {:>9} {:>9} {:>11} {:>11} {:>9}",
+        "size", "iters", "GB/s", "Gb/s", "p50 us", "p99 us", "CPU s/GB"
     );
     for r in rows {
         println!(
-            "{:>10} {:>7} {:>9.3} {:>9.2} {:>11.1} {:>11.1}",
+            "{:>10} {:>7} {:>9.3} {:>9.2} {:>11.1} {:>11.1} {:>9.3}",
             human(r.size),
             r.iters,
             r.gbytes_per_s,
             r.gbits_per_s,
             r.p50_us,
-            r.p99_us
+            r.p99_us,
+            r.cpu_s_per_gb
+        );
+    }
+    if stats.zerocopy_sends > 0 {
+        println!(
+            "zero-copy: {} sends, {} completions copied by the kernel, {} truly zero-copy, {} ENOBUFS fallbacks, {} sockets switched to plain sends",
+            stats.zerocopy_sends,
+            stats.zerocopy_reported_copied,
+            stats.zerocopy_reported_zero_copy,
+            stats.zerocopy_enobufs_fallbacks,
+            stats.sockets_switched_to_plain
         );
     }
     Ok(())
@@ -423,7 +464,7 @@ fn main() -> BoxResult<()> {
             let bar = progress(&cli, plan.sizes.len());
             let rows = run_sender(&net, &tx, &rx, &plan, &bar)?;
             bar.finish_and_clear();
-            report(&cli, &cfg, &rows)
+            report(&cli, &cfg, &rows, net.stats())
         }
         None => {
             let cfg = config(&cli)?;
@@ -443,7 +484,7 @@ fn main() -> BoxResult<()> {
                 server.join().map_err(|_| "receiver thread panicked")??;
                 rows
             })?;
-            report(&cli, &cfg, &rows)
+            report(&cli, &cfg, &rows, net.stats())
         }
     }
 }

@@ -1,0 +1,44 @@
+//! Counters the workers keep, readable through `Net::stats()`.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub zc_sends: AtomicU64,
+    pub zc_enobufs: AtomicU64,
+    pub zc_copied: AtomicU64,
+    pub zc_acked: AtomicU64,
+    pub zc_switched_off: AtomicU64,
+}
+
+impl Counters {
+    pub fn bump(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> Stats {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        Stats {
+            zerocopy_sends: g(&self.zc_sends),
+            zerocopy_enobufs_fallbacks: g(&self.zc_enobufs),
+            zerocopy_reported_copied: g(&self.zc_copied),
+            zerocopy_reported_zero_copy: g(&self.zc_acked),
+            sockets_switched_to_plain: g(&self.zc_switched_off),
+        }
+    }
+}
+
+/// What the data path did so far (all comms of a `Net`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Stats {
+    /// Successful `sendmsg(MSG_ZEROCOPY)` calls.
+    pub zerocopy_sends: u64,
+    /// Zero-copy sends refused with ENOBUFS (optmem limit) and sent by copying instead.
+    pub zerocopy_enobufs_fallbacks: u64,
+    /// Completions for which the kernel reported it copied after all.
+    pub zerocopy_reported_copied: u64,
+    /// Completions that were truly zero-copy.
+    pub zerocopy_reported_zero_copy: u64,
+    /// Sockets that `auto` mode moved to plain sends.
+    pub sockets_switched_to_plain: u64,
+}

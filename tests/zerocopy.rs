@@ -1,0 +1,142 @@
+//! MSG_ZEROCOPY: every mode is byte-exact, a finished send's buffer may be
+//! reused at once, ENOBUFS falls back per send, and `auto` stops zero-copy
+//! where the kernel copies anyway (loopback always does).
+
+mod common;
+
+use std::sync::Mutex;
+
+use common::{pair, pattern, three_nics, T};
+use tcpx::{HostMemory, Net, RecvBuf, ZeroCopy};
+
+/// optmem_max is machine-wide: the test that shrinks it runs alone.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn net(mode: ZeroCopy) -> Net {
+    let mut c = three_nics();
+    c.zerocopy = mode;
+    c.min_zcopy_size = 4096;
+    Net::init(c).unwrap()
+}
+
+fn roundtrip(a: &Net, b: &Net, sizes: &[usize], seed: u64) {
+    let (send, recv) = pair(a, b);
+    for (i, &n) in sizes.iter().enumerate() {
+        let mut m = HostMemory::zeroed(n).unwrap();
+        pattern(seed + i as u64, &mut m);
+        let expect = m.to_vec();
+        let src = a.reg_mr(m);
+        let mut dst = b.reg_mr(HostMemory::zeroed(n).unwrap());
+        let mut rx = recv
+            .irecv(&[RecvBuf {
+                mr: &dst,
+                offset: 0,
+                len: n,
+                tag: 0,
+            }])
+            .unwrap()
+            .unwrap();
+        send.isend(&src, 0, n, 0).unwrap().unwrap().wait(T).unwrap();
+        rx.wait(T).unwrap();
+        drop(rx);
+        assert!(dst.bytes().unwrap() == &expect[..], "size {n}");
+    }
+}
+
+const SIZES: [usize; 6] = [70_001, 524_288, 524_289, 3_000_017, 8 << 20, 1];
+
+#[test]
+fn every_mode_is_byte_exact_in_both_directions() {
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    for mode in [ZeroCopy::Off, ZeroCopy::On, ZeroCopy::Auto] {
+        let (a, b) = (net(mode), net(mode));
+        std::thread::scope(|s| {
+            s.spawn(|| roundtrip(&a, &b, &SIZES, 10));
+            s.spawn(|| roundtrip(&b, &a, &SIZES, 20));
+        });
+        let st = a.stats();
+        match mode {
+            ZeroCopy::Off => assert_eq!(st.zerocopy_sends, 0),
+            _ => assert!(st.zerocopy_sends > 0, "{mode:?}: {st:?}"),
+        }
+    }
+}
+
+#[test]
+fn buffer_reused_right_after_done_does_not_change_what_was_sent() {
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut c = three_nics();
+    c.zerocopy = ZeroCopy::On;
+    c.min_zcopy_size = 4096;
+    c.chunk_size = 64 << 10;
+    let (a, b) = (Net::init(c.clone()).unwrap(), Net::init(c).unwrap());
+    let (send, recv) = pair(&a, &b);
+    // One 64 KiB chunk per data socket: small enough to sit in the receiver's
+    // socket buffers, so the send completes before anything is received.
+    let n = 6 * (64 << 10) - 11;
+    let mut m = HostMemory::zeroed(n).unwrap();
+    pattern(77, &mut m);
+    let expect = m.to_vec();
+    let mut src = a.reg_mr(m);
+    let mut tx = send.isend(&src, 0, n, 3).unwrap().unwrap();
+    tx.wait(T).unwrap();
+    drop(tx);
+    // The receiver has not even posted its receive: only the kernel holds the bytes now.
+    src.bytes_mut().unwrap().fill(0xEE);
+    let mut dst = b.reg_mr(HostMemory::zeroed(n).unwrap());
+    let mut rx = recv
+        .irecv(&[RecvBuf {
+            mr: &dst,
+            offset: 0,
+            len: n,
+            tag: 3,
+        }])
+        .unwrap()
+        .unwrap();
+    rx.wait(T).unwrap();
+    drop(rx);
+    assert!(
+        dst.bytes().unwrap() == &expect[..],
+        "overwritten bytes reached the receiver"
+    );
+    assert!(a.stats().zerocopy_sends > 0);
+}
+
+#[test]
+fn auto_mode_moves_copying_sockets_to_plain_sends() {
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let (a, b) = (net(ZeroCopy::Auto), net(ZeroCopy::Auto));
+    roundtrip(&a, &b, &[8 << 20, 8 << 20, 8 << 20], 30);
+    let st = a.stats();
+    assert!(st.zerocopy_reported_copied > 0, "loopback copies: {st:?}");
+    assert!(st.sockets_switched_to_plain > 0, "{st:?}");
+    let on = net(ZeroCopy::On);
+    roundtrip(&on, &b, &[8 << 20, 8 << 20], 40);
+    assert_eq!(
+        on.stats().sockets_switched_to_plain,
+        0,
+        "`on` never switches"
+    );
+}
+
+#[test]
+fn enobufs_falls_back_to_copying_sends() {
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let path = "/proc/sys/net/core/optmem_max";
+    let Ok(old) = std::fs::read_to_string(path) else {
+        eprintln!("skipped: {path} unreadable");
+        return;
+    };
+    if std::fs::write(path, "64").is_err() {
+        eprintln!("skipped: cannot write {path} (needs root)");
+        return;
+    }
+    let (a, b) = (net(ZeroCopy::On), net(ZeroCopy::On));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        roundtrip(&a, &b, &SIZES, 50)
+    }));
+    std::fs::write(path, old.trim()).unwrap();
+    r.unwrap();
+    let st = a.stats();
+    assert!(st.zerocopy_enobufs_fallbacks > 0, "{st:?}");
+}
