@@ -63,6 +63,17 @@ pub enum ZeroCopy {
     Auto,
 }
 
+/// Which progress engine the NIC workers run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineKind {
+    /// Non-blocking syscalls on sockets epoll reports ready.
+    Epoll,
+    /// io_uring submissions (SENDMSG_ZC for zero-copy).
+    Uring,
+    /// io_uring when the kernel's probe says it works, else epoll.
+    Auto,
+}
+
 /// Transport configuration. `Config::from_env()` reads the table in README.md.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -92,6 +103,7 @@ pub struct Config {
     pub gpumemd_register: bool,
     /// Pause between installing flow-steering rules and using the comm.
     pub flow_steering_wait: Duration,
+    pub engine: EngineKind,
     pub zerocopy: ZeroCopy,
     /// Smallest chunk payload sent with MSG_ZEROCOPY.
     pub min_zcopy_size: usize,
@@ -119,6 +131,7 @@ impl Default for Config {
             devmem: DevmemMode::Prefer,
             gpumemd_register: false,
             flow_steering_wait: Duration::ZERO,
+            engine: EngineKind::Epoll,
             zerocopy: ZeroCopy::Auto,
             min_zcopy_size: 32 * 1024,
         }
@@ -209,6 +222,18 @@ impl Config {
                 _ => {
                     return Err(Error::Config(format!(
                         "{k}={v:?}: use off, prefer or require"
+                    )))
+                }
+            };
+        }
+        if let Some((k, v)) = first(&["TCPX_ENGINE"]) {
+            c.engine = match v.trim() {
+                "epoll" => EngineKind::Epoll,
+                "uring" | "io_uring" => EngineKind::Uring,
+                "auto" => EngineKind::Auto,
+                _ => {
+                    return Err(Error::Config(format!(
+                        "{k}={v:?}: use epoll, uring or auto"
                     )))
                 }
             };

@@ -50,7 +50,7 @@ pub mod wire;
 mod zerocopy;
 
 pub use comm::{RecvBuf, RecvComm, Request, SendComm};
-pub use config::{Config, DevmemMode, NicSpec, ZeroCopy};
+pub use config::{Config, DevmemMode, EngineKind, NicSpec, ZeroCopy};
 pub use device::{DataPath, Device, PtrKinds};
 pub use error::{Error, Result};
 pub use handle::{Handle, HANDLE_SIZE};

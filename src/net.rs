@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 
 use crate::comm::{DataSock, RecvComm, SendComm};
-use crate::config::{Config, MAX_NICS, MAX_SOCKETS_PER_NIC};
+use crate::config::{Config, EngineKind, MAX_NICS, MAX_SOCKETS_PER_NIC};
 use crate::device::{self, DataPath, Device};
 use crate::engine::{Cmd, Poke, TxMode, Worker};
 use crate::error::{Error, Result};
@@ -27,6 +27,8 @@ use crate::wire::{Hello, Role, Welcome, HELLO_LEN, WELCOME_LEN};
 
 pub(crate) struct NetInner {
     pub cfg: Config,
+    /// The engine the workers run (`cfg.engine` resolved by the probe).
+    engine: EngineKind,
     gpumemd: Option<Gpumemd>,
     pub devices: Vec<Device>,
     pub ctrl_ip: Option<IpAddr>,
@@ -106,10 +108,24 @@ impl Net {
             .map(device::resolve)
             .transpose()?
             .map(|(_, ip)| ip);
+        let engine = match cfg.engine {
+            EngineKind::Epoll => EngineKind::Epoll,
+            wanted => match crate::engine::probe_uring() {
+                Ok(()) => EngineKind::Uring,
+                Err(why) => {
+                    if wanted == EngineKind::Uring {
+                        tracing::warn!("io_uring unavailable ({why}); using the epoll engine");
+                    } else {
+                        tracing::info!("io_uring unavailable ({why}); using the epoll engine");
+                    }
+                    EngineKind::Epoll
+                }
+            },
+        };
         let counters = Arc::new(Counters::default());
         let workers = devices
             .iter()
-            .map(|d| Worker::spawn(format!("tcpx-{}", d.name), counters.clone()))
+            .map(|d| Worker::spawn(format!("tcpx-{}", d.name), engine, counters.clone()))
             .collect::<Result<Vec<_>>>()?;
         for (i, d) in devices.iter().enumerate() {
             tracing::info!(
@@ -127,6 +143,7 @@ impl Net {
         }
         Ok(Net {
             inner: Arc::new(NetInner {
+                engine,
                 cfg,
                 gpumemd,
                 devices,
@@ -144,6 +161,11 @@ impl Net {
 
     pub fn devices(&self) -> &[Device] {
         &self.inner.devices
+    }
+
+    /// The progress engine in use (`Config::engine` after probing).
+    pub fn engine(&self) -> EngineKind {
+        self.inner.engine
     }
 
     /// Data-path counters since init (zero-copy use, fallbacks).

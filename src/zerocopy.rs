@@ -52,6 +52,13 @@ impl Tracker {
         id
     }
 
+    /// The full id of an outstanding send from its low `bits` bits (io_uring
+    /// carries only those in `user_data`); exact while fewer than 2^bits are outstanding.
+    pub fn expand(&self, low: u32, bits: u32) -> u32 {
+        let mask = (1u32 << bits) - 1;
+        self.floor.wrapping_add(low.wrapping_sub(self.floor) & mask)
+    }
+
     /// Ids handed out and not yet completed.
     pub fn outstanding(&self) -> u32 {
         self.next.wrapping_sub(self.floor)
@@ -168,6 +175,19 @@ mod tests {
         assert_eq!(t.outstanding(), 0);
         t.sent();
         assert!(!t.done_through(2));
+    }
+
+    #[test]
+    fn low_bits_expand_to_the_outstanding_id() {
+        let mut t = Tracker {
+            next: (1 << 24) - 2,
+            floor: (1 << 24) - 2,
+            ..Tracker::default()
+        };
+        let ids: Vec<u32> = (0..4).map(|_| t.sent()).collect();
+        for id in ids {
+            assert_eq!(t.expand(id & 0xFF_FFFF, 24), id);
+        }
     }
 
     #[test]

@@ -14,8 +14,8 @@ use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use tcpx::{
-    Config, Handle, HostMemory, MemoryRegion, Net, NicSpec, RecvBuf, RecvComm, SendComm, ZeroCopy,
-    HANDLE_SIZE,
+    Config, EngineKind, Handle, HostMemory, MemoryRegion, Net, NicSpec, RecvBuf, RecvComm,
+    SendComm, ZeroCopy, HANDLE_SIZE,
 };
 
 #[derive(Parser, Debug)]
@@ -44,6 +44,9 @@ struct Cli {
     /// Messages in flight.
     #[arg(long, global = true, default_value_t = 4)]
     window: usize,
+    /// Progress engine: epoll, uring, auto (default: the environment, else epoll).
+    #[arg(long, global = true)]
+    engine: Option<String>,
     /// MSG_ZEROCOPY for sends: off, on, auto (default: the environment, else auto).
     #[arg(long, global = true)]
     zerocopy: Option<String>,
@@ -113,6 +116,14 @@ fn config(cli: &Cli) -> BoxResult<Config> {
     }
     if let Some(cs) = &cli.chunk_size {
         c.chunk_size = parse_size(cs)?;
+    }
+    if let Some(e) = &cli.engine {
+        c.engine = match e.as_str() {
+            "epoll" => EngineKind::Epoll,
+            "uring" => EngineKind::Uring,
+            "auto" => EngineKind::Auto,
+            _ => return Err(format!("--engine {e:?}: use epoll, uring or auto").into()),
+        };
     }
     if let Some(z) = &cli.zerocopy {
         c.zerocopy = match z.as_str() {
@@ -307,13 +318,20 @@ fn human(n: usize) -> String {
     }
 }
 
-fn report(cli: &Cli, cfg: &Config, rows: &[Row], stats: tcpx::Stats) -> BoxResult<()> {
+fn report(
+    cli: &Cli,
+    cfg: &Config,
+    engine: EngineKind,
+    rows: &[Row],
+    stats: tcpx::Stats,
+) -> BoxResult<()> {
     if cli.json {
         let out = serde_json::json!({
             "nics": cfg.data_nics.iter().map(|n| format!("{n:?}")).collect::<Vec<_>>(),
             "sockets_per_nic": cfg.sockets_per_nic,
             "chunk_size": cfg.chunk_size,
             "zerocopy": format!("{:?}", cfg.zerocopy),
+            "engine": format!("{:?}", engine),
             "window": cli.window,
             "stats": stats,
             "results": rows,
@@ -322,11 +340,12 @@ fn report(cli: &Cli, cfg: &Config, rows: &[Row], stats: tcpx::Stats) -> BoxResul
         return Ok(());
     }
     println!(
-        "tcpx-bench: {} NIC(s) x {} socket(s), chunk {}, window {}, zerocopy {:?}",
+        "tcpx-bench: {} NIC(s) x {} socket(s), chunk {}, window {}, engine {:?}, zerocopy {:?}",
         cfg.data_nics.len(),
         cfg.sockets_per_nic,
         human(cfg.chunk_size),
         cli.window,
+        engine,
         cfg.zerocopy
     );
     println!(
@@ -464,7 +483,7 @@ fn main() -> BoxResult<()> {
             let bar = progress(&cli, plan.sizes.len());
             let rows = run_sender(&net, &tx, &rx, &plan, &bar)?;
             bar.finish_and_clear();
-            report(&cli, &cfg, &rows, net.stats())
+            report(&cli, &cfg, net.engine(), &rows, net.stats())
         }
         None => {
             let cfg = config(&cli)?;
@@ -484,7 +503,7 @@ fn main() -> BoxResult<()> {
                 server.join().map_err(|_| "receiver thread panicked")??;
                 rows
             })?;
-            report(&cli, &cfg, &rows, net.stats())
+            report(&cli, &cfg, net.engine(), &rows, net.stats())
         }
     }
 }

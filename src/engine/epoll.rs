@@ -1,0 +1,300 @@
+//! The epoll engine: non-blocking syscalls on each ready socket; the worker
+//! sleeps in epoll_wait (edge-triggered) and an eventfd wakes it for commands.
+
+use std::collections::HashMap;
+use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+
+use crossbeam_channel::Receiver;
+use nix::errno::Errno;
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use nix::sys::eventfd::EventFd;
+use nix::sys::socket::{ControlMessageOwned, MsgFlags};
+
+use super::sock::Sock;
+use super::{Cmd, Poke};
+use crate::error::{Error, Result};
+use crate::stats::Counters;
+use crate::zerocopy;
+
+const WAKE_ID: u64 = u64::MAX;
+
+pub(super) struct EpollLoop {
+    rx: Receiver<Cmd>,
+    wake: Arc<EventFd>,
+    sleeping: Arc<AtomicBool>,
+    epoll: Epoll,
+    socks: HashMap<u64, Sock>,
+    /// Sockets with unread zero-copy notifications (EPOLLERR seen).
+    errq: Vec<u64>,
+    counters: Arc<Counters>,
+    watches: HashMap<u64, (OwnedFd, Weak<dyn Poke>)>,
+    scratch: Vec<u8>,
+}
+
+impl EpollLoop {
+    pub fn new(
+        rx: Receiver<Cmd>,
+        wake: Arc<EventFd>,
+        sleeping: Arc<AtomicBool>,
+        counters: Arc<Counters>,
+    ) -> Result<Self> {
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)
+            .map_err(|e| Error::io("epoll_create", e.into()))?;
+        epoll
+            .add(wake.as_ref(), EpollEvent::new(EpollFlags::EPOLLIN, WAKE_ID))
+            .map_err(|e| Error::io("epoll_ctl", e.into()))?;
+        Ok(EpollLoop {
+            rx,
+            wake,
+            sleeping,
+            epoll,
+            socks: HashMap::new(),
+            errq: Vec::new(),
+            counters,
+            watches: HashMap::new(),
+            scratch: Vec::new(),
+        })
+    }
+
+    pub fn run(&mut self) {
+        let mut events = vec![EpollEvent::empty(); 64];
+        loop {
+            while let Ok(cmd) = self.rx.try_recv() {
+                if !self.handle(cmd) {
+                    return;
+                }
+            }
+            let mut moved = false;
+            for id in std::mem::take(&mut self.errq) {
+                if let Some(s) = self.socks.get_mut(&id) {
+                    moved |= drain_errqueue(s, &self.counters);
+                }
+            }
+            for s in self.socks.values_mut() {
+                moved |= send_ready(s, &self.counters);
+                moved |= recv_ready(s, &mut self.scratch);
+            }
+            if moved {
+                continue;
+            }
+            self.sleeping.store(true, Ordering::SeqCst);
+            if !self.rx.is_empty() {
+                self.sleeping.store(false, Ordering::SeqCst);
+                continue;
+            }
+            // The timeout is a safety net only; the eventfd and socket edges wake us.
+            let n = self
+                .epoll
+                .wait(&mut events, EpollTimeout::from(1000u16))
+                .unwrap_or(0);
+            self.sleeping.store(false, Ordering::SeqCst);
+            for ev in &events[..n] {
+                let id = ev.data();
+                if id == WAKE_ID {
+                    let _ = self.wake.read();
+                } else if let Some((_, target)) = self.watches.get(&id) {
+                    if let Some(t) = target.upgrade() {
+                        t.poke();
+                    }
+                } else if let Some(s) = self.socks.get_mut(&id) {
+                    let f = ev.events();
+                    let err = f.contains(EpollFlags::EPOLLERR);
+                    if err
+                        || f.intersects(
+                            EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLHUP,
+                        )
+                    {
+                        s.readable = true;
+                    }
+                    if err || f.intersects(EpollFlags::EPOLLOUT | EpollFlags::EPOLLHUP) {
+                        s.writable = true;
+                    }
+                    if err {
+                        self.errq.push(id);
+                    }
+                }
+            }
+        }
+    }
+
+    /// False when the worker must exit.
+    fn handle(&mut self, cmd: Cmd) -> bool {
+        match cmd {
+            Cmd::Add { id, stream, tx } => {
+                let flags = EpollFlags::EPOLLIN
+                    | EpollFlags::EPOLLOUT
+                    | EpollFlags::EPOLLRDHUP
+                    | EpollFlags::EPOLLET;
+                let dead = self
+                    .epoll
+                    .add(&stream, EpollEvent::new(flags, id))
+                    .err()
+                    .map(|e| Error::io("epoll_ctl", e.into()));
+                self.socks
+                    .insert(id, Sock::new(stream, tx.zerocopy, tx.min_zcopy, dead));
+            }
+            Cmd::Watch {
+                id,
+                fd,
+                out,
+                target,
+            } => {
+                let dir = if out {
+                    EpollFlags::EPOLLOUT
+                } else {
+                    EpollFlags::EPOLLIN
+                };
+                let flags = dir | EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLET;
+                if self.epoll.add(&fd, EpollEvent::new(flags, id)).is_ok() {
+                    self.watches.insert(id, (fd, target));
+                }
+            }
+            Cmd::Send { id, job } | Cmd::Recv { id, job } if !self.socks.contains_key(&id) => {
+                job.finish(Some(Error::Closed));
+            }
+            Cmd::Send { id, job } => {
+                if let Some(s) = self.socks.get_mut(&id) {
+                    s.enqueue(job, true);
+                }
+            }
+            Cmd::Recv { id, job } => {
+                if let Some(s) = self.socks.get_mut(&id) {
+                    s.enqueue(job, false);
+                }
+            }
+            Cmd::Close { id } => {
+                if let Some((fd, _)) = self.watches.remove(&id) {
+                    let _ = self.epoll.delete(&fd);
+                }
+                if let Some(mut s) = self.socks.remove(&id) {
+                    let _ = self.epoll.delete(&s.stream);
+                    let _ = s.stream.shutdown(std::net::Shutdown::Both);
+                    s.fail(Error::Closed);
+                }
+            }
+            Cmd::Shutdown => {
+                for (_, mut s) in self.socks.drain() {
+                    s.fail(Error::Closed);
+                }
+                return false;
+            }
+        }
+        true
+    }
+}
+
+/// Sends until the socket would block or has nothing to send. True if bytes moved.
+fn send_ready(s: &mut Sock, counters: &Counters) -> bool {
+    let mut moved = false;
+    while s.writable {
+        let Some(plan) = s.tx_plan() else { break };
+        // SAFETY: the plan's pieces are valid for reading while their job holds its region
+        // (TxPath contract) and the socket's header cursor is not touched until tx_done.
+        let [(p0, l0), (p1, l1)] = plan.parts;
+        let all = unsafe {
+            [
+                IoSlice::new(super::bytes(p0, l0)),
+                IoSlice::new(super::bytes(p1, l1)),
+            ]
+        };
+        let iov = &all[..plan.n];
+        let plain = MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT;
+        let fd = s.stream.as_raw_fd();
+        let mut zc_id = None;
+        let sent = if plan.zerocopy {
+            match nix::sys::socket::sendmsg::<()>(
+                fd,
+                iov,
+                &[],
+                plain | MsgFlags::from_bits_retain(libc::MSG_ZEROCOPY),
+                None,
+            ) {
+                Ok(n) => {
+                    zc_id = Some(s.zc.tracker.sent());
+                    Counters::bump(&counters.zc_sends, 1);
+                    Ok(n)
+                }
+                // optmem exhausted: this send copies, the request still succeeds.
+                Err(Errno::ENOBUFS) => {
+                    Counters::bump(&counters.zc_enobufs, 1);
+                    nix::sys::socket::sendmsg::<()>(fd, iov, &[], plain, None)
+                }
+                Err(e) => Err(e),
+            }
+        } else {
+            nix::sys::socket::sendmsg::<()>(fd, iov, &[], plain, None)
+        };
+        match sent {
+            Ok(n) => {
+                moved = true;
+                s.tx_done(n, zc_id);
+            }
+            Err(Errno::EAGAIN) => s.writable = false,
+            Err(Errno::EINTR) => {}
+            Err(e) => s.tx_failed(e),
+        }
+    }
+    moved
+}
+
+/// Receives until the socket would block or no receive is posted. True if bytes moved.
+fn recv_ready(s: &mut Sock, scratch: &mut Vec<u8>) -> bool {
+    let mut moved = false;
+    while s.readable {
+        let Some(plan) = s.rx_plan(scratch) else {
+            break;
+        };
+        // SAFETY: the plan's pieces are valid for writing and not otherwise accessed while
+        // their job holds its region (RxPath contract); the header cursor belongs to the socket.
+        let [(p0, l0), (p1, l1)] = plan.parts;
+        let mut iov = unsafe {
+            [
+                IoSliceMut::new(super::bytes_mut(p0, l0)),
+                IoSliceMut::new(super::bytes_mut(p1, l1)),
+            ]
+        };
+        match nix::sys::uio::readv(&s.stream, &mut iov) {
+            Ok(n) => {
+                moved = true;
+                s.rx_done(n);
+            }
+            Err(Errno::EAGAIN) => s.readable = false,
+            Err(Errno::EINTR) => {}
+            Err(e) => s.rx_failed(e),
+        }
+    }
+    moved
+}
+
+/// Reads zero-copy completions from the error queue and releases the jobs they cover.
+fn drain_errqueue(s: &mut Sock, counters: &Counters) -> bool {
+    let fd = s.stream.as_raw_fd();
+    loop {
+        let mut cbuf = nix::cmsg_space!(libc::sock_extended_err, libc::sockaddr_in6);
+        let mut dummy = [0u8; 1];
+        let mut iov = [IoSliceMut::new(&mut dummy)];
+        let flags = MsgFlags::MSG_ERRQUEUE | MsgFlags::MSG_DONTWAIT;
+        let done: Vec<zerocopy::Completion> =
+            match nix::sys::socket::recvmsg::<()>(fd, &mut iov, Some(&mut cbuf), flags) {
+                Ok(msg) => match msg.cmsgs() {
+                    Ok(cmsgs) => cmsgs
+                        .filter_map(|c| match c {
+                            ControlMessageOwned::Ipv4RecvErr(ee, _)
+                            | ControlMessageOwned::Ipv6RecvErr(ee, _) => zerocopy::completion(&ee),
+                            _ => None,
+                        })
+                        .collect(),
+                    Err(_) => break,
+                },
+                Err(Errno::EINTR) => continue,
+                Err(_) => break, // EAGAIN: drained
+            };
+        for c in done {
+            s.zc_completed(c, counters);
+        }
+    }
+    s.release_zc()
+}
