@@ -346,6 +346,8 @@ pub(crate) struct RecvCore {
     net: Arc<NetInner>,
     ctrl: Mutex<RecvCtrl>,
     socks: Vec<DataSock>,
+    /// Callers spinning in `Request::wait` on this comm.
+    spinners: AtomicUsize,
     /// Flow-steering rules of the data sockets; withdrawn on close.
     flows: Mutex<Vec<SteeredFlow>>,
     /// The worker's watch on the control socket.
@@ -384,6 +386,7 @@ impl RecvComm {
                 broken: None,
             }),
             socks,
+            spinners: AtomicUsize::new(0),
             flows: Mutex::new(flows),
             watch: OnceLock::new(),
             inflight: AtomicUsize::new(0),
@@ -495,6 +498,10 @@ impl SendCore {
 
 impl Poke for RecvCore {
     fn poke(&self) {
+        // A caller spinning in wait() polls within microseconds; stay out of its way.
+        if self.spinners.load(Ordering::Acquire) > 0 {
+            return;
+        }
         let mut c = lock(&self.ctrl);
         self.progress(&mut c);
     }
@@ -738,6 +745,7 @@ impl Request {
     pub fn wait(&mut self, timeout: Duration) -> Result<Sizes> {
         let start = Instant::now();
         let deadline = start + timeout;
+        let mut spin = Spinning::new(&self.owner);
         loop {
             let seen = self.state.generation();
             if let Some(s) = self.test()? {
@@ -754,6 +762,7 @@ impl Request {
                 std::hint::spin_loop();
                 continue;
             }
+            spin.stop();
             // The slice bounds how long a send waits on a full control socket.
             self.state
                 .wait_change(seen, (deadline - now).min(Duration::from_millis(1)));
@@ -784,5 +793,32 @@ impl std::fmt::Debug for Request {
         f.debug_struct("Request")
             .field("finished", &self.finished)
             .finish()
+    }
+}
+
+/// Marks a receive comm as polled by a spinning waiter for as long as it lives.
+struct Spinning(Option<Arc<RecvCore>>);
+
+impl Spinning {
+    fn new(owner: &Owner) -> Self {
+        match owner {
+            Owner::Recv(c) => {
+                c.spinners.fetch_add(1, Ordering::AcqRel);
+                Spinning(Some(c.clone()))
+            }
+            _ => Spinning(None),
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(c) = self.0.take() {
+            c.spinners.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+impl Drop for Spinning {
+    fn drop(&mut self) {
+        self.stop();
     }
 }

@@ -15,6 +15,8 @@ pub(crate) struct ReqState {
     n: usize,
     /// Bumped on every completion or error, so a waiter cannot miss one.
     generation: AtomicU64,
+    /// Threads blocked in `wait_change`; completions skip the futex wake when zero.
+    sleepers: AtomicUsize,
     cv_lock: Mutex<()>,
     cv: Condvar,
 }
@@ -29,6 +31,7 @@ impl ReqState {
             sizes: Default::default(),
             n,
             generation: AtomicU64::new(0),
+            sleepers: AtomicUsize::new(0),
             cv_lock: Mutex::new(()),
             cv: Condvar::new(),
         }
@@ -65,9 +68,12 @@ impl ReqState {
     }
 
     fn notify(&self) {
-        let _g = self.cv_lock.lock().unwrap_or_else(|p| p.into_inner());
-        self.generation.fetch_add(1, Ordering::AcqRel);
-        self.cv.notify_all();
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        if self.sleepers.load(Ordering::SeqCst) > 0 {
+            // Taking the lock orders us after a sleeper's check-then-wait.
+            let _g = self.cv_lock.lock().unwrap_or_else(|p| p.into_inner());
+            self.cv.notify_all();
+        }
     }
 
     pub fn generation(&self) -> u64 {
@@ -99,11 +105,12 @@ impl ReqState {
 
     /// Sleeps until the generation moves past `seen` or `timeout` passes.
     pub fn wait_change(&self, seen: u64, timeout: Duration) {
+        self.sleepers.fetch_add(1, Ordering::SeqCst);
         let g = self.cv_lock.lock().unwrap_or_else(|p| p.into_inner());
-        if self.generation() != seen {
-            return;
+        if self.generation.load(Ordering::SeqCst) == seen {
+            let _ = self.cv.wait_timeout(g, timeout);
         }
-        let _ = self.cv.wait_timeout(g, timeout);
+        self.sleepers.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

@@ -439,10 +439,11 @@ fn tcp_pingpong(size: usize, iters: usize, spin: bool, json: bool) -> BoxResult<
     if json {
         println!(
             "{}",
-            serde_json::json!({"size": size, "iters": iters, "p50_us": p50, "p99_us": p99})
+            serde_json::json!({"size": size, "iters": iters, "spin": spin, "p50_us": p50, "p99_us": p99})
         );
     } else {
-        println!("raw TCP ping-pong {size} B: p50 {p50:.1} us, p99 {p99:.1} us (one way)");
+        let how = if spin { "spinning" } else { "blocking" };
+        println!("raw TCP ping-pong {size} B ({how}): p50 {p50:.1} us, p99 {p99:.1} us (one way)");
     }
     Ok(())
 }
