@@ -43,12 +43,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn close_data(net: &NetInner, socks: &[DataSock], watch: &OnceLock<DataSock>) {
-    for s in socks.iter().chain(watch.get()) {
-        net.workers[s.worker].submit(Cmd::Close { id: s.id });
-    }
-}
-
 // ---------------------------------------------------------------- send side
 
 struct SendCtrl {
@@ -101,14 +95,51 @@ impl SendCtrl {
     }
 }
 
-pub(crate) struct SendCore {
+/// What send and receive comms share: their sockets and slot accounting.
+struct CommBase {
     net: Arc<NetInner>,
-    ctrl: Mutex<SendCtrl>,
     socks: Vec<DataSock>,
     /// The worker's watch on the control socket.
     watch: OnceLock<DataSock>,
     inflight: AtomicUsize,
     closed: AtomicBool,
+}
+
+impl CommBase {
+    fn new(net: Arc<NetInner>, socks: Vec<DataSock>) -> Self {
+        CommBase {
+            net,
+            socks,
+            watch: OnceLock::new(),
+            inflight: AtomicUsize::new(0),
+            closed: AtomicBool::new(false),
+        }
+    }
+
+    /// Has the home NIC's worker poke `core` when `stream` turns readable (or writable, `out`).
+    fn watch<C: Poke + 'static>(
+        core: &Arc<C>,
+        base: &CommBase,
+        stream: &TcpStream,
+        out: bool,
+    ) -> Result<()> {
+        let nic = base.socks.first().map_or(0, |s| s.worker);
+        let target: Weak<dyn Poke> = Arc::downgrade(core) as Weak<dyn Poke>;
+        let w = base.net.watch(nic, stream, out, target)?;
+        let _ = base.watch.set(w);
+        Ok(())
+    }
+
+    fn close_data(&self) {
+        for s in self.socks.iter().chain(self.watch.get()) {
+            self.net.workers[s.worker].submit(Cmd::Close { id: s.id });
+        }
+    }
+}
+
+pub(crate) struct SendCore {
+    base: CommBase,
+    ctrl: Mutex<SendCtrl>,
 }
 
 /// The sending end of a connection (from `Net::connect`).
@@ -118,14 +149,14 @@ pub struct SendComm {
 
 impl std::fmt::Debug for SendComm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "SendComm({} data sockets)", self.core.socks.len())
+        write!(f, "SendComm({} data sockets)", self.core.base.socks.len())
     }
 }
 
 impl SendComm {
     pub(crate) fn new(net: Arc<NetInner>, ctrl: TcpStream, socks: Vec<DataSock>) -> Result<Self> {
         let core = Arc::new(SendCore {
-            net,
+            base: CommBase::new(net, socks),
             ctrl: Mutex::new(SendCtrl {
                 stream: ctrl,
                 out: Vec::new(),
@@ -134,23 +165,15 @@ impl SendComm {
                 cursor: 0,
                 broken: None,
             }),
-            socks,
-            watch: OnceLock::new(),
-            inflight: AtomicUsize::new(0),
-            closed: AtomicBool::new(false),
         });
         // Queued control bytes leave as soon as the socket drains, polled or not.
-        let target: Weak<dyn Poke> = Arc::downgrade(&core) as Weak<dyn Poke>;
-        let w = core
-            .net
-            .watch(core.home_nic(), &lock(&core.ctrl).stream, true, target)?;
-        let _ = core.watch.set(w);
+        CommBase::watch(&core, &core.base, &lock(&core.ctrl).stream, true)?;
         Ok(SendComm { core })
     }
 
     /// Number of data sockets this comm stripes over.
     pub fn data_sockets(&self) -> usize {
-        self.core.socks.len()
+        self.core.base.socks.len()
     }
 
     /// Starts sending `len` bytes at `offset` of `mr` with `tag`.
@@ -163,19 +186,19 @@ impl SendComm {
         tag: i32,
     ) -> Result<Option<Request>> {
         let core = &self.core;
-        if core.closed.load(Ordering::Acquire) {
+        if core.base.closed.load(Ordering::Acquire) {
             return Err(Error::Closed);
         }
         check_range(mr, offset, len)?;
-        let cfg = &core.net.cfg;
-        if core.inflight.load(Ordering::Acquire) >= cfg.max_requests {
+        let cfg = &core.base.net.cfg;
+        if core.base.inflight.load(Ordering::Acquire) >= cfg.max_requests {
             return Ok(None);
         }
         let mut c = lock(&core.ctrl);
         if let Some(e) = &c.broken {
             return Err(e.clone());
         }
-        let n = core.socks.len();
+        let n = core.base.socks.len();
         let inline = len <= cfg.inline_threshold || len == 0;
         let msg = Msg {
             seq: c.seq,
@@ -192,6 +215,8 @@ impl SendComm {
             // SAFETY: TxPath hands out `len` readable bytes; the region is held by `mr` for this call.
             let body = unsafe { bytes(src, len) };
             c.send_or_queue(&[&hdr, body]);
+            // send_or_queue copied the bytes: staging may be reused.
+            mr.inner.sent(offset as u64, len);
             Arc::new(ReqState::new(1, 0))
         } else {
             c.send_or_queue(&[&hdr]);
@@ -200,8 +225,8 @@ impl SendComm {
             c.cursor = (c.cursor + Job::n_chunks(len as u64, cs) as usize) % n;
             let state = Arc::new(ReqState::new(1, plan.len()));
             for (s, first) in plan {
-                let sock = core.socks[s];
-                core.net.workers[sock.worker].submit(Cmd::Send {
+                let sock = core.base.socks[s];
+                core.base.net.workers[sock.worker].submit(Cmd::Send {
                     id: sock.id,
                     job: Job {
                         req: state.clone(),
@@ -219,7 +244,7 @@ impl SendComm {
             state
         };
         state.set_size(0, len as u64);
-        core.inflight.fetch_add(1, Ordering::AcqRel);
+        core.base.inflight.fetch_add(1, Ordering::AcqRel);
         Ok(Some(Request::new(state, Owner::Send(core.clone()))))
     }
 
@@ -230,7 +255,7 @@ impl SendComm {
 impl Drop for SendComm {
     fn drop(&mut self) {
         let core = &self.core;
-        core.closed.store(true, Ordering::Release);
+        core.base.closed.store(true, Ordering::Release);
         {
             // Give queued control bytes a brief chance to leave, so that completed
             // sends are not lost; never block on a peer that stopped reading.
@@ -244,16 +269,11 @@ impl Drop for SendComm {
             }
             let _ = c.stream.shutdown(std::net::Shutdown::Both);
         }
-        close_data(&core.net, &core.socks, &core.watch);
+        core.base.close_data();
     }
 }
 
 fn check_range(mr: &MemoryRegion, offset: usize, len: usize) -> Result<()> {
-    if mr.kind() != PtrKind::Host {
-        return Err(Error::Unsupported(
-            "only host memory moves on this build's data path".into(),
-        ));
-    }
     match offset.checked_add(len) {
         Some(end) if end <= mr.len() => Ok(()),
         _ => Err(Error::InvalidArgument(format!(
@@ -343,17 +363,12 @@ impl RecvCtrl {
 }
 
 pub(crate) struct RecvCore {
-    net: Arc<NetInner>,
+    base: CommBase,
     ctrl: Mutex<RecvCtrl>,
-    socks: Vec<DataSock>,
     /// Callers spinning in `Request::wait` on this comm.
     spinners: AtomicUsize,
     /// Flow-steering rules of the data sockets; withdrawn on close.
     flows: Mutex<Vec<SteeredFlow>>,
-    /// The worker's watch on the control socket.
-    watch: OnceLock<DataSock>,
-    inflight: AtomicUsize,
-    closed: AtomicBool,
 }
 
 /// The receiving end of a connection (from `ListenComm::accept`).
@@ -363,7 +378,7 @@ pub struct RecvComm {
 
 impl std::fmt::Debug for RecvComm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "RecvComm({} data sockets)", self.core.socks.len())
+        write!(f, "RecvComm({} data sockets)", self.core.base.socks.len())
     }
 }
 
@@ -375,7 +390,7 @@ impl RecvComm {
         flows: Vec<SteeredFlow>,
     ) -> Result<Self> {
         let core = Arc::new(RecvCore {
-            net,
+            base: CommBase::new(net, socks),
             ctrl: Mutex::new(RecvCtrl {
                 stream: ctrl,
                 buf: vec![0; 2 * (MSG_LEN + MAX_INLINE)],
@@ -385,32 +400,24 @@ impl RecvComm {
                 next_seq: 0,
                 broken: None,
             }),
-            socks,
             spinners: AtomicUsize::new(0),
             flows: Mutex::new(flows),
-            watch: OnceLock::new(),
-            inflight: AtomicUsize::new(0),
-            closed: AtomicBool::new(false),
         });
         // Announced messages are matched as they arrive, even while the caller
         // waits on something else (a single-threaded sender waiting on its send).
-        let target: Weak<dyn Poke> = Arc::downgrade(&core) as Weak<dyn Poke>;
-        let w = core
-            .net
-            .watch(core.home_nic(), &lock(&core.ctrl).stream, false, target)?;
-        let _ = core.watch.set(w);
+        CommBase::watch(&core, &core.base, &lock(&core.ctrl).stream, false)?;
         Ok(RecvComm { core })
     }
 
     pub fn data_sockets(&self) -> usize {
-        self.core.socks.len()
+        self.core.base.socks.len()
     }
 
     /// Posts a receive of up to 8 buffers; each takes the next message whose tag matches it.
     /// `Ok(None)`: every request slot is busy.
     pub fn irecv(&self, bufs: &[RecvBuf<'_>]) -> Result<Option<Request>> {
         let core = &self.core;
-        if core.closed.load(Ordering::Acquire) {
+        if core.base.closed.load(Ordering::Acquire) {
             return Err(Error::Closed);
         }
         if bufs.is_empty() || bufs.len() > MAX_RECVS {
@@ -422,7 +429,7 @@ impl RecvComm {
         for b in bufs {
             check_range(b.mr, b.offset, b.len)?;
         }
-        if core.inflight.load(Ordering::Acquire) >= core.net.cfg.max_requests {
+        if core.base.inflight.load(Ordering::Acquire) >= core.base.net.cfg.max_requests {
             return Ok(None);
         }
         let state = Arc::new(ReqState::new(bufs.len(), bufs.len()));
@@ -446,14 +453,15 @@ impl RecvComm {
         }
         c.posted.push_back(posted);
         core.progress(&mut c);
-        core.inflight.fetch_add(1, Ordering::AcqRel);
+        core.base.inflight.fetch_add(1, Ordering::AcqRel);
         Ok(Some(Request::new(state, Owner::Recv(core.clone()))))
     }
 
     /// Completes once received data is visible to the consumer. Host memory
-    /// needs no flush, so the request is done at once.
+    /// needs no flush, and CUDA (bounce) receives complete only after their
+    /// host-to-device copies finished, so the request is done at once.
     pub fn iflush(&self, _bufs: &[RecvBuf<'_>]) -> Result<Option<Request>> {
-        if self.core.closed.load(Ordering::Acquire) {
+        if self.core.base.closed.load(Ordering::Acquire) {
             return Err(Error::Closed);
         }
         Ok(Some(Request::new(
@@ -468,14 +476,14 @@ impl RecvComm {
 impl Drop for RecvComm {
     fn drop(&mut self) {
         let core = &self.core;
-        core.closed.store(true, Ordering::Release);
+        core.base.closed.store(true, Ordering::Release);
         let mut c = lock(&core.ctrl);
         for p in c.posted.drain(..) {
             p.state.set_error(Error::Closed);
         }
         let _ = c.stream.shutdown(std::net::Shutdown::Both);
         drop(c);
-        close_data(&core.net, &core.socks, &core.watch);
+        core.base.close_data();
         for f in lock(&core.flows).drain(..) {
             if let Err(e) = f.withdraw() {
                 tracing::warn!("withdrawing a flow-steering rule: {e}");
@@ -487,12 +495,6 @@ impl Drop for RecvComm {
 impl Poke for SendCore {
     fn poke(&self) {
         lock(&self.ctrl).flush();
-    }
-}
-
-impl SendCore {
-    fn home_nic(&self) -> usize {
-        self.socks.first().map_or(0, |s| s.worker)
     }
 }
 
@@ -508,10 +510,6 @@ impl Poke for RecvCore {
 }
 
 impl RecvCore {
-    fn home_nic(&self) -> usize {
-        self.socks.first().map_or(0, |s| s.worker)
-    }
-
     /// Matches announced messages to posted receives and dispatches their chunks.
     fn progress(&self, c: &mut RecvCtrl) {
         loop {
@@ -579,7 +577,7 @@ impl RecvCore {
                 m.seq, c.next_seq
             )));
         }
-        let n = self.socks.len();
+        let n = self.base.socks.len();
         if !m.is_inline() && (m.first_socket as usize >= n || m.chunk_size as u64 > MAX_CHUNK) {
             return Err(Error::Protocol(format!(
                 "message {} names socket {} of {n} / chunk size {}",
@@ -647,8 +645,8 @@ impl RecvCore {
             None => (None, 0),
         };
         for (s, first) in plan {
-            let sock = self.socks[s];
-            self.net.workers[sock.worker].submit(Cmd::Recv {
+            let sock = self.base.socks[s];
+            self.base.net.workers[sock.worker].submit(Cmd::Recv {
                 id: sock.id,
                 job: Job {
                     req: state.clone(),
@@ -708,7 +706,7 @@ impl Request {
                     Some(Ok(self.state.sizes()))
                 } else if let Some(e) = c.broken.clone() {
                     Some(Err(e))
-                } else if core.closed.load(Ordering::Acquire) {
+                } else if core.base.closed.load(Ordering::Acquire) {
                     Some(Err(Error::Closed))
                 } else {
                     None
@@ -722,7 +720,7 @@ impl Request {
                     Some(Err(e))
                 } else if self.state.is_done() {
                     Some(Ok(self.state.sizes()))
-                } else if core.closed.load(Ordering::Acquire) {
+                } else if core.base.closed.load(Ordering::Acquire) {
                     Some(Err(Error::Closed))
                 } else {
                     None
@@ -772,10 +770,10 @@ impl Request {
     fn release(&mut self) {
         match std::mem::replace(&mut self.owner, Owner::None) {
             Owner::Send(c) => {
-                c.inflight.fetch_sub(1, Ordering::AcqRel);
+                c.base.inflight.fetch_sub(1, Ordering::AcqRel);
             }
             Owner::Recv(c) => {
-                c.inflight.fetch_sub(1, Ordering::AcqRel);
+                c.base.inflight.fetch_sub(1, Ordering::AcqRel);
             }
             Owner::None => {}
         }

@@ -3,9 +3,9 @@
 
 use std::collections::HashMap;
 use std::io::{IoSlice, IoSliceMut};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 
 use crossbeam_channel::Receiver;
 use nix::errno::Errno;
@@ -14,7 +14,7 @@ use nix::sys::eventfd::EventFd;
 use nix::sys::socket::{ControlMessageOwned, MsgFlags};
 
 use super::sock::Sock;
-use super::{Cmd, Poke};
+use super::{route, Cmd, Watches};
 use crate::error::{Error, Result};
 use crate::stats::Counters;
 use crate::zerocopy;
@@ -30,7 +30,7 @@ pub(super) struct EpollLoop {
     /// Sockets with unread zero-copy notifications (EPOLLERR seen).
     errq: Vec<u64>,
     counters: Arc<Counters>,
-    watches: HashMap<u64, (OwnedFd, Weak<dyn Poke>)>,
+    watches: Watches,
     scratch: Vec<u8>,
 }
 
@@ -54,7 +54,7 @@ impl EpollLoop {
             socks: HashMap::new(),
             errq: Vec::new(),
             counters,
-            watches: HashMap::new(),
+            watches: Watches::default(),
             scratch: Vec::new(),
         })
     }
@@ -95,10 +95,7 @@ impl EpollLoop {
                 let id = ev.data();
                 if id == WAKE_ID {
                     let _ = self.wake.read();
-                } else if let Some((_, target)) = self.watches.get(&id) {
-                    if let Some(t) = target.upgrade() {
-                        t.poke();
-                    }
+                } else if self.watches.fire(id) {
                 } else if let Some(s) = self.socks.get_mut(&id) {
                     let f = ev.events();
                     let err = f.contains(EpollFlags::EPOLLERR);
@@ -141,34 +138,11 @@ impl EpollLoop {
                 fd,
                 out,
                 target,
-            } => {
-                let dir = if out {
-                    EpollFlags::EPOLLOUT
-                } else {
-                    EpollFlags::EPOLLIN
-                };
-                let flags = dir | EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLET;
-                if self.epoll.add(&fd, EpollEvent::new(flags, id)).is_ok() {
-                    self.watches.insert(id, (fd, target));
-                }
-            }
-            Cmd::Send { id, job } | Cmd::Recv { id, job } if !self.socks.contains_key(&id) => {
-                job.finish(Some(Error::Closed));
-            }
-            Cmd::Send { id, job } => {
-                if let Some(s) = self.socks.get_mut(&id) {
-                    s.enqueue(job, true);
-                }
-            }
-            Cmd::Recv { id, job } => {
-                if let Some(s) = self.socks.get_mut(&id) {
-                    s.enqueue(job, false);
-                }
-            }
+            } => self.watches.add(&self.epoll, id, fd, out, target),
+            Cmd::Send { id, job } => route(job, self.socks.get_mut(&id), true),
+            Cmd::Recv { id, job } => route(job, self.socks.get_mut(&id), false),
             Cmd::Close { id } => {
-                if let Some((fd, _)) = self.watches.remove(&id) {
-                    let _ = self.epoll.delete(&fd);
-                }
+                self.watches.remove(&self.epoll, id);
                 if let Some(mut s) = self.socks.remove(&id) {
                     let _ = self.epoll.delete(&s.stream);
                     let _ = s.stream.shutdown(std::net::Shutdown::Both);

@@ -181,6 +181,59 @@ impl Drop for Worker {
     }
 }
 
+/// Control sockets watched for their owners (both engines keep them in an epoll set).
+#[derive(Default)]
+struct Watches(std::collections::HashMap<u64, (OwnedFd, Weak<dyn Poke>)>);
+
+impl Watches {
+    fn add(
+        &mut self,
+        set: &nix::sys::epoll::Epoll,
+        id: u64,
+        fd: OwnedFd,
+        out: bool,
+        target: Weak<dyn Poke>,
+    ) {
+        use nix::sys::epoll::{EpollEvent, EpollFlags};
+        let dir = if out {
+            EpollFlags::EPOLLOUT
+        } else {
+            EpollFlags::EPOLLIN
+        };
+        let flags = dir | EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLET;
+        if set.add(&fd, EpollEvent::new(flags, id)).is_ok() {
+            self.0.insert(id, (fd, target));
+        }
+    }
+
+    fn remove(&mut self, set: &nix::sys::epoll::Epoll, id: u64) {
+        if let Some((fd, _)) = self.0.remove(&id) {
+            let _ = set.delete(&fd);
+        }
+    }
+
+    /// Pokes the owner of watch `id`; false if `id` is not a watch.
+    fn fire(&self, id: u64) -> bool {
+        match self.0.get(&id) {
+            Some((_, w)) => {
+                if let Some(t) = w.upgrade() {
+                    t.poke();
+                }
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Hands a job to its socket, or fails it when the socket is gone (closed).
+fn route(job: Job, sock: Option<&mut sock::Sock>, send: bool) {
+    match sock {
+        Some(s) => s.enqueue(job, send),
+        None => job.finish(Some(Error::Closed)),
+    }
+}
+
 /// # Safety
 /// `p` must be valid for reads of `len` bytes for the returned lifetime.
 unsafe fn bytes<'a>(p: *const u8, len: usize) -> &'a [u8] {

@@ -162,7 +162,9 @@ impl Sock {
         let hdr_left = CHUNK_LEN - self.tx.hdr_done;
         let body = (src.wrapping_add(self.tx.body_done), len - self.tx.body_done);
         let hdr = (self.tx.hdr[self.tx.hdr_done..].as_ptr(), hdr_left);
-        let zc_chunk = self.zc.enabled && len >= self.zc.min;
+        let zc_chunk = self.zc.enabled
+            && len >= self.zc.min
+            && job.region.as_ref().is_some_and(|r| r.zerocopy_ok());
         Some(if hdr_left == 0 {
             TxPlan {
                 parts: [body, (std::ptr::null(), 0)],
@@ -200,6 +202,9 @@ impl Sock {
         self.tx.body_done += n - h;
         if self.tx.hdr_done == CHUNK_LEN && self.tx.body_done == len {
             self.tx.active = false;
+            if let Some(r) = job.region.as_ref() {
+                r.sent(job.base + job.chunk().0, len);
+            }
             if job.advance() {
                 if let Some(done) = self.sends.pop_front() {
                     match done.zc_last {

@@ -6,18 +6,18 @@
 //! Control-socket watches reuse an epoll set, itself watched by a POLL_ADD.
 
 use std::collections::HashMap;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 
 use crossbeam_channel::Receiver;
 use io_uring::{cqueue, opcode, squeue, types, IoUring, Probe};
 use nix::errno::Errno;
-use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollTimeout};
 use nix::sys::eventfd::EventFd;
 
 use super::sock::Sock;
-use super::{Cmd, Poke};
+use super::{route, Cmd, Watches};
 use crate::config::ZeroCopy;
 use crate::error::{Error, Result};
 use crate::stats::Counters;
@@ -115,7 +115,7 @@ pub(super) struct UringLoop {
     /// Closed sockets whose SQEs have not completed yet.
     closing: HashMap<u64, Box<USock>>,
     watch_set: Epoll,
-    watches: HashMap<u64, (OwnedFd, Weak<dyn Poke>)>,
+    watches: Watches,
     wake_buf: Box<[u8; 8]>,
     scratch: Vec<u8>,
 }
@@ -143,7 +143,7 @@ impl UringLoop {
             socks: HashMap::new(),
             closing: HashMap::new(),
             watch_set,
-            watches: HashMap::new(),
+            watches: Watches::default(),
             wake_buf: Box::new([0; 8]),
             scratch: Vec::new(),
         })
@@ -321,10 +321,7 @@ impl UringLoop {
                         .wait(&mut events, EpollTimeout::ZERO)
                         .unwrap_or(0);
                     for ev in &events[..n] {
-                        if let Some(t) = self.watches.get(&ev.data()).and_then(|(_, w)| w.upgrade())
-                        {
-                            t.poke();
-                        }
+                        self.watches.fire(ev.data());
                     }
                     rearm_watch = true;
                 }
@@ -458,34 +455,13 @@ impl UringLoop {
                 fd,
                 out,
                 target,
-            } => {
-                let dir = if out {
-                    EpollFlags::EPOLLOUT
-                } else {
-                    EpollFlags::EPOLLIN
-                };
-                let flags = dir | EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLET;
-                if self.watch_set.add(&fd, EpollEvent::new(flags, id)).is_ok() {
-                    self.watches.insert(id, (fd, target));
-                }
-            }
-            Cmd::Send { id, job } | Cmd::Recv { id, job } if !self.socks.contains_key(&id) => {
-                job.finish(Some(Error::Closed));
-            }
-            Cmd::Send { id, job } => {
-                if let Some(u) = self.socks.get_mut(&id) {
-                    u.sock.enqueue(job, true);
-                }
-            }
+            } => self.watches.add(&self.watch_set, id, fd, out, target),
+            Cmd::Send { id, job } => route(job, self.socks.get_mut(&id).map(|u| &mut u.sock), true),
             Cmd::Recv { id, job } => {
-                if let Some(u) = self.socks.get_mut(&id) {
-                    u.sock.enqueue(job, false);
-                }
+                route(job, self.socks.get_mut(&id).map(|u| &mut u.sock), false)
             }
             Cmd::Close { id } => {
-                if let Some((fd, _)) = self.watches.remove(&id) {
-                    let _ = self.watch_set.delete(&fd);
-                }
+                self.watches.remove(&self.watch_set, id);
                 self.close(id);
             }
             Cmd::Shutdown => {
