@@ -8,7 +8,7 @@ use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{pair, pattern, three_nics, T};
+use common::{exchange, pair, three_nics, T};
 use tcpx::wire::{Hello, Role};
 use tcpx::{Error, Handle, HostMemory, Net, RecvBuf};
 
@@ -195,28 +195,7 @@ fn wrong_secret_garbage_and_silence_are_dropped_without_disturbing_others() {
             "the listener must close a refused connection"
         );
     }
-    let mut src = HostMemory::zeroed(100_001).unwrap();
-    pattern(3, &mut src);
-    let expect = src.to_vec();
-    let src = send_net.reg_mr(src);
-    let mut dst = net.reg_mr(HostMemory::zeroed(100_001).unwrap());
-    let mut rx = recv
-        .irecv(&[RecvBuf {
-            mr: &dst,
-            offset: 0,
-            len: 100_001,
-            tag: 0,
-        }])
-        .unwrap()
-        .unwrap();
-    send.isend(&src, 0, 100_001, 0)
-        .unwrap()
-        .unwrap()
-        .wait(T)
-        .unwrap();
-    rx.wait(T).unwrap();
-    drop(rx);
-    assert!(dst.bytes().unwrap() == &expect[..]);
+    exchange(&send_net, &net, &send, &recv, 100_001, 3);
 }
 
 #[test]

@@ -6,9 +6,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{pair, pattern, three_nics, T};
+use common::{exchange, pair, three_nics};
 use devmem::gpumemd::mock::{MockConfig, MockGpumemd};
-use tcpx::{Config, DataPath, DevmemMode, Error, HostMemory, Net, RecvBuf};
+use tcpx::{Config, DataPath, DevmemMode, Error, Net};
 
 fn with_daemon(prefix: &std::path::Path, mode: DevmemMode) -> Config {
     let mut c = three_nics();
@@ -45,28 +45,7 @@ fn daemon_registers_steers_every_data_socket_and_withdraws_on_close() {
         assert!(queues.contains(&r.queue_id.unwrap()));
     }
 
-    let mut src = HostMemory::zeroed(1_234_567).unwrap();
-    pattern(5, &mut src);
-    let expect = src.to_vec();
-    let src = plain.reg_mr(src);
-    let mut dst = net.reg_mr(HostMemory::zeroed(1_234_567).unwrap());
-    let mut rx = recv
-        .irecv(&[RecvBuf {
-            mr: &dst,
-            offset: 0,
-            len: 1_234_567,
-            tag: 1,
-        }])
-        .unwrap()
-        .unwrap();
-    send.isend(&src, 0, 1_234_567, 1)
-        .unwrap()
-        .unwrap()
-        .wait(T)
-        .unwrap();
-    rx.wait(T).unwrap();
-    drop(rx);
-    assert!(dst.bytes().unwrap() == &expect[..]);
+    exchange(&plain, &net, &send, &recv, 1_234_567, 5);
 
     drop(recv);
     assert!(

@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{pair, pattern, three_nics, T};
+use common::{exchange, pair, pattern, three_nics, T};
 use tcpx::{Config, Error, HostMemory, Net, RecvBuf};
 
 fn send_recv(net: &Net, sizes: &[usize]) {
@@ -95,28 +95,7 @@ fn truncated_receive_is_an_error_and_the_comm_survives() {
         }
     }
     // The next message still arrives intact.
-    let mut src = HostMemory::zeroed(777_777).unwrap();
-    pattern(9, &mut src);
-    let expect = src.to_vec();
-    let src = net.reg_mr(src);
-    let mut dst = net.reg_mr(HostMemory::zeroed(777_777).unwrap());
-    let mut rx = recv
-        .irecv(&[RecvBuf {
-            mr: &dst,
-            offset: 0,
-            len: 777_777,
-            tag: 2,
-        }])
-        .unwrap()
-        .unwrap();
-    send.isend(&src, 0, 777_777, 2)
-        .unwrap()
-        .unwrap()
-        .wait(T)
-        .unwrap();
-    rx.wait(T).unwrap();
-    drop(rx);
-    assert!(dst.bytes().unwrap() == &expect[..]);
+    exchange(&net, &net, &send, &recv, 777_777, 9);
 }
 
 #[test]

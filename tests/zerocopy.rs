@@ -6,7 +6,7 @@ mod common;
 
 use std::sync::Mutex;
 
-use common::{pair, pattern, three_nics, T};
+use common::{exchange, pair, pattern, three_nics, T};
 use tcpx::{HostMemory, Net, RecvBuf, ZeroCopy};
 
 /// optmem_max is machine-wide: the test that shrinks it runs alone.
@@ -22,24 +22,7 @@ fn net(mode: ZeroCopy) -> Net {
 fn roundtrip(a: &Net, b: &Net, sizes: &[usize], seed: u64) {
     let (send, recv) = pair(a, b);
     for (i, &n) in sizes.iter().enumerate() {
-        let mut m = HostMemory::zeroed(n).unwrap();
-        pattern(seed + i as u64, &mut m);
-        let expect = m.to_vec();
-        let src = a.reg_mr(m);
-        let mut dst = b.reg_mr(HostMemory::zeroed(n).unwrap());
-        let mut rx = recv
-            .irecv(&[RecvBuf {
-                mr: &dst,
-                offset: 0,
-                len: n,
-                tag: 0,
-            }])
-            .unwrap()
-            .unwrap();
-        send.isend(&src, 0, n, 0).unwrap().unwrap().wait(T).unwrap();
-        rx.wait(T).unwrap();
-        drop(rx);
-        assert!(dst.bytes().unwrap() == &expect[..], "size {n}");
+        exchange(a, b, &send, &recv, n, seed + i as u64);
     }
 }
 

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use tcpx::{Config, Net, RecvComm, SendComm};
+use tcpx::{Config, HostMemory, Net, RecvBuf, RecvComm, SendComm};
 
 pub const T: Duration = Duration::from_secs(20);
 
@@ -33,4 +33,31 @@ pub fn pattern(seed: u64, buf: &mut [u8]) {
         let b = x.to_le_bytes();
         chunk.copy_from_slice(&b[..chunk.len()]);
     }
+}
+
+/// Sends `n` pattern bytes (`seed`) from `a`'s comm to `b`'s and checks they arrive exactly.
+pub fn exchange(a: &Net, b: &Net, send: &SendComm, recv: &RecvComm, n: usize, seed: u64) {
+    let mut m = HostMemory::zeroed(n).unwrap();
+    pattern(seed, &mut m);
+    let expect = m.to_vec();
+    let src = a.reg_mr(m);
+    let mut dst = b.reg_mr(HostMemory::zeroed(n).unwrap());
+    let tag = seed as i32;
+    let mut rx = recv
+        .irecv(&[RecvBuf {
+            mr: &dst,
+            offset: 0,
+            len: n,
+            tag,
+        }])
+        .unwrap()
+        .expect("request slot");
+    send.isend(&src, 0, n, tag)
+        .unwrap()
+        .expect("request slot")
+        .wait(T)
+        .unwrap();
+    assert_eq!(rx.wait(T).unwrap()[0], n as u64);
+    drop(rx);
+    assert!(dst.bytes().unwrap() == &expect[..], "{n} bytes differ");
 }
