@@ -203,6 +203,13 @@ impl Shared {
         let n = self.served.fetch_add(1, Ordering::AcqRel) + 1;
         if let Fault::DieAfter(limit) = lock(&self.fault).0 {
             if n >= limit {
+                // A killed daemon accepts nothing more: take the sockets away before
+                // anyone can observe the death, so no connect races into a half-dead listener.
+                for ep in Endpoint::ALL {
+                    let _ = std::fs::remove_file(
+                        self.prefix.join(ep.socket_name(&self.config.gpu_pci)),
+                    );
+                }
                 self.dead.store(true, Ordering::Release);
             }
         }
