@@ -93,6 +93,9 @@ pub struct Config {
     pub handshake_timeout: Duration,
     /// SO_SNDBUF/SO_RCVBUF for data sockets; `None` keeps kernel autotuning.
     pub socket_buffer: Option<usize>,
+    /// A peer that stops acknowledging (host down, network cut) fails the comm
+    /// after this long (TCP_USER_TIMEOUT plus keepalive); `None` = kernel defaults (minutes).
+    pub peer_timeout: Option<Duration>,
     /// Folder of gpumemd's UNIX sockets; `None` = no daemon is consulted.
     pub gpumemd_prefix: Option<PathBuf>,
     /// PCI address of the GPU whose RX queues gpumemd manages for us.
@@ -107,6 +110,10 @@ pub struct Config {
     pub zerocopy: ZeroCopy,
     /// Smallest chunk payload sent with MSG_ZEROCOPY.
     pub min_zcopy_size: usize,
+    /// Pinned host staging for CUDA memory without devmem (the bounce
+    /// path), shared by the process's CUDA regions; about two chunks per
+    /// data socket keeps every socket busy (`TCPX_STAGING_BYTES`).
+    pub staging_bytes: usize,
 }
 
 pub const MAX_SOCKETS_PER_NIC: usize = 16;
@@ -126,6 +133,7 @@ impl Default for Config {
             max_requests: 32,
             handshake_timeout: Duration::from_secs(30),
             socket_buffer: None,
+            peer_timeout: Some(Duration::from_secs(20)),
             gpumemd_prefix: None,
             gpu_pci: None,
             devmem: DevmemMode::Prefer,
@@ -134,6 +142,7 @@ impl Default for Config {
             engine: EngineKind::Epoll,
             zerocopy: ZeroCopy::Auto,
             min_zcopy_size: 32 * 1024,
+            staging_bytes: 64 << 20,
         }
     }
 }
@@ -193,6 +202,9 @@ impl Config {
         if let Some((k, v)) = first(&["TCPX_CHUNK_SIZE"]) {
             c.chunk_size = parse_num(k, &v)?;
         }
+        if let Some((k, v)) = first(&["TCPX_STAGING_BYTES"]) {
+            c.staging_bytes = parse_num(k, &v)?;
+        }
         if let Some((k, v)) = first(&["TCPX_INLINE_THRESHOLD"]) {
             c.inline_threshold = parse_num(k, &v)?;
         }
@@ -204,6 +216,10 @@ impl Config {
         }
         if let Some((k, v)) = first(&["TCPX_SOCKET_BUFFER"]) {
             c.socket_buffer = Some(parse_num(k, &v)?);
+        }
+        if let Some((k, v)) = first(&["TCPX_PEER_TIMEOUT_MS"]) {
+            let ms = parse_num(k, &v)? as u64;
+            c.peer_timeout = (ms > 0).then(|| Duration::from_millis(ms));
         }
         if let Some((_, v)) = first(&[
             "TCPX_GPUMEMD_PREFIX",

@@ -75,6 +75,16 @@ impl NetInner {
             .map_err(|e| Error::io("set_nonblocking", e))?;
         s.set_nodelay(true)
             .map_err(|e| Error::io("TCP_NODELAY", e))?;
+        if let Some(t) = self.cfg.peer_timeout {
+            // Unacknowledged data fails after `t`; an idle silent peer is probed by keepalive.
+            let r = SockRef::from(s);
+            r.set_tcp_user_timeout(Some(t)).map_err(|e| Error::io("TCP_USER_TIMEOUT", e))?;
+            let ka = socket2::TcpKeepalive::new()
+                .with_time((t / 4).max(Duration::from_secs(1)))
+                .with_interval((t / 8).max(Duration::from_secs(1)))
+                .with_retries(3);
+            r.set_tcp_keepalive(&ka).map_err(|e| Error::io("SO_KEEPALIVE", e))?;
+        }
         if let Some(b) = self.cfg.socket_buffer {
             let r = SockRef::from(s);
             r.set_send_buffer_size(b)
@@ -197,14 +207,21 @@ impl Net {
         len: usize,
         kind: PtrKind,
     ) -> Result<MemoryRegion> {
-        if kind != PtrKind::Host {
-            return Err(Error::Unsupported(
-                "CUDA memory: this build has no CUDA path yet; register host memory".into(),
-            ));
-        }
         if ptr.is_null() && len > 0 {
             return Err(Error::InvalidArgument("null pointer".into()));
         }
+        if kind == PtrKind::Cuda {
+            let cfg = &self.inner.cfg;
+            let b = crate::bounce::CudaBounce::register(
+                ptr,
+                len,
+                cfg.chunk_size.max(cfg.inline_threshold),
+                cfg.staging_bytes,
+            )?;
+            // SAFETY: forwarded to the caller's contract.
+            return Ok(unsafe { MemoryRegion::cuda(ptr, len, b) });
+        }
+        crate::bounce::refuse_device_as_host(ptr)?;
         // SAFETY: forwarded to the caller's contract.
         Ok(unsafe { MemoryRegion::foreign(ptr, len, kind) })
     }
