@@ -20,7 +20,7 @@ use nix::sys::socket::MsgFlags;
 use crate::config::{MAX_INLINE, MAX_RECVS};
 use crate::engine::{Cmd, Job, Poke};
 use crate::error::{Error, Result};
-use crate::memory::{MemoryRegion, PtrKind, Region, RxPath, TxPath};
+use crate::memory::{MemoryRegion, Region, RxPath, TxPath};
 use crate::net::NetInner;
 use crate::request::{ReqState, Sizes};
 use crate::wire::{self, Kind, Msg, MSG_INLINE, MSG_LEN, PREFIX_LEN};

@@ -142,7 +142,11 @@ pub(crate) fn discover(cfg: &Config, path: DataPath) -> Result<Vec<Device>> {
             speed_mbps: speed_of(&name),
             name,
             addr,
-            ptr_kinds: PtrKinds::HOST,
+            ptr_kinds: if crate::bounce::cuda_usable() {
+                PtrKinds::HOST | PtrKinds::CUDA
+            } else {
+                PtrKinds::HOST
+            },
             max_comms: MAX_COMMS,
             path,
         })

@@ -34,6 +34,7 @@
 //! # Ok::<(), tcpx::Error>(())
 //! ```
 
+mod bounce;
 mod comm;
 pub mod config;
 mod device;
@@ -49,6 +50,7 @@ mod stats;
 pub mod wire;
 mod zerocopy;
 
+pub use bounce::cuda_alloc;
 pub use comm::{RecvBuf, RecvComm, Request, SendComm};
 pub use config::{Config, DevmemMode, EngineKind, NicSpec, ZeroCopy};
 pub use device::{DataPath, Device, PtrKinds};

@@ -109,6 +109,14 @@ impl PtrKind {
 pub(crate) trait TxPath: Send + Sync {
     /// Host-addressable bytes `[off, off+len)` of the region, ready to send.
     fn source(&self, off: u64, len: usize) -> Result<*const u8>;
+    /// The kernel holds no reference to the chunk's bytes any more (copying
+    /// sends): staging paths may reuse what `source` handed out.
+    fn sent(&self, _off: u64, _len: usize) {}
+    /// False when `source` hands out reusable staging, which MSG_ZEROCOPY
+    /// would keep referenced past `sent`.
+    fn zerocopy_ok(&self) -> bool {
+        true
+    }
 }
 
 /// Where received bytes of a region go.
@@ -125,6 +133,8 @@ pub(crate) struct Region {
     kind: PtrKind,
     /// Keeps owned memory alive as long as any request holds the region.
     _owned: Option<HostMemory>,
+    /// Staging for `PtrKind::Cuda` (the bounce path).
+    bounce: Option<crate::bounce::CudaBounce>,
 }
 
 // SAFETY: the region is a (pointer, length) pair; exclusivity of access is
@@ -134,6 +144,12 @@ unsafe impl Send for Region {}
 unsafe impl Sync for Region {}
 
 impl Region {
+    fn cuda(&self) -> Result<&crate::bounce::CudaBounce> {
+        self.bounce
+            .as_ref()
+            .ok_or_else(|| Error::Unsupported("CUDA region without staging".into()))
+    }
+
     fn check(&self, off: u64, len: usize) -> Result<usize> {
         let end = off.checked_add(len as u64);
         match end {
@@ -152,10 +168,16 @@ impl TxPath for Region {
         match self.kind {
             // SAFETY: off+len is inside the region (checked above).
             PtrKind::Host => Ok(unsafe { self.ptr.add(off) }),
-            PtrKind::Cuda => Err(Error::Unsupported(
-                "CUDA memory needs the bounce path".into(),
-            )),
+            PtrKind::Cuda => self.cuda()?.source(off as u64, len),
         }
+    }
+    fn sent(&self, off: u64, len: usize) {
+        if let Some(b) = &self.bounce {
+            b.sent(off, len);
+        }
+    }
+    fn zerocopy_ok(&self) -> bool {
+        self.bounce.is_none()
     }
 }
 
@@ -165,13 +187,14 @@ impl RxPath for Region {
         match self.kind {
             // SAFETY: off+len is inside the region (checked above).
             PtrKind::Host => Ok(unsafe { self.ptr.add(off) }),
-            PtrKind::Cuda => Err(Error::Unsupported(
-                "CUDA memory needs the bounce path".into(),
-            )),
+            PtrKind::Cuda => self.cuda()?.sink(off as u64, len),
         }
     }
-    fn landed(&self, _off: u64, _len: usize) -> Result<()> {
-        Ok(())
+    fn landed(&self, off: u64, len: usize) -> Result<()> {
+        match &self.bounce {
+            Some(b) => b.landed(off, len),
+            None => Ok(()),
+        }
     }
 }
 
@@ -189,6 +212,7 @@ impl MemoryRegion {
                 len: mem.len,
                 kind: PtrKind::Host,
                 _owned: Some(mem),
+                bounce: None,
             }),
         }
     }
@@ -204,8 +228,28 @@ impl MemoryRegion {
                 len,
                 kind,
                 _owned: None,
+                bounce: None,
             }),
         }
+    }
+
+    /// # Safety
+    /// As [`MemoryRegion::foreign`], for device memory moved by `bounce`.
+    pub(crate) unsafe fn cuda(ptr: *mut u8, len: usize, bounce: crate::bounce::CudaBounce) -> Self {
+        MemoryRegion {
+            inner: Arc::new(Region {
+                ptr,
+                len,
+                kind: PtrKind::Cuda,
+                _owned: None,
+                bounce: Some(bounce),
+            }),
+        }
+    }
+
+    /// True when a CUDA region also has a DMA-BUF fd (for the devmem TX path).
+    pub fn has_dmabuf(&self) -> bool {
+        self.inner.bounce.as_ref().is_some_and(|b| b.has_dmabuf())
     }
 
     pub fn len(&self) -> usize {

@@ -78,12 +78,14 @@ impl NetInner {
         if let Some(t) = self.cfg.peer_timeout {
             // Unacknowledged data fails after `t`; an idle silent peer is probed by keepalive.
             let r = SockRef::from(s);
-            r.set_tcp_user_timeout(Some(t)).map_err(|e| Error::io("TCP_USER_TIMEOUT", e))?;
+            r.set_tcp_user_timeout(Some(t))
+                .map_err(|e| Error::io("TCP_USER_TIMEOUT", e))?;
             let ka = socket2::TcpKeepalive::new()
                 .with_time((t / 4).max(Duration::from_secs(1)))
                 .with_interval((t / 8).max(Duration::from_secs(1)))
                 .with_retries(3);
-            r.set_tcp_keepalive(&ka).map_err(|e| Error::io("SO_KEEPALIVE", e))?;
+            r.set_tcp_keepalive(&ka)
+                .map_err(|e| Error::io("SO_KEEPALIVE", e))?;
         }
         if let Some(b) = self.cfg.socket_buffer {
             let r = SockRef::from(s);

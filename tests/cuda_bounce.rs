@@ -72,7 +72,16 @@ fn bounce_moves_random_sizes_gpu_to_gpu_byte_exact() {
     let smr = unsafe { a.reg_mr_raw(src.ptr() as *mut u8, CAP, PtrKind::Cuda) }.unwrap();
     let dmr = unsafe { b.reg_mr_raw(dst.ptr() as *mut u8, CAP, PtrKind::Cuda) }.unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-    let mut sizes = vec![0usize, 1, 100, 4096, 64 * 1024, 64 * 1024 + 1, 256 * 1024 + 3, CAP - 8192];
+    let mut sizes = vec![
+        0usize,
+        1,
+        100,
+        4096,
+        64 * 1024,
+        64 * 1024 + 1,
+        256 * 1024 + 3,
+        CAP - 8192,
+    ];
     sizes.extend((0..12).map(|_| rng.gen_range(1..CAP - 8192)));
     for (i, &n) in sizes.iter().enumerate() {
         let off = rng.gen_range(0..4096usize);
@@ -81,7 +90,12 @@ fn bounce_moves_random_sizes_gpu_to_gpu_byte_exact() {
         src.write(off, &data).unwrap();
         dst.fill(0xA5).unwrap();
         let tag = i as i32;
-        let bufs = [RecvBuf { mr: &dmr, offset: off, len: CAP - off, tag }];
+        let bufs = [RecvBuf {
+            mr: &dmr,
+            offset: off,
+            len: CAP - off,
+            tag,
+        }];
         let mut rx = recv.irecv(&bufs).unwrap().unwrap();
         let mut tx = send.isend(&smr, off, n, tag).unwrap().unwrap();
         tx.wait(T).unwrap();

@@ -1,5 +1,6 @@
 //! Device memory for tcpx-rs: the gpumemd client, the devmem socket ABI of
 //! both kernel families, the RX pool and unpack.
 
+pub mod cuda;
 pub mod gpumemd;
 pub mod sockabi;

@@ -28,6 +28,7 @@ pub mod client;
 pub mod conn;
 pub mod error;
 pub mod frame;
+pub mod gpu_pool;
 pub mod mock;
 pub mod proto;
 

@@ -1,0 +1,332 @@
+//! Device and pinned memory, streams, copies, pointer kinds, DMA-BUF export.
+
+use std::ffi::c_void;
+use std::os::fd::{FromRawFd, OwnedFd};
+
+use super::{ck, sys, Context, CudaError, Result};
+
+/// Where a pointer lives, as `cuPointerGetAttribute` sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemKind {
+    /// GPU memory of device `ordinal` (cudaMalloc, VMM, managed).
+    Device { ordinal: i32 },
+    /// Host memory that CUDA registered or allocated (pinned).
+    PinnedHost,
+    /// Memory CUDA does not know: plain host memory.
+    Unknown,
+}
+
+/// The kind of memory at `ptr`. Needs a context current (any device).
+pub fn pointer_kind(ptr: u64) -> Result<MemKind> {
+    let mut ty: u32 = 0;
+    // SAFETY: MEMORY_TYPE writes one CUmemorytype (a u32).
+    let r = ck("cuPointerGetAttribute(MEMORY_TYPE)", || unsafe {
+        sys::cuPointerGetAttribute(
+            (&mut ty as *mut u32).cast(),
+            sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_MEMORY_TYPE,
+            ptr,
+        )
+    });
+    match r {
+        Ok(()) => {}
+        // Memory CUDA never saw answers INVALID_VALUE.
+        Err(CudaError::Driver { ref name, .. }) if name.contains("INVALID_VALUE") => {
+            return Ok(MemKind::Unknown)
+        }
+        Err(e) => return Err(e),
+    }
+    if ty == sys::CUmemorytype::CU_MEMORYTYPE_DEVICE as u32 {
+        let mut ordinal: i32 = -1;
+        // SAFETY: DEVICE_ORDINAL writes one int.
+        ck("cuPointerGetAttribute(DEVICE_ORDINAL)", || unsafe {
+            sys::cuPointerGetAttribute(
+                (&mut ordinal as *mut i32).cast(),
+                sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
+                ptr,
+            )
+        })?;
+        Ok(MemKind::Device { ordinal })
+    } else if ty == sys::CUmemorytype::CU_MEMORYTYPE_HOST as u32 {
+        Ok(MemKind::PinnedHost)
+    } else {
+        Ok(MemKind::Unknown)
+    }
+}
+
+/// Exports `[ptr, ptr+len)` of device memory as a DMA-BUF fd
+/// (`cuMemGetHandleForAddressRange`, as the TCPX plugin's regMr does).
+/// `ptr` must be 4 KiB aligned; `len` is rounded up to 4 KiB.
+pub fn export_dmabuf(ptr: u64, len: usize) -> Result<OwnedFd> {
+    if ptr % 4096 != 0 {
+        return Err(CudaError::InvalidArgument(format!(
+            "DMA-BUF export needs a 4 KiB aligned address, got {ptr:#x}"
+        )));
+    }
+    let size = len.div_ceil(4096).max(1) * 4096;
+    let mut fd: i32 = -1;
+    // SAFETY: writes one int fd on success.
+    ck("cuMemGetHandleForAddressRange(DMA_BUF_FD)", || unsafe {
+        sys::cuMemGetHandleForAddressRange(
+            (&mut fd as *mut i32).cast(),
+            ptr,
+            size,
+            sys::CUmemRangeHandleType::CU_MEM_RANGE_HANDLE_TYPE_DMA_BUF_FD,
+            0,
+        )
+    })?;
+    if fd < 0 {
+        return Err(CudaError::Driver {
+            call: "cuMemGetHandleForAddressRange",
+            name: "returned no fd".into(),
+        });
+    }
+    // SAFETY: the driver handed us a fresh fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `cuMemAlloc` memory, freed on drop.
+#[derive(Debug)]
+pub struct DeviceBuffer {
+    ctx: &'static Context,
+    ptr: u64,
+    len: usize,
+}
+
+impl DeviceBuffer {
+    pub fn alloc(ctx: &'static Context, len: usize) -> Result<Self> {
+        ctx.make_current()?;
+        let mut ptr = 0;
+        // SAFETY: writes one device pointer.
+        ck("cuMemAlloc", || unsafe {
+            sys::cuMemAlloc_v2(&mut ptr, len.max(1))
+        })?;
+        Ok(DeviceBuffer { ctx, ptr, len })
+    }
+
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Copies `src` to offset `off` and waits.
+    pub fn write(&self, off: usize, src: &[u8]) -> Result<()> {
+        self.bounds(off, src.len())?;
+        self.ctx.make_current()?;
+        // SAFETY: bounds checked; src is valid for its length.
+        ck("cuMemcpyHtoD", || unsafe {
+            sys::cuMemcpyHtoD_v2(self.ptr + off as u64, src.as_ptr().cast(), src.len())
+        })
+    }
+
+    /// Copies from offset `off` into `dst` and waits.
+    pub fn read(&self, off: usize, dst: &mut [u8]) -> Result<()> {
+        self.bounds(off, dst.len())?;
+        self.ctx.make_current()?;
+        // SAFETY: bounds checked; dst is valid for its length.
+        ck("cuMemcpyDtoH", || unsafe {
+            sys::cuMemcpyDtoH_v2(dst.as_mut_ptr().cast(), self.ptr + off as u64, dst.len())
+        })
+    }
+
+    /// Fills with `byte` and waits.
+    pub fn fill(&self, byte: u8) -> Result<()> {
+        self.ctx.make_current()?;
+        // SAFETY: the whole allocation.
+        ck("cuMemsetD8", || unsafe {
+            sys::cuMemsetD8_v2(self.ptr, byte, self.len)
+        })
+    }
+
+    fn bounds(&self, off: usize, len: usize) -> Result<()> {
+        match off.checked_add(len) {
+            Some(end) if end <= self.len => Ok(()),
+            _ => Err(CudaError::InvalidArgument(format!(
+                "bytes {off}+{len} outside the {}-byte device buffer",
+                self.len
+            ))),
+        }
+    }
+}
+
+impl Drop for DeviceBuffer {
+    fn drop(&mut self) {
+        if self.ctx.make_current().is_ok() {
+            // SAFETY: allocated by cuMemAlloc in alloc(); freed once.
+            let _ = ck("cuMemFree", || unsafe { sys::cuMemFree_v2(self.ptr) });
+        }
+    }
+}
+
+/// Page-locked host memory (`cuMemHostAlloc`, portable), freed on drop.
+#[derive(Debug)]
+pub struct PinnedBuffer {
+    ctx: &'static Context,
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: owns its allocation exclusively, like a Box<[u8]>.
+unsafe impl Send for PinnedBuffer {}
+// SAFETY: shared access hands out raw pointers only; users synchronise.
+unsafe impl Sync for PinnedBuffer {}
+
+impl PinnedBuffer {
+    pub fn alloc(ctx: &'static Context, len: usize) -> Result<Self> {
+        ctx.make_current()?;
+        let mut p: *mut c_void = std::ptr::null_mut();
+        // SAFETY: writes one host pointer.
+        ck("cuMemHostAlloc", || unsafe {
+            sys::cuMemHostAlloc(&mut p, len.max(1), sys::CU_MEMHOSTALLOC_PORTABLE)
+        })?;
+        Ok(PinnedBuffer {
+            ctx,
+            ptr: p.cast(),
+            len,
+        })
+    }
+
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Drop for PinnedBuffer {
+    fn drop(&mut self) {
+        if self.ctx.make_current().is_ok() {
+            // SAFETY: allocated by cuMemHostAlloc; freed once.
+            let _ = ck("cuMemFreeHost", || unsafe {
+                sys::cuMemFreeHost(self.ptr.cast())
+            });
+        }
+    }
+}
+
+/// A non-blocking stream, destroyed on drop.
+#[derive(Debug)]
+pub struct Stream {
+    ctx: &'static Context,
+    s: sys::CUstream,
+}
+
+// SAFETY: CUDA streams may be used from any thread with the context current.
+unsafe impl Send for Stream {}
+
+impl Stream {
+    pub fn new(ctx: &'static Context) -> Result<Self> {
+        ctx.make_current()?;
+        let mut s = std::ptr::null_mut();
+        // SAFETY: writes one handle.
+        ck("cuStreamCreate", || unsafe {
+            sys::cuStreamCreate(&mut s, sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32)
+        })?;
+        Ok(Stream { ctx, s })
+    }
+
+    pub fn raw(&self) -> sys::CUstream {
+        self.s
+    }
+
+    pub fn context(&self) -> &'static Context {
+        self.ctx
+    }
+
+    pub fn sync(&self) -> Result<()> {
+        // SAFETY: a live stream.
+        ck("cuStreamSynchronize", || unsafe {
+            sys::cuStreamSynchronize(self.s)
+        })
+    }
+
+    /// Device to host, queued on the stream.
+    ///
+    /// # Safety
+    /// `dst` must be valid for `len` bytes (pinned for a truly async copy)
+    /// and `src..src+len` device memory, both until the stream is synced.
+    pub unsafe fn dtoh(&self, dst: *mut u8, src: u64, len: usize) -> Result<()> {
+        // SAFETY: forwarded to the caller's contract.
+        ck("cuMemcpyDtoHAsync", || unsafe {
+            sys::cuMemcpyDtoHAsync_v2(dst.cast(), src, len, self.s)
+        })
+    }
+
+    /// Host to device, queued on the stream.
+    ///
+    /// # Safety
+    /// As [`Stream::dtoh`], with the roles swapped.
+    pub unsafe fn htod(&self, dst: u64, src: *const u8, len: usize) -> Result<()> {
+        // SAFETY: forwarded to the caller's contract.
+        ck("cuMemcpyHtoDAsync", || unsafe {
+            sys::cuMemcpyHtoDAsync_v2(dst, src.cast(), len, self.s)
+        })
+    }
+
+    /// Device to device, queued on the stream.
+    ///
+    /// # Safety
+    /// Both ranges must be device memory valid until the stream is synced.
+    pub unsafe fn dtod(&self, dst: u64, src: u64, len: usize) -> Result<()> {
+        // SAFETY: forwarded to the caller's contract.
+        ck("cuMemcpyDtoDAsync", || unsafe {
+            sys::cuMemcpyDtoDAsync_v2(dst, src, len, self.s)
+        })
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        if self.ctx.make_current().is_ok() {
+            // SAFETY: created in new(); destroyed once.
+            let _ = ck("cuStreamDestroy", || unsafe {
+                sys::cuStreamDestroy_v2(self.s)
+            });
+        }
+    }
+}
+
+/// Milliseconds the work queued by `f` on `stream` takes, timed with events.
+pub fn time_on(stream: &Stream, f: impl FnOnce(&Stream) -> Result<()>) -> Result<f32> {
+    let mut a = std::ptr::null_mut();
+    let mut b = std::ptr::null_mut();
+    // SAFETY: each writes one event handle.
+    ck("cuEventCreate", || unsafe { sys::cuEventCreate(&mut a, 0) })?;
+    ck("cuEventCreate", || unsafe { sys::cuEventCreate(&mut b, 0) })?;
+    let out = (|| {
+        // SAFETY: live events and stream.
+        ck("cuEventRecord", || unsafe {
+            sys::cuEventRecord(a, stream.raw())
+        })?;
+        f(stream)?;
+        ck("cuEventRecord", || unsafe {
+            sys::cuEventRecord(b, stream.raw())
+        })?;
+        ck("cuEventSynchronize", || unsafe {
+            sys::cuEventSynchronize(b)
+        })?;
+        let mut ms = 0f32;
+        ck("cuEventElapsedTime", || unsafe {
+            sys::cuEventElapsedTime_v2(&mut ms, a, b)
+        })?;
+        Ok(ms)
+    })();
+    // SAFETY: created above; destroyed once.
+    unsafe {
+        let _ = sys::cuEventDestroy_v2(a);
+        let _ = sys::cuEventDestroy_v2(b);
+    }
+    out
+}

@@ -1,0 +1,229 @@
+//! The unpack kernel: gathers `(pool offset, destination offset, length)`
+//! fragments from an RX pool into a destination buffer, on a stream.
+//! Compiled at run time with NVRTC (no toolkit needed at build time).
+
+use std::ffi::{c_void, CString};
+
+use super::mem::{DeviceBuffer, Stream};
+use super::{ck, sys, Context, CudaError, Result};
+
+/// One fragment, as the kernel reads it (16-byte aligned rows).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Frag {
+    pub src: u64,
+    pub dst: u64,
+    pub len: u32,
+    pub pad: u32,
+}
+
+impl Frag {
+    pub fn new(src: u64, dst: u64, len: u32) -> Self {
+        Frag {
+            src,
+            dst,
+            len,
+            pad: 0,
+        }
+    }
+}
+
+const SOURCE: &str = r#"
+struct Frag { unsigned long long src, dst; unsigned int len, pad; };
+// One block per fragment (grid-stride). When source and destination share
+// their alignment mod 16, copy 16-byte words between byte-wise edges.
+extern "C" __global__ void tcpx_unpack(const unsigned char* __restrict__ pool,
+                                       unsigned char* __restrict__ out,
+                                       const Frag* __restrict__ frags,
+                                       unsigned int n) {
+  for (unsigned int f = blockIdx.x; f < n; f += gridDim.x) {
+    const Frag fr = frags[f];
+    const unsigned char* s = pool + fr.src;
+    unsigned char* d = out + fr.dst;
+    const unsigned long long len = fr.len;
+    unsigned long long done = 0;
+    if ((((unsigned long long)s ^ (unsigned long long)d) & 15) == 0) {
+      unsigned long long head = (16 - ((unsigned long long)d & 15)) & 15;
+      if (head > len) head = len;
+      if (threadIdx.x < head) d[threadIdx.x] = s[threadIdx.x];
+      const unsigned long long nvec = (len - head) >> 4;
+      const uint4* s4 = (const uint4*)(s + head);
+      uint4* d4 = (uint4*)(d + head);
+      for (unsigned long long i = threadIdx.x; i < nvec; i += blockDim.x) d4[i] = s4[i];
+      done = head + (nvec << 4);
+    }
+    for (unsigned long long i = done + threadIdx.x; i < len; i += blockDim.x) d[i] = s[i];
+  }
+}
+"#;
+
+const THREADS: u32 = 256;
+
+/// The compiled kernel, loaded in a context.
+#[derive(Debug)]
+pub struct Unpacker {
+    ctx: &'static Context,
+    module: sys::CUmodule,
+    func: sys::CUfunction,
+}
+
+// SAFETY: module and function handles are usable from any thread with the context current.
+unsafe impl Send for Unpacker {}
+// SAFETY: launching is thread-safe in the driver; the struct is immutable.
+unsafe impl Sync for Unpacker {}
+
+impl Unpacker {
+    /// Compiles the kernel with NVRTC for the device's architecture and loads it.
+    pub fn new(ctx: &'static Context) -> Result<Self> {
+        // SAFETY: dlopen probe only.
+        let present =
+            std::panic::catch_unwind(|| unsafe { cudarc::nvrtc::sys::is_culib_present() })
+                .unwrap_or(false);
+        if !present {
+            return Err(CudaError::Nvrtc("libnvrtc.so not found by dlopen".into()));
+        }
+        let major =
+            ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
+        let minor =
+            ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
+        let opts = cudarc::nvrtc::CompileOptions {
+            options: vec![format!("--gpu-architecture=compute_{major}{minor}")],
+            ..Default::default()
+        };
+        let ptx = std::panic::catch_unwind(|| cudarc::nvrtc::compile_ptx_with_opts(SOURCE, opts))
+            .map_err(|_| CudaError::Nvrtc("NVRTC symbols missing".into()))?
+            .map_err(|e| CudaError::Nvrtc(format!("compiling the unpack kernel: {e:?}")))?;
+        let src = CString::new(ptx.to_src())
+            .map_err(|_| CudaError::Nvrtc("PTX contains a NUL byte".into()))?;
+        ctx.make_current()?;
+        let mut module = std::ptr::null_mut();
+        // SAFETY: src is NUL-terminated PTX text alive for the call.
+        ck("cuModuleLoadData", || unsafe {
+            sys::cuModuleLoadData(&mut module, src.as_ptr().cast())
+        })?;
+        let mut func = std::ptr::null_mut();
+        let name = c"tcpx_unpack";
+        // SAFETY: module is loaded; name is NUL-terminated.
+        ck("cuModuleGetFunction", || unsafe {
+            sys::cuModuleGetFunction(&mut func, module, name.as_ptr())
+        })?;
+        Ok(Unpacker { ctx, module, func })
+    }
+
+    /// Queues the gather of `n` fragments (a device array of [`Frag`] at
+    /// `frags`) from `pool` into `out` on `stream`. Ranges are not checked
+    /// here: [`Unpacker::check`] does that on the host copy of the list.
+    ///
+    /// # Safety
+    /// Every fragment must lie inside `pool` and `out`, and the three device
+    /// ranges must stay valid until the stream is synced.
+    pub unsafe fn launch(
+        &self,
+        stream: &Stream,
+        pool: u64,
+        out: u64,
+        frags: u64,
+        n: u32,
+    ) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        self.ctx.make_current()?;
+        let (mut pool, mut out, mut frags, mut n_arg) = (pool, out, frags, n);
+        let mut params: [*mut c_void; 4] = [
+            (&mut pool as *mut u64).cast(),
+            (&mut out as *mut u64).cast(),
+            (&mut frags as *mut u64).cast(),
+            (&mut n_arg as *mut u32).cast(),
+        ];
+        let grid = n.min(1 << 20);
+        // SAFETY: params point at live locals matching the kernel's signature.
+        ck("cuLaunchKernel(tcpx_unpack)", || unsafe {
+            sys::cuLaunchKernel(
+                self.func,
+                grid,
+                1,
+                1,
+                THREADS,
+                1,
+                1,
+                0,
+                stream.raw(),
+                params.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        })
+    }
+
+    /// Checks that every fragment fits `pool_len` and `out_len`.
+    pub fn check(frags: &[Frag], pool_len: usize, out_len: usize) -> Result<()> {
+        for (i, f) in frags.iter().enumerate() {
+            let ok = f
+                .src
+                .checked_add(f.len as u64)
+                .is_some_and(|e| e <= pool_len as u64)
+                && f.dst
+                    .checked_add(f.len as u64)
+                    .is_some_and(|e| e <= out_len as u64);
+            if !ok {
+                return Err(CudaError::InvalidArgument(format!(
+                    "fragment {i} {f:?} outside pool ({pool_len}) or output ({out_len})"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Checked gather: uploads `frags` to `scratch`, launches and syncs.
+    pub fn gather(
+        &self,
+        stream: &Stream,
+        pool: &DeviceBuffer,
+        out: &DeviceBuffer,
+        frags: &[Frag],
+        scratch: &DeviceBuffer,
+    ) -> Result<()> {
+        Self::check(frags, pool.len(), out.len())?;
+        let bytes = std::mem::size_of_val(frags);
+        if bytes > scratch.len() {
+            return Err(CudaError::InvalidArgument(format!(
+                "{} fragments need {bytes} bytes of scratch, have {}",
+                frags.len(),
+                scratch.len()
+            )));
+        }
+        // SAFETY: Frag is repr(C) plain data; the view covers exactly the slice.
+        let raw = unsafe { std::slice::from_raw_parts(frags.as_ptr().cast::<u8>(), bytes) };
+        scratch.write(0, raw)?;
+        // SAFETY: ranges checked above; buffers outlive the sync below.
+        unsafe {
+            self.launch(
+                stream,
+                pool.ptr(),
+                out.ptr(),
+                scratch.ptr(),
+                frags.len() as u32,
+            )?
+        };
+        stream.sync()
+    }
+}
+
+impl Drop for Unpacker {
+    fn drop(&mut self) {
+        if self.ctx.make_current().is_ok() {
+            // SAFETY: loaded in new(); unloaded once.
+            let _ = ck("cuModuleUnload", || unsafe {
+                sys::cuModuleUnload(self.module)
+            });
+        }
+    }
+}
+
+/// The CPU reference: what [`Unpacker::gather`] must produce.
+pub fn gather_cpu(pool: &[u8], out: &mut [u8], frags: &[Frag]) {
+    for f in frags {
+        let (s, d, l) = (f.src as usize, f.dst as usize, f.len as usize);
+        out[d..d + l].copy_from_slice(&pool[s..s + l]);
+    }
+}

@@ -1,0 +1,176 @@
+//! A GPU RX pool shared across processes the way tcpgpudmarxd does it
+//! (`cuda/cu_dmabuf_gpu_page_allocator.cu`): `cuMemCreate` (pinned, device
+//! location, POSIX-fd handle type) at the allocation granularity, exported
+//! with `cuMemExportToShareableHandle`, mapped with reserve/map/set-access.
+//! The importer does `cuMemImportFromShareableHandle` and the same mapping.
+
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+
+use super::{ck, sys, Context, CudaError, Result};
+
+fn prop(ordinal: i32) -> sys::CUmemAllocationProp {
+    // SAFETY: an all-zero CUmemAllocationProp is the documented "no options" value.
+    let mut p: sys::CUmemAllocationProp = unsafe { std::mem::zeroed() };
+    p.type_ = sys::CUmemAllocationType::CU_MEM_ALLOCATION_TYPE_PINNED;
+    p.location.type_ = sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE;
+    p.location.id = ordinal;
+    p.requestedHandleTypes =
+        sys::CUmemAllocationHandleType::CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR;
+    p
+}
+
+/// Minimum allocation granularity for a shareable pool on the device.
+pub fn granularity(ctx: &'static Context) -> Result<usize> {
+    ctx.make_current()?;
+    let p = prop(ctx.ordinal());
+    let mut g = 0usize;
+    // SAFETY: p is a valid prop; writes one size.
+    ck("cuMemGetAllocationGranularity", || unsafe {
+        sys::cuMemGetAllocationGranularity(
+            &mut g,
+            &p,
+            sys::CUmemAllocationGranularity_flags::CU_MEM_ALLOC_GRANULARITY_MINIMUM,
+        )
+    })?;
+    Ok(g.max(1))
+}
+
+/// A mapping of a physical allocation into this process.
+#[derive(Debug)]
+pub struct Mapping {
+    ctx: &'static Context,
+    handle: sys::CUmemGenericAllocationHandle,
+    ptr: u64,
+    size: usize,
+}
+
+impl Mapping {
+    fn map(
+        ctx: &'static Context,
+        handle: sys::CUmemGenericAllocationHandle,
+        size: usize,
+        align: usize,
+    ) -> Result<Self> {
+        let mut ptr = 0;
+        // SAFETY: writes one address.
+        let r = ck("cuMemAddressReserve", || unsafe {
+            sys::cuMemAddressReserve(&mut ptr, size, align, 0, 0)
+        });
+        if let Err(e) = r {
+            // SAFETY: we own the handle and give it up on failure.
+            unsafe { sys::cuMemRelease(handle) };
+            return Err(e);
+        }
+        let m = Mapping {
+            ctx,
+            handle,
+            ptr,
+            size,
+        };
+        // SAFETY: the range was just reserved for this size; handle is live.
+        ck("cuMemMap", || unsafe {
+            sys::cuMemMap(ptr, size, 0, handle, 0)
+        })?;
+        let access = sys::CUmemAccessDesc {
+            location: prop(ctx.ordinal()).location,
+            flags: sys::CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
+        };
+        // SAFETY: one descriptor for the mapped range.
+        ck("cuMemSetAccess", || unsafe {
+            sys::cuMemSetAccess(ptr, size, &access, 1)
+        })?;
+        Ok(m)
+    }
+
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+
+    pub fn size(&self) -> usize {
+        self.size
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        if self.ctx.make_current().is_ok() {
+            // SAFETY: tear down in reverse; an unmap of a never-mapped range fails harmlessly.
+            unsafe {
+                let _ = sys::cuMemUnmap(self.ptr, self.size);
+                let _ = sys::cuMemRelease(self.handle);
+                let _ = sys::cuMemAddressFree(self.ptr, self.size);
+            }
+        }
+    }
+}
+
+/// The daemon's side: a shareable GPU pool and its POSIX fd.
+#[derive(Debug)]
+pub struct ExportedPool {
+    pub mapping: Mapping,
+    pub fd: OwnedFd,
+    pub align: usize,
+}
+
+impl ExportedPool {
+    /// Allocates at least `size` bytes (rounded up to the granularity).
+    pub fn create(ctx: &'static Context, size: usize) -> Result<Self> {
+        let align = granularity(ctx)?;
+        let size = size.div_ceil(align).max(1) * align;
+        let p = prop(ctx.ordinal());
+        let mut handle = 0;
+        // SAFETY: p is valid; writes one handle.
+        ck("cuMemCreate", || unsafe {
+            sys::cuMemCreate(&mut handle, size, &p, 0)
+        })?;
+        let mut fd: i32 = -1;
+        // SAFETY: POSIX_FILE_DESCRIPTOR writes one int.
+        let r = ck("cuMemExportToShareableHandle", || unsafe {
+            sys::cuMemExportToShareableHandle(
+                (&mut fd as *mut i32).cast(),
+                handle,
+                sys::CUmemAllocationHandleType::CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR,
+                0,
+            )
+        });
+        if let Err(e) = r {
+            // SAFETY: we own the handle.
+            unsafe { sys::cuMemRelease(handle) };
+            return Err(e);
+        }
+        // SAFETY: a fresh fd from the driver, owned by nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let mapping = Mapping::map(ctx, handle, size, align)?;
+        Ok(ExportedPool { mapping, fd, align })
+    }
+}
+
+/// The client's side: imports a pool fd received from the daemon.
+pub fn import_pool(
+    ctx: &'static Context,
+    fd: BorrowedFd<'_>,
+    size: usize,
+    align: usize,
+) -> Result<Mapping> {
+    if size == 0 {
+        return Err(CudaError::InvalidArgument("pool of 0 bytes".into()));
+    }
+    ctx.make_current()?;
+    let g = granularity(ctx)?;
+    let align = align.max(g);
+    if size % g != 0 {
+        return Err(CudaError::InvalidArgument(format!(
+            "pool size {size} is not a multiple of the granularity {g}"
+        )));
+    }
+    let mut handle = 0;
+    // SAFETY: for POSIX fds the "handle" argument is the fd value itself.
+    ck("cuMemImportFromShareableHandle", || unsafe {
+        sys::cuMemImportFromShareableHandle(
+            &mut handle,
+            fd.as_raw_fd() as usize as *mut std::ffi::c_void,
+            sys::CUmemAllocationHandleType::CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR,
+        )
+    })?;
+    Mapping::map(ctx, handle, size, align)
+}

@@ -1,0 +1,111 @@
+use super::KernelAbi;
+
+/// Errors of the devmem socket ABI layer.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AbiError {
+    /// `MSG_CTRUNC`: some fragment descriptors were dropped by the kernel.
+    #[error(
+        "recvmsg truncated the devmem control data ({len} bytes given); \
+         size the buffer with control_buffer_len(max_frags) and give back the \
+         tokens salvage_tokens() finds before closing this connection"
+    )]
+    ControlTruncated {
+        /// Control bytes the kernel wrote.
+        len: usize,
+    },
+    /// A `cmsghdr` is cut short or its `cmsg_len` runs past the buffer.
+    #[error(
+        "malformed cmsg at byte {offset}: {reason}; the control buffer does \
+         not hold what the kernel wrote (pass exactly msg_controllen bytes)"
+    )]
+    Malformed {
+        /// Offset of the bad header in the control buffer.
+        offset: usize,
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// A fragment cmsg whose payload is shorter than the ABI's struct.
+    #[error(
+        "{abi} devmem cmsg type {ty} at byte {offset} carries {len} payload \
+         bytes, expected at least {expected}; the kernel speaks another ABI version"
+    )]
+    ShortPayload {
+        /// ABI being parsed.
+        abi: KernelAbi,
+        /// cmsg type.
+        ty: i32,
+        /// Offset of the header.
+        offset: usize,
+        /// Payload bytes present.
+        len: usize,
+        /// Payload bytes required.
+        expected: usize,
+    },
+    /// A devmem cmsg of the other kernel family.
+    #[error(
+        "got a {found} devmem cmsg (type {ty}) while parsing as {expected}; \
+         select KernelAbi::{found:?} for this kernel"
+    )]
+    AbiMismatch {
+        /// ABI the parser was told to use.
+        expected: KernelAbi,
+        /// ABI the cmsg type belongs to.
+        found: KernelAbi,
+        /// cmsg type seen.
+        ty: i32,
+    },
+    /// A cmsg no devmem ABI defines.
+    #[error(
+        "unexpected cmsg level {level} type {ty} on a devmem socket; disable \
+         the socket option that produces it (timestamps, TCP_INQ, ...)"
+    )]
+    UnknownCmsg {
+        /// `cmsg_level`.
+        level: i32,
+        /// `cmsg_type`.
+        ty: i32,
+    },
+    /// The fragment sizes do not add up to what recvmsg returned.
+    #[error(
+        "devmem fragments add up to {fragments} bytes but recvmsg returned \
+         {returned}; the stream is out of sync, close the connection"
+    )]
+    Accounting {
+        /// Sum of fragment sizes.
+        fragments: u64,
+        /// recvmsg's return value.
+        returned: u64,
+    },
+    /// A fragment cannot be expressed in the target ABI.
+    #[error("{abi} cannot encode this fragment: {reason}")]
+    NotRepresentable {
+        /// Target ABI.
+        abi: KernelAbi,
+        /// What does not fit.
+        reason: &'static str,
+    },
+    /// Token-range bytes whose length is not a multiple of 8.
+    #[error(
+        "token range bytes are {len} long, not a multiple of 8 ({{u32 start; u32 count}} pairs)"
+    )]
+    BadTokenBytes {
+        /// Length given.
+        len: usize,
+    },
+    /// `setsockopt(SO_DEVMEM_DONTNEED)` failed.
+    #[error(
+        "setsockopt(SOL_SOCKET, SO_DEVMEM_DONTNEED={optname}) failed for the \
+         {abi} ABI: {source}; ENOPROTOOPT means this kernel lacks that ABI \
+         (TCPX kernels use 97, upstream >= 6.12 uses 80), EBADF that the socket is not TCP"
+    )]
+    DontNeed {
+        /// ABI used.
+        abi: KernelAbi,
+        /// Option number passed.
+        optname: i32,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}

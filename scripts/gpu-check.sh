@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# CUDA tests and benches for the GPU machine.
+#   --build  (here, any x86-64 Linux with Rust): builds every CUDA test and
+#            bench binary in release and copies them into gpu-bin/.
+#   --run    (there, no Rust needed): runs them from gpu-bin/ and prints a
+#            table: test, result, figure.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+BIN=${GPU_BIN:-gpu-bin}
+TARGET=${CARGO_TARGET_DIR:-target}
+
+build() {
+  set -e
+  mkdir -p "$BIN"
+  local tests=(cuda_bounce)
+  local dtests=(cuda_gpu)
+  for t in "${tests[@]}"; do
+    cargo test --release -p tcpx --test "$t" --no-run --message-format=json |
+      python3 -c 'import sys,json
+for l in sys.stdin:
+    m=json.loads(l)
+    if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["name"]==sys.argv[1]: print(m["executable"])' "$t" |
+      tail -1 | xargs -I{} cp {} "$BIN/$t"
+  done
+  for t in "${dtests[@]}"; do
+    cargo test --release -p devmem --test "$t" --no-run --message-format=json |
+      python3 -c 'import sys,json
+for l in sys.stdin:
+    m=json.loads(l)
+    if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["name"]==sys.argv[1]: print(m["executable"])' "$t" |
+      tail -1 | xargs -I{} cp {} "$BIN/$t"
+  done
+  cargo build --release --bin tcpx-gpu-bench
+  cp "$TARGET/release/tcpx-gpu-bench" "$BIN/"
+  ls -la "$BIN"
+}
+
+run() {
+  export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:-}:/usr/local/cuda/lib64:/usr/local/cuda/targets/x86_64-linux/lib"
+  local rows=() log
+  nvidia-smi --query-gpu=name,driver_version --format=csv,noheader || true
+  for t in cuda_gpu cuda_bounce; do
+    log=$(mktemp)
+    if "$BIN/$t" --test-threads=1 --nocapture >"$log" 2>&1; then res=PASS; else res=FAIL; fi
+    cat "$log"
+    while read -r line; do
+      name=$(sed -E 's/^test ([^ ]+) \.\.\. .*/\1/' <<<"$line")
+      r=$(sed -E 's/.* \.\.\. //' <<<"$line")
+      rows+=("$t::$name|$r|")
+    done < <(grep -E '^test .* \.\.\. (ok|FAILED|ignored)' "$log")
+    rows+=("$t (binary)|$res|$(grep -E 'byte-exact|imported|DMA-BUF' "$log" | tr '\n' ' ')")
+  done
+  log=$(mktemp)
+  if "$BIN/tcpx-gpu-bench" >"$log" 2>&1; then res=PASS; else res=FAIL; fi
+  cat "$log"
+  while read -r line; do
+    rows+=("bench ${line#ROW }")
+  done < <(grep '^ROW ' "$log" | sed -E 's/ \| /|'"$res"'|/')
+  printf '\n%-60s | %-6s | %s\n' test result figure
+  printf '%s\n' "------------------------------------------------------------------------------------------"
+  for r in "${rows[@]}"; do
+    IFS='|' read -r a b c <<<"$r"
+    printf '%-60s | %-6s | %s\n' "$a" "$b" "$c"
+  done
+}
+
+case "${1:-}" in
+  --build) build ;;
+  --run) run ;;
+  *) echo "usage: $0 --build | --run" >&2; exit 2 ;;
+esac

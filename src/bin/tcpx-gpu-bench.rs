@@ -1,0 +1,162 @@
+//! GPU figures for the CUDA paths, one table: pinned D2H, loopback TCP with
+//! host memory, the bounce path GPU->GPU (same loopback), and the unpack
+//! kernel against a device-to-device copy of the same bytes. Exits 0 with a
+//! note when no GPU is present.
+
+use std::time::{Duration, Instant};
+
+use devmem::cuda::mem::{time_on, DeviceBuffer, PinnedBuffer, Stream};
+use devmem::cuda::unpack::{Frag, Unpacker};
+use devmem::cuda::{probe, Context};
+use tcpx::{Config, HostMemory, MemoryRegion, Net, PtrKind, RecvBuf};
+
+const T: Duration = Duration::from_secs(60);
+
+fn main() {
+    if let Err(e) = probe() {
+        println!("SKIP no GPU: {e}");
+        return;
+    }
+    if let Err(e) = run() {
+        eprintln!("tcpx-gpu-bench: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn gbps(bytes: usize, secs: f64) -> f64 {
+    bytes as f64 / secs / 1e9
+}
+
+fn run() -> Result<(), Box<dyn std::error::Error>> {
+    let ctx = Context::get(0)?;
+    let stream = Stream::new(ctx)?;
+    const BIG: usize = 256 << 20;
+    let dev = DeviceBuffer::alloc(ctx, BIG)?;
+    dev.fill(3)?;
+    let pinned = PinnedBuffer::alloc(ctx, BIG)?;
+    let mut best = f32::MAX;
+    for _ in 0..5 {
+        // SAFETY: pinned and dev hold BIG bytes; time_on syncs.
+        best = best.min(time_on(&stream, |s| unsafe {
+            s.dtoh(pinned.as_ptr(), dev.ptr(), BIG)
+        })?);
+    }
+    println!(
+        "ROW d2h_pinned_256MiB | {:.1} GB/s",
+        gbps(BIG, best as f64 / 1e3)
+    );
+
+    // Loopback TCP: host memory, then CUDA bounce, same config and sizes.
+    let cfg = Config::loopback(&["127.0.0.1", "127.0.0.2"])?;
+    let a = Net::init(cfg.clone())?;
+    let b = Net::init(cfg)?;
+    let (send, recv) = pair(&a, &b)?;
+    const MSG: usize = 64 << 20;
+    const N: usize = 16;
+    let hs = a.reg_mr(HostMemory::zeroed(MSG)?);
+    let hd = b.reg_mr(HostMemory::zeroed(MSG)?);
+    let host = transfer(&send, &recv, &hs, &hd, MSG, N)?;
+    println!("ROW loopback_tcp_host_64MiBx{N} | {host:.2} GB/s");
+    let gs = DeviceBuffer::alloc(ctx, MSG)?;
+    let gd = DeviceBuffer::alloc(ctx, MSG)?;
+    gs.fill(7)?;
+    // SAFETY: the device buffers outlive the regions and requests.
+    let ms = unsafe { a.reg_mr_raw(gs.ptr() as *mut u8, MSG, PtrKind::Cuda)? };
+    let md = unsafe { b.reg_mr_raw(gd.ptr() as *mut u8, MSG, PtrKind::Cuda)? };
+    let bounce = transfer(&send, &recv, &ms, &md, MSG, N)?;
+    println!(
+        "ROW bounce_gpu_to_gpu_64MiBx{N} | {bounce:.2} GB/s ({:.0}% of host TCP)",
+        100.0 * bounce / host
+    );
+    let mut tail = vec![0u8; 4096];
+    gd.read(MSG - 4096, &mut tail)?;
+    if tail.iter().any(|&x| x != 7) {
+        return Err("bounce bench: received bytes are wrong".into());
+    }
+
+    // Unpack: 4 KiB fragments scattered in a pool, gathered in order.
+    let un = Unpacker::new(ctx)?;
+    const FRAG: usize = 4096;
+    let n = BIG / FRAG;
+    let pool = DeviceBuffer::alloc(ctx, BIG)?;
+    pool.fill(9)?;
+    let out = DeviceBuffer::alloc(ctx, BIG)?;
+    let mut x = 0x9E3779B97F4A7C15u64;
+    let mut order: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        order.swap(i, (x % (i as u64 + 1)) as usize);
+    }
+    let frags: Vec<Frag> = (0..n)
+        .map(|i| Frag::new((order[i] * FRAG) as u64, (i * FRAG) as u64, FRAG as u32))
+        .collect();
+    Unpacker::check(&frags, BIG, BIG)?;
+    let scratch = DeviceBuffer::alloc(ctx, n * std::mem::size_of::<Frag>())?;
+    // SAFETY: Frag is plain repr(C) data.
+    let raw = unsafe { std::slice::from_raw_parts(frags.as_ptr().cast::<u8>(), scratch.len()) };
+    scratch.write(0, raw)?;
+    let (mut tk, mut tc) = (f32::MAX, f32::MAX);
+    for _ in 0..10 {
+        // SAFETY: fragments checked above; buffers outlive the syncs.
+        tk = tk.min(time_on(&stream, |s| unsafe {
+            un.launch(s, pool.ptr(), out.ptr(), scratch.ptr(), n as u32)
+        })?);
+        // SAFETY: both buffers hold BIG bytes.
+        tc = tc.min(time_on(&stream, |s| unsafe {
+            s.dtod(out.ptr(), pool.ptr(), BIG)
+        })?);
+    }
+    let (k, c) = (gbps(BIG, tk as f64 / 1e3), gbps(BIG, tc as f64 / 1e3));
+    println!("ROW unpack_4KiB_frags_256MiB | {k:.0} GB/s (bytes moved once)");
+    println!(
+        "ROW d2d_copy_256MiB | {c:.0} GB/s ; unpack/d2d = {:.0}%",
+        100.0 * k / c
+    );
+    let mut probe_bytes = vec![0u8; FRAG];
+    out.read(12345 * FRAG, &mut probe_bytes)?;
+    if probe_bytes.iter().any(|&v| v != 9) {
+        return Err("unpack bench: output bytes are wrong".into());
+    }
+    Ok(())
+}
+
+fn pair(a: &Net, b: &Net) -> tcpx::Result<(tcpx::SendComm, tcpx::RecvComm)> {
+    let (h, mut l) = b.listen(0)?;
+    let mut h = tcpx::Handle::from_bytes(&h.to_bytes())?;
+    std::thread::scope(|s| {
+        let acc = s.spawn(move || l.accept_wait(T));
+        let send = a.connect_wait(0, &mut h, T)?;
+        let recv = acc.join().map_err(|_| tcpx::Error::Closed)??;
+        Ok((send, recv))
+    })
+}
+
+/// GB/s of `n` messages of `len` bytes, one in flight each way at a time after a warm-up.
+fn transfer(
+    send: &tcpx::SendComm,
+    recv: &tcpx::RecvComm,
+    src: &MemoryRegion,
+    dst: &MemoryRegion,
+    len: usize,
+    n: usize,
+) -> tcpx::Result<f64> {
+    let mut t = Instant::now();
+    for i in 0..=n {
+        if i == 1 {
+            t = Instant::now(); // first message is warm-up
+        }
+        let bufs = [RecvBuf {
+            mr: dst,
+            offset: 0,
+            len,
+            tag: 1,
+        }];
+        let mut rx = recv.irecv(&bufs)?.ok_or(tcpx::Error::Busy)?;
+        let mut tx = send.isend(src, 0, len, 1)?.ok_or(tcpx::Error::Busy)?;
+        tx.wait(T)?;
+        rx.wait(T)?;
+    }
+    Ok(gbps(len * n, t.elapsed().as_secs_f64()))
+}

@@ -1,0 +1,297 @@
+//! CUDA memory without a devmem NIC: every chunk passes through pinned host
+//! staging. TX copies a chunk device-to-host right before its socket sends
+//! it (so copies pipeline with the sends of other chunks on other workers);
+//! RX receives a chunk into staging and copies it host-to-device in
+//! `landed()`, which returns once the bytes are on the GPU. A receive is
+//! therefore complete only when its data is visible on the GPU, which is
+//! what NCCL's `iflush` asks for.
+//!
+//! Staging is a pool of chunk-sized pinned buffers shared by every CUDA
+//! region of the process, sized by `Config::staging_bytes`
+//! (`TCPX_STAGING_BYTES`) and reused; a chunk holds its buffer only while
+//! its socket works on it (each data socket has at most one chunk in flight
+//! per direction). Sends from staging never use MSG_ZEROCOPY: the buffer
+//! goes back to the pool as soon as the kernel has copied it.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
+use std::os::fd::OwnedFd;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+
+use devmem::cuda::mem::{self, MemKind, PinnedBuffer, Stream};
+use devmem::cuda::{self, Context, CudaError};
+
+use crate::error::{Error, Result};
+use crate::memory::{RxPath, TxPath};
+
+/// Registration rule of the TCPX plugin (`tcpxRegMr`: `data % PAGE_SIZE`).
+pub(crate) const CUDA_REG_ALIGN: usize = 4096;
+
+pub(crate) fn cuda_error(e: CudaError) -> Error {
+    match e {
+        CudaError::NoDriver(_) | CudaError::NoDevice(_) | CudaError::Nvrtc(_) => {
+            Error::Unsupported(e.to_string())
+        }
+        CudaError::InvalidArgument(m) => Error::InvalidArgument(m),
+        e => Error::Io {
+            op: "CUDA",
+            kind: std::io::ErrorKind::Other,
+            msg: e.to_string(),
+        },
+    }
+}
+
+/// True when CUDA memory can be registered here (driver and a device present).
+pub(crate) fn cuda_usable() -> bool {
+    cuda::available()
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Chunk-sized pinned buffers, reused across messages and regions.
+pub(crate) struct StagingPool {
+    ctx: &'static Context,
+    slot_len: usize,
+    max_slots: usize,
+    free: Mutex<(Vec<PinnedBuffer>, usize)>,
+}
+
+impl StagingPool {
+    /// The process's pool for this device and slot size.
+    fn shared(ctx: &'static Context, slot_len: usize, bytes: usize) -> Arc<StagingPool> {
+        type Pools = Mutex<HashMap<(i32, usize), Arc<StagingPool>>>;
+        static POOLS: OnceLock<Pools> = OnceLock::new();
+        let mut pools = lock(POOLS.get_or_init(Default::default));
+        pools
+            .entry((ctx.ordinal(), slot_len))
+            .or_insert_with(|| {
+                Arc::new(StagingPool {
+                    ctx,
+                    slot_len,
+                    max_slots: (bytes / slot_len).max(2),
+                    free: Mutex::new((Vec::new(), 0)),
+                })
+            })
+            .clone()
+    }
+
+    fn take(&self, len: usize) -> Result<PinnedBuffer> {
+        if len > self.slot_len {
+            return Err(Error::InvalidArgument(format!(
+                "chunk of {len} bytes exceeds the {}-byte staging slot",
+                self.slot_len
+            )));
+        }
+        let mut g = lock(&self.free);
+        if let Some(b) = g.0.pop() {
+            return Ok(b);
+        }
+        g.1 += 1;
+        if g.1 == self.max_slots + 1 {
+            tracing::warn!(
+                slots = self.max_slots,
+                "CUDA bounce staging exhausted; growing past TCPX_STAGING_BYTES (raise it: about 2 chunks per data socket)"
+            );
+        }
+        drop(g);
+        PinnedBuffer::alloc(self.ctx, self.slot_len).map_err(cuda_error)
+    }
+
+    fn give(&self, b: PinnedBuffer) {
+        lock(&self.free).0.push(b);
+    }
+}
+
+thread_local! {
+    /// Small per-thread id: a chunk's repeated calls come from its socket's worker.
+    static TID: u64 = {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    };
+    /// One copy stream per thread, so workers' copies overlap.
+    static STREAM: RefCell<Option<Stream>> = const { RefCell::new(None) };
+}
+
+fn with_stream<T>(ctx: &'static Context, f: impl FnOnce(&Stream) -> cuda::Result<T>) -> Result<T> {
+    ctx.make_current().map_err(cuda_error)?;
+    STREAM.with(|s| {
+        let mut s = s.borrow_mut();
+        let fresh = match s.as_ref() {
+            Some(st) => st.context().ordinal() != ctx.ordinal(),
+            None => true,
+        };
+        if fresh {
+            *s = Some(Stream::new(ctx).map_err(cuda_error)?);
+        }
+        match s.as_ref() {
+            Some(st) => f(st).map_err(cuda_error),
+            None => Err(Error::Unsupported("no CUDA stream".into())),
+        }
+    })
+}
+
+struct Staged {
+    len: usize,
+    buf: PinnedBuffer,
+}
+
+/// The TX/RX seam for one registered CUDA region.
+pub(crate) struct CudaBounce {
+    ctx: &'static Context,
+    base: u64,
+    pool: Arc<StagingPool>,
+    /// (thread, region offset of the chunk) -> its staging.
+    tx: Mutex<BTreeMap<(u64, u64), Staged>>,
+    rx: Mutex<BTreeMap<(u64, u64), Staged>>,
+    /// DMA-BUF of the region, for the devmem TX path; closed on dereg.
+    dmabuf: Option<OwnedFd>,
+}
+
+impl CudaBounce {
+    /// Checks and prepares device memory `ptr..ptr+len` for the bounce path.
+    pub(crate) fn register(
+        ptr: *mut u8,
+        len: usize,
+        chunk_size: usize,
+        staging_bytes: usize,
+    ) -> Result<Self> {
+        cuda::probe().map_err(cuda_error)?;
+        if (ptr as usize) % CUDA_REG_ALIGN != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "CUDA memory at {ptr:p} is not {CUDA_REG_ALIGN}-byte aligned, as TCPX registration requires; register an aligned base and use offsets"
+            )));
+        }
+        // Any context answers pointer queries under unified addressing.
+        Context::get(0).map_err(cuda_error)?;
+        let ctx = match mem::pointer_kind(ptr as u64).map_err(cuda_error)? {
+            MemKind::Device { ordinal } => Context::get(ordinal).map_err(cuda_error)?,
+            other => {
+                return Err(Error::InvalidArgument(format!(
+                "{ptr:p} is not GPU memory ({other:?}); register it as host memory (TCPX_PTR_HOST)"
+            )))
+            }
+        };
+        let dmabuf = match mem::export_dmabuf(ptr as u64, len) {
+            Ok(fd) => Some(fd),
+            Err(e) => {
+                // Only the devmem TX path needs it; the bounce path does not.
+                tracing::info!(
+                    "no DMA-BUF for the CUDA region ({e}); the bounce path does not need one"
+                );
+                None
+            }
+        };
+        Ok(CudaBounce {
+            ctx,
+            base: ptr as u64,
+            pool: StagingPool::shared(ctx, chunk_size, staging_bytes),
+            tx: Mutex::new(BTreeMap::new()),
+            rx: Mutex::new(BTreeMap::new()),
+            dmabuf,
+        })
+    }
+
+    pub(crate) fn has_dmabuf(&self) -> bool {
+        self.dmabuf.is_some()
+    }
+}
+
+impl TxPath for CudaBounce {
+    fn source(&self, off: u64, len: usize) -> Result<*const u8> {
+        let key = (TID.with(|t| *t), off);
+        if let Some(s) = lock(&self.tx).get(&key) {
+            if s.len == len {
+                // The same chunk again after a partial send: already staged.
+                return Ok(s.buf.as_ptr());
+            }
+        }
+        let buf = self.pool.take(len)?;
+        let p = buf.as_ptr();
+        with_stream(self.ctx, |st| {
+            // SAFETY: buf holds slot_len >= len pinned bytes; the device range
+            // is inside the region (checked by Region); synced before return.
+            unsafe { st.dtoh(p, self.base + off, len)? };
+            st.sync()
+        })?;
+        if let Some(old) = lock(&self.tx).insert(key, Staged { len, buf }) {
+            self.pool.give(old.buf);
+        }
+        Ok(p)
+    }
+
+    fn sent(&self, off: u64, _len: usize) {
+        let key = (TID.with(|t| *t), off);
+        if let Some(s) = lock(&self.tx).remove(&key) {
+            self.pool.give(s.buf);
+        }
+    }
+
+    fn zerocopy_ok(&self) -> bool {
+        false
+    }
+}
+
+impl RxPath for CudaBounce {
+    fn sink(&self, off: u64, len: usize) -> Result<*mut u8> {
+        let tid = TID.with(|t| *t);
+        let mut rx = lock(&self.rx);
+        if let Some((&(_, start), s)) = rx.range((tid, 0)..=(tid, off)).next_back() {
+            if off < start + s.len as u64 {
+                // The rest of a chunk already being received.
+                let at = (off - start) as usize;
+                // SAFETY: at < s.len <= the slot's length.
+                return Ok(unsafe { s.buf.as_ptr().add(at) });
+            }
+        }
+        drop(rx);
+        let buf = self.pool.take(len)?;
+        let p = buf.as_ptr();
+        rx = lock(&self.rx);
+        if let Some(old) = rx.insert((tid, off), Staged { len, buf }) {
+            self.pool.give(old.buf);
+        }
+        Ok(p)
+    }
+
+    fn landed(&self, off: u64, len: usize) -> Result<()> {
+        let key = (TID.with(|t| *t), off);
+        let Some(s) = lock(&self.rx).remove(&key) else {
+            return if len == 0 {
+                Ok(())
+            } else {
+                Err(Error::InvalidArgument(format!(
+                    "bytes {off}+{len} landed without staging"
+                )))
+            };
+        };
+        let r = with_stream(self.ctx, |st| {
+            // SAFETY: the slot holds len received bytes; the device range is
+            // inside the region; synced before the slot is reused.
+            unsafe { st.htod(self.base + off, s.buf.as_ptr(), len.min(s.len))? };
+            st.sync()
+        });
+        self.pool.give(s.buf);
+        r
+    }
+}
+
+/// Creates a device buffer, for tests and benches that need GPU memory.
+pub fn cuda_alloc(ordinal: i32, len: usize) -> Result<devmem::cuda::mem::DeviceBuffer> {
+    let ctx = Context::get(ordinal).map_err(cuda_error)?;
+    mem::DeviceBuffer::alloc(ctx, len).map_err(cuda_error)
+}
+
+/// Refuses a device pointer registered as host memory (when CUDA is here to ask).
+pub(crate) fn refuse_device_as_host(ptr: *mut u8) -> Result<()> {
+    if ptr.is_null() || !cuda_usable() || Context::get(0).is_err() {
+        return Ok(());
+    }
+    match mem::pointer_kind(ptr as u64) {
+        Ok(MemKind::Device { ordinal }) => Err(Error::InvalidArgument(format!(
+            "{ptr:p} is memory of GPU {ordinal}; register it as CUDA memory (TCPX_PTR_CUDA)"
+        ))),
+        _ => Ok(()),
+    }
+}
