@@ -8,6 +8,8 @@ cd "$(dirname "$0")/.."
 need=()
 command -v cc >/dev/null || need+=(gcc libc6-dev)
 command -v ip >/dev/null || need+=(iproute2)
+command -v c++ >/dev/null || need+=(g++)
+python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 if [ -f /usr/include/linux/ethtool.h ]; then :; else need+=(linux-libc-dev); fi
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
@@ -25,3 +27,5 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets --release -- -D warnings
 echo "== cargo test"
 cargo test --workspace --release
+echo "== NIXL plugin against the PyPI nixl agent"
+./plugins/nixl/test.sh

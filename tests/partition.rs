@@ -16,7 +16,10 @@ struct Namespaces {
 }
 
 fn ip(args: &[&str]) -> bool {
-    Command::new("ip").args(args).status().is_ok_and(|s| s.success())
+    Command::new("ip")
+        .args(args)
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 impl Namespaces {
@@ -27,7 +30,10 @@ impl Namespaces {
         let ns = Namespaces { a, b };
         let ok = ip(&["netns", "add", &ns.a])
             && ip(&["netns", "add", &ns.b])
-            && ip(&["link", "add", "tcpxva", "netns", &ns.a, "type", "veth", "peer", "name", "tcpxvb", "netns", &ns.b])
+            && ip(&[
+                "link", "add", "tcpxva", "netns", &ns.a, "type", "veth", "peer", "name", "tcpxvb",
+                "netns", &ns.b,
+            ])
             && ip(&["-n", &ns.a, "addr", "add", "10.251.7.1/24", "dev", "tcpxva"])
             && ip(&["-n", &ns.b, "addr", "add", "10.251.7.2/24", "dev", "tcpxvb"])
             && ip(&["-n", &ns.a, "link", "set", "tcpxva", "up"])
@@ -77,7 +83,15 @@ fn cut_link_fails_both_ends_within_the_peer_timeout() {
         htx.send(h.to_bytes()).unwrap();
         let recv = l.accept_wait(Duration::from_secs(10)).unwrap();
         let dst = net.reg_mr(HostMemory::zeroed(256 << 20).unwrap());
-        let mut r = recv.irecv(&[RecvBuf { mr: &dst, offset: 0, len: 256 << 20, tag: 0 }]).unwrap().unwrap();
+        let mut r = recv
+            .irecv(&[RecvBuf {
+                mr: &dst,
+                offset: 0,
+                len: 256 << 20,
+                tag: 0,
+            }])
+            .unwrap()
+            .unwrap();
         rtx.send(()).unwrap();
         let t0 = Instant::now();
         let res = r.wait(Duration::from_secs(30));
@@ -86,7 +100,9 @@ fn cut_link_fails_both_ends_within_the_peer_timeout() {
     Namespaces::enter(&ns.b);
     let net = Net::init(config("10.251.7.2")).unwrap();
     let mut h = Handle::from_bytes(&hrx.recv().unwrap()).unwrap();
-    let send = net.connect_wait(0, &mut h, Duration::from_secs(10)).unwrap();
+    let send = net
+        .connect_wait(0, &mut h, Duration::from_secs(10))
+        .unwrap();
     rrx.recv().unwrap();
     let src = net.reg_mr(HostMemory::zeroed(256 << 20).unwrap());
     let mut s = send.isend(&src, 0, 256 << 20, 0).unwrap().unwrap();
@@ -97,9 +113,20 @@ fn cut_link_fails_both_ends_within_the_peer_timeout() {
     let sent = s.wait(Duration::from_secs(30));
     let send_after = t0.elapsed();
     let (received, recv_after) = receiver.join().unwrap();
-    eprintln!("sender failed after {send_after:?}: {sent:?}; receiver after {recv_after:?}: {received:?}");
-    assert!(matches!(sent, Err(Error::ConnectionLost(_)) | Err(Error::Io { .. })), "{sent:?}");
-    assert!(send_after < Duration::from_secs(15), "sender took {send_after:?}");
+    eprintln!(
+        "sender failed after {send_after:?}: {sent:?}; receiver after {recv_after:?}: {received:?}"
+    );
+    assert!(
+        matches!(sent, Err(Error::ConnectionLost(_)) | Err(Error::Io { .. })),
+        "{sent:?}"
+    );
+    assert!(
+        send_after < Duration::from_secs(15),
+        "sender took {send_after:?}"
+    );
     assert!(received.is_err(), "the receive cannot complete");
-    assert!(recv_after < Duration::from_secs(20), "receiver took {recv_after:?}");
+    assert!(
+        recv_after < Duration::from_secs(20),
+        "receiver took {recv_after:?}"
+    );
 }

@@ -1,0 +1,59 @@
+// The C API of the Rust layer (src/ffi.rs), called by plugin.cpp.
+// Every function returns a nixl_status_t value; on failure tnx_last_error()
+// says why (valid until the next call on the same thread). Strings are
+// NUL-terminated UTF-8; byte buffers are (pointer, length).
+#ifndef TCPX_NIXL_H
+#define TCPX_NIXL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct tnx_engine tnx_engine;
+typedef struct tnx_xfer tnx_xfer;
+
+typedef struct tnx_desc {
+    uint64_t local_addr;
+    uint64_t remote_addr;
+    uint64_t len;
+    uint64_t local_md;   // id from tnx_register
+    uint64_t remote_md;  // id from tnx_load_remote_md
+} tnx_desc;
+
+typedef void (*tnx_sink_fn)(void *ctx, const uint8_t *data, size_t len);
+typedef void (*tnx_notif_fn)(void *ctx, const uint8_t *agent, size_t agent_len,
+                             const uint8_t *msg, size_t msg_len);
+
+const char *tnx_last_error(void);
+// keys/vals: n option pairs. *out is set on success; free with tnx_engine_free.
+int tnx_engine_new(const char *agent, const char *const *keys, const char *const *vals,
+                   size_t n, tnx_engine **out);
+void tnx_engine_free(tnx_engine *e);
+int tnx_conn_info(const tnx_engine *e, tnx_sink_fn sink, void *ctx);
+int tnx_load_conn_info(const tnx_engine *e, const char *agent, const uint8_t *info, size_t len);
+// The memory must stay valid until tnx_deregister and until transfers using it complete.
+int tnx_register(const tnx_engine *e, uint64_t addr, uint64_t len, uint32_t mem, uint64_t *out_id);
+int tnx_deregister(const tnx_engine *e, uint64_t id);
+int tnx_public_data(const tnx_engine *e, uint64_t id, tnx_sink_fn sink, void *ctx);
+int tnx_load_remote_md(const tnx_engine *e, const char *agent, const uint8_t *blob, size_t len,
+                       uint32_t mem, uint64_t *out_id);
+int tnx_unload_remote_md(const tnx_engine *e, uint64_t id);
+int tnx_connect(const tnx_engine *e, const char *agent);
+int tnx_disconnect(const tnx_engine *e, const char *agent);
+// op: 0 READ, 1 WRITE. Returns NIXL_IN_PROG/NIXL_SUCCESS with *out set, or an error.
+int tnx_xfer_post(const tnx_engine *e, int op, const char *agent, const tnx_desc *descs, size_t n,
+                  const uint8_t *notif, size_t notif_len, int has_notif, tnx_xfer **out);
+int tnx_xfer_check(const tnx_xfer *x);
+void tnx_xfer_free(tnx_xfer *x);
+int tnx_get_notifs(const tnx_engine *e, tnx_notif_fn sink, void *ctx);
+int tnx_gen_notif(const tnx_engine *e, const char *agent, const uint8_t *msg, size_t len);
+// Option i's key and default; returns 0 past the last option.
+int tnx_option(size_t i, const char **key, const char **default_value);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

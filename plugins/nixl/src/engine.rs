@@ -1,0 +1,482 @@
+//! The one-sided engine: registrations, peers, transfers and notifications.
+//!
+//! Threads: one accept thread per engine; per link (a pair of comms with one
+//! peer) a sender thread that owns the outgoing `SendComm` and a receiver
+//! thread that owns the incoming `RecvComm` (see link.rs).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use tcpx::{Config, Handle, Net, NicSpec, HANDLE_SIZE};
+
+use crate::error::{status, Error, Result};
+use crate::link::{self, Item, Link};
+use crate::proto::{Desc, Msg, MAX_DESCS, MAX_NOTIF};
+use crate::registry::{self, LocalRegion, Registry, RemoteRegion, MEM_DRAM};
+
+/// Backend options (`create_backend("TCPX", {...})`) with their defaults.
+pub const OPTIONS: &[(&str, &str)] = &[
+    ("nics", ""),
+    ("sockets_per_nic", ""),
+    ("chunk_size", ""),
+    ("timeout_ms", "10000"),
+];
+
+/// Parsed backend options.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub cfg: Config,
+    /// Deadline for connecting to a peer, and how long a silent link may stall.
+    pub timeout: Duration,
+}
+
+impl Options {
+    /// Parses options; unknown keys are refused so that typos do not pass silently.
+    /// Unset transport settings come from the environment (`Config::from_env`).
+    pub fn parse<'a>(kv: impl IntoIterator<Item = (&'a str, &'a str)>) -> Result<Self> {
+        let mut cfg = Config::from_env()?;
+        let mut timeout = Duration::from_millis(10_000);
+        for (k, v) in kv {
+            let bad = |why: String| Error::BadOption {
+                key: k.into(),
+                value: v.into(),
+                why,
+            };
+            let num = || v.trim().parse::<u64>().map_err(|e| bad(e.to_string()));
+            match k {
+                _ if v.is_empty() && OPTIONS.iter().any(|(o, _)| *o == k) => {}
+                "nics" => cfg.data_nics = NicSpec::parse_list(v).map_err(|e| bad(e.to_string()))?,
+                "sockets_per_nic" => cfg.sockets_per_nic = num()? as usize,
+                "chunk_size" => {
+                    cfg.chunk_size = tcpx::config::parse_size(v).map_err(|e| bad(e.to_string()))?
+                }
+                "timeout_ms" => timeout = Duration::from_millis(num()?.max(1)),
+                _ => {
+                    return Err(Error::UnknownOption {
+                        key: k.into(),
+                        known: OPTIONS
+                            .iter()
+                            .map(|(o, _)| *o)
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                    })
+                }
+            }
+        }
+        cfg.validate()?;
+        Ok(Options { cfg, timeout })
+    }
+}
+
+/// Connection info: "TXCI", version u16, then the 128-byte listen handle.
+const CONN_MAGIC: &[u8; 4] = b"TXCI";
+const CONN_LEN: usize = 6 + HANDLE_SIZE;
+
+/// WRITE or READ, as `nixl_xfer_op_t` numbers them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Read,
+    Write,
+}
+
+/// One local/remote pair of a transfer.
+#[derive(Debug, Clone, Copy)]
+pub struct XferDesc {
+    pub local_addr: u64,
+    pub remote_addr: u64,
+    pub len: u64,
+    /// Local registration id.
+    pub local_md: u64,
+    /// Remote descriptor id (from `load_remote_md`).
+    pub remote_md: u64,
+}
+
+/// Progress of one posted transfer; shared with the link threads.
+pub struct XferState {
+    batches: AtomicUsize,
+    failed: Mutex<Option<Error>>,
+    /// READ with a notification: sent to the target after the last batch lands.
+    notif_after: Mutex<Option<(Arc<Link>, Vec<u8>)>>,
+}
+
+impl XferState {
+    pub fn fail(&self, e: Error) {
+        let mut f = lock(&self.failed);
+        if f.is_none() {
+            *f = Some(e);
+        }
+    }
+
+    /// Marks one batch done; the last one sends a pending READ notification.
+    pub fn batch_done(&self) {
+        if self.batches.fetch_sub(1, Ordering::AcqRel) == 1 {
+            if let Some((link, msg)) = lock(&self.notif_after).take() {
+                if let Err(e) = link.send(vec![Item::Msg(Msg::Notif { msg }.encode())]) {
+                    self.fail(e);
+                }
+            }
+        }
+    }
+
+    /// `Ok(true)` once every batch completed.
+    pub fn check(&self) -> Result<bool> {
+        if let Some(e) = lock(&self.failed).clone() {
+            return Err(e);
+        }
+        Ok(self.batches.load(Ordering::Acquire) == 0)
+    }
+}
+
+/// A batch the initiator waits on, keyed by request id.
+pub struct Pending {
+    pub peer: String,
+    pub xfer: Arc<XferState>,
+    /// READ: where the response payloads land, in order.
+    pub sinks: Vec<(Arc<LocalRegion>, usize, usize)>,
+}
+
+/// A link we opened and the channel its connect waits on.
+pub(crate) type OpenPair = (Arc<Link>, crossbeam_channel::Sender<Arc<Link>>);
+
+pub(crate) struct Inner {
+    pub net: Net,
+    pub agent: String,
+    pub opts: Options,
+    pub handle: [u8; HANDLE_SIZE],
+    pub reg: Mutex<Registry>,
+    pub peer_info: Mutex<HashMap<String, [u8; HANDLE_SIZE]>>,
+    pub links: Mutex<HashMap<String, Arc<Link>>>,
+    /// Serializes connection setup so concurrent posts open one link.
+    pub connecting: Mutex<()>,
+    /// Links we opened, waiting for the peer's HelloBack.
+    pub pairs: Mutex<HashMap<u64, OpenPair>>,
+    pub pending: Mutex<HashMap<u64, Pending>>,
+    pub notifs: Mutex<Vec<(String, Vec<u8>)>>,
+    pub stop: AtomicBool,
+    pub next_id: AtomicU64,
+    pub threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Inner {
+    pub fn id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Fails every batch waiting on `peer` (its link broke).
+    pub fn fail_peer(&self, peer: &str, e: &Error) {
+        let mut p = lock(&self.pending);
+        p.retain(|_, b| {
+            if b.peer == peer {
+                b.xfer.fail(e.clone());
+                false
+            } else {
+                true
+            }
+        });
+    }
+
+    pub fn spawn(&self, name: String, f: impl FnOnce() + Send + 'static) {
+        match std::thread::Builder::new().name(name).spawn(f) {
+            Ok(h) => lock(&self.threads).push(h),
+            Err(e) => tracing::error!("tcpx-nixl: cannot start a thread: {e}"),
+        }
+    }
+}
+
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panicked holder left consistent data (no invariants span a panic here).
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The TCPX NIXL engine of one agent.
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+impl Engine {
+    /// Starts the transport, listens, and serves peers on background threads.
+    pub fn new(agent: &str, opts: Options) -> Result<Self> {
+        let net = Net::init(opts.cfg.clone())?;
+        let (handle, listener) = net.listen(0)?;
+        let inner = Arc::new(Inner {
+            net,
+            agent: agent.to_string(),
+            opts,
+            handle: handle.to_bytes(),
+            reg: Mutex::new(Registry::default()),
+            peer_info: Mutex::new(HashMap::new()),
+            links: Mutex::new(HashMap::new()),
+            connecting: Mutex::new(()),
+            pairs: Mutex::new(HashMap::new()),
+            pending: Mutex::new(HashMap::new()),
+            notifs: Mutex::new(Vec::new()),
+            stop: AtomicBool::new(false),
+            next_id: AtomicU64::new(1),
+            threads: Mutex::new(Vec::new()),
+        });
+        let i = inner.clone();
+        inner.spawn("tcpx-nixl-accept".into(), move || {
+            link::accept_loop(i, listener)
+        });
+        Ok(Engine { inner })
+    }
+
+    pub fn agent(&self) -> &str {
+        &self.inner.agent
+    }
+
+    /// This engine's connection info for peers.
+    pub fn conn_info(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(CONN_LEN);
+        v.extend_from_slice(CONN_MAGIC);
+        v.extend_from_slice(&crate::proto::VERSION.to_le_bytes());
+        v.extend_from_slice(&self.inner.handle);
+        v
+    }
+
+    pub fn load_conn_info(&self, agent: &str, info: &[u8]) -> Result<()> {
+        if info.len() != CONN_LEN || &info[..4] != CONN_MAGIC {
+            return Err(Error::InvalidArgument(format!(
+                "connection info of {agent:?} is not a TCPX one ({} bytes)",
+                info.len()
+            )));
+        }
+        let v = u16::from_le_bytes([info[4], info[5]]);
+        if v != crate::proto::VERSION {
+            return Err(Error::Protocol(format!(
+                "{agent:?} speaks protocol version {v}, we speak {}",
+                crate::proto::VERSION
+            )));
+        }
+        let mut h = [0; HANDLE_SIZE];
+        h.copy_from_slice(&info[6..]);
+        Handle::from_bytes(&h)?;
+        lock(&self.inner.peer_info).insert(agent.to_string(), h);
+        Ok(())
+    }
+
+    /// Registers caller memory and returns its id.
+    ///
+    /// # Safety
+    /// `addr..addr+len` must stay valid until `deregister` and until every
+    /// transfer touching it completed.
+    pub unsafe fn register(&self, addr: u64, len: u64, kind: u32) -> Result<u64> {
+        let id = self.inner.id();
+        // SAFETY: forwarded to the caller's contract.
+        unsafe { lock(&self.inner.reg).register(&self.inner.net, id, addr, len, kind)? };
+        Ok(id)
+    }
+
+    pub fn deregister(&self, id: u64) -> Result<()> {
+        lock(&self.inner.reg).deregister(id)
+    }
+
+    /// The public descriptor of registration `id` (loaded by peers with `load_remote_md`).
+    pub fn public_data(&self, id: u64) -> Result<Vec<u8>> {
+        let r = lock(&self.inner.reg).local(id)?;
+        Ok(registry::encode_public(&r).to_vec())
+    }
+
+    pub fn load_remote_md(&self, agent: &str, blob: &[u8], kind: u32) -> Result<u64> {
+        let r = registry::decode_public(agent, blob)?;
+        if r.kind != kind {
+            return Err(Error::InvalidArgument(format!(
+                "descriptor of {agent:?} is {} memory, loaded as {}",
+                registry::mem_name(r.kind),
+                registry::mem_name(kind)
+            )));
+        }
+        let id = self.inner.id();
+        lock(&self.inner.reg).load_remote(id, r);
+        Ok(id)
+    }
+
+    pub fn unload_remote_md(&self, id: u64) -> Result<()> {
+        lock(&self.inner.reg).unload_remote(id)
+    }
+
+    /// Opens the link to `agent` unless one is up.
+    pub fn connect(&self, agent: &str) -> Result<()> {
+        link::ensure(&self.inner, agent).map(drop)
+    }
+
+    /// Closes the link to `agent`; its in-flight transfers fail.
+    pub fn disconnect(&self, agent: &str) -> Result<()> {
+        if let Some(l) = lock(&self.inner.links).remove(agent) {
+            l.close();
+            self.inner.fail_peer(
+                agent,
+                &Error::PeerLost {
+                    peer: agent.into(),
+                    why: "disconnected locally".into(),
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// Posts a transfer; poll the result with [`XferState::check`].
+    pub fn post(
+        &self,
+        op: Op,
+        agent: &str,
+        descs: &[XferDesc],
+        notif: Option<&[u8]>,
+    ) -> Result<Arc<XferState>> {
+        if notif.is_some_and(|n| n.len() > MAX_NOTIF) {
+            return Err(Error::InvalidArgument(format!(
+                "notification longer than {MAX_NOTIF} bytes"
+            )));
+        }
+        // Resolve and check everything before anything is sent.
+        let mut local = Vec::with_capacity(descs.len());
+        {
+            let reg = lock(&self.inner.reg);
+            for d in descs {
+                let l = reg.local(d.local_md)?;
+                let off = l.offset_of(d.local_addr, d.len).ok_or_else(|| {
+                    Error::InvalidArgument(format!(
+                        "local range {:#x}+{} is outside its registration",
+                        d.local_addr, d.len
+                    ))
+                })?;
+                let r: RemoteRegion = reg.remote(d.remote_md)?;
+                if r.agent != agent {
+                    return Err(Error::InvalidArgument(format!(
+                        "remote descriptor belongs to {:?}, not {agent:?}",
+                        r.agent
+                    )));
+                }
+                local.push((l, off, d.len as usize));
+            }
+        }
+        let link = link::ensure(&self.inner, agent)?;
+        let chunks: Vec<_> = descs
+            .chunks(MAX_DESCS)
+            .zip(local.chunks(MAX_DESCS))
+            .collect();
+        let xfer = Arc::new(XferState {
+            batches: AtomicUsize::new(chunks.len().max(1)),
+            failed: Mutex::new(None),
+            notif_after: Mutex::new(None),
+        });
+        if chunks.is_empty() {
+            // Nothing to move; a notification still travels.
+            if let Some(n) = notif {
+                link.send(vec![Item::Msg(Msg::Notif { msg: n.to_vec() }.encode())])?;
+            }
+            xfer.batch_done();
+            return Ok(xfer);
+        }
+        if op == Op::Read {
+            if let Some(n) = notif {
+                *lock(&xfer.notif_after) = Some((link.clone(), n.to_vec()));
+            }
+        }
+        let last = chunks.len() - 1;
+        for (i, (ds, ls)) in chunks.into_iter().enumerate() {
+            let id = self.inner.id();
+            let wire: Vec<Desc> = ds
+                .iter()
+                .map(|d| Desc {
+                    addr: d.remote_addr,
+                    len: d.len,
+                })
+                .collect();
+            let sinks = if op == Op::Read {
+                ls.to_vec()
+            } else {
+                Vec::new()
+            };
+            // Registered before sending: the answer may beat us back.
+            lock(&self.inner.pending).insert(
+                id,
+                Pending {
+                    peer: agent.to_string(),
+                    xfer: xfer.clone(),
+                    sinks,
+                },
+            );
+            let items = match op {
+                Op::Write => {
+                    let hdr = Msg::Write {
+                        id,
+                        mem: MEM_DRAM,
+                        descs: wire,
+                        notif: if i == last {
+                            notif.map(|n| n.to_vec())
+                        } else {
+                            None
+                        },
+                    };
+                    let mut items = vec![Item::Msg(hdr.encode())];
+                    items.extend(
+                        ls.iter()
+                            .map(|(r, off, len)| Item::Data(r.clone(), *off, *len)),
+                    );
+                    items
+                }
+                Op::Read => vec![Item::Msg(
+                    Msg::Read {
+                        id,
+                        mem: MEM_DRAM,
+                        descs: wire,
+                    }
+                    .encode(),
+                )],
+            };
+            if let Err(e) = link.send(items) {
+                lock(&self.inner.pending).remove(&id);
+                xfer.fail(e.clone());
+                return Err(e);
+            }
+        }
+        Ok(xfer)
+    }
+
+    /// Sends a standalone notification.
+    pub fn gen_notif(&self, agent: &str, msg: &[u8]) -> Result<()> {
+        if msg.len() > MAX_NOTIF {
+            return Err(Error::InvalidArgument(format!(
+                "notification longer than {MAX_NOTIF} bytes"
+            )));
+        }
+        let link = link::ensure(&self.inner, agent)?;
+        link.send(vec![Item::Msg(Msg::Notif { msg: msg.to_vec() }.encode())])
+    }
+
+    /// Takes the notifications received so far (each is returned once).
+    pub fn take_notifs(&self) -> Vec<(String, Vec<u8>)> {
+        std::mem::take(&mut *lock(&self.inner.notifs))
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.inner.stop.store(true, Ordering::Release);
+        for (_, l) in lock(&self.inner.links).drain() {
+            l.close();
+        }
+        let threads = std::mem::take(&mut *lock(&self.inner.threads));
+        for t in threads {
+            let _ = t.join();
+        }
+        // Threads spawned while we joined (a late accept) see `stop` and exit.
+        let late = std::mem::take(&mut *lock(&self.inner.threads));
+        for t in late {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Status of a transfer as a `nixl_status_t`.
+pub fn xfer_status(x: &XferState) -> (i32, Option<Error>) {
+    match x.check() {
+        Ok(true) => (status::SUCCESS, None),
+        Ok(false) => (status::IN_PROG, None),
+        Err(e) => (e.status(), Some(e)),
+    }
+}

@@ -1,0 +1,208 @@
+#!/usr/bin/env python3
+"""NIXL point-to-point benchmark: TCPX (our plugin) and UCX side by side.
+
+Two NIXL agents per backend, each in its own process (a target that
+registers a buffer, an initiator that sweeps message sizes with WRITE or
+READ), exchanging metadata over a pipe. Prints GB/s and latency per size.
+
+    .venv/bin/python python/benchmark_nixl.py                 # TCPX and UCX
+    .venv/bin/python python/benchmark_nixl.py --backend TCPX --sizes 1M,64M
+
+UCX runs over TCP on loopback (UCX_TLS=tcp) with the wheel's own plugin;
+TCPX loads target/release/libplugin_TCPX.so through NIXL_PLUGIN_DIR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import pathlib
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DEFAULT_PLUGIN = ROOT / "target" / "release" / "libplugin_TCPX.so"
+DEFAULT_SIZES = "256,4K,64K,256K,1M,4M,16M,64M"
+
+
+def parse_size(s: str) -> int:
+    s = s.strip().upper()
+    for suffix, mult in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if s.endswith(suffix):
+            return int(float(s[:-1]) * mult)
+    return int(s)
+
+
+def fmt_size(n: int) -> str:
+    for suffix, mult in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if n >= mult and n % mult == 0:
+            return f"{n // mult}{suffix}"
+    return str(n)
+
+
+def backend_env(backend: str, plugin: pathlib.Path) -> dict[str, str | None]:
+    if backend == "TCPX":
+        return {"NIXL_PLUGIN_DIR": str(plugin.parent)}
+    # The wheel's plugin folder (NIXL_PLUGIN_DIR would replace it).
+    return {"NIXL_PLUGIN_DIR": None, "UCX_TLS": "tcp", "UCX_NET_DEVICES": "lo"}
+
+
+def backend_params(backend: str, args) -> dict[str, str]:
+    if backend == "TCPX":
+        return {"nics": args.nics}
+    return {}
+
+
+def make_agent(name: str, backend: str, params: dict[str, str]):
+    from nixl_cu12._api import nixl_agent, nixl_agent_config
+
+    agent = nixl_agent(name, nixl_agent_config(backends=[]))
+    agent.create_backend(backend, params)
+    return agent
+
+
+def alloc(n: int, device: str):
+    if device == "gpu":
+        raise SystemExit(
+            "--device gpu: this build's TCPX backend registers DRAM only "
+            "(VRAM is reported unsupported); run with --device cpu"
+        )
+    import numpy as np
+
+    return np.ones(n, dtype=np.uint8), "DRAM"
+
+
+def target_main(conn, backend, params, nbytes, device):
+    agent = make_agent("target", backend, params)
+    buf, mem = alloc(nbytes, device)
+    agent.register_memory(agent.get_reg_descs([(buf.ctypes.data, nbytes, 0, "")], mem))
+    conn.send((agent.get_agent_metadata(), buf.ctypes.data))
+    agent.add_remote_agent(conn.recv())
+    conn.recv()  # the initiator's "done"
+    conn.send(None)
+
+
+def initiator_main(conn, backend, params, nbytes, device, sizes, op, iters, warmup, out):
+    agent = make_agent("initiator", backend, params)
+    buf, mem = alloc(nbytes, device)
+    agent.register_memory(agent.get_reg_descs([(buf.ctypes.data, nbytes, 0, "")], mem))
+    meta, raddr = conn.recv()
+    peer = agent.add_remote_agent(meta)
+    conn.send(agent.get_agent_metadata())
+    rows = []
+    for size in sizes:
+        local = agent.get_xfer_descs([(buf.ctypes.data, size, 0)], mem)
+        remote = agent.get_xfer_descs([(raddr, size, 0)], mem)
+        h = None
+        deadline = time.monotonic() + 20
+        while h is None:  # the peer may still be loading our metadata
+            try:
+                h = agent.initialize_xfer(op, local, remote, peer)
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
+        n = iters if size < (16 << 20) else max(3, iters // 4)
+        lat = []
+        for i in range(warmup + n):
+            t0 = time.perf_counter()
+            state = agent.transfer(h)
+            while state == "PROC":
+                state = agent.check_xfer_state(h)
+            if state != "DONE":
+                raise RuntimeError(f"{backend} {op} of {size} bytes ended in {state}")
+            if i >= warmup:
+                lat.append(time.perf_counter() - t0)
+        agent.release_xfer_handle(h)
+        total = sum(lat)
+        lat.sort()
+        rows.append(
+            {
+                "size": size,
+                "gbps": size * len(lat) / total / 1e9,
+                "lat_us": lat[len(lat) // 2] * 1e6,
+                "iters": len(lat),
+            }
+        )
+    conn.send("done")
+    conn.recv()
+    out.put(rows)
+
+
+def run_backend(backend: str, args, sizes: list[int]) -> list[dict]:
+    ctx = mp.get_context("spawn")
+    saved = {k: os.environ.get(k) for k in backend_env(backend, args.plugin)}
+    for k, v in backend_env(backend, args.plugin).items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    try:
+        a, b = ctx.Pipe()
+        out = ctx.Queue()
+        nbytes = max(sizes)
+        params = backend_params(backend, args)
+        t = ctx.Process(target=target_main, args=(a, backend, params, nbytes, args.device))
+        i = ctx.Process(
+            target=initiator_main,
+            args=(b, backend, params, nbytes, args.device, sizes, args.op, args.iters, args.warmup, out),
+        )
+        t.start()
+        i.start()
+        rows = out.get(timeout=args.timeout)
+        for p in (i, t):
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+        return rows
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backend", default="TCPX,UCX", help="TCPX, UCX or a comma list (default: both)")
+    ap.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    ap.add_argument("--op", choices=["WRITE", "READ"], default="WRITE")
+    ap.add_argument("--sizes", default=DEFAULT_SIZES, help=f"comma list (default {DEFAULT_SIZES})")
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--nics", default="127.0.0.1", help="TCPX data NICs (names or addresses)")
+    ap.add_argument("--plugin", type=pathlib.Path, default=DEFAULT_PLUGIN)
+    ap.add_argument("--timeout", type=float, default=300, help="seconds per backend")
+    ap.add_argument("--json", type=pathlib.Path, help="also write the results here")
+    args = ap.parse_args()
+
+    backends = [b.strip().upper() for b in args.backend.split(",") if b.strip()]
+    for b in backends:
+        if b not in ("TCPX", "UCX"):
+            ap.error(f"unknown backend {b!r}; use TCPX and/or UCX")
+    if "TCPX" in backends and not args.plugin.is_file():
+        ap.error(f"{args.plugin} not found: cargo build --release -p tcpx-nixl")
+    sizes = [parse_size(s) for s in args.sizes.split(",")]
+
+    results = {}
+    for b in backends:
+        print(f"running {b} {args.op} ({args.device}) ...", file=sys.stderr, flush=True)
+        results[b] = {r["size"]: r for r in run_backend(b, args, sizes)}
+
+    head = f"{'size':>8} " + " ".join(f"{b + ' GB/s':>10} {b + ' lat us':>12}" for b in backends)
+    print(f"NIXL {args.op}, {args.device}, loopback; GB/s over all iterations, median latency")
+    print(head)
+    print("-" * len(head))
+    for s in sizes:
+        cells = " ".join(f"{results[b][s]['gbps']:>10.3f} {results[b][s]['lat_us']:>12.1f}" for b in backends)
+        print(f"{fmt_size(s):>8} {cells}")
+    if args.json:
+        args.json.write_text(json.dumps({b: list(r.values()) for b, r in results.items()}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
