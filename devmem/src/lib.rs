@@ -2,5 +2,8 @@
 //! both kernel families, the RX pool and unpack.
 
 pub mod cuda;
+pub mod emu;
 pub mod gpumemd;
+pub mod pool;
 pub mod sockabi;
+pub mod unpack;
