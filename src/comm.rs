@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
-use devmem::gpumemd::SteeredFlow;
+use flowsteer::RuleHandle;
 use nix::errno::Errno;
 use nix::sys::socket::MsgFlags;
 
@@ -368,7 +368,7 @@ pub(crate) struct RecvCore {
     /// Callers spinning in `Request::wait` on this comm.
     spinners: AtomicUsize,
     /// Flow-steering rules of the data sockets; withdrawn on close.
-    flows: Mutex<Vec<SteeredFlow>>,
+    flows: Mutex<Vec<RuleHandle>>,
 }
 
 /// The receiving end of a connection (from `ListenComm::accept`).
@@ -387,7 +387,7 @@ impl RecvComm {
         net: Arc<NetInner>,
         ctrl: TcpStream,
         socks: Vec<DataSock>,
-        flows: Vec<SteeredFlow>,
+        flows: Vec<RuleHandle>,
     ) -> Result<Self> {
         let core = Arc::new(RecvCore {
             base: CommBase::new(net, socks),
@@ -485,7 +485,7 @@ impl Drop for RecvComm {
         drop(c);
         core.base.close_data();
         for f in lock(&core.flows).drain(..) {
-            if let Err(e) = f.withdraw() {
+            if let Err(e) = f.remove() {
                 tracing::warn!("withdrawing a flow-steering rule: {e}");
             }
         }

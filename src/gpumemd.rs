@@ -4,14 +4,15 @@
 
 use std::net::TcpStream;
 
-use devmem::gpumemd::{FlowRule, GpumemdClient, Registration, SteeredFlow, DEFAULT_DEADLINE};
+use devmem::gpumemd::{GpumemdClient, Registration, DEFAULT_DEADLINE};
+use flowsteer::gpumemd::GpumemdSteering;
+use flowsteer::{FlowTuple, RuleHandle, Steering};
 
 use crate::config::{Config, DevmemMode};
 use crate::error::{Error, Result};
 
 pub(crate) struct Gpumemd {
-    client: GpumemdClient,
-    gpu_pci: String,
+    steering: GpumemdSteering,
     queue_ids: Vec<i32>,
     mode: DevmemMode,
     _registration: Option<Registration>,
@@ -52,8 +53,7 @@ impl Gpumemd {
         };
         tracing::info!(prefix = %prefix.display(), gpu = %pci, ?queue_ids, "gpumemd answers: devmem control plane on");
         Ok(Some(Gpumemd {
-            client,
-            gpu_pci: pci.clone(),
+            steering: GpumemdSteering::new(client, pci.clone()),
             queue_ids,
             mode: cfg.devmem,
             _registration: registration,
@@ -62,17 +62,18 @@ impl Gpumemd {
 
     /// Steers the flows of accepted data sockets, one rule each, round-robin over the queues.
     /// Under `prefer`, a refused rule leaves the remaining flows unsteered (logged).
-    pub fn steer(&self, socks: &[&TcpStream]) -> Result<Vec<SteeredFlow>> {
+    pub fn steer(&self, socks: &[&TcpStream]) -> Result<Vec<RuleHandle>> {
         let mut out = Vec::with_capacity(socks.len());
         for (i, s) in socks.iter().enumerate() {
             let (local, peer) = match (s.local_addr(), s.peer_addr()) {
                 (Ok(l), Ok(p)) => (l, p),
                 (Err(e), _) | (_, Err(e)) => return Err(Error::io("getsockname", e)),
             };
-            let rule = FlowRule::for_accepted(local, peer)
-                .with_gpu(self.gpu_pci.clone())
-                .with_queue(self.queue_ids[i % self.queue_ids.len()]);
-            match self.client.steer(rule) {
+            let queue = self.queue_ids[i % self.queue_ids.len()] as u32;
+            match self
+                .steering
+                .install(FlowTuple::incoming(local, peer), queue)
+            {
                 Ok(f) => out.push(f),
                 Err(e) if self.mode == DevmemMode::Require => {
                     return Err(Error::Gpumemd(e.to_string()))

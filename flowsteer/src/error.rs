@@ -2,6 +2,14 @@
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum SteerError {
+    /// gpumemd refused or did not answer a rule request.
+    #[error("gpumemd could not {op}: {reason}")]
+    Daemon {
+        /// What was attempted.
+        op: &'static str,
+        /// The daemon client's error.
+        reason: String,
+    },
     /// No interface of that name in this network namespace.
     #[error("no network interface named {ifname:?}; check the data NIC list (ip link)")]
     NoSuchInterface {

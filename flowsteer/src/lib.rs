@@ -4,11 +4,12 @@
 //! [`Steering`] is the seam: a backend installs a rule and hands back a
 //! [`RuleHandle`] that removes it when dropped. Backends here:
 //! [`ethtool::EthtoolSteering`] (`SIOCETHTOOL` ntuple rules) and
-//! [`RecordingSteering`] (a fake for tests). The gpumemd backend plugs in by
-//! implementing [`Steering`].
+//! [`gpumemd::GpumemdSteering`] (the daemon's rule requests, for TCPX kernels)
+//! and [`RecordingSteering`] (a fake for tests).
 
 mod error;
 pub mod ethtool;
+pub mod gpumemd;
 mod recording;
 mod rule;
 

@@ -1,0 +1,386 @@
+//! The exported `ncclNetPlugin_vN` tables and their C entry points. Each
+//! entry converts its version's arguments and calls `plugin`; `guard` turns
+//! errors and panics into `ncclResult_t`.
+#![allow(non_upper_case_globals)]
+
+use std::ffi::{c_int, c_void};
+
+use tcpx::Error;
+
+use crate::abi::*;
+use crate::log;
+use crate::plugin::{self, guard, Listen, Recv, Send};
+
+type P = *mut c_void;
+type PP = *mut *mut c_void;
+
+fn start(version: &'static str, logger: ncclDebugLogger_t) -> ncclResult_t {
+    log::set_logger(logger);
+    guard("init", || plugin::init(version))
+}
+
+// ------------------------------------------------ entries shared by versions
+
+extern "C" fn devices(ndev: *mut c_int) -> ncclResult_t {
+    guard("devices", || plugin::devices(ndev))
+}
+
+extern "C" fn listen(dev: c_int, handle: P, l: PP) -> ncclResult_t {
+    guard("listen", || plugin::listen(dev, handle, l))
+}
+
+extern "C" fn connect(dev: c_int, handle: P, send: PP, _dc: PP) -> ncclResult_t {
+    guard("connect", || plugin::connect(dev, handle, send))
+}
+
+extern "C" fn accept(l: P, recv: PP, _dc: PP) -> ncclResult_t {
+    guard("accept", || plugin::accept(l, recv))
+}
+
+extern "C" fn reg_mr(_comm: P, data: P, size: usize, ty: c_int, mh: PP) -> ncclResult_t {
+    guard("regMr", || plugin::reg_mr(data, size, ty, mh))
+}
+
+extern "C" fn reg_mr_dmabuf(
+    _comm: P,
+    _data: P,
+    _size: usize,
+    _ty: c_int,
+    _offset: u64,
+    _fd: c_int,
+    mh: PP,
+) -> ncclResult_t {
+    guard("regMrDmaBuf", || {
+        plugin::put::<()>(mh, None)?;
+        Err(Error::Unsupported(
+            "DMA-BUF registration: ptrSupport lacks NCCL_PTR_DMABUF, so NCCL should not ask".into(),
+        ))
+    })
+}
+
+extern "C" fn dereg_mr(_comm: P, mh: P) -> ncclResult_t {
+    guard("deregMr", || plugin::dereg_mr(mh))
+}
+
+extern "C" fn iflush(
+    recv: P,
+    _n: c_int,
+    _data: PP,
+    _sizes: *mut c_int,
+    _mhs: PP,
+    req: PP,
+) -> ncclResult_t {
+    guard("iflush", || plugin::iflush(recv, req))
+}
+
+extern "C" fn test(req: P, done: *mut c_int, sizes: *mut c_int) -> ncclResult_t {
+    plugin::test(req, done, sizes)
+}
+
+extern "C" fn close_send(c: P) -> ncclResult_t {
+    guard("closeSend", || {
+        plugin::free::<Send>(c);
+        Ok(())
+    })
+}
+
+extern "C" fn close_recv(c: P) -> ncclResult_t {
+    guard("closeRecv", || {
+        plugin::free::<Recv>(c);
+        Ok(())
+    })
+}
+
+extern "C" fn close_listen(c: P) -> ncclResult_t {
+    guard("closeListen", || {
+        plugin::free::<Listen>(c);
+        Ok(())
+    })
+}
+
+/// size_t sizes (v9+).
+extern "C" fn isend_v9(send: P, data: P, size: usize, tag: c_int, mh: P, req: PP) -> ncclResult_t {
+    guard("isend", || plugin::isend(send, data, size, tag, mh, req))
+}
+
+extern "C" fn irecv_v9(
+    recv: P,
+    n: c_int,
+    data: PP,
+    sizes: *mut usize,
+    tags: *mut c_int,
+    mhs: PP,
+    req: PP,
+) -> ncclResult_t {
+    guard("irecv", || {
+        let size = |i: usize| {
+            if sizes.is_null() {
+                return Err(null("sizes"));
+            }
+            // SAFETY: NCCL's sizes array holds n elements and plugin::irecv asks only i < n.
+            Ok(unsafe { *sizes.add(i) })
+        };
+        plugin::irecv(recv, n, data, size, tags, mhs, req)
+    })
+}
+
+fn null(what: &str) -> Error {
+    Error::InvalidArgument(format!("{what} is NULL"))
+}
+
+// ------------------------------------------------------------------ v8
+
+extern "C" fn init_v8(logger: ncclDebugLogger_t) -> ncclResult_t {
+    start("ncclNet v8", logger)
+}
+
+extern "C" fn get_properties_v8(dev: c_int, p: *mut ncclNetProperties_v8_t) -> ncclResult_t {
+    guard("getProperties", || {
+        *plugin::out(p, "props")? = plugin::props(dev)?.v8();
+        Ok(())
+    })
+}
+
+/// v8 passes `int` sizes.
+extern "C" fn isend_v8(send: P, data: P, size: c_int, tag: c_int, mh: P, req: PP) -> ncclResult_t {
+    guard("isend", || {
+        let size = usize::try_from(size)
+            .map_err(|_| Error::InvalidArgument(format!("negative size {size}")))?;
+        plugin::isend(send, data, size, tag, mh, req)
+    })
+}
+
+extern "C" fn irecv_v8(
+    recv: P,
+    n: c_int,
+    data: PP,
+    sizes: *mut c_int,
+    tags: *mut c_int,
+    mhs: PP,
+    req: PP,
+) -> ncclResult_t {
+    guard("irecv", || {
+        let size = |i: usize| {
+            if sizes.is_null() {
+                return Err(null("sizes"));
+            }
+            // SAFETY: NCCL's sizes array holds n elements and plugin::irecv asks only i < n.
+            let s = unsafe { *sizes.add(i) };
+            usize::try_from(s).map_err(|_| Error::InvalidArgument(format!("negative size {s}")))
+        };
+        plugin::irecv(recv, n, data, size, tags, mhs, req)
+    })
+}
+
+/// The newest table NCCL 2.20 .. 2.23 know; later ones fall back to it.
+#[no_mangle]
+pub static ncclNetPlugin_v8: ncclNet_v8_t = ncclNet_v8_t {
+    name: plugin::NAME.as_ptr(),
+    init: Some(init_v8),
+    devices: Some(devices),
+    getProperties: Some(get_properties_v8),
+    listen: Some(listen),
+    connect: Some(connect),
+    accept: Some(accept),
+    regMr: Some(reg_mr),
+    regMrDmaBuf: Some(reg_mr_dmabuf),
+    deregMr: Some(dereg_mr),
+    isend: Some(isend_v8),
+    irecv: Some(irecv_v8),
+    iflush: Some(iflush),
+    test: Some(test),
+    closeSend: Some(close_send),
+    closeRecv: Some(close_recv),
+    closeListen: Some(close_listen),
+    getDeviceMr: None,
+    irecvConsumed: None,
+};
+
+// ------------------------------------------------------------------ v9
+
+extern "C" fn init_v9(logger: ncclDebugLogger_t) -> ncclResult_t {
+    start("ncclNet v9", logger)
+}
+
+extern "C" fn get_properties_v9(dev: c_int, p: *mut ncclNetProperties_v9_t) -> ncclResult_t {
+    guard("getProperties", || {
+        *plugin::out(p, "props")? = plugin::props(dev)?.v9();
+        Ok(())
+    })
+}
+
+/// The newest table NCCL 2.24 and 2.25 know.
+#[no_mangle]
+pub static ncclNetPlugin_v9: ncclNet_v9_t = ncclNet_v9_t {
+    name: plugin::NAME.as_ptr(),
+    init: Some(init_v9),
+    devices: Some(devices),
+    getProperties: Some(get_properties_v9),
+    listen: Some(listen),
+    connect: Some(connect),
+    accept: Some(accept),
+    regMr: Some(reg_mr),
+    regMrDmaBuf: Some(reg_mr_dmabuf),
+    deregMr: Some(dereg_mr),
+    isend: Some(isend_v9),
+    irecv: Some(irecv_v9),
+    iflush: Some(iflush),
+    test: Some(test),
+    closeSend: Some(close_send),
+    closeRecv: Some(close_recv),
+    closeListen: Some(close_listen),
+    getDeviceMr: None,
+    irecvConsumed: None,
+    // NULL: NCCL then uses the physical devices (no NIC fusion).
+    makeVDevice: None,
+};
+
+// ------------------------------------------------------------------ v10
+
+extern "C" fn init_v10(logger: ncclDebugLogger_t, _prof: ncclProfilerCallback_t) -> ncclResult_t {
+    start("ncclNet v10", logger)
+}
+
+extern "C" fn connect_v10(
+    dev: c_int,
+    _cfg: *mut ncclNetCommConfig,
+    handle: P,
+    send: PP,
+    _dc: PP,
+) -> ncclResult_t {
+    guard("connect", || plugin::connect(dev, handle, send))
+}
+
+/// Profiler handles (`phandle`) are accepted and ignored.
+extern "C" fn isend_v10(
+    send: P,
+    data: P,
+    size: usize,
+    tag: c_int,
+    mh: P,
+    _ph: P,
+    req: PP,
+) -> ncclResult_t {
+    isend_v9(send, data, size, tag, mh, req)
+}
+
+extern "C" fn irecv_v10(
+    recv: P,
+    n: c_int,
+    data: PP,
+    sizes: *mut usize,
+    tags: *mut c_int,
+    mhs: PP,
+    _phs: PP,
+    req: PP,
+) -> ncclResult_t {
+    irecv_v9(recv, n, data, sizes, tags, mhs, req)
+}
+
+/// The newest table NCCL 2.26 and 2.27 know.
+#[no_mangle]
+pub static ncclNetPlugin_v10: ncclNet_v10_t = ncclNet_v10_t {
+    name: plugin::NAME.as_ptr(),
+    init: Some(init_v10),
+    devices: Some(devices),
+    getProperties: Some(get_properties_v9),
+    listen: Some(listen),
+    connect: Some(connect_v10),
+    accept: Some(accept),
+    regMr: Some(reg_mr),
+    regMrDmaBuf: Some(reg_mr_dmabuf),
+    deregMr: Some(dereg_mr),
+    isend: Some(isend_v10),
+    irecv: Some(irecv_v10),
+    iflush: Some(iflush),
+    test: Some(test),
+    closeSend: Some(close_send),
+    closeRecv: Some(close_recv),
+    closeListen: Some(close_listen),
+    getDeviceMr: None,
+    irecvConsumed: None,
+    makeVDevice: None,
+};
+
+// ------------------------------------------------------------------ v11
+
+/// Per-communicator context (v11 inits once per communicator).
+struct Ctx {
+    _comm_id: u64,
+    _traffic_class: c_int,
+}
+
+extern "C" fn init_v11(
+    ctx: PP,
+    comm_id: u64,
+    cfg: *mut ncclNetCommConfig,
+    logger: ncclDebugLogger_t,
+    _prof: ncclProfilerCallback_t,
+) -> ncclResult_t {
+    let rc = start("ncclNet v11", logger);
+    if rc != NCCL_SUCCESS {
+        return rc;
+    }
+    guard("init", || {
+        // SAFETY: NCCL passes NULL or a config valid for this call.
+        let tc = unsafe { cfg.as_ref() }.map_or(-1, |c| c.trafficClass);
+        plugin::put(
+            ctx,
+            Some(Ctx {
+                _comm_id: comm_id,
+                _traffic_class: tc,
+            }),
+        )
+    })
+}
+
+extern "C" fn finalize_v11(ctx: P) -> ncclResult_t {
+    guard("finalize", || {
+        plugin::free::<Ctx>(ctx);
+        Ok(())
+    })
+}
+
+extern "C" fn get_properties_v11(dev: c_int, p: *mut ncclNetProperties_v11_t) -> ncclResult_t {
+    guard("getProperties", || {
+        *plugin::out(p, "props")? = plugin::props(dev)?.v11();
+        Ok(())
+    })
+}
+
+extern "C" fn listen_v11(_ctx: P, dev: c_int, handle: P, l: PP) -> ncclResult_t {
+    listen(dev, handle, l)
+}
+
+extern "C" fn connect_v11(_ctx: P, dev: c_int, handle: P, send: PP, dc: PP) -> ncclResult_t {
+    connect(dev, handle, send, dc)
+}
+
+/// The newest table NCCL 2.28 and 2.29 know (2.30 tries `_v12` first, then this).
+#[no_mangle]
+pub static ncclNetPlugin_v11: ncclNet_v11_t = ncclNet_v11_t {
+    name: plugin::NAME.as_ptr(),
+    init: Some(init_v11),
+    devices: Some(devices),
+    getProperties: Some(get_properties_v11),
+    listen: Some(listen_v11),
+    connect: Some(connect_v11),
+    accept: Some(accept),
+    regMr: Some(reg_mr),
+    regMrDmaBuf: Some(reg_mr_dmabuf),
+    deregMr: Some(dereg_mr),
+    isend: Some(isend_v10),
+    irecv: Some(irecv_v10),
+    iflush: Some(iflush),
+    test: Some(test),
+    closeSend: Some(close_send),
+    closeRecv: Some(close_recv),
+    closeListen: Some(close_listen),
+    getDeviceMr: None,
+    irecvConsumed: None,
+    makeVDevice: None,
+    // NCCL calls finalize unconditionally (src/plugin/net.cc), so it is set.
+    finalize: Some(finalize_v11),
+    // NULL: NCCL checks before calling (src/transport/net.cc setNetAttrs).
+    setNetAttr: None,
+};
