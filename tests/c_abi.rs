@@ -29,28 +29,29 @@ fn header_is_in_sync_with_the_code() {
     );
 }
 
-/// target/<profile>, where cargo put libtcpx.so for this test run.
+/// target/<profile>, where cargo puts libtcpx_capi.so.
 fn lib_dir() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     exe.parent().and_then(Path::parent).unwrap().to_path_buf()
 }
 
-/// `cargo test` builds the library as an rlib only; build the cdylib the C program links.
+/// Builds the C library (crate `tcpx-capi`) the C program links.
 fn build_cdylib(dir: &Path) {
     let release = dir.file_name().is_some_and(|n| n == "release");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.args(["build", "--lib", "--quiet"]).current_dir(root());
+    cmd.args(["build", "-p", "tcpx-capi", "--quiet"])
+        .current_dir(root());
     if release {
         cmd.arg("--release");
     }
     assert!(
         cmd.status().expect("run cargo").success(),
-        "cargo build --lib failed"
+        "cargo build -p tcpx-capi failed"
     );
     assert!(
-        dir.join("libtcpx.so").exists(),
-        "libtcpx.so not found in {}",
+        dir.join("libtcpx_capi.so").exists(),
+        "libtcpx_capi.so not found in {}",
         dir.display()
     );
 }
@@ -71,7 +72,7 @@ fn c_program_transfers_through_the_header() {
         .arg(&bin)
         .arg(format!("-L{}", dir.display()))
         .arg(format!("-Wl,-rpath,{}", dir.display()))
-        .arg("-ltcpx")
+        .arg("-ltcpx_capi")
         .status()
         .expect("run the C compiler");
     assert!(st.success(), "cc failed");

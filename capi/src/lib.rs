@@ -1,0 +1,4 @@
+//! `libtcpx_capi.so` / `libtcpx_capi.a`: the `tcpx_*` functions of
+//! `include/tcpx.h`, defined in `tcpx::ffi` and exported from here.
+
+pub use tcpx::ffi::*;
