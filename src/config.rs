@@ -107,6 +107,12 @@ pub struct Config {
     /// Pause between installing flow-steering rules and using the comm.
     pub flow_steering_wait: Duration,
     pub engine: EngineKind,
+    /// Receive through an emulated devmem NIC of this kernel ABI (tests,
+    /// benches): payload lands in an RX pool, fragments are unpacked and
+    /// tokens returned exactly as on a devmem NIC.
+    pub devmem_emulated: Option<devmem::sockabi::KernelAbi>,
+    /// RX pool bytes per data socket of the emulated devmem NIC.
+    pub emu_pool_bytes: usize,
     pub zerocopy: ZeroCopy,
     /// Smallest chunk payload sent with MSG_ZEROCOPY.
     pub min_zcopy_size: usize,
@@ -140,6 +146,8 @@ impl Default for Config {
             gpumemd_register: false,
             flow_steering_wait: Duration::ZERO,
             engine: EngineKind::Epoll,
+            devmem_emulated: None,
+            emu_pool_bytes: 2 << 20,
             zerocopy: ZeroCopy::Auto,
             min_zcopy_size: 32 * 1024,
             staging_bytes: 64 << 20,
@@ -253,6 +261,22 @@ impl Config {
                     )))
                 }
             };
+        }
+        if let Some((k, v)) = first(&["TCPX_DEVMEM_EMULATED"]) {
+            use devmem::sockabi::KernelAbi;
+            c.devmem_emulated = match v.trim() {
+                "" | "0" | "off" => None,
+                "tcpx" => Some(KernelAbi::Tcpx),
+                "upstream" => Some(KernelAbi::Upstream),
+                _ => {
+                    return Err(Error::Config(format!(
+                        "{k}={v:?}: use off, tcpx or upstream"
+                    )))
+                }
+            };
+        }
+        if let Some((k, v)) = first(&["TCPX_EMU_POOL_BYTES"]) {
+            c.emu_pool_bytes = parse_num(k, &v)?;
         }
         if let Some((k, v)) = first(&["TCPX_ZEROCOPY"]) {
             c.zerocopy = match v.trim() {

@@ -24,6 +24,8 @@ pub enum DataPath {
     Host,
     /// gpumemd answers: flows are steered to the GPU's RX queues (devmem control plane).
     Devmem,
+    /// Payload received through the emulated devmem NIC (RX pool, fragments, tokens).
+    DevmemEmulated,
 }
 
 impl fmt::Display for DataPath {
@@ -31,6 +33,7 @@ impl fmt::Display for DataPath {
         f.write_str(match self {
             DataPath::Host => "host",
             DataPath::Devmem => "devmem",
+            DataPath::DevmemEmulated => "devmem(emulated)",
         })
     }
 }

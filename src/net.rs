@@ -44,6 +44,10 @@ impl NetInner {
         let tx = TxMode {
             zerocopy: self.cfg.zerocopy,
             min_zcopy: self.cfg.min_zcopy_size,
+            devmem_emulated: self
+                .cfg
+                .devmem_emulated
+                .map(|abi| (abi, self.cfg.emu_pool_bytes)),
         };
         self.workers[nic].submit(Cmd::Add { id, stream, tx });
         DataSock { worker: nic, id }
@@ -108,7 +112,9 @@ impl Net {
     pub fn init(cfg: Config) -> Result<Self> {
         cfg.validate()?;
         let gpumemd = Gpumemd::connect(&cfg)?;
-        let path = if gpumemd.is_some() {
+        let path = if cfg.devmem_emulated.is_some() {
+            DataPath::DevmemEmulated
+        } else if gpumemd.is_some() {
             DataPath::Devmem
         } else {
             DataPath::Host
@@ -122,6 +128,10 @@ impl Net {
             .map(|(_, ip)| ip);
         let engine = match cfg.engine {
             EngineKind::Epoll => EngineKind::Epoll,
+            _ if cfg.devmem_emulated.is_some() => {
+                tracing::info!("the emulated devmem NIC runs on the epoll engine");
+                EngineKind::Epoll
+            }
             wanted => match crate::engine::probe_uring() {
                 Ok(()) => EngineKind::Uring,
                 Err(why) => {
@@ -150,6 +160,7 @@ impl Net {
                 match d.path {
                     DataPath::Devmem => "tcpx device: flows steered by gpumemd; payload still received by kernel TCP (no devmem RX in this build)",
                     DataPath::Host => "tcpx device: kernel TCP with host memory (no gpumemd configured or answering)",
+                    DataPath::DevmemEmulated => "tcpx device: receiving through the emulated devmem NIC (RX pool, fragments, token return)",
                 }
             );
         }

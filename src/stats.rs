@@ -9,6 +9,10 @@ pub(crate) struct Counters {
     pub zc_copied: AtomicU64,
     pub zc_acked: AtomicU64,
     pub zc_switched_off: AtomicU64,
+    pub devmem_frags: AtomicU64,
+    pub devmem_tokens_returned: AtomicU64,
+    pub devmem_dontneed_calls: AtomicU64,
+    pub devmem_linear_bytes: AtomicU64,
 }
 
 impl Counters {
@@ -24,6 +28,10 @@ impl Counters {
             zerocopy_reported_copied: g(&self.zc_copied),
             zerocopy_reported_zero_copy: g(&self.zc_acked),
             sockets_switched_to_plain: g(&self.zc_switched_off),
+            devmem_fragments: g(&self.devmem_frags),
+            devmem_tokens_returned: g(&self.devmem_tokens_returned),
+            devmem_dontneed_calls: g(&self.devmem_dontneed_calls),
+            devmem_linear_bytes: g(&self.devmem_linear_bytes),
         }
     }
 }
@@ -41,4 +49,12 @@ pub struct Stats {
     pub zerocopy_reported_zero_copy: u64,
     /// Sockets that `auto` mode moved to plain sends.
     pub sockets_switched_to_plain: u64,
+    /// Pool fragments received through (emulated) devmem sockets.
+    pub devmem_fragments: u64,
+    /// Tokens given back to the (emulated) kernel.
+    pub devmem_tokens_returned: u64,
+    /// `SO_DEVMEM_DONTNEED` calls that returned them.
+    pub devmem_dontneed_calls: u64,
+    /// Bytes that landed in the linear buffer (header-split misses).
+    pub devmem_linear_bytes: u64,
 }

@@ -152,6 +152,17 @@ impl<S: Read> EmuDevmemSocket<S> {
         linear: &mut [u8],
         control: &mut [u8],
     ) -> io::Result<RecvOutcome> {
+        self.recv_devmem_up_to(linear, control, usize::MAX)
+    }
+
+    /// `recv_devmem` reading at most `limit` bytes, as the kernel reads at
+    /// most the length the caller asked for.
+    pub fn recv_devmem_up_to(
+        &mut self,
+        linear: &mut [u8],
+        control: &mut [u8],
+        limit: usize,
+    ) -> io::Result<RecvOutcome> {
         let max_cmsgs = control.len() / cmsg_space(self.cfg.abi.rx_payload_len());
         if max_cmsgs == 0 {
             return Err(io::Error::new(
@@ -173,7 +184,7 @@ impl<S: Read> EmuDevmemSocket<S> {
             lin_take = 1 + (splitmix(&mut self.rng) % max as u64) as usize;
         }
         let pool_slots = (max_cmsgs - usize::from(lin_take > 0)).min(free);
-        let max_read = self.cfg.max_read.max(1);
+        let max_read = self.cfg.max_read.min(limit).max(1);
         let mut cap = lin_take.min(max_read);
         self.shape.clear();
         while self.shape.len() < pool_slots && cap < max_read {

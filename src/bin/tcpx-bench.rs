@@ -44,6 +44,10 @@ struct Cli {
     /// Messages in flight.
     #[arg(long, global = true, default_value_t = 4)]
     window: usize,
+    /// Receive path: `host` (kernel TCP) or `devmem-emulated` (the emulated
+    /// devmem NIC, upstream ABI; `devmem-emulated-tcpx` for the TCPX kernel ABI).
+    #[arg(long, global = true, default_value = "host")]
+    path: String,
     /// Progress engine: epoll, uring, auto (default: the environment, else epoll).
     #[arg(long, global = true)]
     engine: Option<String>,
@@ -117,6 +121,16 @@ fn config(cli: &Cli) -> BoxResult<Config> {
     if let Some(cs) = &cli.chunk_size {
         c.chunk_size = parse_size(cs)?;
     }
+    c.devmem_emulated = match cli.path.as_str() {
+        "host" => c.devmem_emulated,
+        "devmem-emulated" => Some(devmem::sockabi::KernelAbi::Upstream),
+        "devmem-emulated-tcpx" => Some(devmem::sockabi::KernelAbi::Tcpx),
+        p => {
+            return Err(
+                format!("--path {p:?}: use host, devmem-emulated or devmem-emulated-tcpx").into(),
+            )
+        }
+    };
     if let Some(e) = &cli.engine {
         c.engine = match e.as_str() {
             "epoll" => EngineKind::Epoll,
@@ -362,6 +376,16 @@ fn report(
             r.p50_us,
             r.p99_us,
             r.cpu_s_per_gb
+        );
+    }
+    if stats.devmem_fragments > 0 {
+        println!(
+            "devmem (emulated): {} pool fragments, {} tokens returned in {} DONTNEED calls ({:.1} per call), {} linear bytes",
+            stats.devmem_fragments,
+            stats.devmem_tokens_returned,
+            stats.devmem_dontneed_calls,
+            stats.devmem_tokens_returned as f64 / stats.devmem_dontneed_calls.max(1) as f64,
+            stats.devmem_linear_bytes
         );
     }
     if stats.zerocopy_sends > 0 {

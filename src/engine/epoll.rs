@@ -13,7 +13,7 @@ use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTime
 use nix::sys::eventfd::EventFd;
 use nix::sys::socket::{ControlMessageOwned, MsgFlags};
 
-use super::sock::Sock;
+use super::sock::{Sock, Step};
 use super::{route, Cmd, Watches};
 use crate::error::{Error, Result};
 use crate::stats::Counters;
@@ -75,7 +75,11 @@ impl EpollLoop {
             }
             for s in self.socks.values_mut() {
                 moved |= send_ready(s, &self.counters);
-                moved |= recv_ready(s, &mut self.scratch);
+                moved |= if s.is_devmem() {
+                    recv_devmem_ready(s, &mut self.scratch, &self.counters)
+                } else {
+                    recv_ready(s, &mut self.scratch)
+                };
             }
             if moved {
                 continue;
@@ -130,8 +134,7 @@ impl EpollLoop {
                     .add(&stream, EpollEvent::new(flags, id))
                     .err()
                     .map(|e| Error::io("epoll_ctl", e.into()));
-                self.socks
-                    .insert(id, Sock::new(stream, tx.zerocopy, tx.min_zcopy, dead));
+                self.socks.insert(id, Sock::new(stream, tx, dead));
             }
             Cmd::Watch {
                 id,
@@ -238,6 +241,19 @@ fn recv_ready(s: &mut Sock, scratch: &mut Vec<u8>) -> bool {
             Err(Errno::EAGAIN) => s.readable = false,
             Err(Errno::EINTR) => {}
             Err(e) => s.rx_failed(e),
+        }
+    }
+    moved
+}
+
+/// Receives through the emulated devmem NIC until it would block. True if bytes moved.
+fn recv_devmem_ready(s: &mut Sock, scratch: &mut Vec<u8>, counters: &Counters) -> bool {
+    let mut moved = false;
+    while s.readable {
+        match s.rx_devmem(scratch, counters) {
+            Step::Moved => moved = true,
+            Step::WouldBlock => s.readable = false,
+            Step::Idle => break,
         }
     }
     moved

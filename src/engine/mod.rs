@@ -97,6 +97,8 @@ pub(crate) struct TxMode {
     pub zerocopy: ZeroCopy,
     /// Smallest payload sent with MSG_ZEROCOPY.
     pub min_zcopy: usize,
+    /// Receive through an emulated devmem NIC of this ABI with a pool of this size.
+    pub devmem_emulated: Option<(devmem::sockabi::KernelAbi, usize)>,
 }
 
 pub(crate) enum Cmd {
@@ -176,7 +178,11 @@ impl Drop for Worker {
         let _ = self.tx.send(Cmd::Shutdown);
         let _ = self.wake.write(1);
         if let Some(t) = self.thread.take() {
-            let _ = t.join();
+            // The last owner may be this worker itself (a poke upgraded the
+            // last reference to a comm): it exits on Shutdown, no join.
+            if t.thread().id() != std::thread::current().id() {
+                let _ = t.join();
+            }
         }
     }
 }

@@ -9,7 +9,12 @@ use std::os::fd::AsRawFd;
 
 use nix::errno::Errno;
 
-use super::Job;
+use devmem::emu::{EmuConfig, EmuDevmemSocket};
+use devmem::pool::RxPool;
+use devmem::sockabi::{control_buffer_len, parse_rx_into, Fragment, KernelAbi, RecvOutcome};
+use devmem::unpack::{self, CpuUnpack, GatherPlan, Unpack};
+
+use super::{Job, TxMode};
 use crate::config::ZeroCopy;
 use crate::error::Error;
 use crate::memory::{RxPath, TxPath};
@@ -52,8 +57,30 @@ pub(super) struct RxPlan {
     pub parts: [(*mut u8, usize); 2],
 }
 
+/// The receive side of an emulated devmem NIC on this socket.
+pub(super) struct DevmemRx {
+    emu: EmuDevmemSocket<TcpStream>,
+    linear: Vec<u8>,
+    control: Vec<u8>,
+    frags: Vec<Fragment>,
+    plan: GatherPlan,
+}
+
+/// What one devmem receive step did.
+pub(super) enum Step {
+    Moved,
+    WouldBlock,
+    Idle,
+}
+
+/// Linear (header-split miss) bytes one receive may carry.
+const LINEAR_MAX: usize = 256;
+/// Control buffer for one receive: a page-sized read never needs more fragments.
+const MAX_FRAGS_PER_READ: usize = 64;
+
 pub(super) struct Sock {
     pub stream: TcpStream,
+    devmem: Option<Box<DevmemRx>>,
     sends: VecDeque<Job>,
     recvs: VecDeque<Job>,
     tx: Cursor,
@@ -68,15 +95,23 @@ pub(super) struct Sock {
 static COPY_LOGGED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 impl Sock {
-    pub fn new(
-        stream: TcpStream,
-        zerocopy: ZeroCopy,
-        min_zcopy: usize,
-        dead: Option<Error>,
-    ) -> Self {
-        let enabled = zerocopy != ZeroCopy::Off && enable_zerocopy(&stream);
+    pub fn new(stream: TcpStream, mode: TxMode, mut dead: Option<Error>) -> Self {
+        let enabled = mode.zerocopy != ZeroCopy::Off && enable_zerocopy(&stream);
+        let devmem = match mode
+            .devmem_emulated
+            .map(|(abi, pool)| DevmemRx::new(&stream, abi, pool))
+        {
+            Some(Ok(d)) => Some(Box::new(d)),
+            Some(Err(e)) => {
+                dead.get_or_insert(e);
+                None
+            }
+            None => None,
+        };
+        let (zerocopy, min_zcopy) = (mode.zerocopy, mode.min_zcopy);
         Sock {
             stream,
+            devmem,
             sends: VecDeque::new(),
             recvs: VecDeque::new(),
             tx: Cursor::default(),
@@ -349,12 +384,115 @@ impl Sock {
         moved
     }
 
+    pub fn is_devmem(&self) -> bool {
+        self.devmem.is_some()
+    }
+
+    /// One receive through the emulated devmem NIC: payload lands in its RX
+    /// pool, the fragments are unpacked into the chunk being received and
+    /// their tokens go straight back. Header and body are read separately
+    /// (each read asks for at most what its part still needs).
+    pub fn rx_devmem(&mut self, scratch: &mut Vec<u8>, counters: &Counters) -> Step {
+        let Some(plan) = self.rx_plan(scratch) else {
+            return Step::Idle;
+        };
+        let [(hp, hl), (bp, bl)] = plan.parts;
+        let (dst_ptr, dst_len) = if hl > 0 { (hp, hl) } else { (bp, bl) };
+        let Some(d) = self.devmem.as_mut() else {
+            return Step::Idle;
+        };
+        let abi = d.emu.config().abi;
+        let out = match d
+            .emu
+            .recv_devmem_up_to(&mut d.linear, &mut d.control, dst_len)
+        {
+            Ok(out) => out,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Step::WouldBlock,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => return Step::Moved,
+            Err(e) => {
+                self.fail(Error::io("devmem recv", e));
+                return Step::Idle;
+            }
+        };
+        if out.bytes == 0 {
+            self.rx_done(0);
+            return Step::Moved;
+        }
+        // SAFETY: the plan's part is valid for writes while its job holds the region.
+        let dst = unsafe { super::bytes_mut(dst_ptr, dst_len) };
+        if let Err(e) = d.gather(abi, out, dst, counters) {
+            self.fail(e);
+            return Step::Idle;
+        }
+        self.rx_done(out.bytes);
+        Step::Moved
+    }
+
     pub fn tx_failed(&mut self, e: Errno) {
         self.fail(Error::io("send", e.into()));
     }
 
     pub fn rx_failed(&mut self, e: Errno) {
         self.fail(Error::io("recv", e.into()));
+    }
+}
+
+impl DevmemRx {
+    fn new(stream: &TcpStream, abi: KernelAbi, pool_bytes: usize) -> Result<Self, Error> {
+        let dup = stream
+            .try_clone()
+            .map_err(|e| Error::io("dup data socket", e))?;
+        let pool = RxPool::local(pool_bytes)
+            .map_err(|e| Error::Config(format!("emulated devmem RX pool: {e}")))?;
+        let seed = stream.as_raw_fd() as u64;
+        let emu = EmuDevmemSocket::new(dup, pool, EmuConfig::new(abi).with_seed(seed))
+            .map_err(|e| Error::Config(format!("emulated devmem NIC: {e}")))?;
+        Ok(DevmemRx {
+            emu,
+            linear: vec![0; LINEAR_MAX],
+            control: vec![0; control_buffer_len(MAX_FRAGS_PER_READ)],
+            frags: Vec::new(),
+            plan: GatherPlan::default(),
+        })
+    }
+
+    /// Parses the control bytes, unpacks pool and linear fragments into
+    /// `dst`, and returns every token. Accounting errors fail the socket.
+    fn gather(
+        &mut self,
+        abi: KernelAbi,
+        out: RecvOutcome,
+        dst: &mut [u8],
+        counters: &Counters,
+    ) -> Result<(), Error> {
+        let proto = |e: &dyn std::fmt::Display| Error::Protocol(format!("devmem receive: {e}"));
+        self.frags.clear();
+        parse_rx_into(
+            abi,
+            &self.control[..out.control_len],
+            out.bytes,
+            out.msg_flags,
+            &mut self.frags,
+        )
+        .map_err(|e| proto(&e))?;
+        self.plan.clear();
+        unpack::plan(&self.frags, self.linear.len(), 0, dst.len(), &mut self.plan)
+            .map_err(|e| proto(&e))?;
+        let mut cpu = CpuUnpack;
+        cpu.unpack(self.emu.pool().as_slice(), dst, &self.plan.pool)
+            .map_err(|e| proto(&e))?;
+        cpu.unpack(&self.linear[..], dst, &self.plan.linear)
+            .map_err(|e| proto(&e))?;
+        let report = self
+            .emu
+            .release_tokens(&self.plan.tokens)
+            .map_err(|e| proto(&e))?;
+        Counters::bump(&counters.devmem_frags, self.plan.pool.len() as u64);
+        Counters::bump(&counters.devmem_tokens_returned, report.requested);
+        Counters::bump(&counters.devmem_dontneed_calls, report.calls as u64);
+        let linear: u64 = self.plan.linear.iter().map(|f| u64::from(f.len)).sum();
+        Counters::bump(&counters.devmem_linear_bytes, linear);
+        Ok(())
     }
 }
 

@@ -17,7 +17,7 @@ use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollTimeout};
 use nix::sys::eventfd::EventFd;
 
 use super::sock::Sock;
-use super::{route, Cmd, Watches};
+use super::{route, Cmd, TxMode, Watches};
 use crate::config::ZeroCopy;
 use crate::error::{Error, Result};
 use crate::stats::Counters;
@@ -432,7 +432,15 @@ impl UringLoop {
                 self.socks.insert(
                     id,
                     Box::new(USock {
-                        sock: Sock::new(stream, zerocopy, tx.min_zcopy, dead),
+                        sock: Sock::new(
+                            stream,
+                            TxMode {
+                                zerocopy,
+                                devmem_emulated: None,
+                                ..tx
+                            },
+                            dead,
+                        ),
                         tx_msg: empty_msg(),
                         tx_iov: [libc::iovec {
                             iov_base: std::ptr::null_mut(),
