@@ -3,6 +3,11 @@
 //! the GPU's RX queues for the comm's lifetime.
 
 use std::net::TcpStream;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::{Arc, Mutex};
+
+use devmem::gpumemd::PoolMetadata;
+use devmem::pool::RxPool;
 
 use devmem::gpumemd::{GpumemdClient, Registration, DEFAULT_DEADLINE};
 use flowsteer::gpumemd::GpumemdSteering;
@@ -11,7 +16,67 @@ use flowsteer::{FlowTuple, RuleHandle, Steering};
 use crate::config::{Config, DevmemMode};
 use crate::error::{Error, Result};
 
+/// Where an emulated devmem socket's RX pool comes from.
+#[derive(Clone)]
+pub(crate) enum PoolSource {
+    /// Local memory of this many bytes per socket.
+    Local(usize),
+    /// A part of the pool gpumemd handed out.
+    Shared(Arc<SharedPool>),
+}
+
+/// gpumemd's RX pool cut into equal parts, one per emulated devmem socket.
+pub(crate) struct SharedPool {
+    fd: OwnedFd,
+    md: PoolMetadata,
+    part: u64,
+    used: Mutex<Vec<bool>>,
+}
+
+/// A part of the shared pool, given back when dropped.
+pub(crate) struct PoolPart {
+    pool: Arc<SharedPool>,
+    index: usize,
+}
+
+impl SharedPool {
+    /// Maps a free part; the pool is too small when all are taken.
+    pub fn take(self: &Arc<Self>) -> Result<(RxPool, PoolPart)> {
+        let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(index) = used.iter().position(|u| !u) else {
+            return Err(Error::Gpumemd(format!(
+                "the RX pool ({} bytes) has no free {}-byte part left for another data socket; raise the pool or lower TCPX_EMU_POOL_BYTES",
+                self.md.size, self.part
+            )));
+        };
+        let rx = RxPool::map_part(
+            self.fd.as_fd(),
+            &self.md,
+            index as u64 * self.part,
+            self.part,
+        )
+        .map_err(|e| Error::Gpumemd(format!("mapping the RX pool: {e}")))?;
+        used[index] = true;
+        Ok((
+            rx,
+            PoolPart {
+                pool: self.clone(),
+                index,
+            },
+        ))
+    }
+}
+
+impl Drop for PoolPart {
+    fn drop(&mut self) {
+        let mut used = self.pool.used.lock().unwrap_or_else(|p| p.into_inner());
+        used[self.index] = false;
+    }
+}
+
 pub(crate) struct Gpumemd {
+    /// The daemon's RX pool, when the emulated devmem NIC receives into it.
+    pub pool: Option<Arc<SharedPool>>,
     steering: GpumemdSteering,
     queue_ids: Vec<i32>,
     mode: DevmemMode,
@@ -42,6 +107,28 @@ impl Gpumemd {
             }
             Err(e) => return fallback(cfg, e.to_string()),
         };
+        let pool = match cfg.devmem_emulated {
+            Some(_) => {
+                let p = client
+                    .rx_pool(pci)
+                    .map_err(|e| Error::Gpumemd(e.to_string()))?;
+                let part = (cfg.emu_pool_bytes as u64).next_multiple_of(p.metadata.align.max(4096));
+                let parts = (p.metadata.size / part) as usize;
+                if parts == 0 {
+                    return Err(Error::Gpumemd(format!(
+                        "the RX pool ({} bytes) is smaller than one {part}-byte part (TCPX_EMU_POOL_BYTES)",
+                        p.metadata.size
+                    )));
+                }
+                Some(Arc::new(SharedPool {
+                    fd: p.fd,
+                    md: p.metadata,
+                    part,
+                    used: Mutex::new(vec![false; parts]),
+                }))
+            }
+            None => None,
+        };
         let registration = if cfg.gpumemd_register {
             Some(
                 client
@@ -53,6 +140,7 @@ impl Gpumemd {
         };
         tracing::info!(prefix = %prefix.display(), gpu = %pci, ?queue_ids, "gpumemd answers: devmem control plane on");
         Ok(Some(Gpumemd {
+            pool,
             steering: GpumemdSteering::new(client, pci.clone()),
             queue_ids,
             mode: cfg.devmem,

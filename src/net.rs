@@ -19,7 +19,7 @@ use crate::config::{Config, EngineKind, MAX_NICS, MAX_SOCKETS_PER_NIC};
 use crate::device::{self, DataPath, Device};
 use crate::engine::{Cmd, Poke, TxMode, Worker};
 use crate::error::{Error, Result};
-use crate::gpumemd::Gpumemd;
+use crate::gpumemd::{Gpumemd, PoolSource};
 use crate::handle::{Handle, HANDLE_SIZE, STAGE_OFFSET};
 use crate::memory::{HostMemory, MemoryRegion, PtrKind};
 use crate::stats::{Counters, Stats};
@@ -44,10 +44,14 @@ impl NetInner {
         let tx = TxMode {
             zerocopy: self.cfg.zerocopy,
             min_zcopy: self.cfg.min_zcopy_size,
-            devmem_emulated: self
-                .cfg
-                .devmem_emulated
-                .map(|abi| (abi, self.cfg.emu_pool_bytes)),
+            devmem_emulated: self.cfg.devmem_emulated.map(|abi| {
+                let shared = self.gpumemd.as_ref().and_then(|g| g.pool.clone());
+                let source = shared.map_or(
+                    PoolSource::Local(self.cfg.emu_pool_bytes),
+                    PoolSource::Shared,
+                );
+                (abi, source)
+            }),
         };
         self.workers[nic].submit(Cmd::Add { id, stream, tx });
         DataSock { worker: nic, id }

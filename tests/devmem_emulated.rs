@@ -69,3 +69,68 @@ fn both_abis_are_byte_exact_and_return_every_token() {
         }
     }
 }
+
+/// Issue-level integration: gpumemd (the mock) hands out the RX pool and
+/// steers every data socket; the emulated devmem NIC receives into the
+/// daemon's pool; both directions; rules gone after close.
+#[test]
+fn gpumemd_pool_and_flow_rules_with_the_emulated_nic() {
+    use devmem::gpumemd::mock::{MockConfig, MockGpumemd};
+    let mocks: Vec<MockGpumemd> = (0..2)
+        .map(|_| {
+            MockGpumemd::start_temp(MockConfig {
+                pool_size: 4 << 20,
+                ..MockConfig::default()
+            })
+            .unwrap()
+        })
+        .collect();
+    let nets: Vec<Net> = mocks
+        .iter()
+        .map(|m| {
+            let mut c = three_nics();
+            c.gpumemd_prefix = Some(m.prefix().to_path_buf());
+            c.gpu_pci = Some(MockConfig::default().gpu_pci);
+            c.devmem = tcpx::DevmemMode::Require;
+            c.devmem_emulated = Some(KernelAbi::Upstream);
+            c.emu_pool_bytes = 256 << 10;
+            Net::init(c).unwrap()
+        })
+        .collect();
+    let (a, b) = (&nets[0], &nets[1]);
+    assert!(a
+        .devices()
+        .iter()
+        .all(|d| d.path == DataPath::DevmemEmulated));
+    std::thread::scope(|s| {
+        for (x, y, mock, seed) in [(a, b, &mocks[1], 3u64), (b, a, &mocks[0], 4)] {
+            s.spawn(move || {
+                let (send, recv) = pair(x, y);
+                assert_eq!(
+                    mock.installed_rules().len(),
+                    recv.data_sockets(),
+                    "one rule per data socket"
+                );
+                for (i, n) in sizes(seed).into_iter().enumerate() {
+                    exchange(x, y, &send, &recv, n, seed * 1000 + i as u64);
+                }
+                drop(recv);
+                assert!(
+                    mock.installed_rules().is_empty(),
+                    "rules withdrawn on close"
+                );
+            });
+        }
+    });
+    for n in [a, b] {
+        let st = n.stats();
+        assert!(st.devmem_fragments > 1000, "{st:?}");
+        assert_eq!(st.devmem_tokens_returned, st.devmem_fragments, "{st:?}");
+    }
+    // The pool parts come back with the sockets: 16 parts of 256 KiB, 6 per
+    // receive comm, so three more connections only fit if closing frees them.
+    for i in 0..3 {
+        let (send, recv) = pair(a, b);
+        exchange(a, b, &send, &recv, 5_000_001, 77 + i);
+    }
+}

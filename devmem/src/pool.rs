@@ -292,7 +292,25 @@ impl RxPool {
     /// daemon hands out (`GpumemdClient::rx_pool`). The fd may be closed
     /// afterwards; the mapping stays.
     pub fn map(fd: BorrowedFd<'_>, md: &PoolMetadata) -> Result<Self, PoolError> {
-        let len = check_size(md.size, md.align)?;
+        Self::map_part(fd, md, 0, md.size)
+    }
+
+    /// Maps `len` bytes of the daemon's pool from `offset` (both multiples
+    /// of the pool's alignment): one part of a pool shared by several sockets.
+    pub fn map_part(
+        fd: BorrowedFd<'_>,
+        md: &PoolMetadata,
+        offset: u64,
+        len: u64,
+    ) -> Result<Self, PoolError> {
+        let len = check_size(len, md.align)?;
+        let end = offset.checked_add(len as u64);
+        if offset % md.align.max(1) != 0 || end.is_none_or(|e| e > md.size) {
+            return Err(PoolError::BadSize {
+                size: offset,
+                align: md.align,
+            });
+        }
         // SAFETY: a fresh shared mapping at an address the kernel picks; no
         // existing memory is touched. The result is checked below.
         let p = unsafe {
@@ -302,7 +320,7 @@ impl RxPool {
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
                 fd.as_raw_fd(),
-                0,
+                offset as libc::off_t,
             )
         };
         if p == libc::MAP_FAILED {

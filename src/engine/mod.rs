@@ -91,14 +91,14 @@ pub(crate) trait Poke: Send + Sync {
     fn poke(&self);
 }
 
-/// How a data socket sends payload.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How a data socket moves payload.
+#[derive(Clone)]
 pub(crate) struct TxMode {
     pub zerocopy: ZeroCopy,
     /// Smallest payload sent with MSG_ZEROCOPY.
     pub min_zcopy: usize,
     /// Receive through an emulated devmem NIC of this ABI with a pool of this size.
-    pub devmem_emulated: Option<(devmem::sockabi::KernelAbi, usize)>,
+    pub devmem_emulated: Option<(devmem::sockabi::KernelAbi, crate::gpumemd::PoolSource)>,
 }
 
 pub(crate) enum Cmd {

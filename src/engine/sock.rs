@@ -17,6 +17,7 @@ use devmem::unpack::{self, CpuUnpack, GatherPlan, Unpack};
 use super::{Job, TxMode};
 use crate::config::ZeroCopy;
 use crate::error::Error;
+use crate::gpumemd::{PoolPart, PoolSource};
 use crate::memory::{RxPath, TxPath};
 use crate::stats::Counters;
 use crate::wire::{Chunk, CHUNK_LEN};
@@ -60,6 +61,8 @@ pub(super) struct RxPlan {
 /// The receive side of an emulated devmem NIC on this socket.
 pub(super) struct DevmemRx {
     emu: EmuDevmemSocket<TcpStream>,
+    /// The part of gpumemd's pool this socket receives into, if shared.
+    _part: Option<PoolPart>,
     linear: Vec<u8>,
     control: Vec<u8>,
     frags: Vec<Fragment>,
@@ -99,7 +102,7 @@ impl Sock {
         let enabled = mode.zerocopy != ZeroCopy::Off && enable_zerocopy(&stream);
         let devmem = match mode
             .devmem_emulated
-            .map(|(abi, pool)| DevmemRx::new(&stream, abi, pool))
+            .map(|(abi, source)| DevmemRx::new(&stream, abi, source))
         {
             Some(Ok(d)) => Some(Box::new(d)),
             Some(Err(e)) => {
@@ -438,17 +441,27 @@ impl Sock {
 }
 
 impl DevmemRx {
-    fn new(stream: &TcpStream, abi: KernelAbi, pool_bytes: usize) -> Result<Self, Error> {
+    fn new(stream: &TcpStream, abi: KernelAbi, source: PoolSource) -> Result<Self, Error> {
         let dup = stream
             .try_clone()
             .map_err(|e| Error::io("dup data socket", e))?;
-        let pool = RxPool::local(pool_bytes)
-            .map_err(|e| Error::Config(format!("emulated devmem RX pool: {e}")))?;
+        let (pool, part) = match source {
+            PoolSource::Local(bytes) => (
+                RxPool::local(bytes)
+                    .map_err(|e| Error::Config(format!("emulated devmem RX pool: {e}")))?,
+                None,
+            ),
+            PoolSource::Shared(shared) => {
+                let (pool, part) = shared.take()?;
+                (pool, Some(part))
+            }
+        };
         let seed = stream.as_raw_fd() as u64;
         let emu = EmuDevmemSocket::new(dup, pool, EmuConfig::new(abi).with_seed(seed))
             .map_err(|e| Error::Config(format!("emulated devmem NIC: {e}")))?;
         Ok(DevmemRx {
             emu,
+            _part: part,
             linear: vec![0; LINEAR_MAX],
             control: vec![0; control_buffer_len(MAX_FRAGS_PER_READ)],
             frags: Vec::new(),
