@@ -27,6 +27,8 @@ echo "== cargo clippy"
 # Its own target dir: the tcpx lib is also a cdylib, so its rlib has no hash in
 # its file name, and a check build's .rmeta beside it confuses later doctests.
 CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target}/clippy" cargo clippy --workspace --all-targets --release -- -D warnings
+echo "== fuzz targets compile (run them with cargo +nightly fuzz run <target>)"
+cargo check --quiet --manifest-path fuzz/Cargo.toml
 echo "== cargo test"
 cargo test --workspace --release
 echo "== NIXL plugin against the PyPI nixl agent"
