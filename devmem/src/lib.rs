@@ -4,6 +4,7 @@
 pub mod cuda;
 pub mod emu;
 pub mod gpumemd;
+pub mod netlink;
 pub mod pool;
 pub mod sockabi;
 pub mod unpack;
