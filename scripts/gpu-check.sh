@@ -12,18 +12,10 @@ TARGET=${CARGO_TARGET_DIR:-target}
 build() {
   set -e
   mkdir -p "$BIN"
-  local tests=(cuda_bounce)
-  local dtests=(cuda_gpu)
-  for t in "${tests[@]}"; do
-    cargo test --release -p tcpx --test "$t" --no-run --message-format=json |
-      python3 -c 'import sys,json
-for l in sys.stdin:
-    m=json.loads(l)
-    if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["name"]==sys.argv[1]: print(m["executable"])' "$t" |
-      tail -1 | xargs -I{} cp {} "$BIN/$t"
-  done
-  for t in "${dtests[@]}"; do
-    cargo test --release -p devmem --test "$t" --no-run --message-format=json |
+  # package:test pairs whose test binaries run on the GPU machine
+  for pt in tcpx:cuda_bounce devmem:cuda_gpu devmem:emu_cuda_unpack; do
+    local p=${pt%%:*} t=${pt#*:}
+    cargo test --release -p "$p" --test "$t" --no-run --message-format=json |
       python3 -c 'import sys,json
 for l in sys.stdin:
     m=json.loads(l)
@@ -32,6 +24,8 @@ for l in sys.stdin:
   done
   cargo build --release --bin tcpx-gpu-bench
   cp "$TARGET/release/tcpx-gpu-bench" "$BIN/"
+  # Debug info would push the folder past what the device tool carries (64 MiB).
+  strip --strip-debug "$BIN"/*
   ls -la "$BIN"
 }
 
@@ -39,7 +33,7 @@ run() {
   export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:-}:/usr/local/cuda/lib64:/usr/local/cuda/targets/x86_64-linux/lib"
   local rows=() log
   nvidia-smi --query-gpu=name,driver_version --format=csv,noheader || true
-  for t in cuda_gpu cuda_bounce; do
+  for t in cuda_gpu cuda_bounce emu_cuda_unpack; do
     log=$(mktemp)
     if "$BIN/$t" --test-threads=1 --nocapture >"$log" 2>&1; then res=PASS; else res=FAIL; fi
     cat "$log"
