@@ -1,24 +1,26 @@
 //! CUDA memory without a devmem NIC: every chunk passes through pinned host
-//! staging. TX copies a chunk device-to-host right before its socket sends
-//! it (so copies pipeline with the sends of other chunks on other workers);
-//! RX receives a chunk into staging and copies it host-to-device in
-//! `landed()`, which returns once the bytes are on the GPU. A receive is
-//! therefore complete only when its data is visible on the GPU, which is
-//! what NCCL's `iflush` asks for.
+//! staging, and the copies overlap the wire. TX: when a socket starts a
+//! chunk, the device-to-host copy of its next chunk is queued
+//! (`prefetch`), so the copy runs while the current one is sent. RX: a
+//! received chunk's host-to-device copy is queued in `landed` and the socket
+//! goes on receiving; `settle` waits for the copies of a socket's share of a
+//! message before it counts as done. A receive is therefore complete only
+//! when its data is visible on the GPU, which is what NCCL's `iflush` asks
+//! for.
 //!
 //! Staging is a pool of chunk-sized pinned buffers shared by every CUDA
 //! region of the process, sized by `Config::staging_bytes`
-//! (`TCPX_STAGING_BYTES`) and reused; a chunk holds its buffer only while
-//! its socket works on it (each data socket has at most one chunk in flight
-//! per direction). Sends from staging never use MSG_ZEROCOPY: the buffer
-//! goes back to the pool as soon as the kernel has copied it.
+//! (`TCPX_STAGING_BYTES`) and reused; a socket holds about two per direction
+//! (the chunk on the wire and the one being copied). Sends from staging
+//! never use MSG_ZEROCOPY: the buffer goes back to the pool as soon as the
+//! kernel has copied it.
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
-use devmem::cuda::mem::{self, MemKind, PinnedBuffer, Stream};
+use devmem::cuda::mem::{self, Event, MemKind, PinnedBuffer, Stream};
 use devmem::cuda::{self, Context, CudaError};
 
 use crate::error::{Error, Result};
@@ -135,7 +137,12 @@ fn with_stream<T>(ctx: &'static Context, f: impl FnOnce(&Stream) -> cuda::Result
 struct Staged {
     len: usize,
     buf: PinnedBuffer,
+    /// The asynchronous device-to-host copy into `buf`, until waited for.
+    copying: Option<Event>,
 }
+
+/// Host-to-device copies still running on one thread's stream, oldest first.
+type Copies = VecDeque<(Event, PinnedBuffer)>;
 
 /// The TX/RX seam for one registered CUDA region.
 pub(crate) struct CudaBounce {
@@ -145,8 +152,14 @@ pub(crate) struct CudaBounce {
     /// (thread, region offset of the chunk) -> its staging.
     tx: Mutex<BTreeMap<(u64, u64), Staged>>,
     rx: Mutex<BTreeMap<(u64, u64), Staged>>,
+    /// thread -> its received chunks still being copied to the GPU.
+    rx_copies: Mutex<HashMap<u64, Copies>>,
     /// DMA-BUF of the region, for the devmem TX path; closed on dereg.
     dmabuf: Option<OwnedFd>,
+}
+
+fn tid() -> u64 {
+    TID.with(|t| *t)
 }
 
 impl CudaBounce {
@@ -189,6 +202,7 @@ impl CudaBounce {
             pool: StagingPool::shared(ctx, chunk_size, staging_bytes),
             tx: Mutex::new(BTreeMap::new()),
             rx: Mutex::new(BTreeMap::new()),
+            rx_copies: Mutex::new(HashMap::new()),
             dmabuf,
         })
     }
@@ -196,35 +210,100 @@ impl CudaBounce {
     pub(crate) fn has_dmabuf(&self) -> bool {
         self.dmabuf.is_some()
     }
+
+    /// Queues the device-to-host copy of `[off, off+len)` into fresh staging.
+    fn stage_tx(&self, off: u64, len: usize) -> Result<Staged> {
+        let buf = self.pool.take(len)?;
+        let p = buf.as_ptr();
+        let copying = with_stream(self.ctx, |st| {
+            // SAFETY: buf holds slot_len >= len pinned bytes; the device range
+            // is inside the region (checked by Region); the buffer is not
+            // read or reused before the event says the copy is done.
+            unsafe { st.dtoh(p, self.base + off, len)? };
+            match Event::record(st) {
+                Ok(e) => Ok(e),
+                // The copy is queued: it must end before the buffer goes back.
+                Err(e) => st.sync().and(Err(e)),
+            }
+        });
+        match copying {
+            Ok(e) => Ok(Staged {
+                len,
+                buf,
+                copying: Some(e),
+            }),
+            Err(e) => {
+                self.pool.give(buf);
+                Err(e)
+            }
+        }
+    }
+
+    /// Gives staging back once no copy uses it any more.
+    fn release(&self, s: Staged) {
+        match s.copying.map(|e| e.sync()) {
+            Some(Err(e)) => tracing::warn!("CUDA staging copy failed: {e}; buffer dropped"),
+            _ => self.pool.give(s.buf),
+        }
+    }
+
+    /// Returns the buffers of finished host-to-device copies to the pool.
+    fn reclaim(&self, copies: &mut Copies) {
+        while copies
+            .front()
+            .is_some_and(|(e, _)| e.done().unwrap_or(false))
+        {
+            if let Some((_, b)) = copies.pop_front() {
+                self.pool.give(b);
+            }
+        }
+    }
 }
 
 impl TxPath for CudaBounce {
     fn source(&self, off: u64, len: usize) -> Result<*const u8> {
-        let key = (TID.with(|t| *t), off);
-        if let Some(s) = lock(&self.tx).get(&key) {
-            if s.len == len {
-                // The same chunk again after a partial send: already staged.
-                return Ok(s.buf.as_ptr());
+        let key = (tid(), off);
+        // Waits happen outside the map's lock: other workers use it too.
+        let staged = lock(&self.tx).remove(&key);
+        let mut s = match staged {
+            // Prefetched, or the same chunk again after a partial send.
+            Some(s) if s.len == len => s,
+            other => {
+                if let Some(old) = other {
+                    self.release(old);
+                }
+                self.stage_tx(off, len)?
+            }
+        };
+        if let Some(e) = s.copying.take() {
+            if let Err(err) = e.sync() {
+                // The copy failed; the buffer is idle again.
+                self.pool.give(s.buf);
+                return Err(cuda_error(err));
             }
         }
-        let buf = self.pool.take(len)?;
-        let p = buf.as_ptr();
-        with_stream(self.ctx, |st| {
-            // SAFETY: buf holds slot_len >= len pinned bytes; the device range
-            // is inside the region (checked by Region); synced before return.
-            unsafe { st.dtoh(p, self.base + off, len)? };
-            st.sync()
-        })?;
-        if let Some(old) = lock(&self.tx).insert(key, Staged { len, buf }) {
-            self.pool.give(old.buf);
-        }
+        let p = s.buf.as_ptr();
+        lock(&self.tx).insert(key, s);
         Ok(p)
     }
 
+    fn prefetch(&self, off: u64, len: usize) {
+        let key = (tid(), off);
+        if lock(&self.tx).contains_key(&key) {
+            return;
+        }
+        // A failed prefetch is retried, and reported, by `source`.
+        if let Ok(s) = self.stage_tx(off, len) {
+            if let Some(old) = lock(&self.tx).insert(key, s) {
+                self.release(old);
+            }
+        }
+    }
+
     fn sent(&self, off: u64, _len: usize) {
-        let key = (TID.with(|t| *t), off);
-        if let Some(s) = lock(&self.tx).remove(&key) {
-            self.pool.give(s.buf);
+        let staged = lock(&self.tx).remove(&(tid(), off));
+        if let Some(s) = staged {
+            self.release(s);
         }
     }
 
@@ -235,7 +314,7 @@ impl TxPath for CudaBounce {
 
 impl RxPath for CudaBounce {
     fn sink(&self, off: u64, len: usize) -> Result<*mut u8> {
-        let tid = TID.with(|t| *t);
+        let tid = tid();
         let mut rx = lock(&self.rx);
         if let Some((&(_, start), s)) = rx.range((tid, 0)..=(tid, off)).next_back() {
             if off < start + s.len as u64 {
@@ -249,15 +328,21 @@ impl RxPath for CudaBounce {
         let buf = self.pool.take(len)?;
         let p = buf.as_ptr();
         rx = lock(&self.rx);
-        if let Some(old) = rx.insert((tid, off), Staged { len, buf }) {
+        let staged = Staged {
+            len,
+            buf,
+            copying: None,
+        };
+        if let Some(old) = rx.insert((tid, off), staged) {
             self.pool.give(old.buf);
         }
         Ok(p)
     }
 
     fn landed(&self, off: u64, len: usize) -> Result<()> {
-        let key = (TID.with(|t| *t), off);
-        let Some(s) = lock(&self.rx).remove(&key) else {
+        let tid = tid();
+        let staged = lock(&self.rx).remove(&(tid, off));
+        let Some(s) = staged else {
             return if len == 0 {
                 Ok(())
             } else {
@@ -266,14 +351,71 @@ impl RxPath for CudaBounce {
                 )))
             };
         };
-        let r = with_stream(self.ctx, |st| {
+        // Queued, not waited for: the socket receives its next chunk while
+        // this one crosses to the GPU; `settle` waits before completion.
+        let copying = with_stream(self.ctx, |st| {
             // SAFETY: the slot holds len received bytes; the device range is
-            // inside the region; synced before the slot is reused.
+            // inside the region; the slot stays out of the pool until the
+            // event says the copy is done.
             unsafe { st.htod(self.base + off, s.buf.as_ptr(), len.min(s.len))? };
-            st.sync()
+            match Event::record(st) {
+                Ok(e) => Ok(e),
+                Err(e) => st.sync().and(Err(e)),
+            }
         });
-        self.pool.give(s.buf);
+        match copying {
+            Ok(e) => {
+                let mut copies = lock(&self.rx_copies);
+                let q = copies.entry(tid).or_default();
+                q.push_back((e, s.buf));
+                self.reclaim(q);
+                Ok(())
+            }
+            Err(e) => {
+                self.pool.give(s.buf);
+                Err(e)
+            }
+        }
+    }
+
+    fn settle(&self) -> Result<()> {
+        let copies = lock(&self.rx_copies).remove(&tid());
+        let Some(copies) = copies else {
+            return Ok(());
+        };
+        // One stream per thread runs the copies in order: the last covers all.
+        let r = match copies.back() {
+            Some((e, _)) => e.sync().map_err(cuda_error),
+            None => Ok(()),
+        };
+        if r.is_ok() {
+            for (_, b) in copies {
+                self.pool.give(b);
+            }
+        }
         r
+    }
+}
+
+impl Drop for CudaBounce {
+    fn drop(&mut self) {
+        // A failed request can leave copies queued; none may outlive its staging.
+        let tx = std::mem::take(&mut *lock(&self.tx));
+        for s in tx.into_values() {
+            self.release(s);
+        }
+        let copies = std::mem::take(&mut *lock(&self.rx_copies));
+        for q in copies.into_values() {
+            if q.back().is_none_or(|(e, _)| e.sync().is_ok()) {
+                for (_, b) in q {
+                    self.pool.give(b);
+                }
+            }
+        }
+        let rx = std::mem::take(&mut *lock(&self.rx));
+        for s in rx.into_values() {
+            self.pool.give(s.buf);
+        }
     }
 }
 

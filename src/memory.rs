@@ -112,6 +112,9 @@ pub(crate) trait TxPath: Send + Sync {
     /// The kernel holds no reference to the chunk's bytes any more (copying
     /// sends): staging paths may reuse what `source` handed out.
     fn sent(&self, _off: u64, _len: usize) {}
+    /// Bytes `[off, off+len)` will be asked for soon: staging paths start
+    /// copying them now, so the copy overlaps the send before it.
+    fn prefetch(&self, _off: u64, _len: usize) {}
     /// False when `source` hands out reusable staging, which MSG_ZEROCOPY
     /// would keep referenced past `sent`.
     fn zerocopy_ok(&self) -> bool {
@@ -125,6 +128,11 @@ pub(crate) trait RxPath: Send + Sync {
     fn sink(&self, off: u64, len: usize) -> Result<*mut u8>;
     /// Bytes `[off, off+len)` are now in the sink (staging paths copy onward here).
     fn landed(&self, off: u64, len: usize) -> Result<()>;
+    /// Every byte this thread saw land is in place (staging paths copy
+    /// asynchronously in `landed`); called before a receive counts as done.
+    fn settle(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 pub(crate) struct Region {
@@ -176,6 +184,11 @@ impl TxPath for Region {
             b.sent(off, len);
         }
     }
+    fn prefetch(&self, off: u64, len: usize) {
+        if let (Some(b), Ok(_)) = (&self.bounce, self.check(off, len)) {
+            b.prefetch(off, len);
+        }
+    }
     fn zerocopy_ok(&self) -> bool {
         self.bounce.is_none()
     }
@@ -193,6 +206,12 @@ impl RxPath for Region {
     fn landed(&self, off: u64, len: usize) -> Result<()> {
         match &self.bounce {
             Some(b) => b.landed(off, len),
+            None => Ok(()),
+        }
+    }
+    fn settle(&self) -> Result<()> {
+        match &self.bounce {
+            Some(b) => b.settle(),
             None => Ok(()),
         }
     }

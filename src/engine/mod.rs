@@ -78,6 +78,12 @@ impl Job {
         (off, (self.size - off).min(self.chunk_size) as usize)
     }
 
+    /// The chunk after the current one, if the job has one.
+    fn following_chunk(&self) -> Option<(u64, usize)> {
+        let off = (self.next_chunk + self.stride) * self.chunk_size;
+        (off < self.size).then(|| (off, (self.size - off).min(self.chunk_size) as usize))
+    }
+
     /// Moves to the next chunk; true when the job has no more.
     fn advance(&mut self) -> bool {
         self.next_chunk += self.stride;

@@ -174,7 +174,8 @@ impl Sock {
         }
         let job = self.sends.front()?;
         let (off, len) = job.chunk();
-        if !self.tx.active {
+        let starting = !self.tx.active;
+        if starting {
             self.tx = Cursor {
                 active: true,
                 hdr: Chunk {
@@ -197,6 +198,9 @@ impl Sock {
                 return None;
             }
         };
+        if starting {
+            self.prefetch_next();
+        }
         let hdr_left = CHUNK_LEN - self.tx.hdr_done;
         let body = (src.wrapping_add(self.tx.body_done), len - self.tx.body_done);
         let hdr = (self.tx.hdr[self.tx.hdr_done..].as_ptr(), hdr_left);
@@ -224,6 +228,23 @@ impl Sock {
                 zerocopy: false,
             }
         })
+    }
+
+    /// Lets the region of the chunk after the current one start staging it.
+    fn prefetch_next(&self) {
+        let next = match self
+            .sends
+            .front()
+            .and_then(|j| j.following_chunk().map(|c| (j, c)))
+        {
+            Some(n) => Some(n),
+            None => self.sends.get(1).map(|j| (j, j.chunk())),
+        };
+        if let Some((job, (off, len))) = next {
+            if let Some(r) = job.region.as_ref() {
+                r.prefetch(job.base + off, len);
+            }
+        }
     }
 
     /// `n` bytes of the last plan went out; `zc_id` is the zero-copy id of that send.
@@ -332,6 +353,10 @@ impl Sock {
                 }
             }
             if job.advance() {
+                let settled = job.region.as_ref().map_or(Ok(()), |r| r.settle());
+                if let Err(e) = settled {
+                    return self.fail(e);
+                }
                 if let Some(done) = self.recvs.pop_front() {
                     done.finish(None);
                 }

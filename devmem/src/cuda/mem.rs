@@ -298,6 +298,68 @@ impl Drop for Stream {
     }
 }
 
+/// A completion marker in a stream (no timing), destroyed on drop.
+#[derive(Debug)]
+pub struct Event {
+    ctx: &'static Context,
+    e: sys::CUevent,
+}
+
+// SAFETY: CUDA events may be used from any thread with the context current.
+unsafe impl Send for Event {}
+
+impl Event {
+    /// Records an event after the work queued so far on `stream`.
+    pub fn record(stream: &Stream) -> Result<Self> {
+        let ctx = stream.context();
+        ctx.make_current()?;
+        let mut e = std::ptr::null_mut();
+        // SAFETY: writes one handle.
+        ck("cuEventCreate", || unsafe {
+            sys::cuEventCreate(&mut e, sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32)
+        })?;
+        let ev = Event { ctx, e };
+        // SAFETY: a live event and stream.
+        ck("cuEventRecord", || unsafe {
+            sys::cuEventRecord(ev.e, stream.raw())
+        })?;
+        Ok(ev)
+    }
+
+    /// True once the work before the event has finished.
+    pub fn done(&self) -> Result<bool> {
+        // SAFETY: a live event.
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| unsafe {
+            sys::cuEventQuery(self.e)
+        }))
+        .map_err(|_| CudaError::NoDriver("cuEventQuery is missing".into()))?;
+        match r {
+            sys::CUresult::CUDA_SUCCESS => Ok(true),
+            sys::CUresult::CUDA_ERROR_NOT_READY => Ok(false),
+            _ => ck("cuEventQuery", || r).map(|_| false),
+        }
+    }
+
+    /// Waits for the work before the event.
+    pub fn sync(&self) -> Result<()> {
+        // SAFETY: a live event.
+        ck("cuEventSynchronize", || unsafe {
+            sys::cuEventSynchronize(self.e)
+        })
+    }
+}
+
+impl Drop for Event {
+    fn drop(&mut self) {
+        if self.ctx.make_current().is_ok() {
+            // SAFETY: created in record(); destroyed once.
+            let _ = ck("cuEventDestroy", || unsafe {
+                sys::cuEventDestroy_v2(self.e)
+            });
+        }
+    }
+}
+
 /// Milliseconds the work queued by `f` on `stream` takes, timed with events.
 pub fn time_on(stream: &Stream, f: impl FnOnce(&Stream) -> Result<()>) -> Result<f32> {
     let mut a = std::ptr::null_mut();
