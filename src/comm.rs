@@ -116,16 +116,16 @@ impl CommBase {
         }
     }
 
-    /// Has the home NIC's worker poke `core` when `stream` turns readable (or writable, `out`).
+    /// Has the first data socket's worker poke `core` when `stream` turns readable (or writable, `out`).
     fn watch<C: Poke + 'static>(
         core: &Arc<C>,
         base: &CommBase,
         stream: &TcpStream,
         out: bool,
     ) -> Result<()> {
-        let nic = base.socks.first().map_or(0, |s| s.worker);
+        let worker = base.socks.first().map_or(0, |s| s.worker);
         let target: Weak<dyn Poke> = Arc::downgrade(core) as Weak<dyn Poke>;
-        let w = base.net.watch(nic, stream, out, target)?;
+        let w = base.net.watch(worker, stream, out, target)?;
         let _ = base.watch.set(w);
         Ok(())
     }

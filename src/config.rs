@@ -83,6 +83,9 @@ pub struct Config {
     pub ctrl_nic: Option<NicSpec>,
     /// Data sockets per NIC per comm.
     pub sockets_per_nic: usize,
+    /// Progress threads per NIC, shared by every comm; a NIC's data
+    /// sockets are dealt to them in turn (`TCPX_WORKERS_PER_NIC`).
+    pub workers_per_nic: usize,
     /// Bytes per chunk on a data socket.
     pub chunk_size: usize,
     /// Messages up to this size travel inline on the control socket (lowest latency).
@@ -134,6 +137,7 @@ impl Default for Config {
             data_nics: Vec::new(),
             ctrl_nic: None,
             sockets_per_nic: 2,
+            workers_per_nic: 1,
             chunk_size: 512 * 1024,
             inline_threshold: 64 * 1024,
             max_requests: 32,
@@ -206,6 +210,9 @@ impl Config {
                 let t = thr.map(|(k, v)| parse_num(k, &v)).transpose()?.unwrap_or(1);
                 c.sockets_per_nic = p * t;
             }
+        }
+        if let Some((k, v)) = first(&["TCPX_WORKERS_PER_NIC"]) {
+            c.workers_per_nic = parse_num(k, &v)?;
         }
         if let Some((k, v)) = first(&["TCPX_CHUNK_SIZE"]) {
             c.chunk_size = parse_num(k, &v)?;
@@ -311,6 +318,12 @@ impl Config {
             return bad(format!(
                 "sockets per NIC must be 1..={MAX_SOCKETS_PER_NIC}, got {}",
                 self.sockets_per_nic
+            ));
+        }
+        if self.workers_per_nic == 0 || self.workers_per_nic > MAX_SOCKETS_PER_NIC {
+            return bad(format!(
+                "workers per NIC must be 1..={MAX_SOCKETS_PER_NIC}, got {}",
+                self.workers_per_nic
             ));
         }
         if self.data_nics.len() > MAX_NICS {
@@ -453,6 +466,16 @@ mod tests {
             cfg(&[("TCPX_SOCKETS_PER_NIC", "0")]),
             Err(Error::Config(_))
         ));
+        assert!(matches!(
+            cfg(&[("TCPX_WORKERS_PER_NIC", "0")]),
+            Err(Error::Config(_))
+        ));
+        assert_eq!(
+            cfg(&[("TCPX_WORKERS_PER_NIC", "3")])
+                .unwrap()
+                .workers_per_nic,
+            3
+        );
         assert!(matches!(
             cfg(&[("TCPX_MAX_REQUESTS", "4")]),
             Err(Error::Config(_))

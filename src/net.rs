@@ -32,7 +32,8 @@ pub(crate) struct NetInner {
     gpumemd: Option<Gpumemd>,
     pub devices: Vec<Device>,
     pub ctrl_ip: Option<IpAddr>,
-    /// One progress worker per device, same index.
+    /// `cfg.workers_per_nic` progress workers per device: device `d`'s are
+    /// `d * workers_per_nic ..`.
     pub workers: Vec<Worker>,
     counters: Arc<Counters>,
     next_sock_id: AtomicU64,
@@ -53,14 +54,16 @@ impl NetInner {
                 (abi, source)
             }),
         };
-        self.workers[nic].submit(Cmd::Add { id, stream, tx });
-        DataSock { worker: nic, id }
+        let per = self.cfg.workers_per_nic;
+        let worker = nic * per + (id % per as u64) as usize;
+        self.workers[worker].submit(Cmd::Add { id, stream, tx });
+        DataSock { worker, id }
     }
 
-    /// Has worker `nic` poke `target` on `stream`'s readiness; the id closes the watch.
+    /// Has `worker` poke `target` on `stream`'s readiness; the id closes the watch.
     pub(crate) fn watch(
         &self,
-        nic: usize,
+        worker: usize,
         stream: &TcpStream,
         out: bool,
         target: std::sync::Weak<dyn Poke>,
@@ -69,13 +72,13 @@ impl NetInner {
             .try_clone()
             .map_err(|e| Error::io("dup control socket", e))?;
         let id = self.next_sock_id.fetch_add(1, Ordering::Relaxed);
-        self.workers[nic].submit(Cmd::Watch {
+        self.workers[worker].submit(Cmd::Watch {
             id,
             fd: fd.into(),
             out,
             target,
         });
-        Ok(DataSock { worker: nic, id })
+        Ok(DataSock { worker, id })
     }
 
     fn tune(&self, s: &TcpStream) -> Result<()> {
@@ -112,7 +115,7 @@ pub struct Net {
 }
 
 impl Net {
-    /// Resolves the NICs, starts one worker per NIC and logs the data path once.
+    /// Resolves the NICs, starts the NIC workers and logs the data path once.
     pub fn init(cfg: Config) -> Result<Self> {
         cfg.validate()?;
         let gpumemd = Gpumemd::connect(&cfg)?;
@@ -149,9 +152,18 @@ impl Net {
             },
         };
         let counters = Arc::new(Counters::default());
+        let per = cfg.workers_per_nic;
         let workers = devices
             .iter()
-            .map(|d| Worker::spawn(format!("tcpx-{}", d.name), engine, counters.clone()))
+            .flat_map(|d| (0..per).map(move |k| (d, k)))
+            .map(|(d, k)| {
+                let name = if per == 1 {
+                    format!("tcpx-{}", d.name)
+                } else {
+                    format!("tcpx-{}-{k}", d.name)
+                };
+                Worker::spawn(name, engine, counters.clone())
+            })
             .collect::<Result<Vec<_>>>()?;
         for (i, d) in devices.iter().enumerate() {
             tracing::info!(

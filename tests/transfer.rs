@@ -66,6 +66,19 @@ fn small_chunks_spread_over_many_sockets() {
 }
 
 #[test]
+fn sockets_dealt_to_several_workers_per_nic() {
+    let mut cfg = three_nics();
+    cfg.chunk_size = 4096;
+    cfg.sockets_per_nic = 3;
+    cfg.workers_per_nic = 2;
+    cfg.inline_threshold = 0;
+    let net = Net::init(cfg).unwrap();
+    // Two comms, so sockets of both parities land on both workers.
+    send_recv(&net, &[1, 4097, 65_537, 1_000_001]);
+    send_recv(&net, &[0, 8191, 3_000_017]);
+}
+
+#[test]
 fn truncated_receive_is_an_error_and_the_comm_survives() {
     let net = Net::init(three_nics()).unwrap();
     let (send, recv) = pair(&net, &net);

@@ -29,6 +29,9 @@ struct Cli {
     /// Data sockets per NIC.
     #[arg(long, global = true)]
     sockets_per_nic: Option<usize>,
+    /// Progress threads per NIC.
+    #[arg(long, global = true)]
+    workers_per_nic: Option<usize>,
     /// Chunk size in bytes (K/M suffixes allowed).
     #[arg(long, global = true)]
     chunk_size: Option<String>,
@@ -117,6 +120,9 @@ fn config(cli: &Cli) -> BoxResult<Config> {
     }
     if let Some(k) = cli.sockets_per_nic {
         c.sockets_per_nic = k;
+    }
+    if let Some(w) = cli.workers_per_nic {
+        c.workers_per_nic = w;
     }
     if let Some(cs) = &cli.chunk_size {
         c.chunk_size = parse_size(cs)?;
@@ -343,6 +349,7 @@ fn report(
         let out = serde_json::json!({
             "nics": cfg.data_nics.iter().map(|n| format!("{n:?}")).collect::<Vec<_>>(),
             "sockets_per_nic": cfg.sockets_per_nic,
+            "workers_per_nic": cfg.workers_per_nic,
             "chunk_size": cfg.chunk_size,
             "zerocopy": format!("{:?}", cfg.zerocopy),
             "engine": format!("{:?}", engine),
@@ -354,9 +361,10 @@ fn report(
         return Ok(());
     }
     println!(
-        "tcpx-bench: {} NIC(s) x {} socket(s), chunk {}, window {}, engine {:?}, zerocopy {:?}",
+        "tcpx-bench: {} NIC(s) x {} socket(s) x {} worker(s), chunk {}, window {}, engine {:?}, zerocopy {:?}",
         cfg.data_nics.len(),
         cfg.sockets_per_nic,
+        cfg.workers_per_nic,
         human(cfg.chunk_size),
         cli.window,
         engine,
