@@ -119,7 +119,8 @@ fn closing_the_receiver_fails_uring_sends_in_flight() {
     let _g = ENV.lock().unwrap_or_else(|p| p.into_inner());
     let a = net(EngineKind::Uring, ZeroCopy::Off);
     let (send, recv) = pair(&a, &a);
-    let big = a.reg_mr(HostMemory::zeroed(8 << 20).unwrap());
+    // Far more than loopback socket buffers can absorb, so the send must stall.
+    let big = a.reg_mr(HostMemory::zeroed(64 << 20).unwrap());
     let dst = a.reg_mr(HostMemory::zeroed(8 << 20).unwrap());
     // The first message completes; the second has no receive and stalls until the receiver closes.
     let mut rx = recv
@@ -132,7 +133,7 @@ fn closing_the_receiver_fails_uring_sends_in_flight() {
         .unwrap()
         .unwrap();
     let _tx = send.isend(&big, 0, 1 << 20, 0).unwrap().unwrap();
-    let mut tx2 = send.isend(&big, 0, 8 << 20, 0).unwrap().unwrap();
+    let mut tx2 = send.isend(&big, 0, 64 << 20, 0).unwrap().unwrap();
     let _ = rx.wait(T);
     drop(recv);
     let t0 = std::time::Instant::now();
