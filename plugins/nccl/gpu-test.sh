@@ -4,8 +4,10 @@
 #      send-recv from 8 B to 1 GiB with result checks, through our plugin
 #      (NCCL_NET_PLUGIN=<our .so>, NCCL_NET=TCPX-rs);
 #   2. the same through NCCL's built-in socket transport (NCCL_NET=Socket);
-#   3. a busbw table of both and the ratio; NCCL's own log must show that it
-#      loaded our plugin and used it (and Socket for the second run).
+#   3. our plugin again with CUDA pointers (TCPX_NCCL_CUDA=1): NCCL hands it
+#      GPU buffers, which move through the transport's bounce path;
+#   4. busbw tables and ratios; NCCL's own log must show that it loaded our
+#      plugin and used it (and Socket for the second run).
 # P2P, SHM and NVLS are off so that every byte crosses the network plugin.
 #
 #   plugins/nccl/gpu-test.sh            # 2 GPUs: the full check
@@ -71,6 +73,10 @@ run() { # name, then env assignments
 
 run plugin NCCL_NET_PLUGIN="$so" NCCL_NET=TCPX-rs
 run socket NCCL_NET=Socket NCCL_SOCKET_IFNAME=lo
+# NCCL hands our plugin GPU buffers (GDR mode; loopback has no PCI path, so
+# the GDR level must allow any distance): regMr of CUDA memory, the bounce
+# path, iflush.
+[[ $ranks -ge 2 ]] && run plugin-cuda NCCL_NET_PLUGIN="$so" NCCL_NET=TCPX-rs TCPX_NCCL_CUDA=1 NCCL_NET_GDR_LEVEL=SYS
 
 # NCCL's own words: the plugin was loaded, initialized (our data-path line
 # went through NCCL's logger) and chosen; the control run used Socket.
@@ -82,11 +88,19 @@ need "$out/plugin.log" 'NET/Plugin: Loaded net plugin TCPX-rs \(v[0-9]+\)' "NCCL
 need "$out/plugin.log" 'NET/TCPX-rs : dev 0 .* data path' "our init logged through NCCL's logger"
 need "$out/plugin.log" 'Using network TCPX-rs' "NCCL used our plugin"
 need "$out/socket.log" 'Using network Socket' "control run used NCCL's Socket transport"
+if [[ $ranks -ge 2 ]]; then
+  need "$out/plugin-cuda.log" 'pointers: host and CUDA' "CUDA run: our plugin offered CUDA pointers"
+  need "$out/plugin-cuda.log" 'via NET/TCPX-rs/0/GDRDMA' "CUDA run: NCCL gave our plugin GPU buffers (GDRDMA)"
+fi
 grep -hE 'Loaded net plugin|Using network|NET/TCPX-rs : (dev|initialized)' "$out/plugin.log" | sort -u | head -8
 
 if [[ $ranks -ge 2 && -f "$out/plugin.json" && -f "$out/socket.json" ]]; then
   echo "== busbw (GB/s), nccl-tests convention; ratio = TCPX-rs / Socket"
   "$py" "$here/nccl_check.py" table "$out/plugin.json" "$out/socket.json" || fail=1
+  if [[ -f "$out/plugin-cuda.json" ]]; then
+    echo "== busbw with CUDA buffers handed to the plugin; ratio = TCPX-rs (CUDA) / Socket"
+    "$py" "$here/nccl_check.py" table "$out/plugin-cuda.json" "$out/socket.json" || fail=1
+  fi
 fi
 echo "logs: $out"
 if [[ $fail -eq 0 ]]; then echo "gpu-test: PASS"; else echo "gpu-test: FAIL"; fi
