@@ -7,9 +7,13 @@ READ), exchanging metadata over a pipe. Prints GB/s and latency per size.
 
     .venv/bin/python python/benchmark_nixl.py                 # TCPX and UCX
     .venv/bin/python python/benchmark_nixl.py --backend TCPX --sizes 1M,64M
+    .venv/bin/python python/benchmark_nixl.py --device gpu   # VRAM (torch CUDA tensors)
 
-UCX runs over TCP on loopback (UCX_TLS=tcp) with the wheel's own plugin;
-TCPX loads target/release/libplugin_TCPX.so through NIXL_PLUGIN_DIR.
+UCX runs over TCP on loopback (UCX_TLS=tcp, plus cuda_copy for --device
+gpu) with the wheel's own plugin; TCPX loads target/release/libplugin_TCPX.so
+through NIXL_PLUGIN_DIR. --device gpu registers CUDA tensors of GPU 0 as
+VRAM on both sides (needs torch with CUDA; TCPX moves VRAM through pinned
+host staging).
 """
 
 from __future__ import annotations
@@ -42,11 +46,12 @@ def fmt_size(n: int) -> str:
     return str(n)
 
 
-def backend_env(backend: str, plugin: pathlib.Path) -> dict[str, str | None]:
+def backend_env(backend: str, plugin: pathlib.Path, device: str) -> dict[str, str | None]:
     if backend == "TCPX":
         return {"NIXL_PLUGIN_DIR": str(plugin.parent)}
     # The wheel's plugin folder (NIXL_PLUGIN_DIR would replace it).
-    return {"NIXL_PLUGIN_DIR": None, "UCX_TLS": "tcp", "UCX_NET_DEVICES": "lo"}
+    tls = "tcp,cuda_copy" if device == "gpu" else "tcp"
+    return {"NIXL_PLUGIN_DIR": None, "UCX_TLS": tls, "UCX_NET_DEVICES": "lo"}
 
 
 def backend_params(backend: str, args) -> dict[str, str]:
@@ -64,21 +69,29 @@ def make_agent(name: str, backend: str, params: dict[str, str]):
 
 
 def alloc(n: int, device: str):
+    """(buffer, address, NIXL memory kind); the buffer keeps the memory alive."""
     if device == "gpu":
-        raise SystemExit(
-            "--device gpu: this build's TCPX backend registers DRAM only "
-            "(VRAM is reported unsupported); run with --device cpu"
-        )
+        import torch
+
+        t = torch.ones(n, dtype=torch.uint8, device="cuda:0")
+        return t, t.data_ptr(), "VRAM"
     import numpy as np
 
-    return np.ones(n, dtype=np.uint8), "DRAM"
+    a = np.ones(n, dtype=np.uint8)
+    return a, a.ctypes.data, "DRAM"
+
+
+def check_mem(agent, backend: str, mem: str) -> None:
+    if f"{mem}_SEG" not in agent.get_backend_mem_types(backend):
+        raise SystemExit(f"{backend} does not support {mem} in this process (is CUDA usable here?)")
 
 
 def target_main(conn, backend, params, nbytes, device):
     agent = make_agent("target", backend, params)
-    buf, mem = alloc(nbytes, device)
-    agent.register_memory(agent.get_reg_descs([(buf.ctypes.data, nbytes, 0, "")], mem))
-    conn.send((agent.get_agent_metadata(), buf.ctypes.data))
+    _buf, addr, mem = alloc(nbytes, device)  # _buf keeps the memory alive
+    check_mem(agent, backend, mem)
+    agent.register_memory(agent.get_reg_descs([(addr, nbytes, 0, "")], mem))
+    conn.send((agent.get_agent_metadata(), addr))
     agent.add_remote_agent(conn.recv())
     conn.recv()  # the initiator's "done"
     conn.send(None)
@@ -86,14 +99,15 @@ def target_main(conn, backend, params, nbytes, device):
 
 def initiator_main(conn, backend, params, nbytes, device, sizes, op, iters, warmup, out):
     agent = make_agent("initiator", backend, params)
-    buf, mem = alloc(nbytes, device)
-    agent.register_memory(agent.get_reg_descs([(buf.ctypes.data, nbytes, 0, "")], mem))
+    _buf, addr, mem = alloc(nbytes, device)  # _buf keeps the memory alive
+    check_mem(agent, backend, mem)
+    agent.register_memory(agent.get_reg_descs([(addr, nbytes, 0, "")], mem))
     meta, raddr = conn.recv()
     peer = agent.add_remote_agent(meta)
     conn.send(agent.get_agent_metadata())
     rows = []
     for size in sizes:
-        local = agent.get_xfer_descs([(buf.ctypes.data, size, 0)], mem)
+        local = agent.get_xfer_descs([(addr, size, 0)], mem)
         remote = agent.get_xfer_descs([(raddr, size, 0)], mem)
         h = None
         deadline = time.monotonic() + 20
@@ -133,8 +147,9 @@ def initiator_main(conn, backend, params, nbytes, device, sizes, op, iters, warm
 
 def run_backend(backend: str, args, sizes: list[int]) -> list[dict]:
     ctx = mp.get_context("spawn")
-    saved = {k: os.environ.get(k) for k in backend_env(backend, args.plugin)}
-    for k, v in backend_env(backend, args.plugin).items():
+    env = backend_env(backend, args.plugin, args.device)
+    saved = {k: os.environ.get(k) for k in env}
+    for k, v in env.items():
         if v is None:
             os.environ.pop(k, None)
         else:
@@ -186,6 +201,13 @@ def main() -> int:
     if "TCPX" in backends and not args.plugin.is_file():
         ap.error(f"{args.plugin} not found: cargo build --release -p tcpx-nixl")
     sizes = [parse_size(s) for s in args.sizes.split(",")]
+    if args.device == "gpu":
+        try:
+            import torch
+        except ImportError:
+            ap.error("--device gpu needs torch with CUDA in this Python")
+        if not torch.cuda.is_available():
+            ap.error("--device gpu: torch sees no CUDA device")
 
     results = {}
     for b in backends:

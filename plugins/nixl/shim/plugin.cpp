@@ -22,6 +22,15 @@ nixl_status_t status(const char *what, int rc) {
     return static_cast<nixl_status_t>(rc);
 }
 
+// What tnx_supported_mems reports (CUDA is probed once, in Rust).
+nixl_mem_list_t supportedMems() {
+    uint32_t kinds[8];
+    const size_t n = tnx_supported_mems(kinds, 8);
+    nixl_mem_list_t out;
+    for (size_t i = 0; i < n && i < 8; ++i) out.push_back(static_cast<nixl_mem_t>(kinds[i]));
+    return out;
+}
+
 extern "C" void appendTo(void *ctx, const uint8_t *data, size_t len) {
     static_cast<std::string *>(ctx)->append(reinterpret_cast<const char *>(data), len);
 }
@@ -69,7 +78,7 @@ public:
     bool supportsRemote() const override { return true; }
     bool supportsLocal() const override { return false; }
     bool supportsNotif() const override { return true; }
-    nixl_mem_list_t getSupportedMems() const override { return {DRAM_SEG}; }
+    nixl_mem_list_t getSupportedMems() const override { return supportedMems(); }
 
     nixl_status_t registerMem(const nixlBlobDesc &mem, const nixl_mem_t &kind,
                               nixlBackendMD *&out) override try {
@@ -106,10 +115,9 @@ public:
                            nixlBackendReqH *&handle, const nixl_opt_b_args_t *) const override try {
         if (op != NIXL_READ && op != NIXL_WRITE) return NIXL_ERR_INVALID_PARAM;
         if (local.descCount() != remote.descCount()) return NIXL_ERR_MISMATCH;
-        if (local.getType() != DRAM_SEG || remote.getType() != DRAM_SEG) {
-            std::fprintf(stderr, "nixl TCPX: only DRAM transfers are supported in this build\n");
-            return NIXL_ERR_NOT_SUPPORTED;
-        }
+        int rc = tnx_check_xfer_mems(static_cast<uint32_t>(local.getType()),
+                                     static_cast<uint32_t>(remote.getType()));
+        if (rc != 0) return status("prepXfer", rc);
         handle = new TcpxReqH();
         return NIXL_SUCCESS;
     } catch (...) {
@@ -224,7 +232,7 @@ nixl_b_params_t backendOptions() {
     return out;
 }
 
-nixl_mem_list_t backendMems() { return {DRAM_SEG}; }
+nixl_mem_list_t backendMems() { return supportedMems(); }
 
 }  // namespace
 

@@ -43,6 +43,10 @@ int tnx_load_remote_md(const tnx_engine *e, const char *agent, const uint8_t *bl
 int tnx_unload_remote_md(const tnx_engine *e, uint64_t id);
 int tnx_connect(const tnx_engine *e, const char *agent);
 int tnx_disconnect(const tnx_engine *e, const char *agent);
+// Writes the nixl_mem_t kinds usable in this process into out[0..cap]; returns their count.
+size_t tnx_supported_mems(uint32_t *out, size_t cap);
+// NIXL_SUCCESS when a transfer between these nixl_mem_t kinds can be prepared here.
+int tnx_check_xfer_mems(uint32_t local, uint32_t remote);
 // op: 0 READ, 1 WRITE. Returns NIXL_IN_PROG/NIXL_SUCCESS with *out set, or an error.
 int tnx_xfer_post(const tnx_engine *e, int op, const char *agent, const tnx_desc *descs, size_t n,
                   const uint8_t *notif, size_t notif_len, int has_notif, tnx_xfer **out);

@@ -15,7 +15,7 @@ use tcpx::{Config, Handle, Net, NicSpec, HANDLE_SIZE};
 use crate::error::{status, Error, Result};
 use crate::link::{self, Item, Link};
 use crate::proto::{Desc, Msg, MAX_DESCS, MAX_NOTIF};
-use crate::registry::{self, LocalRegion, Registry, RemoteRegion, MEM_DRAM};
+use crate::registry::{self, LocalRegion, Mem, Registry, RemoteRegion};
 
 /// Backend options (`create_backend("TCPX", {...})`) with their defaults.
 pub const OPTIONS: &[(&str, &str)] = &[
@@ -263,7 +263,7 @@ impl Engine {
     /// # Safety
     /// `addr..addr+len` must stay valid until `deregister` and until every
     /// transfer touching it completed.
-    pub unsafe fn register(&self, addr: u64, len: u64, kind: u32) -> Result<u64> {
+    pub unsafe fn register(&self, addr: u64, len: u64, kind: Mem) -> Result<u64> {
         let id = self.inner.id();
         // SAFETY: forwarded to the caller's contract.
         unsafe { lock(&self.inner.reg).register(&self.inner.net, id, addr, len, kind)? };
@@ -280,13 +280,12 @@ impl Engine {
         Ok(registry::encode_public(&r).to_vec())
     }
 
-    pub fn load_remote_md(&self, agent: &str, blob: &[u8], kind: u32) -> Result<u64> {
+    pub fn load_remote_md(&self, agent: &str, blob: &[u8], kind: Mem) -> Result<u64> {
         let r = registry::decode_public(agent, blob)?;
         if r.kind != kind {
             return Err(Error::InvalidArgument(format!(
-                "descriptor of {agent:?} is {} memory, loaded as {}",
-                registry::mem_name(r.kind),
-                registry::mem_name(kind)
+                "descriptor of {agent:?} is {} memory, loaded as {kind}",
+                r.kind
             )));
         }
         let id = self.inner.id();
@@ -333,6 +332,8 @@ impl Engine {
         }
         // Resolve and check everything before anything is sent.
         let mut local = Vec::with_capacity(descs.len());
+        // The target checks every range against its registrations of this kind.
+        let mut remote_kind = None;
         {
             let reg = lock(&self.inner.reg);
             for d in descs {
@@ -350,9 +351,15 @@ impl Engine {
                         r.agent
                     )));
                 }
+                if *remote_kind.get_or_insert(r.kind) != r.kind {
+                    return Err(Error::InvalidArgument(
+                        "remote descriptors of one transfer must all be one memory kind".into(),
+                    ));
+                }
                 local.push((l, off, d.len as usize));
             }
         }
+        let mem = remote_kind.unwrap_or(Mem::Dram).nixl();
         let link = link::ensure(&self.inner, agent)?;
         let chunks: Vec<_> = descs
             .chunks(MAX_DESCS)
@@ -404,7 +411,7 @@ impl Engine {
                 Op::Write => {
                     let hdr = Msg::Write {
                         id,
-                        mem: MEM_DRAM,
+                        mem,
                         descs: wire,
                         notif: if i == last {
                             notif.map(|n| n.to_vec())
@@ -422,7 +429,7 @@ impl Engine {
                 Op::Read => vec![Item::Msg(
                     Msg::Read {
                         id,
-                        mem: MEM_DRAM,
+                        mem,
                         descs: wire,
                     }
                     .encode(),

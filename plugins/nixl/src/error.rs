@@ -25,8 +25,10 @@ pub enum Error {
         value: String,
         why: String,
     },
-    #[error("{0} memory is not supported by the TCPX backend (DRAM only in this build); register host memory")]
+    #[error("{0} memory is not supported by the TCPX backend (it moves DRAM, and VRAM where CUDA is usable)")]
     UnsupportedMem(String),
+    #[error("VRAM needs CUDA, which is unusable in this process: {0}")]
+    NoCuda(String),
     #[error("no connection info for agent {0:?}; load its metadata first (add_remote_agent)")]
     UnknownPeer(String),
     #[error("agent {peer:?} refused the access: {text}")]
@@ -53,7 +55,7 @@ impl Error {
             Error::UnknownOption { .. } | Error::BadOption { .. } | Error::InvalidArgument(_) => {
                 ERR_INVALID_PARAM
             }
-            Error::UnsupportedMem(_) => ERR_NOT_SUPPORTED,
+            Error::UnsupportedMem(_) | Error::NoCuda(_) => ERR_NOT_SUPPORTED,
             Error::UnknownPeer(_) | Error::NotFound(_) => ERR_NOT_FOUND,
             Error::Refused { .. } => ERR_NOT_ALLOWED,
             Error::PeerLost { .. } | Error::Timeout { .. } => ERR_REMOTE_DISCONNECT,

@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use crate::engine::{xfer_status, Engine, Op, Options, XferDesc, XferState};
 use crate::error::{status, Error, Result};
+use crate::registry::Mem;
 
 pub struct tnx_engine(Engine);
 pub struct tnx_xfer(Arc<XferState>);
@@ -168,7 +169,7 @@ pub extern "C" fn tnx_register(
 ) -> c_int {
     guard(|| {
         // SAFETY: NIXL's registration contract, restated in the header.
-        let id = unsafe { engine(e)?.register(addr, len, mem)? };
+        let id = unsafe { engine(e)?.register(addr, len, Mem::from_nixl(mem)?)? };
         out(out_id, id)?;
         Ok(status::SUCCESS)
     })
@@ -209,7 +210,7 @@ pub extern "C" fn tnx_load_remote_md(
         let id = engine(e)?.load_remote_md(
             cstr(agent, "agent name")?,
             bytes(blob, len, "blob")?,
-            mem,
+            Mem::from_nixl(mem)?,
         )?;
         out(out_id, id)?;
         Ok(status::SUCCESS)
@@ -236,6 +237,34 @@ pub extern "C" fn tnx_connect(e: *const tnx_engine, agent: *const c_char) -> c_i
 pub extern "C" fn tnx_disconnect(e: *const tnx_engine, agent: *const c_char) -> c_int {
     guard(|| {
         engine(e)?.disconnect(cstr(agent, "agent name")?)?;
+        Ok(status::SUCCESS)
+    })
+}
+
+/// Writes the `nixl_mem_t` kinds this process can register (DRAM, and VRAM
+/// when CUDA is usable) into `out[..cap]`; returns how many there are.
+#[no_mangle]
+pub extern "C" fn tnx_supported_mems(out: *mut u32, cap: usize) -> usize {
+    catch_unwind(|| {
+        let mems = Mem::supported();
+        if !out.is_null() {
+            for (i, m) in mems.iter().take(cap).enumerate() {
+                // SAFETY: out holds cap elements (header contract).
+                unsafe { *out.add(i) = m.nixl() };
+            }
+        }
+        mems.len()
+    })
+    .unwrap_or(0)
+}
+
+/// Checks the memory kinds of a transfer's lists before it is prepared:
+/// the local kind must be registrable here, the remote one movable at all.
+#[no_mangle]
+pub extern "C" fn tnx_check_xfer_mems(local: u32, remote: u32) -> c_int {
+    guard(|| {
+        Mem::from_nixl(local)?.usable()?;
+        Mem::from_nixl(remote)?;
         Ok(status::SUCCESS)
     })
 }

@@ -17,9 +17,9 @@
 //! let mut dst = vec![0u8; 4096];
 //! // SAFETY: both buffers outlive the engines' use of them.
 //! let (ls, rd) = unsafe {
-//!     (a.register(src.as_mut_ptr() as u64, 4096, 0)?, b.register(dst.as_mut_ptr() as u64, 4096, 0)?)
+//!     (a.register(src.as_mut_ptr() as u64, 4096, Mem::Dram)?, b.register(dst.as_mut_ptr() as u64, 4096, Mem::Dram)?)
 //! };
-//! let rmd = a.load_remote_md("B", &b.public_data(rd)?, 0)?;
+//! let rmd = a.load_remote_md("B", &b.public_data(rd)?, Mem::Dram)?;
 //! let d = XferDesc { local_addr: src.as_ptr() as u64, remote_addr: dst.as_ptr() as u64, len: 4096, local_md: ls, remote_md: rmd };
 //! let x = a.post(Op::Write, "B", &[d], Some(b"done"))?;
 //! while !x.check()? { std::thread::yield_now(); }
@@ -37,4 +37,4 @@ mod registry;
 
 pub use engine::{Engine, Op, Options, XferDesc, XferState, OPTIONS};
 pub use error::{status, Error, Result};
-pub use registry::{MEM_DRAM, MEM_VRAM};
+pub use registry::Mem;

@@ -20,7 +20,7 @@ use tcpx::{
 use crate::engine::{lock, Inner};
 use crate::error::{status, Error, Result};
 use crate::proto::{Desc, Msg, MAX_MSG, TAG_DATA, TAG_HDR};
-use crate::registry::{mem_name, LocalRegion};
+use crate::registry::{LocalRegion, Mem};
 
 /// How often blocked threads look at the stop flags.
 const SLICE: Duration = Duration::from_millis(100);
@@ -462,22 +462,22 @@ fn check_access(
     mem: u32,
     descs: &[Desc],
 ) -> std::result::Result<Vec<(Arc<LocalRegion>, usize, usize)>, String> {
+    let refuse = |text: String| {
+        tracing::warn!("tcpx-nixl: refused an access by {peer:?}: {text}");
+        text
+    };
+    let kind = Mem::from_nixl(mem).map_err(|e| refuse(e.to_string()))?;
     let reg = lock(&inner.reg);
     descs
         .iter()
         .map(|d| {
-            reg.covering(d.addr, d.len, mem)
+            reg.covering(d.addr, d.len, kind)
                 .map(|(r, off)| (r, off, d.len as usize))
                 .ok_or_else(|| {
-                    let text = format!(
-                        "{} range {:#x}+{} is not inside a registration of agent {:?}",
-                        mem_name(mem),
-                        d.addr,
-                        d.len,
-                        inner.agent
-                    );
-                    tracing::warn!("tcpx-nixl: refused an access by {peer:?}: {text}");
-                    text
+                    refuse(format!(
+                        "{kind} range {:#x}+{} is not inside a registration of agent {:?}",
+                        d.addr, d.len, inner.agent
+                    ))
                 })
         })
         .collect()

@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use plugin_TCPX::{Engine, Error, Op, Options, XferDesc, XferState, MEM_DRAM};
+use plugin_TCPX::{Engine, Error, Mem, Op, Options, XferDesc, XferState};
 
 fn engine(name: &str) -> Engine {
     Engine::new(name, Options::parse([("nics", "127.0.0.1")]).unwrap()).unwrap()
@@ -37,14 +37,14 @@ fn setup(n: usize) -> Setup {
     // reallocated while registered.
     let (a_md, b_id) = unsafe {
         (
-            a.register(src.as_mut_ptr() as u64, n as u64, MEM_DRAM)
+            a.register(src.as_mut_ptr() as u64, n as u64, Mem::Dram)
                 .unwrap(),
-            b.register(dst.as_mut_ptr() as u64, n as u64, MEM_DRAM)
+            b.register(dst.as_mut_ptr() as u64, n as u64, Mem::Dram)
                 .unwrap(),
         )
     };
     let b_md = a
-        .load_remote_md("B", &b.public_data(b_id).unwrap(), MEM_DRAM)
+        .load_remote_md("B", &b.public_data(b_id).unwrap(), Mem::Dram)
         .unwrap();
     Setup {
         a,

@@ -1,5 +1,7 @@
 """The TCPX plugin inside the PyPI NIXL agent, against a peer in another process."""
 
+import ctypes
+import os
 import time
 
 import numpy as np
@@ -49,13 +51,45 @@ def xfer(agent, op, local, loff, raddr, pairs, notif=b""):
     return h
 
 
-def test_plugin_is_listed_with_its_options_and_dram_only():
+def cuda_usable():
+    """Whether this process can use a CUDA device, asked of libcuda directly
+    (not of the plugin, whose answer is what the tests check)."""
+    if os.environ.get("TCPX_CUDA_DISABLE", "") not in ("", "0"):
+        return False
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    n = ctypes.c_int(0)
+    return cuda.cuInit(0) == 0 and cuda.cuDeviceGetCount(ctypes.byref(n)) == 0 and n.value > 0
+
+
+def test_plugin_is_listed_with_its_options_and_honest_memory_kinds():
     from nixl_cu12._api import nixl_agent, nixl_agent_config
 
     a = nixl_agent("solo", nixl_agent_config(backends=[]))
     assert "TCPX" in a.get_plugin_list()
     assert set(a.get_plugin_params("TCPX")) == {"nics", "sockets_per_nic", "chunk_size", "timeout_ms"}
-    assert a.get_plugin_mem_types("TCPX") == ["DRAM_SEG"]
+    expected = ["DRAM_SEG", "VRAM_SEG"] if cuda_usable() else ["DRAM_SEG"]
+    assert a.get_plugin_mem_types("TCPX") == expected
+    a.create_backend("TCPX", OPTS)
+    assert a.get_backend_mem_types("TCPX") == expected
+
+
+def test_vram_registration_of_non_gpu_memory_fails_cleanly(capfd):
+    """NIXL hands a VRAM registration to the plugin even where it reports DRAM
+    only; the fake pointer must be refused with the cause, the agent kept usable."""
+    agent = make_agent("vram")
+    fake = agent.get_reg_descs([(1 << 20, 4096, 0, "")], "VRAM")
+    with pytest.raises(Exception):
+        agent.register_memory(fake, backends=["TCPX"])
+    err = capfd.readouterr().err
+    if cuda_usable():
+        assert "is not GPU memory" in err, err
+    else:
+        assert "registerMem failed (status -9): VRAM needs CUDA, which is unusable in this process" in err, err
+    buf = np.zeros(4096, np.uint8)
+    register(agent, buf)
 
 
 def test_unknown_option_is_rejected_with_a_message(capfd):
