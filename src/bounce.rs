@@ -10,8 +10,9 @@
 //!
 //! Staging is a pool of chunk-sized pinned buffers shared by every CUDA
 //! region of the process, sized by `Config::staging_bytes`
-//! (`TCPX_STAGING_BYTES`) and reused; a socket holds about two per direction
-//! (the chunk on the wire and the one being copied). Sends from staging
+//! (`TCPX_STAGING_BYTES`), allocated whole when the first CUDA region is
+//! registered and reused; a socket holds about two per direction (the chunk
+//! on the wire and the one being copied). Sends from staging
 //! never use MSG_ZEROCOPY: the buffer goes back to the pool as soon as the
 //! kernel has copied it.
 
@@ -61,22 +62,33 @@ pub(crate) struct StagingPool {
 }
 
 impl StagingPool {
-    /// The process's pool for this device and slot size.
-    fn shared(ctx: &'static Context, slot_len: usize, bytes: usize) -> Arc<StagingPool> {
+    /// The process's pool for this device and slot size, allocated whole on
+    /// first use: pinned allocation can wait for the GPU to go idle, so it
+    /// must not happen while a kernel (an NCCL collective, say) waits on us.
+    fn shared(
+        ctx: &'static Context,
+        slot_len: usize,
+        bytes: usize,
+    ) -> Result<Arc<StagingPool>> {
         type Pools = Mutex<HashMap<(i32, usize), Arc<StagingPool>>>;
         static POOLS: OnceLock<Pools> = OnceLock::new();
         let mut pools = lock(POOLS.get_or_init(Default::default));
-        pools
-            .entry((ctx.ordinal(), slot_len))
-            .or_insert_with(|| {
-                Arc::new(StagingPool {
-                    ctx,
-                    slot_len,
-                    max_slots: (bytes / slot_len).max(2),
-                    free: Mutex::new((Vec::new(), 0)),
-                })
-            })
-            .clone()
+        if let Some(p) = pools.get(&(ctx.ordinal(), slot_len)) {
+            return Ok(p.clone());
+        }
+        let max_slots = (bytes / slot_len).max(2);
+        let free = (0..max_slots)
+            .map(|_| PinnedBuffer::alloc(ctx, slot_len))
+            .collect::<cuda::Result<Vec<_>>>()
+            .map_err(cuda_error)?;
+        let pool = Arc::new(StagingPool {
+            ctx,
+            slot_len,
+            max_slots,
+            free: Mutex::new((free, max_slots)),
+        });
+        pools.insert((ctx.ordinal(), slot_len), pool.clone());
+        Ok(pool)
     }
 
     fn take(&self, len: usize) -> Result<PinnedBuffer> {
@@ -94,7 +106,7 @@ impl StagingPool {
         if g.1 == self.max_slots + 1 {
             tracing::warn!(
                 slots = self.max_slots,
-                "CUDA bounce staging exhausted; growing past TCPX_STAGING_BYTES (raise it: about 2 chunks per data socket)"
+                "CUDA bounce staging exhausted; growing past TCPX_STAGING_BYTES (raise it: about 4 chunks per data socket); allocating while a GPU kernel waits on this transfer can stall it"
             );
         }
         drop(g);
@@ -199,7 +211,7 @@ impl CudaBounce {
         Ok(CudaBounce {
             ctx,
             base: ptr as u64,
-            pool: StagingPool::shared(ctx, chunk_size, staging_bytes),
+            pool: StagingPool::shared(ctx, chunk_size, staging_bytes)?,
             tx: Mutex::new(BTreeMap::new()),
             rx: Mutex::new(BTreeMap::new()),
             rx_copies: Mutex::new(HashMap::new()),

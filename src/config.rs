@@ -120,8 +120,9 @@ pub struct Config {
     /// Smallest chunk payload sent with MSG_ZEROCOPY.
     pub min_zcopy_size: usize,
     /// Pinned host staging for CUDA memory without devmem (the bounce
-    /// path), shared by the process's CUDA regions; about two chunks per
-    /// data socket keeps every socket busy (`TCPX_STAGING_BYTES`).
+    /// path), shared by the process's CUDA regions and allocated at the
+    /// first CUDA registration; about four chunks per data socket keeps
+    /// every socket busy (`TCPX_STAGING_BYTES`).
     pub staging_bytes: usize,
 }
 
