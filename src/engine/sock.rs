@@ -492,7 +492,10 @@ impl DevmemRx {
         unpack::plan(&self.frags, self.linear.len(), 0, dst.len(), &mut self.plan)
             .map_err(|e| proto(&e))?;
         let mut cpu = CpuUnpack;
-        cpu.unpack(self.emu.pool().as_slice(), dst, &self.plan.pool)
+        let pool = self.emu.pool().host().ok_or_else(|| {
+            Error::Config("emulated devmem: a GPU RX pool needs a GPU receive buffer".into())
+        })?;
+        cpu.unpack(pool, dst, &self.plan.pool)
             .map_err(|e| proto(&e))?;
         cpu.unpack(&self.linear[..], dst, &self.plan.linear)
             .map_err(|e| proto(&e))?;
