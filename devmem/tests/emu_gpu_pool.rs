@@ -2,7 +2,7 @@
 //! byte-exact, with its GB/s (issue #6).
 //!
 //! The mock serves a GPU pool (`GpuPoolServer` over an `ExportedPool`); a
-//! client imports it through the real `get_gpu_fd_<pci>` and
+//! client in a second process imports it through the real `get_gpu_fd_<pci>` and
 //! `get_gpu_metadata_<pci>` calls; a TCP sender streams random messages of
 //! odd sizes to an emulated devmem socket receiving into that pool; the
 //! receiver gathers the fragments into a device buffer with `CudaUnpack`
@@ -200,18 +200,17 @@ fn receive(abi: KernelAbi, pool: RxPool, sink: &mut dyn Sink, seed: u64) -> Flow
     }
 }
 
-#[test]
-fn emulated_devmem_rx_into_an_imported_gpu_pool_is_byte_exact() {
-    let ctx = match probe().and_then(|_| Context::get(0)) {
-        Ok(c) => c,
-        Err(e) => return println!("skipping: {e}"),
-    };
-    let dir = std::env::temp_dir().join(format!("tcpx-emu-gpu-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let exported = vmm::ExportedPool::create(ctx, POOL_BYTES).unwrap();
-    let server = GpuPoolServer::start(&dir, PCI, exported).unwrap();
-    let client = GpumemdClient::new(&dir, Duration::from_secs(5));
+const CHILD_ENV: &str = "TCPX_EMU_GPU_POOL_CHILD";
 
+/// The client process: imports the pool the parent's mock serves under the
+/// prefix in `CHILD_ENV` and receives into it. Run by the test below.
+#[test]
+fn importer_child() {
+    let Ok(prefix) = std::env::var(CHILD_ENV) else {
+        return; // only meaningful as the child
+    };
+    let ctx = Context::get(0).unwrap();
+    let client = GpumemdClient::new(prefix, Duration::from_secs(5));
     let unpacker = Unpacker::new(ctx).unwrap();
     let stream = Stream::new(ctx).unwrap();
     let scratch = DeviceBuffer::alloc(ctx, MAX_BATCH * std::mem::size_of::<Frag>()).unwrap();
@@ -253,6 +252,46 @@ fn emulated_devmem_rx_into_an_imported_gpu_pool_is_byte_exact() {
             h.gbps()
         );
     }
+}
+
+/// The daemon process: exports a GPU pool through the mock and runs the
+/// client as a second process, as tcpgpudmarxd and the plugin are.
+#[test]
+fn emulated_devmem_rx_into_an_imported_gpu_pool_is_byte_exact() {
+    if std::env::var_os(CHILD_ENV).is_some() {
+        return;
+    }
+    let ctx = match probe().and_then(|_| Context::get(0)) {
+        Ok(c) => c,
+        Err(e) => return println!("skipping: {e}"),
+    };
+    let dir = std::env::temp_dir().join(format!("tcpx-emu-gpu-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let exported = vmm::ExportedPool::create(ctx, POOL_BYTES).unwrap();
+    let server = GpuPoolServer::start(&dir, PCI, exported).unwrap();
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "importer_child", "--nocapture"])
+        .env(CHILD_ENV, &dir)
+        .output()
+        .unwrap();
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "client process failed: {text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("byte-exact"))
+        .collect();
+    assert_eq!(
+        lines.len(),
+        KernelAbi::ALL.len(),
+        "one figure per ABI: {text}"
+    );
+    for l in lines {
+        println!("{l}");
+    }
 }
