@@ -492,8 +492,9 @@ impl DevmemRx {
         unpack::plan(&self.frags, self.linear.len(), 0, dst.len(), &mut self.plan)
             .map_err(|e| proto(&e))?;
         let mut cpu = CpuUnpack;
+        // The transport builds host pools only (SharedPool maps a memfd).
         let pool = self.emu.pool().host().ok_or_else(|| {
-            Error::Config("emulated devmem: a GPU RX pool needs a GPU receive buffer".into())
+            Error::Unsupported("emulated devmem: the transport unpacks host RX pools only".into())
         })?;
         cpu.unpack(pool, dst, &self.plan.pool)
             .map_err(|e| proto(&e))?;
