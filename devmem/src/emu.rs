@@ -3,7 +3,8 @@
 //! The receiver wraps a connected stream (a plain TCP socket; the sender is
 //! an ordinary TCP socket too). [`EmuDevmemSocket::recv_devmem`] behaves like
 //! `recvmsg(MSG_SOCK_DEVMEM)`: it reads bytes from the stream, puts payload
-//! in [`RxPool`] pages (one fragment per page, never crossing it), puts some
+//! in [`RxPool`] pages (one fragment per page, never crossing it; host or
+//! GPU memory alike, through [`RxPool::land`]), puts some
 //! bytes in the caller's linear buffer the way header-split misses do, and
 //! writes exactly the control bytes the chosen [`KernelAbi`] kernel writes
 //! (`sockabi::encode_rx`), so `sockabi::parse_rx` reads them unchanged.
@@ -238,8 +239,9 @@ impl<S: Read> EmuDevmemSocket<S> {
             // Planned slots never exceed the free pages: this cannot fail.
             let grant = self.pool.alloc(PAGE_SIZE).map_err(io::Error::other)?;
             let start = grant.offset as usize + off;
-            self.pool.as_mut_slice()[start..start + take]
-                .copy_from_slice(&self.scratch[at..at + take]);
+            self.pool
+                .land(start, &self.scratch[at..at + take])
+                .map_err(io::Error::other)?;
             self.frags.push(Fragment::Pool {
                 offset: start as u64,
                 len: take as u32,
@@ -249,6 +251,8 @@ impl<S: Read> EmuDevmemSocket<S> {
             self.stats.pool_frags += 1;
             at += take;
         }
+        // The receive completes once its payload is where unpack reads it.
+        self.pool.commit().map_err(io::Error::other)?;
         self.stats.reads += 1;
         self.stats.bytes += got as u64;
         Ok(())

@@ -1,9 +1,13 @@
 //! The RX pool: device-memory pages that received fragments land in, and
 //! the bookkeeping of which pages are lent out under which token.
 //!
-//! Memory is either mapped from an fd (the mock gpumemd's memfd on CPU
-//! machines: `mmap(MAP_SHARED)` of the size in its [`PoolMetadata`]) or
-//! allocated locally. Pages are 4 KiB; an allocation is a run of whole pages
+//! Memory is mapped from an fd (the mock gpumemd's memfd on CPU machines:
+//! `mmap(MAP_SHARED)` of the size in its [`PoolMetadata`]), allocated
+//! locally, or GPU memory imported from the daemon ([`RxPool::gpu`]). The
+//! NIC writes through [`RxPool::land`] and [`RxPool::commit`] whatever the
+//! memory: only where the bytes go differs.
+//!
+//! Pages are 4 KiB; an allocation is a run of whole pages
 //! named by a token until the token comes back. The pool never grows: when
 //! no run fits, [`RxPool::alloc`] answers [`PoolError::Full`] and the
 //! producer must wait for tokens (back-pressure) instead of overwriting.
@@ -11,6 +15,9 @@
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::ptr::NonNull;
 
+use crate::cuda::mirror::GpuMirror;
+use crate::cuda::vmm::Mapping;
+use crate::cuda::CudaError;
 use crate::gpumemd::PoolMetadata;
 
 /// Pool page size: the granularity of fragments and tokens.
@@ -62,6 +69,20 @@ pub enum PoolError {
         /// Largest allocation the pool can satisfy.
         max: usize,
     },
+    /// A write outside the pool or into pages not lent out.
+    #[error(
+        "landing {len} bytes at pool offset {offset} touches pages outside \
+         the pool or not lent out; alloc the pages before writing them"
+    )]
+    NotLent {
+        /// Pool offset of the write.
+        offset: usize,
+        /// Bytes.
+        len: usize,
+    },
+    /// The copy into a GPU pool (or setting up its mirror) failed.
+    #[error("GPU RX pool: {0}")]
+    Device(#[from] CudaError),
     /// `mmap` of the pool fd failed.
     #[error(
         "mmap of the RX pool fd ({size} bytes) failed: {source}; the fd must \
@@ -197,6 +218,18 @@ impl PageAllocator {
         None
     }
 
+    /// Whether every page of `start..start + len` bytes is lent out.
+    pub fn lent(&self, start: usize, len: usize) -> bool {
+        let Some(end) = start.checked_add(len) else {
+            return false;
+        };
+        len > 0
+            && self
+                .used
+                .get(start / PAGE_SIZE..end.div_ceil(PAGE_SIZE))
+                .is_some_and(|p| p.iter().all(|u| *u))
+    }
+
     /// The run `token` holds, if it is outstanding.
     pub fn lookup(&self, token: u32) -> Option<Grant> {
         let p = usize::try_from(token).ok()?;
@@ -236,6 +269,8 @@ enum Backing {
     /// A leaked `Box<[u8]>`, rebuilt and freed on drop (a raw pointer, not
     /// a live box, so views made from `ptr` stay valid).
     Local,
+    /// GPU memory; `ptr` is its host mirror, which owns itself.
+    Gpu(Box<GpuMirror>),
 }
 
 /// RX pool memory plus its page bookkeeping.
@@ -251,6 +286,7 @@ impl std::fmt::Debug for RxPool {
         f.debug_struct("RxPool")
             .field("len", &self.len)
             .field("mapped", &matches!(self.backing, Backing::Mapped))
+            .field("gpu", &matches!(self.backing, Backing::Gpu(_)))
             .field("free_pages", &self.pages.free_pages())
             .finish()
     }
@@ -259,7 +295,8 @@ impl std::fmt::Debug for RxPool {
 // SAFETY: the pool exclusively owns its mapping or box; access goes through
 // &self / &mut self like any owned buffer.
 unsafe impl Send for RxPool {}
-// SAFETY: shared access only reads (as_slice); writes need &mut self.
+// SAFETY: shared access only reads (host, device); writes and the GPU
+// mirror's stream need &mut self.
 unsafe impl Sync for RxPool {}
 
 fn check_size(size: u64, align: u64) -> Result<usize, PoolError> {
@@ -341,6 +378,24 @@ impl RxPool {
         })
     }
 
+    /// A pool in imported GPU memory (`cuda::vmm::import_pool` of the
+    /// daemon's fd). Landed bytes reach the GPU at [`RxPool::commit`];
+    /// unpack reads [`RxPool::device`] with a GPU kernel.
+    pub fn gpu(mapping: Mapping) -> Result<Self, PoolError> {
+        let len = check_size(mapping.size() as u64, PAGE_SIZE as u64)?;
+        let mirror = Box::new(GpuMirror::new(mapping)?);
+        let ptr = NonNull::new(mirror.host_ptr()).ok_or(PoolError::BadSize {
+            size: len as u64,
+            align: PAGE_SIZE as u64,
+        })?;
+        Ok(RxPool {
+            ptr,
+            len,
+            backing: Backing::Gpu(mirror),
+            pages: PageAllocator::new(len / PAGE_SIZE),
+        })
+    }
+
     /// Pool bytes.
     pub fn len(&self) -> usize {
         self.len
@@ -351,18 +406,52 @@ impl RxPool {
         self.len == 0
     }
 
-    /// The pool's memory, for unpack.
-    pub fn as_slice(&self) -> &[u8] {
+    /// The pool's memory, for a CPU unpack; `None` for a GPU pool.
+    pub fn host(&self) -> Option<&[u8]> {
+        if matches!(self.backing, Backing::Gpu(_)) {
+            return None;
+        }
         // SAFETY: ptr/len describe memory this pool owns (box or mapping)
         // for its whole life. A mapped pool may also be written by the
         // daemon's process; it only writes pages we have not lent out.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+        Some(unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) })
     }
 
-    /// The pool's memory, writable (the emulated NIC fills pages).
-    pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: as in as_slice, and &mut self makes this the only view.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    /// The GPU memory, for a GPU unpack; `None` for a host pool.
+    pub fn device(&self) -> Option<&Mapping> {
+        match &self.backing {
+            Backing::Gpu(m) => Some(m.mapping()),
+            _ => None,
+        }
+    }
+
+    /// The NIC's DMA: writes `bytes` at `offset`, in pages that must be
+    /// lent out. Readers see them after [`RxPool::commit`].
+    pub fn land(&mut self, offset: usize, bytes: &[u8]) -> Result<(), PoolError> {
+        let len = bytes.len();
+        if len == 0 {
+            return Ok(());
+        }
+        if !self.pages.lent(offset, len) {
+            return Err(PoolError::NotLent { offset, len });
+        }
+        // SAFETY: offset..offset+len lies in the pool (lent pages exist);
+        // &mut self makes this the only access to the landing memory.
+        let dst = unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().add(offset), len) };
+        dst.copy_from_slice(bytes);
+        if let Backing::Gpu(m) = &mut self.backing {
+            m.mark(offset, len)?;
+        }
+        Ok(())
+    }
+
+    /// Makes landed bytes visible to unpack: a GPU pool copies them to the
+    /// GPU and waits; host pools have nothing to do.
+    pub fn commit(&mut self) -> Result<(), PoolError> {
+        if let Backing::Gpu(m) = &mut self.backing {
+            m.flush()?;
+        }
+        Ok(())
     }
 
     /// The page bookkeeping.
@@ -407,6 +496,7 @@ impl Drop for RxPool {
                 // SAFETY: raw is exactly the Box::into_raw of local(), freed once.
                 drop(unsafe { Box::from_raw(raw) });
             }
+            Backing::Gpu(_) => {}
         }
     }
 }
@@ -477,6 +567,27 @@ mod tests {
     }
 
     #[test]
+    fn landing_outside_lent_pages_is_refused() {
+        let mut p = RxPool::local(4 * PAGE_SIZE).unwrap();
+        let g = p.alloc(2 * PAGE_SIZE).unwrap();
+        let at = g.offset as usize;
+        p.land(at + PAGE_SIZE - 1, b"ab").unwrap();
+        p.commit().unwrap();
+        assert_eq!(&p.host().unwrap()[at + PAGE_SIZE - 1..][..2], b"ab");
+        for (offset, len) in [(at + 2 * PAGE_SIZE - 1, 2), (at + 2 * PAGE_SIZE, 1)] {
+            assert!(matches!(
+                p.land(offset, &vec![1; len]),
+                Err(PoolError::NotLent { .. })
+            ));
+        }
+        assert!(matches!(
+            p.land(usize::MAX, b"x"),
+            Err(PoolError::NotLent { .. })
+        ));
+        assert!(p.device().is_none());
+    }
+
+    #[test]
     fn bad_sizes_are_refused() {
         assert!(matches!(RxPool::local(0), Err(PoolError::BadSize { .. })));
         assert!(matches!(
@@ -507,7 +618,8 @@ mod tests {
         let mut p = RxPool::map(fd.as_fd(), &md).unwrap();
         assert_eq!(p.pages().pages(), 8);
         let g = p.alloc(10).unwrap();
-        p.as_mut_slice()[g.offset as usize..][..5].copy_from_slice(b"hello");
+        p.land(g.offset as usize, b"hello").unwrap();
+        p.commit().unwrap();
         let mut f = std::fs::File::from(fd);
         f.seek(SeekFrom::Start(g.offset)).unwrap();
         let mut buf = [0u8; 5];

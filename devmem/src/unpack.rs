@@ -227,8 +227,9 @@ impl Unpack for CpuUnpack {
 }
 
 /// The CUDA kernel behind the same trait: pool and destination in device
-/// memory, rows staged through `scratch` (at least 16 bytes per row of a
-/// batch), synchronous per batch.
+/// memory (a `DeviceBuffer`, or a GPU pool's mapping: `RxPool::device`),
+/// rows staged through `scratch` (at least 16 bytes per row of a batch),
+/// synchronous per batch.
 #[derive(Debug)]
 pub struct CudaUnpack<'a> {
     /// The compiled kernel.
@@ -240,8 +241,8 @@ pub struct CudaUnpack<'a> {
 }
 
 impl Unpack for CudaUnpack<'_> {
-    type Src = crate::cuda::mem::DeviceBuffer;
-    type Dst = crate::cuda::mem::DeviceBuffer;
+    type Src = dyn crate::cuda::mem::DeviceMem;
+    type Dst = dyn crate::cuda::mem::DeviceMem;
 
     fn max_batch(&self) -> usize {
         (self.scratch.len() / std::mem::size_of::<Frag>()).min(MAX_BATCH)
@@ -253,9 +254,34 @@ impl Unpack for CudaUnpack<'_> {
         dst: &mut Self::Dst,
         frags: &[Frag],
     ) -> Result<(), UnpackError> {
-        check(frags, src.len(), dst.len())?;
+        check(frags, src.device_len(), dst.device_len())?;
         self.unpacker
             .gather(self.stream, src, dst, frags, self.scratch)
+            .map_err(|e| UnpackError::Device(e.to_string()))
+    }
+}
+
+/// Host rows into device memory, one copy each: the linear fragments of a
+/// receive whose destination is on the GPU (few, and at most a header each).
+#[derive(Debug)]
+pub struct HostToDeviceUnpack<'a> {
+    /// Stream to copy on.
+    pub stream: &'a crate::cuda::mem::Stream,
+}
+
+impl Unpack for HostToDeviceUnpack<'_> {
+    type Src = [u8];
+    type Dst = dyn crate::cuda::mem::DeviceMem;
+
+    fn unpack_batch(
+        &mut self,
+        src: &[u8],
+        dst: &mut Self::Dst,
+        frags: &[Frag],
+    ) -> Result<(), UnpackError> {
+        check(frags, src.len(), dst.device_len())?;
+        self.stream
+            .write_rows(src, dst, frags)
             .map_err(|e| UnpackError::Device(e.to_string()))
     }
 }

@@ -125,7 +125,7 @@ fn receive(emu: &mut EmuDevmemSocket, seed: u64) -> Outcome {
         );
         let t = Instant::now();
         CpuUnpack
-            .unpack(emu.pool().as_slice(), &mut dst, &gp.pool)
+            .unpack(emu.pool().host().unwrap(), &mut dst, &gp.pool)
             .unwrap();
         CpuUnpack.unpack(&linear, &mut dst, &gp.linear).unwrap();
         out.unpack += t.elapsed();

@@ -517,7 +517,11 @@ impl DevmemRx {
         unpack::plan(&self.frags, self.linear.len(), 0, dst.len(), &mut self.plan)
             .map_err(|e| proto(&e))?;
         let mut cpu = CpuUnpack;
-        cpu.unpack(self.emu.pool().as_slice(), dst, &self.plan.pool)
+        // The transport builds host pools only (SharedPool maps a memfd).
+        let pool = self.emu.pool().host().ok_or_else(|| {
+            Error::Unsupported("emulated devmem: the transport unpacks host RX pools only".into())
+        })?;
+        cpu.unpack(pool, dst, &self.plan.pool)
             .map_err(|e| proto(&e))?;
         cpu.unpack(&self.linear[..], dst, &self.plan.linear)
             .map_err(|e| proto(&e))?;

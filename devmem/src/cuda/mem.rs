@@ -84,6 +84,40 @@ pub fn export_dmabuf(ptr: u64, len: usize) -> Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+mod sealed {
+    pub trait Sealed {}
+}
+
+/// Device memory a kernel or copy may touch: `device_len` bytes at
+/// `device_ptr`, live while `self` is. Sealed: safe code launches on these
+/// ranges, so only this crate's owning types may claim one.
+pub trait DeviceMem: sealed::Sealed {
+    /// Device address of the first byte.
+    fn device_ptr(&self) -> u64;
+    /// Bytes.
+    fn device_len(&self) -> usize;
+}
+
+impl sealed::Sealed for DeviceBuffer {}
+impl DeviceMem for DeviceBuffer {
+    fn device_ptr(&self) -> u64 {
+        self.ptr
+    }
+    fn device_len(&self) -> usize {
+        self.len
+    }
+}
+
+impl sealed::Sealed for super::vmm::Mapping {}
+impl DeviceMem for super::vmm::Mapping {
+    fn device_ptr(&self) -> u64 {
+        self.ptr()
+    }
+    fn device_len(&self) -> usize {
+        self.size()
+    }
+}
+
 /// `cuMemAlloc` memory, freed on drop.
 #[derive(Debug)]
 pub struct DeviceBuffer {
@@ -273,6 +307,30 @@ impl Stream {
         ck("cuMemcpyHtoDAsync", || unsafe {
             sys::cuMemcpyHtoDAsync_v2(dst, src.cast(), len, self.s)
         })
+    }
+
+    /// Copies each row of `rows` from host `src` to `dst` and waits: the
+    /// linear (header-split) fragments of a receive into GPU memory.
+    pub fn write_rows(
+        &self,
+        src: &[u8],
+        dst: &(impl DeviceMem + ?Sized),
+        rows: &[super::unpack::Frag],
+    ) -> Result<()> {
+        super::unpack::Unpacker::check(rows, src.len(), dst.device_len())?;
+        self.ctx.make_current()?;
+        for r in rows {
+            // SAFETY: the row lies inside src and dst (checked above); both
+            // stay borrowed until the sync below.
+            unsafe {
+                self.htod(
+                    dst.device_ptr() + r.dst,
+                    src.as_ptr().add(r.src as usize),
+                    r.len as usize,
+                )?
+            };
+        }
+        self.sync()
     }
 
     /// Device to device, queued on the stream.

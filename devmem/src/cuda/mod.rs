@@ -9,7 +9,8 @@
 //!   DMA-BUF export;
 //! - [`unpack`]: the NVRTC-compiled fragment gather kernel;
 //! - [`vmm`]: a GPU RX pool exported and imported as a POSIX-fd shareable
-//!   handle (tcpgpudmarxd's `cu_ipc_memfd_exporter`).
+//!   handle (tcpgpudmarxd's `cu_ipc_memfd_exporter`);
+//! - [`mirror`]: the emulated NIC's writes into such a pool.
 
 use std::collections::HashMap;
 use std::ffi::CStr;
@@ -19,6 +20,7 @@ use std::sync::{Mutex, OnceLock};
 pub use cudarc::driver::sys;
 
 pub mod mem;
+pub mod mirror;
 pub mod unpack;
 pub mod vmm;
 

@@ -4,7 +4,7 @@
 
 use std::ffi::{c_void, CString};
 
-use super::mem::{DeviceBuffer, Stream};
+use super::mem::{DeviceBuffer, DeviceMem, Stream};
 use super::{ck, sys, Context, CudaError, Result};
 
 /// One fragment, as the kernel reads it (16-byte aligned rows).
@@ -178,12 +178,12 @@ impl Unpacker {
     pub fn gather(
         &self,
         stream: &Stream,
-        pool: &DeviceBuffer,
-        out: &DeviceBuffer,
+        pool: &(impl DeviceMem + ?Sized),
+        out: &(impl DeviceMem + ?Sized),
         frags: &[Frag],
         scratch: &DeviceBuffer,
     ) -> Result<()> {
-        Self::check(frags, pool.len(), out.len())?;
+        Self::check(frags, pool.device_len(), out.device_len())?;
         let bytes = std::mem::size_of_val(frags);
         if bytes > scratch.len() {
             return Err(CudaError::InvalidArgument(format!(
@@ -199,8 +199,8 @@ impl Unpacker {
         unsafe {
             self.launch(
                 stream,
-                pool.ptr(),
-                out.ptr(),
+                pool.device_ptr(),
+                out.device_ptr(),
                 scratch.ptr(),
                 frags.len() as u32,
             )?

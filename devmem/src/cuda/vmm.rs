@@ -86,6 +86,11 @@ impl Mapping {
         self.ptr
     }
 
+    /// The context the mapping lives in.
+    pub fn context(&self) -> &'static Context {
+        self.ctx
+    }
+
     pub fn size(&self) -> usize {
         self.size
     }
