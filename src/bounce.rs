@@ -53,23 +53,39 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// A pinned staging buffer and the event that marks the end of its last
+/// copy (made once: recording is cheaper than creating an event per chunk).
+struct Slot {
+    buf: PinnedBuffer,
+    copied: Event,
+}
+
+impl Slot {
+    fn alloc(ctx: &'static Context, len: usize) -> Result<Self> {
+        Ok(Slot {
+            buf: PinnedBuffer::alloc(ctx, len).map_err(cuda_error)?,
+            copied: Event::new(ctx).map_err(cuda_error)?,
+        })
+    }
+
+    fn ptr(&self) -> *mut u8 {
+        self.buf.as_ptr()
+    }
+}
+
 /// Chunk-sized pinned buffers, reused across messages and regions.
 pub(crate) struct StagingPool {
     ctx: &'static Context,
     slot_len: usize,
     max_slots: usize,
-    free: Mutex<(Vec<PinnedBuffer>, usize)>,
+    free: Mutex<(Vec<Slot>, usize)>,
 }
 
 impl StagingPool {
     /// The process's pool for this device and slot size, allocated whole on
     /// first use: pinned allocation can wait for the GPU to go idle, so it
     /// must not happen while a kernel (an NCCL collective, say) waits on us.
-    fn shared(
-        ctx: &'static Context,
-        slot_len: usize,
-        bytes: usize,
-    ) -> Result<Arc<StagingPool>> {
+    fn shared(ctx: &'static Context, slot_len: usize, bytes: usize) -> Result<Arc<StagingPool>> {
         type Pools = Mutex<HashMap<(i32, usize), Arc<StagingPool>>>;
         static POOLS: OnceLock<Pools> = OnceLock::new();
         let mut pools = lock(POOLS.get_or_init(Default::default));
@@ -78,23 +94,26 @@ impl StagingPool {
         }
         let max_slots = (bytes / slot_len).max(2);
         let free = (0..max_slots)
-            .map(|_| PinnedBuffer::alloc(ctx, slot_len))
-            .collect::<cuda::Result<Vec<_>>>()
-            .map_err(cuda_error)?;
+            .map(|_| Slot::alloc(ctx, slot_len))
+            .collect::<Result<Vec<_>>>()?;
         let pool = Arc::new(StagingPool {
             ctx,
             slot_len,
             max_slots,
             free: Mutex::new((free, max_slots)),
         });
+        tracing::info!(
+            gpu = ctx.ordinal(),
+            "CUDA bounce staging: {max_slots} pinned slots of {slot_len} B"
+        );
         pools.insert((ctx.ordinal(), slot_len), pool.clone());
         Ok(pool)
     }
 
-    fn take(&self, len: usize) -> Result<PinnedBuffer> {
+    fn take(&self, len: usize) -> Result<Slot> {
         if len > self.slot_len {
             return Err(Error::InvalidArgument(format!(
-                "chunk of {len} bytes exceeds the {}-byte staging slot",
+                "chunk of {len} bytes exceeds the {}-byte staging slot; set TCPX_CHUNK_SIZE and TCPX_CUDA_CHUNK_SIZE alike on both ends",
                 self.slot_len
             )));
         }
@@ -110,10 +129,10 @@ impl StagingPool {
             );
         }
         drop(g);
-        PinnedBuffer::alloc(self.ctx, self.slot_len).map_err(cuda_error)
+        Slot::alloc(self.ctx, self.slot_len)
     }
 
-    fn give(&self, b: PinnedBuffer) {
+    fn give(&self, b: Slot) {
         lock(&self.free).0.push(b);
     }
 }
@@ -148,13 +167,13 @@ fn with_stream<T>(ctx: &'static Context, f: impl FnOnce(&Stream) -> cuda::Result
 
 struct Staged {
     len: usize,
-    buf: PinnedBuffer,
-    /// The asynchronous device-to-host copy into `buf`, until waited for.
-    copying: Option<Event>,
+    slot: Slot,
+    /// A device-to-host copy into the slot was queued and not yet waited for.
+    copying: bool,
 }
 
-/// Host-to-device copies still running on one thread's stream, oldest first.
-type Copies = VecDeque<(Event, PinnedBuffer)>;
+/// Slots whose host-to-device copies run on one thread's stream, oldest first.
+type Copies = VecDeque<Slot>;
 
 /// The TX/RX seam for one registered CUDA region.
 pub(crate) struct CudaBounce {
@@ -189,7 +208,7 @@ impl CudaBounce {
             )));
         }
         // Any context answers pointer queries under unified addressing.
-        Context::get(0).map_err(cuda_error)?;
+        Context::ensure_any_current().map_err(cuda_error)?;
         let ctx = match mem::pointer_kind(ptr as u64).map_err(cuda_error)? {
             MemKind::Device { ordinal } => Context::get(ordinal).map_err(cuda_error)?,
             other => {
@@ -225,27 +244,24 @@ impl CudaBounce {
 
     /// Queues the device-to-host copy of `[off, off+len)` into fresh staging.
     fn stage_tx(&self, off: u64, len: usize) -> Result<Staged> {
-        let buf = self.pool.take(len)?;
-        let p = buf.as_ptr();
-        let copying = with_stream(self.ctx, |st| {
-            // SAFETY: buf holds slot_len >= len pinned bytes; the device range
-            // is inside the region (checked by Region); the buffer is not
-            // read or reused before the event says the copy is done.
-            unsafe { st.dtoh(p, self.base + off, len)? };
-            match Event::record(st) {
-                Ok(e) => Ok(e),
-                // The copy is queued: it must end before the buffer goes back.
-                Err(e) => st.sync().and(Err(e)),
-            }
+        let slot = self.pool.take(len)?;
+        let queued = with_stream(self.ctx, |st| {
+            // SAFETY: the slot holds slot_len >= len pinned bytes; the device
+            // range is inside the region (checked by Region); the slot is
+            // not read or reused before its event says the copy is done.
+            unsafe { st.dtoh(slot.ptr(), self.base + off, len)? };
+            // If the event cannot be recorded, the queued copy must still end
+            // before the slot goes back.
+            slot.copied.record(st).or_else(|e| st.sync().and(Err(e)))
         });
-        match copying {
-            Ok(e) => Ok(Staged {
+        match queued {
+            Ok(()) => Ok(Staged {
                 len,
-                buf,
-                copying: Some(e),
+                slot,
+                copying: true,
             }),
             Err(e) => {
-                self.pool.give(buf);
+                self.pool.give(slot);
                 Err(e)
             }
         }
@@ -253,20 +269,22 @@ impl CudaBounce {
 
     /// Gives staging back once no copy uses it any more.
     fn release(&self, s: Staged) {
-        match s.copying.map(|e| e.sync()) {
-            Some(Err(e)) => tracing::warn!("CUDA staging copy failed: {e}; buffer dropped"),
-            _ => self.pool.give(s.buf),
+        if s.copying {
+            if let Err(e) = s.slot.copied.sync() {
+                return tracing::warn!("CUDA staging copy failed: {e}; slot dropped");
+            }
         }
+        self.pool.give(s.slot);
     }
 
-    /// Returns the buffers of finished host-to-device copies to the pool.
+    /// Returns the slots of finished host-to-device copies to the pool.
     fn reclaim(&self, copies: &mut Copies) {
         while copies
             .front()
-            .is_some_and(|(e, _)| e.done().unwrap_or(false))
+            .is_some_and(|s| s.copied.done().unwrap_or(false))
         {
-            if let Some((_, b)) = copies.pop_front() {
-                self.pool.give(b);
+            if let Some(s) = copies.pop_front() {
+                self.pool.give(s);
             }
         }
     }
@@ -287,14 +305,15 @@ impl TxPath for CudaBounce {
                 self.stage_tx(off, len)?
             }
         };
-        if let Some(e) = s.copying.take() {
-            if let Err(err) = e.sync() {
-                // The copy failed; the buffer is idle again.
-                self.pool.give(s.buf);
+        if s.copying {
+            if let Err(err) = s.slot.copied.sync() {
+                // The copy failed; the slot is idle again.
+                self.pool.give(s.slot);
                 return Err(cuda_error(err));
             }
+            s.copying = false;
         }
-        let p = s.buf.as_ptr();
+        let p = s.slot.ptr();
         lock(&self.tx).insert(key, s);
         Ok(p)
     }
@@ -333,20 +352,20 @@ impl RxPath for CudaBounce {
                 // The rest of a chunk already being received.
                 let at = (off - start) as usize;
                 // SAFETY: at < s.len <= the slot's length.
-                return Ok(unsafe { s.buf.as_ptr().add(at) });
+                return Ok(unsafe { s.slot.ptr().add(at) });
             }
         }
         drop(rx);
-        let buf = self.pool.take(len)?;
-        let p = buf.as_ptr();
+        let slot = self.pool.take(len)?;
+        let p = slot.ptr();
         rx = lock(&self.rx);
         let staged = Staged {
             len,
-            buf,
-            copying: None,
+            slot,
+            copying: false,
         };
         if let Some(old) = rx.insert((tid, off), staged) {
-            self.pool.give(old.buf);
+            self.pool.give(old.slot);
         }
         Ok(p)
     }
@@ -365,26 +384,23 @@ impl RxPath for CudaBounce {
         };
         // Queued, not waited for: the socket receives its next chunk while
         // this one crosses to the GPU; `settle` waits before completion.
-        let copying = with_stream(self.ctx, |st| {
+        let queued = with_stream(self.ctx, |st| {
             // SAFETY: the slot holds len received bytes; the device range is
-            // inside the region; the slot stays out of the pool until the
+            // inside the region; the slot stays out of the pool until its
             // event says the copy is done.
-            unsafe { st.htod(self.base + off, s.buf.as_ptr(), len.min(s.len))? };
-            match Event::record(st) {
-                Ok(e) => Ok(e),
-                Err(e) => st.sync().and(Err(e)),
-            }
+            unsafe { st.htod(self.base + off, s.slot.ptr(), len.min(s.len))? };
+            s.slot.copied.record(st).or_else(|e| st.sync().and(Err(e)))
         });
-        match copying {
-            Ok(e) => {
+        match queued {
+            Ok(()) => {
                 let mut copies = lock(&self.rx_copies);
                 let q = copies.entry(tid).or_default();
-                q.push_back((e, s.buf));
+                q.push_back(s.slot);
                 self.reclaim(q);
                 Ok(())
             }
             Err(e) => {
-                self.pool.give(s.buf);
+                self.pool.give(s.slot);
                 Err(e)
             }
         }
@@ -397,12 +413,12 @@ impl RxPath for CudaBounce {
         };
         // One stream per thread runs the copies in order: the last covers all.
         let r = match copies.back() {
-            Some((e, _)) => e.sync().map_err(cuda_error),
+            Some(s) => s.copied.sync().map_err(cuda_error),
             None => Ok(()),
         };
         if r.is_ok() {
-            for (_, b) in copies {
-                self.pool.give(b);
+            for s in copies {
+                self.pool.give(s);
             }
         }
         r
@@ -418,15 +434,15 @@ impl Drop for CudaBounce {
         }
         let copies = std::mem::take(&mut *lock(&self.rx_copies));
         for q in copies.into_values() {
-            if q.back().is_none_or(|(e, _)| e.sync().is_ok()) {
-                for (_, b) in q {
-                    self.pool.give(b);
+            if q.back().is_none_or(|s| s.copied.sync().is_ok()) {
+                for s in q {
+                    self.pool.give(s);
                 }
             }
         }
         let rx = std::mem::take(&mut *lock(&self.rx));
         for s in rx.into_values() {
-            self.pool.give(s.buf);
+            self.pool.give(s.slot);
         }
     }
 }
@@ -439,7 +455,7 @@ pub fn cuda_alloc(ordinal: i32, len: usize) -> Result<devmem::cuda::mem::DeviceB
 
 /// Refuses a device pointer registered as host memory (when CUDA is here to ask).
 pub(crate) fn refuse_device_as_host(ptr: *mut u8) -> Result<()> {
-    if ptr.is_null() || !cuda_usable() || Context::get(0).is_err() {
+    if ptr.is_null() || !cuda_usable() || Context::ensure_any_current().is_err() {
         return Ok(());
     }
     match mem::pointer_kind(ptr as u64) {

@@ -20,7 +20,7 @@ use nix::sys::socket::MsgFlags;
 use crate::config::{MAX_INLINE, MAX_RECVS};
 use crate::engine::{Cmd, Job, Poke};
 use crate::error::{Error, Result};
-use crate::memory::{MemoryRegion, Region, RxPath, TxPath};
+use crate::memory::{MemoryRegion, PtrKind, Region, RxPath, TxPath};
 use crate::net::NetInner;
 use crate::request::{ReqState, Sizes};
 use crate::wire::{self, Kind, Msg, MSG_INLINE, MSG_LEN, PREFIX_LEN};
@@ -200,11 +200,15 @@ impl SendComm {
         }
         let n = core.base.socks.len();
         let inline = len <= cfg.inline_threshold || len == 0;
+        let chunk = match mr.inner.kind() {
+            PtrKind::Host => cfg.chunk_size,
+            PtrKind::Cuda => cfg.cuda_chunk_size,
+        };
         let msg = Msg {
             seq: c.seq,
             size: len as u64,
             tag,
-            chunk_size: cfg.chunk_size as u32,
+            chunk_size: chunk as u32,
             first_socket: c.cursor as u16,
             flags: if inline { MSG_INLINE } else { 0 },
         };
@@ -220,7 +224,7 @@ impl SendComm {
             Arc::new(ReqState::new(1, 0))
         } else {
             c.send_or_queue(&[&hdr]);
-            let cs = cfg.chunk_size as u64;
+            let cs = chunk as u64;
             let plan: Vec<_> = Job::plan(len as u64, cs, c.cursor, n).collect();
             c.cursor = (c.cursor + Job::n_chunks(len as u64, cs) as usize) % n;
             let state = Arc::new(ReqState::new(1, plan.len()));

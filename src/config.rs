@@ -88,6 +88,10 @@ pub struct Config {
     pub workers_per_nic: usize,
     /// Bytes per chunk on a data socket.
     pub chunk_size: usize,
+    /// Bytes per chunk of messages sent from CUDA memory: each chunk costs
+    /// the bounce path a few CUDA calls, so they are larger
+    /// (`TCPX_CUDA_CHUNK_SIZE`; set it alike on both ends).
+    pub cuda_chunk_size: usize,
     /// Messages up to this size travel inline on the control socket (lowest latency).
     pub inline_threshold: usize,
     /// Requests in flight per comm.
@@ -138,8 +142,9 @@ impl Default for Config {
             data_nics: Vec::new(),
             ctrl_nic: None,
             sockets_per_nic: 2,
-            workers_per_nic: 1,
+            workers_per_nic: 2,
             chunk_size: 512 * 1024,
+            cuda_chunk_size: 2 << 20,
             inline_threshold: 64 * 1024,
             max_requests: 32,
             handshake_timeout: Duration::from_secs(30),
@@ -217,6 +222,9 @@ impl Config {
         }
         if let Some((k, v)) = first(&["TCPX_CHUNK_SIZE"]) {
             c.chunk_size = parse_num(k, &v)?;
+        }
+        if let Some((k, v)) = first(&["TCPX_CUDA_CHUNK_SIZE"]) {
+            c.cuda_chunk_size = parse_num(k, &v)?;
         }
         if let Some((k, v)) = first(&["TCPX_STAGING_BYTES"]) {
             c.staging_bytes = parse_num(k, &v)?;
@@ -333,11 +341,13 @@ impl Config {
                 self.data_nics.len()
             ));
         }
-        if !(4096..=(1 << 30)).contains(&self.chunk_size) {
-            return bad(format!(
-                "chunk size must be 4 KiB..=1 GiB, got {}",
-                self.chunk_size
-            ));
+        for (what, v) in [
+            ("chunk size", self.chunk_size),
+            ("CUDA chunk size", self.cuda_chunk_size),
+        ] {
+            if !(4096..=(1 << 30)).contains(&v) {
+                return bad(format!("{what} must be 4 KiB..=1 GiB, got {v}"));
+            }
         }
         if self.inline_threshold > MAX_INLINE {
             return bad(format!(
@@ -467,6 +477,16 @@ mod tests {
             cfg(&[("TCPX_SOCKETS_PER_NIC", "0")]),
             Err(Error::Config(_))
         ));
+        assert!(matches!(
+            cfg(&[("TCPX_CUDA_CHUNK_SIZE", "1K")]),
+            Err(Error::Config(_))
+        ));
+        assert_eq!(
+            cfg(&[("TCPX_CUDA_CHUNK_SIZE", "4M")])
+                .unwrap()
+                .cuda_chunk_size,
+            4 << 20
+        );
         assert!(matches!(
             cfg(&[("TCPX_WORKERS_PER_NIC", "0")]),
             Err(Error::Config(_))

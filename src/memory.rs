@@ -152,6 +152,10 @@ unsafe impl Send for Region {}
 unsafe impl Sync for Region {}
 
 impl Region {
+    pub(crate) fn kind(&self) -> PtrKind {
+        self.kind
+    }
+
     fn cuda(&self) -> Result<&crate::bounce::CudaBounce> {
         self.bounce
             .as_ref()

@@ -244,7 +244,9 @@ impl Net {
             let b = crate::bounce::CudaBounce::register(
                 ptr,
                 len,
-                cfg.chunk_size.max(cfg.inline_threshold),
+                cfg.chunk_size
+                    .max(cfg.cuda_chunk_size)
+                    .max(cfg.inline_threshold),
                 cfg.staging_bytes,
             )?;
             // SAFETY: forwarded to the caller's contract.

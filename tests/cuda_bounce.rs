@@ -62,6 +62,7 @@ fn bounce_moves_random_sizes_gpu_to_gpu_byte_exact() {
     }
     let mut cfg = Config::loopback(&["127.0.0.1", "127.0.0.2"]).unwrap();
     cfg.chunk_size = 256 * 1024;
+    cfg.cuda_chunk_size = 256 * 1024;
     let a = Net::init(cfg.clone()).unwrap();
     let b = Net::init(cfg).unwrap();
     let (send, recv) = common::pair(&a, &b);
@@ -123,6 +124,7 @@ fn bounce_many_in_flight_both_directions_byte_exact() {
     }
     let mut cfg = Config::loopback(&["127.0.0.1", "127.0.0.2"]).unwrap();
     cfg.chunk_size = 128 * 1024;
+    cfg.cuda_chunk_size = 128 * 1024;
     cfg.workers_per_nic = 2;
     // Small staging: slots must be recycled while copies are in flight.
     cfg.staging_bytes = 2 << 20;

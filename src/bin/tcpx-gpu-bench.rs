@@ -63,9 +63,11 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         })
         .collect();
     gs.write(0, &want)?;
-    for workers in [1, 2] {
+    // Host messages use the default chunk; CUDA ones `cuda_chunk_size`.
+    for (workers, chunk) in [(1, 2 << 20), (2, 512 << 10), (2, 1 << 20), (2, 2 << 20)] {
         let mut cfg = Config::loopback(&["127.0.0.1", "127.0.0.2"])?;
         cfg.workers_per_nic = workers;
+        cfg.cuda_chunk_size = chunk;
         let a = Net::init(cfg.clone())?;
         let b = Net::init(cfg)?;
         let (send, recv) = pair(&a, &b)?;
@@ -74,7 +76,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         // SAFETY: the device buffers outlive the regions and requests.
         let ms = unsafe { a.reg_mr_raw(gs.ptr() as *mut u8, MSG, PtrKind::Cuda)? };
         let md = unsafe { b.reg_mr_raw(gd.ptr() as *mut u8, MSG, PtrKind::Cuda)? };
-        let (mut host, mut bounce) = (0f64, 0f64);
+        let (mut host, mut bounce, mut tx_only, mut rx_only) = (0f64, 0f64, 0f64, 0f64);
         for _ in 0..3 {
             host = host.max(transfer(&send, &recv, &hs, &hd, MSG, N)?);
             gd.fill(0)?;
@@ -84,11 +86,64 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             if got != want {
                 return Err("bounce bench: received bytes are wrong".into());
             }
+            // Which side costs: GPU only on the sender, then only on the receiver.
+            tx_only = tx_only.max(transfer(&send, &recv, &ms, &hd, MSG, N)?);
+            rx_only = rx_only.max(transfer(&send, &recv, &hs, &md, MSG, N)?);
         }
-        println!("ROW loopback_tcp_host_64MiBx{N}_w{workers} | {host:.2} GB/s");
+        let tag = format!("64MiBx{N}_w{workers}_cudachunk{}K", chunk >> 10);
+        println!("ROW loopback_tcp_host_{tag} | {host:.2} GB/s");
         println!(
-            "ROW bounce_gpu_to_gpu_64MiBx{N}_w{workers} | {bounce:.2} GB/s (byte-exact; {:.2}x host TCP)",
+            "ROW bounce_gpu_to_gpu_{tag} | {bounce:.2} GB/s (byte-exact; {:.2}x host TCP)",
             bounce / host
+        );
+        println!(
+            "ROW bounce_gpu_to_host_{tag} | {tx_only:.2} GB/s ({:.2}x host TCP)",
+            tx_only / host
+        );
+        println!(
+            "ROW bounce_host_to_gpu_{tag} | {rx_only:.2} GB/s ({:.2}x host TCP)",
+            rx_only / host
+        );
+    }
+
+    // Where the bounce path's time goes: one small copy + event round trip
+    // (its per-chunk CUDA cost), and host TCP between pinned buffers (the
+    // CPU's cost of touching staging memory).
+    let ev = devmem::cuda::mem::Event::new(ctx)?;
+    let small = PinnedBuffer::alloc(ctx, 4096)?;
+    let t = Instant::now();
+    const CALLS: u32 = 2000;
+    for _ in 0..CALLS {
+        // SAFETY: 4 KiB pinned and device bytes; synced before the next.
+        unsafe { stream.dtoh(small.as_ptr(), dev.ptr(), 4096)? };
+        ev.record(&stream)?;
+        ev.sync()?;
+    }
+    println!(
+        "ROW cuda_copy_event_roundtrip_4KiB | {:.1} us per copy+record+sync",
+        t.elapsed().as_secs_f64() * 1e6 / CALLS as f64
+    );
+    {
+        let a = Net::init(Config::loopback(&["127.0.0.1", "127.0.0.2"])?)?;
+        let b = Net::init(Config::loopback(&["127.0.0.1", "127.0.0.2"])?)?;
+        let (send, recv) = pair(&a, &b)?;
+        let (ps, pd) = (
+            PinnedBuffer::alloc(ctx, MSG)?,
+            PinnedBuffer::alloc(ctx, MSG)?,
+        );
+        // SAFETY: the pinned buffers outlive the regions and requests.
+        let ms = unsafe { a.reg_mr_raw(ps.as_ptr(), MSG, PtrKind::Host)? };
+        let md = unsafe { b.reg_mr_raw(pd.as_ptr(), MSG, PtrKind::Host)? };
+        let hs = a.reg_mr(HostMemory::zeroed(MSG)?);
+        let hd = b.reg_mr(HostMemory::zeroed(MSG)?);
+        let (mut plain, mut pinned) = (0f64, 0f64);
+        for _ in 0..3 {
+            plain = plain.max(transfer(&send, &recv, &hs, &hd, MSG, N)?);
+            pinned = pinned.max(transfer(&send, &recv, &ms, &md, MSG, N)?);
+        }
+        println!(
+            "ROW loopback_tcp_pinned_host_64MiBx{N}_w2 | {pinned:.2} GB/s ({:.2}x plain host memory, {plain:.2} GB/s)",
+            pinned / plain
         );
     }
 

@@ -367,21 +367,23 @@ pub struct Event {
 unsafe impl Send for Event {}
 
 impl Event {
-    /// Records an event after the work queued so far on `stream`.
-    pub fn record(stream: &Stream) -> Result<Self> {
-        let ctx = stream.context();
+    /// An event to record, and re-record, in the context's streams.
+    pub fn new(ctx: &'static Context) -> Result<Self> {
         ctx.make_current()?;
         let mut e = std::ptr::null_mut();
         // SAFETY: writes one handle.
         ck("cuEventCreate", || unsafe {
             sys::cuEventCreate(&mut e, sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32)
         })?;
-        let ev = Event { ctx, e };
+        Ok(Event { ctx, e })
+    }
+
+    /// Marks the end of the work queued so far on `stream`.
+    pub fn record(&self, stream: &Stream) -> Result<()> {
         // SAFETY: a live event and stream.
         ck("cuEventRecord", || unsafe {
-            sys::cuEventRecord(ev.e, stream.raw())
-        })?;
-        Ok(ev)
+            sys::cuEventRecord(self.e, stream.raw())
+        })
     }
 
     /// True once the work before the event has finished.

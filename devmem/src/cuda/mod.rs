@@ -157,6 +157,22 @@ impl Context {
         Ok(c)
     }
 
+    /// Makes sure some context is current on this thread (pointer queries
+    /// need one): keeps the caller's, else device 0's primary context. A
+    /// process that drives one GPU thus never opens a context on another.
+    pub fn ensure_any_current() -> Result<()> {
+        probe()?;
+        let mut cur = std::ptr::null_mut();
+        // SAFETY: writes one handle.
+        ck("cuCtxGetCurrent", || unsafe {
+            sys::cuCtxGetCurrent(&mut cur)
+        })?;
+        if cur.is_null() {
+            Context::get(0)?;
+        }
+        Ok(())
+    }
+
     pub fn ordinal(&self) -> i32 {
         self.ordinal
     }

@@ -6,9 +6,7 @@ use std::ffi::{c_int, c_void, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Mutex, OnceLock};
 
-use tcpx::{
-    Config, Error, ListenComm, MemoryRegion, Net, PtrKind, PtrKinds, RecvBuf, RecvComm, Request,
-};
+use tcpx::{Config, Error, ListenComm, MemoryRegion, Net, PtrKind, RecvBuf, RecvComm, Request};
 use tcpx::{SendComm, HANDLE_SIZE};
 
 use crate::abi::*;
@@ -26,13 +24,7 @@ pub struct State {
     /// and the PCI path in /sys (NULL for virtual NICs such as `lo`).
     names: Vec<CString>,
     pci: Vec<Option<CString>>,
-    /// NCCL may hand us CUDA buffers (`TCPX_NCCL_CUDA=1` and a usable CUDA
-    /// driver); they move through the transport's bounce path.
-    cuda: bool,
 }
-
-/// Opt-in for CUDA pointers: NCCL's own host staging is the default.
-const CUDA_ENV: &str = "TCPX_NCCL_CUDA";
 
 static STATE: OnceLock<State> = OnceLock::new();
 static INIT_LOCK: Mutex<()> = Mutex::new(());
@@ -148,20 +140,6 @@ pub fn init(version: &str) -> Result<(), Error> {
     let cfg = Config::from_lookup(env_for_transport)?;
     let net = Net::init(cfg)?;
     let devs = net.devices();
-    let cuda_wanted = std::env::var(CUDA_ENV).is_ok_and(|v| v == "1");
-    let cuda = cuda_wanted && devs.iter().all(|d| d.ptr_kinds.contains(PtrKinds::CUDA));
-    if cuda_wanted && !cuda {
-        nlog!(
-            NCCL_LOG_WARN,
-            NCCL_INIT | NCCL_NET,
-            "NET/TCPX-rs : {CUDA_ENV}=1 but CUDA is not usable here; reporting host pointers only"
-        );
-    }
-    let pointers = if cuda {
-        "host and CUDA (bounce through pinned staging)"
-    } else {
-        "host only; CUDA buffers use NCCL's host staging"
-    };
     let mut names = Vec::with_capacity(devs.len());
     let mut pci = Vec::with_capacity(devs.len());
     for (i, d) in devs.iter().enumerate() {
@@ -176,7 +154,7 @@ pub fn init(version: &str) -> Result<(), Error> {
         nlog!(
             NCCL_LOG_INFO,
             NCCL_INIT | NCCL_NET,
-            "NET/TCPX-rs : dev {i} {} addr {} speed {} Mbps data path {} (pointers: {pointers})",
+            "NET/TCPX-rs : dev {i} {} addr {} speed {} Mbps data path {} (pointers: host only; CUDA buffers use NCCL's host staging)",
             d.name,
             d.addr,
             d.speed_mbps,
@@ -190,12 +168,7 @@ pub fn init(version: &str) -> Result<(), Error> {
         devs.len(),
         net.engine()
     );
-    let _ = STATE.set(State {
-        net,
-        names,
-        pci,
-        cuda,
-    });
+    let _ = STATE.set(State { net, names, pci });
     Ok(())
 }
 
@@ -213,8 +186,6 @@ pub struct Props {
     pub speed: c_int,
     pub max_comms: c_int,
     pub dev: c_int,
-    /// `NCCL_PTR_*` bits.
-    pub ptr_support: c_int,
 }
 
 pub fn props(dev: c_int) -> Result<Props, Error> {
@@ -234,11 +205,6 @@ pub fn props(dev: c_int) -> Result<Props, Error> {
         speed: c_int::try_from(d.speed_mbps).unwrap_or(c_int::MAX),
         max_comms: c_int::try_from(d.max_comms).unwrap_or(c_int::MAX),
         dev,
-        ptr_support: if s.cuda {
-            NCCL_PTR_HOST | NCCL_PTR_CUDA
-        } else {
-            NCCL_PTR_HOST
-        },
     })
 }
 
@@ -248,7 +214,7 @@ impl Props {
             name: self.name,
             pciPath: self.pci_path,
             guid: self.guid,
-            ptrSupport: self.ptr_support,
+            ptrSupport: NCCL_PTR_HOST,
             regIsGlobal: 0,
             speed: self.speed,
             port: 0,
@@ -346,20 +312,18 @@ pub fn reg_mr(
     mh: *mut *mut c_void,
 ) -> Result<(), Error> {
     put::<Mr>(mh, None)?;
-    let s = state()?;
-    let kind = match ty {
-        NCCL_PTR_HOST => PtrKind::Host,
-        NCCL_PTR_CUDA if s.cuda => PtrKind::Cuda,
+    match ty {
+        NCCL_PTR_HOST => {}
         NCCL_PTR_CUDA => {
-            return Err(Error::Unsupported(format!(
-                "CUDA pointers: set {CUDA_ENV}=1 (with a CUDA driver) for this plugin to take them; otherwise NCCL stages through host memory"
-            )))
+            return Err(Error::Unsupported(
+                "CUDA pointers: this plugin reports NCCL_PTR_HOST only; let NCCL stage through host memory".into(),
+            ))
         }
         t => return Err(Error::InvalidArgument(format!("unknown pointer type {t}"))),
-    };
+    }
     // SAFETY: NCCL keeps the buffer valid and registered until deregMr, and
     // frees it only after the requests using it completed (net_vN.h contract).
-    let mr = unsafe { s.net.reg_mr_raw(data.cast(), size, kind)? };
+    let mr = unsafe { state()?.net.reg_mr_raw(data.cast(), size, PtrKind::Host)? };
     put(mh, Some(Mr(mr)))
 }
 
