@@ -23,6 +23,7 @@ import json
 import multiprocessing as mp
 import os
 import pathlib
+import queue
 import sys
 import time
 
@@ -61,24 +62,37 @@ def backend_params(backend: str, args) -> dict[str, str]:
 
 
 def make_agent(name: str, backend: str, params: dict[str, str]):
-    from nixl_cu12._api import nixl_agent, nixl_agent_config
+    try:  # the pinned wheel; nixl-cu13 of the same release where CUDA 13 is the runtime
+        from nixl_cu12._api import nixl_agent, nixl_agent_config
+    except ImportError:
+        from nixl_cu13._api import nixl_agent, nixl_agent_config
 
     agent = nixl_agent(name, nixl_agent_config(backends=[]))
     agent.create_backend(backend, params)
     return agent
 
 
-def alloc(n: int, device: str):
-    """(buffer, address, NIXL memory kind); the buffer keeps the memory alive."""
+def alloc(n: int, device: str, source: bool):
+    """(buffer, address, NIXL memory kind); the buffer keeps the memory alive.
+    The source side holds `pattern(n)`, the destination zeros."""
     if device == "gpu":
         import torch
 
-        t = torch.ones(n, dtype=torch.uint8, device="cuda:0")
+        t = torch.arange(n, device="cuda:0") % 251 if source else torch.zeros(n, device="cuda:0")
+        t = t.to(torch.uint8)
         return t, t.data_ptr(), "VRAM"
     import numpy as np
 
-    a = np.ones(n, dtype=np.uint8)
+    a = (np.arange(n) % 251).astype(np.uint8) if source else np.zeros(n, dtype=np.uint8)
     return a, a.ctypes.data, "DRAM"
+
+
+def landed_ok(buf, n: int) -> bool:
+    """True when the first n bytes of a destination buffer hold the pattern."""
+    import numpy as np
+
+    got = buf[:n].cpu().numpy() if hasattr(buf, "cpu") else buf[:n]
+    return bool(np.array_equal(got, (np.arange(n) % 251).astype(np.uint8)))
 
 
 def check_mem(agent, backend: str, mem: str) -> None:
@@ -86,20 +100,20 @@ def check_mem(agent, backend: str, mem: str) -> None:
         raise SystemExit(f"{backend} does not support {mem} in this process (is CUDA usable here?)")
 
 
-def target_main(conn, backend, params, nbytes, device):
+def target_main(conn, backend, params, nbytes, device, op):
     agent = make_agent("target", backend, params)
-    _buf, addr, mem = alloc(nbytes, device)  # _buf keeps the memory alive
+    buf, addr, mem = alloc(nbytes, device, source=op == "READ")
     check_mem(agent, backend, mem)
     agent.register_memory(agent.get_reg_descs([(addr, nbytes, 0, "")], mem))
     conn.send((agent.get_agent_metadata(), addr))
     agent.add_remote_agent(conn.recv())
     conn.recv()  # the initiator's "done"
-    conn.send(None)
+    conn.send(landed_ok(buf, nbytes) if op == "WRITE" else True)
 
 
 def initiator_main(conn, backend, params, nbytes, device, sizes, op, iters, warmup, out):
     agent = make_agent("initiator", backend, params)
-    _buf, addr, mem = alloc(nbytes, device)  # _buf keeps the memory alive
+    buf, addr, mem = alloc(nbytes, device, source=op == "WRITE")
     check_mem(agent, backend, mem)
     agent.register_memory(agent.get_reg_descs([(addr, nbytes, 0, "")], mem))
     meta, raddr = conn.recv()
@@ -141,7 +155,9 @@ def initiator_main(conn, backend, params, nbytes, device, sizes, op, iters, warm
             }
         )
     conn.send("done")
-    conn.recv()
+    exact = conn.recv() and (op == "WRITE" or landed_ok(buf, nbytes))
+    for r in rows:
+        r["byte_exact"] = exact
     out.put(rows)
 
 
@@ -159,14 +175,27 @@ def run_backend(backend: str, args, sizes: list[int]) -> list[dict]:
         out = ctx.Queue()
         nbytes = max(sizes)
         params = backend_params(backend, args)
-        t = ctx.Process(target=target_main, args=(a, backend, params, nbytes, args.device))
+        t = ctx.Process(target=target_main, args=(a, backend, params, nbytes, args.device, args.op))
         i = ctx.Process(
             target=initiator_main,
             args=(b, backend, params, nbytes, args.device, sizes, args.op, args.iters, args.warmup, out),
         )
         t.start()
         i.start()
-        rows = out.get(timeout=args.timeout)
+        # A side that dies (a failed import, a crash) ends the run at once.
+        deadline = time.monotonic() + args.timeout
+        rows = None
+        while rows is None:
+            try:
+                rows = out.get(timeout=0.5)
+            except queue.Empty:
+                dead = [f"{n} exited with {p.exitcode}" for n, p in (("initiator", i), ("target", t))
+                        if p.exitcode not in (None, 0)]
+                late = time.monotonic() > deadline
+                if dead or late:
+                    for p in (i, t):
+                        p.kill()
+                    raise SystemExit(f"{backend}: " + ("; ".join(dead) if dead else f"no result within {args.timeout:.0f} s"))
         for p in (i, t):
             p.join(10)
             if p.is_alive():
@@ -223,7 +252,10 @@ def main() -> int:
         print(f"{fmt_size(s):>8} {cells}")
     if args.json:
         args.json.write_text(json.dumps({b: list(r.values()) for b, r in results.items()}, indent=1))
-    return 0
+    bad = [b for b in backends if not all(r["byte_exact"] for r in results[b].values())]
+    largest = fmt_size(max(sizes))
+    print(f"bytes checked after the sweep ({largest}): " + ("all byte-exact" if not bad else f"WRONG for {bad}"))
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":
