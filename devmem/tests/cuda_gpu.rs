@@ -3,12 +3,13 @@
 //! driver or device each test prints why and passes (CI has no GPU); the
 //! probe test proves that a missing driver is a typed error, not a panic.
 
+mod common;
+
 use std::time::Duration;
 
 use devmem::cuda::mem::{DeviceBuffer, Stream};
 use devmem::cuda::unpack::{gather_cpu, Frag, Unpacker};
 use devmem::cuda::{probe, vmm, Context, CudaError};
-use devmem::gpumemd::gpu_pool::GpuPoolServer;
 use devmem::gpumemd::GpumemdClient;
 
 fn ctx() -> Option<&'static Context> {
@@ -143,22 +144,10 @@ fn gpu_pool_is_imported_by_a_second_process() {
             .unwrap()
     };
     stream.sync().unwrap();
-    let dir = std::env::temp_dir().join(format!("tcpxgpu-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let server = GpuPoolServer::start(&dir, "0000:00:00.0", pool).unwrap();
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "pool_import_child", "--nocapture"])
-        .env(CHILD_ENV, format!("{},{seed}", dir.display()))
-        .output()
-        .unwrap();
-    drop(server);
-    let _ = std::fs::remove_dir_all(&dir);
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "child failed: {text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text =
+        common::run_importer_child(pool, "0000:00:00.0", "pool_import_child", CHILD_ENV, |d| {
+            format!("{},{seed}", d.display())
+        });
     assert!(
         text.contains("CHILD-IMPORTED-OK"),
         "child did not import: {text}"

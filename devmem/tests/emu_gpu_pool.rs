@@ -11,6 +11,8 @@
 //! `CpuUnpack` runs alongside for reference. Without CUDA it prints why and
 //! passes (CI has no GPU).
 
+mod common;
+
 use std::io::{ErrorKind, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsFd;
@@ -22,7 +24,6 @@ use devmem::cuda::mem::{pointer_kind, DeviceBuffer, MemKind, Stream};
 use devmem::cuda::unpack::{Frag, Unpacker};
 use devmem::cuda::{probe, vmm, Context};
 use devmem::emu::{EmuConfig, EmuDevmemSocket};
-use devmem::gpumemd::gpu_pool::GpuPoolServer;
 use devmem::gpumemd::GpumemdClient;
 use devmem::pool::{RxPool, PAGE_SIZE};
 use devmem::sockabi::{control_buffer_len, parse_rx, KernelAbi};
@@ -265,23 +266,10 @@ fn emulated_devmem_rx_into_an_imported_gpu_pool_is_byte_exact() {
         Ok(c) => c,
         Err(e) => return println!("skipping: {e}"),
     };
-    let dir = std::env::temp_dir().join(format!("tcpx-emu-gpu-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
     let exported = vmm::ExportedPool::create(ctx, POOL_BYTES).unwrap();
-    let server = GpuPoolServer::start(&dir, PCI, exported).unwrap();
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "importer_child", "--nocapture"])
-        .env(CHILD_ENV, &dir)
-        .output()
-        .unwrap();
-    drop(server);
-    let _ = std::fs::remove_dir_all(&dir);
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "client process failed: {text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = common::run_importer_child(exported, PCI, "importer_child", CHILD_ENV, |d| {
+        d.display().to_string()
+    });
     // The harness may print "test importer_child ... " ahead of a figure.
     let lines: Vec<&str> = text
         .lines()
