@@ -189,6 +189,11 @@ struct InFlight {
 
 fn send_loop(inner: &Inner, link: &Link, comm: SendComm, rx: Receiver<Vec<Item>>) -> Result<()> {
     let mut inflight: VecDeque<InFlight> = VecDeque::new();
+    // Messages that travel inline are copied out during isend, so one
+    // buffer serves them all (a fresh mapping per message cost more than
+    // the send).
+    let inline = inner.net.config().inline_threshold.min(MAX_MSG);
+    let mut scratch = inner.net.reg_mr(HostMemory::zeroed(inline)?);
     loop {
         let unit = if inflight.is_empty() {
             match rx.recv_timeout(SLICE) {
@@ -206,7 +211,7 @@ fn send_loop(inner: &Inner, link: &Link, comm: SendComm, rx: Receiver<Vec<Item>>
         match unit {
             Some(items) => {
                 for it in items {
-                    post_send(inner, &comm, &mut inflight, it)?;
+                    post_send(inner, &comm, &mut inflight, &mut scratch, it)?;
                 }
             }
             None => reap(&mut inflight, true)?,
@@ -218,9 +223,23 @@ fn post_send(
     inner: &Inner,
     comm: &SendComm,
     inflight: &mut VecDeque<InFlight>,
+    scratch: &mut MemoryRegion,
     it: Item,
 ) -> Result<()> {
     let (hdr, region) = match it {
+        Item::Msg(bytes) if !bytes.is_empty() && bytes.len() <= scratch.len() => {
+            // No request holds the scratch region: inline sends copy at once.
+            scratch.bytes_mut()?[..bytes.len()].copy_from_slice(&bytes);
+            loop {
+                match comm.isend(scratch, 0, bytes.len(), TAG_HDR)? {
+                    Some(req) => {
+                        inflight.push_back(InFlight { req, _hdr: None });
+                        return Ok(());
+                    }
+                    None => reap(inflight, true)?,
+                }
+            }
+        }
         Item::Msg(bytes) => (
             Some(inner.net.reg_mr(HostMemory::from_slice(&bytes)?)),
             None,
