@@ -83,8 +83,8 @@ pub(crate) struct StagingPool {
 
 impl StagingPool {
     /// The process's pool for this device and slot size, allocated whole on
-    /// first use: pinned allocation can wait for the GPU to go idle, so it
-    /// must not happen while a kernel (an NCCL collective, say) waits on us.
+    /// first use (a registration), so that the data path does not allocate
+    /// pinned memory, which is slow.
     fn shared(ctx: &'static Context, slot_len: usize, bytes: usize) -> Result<Arc<StagingPool>> {
         type Pools = Mutex<HashMap<(i32, usize), Arc<StagingPool>>>;
         static POOLS: OnceLock<Pools> = OnceLock::new();
@@ -125,7 +125,7 @@ impl StagingPool {
         if g.1 == self.max_slots + 1 {
             tracing::warn!(
                 slots = self.max_slots,
-                "CUDA bounce staging exhausted; growing past TCPX_STAGING_BYTES (raise it: about 4 chunks per data socket); allocating while a GPU kernel waits on this transfer can stall it"
+                "CUDA bounce staging exhausted; growing past TCPX_STAGING_BYTES (raise it: about 4 chunks per data socket)"
             );
         }
         drop(g);
