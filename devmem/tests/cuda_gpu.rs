@@ -5,6 +5,8 @@
 
 mod common;
 
+use common::xorshift;
+
 use std::time::Duration;
 
 use devmem::cuda::mem::{DeviceBuffer, Stream};
@@ -19,16 +21,6 @@ fn ctx() -> Option<&'static Context> {
             eprintln!("skipping: {e}");
             None
         }
-    }
-}
-
-fn xorshift(seed: u64) -> impl FnMut() -> u64 {
-    let mut x = seed | 1;
-    move || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x
     }
 }
 

@@ -13,6 +13,8 @@
 
 mod common;
 
+use common::xorshift;
+
 use std::io::{ErrorKind, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsFd;
@@ -35,16 +37,6 @@ const PCI: &str = "0000:00:00.0";
 const POOL_BYTES: usize = 8 << 20;
 const MESSAGES: usize = 6;
 const MAX_MSG: usize = 48 << 20;
-
-fn xorshift(seed: u64) -> impl FnMut() -> u64 {
-    let mut x = seed | 1;
-    move || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x
-    }
-}
 
 /// Odd message sizes and their random bytes, back to back.
 fn messages(seed: u64) -> (Vec<usize>, Arc<Vec<u8>>) {

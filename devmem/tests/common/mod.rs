@@ -1,5 +1,5 @@
-//! Shared by the GPU tests: the mock gpumemd serves a GPU pool while a
-//! second process of the same test binary imports it.
+//! Shared by the GPU tests: the mock gpumemd serving a GPU pool while a
+//! second process of the same test binary imports it, and seeded bytes.
 
 use std::path::Path;
 
@@ -33,4 +33,15 @@ pub fn run_importer_child(
         String::from_utf8_lossy(&out.stderr)
     );
     text
+}
+
+/// A seeded xorshift generator: a failing run replays.
+pub fn xorshift(seed: u64) -> impl FnMut() -> u64 {
+    let mut x = seed | 1;
+    move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    }
 }
