@@ -8,13 +8,13 @@
 //! when its data is visible on the GPU, which is what NCCL's `iflush` asks
 //! for.
 //!
-//! Staging is a pool of chunk-sized pinned buffers shared by every CUDA
-//! region of the process, sized by `Config::staging_bytes`
-//! (`TCPX_STAGING_BYTES`), allocated whole when the first CUDA region is
-//! registered and reused; a socket holds about two per direction (the chunk
-//! on the wire and the one being copied). Sends from staging
-//! never use MSG_ZEROCOPY: the buffer goes back to the pool as soon as the
-//! kernel has copied it.
+//! Staging is a pool of pinned slots, each as large as the largest chunk,
+//! shared by every CUDA region of the process, sized by
+//! `Config::staging_bytes` (`TCPX_STAGING_BYTES`), allocated whole when the
+//! first CUDA region is registered and reused; a socket holds about two per
+//! direction (the chunk on the wire and the one being copied). Sends from
+//! staging never use MSG_ZEROCOPY: the slot goes back to the pool as soon as
+//! the kernel has copied it.
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -194,11 +194,12 @@ fn tid() -> u64 {
 }
 
 impl CudaBounce {
-    /// Checks and prepares device memory `ptr..ptr+len` for the bounce path.
+    /// Checks and prepares device memory `ptr..ptr+len` for the bounce path;
+    /// `slot_len` is the largest chunk (or inline message) it must stage.
     pub(crate) fn register(
         ptr: *mut u8,
         len: usize,
-        chunk_size: usize,
+        slot_len: usize,
         staging_bytes: usize,
     ) -> Result<Self> {
         cuda::probe().map_err(cuda_error)?;
@@ -230,7 +231,7 @@ impl CudaBounce {
         Ok(CudaBounce {
             ctx,
             base: ptr as u64,
-            pool: StagingPool::shared(ctx, chunk_size, staging_bytes)?,
+            pool: StagingPool::shared(ctx, slot_len, staging_bytes)?,
             tx: Mutex::new(BTreeMap::new()),
             rx: Mutex::new(BTreeMap::new()),
             rx_copies: Mutex::new(HashMap::new()),
@@ -275,6 +276,20 @@ impl CudaBounce {
             }
         }
         self.pool.give(s.slot);
+    }
+
+    /// Waits for a thread's queued host-to-device copies and returns their
+    /// slots. One stream per thread runs them in order: the last covers all.
+    fn finish_copies(&self, copies: Copies) -> Result<()> {
+        match copies.back().map(|s| s.copied.sync()) {
+            Some(Err(e)) => Err(cuda_error(e)),
+            _ => {
+                for s in copies {
+                    self.pool.give(s);
+                }
+                Ok(())
+            }
+        }
     }
 
     /// Returns the slots of finished host-to-device copies to the pool.
@@ -408,20 +423,7 @@ impl RxPath for CudaBounce {
 
     fn settle(&self) -> Result<()> {
         let copies = lock(&self.rx_copies).remove(&tid());
-        let Some(copies) = copies else {
-            return Ok(());
-        };
-        // One stream per thread runs the copies in order: the last covers all.
-        let r = match copies.back() {
-            Some(s) => s.copied.sync().map_err(cuda_error),
-            None => Ok(()),
-        };
-        if r.is_ok() {
-            for s in copies {
-                self.pool.give(s);
-            }
-        }
-        r
+        copies.map_or(Ok(()), |q| self.finish_copies(q))
     }
 }
 
@@ -434,11 +436,8 @@ impl Drop for CudaBounce {
         }
         let copies = std::mem::take(&mut *lock(&self.rx_copies));
         for q in copies.into_values() {
-            if q.back().is_none_or(|s| s.copied.sync().is_ok()) {
-                for s in q {
-                    self.pool.give(s);
-                }
-            }
+            // A failed copy drops its slots rather than reuse them.
+            let _ = self.finish_copies(q);
         }
         let rx = std::mem::take(&mut *lock(&self.rx));
         for s in rx.into_values() {

@@ -124,8 +124,10 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         t.elapsed().as_secs_f64() * 1e6 / CALLS as f64
     );
     {
-        let a = Net::init(Config::loopback(&["127.0.0.1", "127.0.0.2"])?)?;
-        let b = Net::init(Config::loopback(&["127.0.0.1", "127.0.0.2"])?)?;
+        let cfg = Config::loopback(&["127.0.0.1", "127.0.0.2"])?;
+        let workers = cfg.workers_per_nic;
+        let a = Net::init(cfg.clone())?;
+        let b = Net::init(cfg)?;
         let (send, recv) = pair(&a, &b)?;
         let (ps, pd) = (
             PinnedBuffer::alloc(ctx, MSG)?,
@@ -142,7 +144,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             pinned = pinned.max(transfer(&send, &recv, &ms, &md, MSG, N)?);
         }
         println!(
-            "ROW loopback_tcp_pinned_host_64MiBx{N}_w2 | {pinned:.2} GB/s ({:.2}x plain host memory, {plain:.2} GB/s)",
+            "ROW loopback_tcp_pinned_host_64MiBx{N}_w{workers} | {pinned:.2} GB/s ({:.2}x plain host memory, {plain:.2} GB/s)",
             pinned / plain
         );
     }

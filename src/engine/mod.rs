@@ -73,15 +73,20 @@ impl Job {
         }
     }
 
-    fn chunk(&self) -> (u64, usize) {
-        let off = self.next_chunk * self.chunk_size;
+    /// Offset and length of chunk `k` of the message.
+    fn chunk_at(&self, k: u64) -> (u64, usize) {
+        let off = k * self.chunk_size;
         (off, (self.size - off).min(self.chunk_size) as usize)
+    }
+
+    fn chunk(&self) -> (u64, usize) {
+        self.chunk_at(self.next_chunk)
     }
 
     /// The chunk after the current one, if the job has one.
     fn following_chunk(&self) -> Option<(u64, usize)> {
-        let off = (self.next_chunk + self.stride) * self.chunk_size;
-        (off < self.size).then(|| (off, (self.size - off).min(self.chunk_size) as usize))
+        let k = self.next_chunk + self.stride;
+        (k * self.chunk_size < self.size).then(|| self.chunk_at(k))
     }
 
     /// Moves to the next chunk; true when the job has no more.

@@ -232,14 +232,11 @@ impl Sock {
 
     /// Lets the region of the chunk after the current one start staging it.
     fn prefetch_next(&self) {
-        let next = match self
+        let next = self
             .sends
             .front()
             .and_then(|j| j.following_chunk().map(|c| (j, c)))
-        {
-            Some(n) => Some(n),
-            None => self.sends.get(1).map(|j| (j, j.chunk())),
-        };
+            .or_else(|| self.sends.get(1).map(|j| (j, j.chunk())));
         if let Some((job, (off, len))) = next {
             if let Some(r) = job.region.as_ref() {
                 r.prefetch(job.base + off, len);

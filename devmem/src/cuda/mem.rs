@@ -412,7 +412,7 @@ impl Event {
 impl Drop for Event {
     fn drop(&mut self) {
         if self.ctx.make_current().is_ok() {
-            // SAFETY: created in record(); destroyed once.
+            // SAFETY: created in new(); destroyed once.
             let _ = ck("cuEventDestroy", || unsafe {
                 sys::cuEventDestroy_v2(self.e)
             });
