@@ -20,6 +20,7 @@ use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
 
 use devmem::cuda::mem::{self, Event, MemKind, PinnedBuffer, Stream};
 use devmem::cuda::{self, Context, CudaError};
@@ -30,8 +31,16 @@ use crate::memory::{RxPath, TxPath};
 /// Registration rule of the TCPX plugin (`tcpxRegMr`: `data % PAGE_SIZE`).
 pub(crate) const CUDA_REG_ALIGN: usize = 4096;
 
+/// How long a staging copy may take before the transfer fails: a chunk's
+/// copy takes microseconds, so only a hung or blocked GPU gets near it.
+const COPY_DEADLINE: Duration = Duration::from_secs(10);
+
 pub(crate) fn cuda_error(e: CudaError) -> Error {
     match e {
+        CudaError::Timeout { what, after_ms } => Error::Timeout {
+            what: what.into(),
+            after_ms,
+        },
         CudaError::NoDriver(_) | CudaError::NoDevice(_) | CudaError::Nvrtc(_) => {
             Error::Unsupported(e.to_string())
         }
@@ -70,6 +79,11 @@ impl Slot {
 
     fn ptr(&self) -> *mut u8 {
         self.buf.as_ptr()
+    }
+
+    /// Waits for the slot's last queued copy, within `COPY_DEADLINE`.
+    fn wait(&self) -> cuda::Result<()> {
+        self.copied.wait("CUDA staging copy", COPY_DEADLINE)
     }
 }
 
@@ -134,6 +148,17 @@ impl StagingPool {
 
     fn give(&self, b: Slot) {
         lock(&self.free).0.push(b);
+    }
+
+    /// Takes back a slot whose wait failed with `e`: a failed copy left it
+    /// idle, but a timed-out one may still use it, so that slot is
+    /// abandoned, never freed or reused.
+    fn give_after(&self, b: Slot, e: &CudaError) {
+        if matches!(e, CudaError::Timeout { .. }) {
+            std::mem::forget(b);
+        } else {
+            self.give(b);
+        }
     }
 }
 
@@ -271,8 +296,9 @@ impl CudaBounce {
     /// Gives staging back once no copy uses it any more.
     fn release(&self, s: Staged) {
         if s.copying {
-            if let Err(e) = s.slot.copied.sync() {
-                return tracing::warn!("CUDA staging copy failed: {e}; slot dropped");
+            if let Err(e) = s.slot.wait() {
+                tracing::warn!("{e}");
+                return self.pool.give_after(s.slot, &e);
             }
         }
         self.pool.give(s.slot);
@@ -281,15 +307,14 @@ impl CudaBounce {
     /// Waits for a thread's queued host-to-device copies and returns their
     /// slots. One stream per thread runs them in order: the last covers all.
     fn finish_copies(&self, copies: Copies) -> Result<()> {
-        match copies.back().map(|s| s.copied.sync()) {
-            Some(Err(e)) => Err(cuda_error(e)),
-            _ => {
-                for s in copies {
-                    self.pool.give(s);
-                }
-                Ok(())
+        let waited = copies.back().map_or(Ok(()), Slot::wait);
+        for s in copies {
+            match &waited {
+                Ok(()) => self.pool.give(s),
+                Err(e) => self.pool.give_after(s, e),
             }
         }
+        waited.map_err(cuda_error)
     }
 
     /// Returns the slots of finished host-to-device copies to the pool.
@@ -321,9 +346,8 @@ impl TxPath for CudaBounce {
             }
         };
         if s.copying {
-            if let Err(err) = s.slot.copied.sync() {
-                // The copy failed; the slot is idle again.
-                self.pool.give(s.slot);
+            if let Err(err) = s.slot.wait() {
+                self.pool.give_after(s.slot, &err);
                 return Err(cuda_error(err));
             }
             s.copying = false;
@@ -462,5 +486,25 @@ pub(crate) fn refuse_device_as_host(ptr: *mut u8) -> Result<()> {
             "{ptr:p} is memory of GPU {ordinal}; register it as CUDA memory (TCPX_PTR_CUDA)"
         ))),
         _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stuck_copy_is_a_transport_timeout() {
+        let e = cuda_error(CudaError::Timeout {
+            what: "CUDA staging copy",
+            after_ms: COPY_DEADLINE.as_millis() as u64,
+        });
+        assert_eq!(
+            e,
+            Error::Timeout {
+                what: "CUDA staging copy".into(),
+                after_ms: 10_000
+            }
+        );
     }
 }

@@ -41,6 +41,8 @@ pub enum CudaError {
     Nvrtc(String),
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    #[error("{what} did not finish within {after_ms} ms: the GPU is hung or busy with work that waits on this process")]
+    Timeout { what: &'static str, after_ms: u64 },
 }
 
 pub type Result<T, E = CudaError> = std::result::Result<T, E>;
