@@ -320,4 +320,22 @@ mod tests {
         blob[16] = 4;
         assert!(matches!(decode_public("B", &blob), Err(Error::Protocol(_))));
     }
+
+    proptest::proptest! {
+        #[test]
+        fn public_data_parses_any_bytes_without_panicking(
+            b in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40)
+        ) {
+            let kind = (b.len() == PUBLIC_LEN)
+                .then(|| u32::from_le_bytes([b[16], b[17], b[18], b[19]]));
+            match decode_public("B", &b) {
+                Ok(r) => {
+                    proptest::prop_assert_eq!(Some(r.kind.nixl()), kind);
+                    proptest::prop_assert_eq!(&r.addr.to_le_bytes()[..], &b[..8]);
+                    proptest::prop_assert_eq!(&r.len.to_le_bytes()[..], &b[8..16]);
+                }
+                Err(_) => proptest::prop_assert!(kind.is_none_or(|k| k > 1)),
+            }
+        }
+    }
 }
