@@ -71,7 +71,10 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         let a = Net::init(cfg.clone())?;
         let b = Net::init(cfg)?;
         let (send, recv) = pair(&a, &b)?;
-        let hs = a.reg_mr(HostMemory::zeroed(MSG)?);
+        // The host source holds the same bytes as the GPU one: an untouched
+        // mapping would be read from the kernel's shared zero page, always in
+        // cache, and flatter the baseline.
+        let hs = a.reg_mr(HostMemory::from_slice(&want)?);
         let hd = b.reg_mr(HostMemory::zeroed(MSG)?);
         // SAFETY: the device buffers outlive the regions and requests.
         let ms = unsafe { a.reg_mr_raw(gs.ptr() as *mut u8, MSG, PtrKind::Cuda)? };
@@ -133,10 +136,12 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             PinnedBuffer::alloc(ctx, MSG)?,
             PinnedBuffer::alloc(ctx, MSG)?,
         );
+        // SAFETY: ps holds MSG bytes and nothing else uses it yet.
+        unsafe { std::ptr::copy_nonoverlapping(want.as_ptr(), ps.as_ptr(), MSG) };
         // SAFETY: the pinned buffers outlive the regions and requests.
         let ms = unsafe { a.reg_mr_raw(ps.as_ptr(), MSG, PtrKind::Host)? };
         let md = unsafe { b.reg_mr_raw(pd.as_ptr(), MSG, PtrKind::Host)? };
-        let hs = a.reg_mr(HostMemory::zeroed(MSG)?);
+        let hs = a.reg_mr(HostMemory::from_slice(&want)?);
         let hd = b.reg_mr(HostMemory::zeroed(MSG)?);
         let (mut plain, mut pinned) = (0f64, 0f64);
         for _ in 0..3 {
