@@ -22,7 +22,7 @@ use crate::engine::{Cmd, Job, Poke};
 use crate::error::{Error, Result};
 use crate::memory::{MemoryRegion, PtrKind, Region, RxPath, TxPath};
 use crate::net::NetInner;
-use crate::request::{ReqState, Sizes};
+use crate::request::{FdWaker, ReqState, Sizes};
 use crate::wire::{self, Kind, Msg, MSG_INLINE, MSG_LEN, PREFIX_LEN};
 
 /// How long `wait` polls before it sleeps: small messages finish within it,
@@ -57,19 +57,37 @@ struct SendCtrl {
 }
 
 impl SendCtrl {
-    /// Writes `parts` now if nothing is queued, and queues whatever the kernel does not take.
+    /// Writes what is queued and then `parts` in one call, and queues
+    /// whatever the kernel does not take.
     fn send_or_queue(&mut self, parts: &[&[u8]]) {
         let mut skip = 0;
-        if self.out_at == self.out.len() && self.broken.is_none() {
-            self.out.clear();
-            self.out_at = 0;
-            let iov: Vec<IoSlice> = parts.iter().map(|p| IoSlice::new(p)).collect();
+        let queued = self.out.len() - self.out_at;
+        if self.broken.is_none() {
+            let mut iov: Vec<IoSlice> = Vec::with_capacity(parts.len() + 1);
+            if queued > 0 {
+                iov.push(IoSlice::new(&self.out[self.out_at..]));
+            }
+            iov.extend(parts.iter().map(|p| IoSlice::new(p)));
             let flags = MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT;
             match nix::sys::socket::sendmsg::<()>(self.stream.as_raw_fd(), &iov, &[], flags, None) {
-                Ok(n) => skip = n,
+                Ok(n) if n >= queued => {
+                    self.out.clear();
+                    self.out_at = 0;
+                    skip = n - queued;
+                }
+                Ok(n) => self.out_at += n,
                 Err(Errno::EAGAIN | Errno::EINTR) => {}
                 Err(e) => self.broken = Some(Error::io("send control", e.into())),
             }
+        }
+        self.queue(parts, skip);
+    }
+
+    /// Queues `parts` minus their first `skip` bytes (already sent).
+    fn queue(&mut self, parts: &[&[u8]], mut skip: usize) {
+        if self.flushed() {
+            self.out.clear();
+            self.out_at = 0;
         }
         for p in parts {
             let s = skip.min(p.len());
@@ -185,6 +203,32 @@ impl SendComm {
         len: usize,
         tag: i32,
     ) -> Result<Option<Request>> {
+        self.post(mr, offset, len, tag, false)
+    }
+
+    /// [`SendComm::isend`] for a message that another follows at once: a
+    /// small one (inline, up to `inline_threshold`) waits in the control
+    /// buffer and leaves with the next `isend` in one system call, so the
+    /// peer wakes once for both. Follow it with an `isend` (a test of this
+    /// request also sends it).
+    pub fn isend_more(
+        &self,
+        mr: &MemoryRegion,
+        offset: usize,
+        len: usize,
+        tag: i32,
+    ) -> Result<Option<Request>> {
+        self.post(mr, offset, len, tag, true)
+    }
+
+    fn post(
+        &self,
+        mr: &MemoryRegion,
+        offset: usize,
+        len: usize,
+        tag: i32,
+        more: bool,
+    ) -> Result<Option<Request>> {
         let core = &self.core;
         if core.base.closed.load(Ordering::Acquire) {
             return Err(Error::Closed);
@@ -218,8 +262,12 @@ impl SendComm {
             let src = mr.inner.source(offset as u64, len)?;
             // SAFETY: TxPath hands out `len` readable bytes; the region is held by `mr` for this call.
             let body = unsafe { bytes(src, len) };
-            c.send_or_queue(&[&hdr, body]);
-            // send_or_queue copied the bytes: staging may be reused.
+            if more {
+                c.queue(&[&hdr, body], 0);
+            } else {
+                c.send_or_queue(&[&hdr, body]);
+            }
+            // Sent or queued, the bytes were copied: staging may be reused.
             mr.inner.sent(offset as u64, len);
             Arc::new(ReqState::new(1, 0))
         } else {
@@ -373,6 +421,8 @@ pub(crate) struct RecvCore {
     spinners: AtomicUsize,
     /// Flow-steering rules of the data sockets; withdrawn on close.
     flows: Mutex<Vec<RuleHandle>>,
+    /// Set once the owner drives the comm (`take_over_progress`).
+    waker: OnceLock<Arc<FdWaker>>,
 }
 
 /// The receiving end of a connection (from `ListenComm::accept`).
@@ -406,6 +456,7 @@ impl RecvComm {
             }),
             spinners: AtomicUsize::new(0),
             flows: Mutex::new(flows),
+            waker: OnceLock::new(),
         });
         // Announced messages are matched as they arrive, even while the caller
         // waits on something else (a single-threaded sender waiting on its send).
@@ -436,7 +487,8 @@ impl RecvComm {
         if core.base.inflight.load(Ordering::Acquire) >= core.base.net.cfg.max_requests {
             return Ok(None);
         }
-        let state = Arc::new(ReqState::new(bufs.len(), bufs.len()));
+        let state =
+            Arc::new(ReqState::new(bufs.len(), bufs.len()).with_waker(core.waker.get().cloned()));
         let posted = Posted {
             state: state.clone(),
             subs: bufs
@@ -459,6 +511,64 @@ impl RecvComm {
         core.progress(&mut c);
         core.base.inflight.fetch_add(1, Ordering::AcqRel);
         Ok(Some(Request::new(state, Owner::Recv(core.clone()))))
+    }
+
+    /// Makes the owner's threads the only ones that read this comm's control
+    /// socket: the NIC worker stops watching it, so an arriving message wakes
+    /// just the thread sleeping in [`RecvComm::wait_progress`] (one wake-up
+    /// instead of the worker's and then the waiter's). From then on
+    /// announcements are read only inside `irecv`, `test` and
+    /// `wait_progress`: the owner must keep calling one of them.
+    pub fn take_over_progress(&self) -> Result<()> {
+        let core = &self.core;
+        let waker = FdWaker::new().map_err(|e| Error::io("eventfd", e))?;
+        if core.waker.set(Arc::new(waker)).is_ok() {
+            if let Some(w) = core.base.watch.get() {
+                core.base.net.workers[w.worker].submit(Cmd::Close { id: w.id });
+            }
+        }
+        Ok(())
+    }
+
+    /// Sleeps until the request behind `w` moves or `timeout` passes,
+    /// reading announcements from the control socket meanwhile. After
+    /// [`RecvComm::take_over_progress`] this sleeps in poll(2) on the
+    /// control socket and the comm's eventfd; otherwise it is [`Waiter::wait`].
+    pub fn wait_progress(&self, w: &Waiter, timeout: Duration) {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        use std::os::fd::{AsFd, BorrowedFd};
+        let core = &self.core;
+        let Some(waker) = core.waker.get() else {
+            return w.wait(timeout);
+        };
+        let deadline = Instant::now() + timeout;
+        loop {
+            waker.armed.store(true, Ordering::SeqCst);
+            let (ctrl, announcements_wanted) = {
+                let mut c = lock(&core.ctrl);
+                core.progress(&mut c);
+                (c.stream.as_raw_fd(), !c.posted.is_empty())
+            };
+            let now = Instant::now();
+            if w.ready() || now >= deadline {
+                break;
+            }
+            // SAFETY: the stream stays open while `self`, which owns it, lives.
+            let ctrl = unsafe { BorrowedFd::borrow_raw(ctrl) };
+            let mut fds = vec![PollFd::new(waker.efd.as_fd(), PollFlags::POLLIN)];
+            // With no receive to match, unread announcements would keep the
+            // socket readable and the poll spinning: they wait for the next irecv.
+            if announcements_wanted {
+                fds.push(PollFd::new(ctrl, PollFlags::POLLIN));
+            }
+            let ms = (deadline - now).as_millis().clamp(1, i32::MAX as u128) as i32;
+            let _ = poll(
+                &mut fds,
+                PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX),
+            );
+            waker.drain();
+        }
+        waker.armed.store(false, Ordering::SeqCst);
     }
 
     /// Completes once received data is visible to the consumer. Host memory
@@ -771,6 +881,16 @@ impl Request {
         }
     }
 
+    /// A handle to sleep on this request without holding it, so that
+    /// another thread may poll it meanwhile; it wakes on any completion or
+    /// error after it was taken.
+    pub fn waiter(&self) -> Waiter {
+        Waiter {
+            seen: self.state.generation(),
+            state: self.state.clone(),
+        }
+    }
+
     fn release(&mut self) {
         match std::mem::replace(&mut self.owner, Owner::None) {
             Owner::Send(c) => {
@@ -795,6 +915,26 @@ impl std::fmt::Debug for Request {
         f.debug_struct("Request")
             .field("finished", &self.finished)
             .finish()
+    }
+}
+
+/// Sleeps on a request's progress (see [`Request::waiter`]). The NIC
+/// workers progress the comm meanwhile, as they do for a sleeping `wait`.
+pub struct Waiter {
+    state: Arc<ReqState>,
+    seen: u64,
+}
+
+impl Waiter {
+    /// Returns at the first completion or error since the waiter was taken
+    /// (at once if one happened already), or after `timeout`.
+    pub fn wait(&self, timeout: Duration) {
+        self.state.wait_change(self.seen, timeout);
+    }
+
+    /// Whether the request moved since the waiter was taken, or is done or failed.
+    fn ready(&self) -> bool {
+        self.state.generation() != self.seen || self.state.is_done() || self.state.error().is_some()
     }
 }
 

@@ -51,7 +51,7 @@ pub mod wire;
 mod zerocopy;
 
 pub use bounce::cuda_alloc;
-pub use comm::{RecvBuf, RecvComm, Request, SendComm};
+pub use comm::{RecvBuf, RecvComm, Request, SendComm, Waiter};
 pub use config::{Config, DevmemMode, EngineKind, NicSpec, ZeroCopy};
 pub use device::{DataPath, Device, PtrKinds};
 pub use error::{Error, Result};

@@ -1,8 +1,10 @@
 //! Completion state shared by a request, the API thread and the workers.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
+
+use nix::sys::eventfd::{EfdFlags, EventFd};
 
 use crate::config::MAX_RECVS;
 use crate::error::Error;
@@ -19,6 +21,30 @@ pub(crate) struct ReqState {
     sleepers: AtomicUsize,
     cv_lock: Mutex<()>,
     cv: Condvar,
+    /// Set on receives of a comm whose owner drives it (`take_over_progress`).
+    waker: Option<Arc<FdWaker>>,
+}
+
+/// Lets a thread that sleeps in poll(2) on a comm's control socket also
+/// wake when one of the comm's requests moves (the NIC workers complete
+/// data pieces): notify writes the eventfd while the thread is armed.
+pub(crate) struct FdWaker {
+    pub efd: EventFd,
+    pub armed: AtomicBool,
+}
+
+impl FdWaker {
+    pub fn new() -> std::io::Result<Self> {
+        Ok(FdWaker {
+            efd: EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)?,
+            armed: AtomicBool::new(false),
+        })
+    }
+
+    /// Empties the counter after a wake-up.
+    pub fn drain(&self) {
+        let _ = self.efd.read();
+    }
 }
 
 impl ReqState {
@@ -34,7 +60,13 @@ impl ReqState {
             sleepers: AtomicUsize::new(0),
             cv_lock: Mutex::new(()),
             cv: Condvar::new(),
+            waker: None,
         }
+    }
+
+    pub fn with_waker(mut self, waker: Option<Arc<FdWaker>>) -> Self {
+        self.waker = waker;
+        self
     }
 
     pub fn add_pieces(&self, k: usize) {
@@ -69,6 +101,12 @@ impl ReqState {
 
     fn notify(&self) {
         self.generation.fetch_add(1, Ordering::SeqCst);
+        if let Some(w) = &self.waker {
+            // Pairs with the sleeper's arm-then-check: one of the two sees the other.
+            if w.armed.load(Ordering::SeqCst) {
+                let _ = w.efd.write(1);
+            }
+        }
         if self.sleepers.load(Ordering::SeqCst) > 0 {
             // Taking the lock orders us after a sleeper's check-then-wait.
             let _g = self.cv_lock.lock().unwrap_or_else(|p| p.into_inner());
