@@ -61,13 +61,13 @@ def backend_params(backend: str, args) -> dict[str, str]:
     return {}
 
 
-def make_agent(name: str, backend: str, params: dict[str, str]):
+def make_agent(name: str, backend: str, params: dict[str, str], prog_thread: bool):
     try:  # the pinned wheel; nixl-cu13 of the same release where CUDA 13 is the runtime
         from nixl_cu12._api import nixl_agent, nixl_agent_config
     except ImportError:
         from nixl_cu13._api import nixl_agent, nixl_agent_config
 
-    agent = nixl_agent(name, nixl_agent_config(backends=[]))
+    agent = nixl_agent(name, nixl_agent_config(enable_prog_thread=prog_thread, backends=[]))
     agent.create_backend(backend, params)
     return agent
 
@@ -100,8 +100,8 @@ def check_mem(agent, backend: str, mem: str) -> None:
         raise SystemExit(f"{backend} does not support {mem} in this process (is CUDA usable here?)")
 
 
-def target_main(conn, backend, params, nbytes, device, op):
-    agent = make_agent("target", backend, params)
+def target_main(conn, backend, params, prog, nbytes, device, op):
+    agent = make_agent("target", backend, params, prog)
     buf, addr, mem = alloc(nbytes, device, source=op == "READ")
     check_mem(agent, backend, mem)
     agent.register_memory(agent.get_reg_descs([(addr, nbytes, 0, "")], mem))
@@ -111,8 +111,8 @@ def target_main(conn, backend, params, nbytes, device, op):
     conn.send(landed_ok(buf, nbytes) if op == "WRITE" else True)
 
 
-def initiator_main(conn, backend, params, nbytes, device, sizes, op, iters, warmup, out):
-    agent = make_agent("initiator", backend, params)
+def initiator_main(conn, backend, params, prog, nbytes, device, sizes, op, iters, warmup, out):
+    agent = make_agent("initiator", backend, params, prog)
     buf, addr, mem = alloc(nbytes, device, source=op == "WRITE")
     check_mem(agent, backend, mem)
     agent.register_memory(agent.get_reg_descs([(addr, nbytes, 0, "")], mem))
@@ -151,6 +151,7 @@ def initiator_main(conn, backend, params, nbytes, device, sizes, op, iters, warm
                 "size": size,
                 "gbps": size * len(lat) / total / 1e9,
                 "lat_us": lat[len(lat) // 2] * 1e6,
+                "lat_p99_us": lat[min(len(lat) - 1, len(lat) * 99 // 100)] * 1e6,
                 "iters": len(lat),
             }
         )
@@ -175,10 +176,12 @@ def run_backend(backend: str, args, sizes: list[int]) -> list[dict]:
         out = ctx.Queue()
         nbytes = max(sizes)
         params = backend_params(backend, args)
-        t = ctx.Process(target=target_main, args=(a, backend, params, nbytes, args.device, args.op))
+        # UCX serves a passive target only from its progress thread.
+        prog = args.progress_thread == "on" or backend == "UCX"
+        t = ctx.Process(target=target_main, args=(a, backend, params, prog, nbytes, args.device, args.op))
         i = ctx.Process(
             target=initiator_main,
-            args=(b, backend, params, nbytes, args.device, sizes, args.op, args.iters, args.warmup, out),
+            args=(b, backend, params, prog, nbytes, args.device, sizes, args.op, args.iters, args.warmup, out),
         )
         t.start()
         i.start()
@@ -220,6 +223,13 @@ def main() -> int:
     ap.add_argument("--nics", default="127.0.0.1", help="TCPX data NICs (names or addresses)")
     ap.add_argument("--plugin", type=pathlib.Path, default=DEFAULT_PLUGIN)
     ap.add_argument("--timeout", type=float, default=300, help="seconds per backend")
+    ap.add_argument(
+        "--progress-thread",
+        choices=["on", "off"],
+        default="on",
+        help="the agents' enable_prog_thread (NIXL's default: on). TCPX then polls from one thread; "
+        "off: it sleeps on its sockets. UCX always runs with it on",
+    )
     ap.add_argument("--json", type=pathlib.Path, help="also write the results here")
     args = ap.parse_args()
 

@@ -67,7 +67,8 @@ public:
             keys.push_back(kv.first.c_str());
             vals.push_back(kv.second.c_str());
         }
-        int rc = tnx_engine_new(localAgent.c_str(), keys.data(), vals.data(), keys.size(), &e_);
+        int rc = tnx_engine_new(localAgent.c_str(), keys.data(), vals.data(), keys.size(),
+                                p->enableProgTh ? 1 : 0, p->pthrDelay, &e_);
         if (rc != 0) {
             logErr("creating the engine", rc);
             initErr = true;

@@ -28,9 +28,13 @@ typedef void (*tnx_notif_fn)(void *ctx, const uint8_t *agent, size_t agent_len,
                              const uint8_t *msg, size_t msg_len);
 
 const char *tnx_last_error(void);
-// keys/vals: n option pairs. *out is set on success; free with tnx_engine_free.
+// keys/vals: n option pairs. progress_thread != 0: one thread polls the
+// peers, pausing progress_delay_us between rounds (NIXL's enableProgTh and
+// pthrDelay); 0: threads sleep on the sockets. *out is set on success; free
+// with tnx_engine_free.
 int tnx_engine_new(const char *agent, const char *const *keys, const char *const *vals,
-                   size_t n, tnx_engine **out);
+                   size_t n, int progress_thread, uint64_t progress_delay_us,
+                   tnx_engine **out);
 void tnx_engine_free(tnx_engine *e);
 int tnx_conn_info(const tnx_engine *e, tnx_sink_fn sink, void *ctx);
 int tnx_load_conn_info(const tnx_engine *e, const char *agent, const uint8_t *info, size_t len);

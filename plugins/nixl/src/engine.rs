@@ -1,8 +1,9 @@
 //! The one-sided engine: registrations, peers, transfers and notifications.
 //!
 //! Threads: one accept thread per engine; per link (a pair of comms with one
-//! peer) a sender thread that owns the outgoing `SendComm` and a receiver
-//! thread that owns the incoming `RecvComm` (see link.rs).
+//! peer) a flusher for sends that found no free slot and a receiver thread
+//! for a passive engine. Transfers are posted, and their answers read, by the
+//! polling caller's own thread where it can (see link.rs).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -25,12 +26,28 @@ pub const OPTIONS: &[(&str, &str)] = &[
     ("timeout_ms", "10000"),
 ];
 
+/// How the engine serves what peers send while no caller polls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Progress {
+    /// A thread per peer sleeps on its sockets and wakes when a message
+    /// arrives (no CPU while idle; one wake-up per message).
+    #[default]
+    OnEvents,
+    /// One progress thread polls every peer, pausing `delay` between rounds
+    /// (zero: it only yields the CPU). NIXL's agent asks for this with its
+    /// progress thread on (`enable_prog_thread`, `pthrDelay`), as UCX then
+    /// does: lower latency, at the price of a busy core.
+    Polling { delay: Duration },
+}
+
 /// Parsed backend options.
 #[derive(Debug, Clone)]
 pub struct Options {
     pub cfg: Config,
     /// Deadline for connecting to a peer, and how long a silent link may stall.
     pub timeout: Duration,
+    /// Set by the host (NIXL's agent configuration), not by backend options.
+    pub progress: Progress,
 }
 
 impl Options {
@@ -67,7 +84,11 @@ impl Options {
             }
         }
         cfg.validate()?;
-        Ok(Options { cfg, timeout })
+        Ok(Options {
+            cfg,
+            timeout,
+            progress: Progress::default(),
+        })
     }
 }
 
@@ -96,6 +117,8 @@ pub struct XferDesc {
 
 /// Progress of one posted transfer; shared with the link threads.
 pub struct XferState {
+    /// Polled for the answers (`None` for an empty transfer).
+    link: Option<Arc<Link>>,
     batches: AtomicUsize,
     failed: Mutex<Option<Error>>,
     /// READ with a notification: sent to the target after the last batch lands.
@@ -121,12 +144,23 @@ impl XferState {
         }
     }
 
-    /// `Ok(true)` once every batch completed.
+    /// `Ok(true)` once every batch completed. Reads what the peer sent
+    /// meanwhile, so a polling caller sees its answer without a thread hand-off.
     pub fn check(&self) -> Result<bool> {
+        if self.batches.load(Ordering::Acquire) != 0 {
+            if let Some(l) = &self.link {
+                l.help();
+            }
+        }
         if let Some(e) = lock(&self.failed).clone() {
             return Err(e);
         }
-        Ok(self.batches.load(Ordering::Acquire) == 0)
+        let done = self.batches.load(Ordering::Acquire) == 0;
+        if !done {
+            // A polling caller must not starve the threads that move its data.
+            std::thread::yield_now();
+        }
+        Ok(done)
     }
 }
 
@@ -154,6 +188,8 @@ pub(crate) struct Inner {
     /// Links we opened, waiting for the peer's HelloBack.
     pub pairs: Mutex<HashMap<u64, OpenPair>>,
     pub pending: Mutex<HashMap<u64, Pending>>,
+    /// Peers' comms served by the polling progress thread (`Progress::Polling`).
+    pub polled: Mutex<Vec<Arc<link::Inbox>>>,
     pub notifs: Mutex<Vec<(String, Vec<u8>)>>,
     pub stop: AtomicBool,
     pub next_id: AtomicU64,
@@ -212,6 +248,7 @@ impl Engine {
             connecting: Mutex::new(()),
             pairs: Mutex::new(HashMap::new()),
             pending: Mutex::new(HashMap::new()),
+            polled: Mutex::new(Vec::new()),
             notifs: Mutex::new(Vec::new()),
             stop: AtomicBool::new(false),
             next_id: AtomicU64::new(1),
@@ -221,6 +258,10 @@ impl Engine {
         inner.spawn("tcpx-nixl-accept".into(), move || {
             link::accept_loop(i, listener)
         });
+        if let Progress::Polling { delay } = inner.opts.progress {
+            let i = inner.clone();
+            inner.spawn("tcpx-nixl-poll".into(), move || link::poll_loop(i, delay));
+        }
         Ok(Engine { inner })
     }
 
@@ -366,6 +407,7 @@ impl Engine {
             .zip(local.chunks(MAX_DESCS))
             .collect();
         let xfer = Arc::new(XferState {
+            link: Some(link.clone()),
             batches: AtomicUsize::new(chunks.len().max(1)),
             failed: Mutex::new(None),
             notif_after: Mutex::new(None),
@@ -455,8 +497,13 @@ impl Engine {
         link.send(vec![Item::Msg(Msg::Notif { msg: msg.to_vec() }.encode())])
     }
 
-    /// Takes the notifications received so far (each is returned once).
+    /// Takes the notifications received so far (each is returned once),
+    /// after reading what peers sent meanwhile.
     pub fn take_notifs(&self) -> Vec<(String, Vec<u8>)> {
+        let links: Vec<_> = lock(&self.inner.links).values().cloned().collect();
+        for l in links {
+            l.help();
+        }
         std::mem::take(&mut *lock(&self.inner.notifs))
     }
 }

@@ -9,8 +9,9 @@ use std::cell::RefCell;
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
+use std::time::Duration;
 
-use crate::engine::{xfer_status, Engine, Op, Options, XferDesc, XferState};
+use crate::engine::{xfer_status, Engine, Op, Options, Progress, XferDesc, XferState};
 use crate::error::{status, Error, Result};
 use crate::registry::Mem;
 
@@ -101,12 +102,17 @@ pub extern "C" fn tnx_last_error() -> *const c_char {
 }
 
 /// Creates an engine for `agent` with `n` option key/value pairs.
+/// `progress_thread` != 0 (NIXL's agent asked for a progress thread): one
+/// thread polls the peers, pausing `progress_delay_us` between rounds;
+/// otherwise threads sleep on the sockets.
 #[no_mangle]
 pub extern "C" fn tnx_engine_new(
     agent: *const c_char,
     keys: *const *const c_char,
     vals: *const *const c_char,
     n: usize,
+    progress_thread: c_int,
+    progress_delay_us: u64,
     out_engine: *mut *mut tnx_engine,
 ) -> c_int {
     guard(|| {
@@ -117,7 +123,13 @@ pub extern "C" fn tnx_engine_new(
             let (k, v) = unsafe { (*keys.add(i), *vals.add(i)) };
             kv.push((cstr(k, "option key")?, cstr(v, "option value")?));
         }
-        let e = Engine::new(agent, Options::parse(kv)?)?;
+        let mut opts = Options::parse(kv)?;
+        if progress_thread != 0 {
+            opts.progress = Progress::Polling {
+                delay: Duration::from_micros(progress_delay_us),
+            };
+        }
+        let e = Engine::new(agent, opts)?;
         out(out_engine, Box::into_raw(Box::new(tnx_engine(e))))?;
         Ok(status::SUCCESS)
     })

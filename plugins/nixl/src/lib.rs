@@ -35,6 +35,6 @@ mod link;
 pub mod proto;
 mod registry;
 
-pub use engine::{Engine, Op, Options, XferDesc, XferState, OPTIONS};
+pub use engine::{Engine, Op, Options, Progress, XferDesc, XferState, OPTIONS};
 pub use error::{status, Error, Result};
 pub use registry::Mem;

@@ -106,6 +106,23 @@ def test_unknown_option_is_rejected_with_a_message(capfd):
     assert "bad value \"soon\" for TCPX backend option \"timeout_ms\"" in capfd.readouterr().err
 
 
+@pytest.mark.parametrize("prog_thread", [True, False])
+def test_the_agents_progress_thread_setting_reaches_the_engine(prog_thread):
+    """NIXL passes enable_prog_thread through its init parameters; the engine
+    then runs one polling thread (`tcpx-nixl-poll`), else none. This also checks
+    where our ABI declaration puts that field."""
+    from nixl_cu12._api import nixl_agent, nixl_agent_config
+
+    def pollers():
+        names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+        return names.count("tcpx-nixl-poll")
+
+    before = pollers()
+    a = nixl_agent(f"pt{prog_thread}", nixl_agent_config(enable_prog_thread=prog_thread, backends=[]))
+    a.create_backend("TCPX", OPTS)
+    assert pollers() - before == (1 if prog_thread else 0)
+
+
 SIZES = [1, 7, 4096, 65537, (1 << 20) + 3, 16 << 20, 64 << 20]
 
 
