@@ -504,7 +504,12 @@ impl Engine {
         for l in links {
             l.help();
         }
-        std::mem::take(&mut *lock(&self.inner.notifs))
+        let got = std::mem::take(&mut *lock(&self.inner.notifs));
+        if got.is_empty() {
+            // Callers poll this in a loop; leave the CPU to the threads moving data.
+            std::thread::yield_now();
+        }
+        got
     }
 }
 
