@@ -246,7 +246,12 @@ impl SendComm {
         let inline = len <= cfg.inline_threshold || len == 0;
         let chunk = match mr.inner.kind() {
             PtrKind::Host => cfg.chunk_size,
-            PtrKind::Cuda => cfg.cuda_chunk_size,
+            // Large chunks amortize each staging copy's fixed cost, but not
+            // at the price of idle sockets: a message spans all of them.
+            PtrKind::Cuda => len
+                .div_ceil(n)
+                .next_multiple_of(4096)
+                .clamp(cfg.chunk_size.min(cfg.cuda_chunk_size), cfg.cuda_chunk_size),
         };
         let msg = Msg {
             seq: c.seq,

@@ -88,9 +88,10 @@ pub struct Config {
     pub workers_per_nic: usize,
     /// Bytes per chunk on a data socket.
     pub chunk_size: usize,
-    /// Bytes per chunk of messages sent from CUDA memory: each chunk costs
-    /// the bounce path a few CUDA calls, so they are larger
-    /// (`TCPX_CUDA_CHUNK_SIZE`; set it alike on both ends).
+    /// Largest chunk of a message sent from CUDA memory: each chunk costs
+    /// the bounce path a few CUDA calls, so they are larger, down to
+    /// `chunk_size` where the message would otherwise leave data sockets
+    /// idle (`TCPX_CUDA_CHUNK_SIZE`; set it alike on both ends).
     pub cuda_chunk_size: usize,
     /// Messages up to this size travel inline on the control socket (lowest latency).
     pub inline_threshold: usize,

@@ -1,8 +1,11 @@
 //! GPU figures for the CUDA paths, one table: pinned D2H, loopback TCP with
-//! host memory, the bounce path GPU->GPU (same loopback), and the unpack
-//! kernel against a device-to-device copy of the same bytes. Exits 0 with a
-//! note when no GPU is present.
+//! host memory, the bounce path GPU->GPU (same loopback; in one process,
+//! and between two processes), and the unpack kernel against a
+//! device-to-device copy of the same bytes. Exits 0 with a note when no GPU
+//! is present.
 
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use devmem::cuda::mem::{time_on, DeviceBuffer, PinnedBuffer, Stream};
@@ -15,6 +18,13 @@ const T: Duration = Duration::from_secs(60);
 fn main() {
     if let Err(e) = probe() {
         println!("SKIP no GPU: {e}");
+        return;
+    }
+    if std::env::args().nth(1).as_deref() == Some(RECEIVER_ARG) {
+        if let Err(e) = receiver() {
+            eprintln!("tcpx-gpu-bench receiver: {e}");
+            std::process::exit(1);
+        }
         return;
     }
     if let Err(e) = run() {
@@ -47,21 +57,13 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     );
 
     // Loopback TCP with host memory against the CUDA bounce path, same
-    // config and sizes, interleaved (best of 3 each) so that drift in the
+    // config and sizes, interleaved (ROUNDS pairs) so that drift in the
     // machine's load hits both; once per workers-per-NIC setting.
-    const MSG: usize = 64 << 20;
+    const MSG: usize = TWO_PROC_MSG;
     const N: usize = 16;
     let gs = DeviceBuffer::alloc(ctx, MSG)?;
     let gd = DeviceBuffer::alloc(ctx, MSG)?;
-    let mut x = 0x2545F4914F6CDD1Du64;
-    let want: Vec<u8> = (0..MSG)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
+    let want = pattern(MSG);
     gs.write(0, &want)?;
     // Host messages use the default chunk; CUDA ones `cuda_chunk_size`.
     for (workers, chunk) in [(1, 2 << 20), (2, 512 << 10), (2, 1 << 20), (2, 2 << 20)] {
@@ -80,10 +82,16 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         let ms = unsafe { a.reg_mr_raw(gs.ptr() as *mut u8, MSG, PtrKind::Cuda)? };
         let md = unsafe { b.reg_mr_raw(gd.ptr() as *mut u8, MSG, PtrKind::Cuda)? };
         let (mut host, mut bounce, mut tx_only, mut rx_only) = (0f64, 0f64, 0f64, 0f64);
-        for _ in 0..3 {
-            host = host.max(transfer(&send, &recv, &hs, &hd, MSG, N)?);
+        // Each round's bounce / host ratio: pairs measured back to back see
+        // the same machine, so their median is steadier than best against best.
+        let mut ratios = Vec::new();
+        for _ in 0..ROUNDS {
+            let h = transfer(&send, &recv, &hs, &hd, MSG, N)?;
             gd.fill(0)?;
-            bounce = bounce.max(transfer(&send, &recv, &ms, &md, MSG, N)?);
+            let b = transfer(&send, &recv, &ms, &md, MSG, N)?;
+            ratios.push(b / h);
+            host = host.max(h);
+            bounce = bounce.max(b);
             let mut got = vec![0u8; MSG];
             gd.read(0, &mut got)?;
             if got != want {
@@ -95,9 +103,13 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         }
         let tag = format!("64MiBx{N}_w{workers}_cudachunk{}K", chunk >> 10);
         println!("ROW loopback_tcp_host_{tag} | {host:.2} GB/s");
+        ratios.sort_by(f64::total_cmp);
         println!(
-            "ROW bounce_gpu_to_gpu_{tag} | {bounce:.2} GB/s (byte-exact; {:.2}x host TCP)",
-            bounce / host
+            "ROW bounce_gpu_to_gpu_{tag} | {bounce:.2} GB/s (byte-exact; best {:.2}x best host TCP; per round median {:.2}x, {:.2}..{:.2}x)",
+            bounce / host,
+            ratios[ratios.len() / 2],
+            ratios[0],
+            ratios[ratios.len() - 1]
         );
         println!(
             "ROW bounce_gpu_to_host_{tag} | {tx_only:.2} GB/s ({:.2}x host TCP)",
@@ -107,6 +119,39 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             "ROW bounce_host_to_gpu_{tag} | {rx_only:.2} GB/s ({:.2}x host TCP)",
             rx_only / host
         );
+    }
+
+    two_processes(&gs, &want)?;
+
+    // Mid-size messages one at a time (latency-bound, as small NIXL
+    // transfers are), default config.
+    {
+        let cfg = Config::loopback(&["127.0.0.1", "127.0.0.2"])?;
+        let a = Net::init(cfg.clone())?;
+        let b = Net::init(cfg)?;
+        let (send, recv) = pair(&a, &b)?;
+        let hs = a.reg_mr(HostMemory::from_slice(&want)?);
+        let hd = b.reg_mr(HostMemory::zeroed(MSG)?);
+        // SAFETY: the device buffers outlive the regions and requests.
+        let ms = unsafe { a.reg_mr_raw(gs.ptr() as *mut u8, MSG, PtrKind::Cuda)? };
+        let md = unsafe { b.reg_mr_raw(gd.ptr() as *mut u8, MSG, PtrKind::Cuda)? };
+        for len in [256 << 10, 1 << 20, 4 << 20] {
+            let mut ratios = Vec::new();
+            let (mut host, mut bounce) = (0f64, 0f64);
+            for _ in 0..ROUNDS {
+                let h = transfer(&send, &recv, &hs, &hd, len, 64)?;
+                let g = transfer(&send, &recv, &ms, &md, len, 64)?;
+                ratios.push(g / h);
+                host = host.max(h);
+                bounce = bounce.max(g);
+            }
+            ratios.sort_by(f64::total_cmp);
+            println!(
+                "ROW bounce_gpu_to_gpu_{}KiBx64_one_at_a_time | {bounce:.2} GB/s (host TCP {host:.2}; per round median {:.2}x)",
+                len >> 10,
+                ratios[ratios.len() / 2]
+            );
+        }
     }
 
     // Where the bounce path's time goes: one small copy + event round trip
@@ -198,6 +243,214 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     out.read(12345 * FRAG, &mut probe_bytes)?;
     if probe_bytes.iter().any(|&v| v != 9) {
         return Err("unpack bench: output bytes are wrong".into());
+    }
+    Ok(())
+}
+
+type BoxResult<T> = Result<T, Box<dyn std::error::Error>>;
+
+const RECEIVER_ARG: &str = "--bounce-receiver";
+/// Interleaved host / bounce pairs per comparison.
+const ROUNDS: usize = 5;
+/// Messages per batch in the two-process comparison (after one warm-up).
+const BATCH: usize = 16;
+const TWO_PROC_MSG: usize = 64 << 20;
+const TAG_BATCH: i32 = 7;
+const TAG_DATA: i32 = 8;
+const TAG_ACK: i32 = 9;
+
+/// The bytes every GPU source holds (the receiver regenerates them to check).
+fn pattern(len: usize) -> Vec<u8> {
+    let mut x = 0x2545F4914F6CDD1Du64;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn handle_hex(h: &tcpx::Handle) -> String {
+    h.to_bytes().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn parse_handle(line: &str) -> BoxResult<tcpx::Handle> {
+    let line = line.trim();
+    if line.len() % 2 != 0 || !line.is_ascii() {
+        return Err(format!("not a hex handle: {line:?}").into());
+    }
+    let bytes = (0..line.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&line[i..i + 2], 16))
+        .collect::<Result<Vec<u8>, _>>()?;
+    Ok(tcpx::Handle::from_bytes(&bytes)?)
+}
+
+/// GPU->GPU over the bounce path against host->host, between this process
+/// (sender) and a child (receiver, its own CUDA context), default config,
+/// batches interleaved; the receiver times each batch and checks the GPU bytes.
+fn two_processes(gs: &DeviceBuffer, want: &[u8]) -> BoxResult<()> {
+    let mut child = Command::new(std::env::current_exe()?)
+        .arg(RECEIVER_ARG)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let outcome = drive_receiver(&mut child, gs, want);
+    if outcome.is_err() {
+        let _ = child.kill();
+    }
+    let _ = child.wait();
+    outcome
+}
+
+fn drive_receiver(
+    child: &mut std::process::Child,
+    gs: &DeviceBuffer,
+    want: &[u8],
+) -> BoxResult<()> {
+    let cfg = Config::loopback(&["127.0.0.1", "127.0.0.2"])?;
+    let net = Net::init(cfg)?;
+    let mut lines = BufReader::new(child.stdout.take().ok_or("child stdout")?).lines();
+    let theirs = lines.next().ok_or("receiver exited before its handle")??;
+    let mut h = parse_handle(&theirs)?;
+    let (mine, mut listener) = net.listen(0)?;
+    writeln!(
+        child.stdin.as_mut().ok_or("child stdin")?,
+        "{}",
+        handle_hex(&mine)
+    )?;
+    let send = net.connect_wait(0, &mut h, T)?;
+    let acks = listener.accept_wait(T)?;
+    let hs = net.reg_mr(HostMemory::from_slice(want)?);
+    // SAFETY: the device buffer outlives the region and its requests.
+    let ms = unsafe { net.reg_mr_raw(gs.ptr() as *mut u8, TWO_PROC_MSG, PtrKind::Cuda)? };
+    let mut ack = net.reg_mr(HostMemory::zeroed(16)?);
+    let (mut ratios, mut best) = (Vec::new(), [0f64; 2]);
+    for _ in 0..ROUNDS {
+        let mut got = [0f64; 2];
+        for (k, src) in [&hs, &ms].into_iter().enumerate() {
+            let mut c = HostMemory::zeroed(16)?;
+            c[0] = k as u8;
+            let ctlk = net.reg_mr(c);
+            send.isend(&ctlk, 0, 16, TAG_BATCH)?
+                .ok_or(tcpx::Error::Busy)?
+                .wait(T)?;
+            let mut inflight = std::collections::VecDeque::new();
+            for _ in 0..=BATCH {
+                if inflight.len() == 4 {
+                    let mut r: tcpx::Request = inflight.pop_front().ok_or("empty")?;
+                    r.wait(T)?;
+                }
+                inflight.push_back(
+                    send.isend(src, 0, TWO_PROC_MSG, TAG_DATA)?
+                        .ok_or(tcpx::Error::Busy)?,
+                );
+            }
+            for mut r in inflight {
+                r.wait(T)?;
+            }
+            let buf = [RecvBuf {
+                mr: &ack,
+                offset: 0,
+                len: 16,
+                tag: TAG_ACK,
+            }];
+            acks.irecv(&buf)?.ok_or(tcpx::Error::Busy)?.wait(T)?;
+            let b = ack.bytes()?;
+            if b[8] != 1 {
+                return Err("two-process bench: the receiver saw wrong bytes".into());
+            }
+            got[k] = f64::from_le_bytes(b[..8].try_into()?);
+            best[k] = best[k].max(got[k]);
+        }
+        ratios.push(got[1] / got[0]);
+    }
+    ratios.sort_by(f64::total_cmp);
+    println!(
+        "ROW two_processes_loopback_tcp_host_64MiBx{BATCH} | {:.2} GB/s",
+        best[0]
+    );
+    println!(
+        "ROW two_processes_bounce_gpu_to_gpu_64MiBx{BATCH} | {:.2} GB/s (byte-exact; per round median {:.2}x host TCP, {:.2}..{:.2}x)",
+        best[1],
+        ratios[ratios.len() / 2],
+        ratios[0],
+        ratios[ratios.len() - 1]
+    );
+    Ok(())
+}
+
+/// The child: receives batches into host or GPU memory, answers with the GB/s.
+fn receiver() -> BoxResult<()> {
+    let ctx = Context::get(0)?;
+    let net = Net::init(Config::loopback(&["127.0.0.1", "127.0.0.2"])?)?;
+    let (mine, mut listener) = net.listen(0)?;
+    println!("{}", handle_hex(&mine));
+    std::io::stdout().flush()?;
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line)?;
+    let mut theirs = parse_handle(&line)?;
+    let recv = listener.accept_wait(T)?;
+    let acks = net.connect_wait(0, &mut theirs, T)?;
+    let want = pattern(TWO_PROC_MSG);
+    let gd = DeviceBuffer::alloc(ctx, TWO_PROC_MSG)?;
+    let hd = net.reg_mr(HostMemory::zeroed(TWO_PROC_MSG)?);
+    // SAFETY: the device buffer outlives the region and its requests.
+    let md = unsafe { net.reg_mr_raw(gd.ptr() as *mut u8, TWO_PROC_MSG, PtrKind::Cuda)? };
+    let mut ctl = net.reg_mr(HostMemory::zeroed(16)?);
+    for _ in 0..2 * ROUNDS {
+        let buf = [RecvBuf {
+            mr: &ctl,
+            offset: 0,
+            len: 16,
+            tag: TAG_BATCH,
+        }];
+        recv.irecv(&buf)?.ok_or(tcpx::Error::Busy)?.wait(T)?;
+        let gpu = ctl.bytes()?[0] == 1;
+        let dst = if gpu { &md } else { &hd };
+        if gpu {
+            gd.fill(0)?;
+        }
+        let mut t = Instant::now();
+        let mut inflight = std::collections::VecDeque::new();
+        for i in 0..=BATCH {
+            let buf = [RecvBuf {
+                mr: dst,
+                offset: 0,
+                len: TWO_PROC_MSG,
+                tag: TAG_DATA,
+            }];
+            inflight.push_back(recv.irecv(&buf)?.ok_or(tcpx::Error::Busy)?);
+            if i == 0 {
+                // The warm-up message is not timed.
+                let mut r: tcpx::Request = inflight.pop_front().ok_or("empty")?;
+                r.wait(T)?;
+                t = Instant::now();
+            } else if inflight.len() == 4 {
+                let mut r: tcpx::Request = inflight.pop_front().ok_or("empty")?;
+                r.wait(T)?;
+            }
+        }
+        for mut r in inflight {
+            r.wait(T)?;
+        }
+        let rate = gbps(TWO_PROC_MSG * BATCH, t.elapsed().as_secs_f64());
+        let exact = if gpu {
+            let mut got = vec![0u8; TWO_PROC_MSG];
+            gd.read(0, &mut got)?;
+            got == want
+        } else {
+            true
+        };
+        let mut a = HostMemory::zeroed(16)?;
+        a[..8].copy_from_slice(&rate.to_le_bytes());
+        a[8] = exact as u8;
+        let a = net.reg_mr(a);
+        acks.isend(&a, 0, 16, TAG_ACK)?
+            .ok_or(tcpx::Error::Busy)?
+            .wait(T)?;
     }
     Ok(())
 }
