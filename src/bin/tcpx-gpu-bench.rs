@@ -70,25 +70,16 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         let mut cfg = Config::loopback(&["127.0.0.1", "127.0.0.2"])?;
         cfg.workers_per_nic = workers;
         cfg.cuda_chunk_size = chunk;
-        let a = Net::init(cfg.clone())?;
-        let b = Net::init(cfg)?;
-        let (send, recv) = pair(&a, &b)?;
-        // The host source holds the same bytes as the GPU one: an untouched
-        // mapping would be read from the kernel's shared zero page, always in
-        // cache, and flatter the baseline.
-        let hs = a.reg_mr(HostMemory::from_slice(&want)?);
-        let hd = b.reg_mr(HostMemory::zeroed(MSG)?);
-        // SAFETY: the device buffers outlive the regions and requests.
-        let ms = unsafe { a.reg_mr_raw(gs.ptr() as *mut u8, MSG, PtrKind::Cuda)? };
-        let md = unsafe { b.reg_mr_raw(gd.ptr() as *mut u8, MSG, PtrKind::Cuda)? };
+        let l = Loopback::new(cfg, &gs, &gd, &want)?;
+        let (send, recv, hs, hd, ms, md) = (&l.send, &l.recv, &l.hs, &l.hd, &l.ms, &l.md);
         let (mut host, mut bounce, mut tx_only, mut rx_only) = (0f64, 0f64, 0f64, 0f64);
         // Each round's bounce / host ratio: pairs measured back to back see
         // the same machine, so their median is steadier than best against best.
         let mut ratios = Vec::new();
         for _ in 0..ROUNDS {
-            let h = transfer(&send, &recv, &hs, &hd, MSG, N)?;
+            let h = transfer(send, recv, hs, hd, MSG, N)?;
             gd.fill(0)?;
-            let b = transfer(&send, &recv, &ms, &md, MSG, N)?;
+            let b = transfer(send, recv, ms, md, MSG, N)?;
             ratios.push(b / h);
             host = host.max(h);
             bounce = bounce.max(b);
@@ -98,8 +89,8 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                 return Err("bounce bench: received bytes are wrong".into());
             }
             // Which side costs: GPU only on the sender, then only on the receiver.
-            tx_only = tx_only.max(transfer(&send, &recv, &ms, &hd, MSG, N)?);
-            rx_only = rx_only.max(transfer(&send, &recv, &hs, &md, MSG, N)?);
+            tx_only = tx_only.max(transfer(send, recv, ms, hd, MSG, N)?);
+            rx_only = rx_only.max(transfer(send, recv, hs, md, MSG, N)?);
         }
         let tag = format!("64MiBx{N}_w{workers}_cudachunk{}K", chunk >> 10);
         println!("ROW loopback_tcp_host_{tag} | {host:.2} GB/s");
@@ -127,20 +118,14 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     // transfers are), default config.
     {
         let cfg = Config::loopback(&["127.0.0.1", "127.0.0.2"])?;
-        let a = Net::init(cfg.clone())?;
-        let b = Net::init(cfg)?;
-        let (send, recv) = pair(&a, &b)?;
-        let hs = a.reg_mr(HostMemory::from_slice(&want)?);
-        let hd = b.reg_mr(HostMemory::zeroed(MSG)?);
-        // SAFETY: the device buffers outlive the regions and requests.
-        let ms = unsafe { a.reg_mr_raw(gs.ptr() as *mut u8, MSG, PtrKind::Cuda)? };
-        let md = unsafe { b.reg_mr_raw(gd.ptr() as *mut u8, MSG, PtrKind::Cuda)? };
+        let l = Loopback::new(cfg, &gs, &gd, &want)?;
+        let (send, recv, hs, hd, ms, md) = (&l.send, &l.recv, &l.hs, &l.hd, &l.ms, &l.md);
         for len in [256 << 10, 1 << 20, 4 << 20] {
             let mut ratios = Vec::new();
             let (mut host, mut bounce) = (0f64, 0f64);
             for _ in 0..ROUNDS {
-                let h = transfer(&send, &recv, &hs, &hd, len, 64)?;
-                let g = transfer(&send, &recv, &ms, &md, len, 64)?;
+                let h = transfer(send, recv, hs, hd, len, 64)?;
+                let g = transfer(send, recv, ms, md, len, 64)?;
                 ratios.push(g / h);
                 host = host.max(h);
                 bounce = bounce.max(g);
@@ -453,6 +438,44 @@ fn receiver() -> BoxResult<()> {
             .wait(T)?;
     }
     Ok(())
+}
+
+/// Two Nets in this process, connected, each with a host and a GPU region
+/// of the same size (`gs`/`gd` must outlive it).
+struct Loopback {
+    send: tcpx::SendComm,
+    recv: tcpx::RecvComm,
+    hs: MemoryRegion,
+    hd: MemoryRegion,
+    ms: MemoryRegion,
+    md: MemoryRegion,
+    _nets: (Net, Net),
+}
+
+impl Loopback {
+    fn new(cfg: Config, gs: &DeviceBuffer, gd: &DeviceBuffer, want: &[u8]) -> tcpx::Result<Self> {
+        let a = Net::init(cfg.clone())?;
+        let b = Net::init(cfg)?;
+        let (send, recv) = pair(&a, &b)?;
+        // The host source holds the same bytes as the GPU one: an untouched
+        // mapping would be read from the kernel's shared zero page, always in
+        // cache, and flatter the baseline.
+        let hs = a.reg_mr(HostMemory::from_slice(want)?);
+        let hd = b.reg_mr(HostMemory::zeroed(want.len())?);
+        // SAFETY: the caller keeps the device buffers alive longer than this.
+        let ms = unsafe { a.reg_mr_raw(gs.ptr() as *mut u8, want.len(), PtrKind::Cuda)? };
+        // SAFETY: as above.
+        let md = unsafe { b.reg_mr_raw(gd.ptr() as *mut u8, want.len(), PtrKind::Cuda)? };
+        Ok(Loopback {
+            send,
+            recv,
+            hs,
+            hd,
+            ms,
+            md,
+            _nets: (a, b),
+        })
+    }
 }
 
 fn pair(a: &Net, b: &Net) -> tcpx::Result<(tcpx::SendComm, tcpx::RecvComm)> {
