@@ -28,7 +28,7 @@ use devmem::cuda::unpack::Unpacker as Kernel;
 use devmem::cuda::Context;
 use devmem::emu::{EmuConfig, EmuDevmemSocket};
 use devmem::pool::RxPool;
-use devmem::sockabi::{control_buffer_len, parse_rx_into, Fragment, KernelAbi};
+use devmem::sockabi::{control_buffer_len_for, parse_rx_into, Fragment, KernelAbi};
 use devmem::unpack::{self, CpuUnpack, DeviceToHostUnpack, Frag, GatherPlan, Unpack};
 
 use crate::bounce::cuda_error;
@@ -38,7 +38,7 @@ use crate::stats::Counters;
 
 /// Linear (header-split miss) bytes one receive may carry.
 const LINEAR_MAX: usize = 256;
-/// Control buffer for one receive: a page-sized read never needs more fragments.
+/// Most fragments one receive carries (its control buffer holds no more).
 const MAX_FRAGS_PER_READ: usize = 64;
 /// Gathers in flight per socket; the next receive waits for the oldest.
 const MAX_INFLIGHT: usize = 16;
@@ -146,7 +146,9 @@ impl DevmemRx {
             emu,
             _part: part,
             linear: vec![0; LINEAR_MAX],
-            control: vec![0; control_buffer_len(MAX_FRAGS_PER_READ)],
+            // Sized for this ABI's cmsgs: a receive then never carries more
+            // fragments than a GPU gather slot holds.
+            control: vec![0; control_buffer_len_for(abi, MAX_FRAGS_PER_READ)],
             frags: Vec::new(),
             plan: GatherPlan::default(),
             gather,
@@ -214,6 +216,7 @@ impl DevmemRx {
                 r?;
             }
             Fence::Pending(slot) => {
+                Counters::bump(&self.counters.devmem_kernels, 1);
                 let mut tokens = self.spare.pop().unwrap_or_default();
                 tokens.clear();
                 tokens.extend_from_slice(&self.plan.tokens);
@@ -466,9 +469,11 @@ impl GpuGather {
         }
         let queued = (|| {
             let h = slot.host.as_ptr();
-            // SAFETY: both ranges lie in the slot's buffers, which stay
-            // untouched until the slot's event has fired.
-            unsafe { self.stream.htod(slot.rows.ptr(), h, rows_len)? };
+            if rows_len > 0 {
+                // SAFETY: both ranges lie in the slot's buffers, which stay
+                // untouched until the slot's event has fired.
+                unsafe { self.stream.htod(slot.rows.ptr(), h, rows_len)? };
+            }
             // SAFETY: every row lies inside the pool and the destination
             // (checked above); the pool outlives the socket's gathers
             // (DevmemRx settles before it drops) and the destination's
@@ -565,6 +570,8 @@ pub(super) mod tests {
             let Dst::Host(d) = dst else {
                 return Err(Error::Unsupported("test gathers into host memory".into()));
             };
+            // What a GPU gather's slot holds.
+            assert!(plan.pool.len() <= MAX_FRAGS_PER_READ, "{}", plan.pool.len());
             let host = pool.host().expect("a host pool");
             CpuUnpack.unpack(host, d, &plan.pool).unwrap();
             CpuUnpack.unpack(linear, d, &plan.linear).unwrap();

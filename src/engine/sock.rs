@@ -562,7 +562,7 @@ mod tests {
         let mode = TxMode {
             zerocopy: ZeroCopy::Off,
             min_zcopy: 0,
-            devmem_emulated: Some((KernelAbi::Tcpx, PoolSource::Local(64 << 12))),
+            devmem_emulated: Some((KernelAbi::Tcpx, PoolSource::Local(1 << 20))),
         };
         let mut s = Sock::new(stream, mode, None, &Arc::new(Counters::default()));
         if let Some(d) = s.devmem.as_mut() {
@@ -596,7 +596,7 @@ mod tests {
     fn a_devmem_receive_is_done_only_once_its_unpack_finished() {
         // An unpack that never finishes: the request fails (typed), it
         // never reports success with bytes still in flight.
-        let (req, _) = receive(&Manual::default(), Duration::from_millis(100), 100_000);
+        let (req, _) = receive(&Manual::default(), Duration::from_millis(100), 600_001);
         assert!(
             matches!(req.error(), Some(Error::Timeout { .. })),
             "{:?}",
@@ -612,13 +612,13 @@ mod tests {
             f2.store(true, Ordering::SeqCst);
             m2.finish_all();
         });
-        let (req, mut mr) = receive(&m, Duration::from_secs(5), 100_000);
+        let (req, mut mr) = receive(&m, Duration::from_secs(5), 600_001);
         assert!(
             finished.load(Ordering::SeqCst),
             "done before the unpack finished"
         );
         assert_eq!(req.error(), None);
         finisher.join().unwrap();
-        assert!(mr.bytes().unwrap() == &pattern(100_000)[..]);
+        assert!(mr.bytes().unwrap() == &pattern(600_001)[..]);
     }
 }
