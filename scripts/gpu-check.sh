@@ -13,7 +13,7 @@ build() {
   set -e
   mkdir -p "$BIN"
   # package:test pairs whose test binaries run on the GPU machine
-  for pt in tcpx:cuda_bounce devmem:cuda_gpu devmem:emu_cuda_unpack devmem:emu_gpu_pool tcpx-nixl:vram; do
+  for pt in tcpx:cuda_bounce tcpx:cuda_devmem devmem:cuda_gpu devmem:emu_cuda_unpack devmem:emu_gpu_pool tcpx-nixl:vram; do
     local p=${pt%%:*} t=${pt#*:}
     cargo test --release -p "$p" --test "$t" --no-run --message-format=json |
       python3 -c 'import sys,json
@@ -33,7 +33,7 @@ run() {
   export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:-}:/usr/local/cuda/lib64:/usr/local/cuda/targets/x86_64-linux/lib"
   local rows=() log
   nvidia-smi --query-gpu=name,driver_version --format=csv,noheader || true
-  for t in cuda_gpu cuda_bounce emu_cuda_unpack emu_gpu_pool vram; do
+  for t in cuda_gpu cuda_bounce cuda_devmem emu_cuda_unpack emu_gpu_pool vram; do
     log=$(mktemp)
     if "$BIN/$t" --test-threads=1 --nocapture >"$log" 2>&1; then res=PASS; else res=FAIL; fi
     cat "$log"

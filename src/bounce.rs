@@ -264,6 +264,11 @@ impl CudaBounce {
         })
     }
 
+    /// The GPU the region is on.
+    pub(crate) fn ordinal(&self) -> i32 {
+        self.ctx.ordinal()
+    }
+
     pub(crate) fn has_dmabuf(&self) -> bool {
         self.dmabuf.is_some()
     }

@@ -3,9 +3,11 @@
 //! the GPU's RX queues for the comm's lifetime.
 
 use std::net::TcpStream;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 
+use devmem::cuda::vmm::{self, MappedRange, Mapping};
+use devmem::cuda::Context;
 use devmem::gpumemd::PoolMetadata;
 use devmem::pool::RxPool;
 
@@ -27,10 +29,48 @@ pub(crate) enum PoolSource {
 
 /// gpumemd's RX pool cut into equal parts, one per emulated devmem socket.
 pub(crate) struct SharedPool {
-    fd: OwnedFd,
+    memory: PoolMemory,
     md: PoolMetadata,
     part: u64,
     used: Mutex<Vec<bool>>,
+}
+
+/// What gpumemd's pool fd is.
+enum PoolMemory {
+    /// A memory file (the mock on machines without a GPU): parts are mapped.
+    Host(OwnedFd),
+    /// A CUDA shareable handle, imported once into the GPU's context (as
+    /// tcpgpudmarxd hands out); parts are ranges of that mapping.
+    Gpu(Arc<Mapping>),
+}
+
+impl PoolMemory {
+    /// A regular file is host memory; anything else that passed
+    /// `check_pool_fd` is taken for a CUDA handle of GPU `pci`.
+    fn import(fd: OwnedFd, md: &PoolMetadata, pci: &str) -> Result<Self> {
+        let st = nix::sys::stat::fstat(fd.as_raw_fd())
+            .map_err(|e| Error::Gpumemd(format!("fstat of the RX pool fd: {e}")))?;
+        if st.st_mode & libc::S_IFMT == libc::S_IFREG {
+            return Ok(PoolMemory::Host(fd));
+        }
+        let gpu = |e: devmem::cuda::CudaError| {
+            Error::Unsupported(format!(
+                "gpumemd's RX pool for GPU {pci} is GPU memory, which this process cannot import ({e}); \
+                 run where CUDA sees that GPU, or unset TCPX_DEVMEM_EMULATED"
+            ))
+        };
+        let ctx = Context::by_pci(pci).map_err(gpu)?;
+        let (size, align) = (md.size as usize, md.align as usize);
+        let mapping = vmm::import_pool(ctx, fd.as_fd(), size, align).map_err(gpu)?;
+        // Compiled once per GPU here, so that a missing NVRTC shows at init.
+        devmem::cuda::unpack::Unpacker::shared(ctx).map_err(|e| {
+            Error::Unsupported(format!(
+                "gpumemd's RX pool for GPU {pci} is GPU memory, but the unpack kernel does not build ({e})"
+            ))
+        })?;
+        tracing::info!(gpu = %pci, bytes = size, "gpumemd's RX pool is GPU memory: received fragments are unpacked by a CUDA kernel");
+        Ok(PoolMemory::Gpu(Arc::new(mapping)))
+    }
 }
 
 /// A part of the shared pool, given back when dropped.
@@ -49,12 +89,13 @@ impl SharedPool {
                 self.md.size, self.part
             )));
         };
-        let rx = RxPool::map_part(
-            self.fd.as_fd(),
-            &self.md,
-            index as u64 * self.part,
-            self.part,
-        )
+        let offset = index as u64 * self.part;
+        let rx = match &self.memory {
+            PoolMemory::Host(fd) => RxPool::map_part(fd.as_fd(), &self.md, offset, self.part),
+            PoolMemory::Gpu(m) => MappedRange::new(m.clone(), offset as usize, self.part as usize)
+                .map_err(devmem::pool::PoolError::from)
+                .and_then(RxPool::gpu),
+        }
         .map_err(|e| Error::Gpumemd(format!("mapping the RX pool: {e}")))?;
         used[index] = true;
         Ok((
@@ -121,7 +162,7 @@ impl Gpumemd {
                     )));
                 }
                 Some(Arc::new(SharedPool {
-                    fd: p.fd,
+                    memory: PoolMemory::import(p.fd, &p.metadata, pci)?,
                     md: p.metadata,
                     part,
                     used: Mutex::new(vec![false; parts]),

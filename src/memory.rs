@@ -9,6 +9,8 @@
 use std::ptr::NonNull;
 use std::sync::Arc;
 
+use devmem::cuda::mem::DeviceSpan;
+
 use crate::device::PtrKinds;
 use crate::error::{Error, Result};
 
@@ -154,6 +156,27 @@ unsafe impl Sync for Region {}
 impl Region {
     pub(crate) fn kind(&self) -> PtrKind {
         self.kind
+    }
+
+    /// The GPU a CUDA region is on; `None` for host memory.
+    pub(crate) fn cuda_ordinal(&self) -> Option<i32> {
+        self.bounce.as_ref().map(|b| b.ordinal())
+    }
+
+    /// Device memory `[off, off+len)` of a CUDA region, for kernels that
+    /// write received bytes straight into it (GPU RX pools).
+    pub(crate) fn device_span(&self, off: u64, len: usize) -> Result<DeviceSpan> {
+        let off = self.check(off, len)?;
+        if self.kind != PtrKind::Cuda {
+            return Err(Error::InvalidArgument(
+                "host memory has no device address".into(),
+            ));
+        }
+        // SAFETY: the range is inside the region (checked above), which is
+        // device memory that stays valid while a request holds the region
+        // (`MemoryRegion::cuda`'s contract); work queued on the span ends
+        // before its request completes.
+        Ok(unsafe { DeviceSpan::new(self.ptr as u64 + off as u64, len) })
     }
 
     fn cuda(&self) -> Result<&crate::bounce::CudaBounce> {

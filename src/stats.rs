@@ -13,6 +13,7 @@ pub(crate) struct Counters {
     pub devmem_tokens_returned: AtomicU64,
     pub devmem_dontneed_calls: AtomicU64,
     pub devmem_linear_bytes: AtomicU64,
+    pub devmem_kernels: AtomicU64,
 }
 
 impl Counters {
@@ -32,6 +33,7 @@ impl Counters {
             devmem_tokens_returned: g(&self.devmem_tokens_returned),
             devmem_dontneed_calls: g(&self.devmem_dontneed_calls),
             devmem_linear_bytes: g(&self.devmem_linear_bytes),
+            devmem_unpack_kernels: g(&self.devmem_kernels),
         }
     }
 }
@@ -57,4 +59,6 @@ pub struct Stats {
     pub devmem_dontneed_calls: u64,
     /// Bytes that landed in the linear buffer (header-split misses).
     pub devmem_linear_bytes: u64,
+    /// Receives gathered by the CUDA unpack kernel (GPU pool into CUDA memory).
+    pub devmem_unpack_kernels: u64,
 }

@@ -134,3 +134,29 @@ fn gpumemd_pool_and_flow_rules_with_the_emulated_nic() {
         exchange(a, b, &send, &recv, 5_000_001, 77 + i);
     }
 }
+
+/// gpumemd's pool fd is not a memory file, so it is GPU memory: where CUDA
+/// cannot import it (no driver, or no GPU at that PCI address), init fails
+/// with a typed error that says so, never a panic.
+#[test]
+fn a_gpu_pool_that_cannot_be_imported_is_a_typed_error() {
+    use devmem::gpumemd::mock::{MockConfig, MockGpumemd};
+    let not_a_file = std::fs::File::open("/dev/null").unwrap();
+    let mock = MockGpumemd::start_temp_with_pool(
+        MockConfig {
+            pool_size: 4 << 20,
+            ..MockConfig::default()
+        },
+        not_a_file.into(),
+    )
+    .unwrap();
+    let mut c = three_nics();
+    c.gpumemd_prefix = Some(mock.prefix().to_path_buf());
+    c.gpu_pci = Some(MockConfig::default().gpu_pci);
+    c.devmem = tcpx::DevmemMode::Require;
+    c.devmem_emulated = Some(KernelAbi::Upstream);
+    match Net::init(c) {
+        Err(tcpx::Error::Unsupported(m)) => assert!(m.contains("GPU memory"), "{m}"),
+        other => panic!("expected a typed refusal, got {:?}", other.map(|_| ())),
+    }
+}

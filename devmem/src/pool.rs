@@ -16,7 +16,7 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 use std::ptr::NonNull;
 
 use crate::cuda::mirror::GpuMirror;
-use crate::cuda::vmm::Mapping;
+use crate::cuda::vmm::MappedRange;
 use crate::cuda::CudaError;
 use crate::gpumemd::PoolMetadata;
 
@@ -379,9 +379,10 @@ impl RxPool {
     }
 
     /// A pool in imported GPU memory (`cuda::vmm::import_pool` of the
-    /// daemon's fd). Landed bytes reach the GPU at [`RxPool::commit`];
-    /// unpack reads [`RxPool::device`] with a GPU kernel.
-    pub fn gpu(mapping: Mapping) -> Result<Self, PoolError> {
+    /// daemon's fd, or a part of it). Landed bytes reach the GPU at
+    /// [`RxPool::commit`]; unpack reads [`RxPool::device`] with a GPU kernel.
+    pub fn gpu(mapping: impl Into<MappedRange>) -> Result<Self, PoolError> {
+        let mapping = mapping.into();
         let len = check_size(mapping.size() as u64, PAGE_SIZE as u64)?;
         let mirror = Box::new(GpuMirror::new(mapping)?);
         let ptr = NonNull::new(mirror.host_ptr()).ok_or(PoolError::BadSize {
@@ -418,7 +419,7 @@ impl RxPool {
     }
 
     /// The GPU memory, for a GPU unpack; `None` for a host pool.
-    pub fn device(&self) -> Option<&Mapping> {
+    pub fn device(&self) -> Option<&MappedRange> {
         match &self.backing {
             Backing::Gpu(m) => Some(m.mapping()),
             _ => None,

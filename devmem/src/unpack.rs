@@ -286,6 +286,31 @@ impl Unpack for HostToDeviceUnpack<'_> {
     }
 }
 
+/// Device rows into host memory, one synchronous copy each: the pool
+/// fragments of a GPU-pool receive whose destination is in host memory
+/// (chunk headers; few and small).
+#[derive(Debug)]
+pub struct DeviceToHostUnpack {
+    /// The context of the source memory.
+    pub ctx: &'static crate::cuda::Context,
+}
+
+impl Unpack for DeviceToHostUnpack {
+    type Src = dyn crate::cuda::mem::DeviceMem;
+    type Dst = [u8];
+
+    fn unpack_batch(
+        &mut self,
+        src: &Self::Src,
+        dst: &mut [u8],
+        frags: &[Frag],
+    ) -> Result<(), UnpackError> {
+        check(frags, src.device_len(), dst.len())?;
+        crate::cuda::mem::read_rows(self.ctx, src, dst, frags)
+            .map_err(|e| UnpackError::Device(e.to_string()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -76,7 +76,7 @@ impl EpollLoop {
             for s in self.socks.values_mut() {
                 moved |= send_ready(s, &self.counters);
                 moved |= if s.is_devmem() {
-                    recv_devmem_ready(s, &mut self.scratch, &self.counters)
+                    recv_devmem_ready(s, &mut self.scratch)
                 } else {
                     recv_ready(s, &mut self.scratch)
                 };
@@ -134,7 +134,8 @@ impl EpollLoop {
                     .add(&stream, EpollEvent::new(flags, id))
                     .err()
                     .map(|e| Error::io("epoll_ctl", e.into()));
-                self.socks.insert(id, Sock::new(stream, tx, dead));
+                self.socks
+                    .insert(id, Sock::new(stream, tx, dead, &self.counters));
             }
             Cmd::Watch {
                 id,
@@ -247,10 +248,10 @@ fn recv_ready(s: &mut Sock, scratch: &mut Vec<u8>) -> bool {
 }
 
 /// Receives through the emulated devmem NIC until it would block. True if bytes moved.
-fn recv_devmem_ready(s: &mut Sock, scratch: &mut Vec<u8>, counters: &Counters) -> bool {
+fn recv_devmem_ready(s: &mut Sock, scratch: &mut Vec<u8>) -> bool {
     let mut moved = false;
     while s.readable {
-        match s.rx_devmem(scratch, counters) {
+        match s.rx_devmem(scratch) {
             Step::Moved => moved = true,
             Step::WouldBlock => s.readable = false,
             Step::Idle => break,

@@ -6,6 +6,7 @@
 //! `epoll` (non-blocking syscalls on ready sockets) and `uring` (batched
 //! io_uring submissions, SEND_ZC for zero-copy).
 
+mod devmem_rx;
 mod epoll;
 mod sock;
 mod uring;

@@ -6,18 +6,16 @@
 use std::collections::VecDeque;
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
+use std::sync::Arc;
 
 use nix::errno::Errno;
 
-use devmem::emu::{EmuConfig, EmuDevmemSocket};
-use devmem::pool::RxPool;
-use devmem::sockabi::{control_buffer_len, parse_rx_into, Fragment, KernelAbi, RecvOutcome};
-use devmem::unpack::{self, CpuUnpack, GatherPlan, Unpack};
+use devmem::cuda::mem::DeviceSpan;
 
+use super::devmem_rx::{DevmemRx, Dst, Recv};
 use super::{Job, TxMode};
 use crate::config::ZeroCopy;
 use crate::error::Error;
-use crate::gpumemd::{PoolPart, PoolSource};
 use crate::memory::{RxPath, TxPath};
 use crate::stats::Counters;
 use crate::wire::{Chunk, CHUNK_LEN};
@@ -33,6 +31,9 @@ struct Cursor {
     hdr: [u8; CHUNK_LEN],
     hdr_done: usize,
     body_done: usize,
+    /// The body goes straight to device memory (GPU pool, CUDA region):
+    /// no staging to land or settle.
+    direct: bool,
 }
 
 /// Zero-copy state of a data socket.
@@ -58,17 +59,6 @@ pub(super) struct RxPlan {
     pub parts: [(*mut u8, usize); 2],
 }
 
-/// The receive side of an emulated devmem NIC on this socket.
-pub(super) struct DevmemRx {
-    emu: EmuDevmemSocket<TcpStream>,
-    /// The part of gpumemd's pool this socket receives into, if shared.
-    _part: Option<PoolPart>,
-    linear: Vec<u8>,
-    control: Vec<u8>,
-    frags: Vec<Fragment>,
-    plan: GatherPlan,
-}
-
 /// What one devmem receive step did.
 pub(super) enum Step {
     Moved,
@@ -76,10 +66,11 @@ pub(super) enum Step {
     Idle,
 }
 
-/// Linear (header-split miss) bytes one receive may carry.
-const LINEAR_MAX: usize = 256;
-/// Control buffer for one receive: a page-sized read never needs more fragments.
-const MAX_FRAGS_PER_READ: usize = 64;
+/// Where the next devmem receive of a socket goes.
+enum Target {
+    Host(*mut u8, usize),
+    Device(DeviceSpan),
+}
 
 pub(super) struct Sock {
     pub stream: TcpStream,
@@ -96,13 +87,21 @@ pub(super) struct Sock {
 
 /// The process logs the kernel's copying of zero-copy sends once.
 static COPY_LOGGED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// The process logs bulk copies out of a GPU pool into host memory once.
+static GPU_TO_HOST_LOGGED: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
 
 impl Sock {
-    pub fn new(stream: TcpStream, mode: TxMode, mut dead: Option<Error>) -> Self {
+    pub fn new(
+        stream: TcpStream,
+        mode: TxMode,
+        mut dead: Option<Error>,
+        counters: &Arc<Counters>,
+    ) -> Self {
         let enabled = mode.zerocopy != ZeroCopy::Off && enable_zerocopy(&stream);
         let devmem = match mode
             .devmem_emulated
-            .map(|(abi, source)| DevmemRx::new(&stream, abi, source))
+            .map(|(abi, source)| DevmemRx::new(&stream, abi, source, counters.clone()))
         {
             Some(Ok(d)) => Some(Box::new(d)),
             Some(Err(e)) => {
@@ -143,6 +142,10 @@ impl Sock {
     }
 
     pub fn fail(&mut self, e: Error) {
+        // Running unpacks write into the jobs' memory, which finishing lets go.
+        if let Some(d) = self.devmem.as_mut() {
+            d.quiesce();
+        }
         let awaiting: Vec<Job> = self.zc.awaiting.drain(..).collect();
         for job in self
             .sends
@@ -344,13 +347,18 @@ impl Sock {
         }
         if self.rx.hdr_done == CHUNK_LEN && self.rx.body_done == len {
             self.rx.active = false;
-            if let Some(r) = job.region.as_ref() {
+            if let (Some(r), false) = (job.region.as_ref(), self.rx.direct) {
                 if let Err(e) = r.landed(job.base + off, len) {
                     return self.fail(e);
                 }
             }
             if job.advance() {
-                let settled = job.region.as_ref().map_or(Ok(()), |r| r.settle());
+                // Done means in place: unpack kernels and staging copies finished.
+                let settled = self
+                    .devmem
+                    .as_mut()
+                    .map_or(Ok(()), |d| d.settle())
+                    .and_then(|()| job.region.as_ref().map_or(Ok(()), |r| r.settle()));
                 if let Err(e) = settled {
                     return self.fail(e);
                 }
@@ -413,44 +421,88 @@ impl Sock {
         self.devmem.is_some()
     }
 
-    /// One receive through the emulated devmem NIC: payload lands in its RX
-    /// pool, the fragments are unpacked into the chunk being received and
-    /// their tokens go straight back. Header and body are read separately
-    /// (each read asks for at most what its part still needs).
-    pub fn rx_devmem(&mut self, scratch: &mut Vec<u8>, counters: &Counters) -> Step {
-        let Some(plan) = self.rx_plan(scratch) else {
+    /// One receive through the emulated devmem NIC into the chunk being
+    /// received (header and body are read separately: each read asks for at
+    /// most what its part still needs); see `devmem_rx` for where the
+    /// payload goes and when its tokens go back.
+    pub fn rx_devmem(&mut self, scratch: &mut Vec<u8>) -> Step {
+        let Some(target) = self.rx_target(scratch) else {
             return Step::Idle;
         };
-        let [(hp, hl), (bp, bl)] = plan.parts;
-        let (dst_ptr, dst_len) = if hl > 0 { (hp, hl) } else { (bp, bl) };
         let Some(d) = self.devmem.as_mut() else {
             return Step::Idle;
         };
-        let abi = d.emu.config().abi;
-        let out = match d
-            .emu
-            .recv_devmem_up_to(&mut d.linear, &mut d.control, dst_len)
-        {
-            Ok(out) => out,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Step::WouldBlock,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => return Step::Moved,
+        let dst = match target {
+            // SAFETY: the target is valid for writes while its job holds the region.
+            Target::Host(p, len) => Dst::Host(unsafe { super::bytes_mut(p, len) }),
+            Target::Device(span) => Dst::Device(span),
+        };
+        match d.recv(dst) {
+            Ok(Recv::Bytes(n)) => self.rx_done(n),
+            Ok(Recv::Closed) => self.rx_done(0),
+            Ok(Recv::WouldBlock) => return Step::WouldBlock,
+            Ok(Recv::Interrupted) => {}
             Err(e) => {
-                self.fail(Error::io("devmem recv", e));
+                self.fail(e);
                 return Step::Idle;
             }
-        };
-        if out.bytes == 0 {
-            self.rx_done(0);
-            return Step::Moved;
         }
-        // SAFETY: the plan's part is valid for writes while its job holds the region.
-        let dst = unsafe { super::bytes_mut(dst_ptr, dst_len) };
-        if let Err(e) = d.gather(abi, out, dst, counters) {
-            self.fail(e);
-            return Step::Idle;
-        }
-        self.rx_done(out.bytes);
         Step::Moved
+    }
+
+    /// Where the next devmem receive goes: the rest of the chunk header,
+    /// else the rest of the body: device memory when the pool and the region
+    /// are on the same GPU, else host-addressable memory.
+    fn rx_target(&mut self, scratch: &mut Vec<u8>) -> Option<Target> {
+        if self.dead.is_some() {
+            return None;
+        }
+        let job = self.recvs.front()?;
+        let (off, len) = job.chunk();
+        if !self.rx.active {
+            self.rx = Cursor {
+                active: true,
+                ..Cursor::default()
+            };
+        }
+        if self.rx.hdr_done < CHUNK_LEN {
+            let h = self.rx.hdr_done;
+            return Some(Target::Host(self.rx.hdr[h..].as_mut_ptr(), CHUNK_LEN - h));
+        }
+        let want = len - self.rx.body_done;
+        let at = job.base + off + self.rx.body_done as u64;
+        let pool_gpu = self.devmem.as_ref().and_then(|d| d.gpu_ordinal());
+        let target = match (job.region.as_ref(), pool_gpu) {
+            (None, _) => {
+                if scratch.is_empty() {
+                    scratch.resize(SCRATCH_LEN, 0);
+                }
+                Ok(Target::Host(scratch.as_mut_ptr(), want.min(scratch.len())))
+            }
+            (Some(r), Some(gpu)) => match r.cuda_ordinal() {
+                Some(o) if o == gpu => r.device_span(at, want).map(Target::Device),
+                Some(o) => Err(Error::Unsupported(format!(
+                    "the receive buffer is memory of GPU {o} but the devmem RX pool is on GPU {gpu}; \
+                     receive into memory of GPU {gpu} (the GPU named by TCPX_GPU_PCI)"
+                ))),
+                None => {
+                    if !GPU_TO_HOST_LOGGED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                        tracing::warn!("host memory receives from a GPU devmem pool by one device-to-host copy per fragment (slow); register CUDA memory for devmem receives (logged once)");
+                    }
+                    r.sink(at, want).map(|p| Target::Host(p, want))
+                }
+            },
+            // A host pool: host memory, or a CUDA region's bounce staging.
+            (Some(r), None) => r.sink(at, want).map(|p| Target::Host(p, want)),
+        };
+        self.rx.direct = matches!(target, Ok(Target::Device(_)));
+        match target {
+            Ok(t) => Some(t),
+            Err(e) => {
+                self.fail(e);
+                None
+            }
+        }
     }
 
     pub fn tx_failed(&mut self, e: Errno) {
@@ -459,79 +511,6 @@ impl Sock {
 
     pub fn rx_failed(&mut self, e: Errno) {
         self.fail(Error::io("recv", e.into()));
-    }
-}
-
-impl DevmemRx {
-    fn new(stream: &TcpStream, abi: KernelAbi, source: PoolSource) -> Result<Self, Error> {
-        let dup = stream
-            .try_clone()
-            .map_err(|e| Error::io("dup data socket", e))?;
-        let (pool, part) = match source {
-            PoolSource::Local(bytes) => (
-                RxPool::local(bytes)
-                    .map_err(|e| Error::Config(format!("emulated devmem RX pool: {e}")))?,
-                None,
-            ),
-            PoolSource::Shared(shared) => {
-                let (pool, part) = shared.take()?;
-                (pool, Some(part))
-            }
-        };
-        let seed = stream.as_raw_fd() as u64;
-        let emu = EmuDevmemSocket::new(dup, pool, EmuConfig::new(abi).with_seed(seed))
-            .map_err(|e| Error::Config(format!("emulated devmem NIC: {e}")))?;
-        Ok(DevmemRx {
-            emu,
-            _part: part,
-            linear: vec![0; LINEAR_MAX],
-            control: vec![0; control_buffer_len(MAX_FRAGS_PER_READ)],
-            frags: Vec::new(),
-            plan: GatherPlan::default(),
-        })
-    }
-
-    /// Parses the control bytes, unpacks pool and linear fragments into
-    /// `dst`, and returns every token. Accounting errors fail the socket.
-    fn gather(
-        &mut self,
-        abi: KernelAbi,
-        out: RecvOutcome,
-        dst: &mut [u8],
-        counters: &Counters,
-    ) -> Result<(), Error> {
-        let proto = |e: &dyn std::fmt::Display| Error::Protocol(format!("devmem receive: {e}"));
-        self.frags.clear();
-        parse_rx_into(
-            abi,
-            &self.control[..out.control_len],
-            out.bytes,
-            out.msg_flags,
-            &mut self.frags,
-        )
-        .map_err(|e| proto(&e))?;
-        self.plan.clear();
-        unpack::plan(&self.frags, self.linear.len(), 0, dst.len(), &mut self.plan)
-            .map_err(|e| proto(&e))?;
-        let mut cpu = CpuUnpack;
-        // The transport builds host pools only (SharedPool maps a memfd).
-        let pool = self.emu.pool().host().ok_or_else(|| {
-            Error::Unsupported("emulated devmem: the transport unpacks host RX pools only".into())
-        })?;
-        cpu.unpack(pool, dst, &self.plan.pool)
-            .map_err(|e| proto(&e))?;
-        cpu.unpack(&self.linear[..], dst, &self.plan.linear)
-            .map_err(|e| proto(&e))?;
-        let report = self
-            .emu
-            .release_tokens(&self.plan.tokens)
-            .map_err(|e| proto(&e))?;
-        Counters::bump(&counters.devmem_frags, self.plan.pool.len() as u64);
-        Counters::bump(&counters.devmem_tokens_returned, report.requested);
-        Counters::bump(&counters.devmem_dontneed_calls, report.calls as u64);
-        let linear: u64 = self.plan.linear.iter().map(|f| u64::from(f.len)).sum();
-        Counters::bump(&counters.devmem_linear_bytes, linear);
-        Ok(())
     }
 }
 
@@ -555,4 +534,91 @@ fn enable_zerocopy(s: &TcpStream) -> bool {
         );
     }
     rc == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::devmem_rx::tests::{loaded, pattern, Manual};
+    use crate::gpumemd::PoolSource;
+    use crate::memory::{HostMemory, MemoryRegion};
+    use crate::request::ReqState;
+    use devmem::sockabi::KernelAbi;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    /// Receives one `n`-byte chunk through an emulated devmem socket whose
+    /// gathers finish when `gather` says; returns the request and its memory.
+    fn receive(gather: &Manual, deadline: Duration, n: usize) -> (Arc<ReqState>, MemoryRegion) {
+        let mut wire = Chunk {
+            seq: 7,
+            offset: 0,
+            len: n as u32,
+        }
+        .encode()
+        .to_vec();
+        wire.extend(pattern(n));
+        let (stream, _peer) = loaded(&wire);
+        let mode = TxMode {
+            zerocopy: ZeroCopy::Off,
+            min_zcopy: 0,
+            devmem_emulated: Some((KernelAbi::Tcpx, PoolSource::Local(1 << 20))),
+        };
+        let mut s = Sock::new(stream, mode, None, &Arc::new(Counters::default()));
+        if let Some(d) = s.devmem.as_mut() {
+            d.set_gather(Box::new(gather.clone()), deadline);
+        }
+        let mr = MemoryRegion::owned(HostMemory::zeroed(n).unwrap());
+        let req = Arc::new(ReqState::new(1, 1));
+        let job = Job {
+            req: req.clone(),
+            region: Some(mr.inner.clone()),
+            base: 0,
+            seq: 7,
+            size: n as u64,
+            chunk_size: n as u64,
+            next_chunk: 0,
+            stride: 1,
+            zc_last: None,
+        };
+        s.enqueue(job, false);
+        let mut scratch = Vec::new();
+        while !req.is_done() {
+            match s.rx_devmem(&mut scratch) {
+                Step::Moved => {}
+                Step::WouldBlock | Step::Idle => panic!("stalled before the request was done"),
+            }
+        }
+        (req, mr)
+    }
+
+    #[test]
+    fn a_devmem_receive_is_done_only_once_its_unpack_finished() {
+        // An unpack that never finishes: the request fails (typed), it
+        // never reports success with bytes still in flight.
+        let (req, _) = receive(&Manual::default(), Duration::from_millis(100), 600_001);
+        assert!(
+            matches!(req.error(), Some(Error::Timeout { .. })),
+            "{:?}",
+            req.error()
+        );
+
+        // One that finishes later: done after it, byte-exact.
+        let m = Manual::default();
+        let finished = Arc::new(AtomicBool::new(false));
+        let (m2, f2) = (m.clone(), finished.clone());
+        let finisher = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            f2.store(true, Ordering::SeqCst);
+            m2.finish_all();
+        });
+        let (req, mut mr) = receive(&m, Duration::from_secs(5), 600_001);
+        assert!(
+            finished.load(Ordering::SeqCst),
+            "done before the unpack finished"
+        );
+        assert_eq!(req.error(), None);
+        finisher.join().unwrap();
+        assert!(mr.bytes().unwrap() == &pattern(600_001)[..]);
+    }
 }

@@ -440,6 +440,7 @@ impl UringLoop {
                                 ..tx
                             },
                             dead,
+                            &self.counters,
                         ),
                         tx_msg: empty_msg(),
                         tx_iov: [libc::iovec {

@@ -118,6 +118,45 @@ impl DeviceMem for super::vmm::Mapping {
     }
 }
 
+impl sealed::Sealed for super::vmm::MappedRange {}
+impl DeviceMem for super::vmm::MappedRange {
+    fn device_ptr(&self) -> u64 {
+        self.ptr()
+    }
+    fn device_len(&self) -> usize {
+        self.size()
+    }
+}
+
+/// Device memory owned by someone else: a registered user buffer that
+/// kernels write into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceSpan {
+    ptr: u64,
+    len: usize,
+}
+
+impl DeviceSpan {
+    /// `len` bytes at device address `ptr`.
+    ///
+    /// # Safety
+    /// `ptr..ptr + len` must be device memory that stays valid while the
+    /// span, or any work queued on it, is in use.
+    pub unsafe fn new(ptr: u64, len: usize) -> Self {
+        DeviceSpan { ptr, len }
+    }
+}
+
+impl sealed::Sealed for DeviceSpan {}
+impl DeviceMem for DeviceSpan {
+    fn device_ptr(&self) -> u64 {
+        self.ptr
+    }
+    fn device_len(&self) -> usize {
+        self.len
+    }
+}
+
 /// `cuMemAlloc` memory, freed on drop.
 #[derive(Debug)]
 pub struct DeviceBuffer {
@@ -196,6 +235,32 @@ impl Drop for DeviceBuffer {
             let _ = ck("cuMemFree", || unsafe { sys::cuMemFree_v2(self.ptr) });
         }
     }
+}
+
+/// Copies each row of `rows` from device `src` to host `dst`, one
+/// synchronous `cuMemcpyDtoH` each (it orders after no non-blocking
+/// stream): the few pool fragments of a GPU-pool receive that belong in
+/// host memory, such as chunk headers. `ctx` must own `src`.
+pub fn read_rows(
+    ctx: &'static Context,
+    src: &(impl DeviceMem + ?Sized),
+    dst: &mut [u8],
+    rows: &[super::unpack::Frag],
+) -> Result<()> {
+    super::unpack::Unpacker::check(rows, src.device_len(), dst.len())?;
+    ctx.make_current()?;
+    for r in rows {
+        // SAFETY: the row lies inside src and dst (checked above); the copy
+        // is finished when the call returns.
+        ck("cuMemcpyDtoH", || unsafe {
+            sys::cuMemcpyDtoH_v2(
+                dst.as_mut_ptr().add(r.dst as usize).cast(),
+                src.device_ptr() + r.src,
+                r.len as usize,
+            )
+        })?;
+    }
+    Ok(())
 }
 
 /// Page-locked host memory (`cuMemHostAlloc`, portable), freed on drop.

@@ -9,7 +9,7 @@
 //! exports the pool and never writes it).
 
 use super::mem::{PinnedBuffer, Stream};
-use super::vmm::Mapping;
+use super::vmm::MappedRange;
 use super::{CudaError, Result};
 
 /// Writes further apart than this are copied separately rather than as one
@@ -19,7 +19,7 @@ const MERGE_GAP: usize = 64 << 10;
 /// A GPU pool mapping, its pinned host mirror and the dirty span.
 #[derive(Debug)]
 pub struct GpuMirror {
-    mapping: Mapping,
+    mapping: MappedRange,
     host: PinnedBuffer,
     stream: Stream,
     dirty: Option<(usize, usize)>,
@@ -27,7 +27,7 @@ pub struct GpuMirror {
 
 impl GpuMirror {
     /// Mirrors `mapping` (one device-to-host copy of the whole pool).
-    pub fn new(mapping: Mapping) -> Result<Self> {
+    pub fn new(mapping: MappedRange) -> Result<Self> {
         let ctx = mapping.context();
         let host = PinnedBuffer::alloc(ctx, mapping.size())?;
         let stream = Stream::new(ctx)?;
@@ -60,7 +60,7 @@ impl GpuMirror {
     }
 
     /// The GPU pool, for kernels that read it.
-    pub fn mapping(&self) -> &Mapping {
+    pub fn mapping(&self) -> &MappedRange {
         &self.mapping
     }
 

@@ -175,6 +175,45 @@ impl Context {
         Ok(())
     }
 
+    /// The primary context of the GPU at PCI address `pci` (as gpumemd
+    /// names it, e.g. `0000:04:00.0`).
+    pub fn by_pci(pci: &str) -> Result<&'static Context> {
+        let n = probe()?;
+        let id = std::ffi::CString::new(pci)
+            .map_err(|_| CudaError::InvalidArgument(format!("{pci:?} holds a NUL byte")))?;
+        let mut dev = 0;
+        // SAFETY: id is NUL-terminated; writes one handle.
+        ck("cuDeviceGetByPCIBusId", || unsafe {
+            sys::cuDeviceGetByPCIBusId(&mut dev, id.as_ptr())
+        })
+        .map_err(|e| CudaError::NoDevice(format!("no CUDA device at PCI address {pci}: {e}")))?;
+        for ordinal in 0..n {
+            let mut d = 0;
+            // SAFETY: writes one handle.
+            ck("cuDeviceGet", || unsafe {
+                sys::cuDeviceGet(&mut d, ordinal)
+            })?;
+            if d == dev {
+                return Context::get(ordinal);
+            }
+        }
+        Err(CudaError::NoDevice(format!(
+            "the device at PCI address {pci} has no ordinal"
+        )))
+    }
+
+    /// The device's PCI address (`cuDeviceGetPCIBusId`, e.g. `0000:04:00.0`).
+    pub fn pci_bus_id(&self) -> Result<String> {
+        let mut buf = [0 as std::ffi::c_char; 32];
+        // SAFETY: writes at most buf.len() bytes, NUL-terminated.
+        ck("cuDeviceGetPCIBusId", || unsafe {
+            sys::cuDeviceGetPCIBusId(buf.as_mut_ptr(), buf.len() as i32, self.dev)
+        })?;
+        // SAFETY: the driver NUL-terminated the buffer (len includes room for it).
+        let s = unsafe { CStr::from_ptr(buf.as_ptr()) };
+        Ok(s.to_string_lossy().to_lowercase())
+    }
+
     pub fn ordinal(&self) -> i32 {
         self.ordinal
     }

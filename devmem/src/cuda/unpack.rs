@@ -2,7 +2,9 @@
 //! fragments from an RX pool into a destination buffer, on a stream.
 //! Compiled at run time with NVRTC (no toolkit needed at build time).
 
+use std::collections::HashMap;
 use std::ffi::{c_void, CString};
+use std::sync::{Mutex, OnceLock};
 
 use super::mem::{DeviceBuffer, DeviceMem, Stream};
 use super::{ck, sys, Context, CudaError, Result};
@@ -108,6 +110,27 @@ impl Unpacker {
             sys::cuModuleGetFunction(&mut func, module, name.as_ptr())
         })?;
         Ok(Unpacker { ctx, module, func })
+    }
+
+    /// The kernel for `ctx`, compiled on first use and kept for the
+    /// process's life (NVRTC takes a good fraction of a second).
+    pub fn shared(ctx: &'static Context) -> Result<&'static Unpacker> {
+        static KERNELS: OnceLock<Mutex<HashMap<i32, &'static Unpacker>>> = OnceLock::new();
+        let mut map = KERNELS
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(u) = map.get(&ctx.ordinal()) {
+            return Ok(u);
+        }
+        let u: &'static Unpacker = Box::leak(Box::new(Unpacker::new(ctx)?));
+        map.insert(ctx.ordinal(), u);
+        Ok(u)
+    }
+
+    /// The context the kernel is loaded in.
+    pub fn context(&self) -> &'static Context {
+        self.ctx
     }
 
     /// Queues the gather of `n` fragments (a device array of [`Frag`] at

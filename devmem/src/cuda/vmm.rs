@@ -5,6 +5,7 @@
 //! The importer does `cuMemImportFromShareableHandle` and the same mapping.
 
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::sync::Arc;
 
 use super::{ck, sys, Context, CudaError, Result};
 
@@ -105,6 +106,56 @@ impl Drop for Mapping {
                 let _ = sys::cuMemRelease(self.handle);
                 let _ = sys::cuMemAddressFree(self.ptr, self.size);
             }
+        }
+    }
+}
+
+/// A part of a mapping (a whole imported pool is cut into one part per
+/// socket); keeps the mapping alive.
+#[derive(Debug, Clone)]
+pub struct MappedRange {
+    mapping: Arc<Mapping>,
+    offset: usize,
+    len: usize,
+}
+
+impl MappedRange {
+    /// Bytes `offset..offset + len` of `mapping`.
+    pub fn new(mapping: Arc<Mapping>, offset: usize, len: usize) -> Result<Self> {
+        match offset.checked_add(len) {
+            Some(end) if len > 0 && end <= mapping.size() => Ok(MappedRange {
+                mapping,
+                offset,
+                len,
+            }),
+            _ => Err(CudaError::InvalidArgument(format!(
+                "bytes {offset}+{len} are not a non-empty part of the {}-byte mapping",
+                mapping.size()
+            ))),
+        }
+    }
+
+    /// Device address of the first byte.
+    pub fn ptr(&self) -> u64 {
+        self.mapping.ptr() + self.offset as u64
+    }
+
+    pub fn size(&self) -> usize {
+        self.len
+    }
+
+    pub fn context(&self) -> &'static Context {
+        self.mapping.context()
+    }
+}
+
+impl From<Mapping> for MappedRange {
+    fn from(m: Mapping) -> Self {
+        let len = m.size();
+        MappedRange {
+            mapping: Arc::new(m),
+            offset: 0,
+            len,
         }
     }
 }

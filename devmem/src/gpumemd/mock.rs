@@ -1,5 +1,6 @@
 //! A mock gpumemd speaking the real protocol on the real socket names, with
-//! memfd-backed pools and fault switches. Thread-based; every wait is
+//! memfd-backed pools (or a pool fd the caller hands it, such as an exported
+//! GPU pool) and fault switches. Thread-based; every wait is
 //! bounded, so dropping it never hangs.
 
 use std::collections::HashMap;
@@ -221,6 +222,8 @@ pub struct MockGpumemd {
     prefix: PathBuf,
     temp_dir: bool,
     config: MockConfig,
+    /// The pool to serve instead of a fresh memfd (a GPU pool's fd).
+    given_pool: Option<OwnedFd>,
     shared: Option<Arc<Shared>>,
     acceptor: Option<JoinHandle<()>>,
 }
@@ -231,13 +234,24 @@ impl MockGpumemd {
     /// Starts on a fresh private directory, removed on drop. Kept short:
     /// socket paths must fit in 108 bytes.
     pub fn start_temp(config: MockConfig) -> io::Result<Self> {
+        Self::start_temp_inner(config, None)
+    }
+
+    /// As [`MockGpumemd::start_temp`], serving `pool` (for instance a GPU
+    /// pool's shareable fd, `cuda::vmm::ExportedPool::fd`) instead of a
+    /// memfd; `config.pool_size` and `config.align` must describe it.
+    pub fn start_temp_with_pool(config: MockConfig, pool: OwnedFd) -> io::Result<Self> {
+        Self::start_temp_inner(config, Some(pool))
+    }
+
+    fn start_temp_inner(config: MockConfig, pool: Option<OwnedFd>) -> io::Result<Self> {
         let dir = std::env::temp_dir().join(format!(
             "tcpxm-{}-{}",
             std::process::id(),
             TEMP_SEQ.fetch_add(1, Ordering::Relaxed)
         ));
         std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
-        let mut m = Self::start(&dir, config).inspect_err(|_| {
+        let mut m = Self::start_inner(&dir, config, pool).inspect_err(|_| {
             let _ = std::fs::remove_dir_all(&dir);
         })?;
         m.temp_dir = true;
@@ -246,10 +260,15 @@ impl MockGpumemd {
 
     /// Starts on `prefix` (which must exist), replacing stale socket files.
     pub fn start(prefix: &Path, config: MockConfig) -> io::Result<Self> {
+        Self::start_inner(prefix, config, None)
+    }
+
+    fn start_inner(prefix: &Path, config: MockConfig, pool: Option<OwnedFd>) -> io::Result<Self> {
         let mut m = Self {
             prefix: prefix.to_owned(),
             temp_dir: false,
             config,
+            given_pool: pool,
             shared: None,
             acceptor: None,
         };
@@ -259,7 +278,10 @@ impl MockGpumemd {
 
     fn launch(&mut self, fault: Fault, fault_on: Option<Endpoint>) -> io::Result<()> {
         let cfg = self.config.clone();
-        let pool = make_pool(cfg.pool_size)?;
+        let pool = match &self.given_pool {
+            Some(fd) => fd.try_clone()?,
+            None => make_pool(cfg.pool_size)?,
+        };
         let mut listeners = Vec::new();
         for ep in Endpoint::ALL {
             let path = self.prefix.join(ep.socket_name(&cfg.gpu_pci));
@@ -360,7 +382,8 @@ impl MockGpumemd {
     }
 
     /// Stops and starts again on the same prefix, healthy (no fault) and
-    /// with fresh state and a fresh pool, like a restarted daemon.
+    /// with fresh state and a fresh pool (the same given one), like a
+    /// restarted daemon.
     pub fn restart(&mut self) -> io::Result<()> {
         self.stop();
         self.launch(Fault::None, None)
