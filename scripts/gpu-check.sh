@@ -8,12 +8,14 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN=${GPU_BIN:-gpu-bin}
 TARGET=${CARGO_TARGET_DIR:-target}
+# package:test pairs whose test binaries run on the GPU machine
+PAIRS="tcpx:cuda_bounce tcpx:cuda_devmem devmem:cuda_gpu devmem:emu_cuda_unpack devmem:emu_gpu_pool tcpx-nixl:vram"
+TESTS=$(for pt in $PAIRS; do printf '%s ' "${pt#*:}"; done)
 
 build() {
   set -e
   mkdir -p "$BIN"
-  # package:test pairs whose test binaries run on the GPU machine
-  for pt in tcpx:cuda_bounce tcpx:cuda_devmem devmem:cuda_gpu devmem:emu_cuda_unpack devmem:emu_gpu_pool tcpx-nixl:vram; do
+  for pt in $PAIRS; do
     local p=${pt%%:*} t=${pt#*:}
     cargo test --release -p "$p" --test "$t" --no-run --message-format=json |
       python3 -c 'import sys,json
@@ -25,7 +27,7 @@ for l in sys.stdin:
   cargo build --release --bin tcpx-gpu-bench
   cp "$TARGET/release/tcpx-gpu-bench" "$BIN/"
   # Debug info would push the folder past what the device tool carries (64 MiB).
-  strip --strip-debug "$BIN"/*
+  for t in $TESTS tcpx-gpu-bench; do strip --strip-debug "$BIN/$t"; done
   ls -la "$BIN"
 }
 
@@ -33,7 +35,7 @@ run() {
   export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:-}:/usr/local/cuda/lib64:/usr/local/cuda/targets/x86_64-linux/lib"
   local rows=() log
   nvidia-smi --query-gpu=name,driver_version --format=csv,noheader || true
-  for t in cuda_gpu cuda_bounce cuda_devmem emu_cuda_unpack emu_gpu_pool vram; do
+  for t in $TESTS; do
     log=$(mktemp)
     if "$BIN/$t" --test-threads=1 --nocapture >"$log" 2>&1; then res=PASS; else res=FAIL; fi
     cat "$log"

@@ -143,19 +143,32 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     // (its per-chunk CUDA cost), and host TCP between pinned buffers (the
     // CPU's cost of touching staging memory).
     let ev = devmem::cuda::mem::Event::new(ctx)?;
-    let small = PinnedBuffer::alloc(ctx, 4096)?;
-    let t = Instant::now();
-    const CALLS: u32 = 2000;
-    for _ in 0..CALLS {
-        // SAFETY: 4 KiB pinned and device bytes; synced before the next.
-        unsafe { stream.dtoh(small.as_ptr(), dev.ptr(), 4096)? };
-        ev.record(&stream)?;
-        ev.sync()?;
+    let staging = PinnedBuffer::alloc(ctx, 2 << 20)?;
+    for len in [4096, 512 << 10, 2 << 20] {
+        // As the bounce path waits: Event::wait (spins, then naps).
+        let calls = if len == 4096 { 2000 } else { 200 };
+        let (mut d2h, mut h2d) = (Duration::ZERO, Duration::ZERO);
+        for _ in 0..calls {
+            let t = Instant::now();
+            // SAFETY: `len` pinned and device bytes; waited for before the next.
+            unsafe { stream.dtoh(staging.as_ptr(), dev.ptr(), len)? };
+            ev.record(&stream)?;
+            ev.wait("bench copy", T)?;
+            d2h += t.elapsed();
+            let t = Instant::now();
+            // SAFETY: as above.
+            unsafe { stream.htod(dev.ptr(), staging.as_ptr(), len)? };
+            ev.record(&stream)?;
+            ev.wait("bench copy", T)?;
+            h2d += t.elapsed();
+        }
+        println!(
+            "ROW cuda_copy_event_roundtrip_{}KiB | D2H {:.1} us, H2D {:.1} us per copy+record+wait",
+            len >> 10,
+            d2h.as_secs_f64() * 1e6 / calls as f64,
+            h2d.as_secs_f64() * 1e6 / calls as f64
+        );
     }
-    println!(
-        "ROW cuda_copy_event_roundtrip_4KiB | {:.1} us per copy+record+sync",
-        t.elapsed().as_secs_f64() * 1e6 / CALLS as f64
-    );
     {
         let cfg = Config::loopback(&["127.0.0.1", "127.0.0.2"])?;
         let workers = cfg.workers_per_nic;
