@@ -4,10 +4,6 @@ use std::time::{Duration, Instant};
 
 use plugin_TCPX::{Engine, Error, Mem, Op, Options, Progress, XferDesc, XferState};
 
-fn engine(name: &str) -> Engine {
-    engine_with(name, Progress::OnEvents)
-}
-
 fn engine_with(name: &str, progress: Progress) -> Engine {
     let mut opts = Options::parse([("nics", "127.0.0.1")]).unwrap();
     opts.progress = progress;
