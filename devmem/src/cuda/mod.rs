@@ -238,6 +238,17 @@ impl Context {
         Ok(())
     }
 
+    /// Free and total device memory, in bytes (for leak checks).
+    pub fn mem_info(&self) -> Result<(usize, usize)> {
+        self.make_current()?;
+        let (mut free, mut total) = (0, 0);
+        // SAFETY: writes two usizes; this context is current.
+        ck("cuMemGetInfo", || unsafe {
+            sys::cuMemGetInfo_v2(&mut free, &mut total)
+        })?;
+        Ok((free, total))
+    }
+
     /// An integer device attribute.
     pub fn attribute(&self, a: sys::CUdevice_attribute) -> Result<i32> {
         let mut v = 0;
