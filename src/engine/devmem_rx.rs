@@ -340,21 +340,19 @@ impl Gather for PoolGather {
         dst: Dst<'_>,
     ) -> Result<Fence> {
         match (dst, pool.host(), pool.device(), self.gpu.as_mut()) {
-            (Dst::Host(d), Some(host), _, _) => {
-                CpuUnpack
-                    .unpack(host, d, &plan.pool)
-                    .map_err(|e| unpack_error(&e))?;
-                CpuUnpack
-                    .unpack(linear, d, &plan.linear)
-                    .map_err(|e| unpack_error(&e))?;
-                Ok(Fence::Done)
-            }
-            (Dst::Host(d), None, Some(dev), Some(g)) => {
-                DeviceToHostUnpack { ctx: g.ctx }
-                    .unpack(dev, d, &plan.pool)
-                    .map_err(|e| unpack_error(&e))?;
-                CpuUnpack
-                    .unpack(linear, d, &plan.linear)
+            (Dst::Host(d), host, dev, g) => {
+                let rows = match (host, dev, g) {
+                    (Some(host), _, _) => CpuUnpack.unpack(host, &mut *d, &plan.pool),
+                    (None, Some(dev), Some(g)) => {
+                        DeviceToHostUnpack { ctx: g.ctx }.unpack(dev, &mut *d, &plan.pool)
+                    }
+                    _ => {
+                        return Err(Error::Unsupported(
+                            "a GPU RX pool needs CUDA in this process".into(),
+                        ))
+                    }
+                };
+                rows.and_then(|_| CpuUnpack.unpack(linear, d, &plan.linear))
                     .map_err(|e| unpack_error(&e))?;
                 Ok(Fence::Done)
             }

@@ -277,19 +277,26 @@ impl Sock {
         }
     }
 
-    /// Where to receive next; `None` when no receive is posted (or the socket failed).
-    pub fn rx_plan(&mut self, scratch: &mut Vec<u8>) -> Option<RxPlan> {
+    /// The chunk being received (a fresh cursor when it starts); `None`
+    /// when no receive is posted or the socket failed.
+    fn rx_chunk(&mut self) -> Option<(u64, usize)> {
         if self.dead.is_some() {
             return None;
         }
-        let job = self.recvs.front()?;
-        let (off, len) = job.chunk();
+        let chunk = self.recvs.front()?.chunk();
         if !self.rx.active {
             self.rx = Cursor {
                 active: true,
                 ..Cursor::default()
             };
         }
+        Some(chunk)
+    }
+
+    /// Where to receive next; `None` when no receive is posted (or the socket failed).
+    pub fn rx_plan(&mut self, scratch: &mut Vec<u8>) -> Option<RxPlan> {
+        let (off, len) = self.rx_chunk()?;
+        let job = self.recvs.front()?;
         let want = len - self.rx.body_done;
         let body = match job.region.as_ref() {
             Some(r) => match r.sink(job.base + off + self.rx.body_done as u64, want) {
@@ -454,17 +461,8 @@ impl Sock {
     /// else the rest of the body: device memory when the pool and the region
     /// are on the same GPU, else host-addressable memory.
     fn rx_target(&mut self, scratch: &mut Vec<u8>) -> Option<Target> {
-        if self.dead.is_some() {
-            return None;
-        }
+        let (off, len) = self.rx_chunk()?;
         let job = self.recvs.front()?;
-        let (off, len) = job.chunk();
-        if !self.rx.active {
-            self.rx = Cursor {
-                active: true,
-                ..Cursor::default()
-            };
-        }
         if self.rx.hdr_done < CHUNK_LEN {
             let h = self.rx.hdr_done;
             return Some(Target::Host(self.rx.hdr[h..].as_mut_ptr(), CHUNK_LEN - h));
