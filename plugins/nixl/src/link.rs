@@ -785,6 +785,10 @@ pub(crate) fn poll_loop(inner: Arc<Inner>, delay: Duration) {
             std::thread::sleep(delay);
         }
     }
+    // A link and its bound comm hold each other; the engine is going.
+    for inbox in lock(&inner.polled).drain(..) {
+        inbox.unbind();
+    }
 }
 
 /// Where the thread that opened a link waits for it to come up.
