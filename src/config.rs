@@ -89,9 +89,9 @@ pub struct Config {
     /// Bytes per chunk on a data socket.
     pub chunk_size: usize,
     /// Largest chunk of a message sent from CUDA memory: each chunk costs
-    /// the bounce path a few CUDA calls, so they are larger, down to
-    /// `chunk_size` where the message would otherwise leave data sockets
-    /// idle (`TCPX_CUDA_CHUNK_SIZE`; set it alike on both ends).
+    /// the bounce path a few CUDA calls, so they are larger, down to 128
+    /// KiB where the message would otherwise leave data sockets idle
+    /// (`TCPX_CUDA_CHUNK_SIZE`; set it alike on both ends).
     pub cuda_chunk_size: usize,
     /// Messages up to this size travel inline on the control socket (lowest latency).
     pub inline_threshold: usize,
