@@ -117,8 +117,8 @@ pub struct XferDesc {
 
 /// Progress of one posted transfer; shared with the link threads.
 pub struct XferState {
-    /// Polled for the answers (`None` for an empty transfer).
-    link: Option<Arc<Link>>,
+    /// Polled for the answers.
+    link: Arc<Link>,
     batches: AtomicUsize,
     failed: Mutex<Option<Error>>,
     /// READ with a notification: sent to the target after the last batch lands.
@@ -148,9 +148,7 @@ impl XferState {
     /// meanwhile, so a polling caller sees its answer without a thread hand-off.
     pub fn check(&self) -> Result<bool> {
         if self.batches.load(Ordering::Acquire) != 0 {
-            if let Some(l) = &self.link {
-                l.help();
-            }
+            self.link.help();
         }
         if let Some(e) = lock(&self.failed).clone() {
             return Err(e);
@@ -407,7 +405,7 @@ impl Engine {
             .zip(local.chunks(MAX_DESCS))
             .collect();
         let xfer = Arc::new(XferState {
-            link: Some(link.clone()),
+            link: link.clone(),
             batches: AtomicUsize::new(chunks.len().max(1)),
             failed: Mutex::new(None),
             notif_after: Mutex::new(None),

@@ -115,12 +115,10 @@ impl Outbox {
             }
             Item::Msg(b) => {
                 let mr = net.reg_mr(HostMemory::from_slice(b)?);
-                self.comm
-                    .isend(&mr, 0, mr.len(), TAG_HDR)?
-                    .map(|req| InFlight {
-                        req,
-                        _hdr: Some(mr),
-                    })
+                send(&self.comm, &mr, 0, mr.len(), TAG_HDR)?.map(|req| InFlight {
+                    req,
+                    _hdr: Some(mr),
+                })
             }
             Item::Data(r, off, len) => send(&self.comm, &r.mr, *off, *len, TAG_DATA)?
                 .map(|req| InFlight { req, _hdr: None }),
@@ -519,18 +517,10 @@ impl Inbox {
                     st.step = Step::Dead;
                     return Ok(Next::Dead);
                 }
-                Step::Idle => {
-                    let buf = RecvBuf {
-                        mr: &st.hdr,
-                        offset: 0,
-                        len: MAX_MSG,
-                        tag: TAG_HDR,
-                    };
-                    match self.comm.irecv(&[buf])? {
-                        Some(r) => st.step = Step::Header(r),
-                        None => return Ok(Next::Retry),
-                    }
-                }
+                Step::Idle => match self.comm.irecv(&[header_buf(&st.hdr)])? {
+                    Some(r) => st.step = Step::Header(r),
+                    None => return Ok(Next::Retry),
+                },
                 Step::Header(mut r) => {
                     // Taken before the test, so a completion in between still wakes it.
                     let w = r.waiter();
@@ -600,12 +590,7 @@ impl Inbox {
                 notif,
             } => match check_access(inner, peer, mem, &descs) {
                 Ok(targets) => payloads(Sinks::Regions(targets), Then::Written { id, notif }),
-                Err(text) => {
-                    let lens = drain_lens(&descs)?;
-                    let max = lens.iter().copied().max().unwrap_or(0);
-                    let scratch = inner.net.reg_mr(HostMemory::zeroed(max)?);
-                    payloads(Sinks::Drain(scratch, lens), Then::Refused { id, text })
-                }
+                Err(text) => payloads(drain_sinks(inner, &descs)?, Then::Refused { id, text }),
             },
             Msg::Read { id, mem, descs } => {
                 let unit = match check_access(inner, peer, mem, &descs) {
@@ -882,15 +867,30 @@ fn check_access(
         .collect()
 }
 
-/// Payload lengths of a refused WRITE, if small enough to drain.
-fn drain_lens(descs: &[Desc]) -> Result<Vec<usize>> {
+/// Where a refused WRITE's payloads are received and dropped: one scratch
+/// buffer as large as the largest, if that is small enough to drain.
+fn drain_sinks(inner: &Inner, descs: &[Desc]) -> Result<Sinks> {
     let max = descs.iter().map(|d| d.len).max().unwrap_or(0);
     if max > MAX_DRAIN {
         return Err(Error::Protocol(format!(
             "refused WRITE announces a {max}-byte payload; closing the link instead of draining it"
         )));
     }
-    Ok(descs.iter().map(|d| d.len as usize).collect())
+    let scratch = inner.net.reg_mr(HostMemory::zeroed(max as usize)?);
+    Ok(Sinks::Drain(
+        scratch,
+        descs.iter().map(|d| d.len as usize).collect(),
+    ))
+}
+
+/// The receive a protocol message lands in.
+fn header_buf(hdr: &MemoryRegion) -> RecvBuf<'_> {
+    RecvBuf {
+        mr: hdr,
+        offset: 0,
+        len: MAX_MSG,
+        tag: TAG_HDR,
+    }
 }
 
 fn check_sizes(sizes: &Sizes, sinks: &Sinks, range: Range<usize>) -> Result<()> {
@@ -907,14 +907,8 @@ fn check_sizes(sizes: &Sizes, sinks: &Sinks, range: Range<usize>) -> Result<()> 
 
 /// Blocking receive of one protocol message (the handshake only).
 fn recv_msg(comm: &RecvComm, hdr: &mut MemoryRegion, stop: &dyn Fn() -> bool) -> Result<Msg> {
-    let buf = RecvBuf {
-        mr: hdr,
-        offset: 0,
-        len: MAX_MSG,
-        tag: TAG_HDR,
-    };
     let mut req = loop {
-        if let Some(r) = comm.irecv(&[buf])? {
+        if let Some(r) = comm.irecv(&[header_buf(hdr)])? {
             break r;
         }
         if stop() {
