@@ -120,7 +120,14 @@ def test_the_agents_progress_thread_setting_reaches_the_engine(prog_thread):
     before = pollers()
     a = nixl_agent(f"pt{prog_thread}", nixl_agent_config(enable_prog_thread=prog_thread, backends=[]))
     a.create_backend("TCPX", OPTS)
-    assert pollers() - before == (1 if prog_thread else 0)
+    # A new thread names itself once it runs: give it that moment.
+    want = 1 if prog_thread else 0
+    deadline = time.monotonic() + (5 if prog_thread else 0.3)
+    while pollers() - before != want and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if not prog_thread:
+        time.sleep(0.3)
+    assert pollers() - before == want
 
 
 SIZES = [1, 7, 4096, 65537, (1 << 20) + 3, 16 << 20, 64 << 20]
