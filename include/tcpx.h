@@ -42,6 +42,11 @@
 #define TCPX_EGPUMEMD 16
 
 /**
+ * The peer sent nothing (no heartbeat) for the peer timeout: frozen, or its host or network is gone.
+ */
+#define TCPX_EPEER 17
+
+/**
  * `NCCL_PTR_HOST` / `NCCL_PTR_CUDA`.
  */
 #define TCPX_PTR_HOST 1

@@ -38,6 +38,8 @@ pub enum Error {
     Unsupported(String),
     #[error("gpumemd: {0}")]
     Gpumemd(String),
+    #[error("the peer sent nothing for {after_ms} ms (no heartbeat): its process is frozen or its host or network is gone; raise TCPX_PEER_TIMEOUT_MS if it may pause longer")]
+    PeerUnresponsive { after_ms: u64 },
     #[error("{op} failed: {msg} ({kind:?})")]
     Io {
         op: &'static str,
@@ -79,6 +81,7 @@ impl Error {
             Error::Unsupported(_) => 14,
             Error::Io { .. } => 15,
             Error::Gpumemd(_) => 16,
+            Error::PeerUnresponsive { .. } => 17,
         }
     }
 }
