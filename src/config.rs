@@ -178,6 +178,16 @@ impl Default for Config {
 }
 
 impl Config {
+    /// How often workers tick their comms (heartbeats, timeouts): often
+    /// enough that a silent peer is caught well within a second of its
+    /// timeout, rarely enough that idle comms cost nothing.
+    pub(crate) fn tick(&self) -> std::time::Duration {
+        let ms = self
+            .peer_timeout
+            .map_or(500, |t| (t.as_millis() / 10) as u64);
+        std::time::Duration::from_millis(ms.clamp(10, 500))
+    }
+
     /// Loopback config used by tests and the bench: each address is one "NIC".
     pub fn loopback(addrs: &[&str]) -> Result<Self> {
         let data_nics = addrs

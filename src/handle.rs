@@ -12,7 +12,8 @@ use crate::wire;
 
 pub const HANDLE_SIZE: usize = 128;
 const MAGIC: [u8; 4] = *b"TXHD";
-const VERSION: u16 = 1;
+/// Version 2 goes with wire version 2 (a handle names the listener's protocol).
+const VERSION: u16 = 2;
 /// Bytes covered by the checks (everything before the reserved zeros).
 const USED_LEN: usize = 52;
 /// Offset of the caller-private stage word.
@@ -87,8 +88,10 @@ impl Handle {
         if b[0..4] != MAGIC {
             return bad("bad magic");
         }
-        if u16::from_le_bytes([b[4], b[5]]) != VERSION {
-            return bad("unknown handle version");
+        match u16::from_le_bytes([b[4], b[5]]) {
+            VERSION => {}
+            1 => return bad("version 1: the listener is a tcpx-rs of wire version 1; run the same release on both sides"),
+            _ => return bad("unknown handle version"),
         }
         if u16::from_le_bytes([b[6], b[7]]) as usize != USED_LEN {
             return bad("bad length field");

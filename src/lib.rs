@@ -37,6 +37,7 @@
 mod bounce;
 mod comm;
 pub mod config;
+mod ctrl;
 mod device;
 mod engine;
 mod error;

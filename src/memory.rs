@@ -135,6 +135,10 @@ pub(crate) trait RxPath: Send + Sync {
     fn settle(&self) -> Result<()> {
         Ok(())
     }
+    /// Whether landed bytes still move on asynchronously (`settle` waits).
+    fn stages(&self) -> bool {
+        false
+    }
 }
 
 pub(crate) struct Region {
@@ -241,6 +245,9 @@ impl RxPath for Region {
             Some(b) => b.settle(),
             None => Ok(()),
         }
+    }
+    fn stages(&self) -> bool {
+        self.bounce.is_some()
     }
 }
 

@@ -14,16 +14,16 @@ use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 
-use crate::comm::{DataSock, RecvComm, SendComm};
+use crate::comm::{Agreed, DataSock, RecvComm, SendComm};
 use crate::config::{Config, EngineKind, MAX_NICS, MAX_SOCKETS_PER_NIC};
 use crate::device::{self, DataPath, Device};
-use crate::engine::{Cmd, Poke, TxMode, Worker};
+use crate::engine::{Cmd, CommLink, TxMode, Watch, Worker};
 use crate::error::{Error, Result};
 use crate::gpumemd::{Gpumemd, PoolSource};
 use crate::handle::{Handle, HANDLE_SIZE, STAGE_OFFSET};
 use crate::memory::{HostMemory, MemoryRegion, PtrKind};
 use crate::stats::{Counters, Stats};
-use crate::wire::{Hello, Role, Welcome, HELLO_LEN, WELCOME_LEN};
+use crate::wire::{Hello, Reject, Role, Welcome, HELLO_LEN, REJECT_VERSION, WELCOME_LEN};
 
 pub(crate) struct NetInner {
     pub cfg: Config,
@@ -40,7 +40,15 @@ pub(crate) struct NetInner {
 }
 
 impl NetInner {
-    fn add_data_socket(&self, nic: usize, stream: TcpStream) -> DataSock {
+    /// Hands a data socket of a comm to a worker of its NIC (`receives`:
+    /// it carries chunks in, else out).
+    pub(crate) fn add_data_socket(
+        &self,
+        nic: usize,
+        stream: TcpStream,
+        comm: Arc<dyn CommLink>,
+        receives: bool,
+    ) -> DataSock {
         let id = self.next_sock_id.fetch_add(1, Ordering::Relaxed);
         let tx = TxMode {
             zerocopy: self.cfg.zerocopy,
@@ -53,50 +61,56 @@ impl NetInner {
                 );
                 (abi, source)
             }),
+            peer_timeout_ms: self.cfg.peer_timeout.map_or(0, |t| t.as_millis() as u64),
         };
         let per = self.cfg.workers_per_nic;
         let worker = nic * per + (id % per as u64) as usize;
-        self.workers[worker].submit(Cmd::Add { id, stream, tx });
+        self.workers[worker].submit(Cmd::Add {
+            id,
+            stream,
+            tx,
+            comm,
+            receives,
+        });
         DataSock { worker, id }
     }
 
-    /// Has `worker` poke `target` on `stream`'s readiness; the id closes the watch.
-    pub(crate) fn watch(
-        &self,
-        worker: usize,
-        stream: &TcpStream,
-        out: bool,
-        target: std::sync::Weak<dyn Poke>,
-    ) -> Result<DataSock> {
-        let fd = stream
-            .try_clone()
-            .map_err(|e| Error::io("dup control socket", e))?;
-        let id = self.next_sock_id.fetch_add(1, Ordering::Relaxed);
-        self.workers[worker].submit(Cmd::Watch {
-            id,
-            fd: fd.into(),
-            out,
-            target,
-        });
-        Ok(DataSock { worker, id })
+    /// Registers a comm's control socket with the first worker of `nic`.
+    pub(crate) fn watch_ctrl(&self, stream: &TcpStream, nic: usize) -> Result<Watch> {
+        let w = (nic * self.cfg.workers_per_nic).min(self.workers.len().saturating_sub(1));
+        self.workers[w].watches.watch(stream)
     }
 
-    fn tune(&self, s: &TcpStream) -> Result<()> {
+    /// The peer's timeout from a handshake field (0 = none).
+    pub(crate) fn agreed(&self, peer_timeout_ms: u32, inline_threshold: usize) -> Agreed {
+        Agreed {
+            peer_timeout: (peer_timeout_ms > 0)
+                .then(|| Duration::from_millis(peer_timeout_ms as u64)),
+            inline_threshold,
+        }
+    }
+
+    /// Our peer timeout as the handshake carries it.
+    fn timeout_ms(&self) -> u32 {
+        self.cfg
+            .peer_timeout
+            .map_or(0, |t| t.as_millis().clamp(1, u32::MAX as u128) as u32)
+    }
+
+    /// Socket options of a comm's sockets. Liveness is the heartbeats'
+    /// job on the control socket. A data socket carries chunks only for a
+    /// posted receive, which its peer reads at once, so unacknowledged
+    /// data there for the peer timeout (TCP_USER_TIMEOUT) means a peer or
+    /// path that is gone, never a slow consumer.
+    fn tune(&self, s: &TcpStream, data: bool) -> Result<()> {
         s.set_nonblocking(true)
             .map_err(|e| Error::io("set_nonblocking", e))?;
         s.set_nodelay(true)
             .map_err(|e| Error::io("TCP_NODELAY", e))?;
-        if let Some(t) = self.cfg.peer_timeout {
-            // Unacknowledged data fails after `t`; an idle silent peer is probed by keepalive.
-            let r = SockRef::from(s);
-            r.set_tcp_user_timeout(Some(t))
+        if let (Some(t), true) = (self.cfg.peer_timeout, data) {
+            SockRef::from(s)
+                .set_tcp_user_timeout(Some(t))
                 .map_err(|e| Error::io("TCP_USER_TIMEOUT", e))?;
-            let ka = socket2::TcpKeepalive::new()
-                .with_time((t / 4).max(Duration::from_secs(1)))
-                .with_interval((t / 8).max(Duration::from_secs(1)))
-                .with_retries(3);
-            r.set_tcp_keepalive(&ka)
-                .map_err(|e| Error::io("SO_KEEPALIVE", e))?;
         }
         if let Some(b) = self.cfg.socket_buffer {
             let r = SockRef::from(s);
@@ -162,7 +176,7 @@ impl Net {
                 } else {
                     format!("tcpx-{}-{k}", d.name)
                 };
-                Worker::spawn(name, engine, counters.clone())
+                Worker::spawn(name, engine, counters.clone(), cfg.tick())
             })
             .collect::<Result<Vec<_>>>()?;
         for (i, d) in devices.iter().enumerate() {
@@ -440,6 +454,17 @@ fn connected(sock: &Socket, to: SocketAddr) -> Result<bool> {
     }
 }
 
+/// A listener's Reject, where a Welcome was expected, as an error.
+fn refused(buf: &[u8]) -> Result<()> {
+    match crate::wire::decode_prefix(buf) {
+        Ok(p) if p.kind == crate::wire::Kind::Reject => Err(Error::Protocol(
+            "the listener refused the connection: it speaks another wire version; run the same tcpx-rs release on both sides".into(),
+        )),
+        Ok(_) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 /// Writes a whole handshake message to a fresh socket, whose send buffer is empty.
 fn write_handshake(mut w: impl Write, bytes: &[u8]) -> Result<()> {
     match w.write(bytes) {
@@ -497,6 +522,7 @@ enum Stage {
     Data {
         ctrl: TcpStream,
         comm_id: u64,
+        peer_timeout_ms: u32,
         conns: Vec<DataConn>,
     },
     Failed,
@@ -525,12 +551,14 @@ impl Connecting {
                         return Ok(None);
                     }
                     let stream: TcpStream = sock.into();
-                    net.tune(&stream)?;
+                    net.tune(&stream, false)?;
                     let hello = Hello {
                         secret,
                         comm_id: 0,
                         role: Role::Control,
                         n_data: n_data as u16,
+                        inline_threshold: net.cfg.inline_threshold as u32,
+                        peer_timeout_ms: net.timeout_ms(),
                     };
                     write_handshake(&stream, &hello.encode())?;
                     self.stage = Stage::Welcome {
@@ -539,6 +567,9 @@ impl Connecting {
                     };
                 }
                 Stage::Welcome { stream, mut buf } => {
+                    if buf.len() >= crate::wire::PREFIX_LEN {
+                        refused(&buf)?;
+                    }
                     let mut want = WELCOME_LEN;
                     if buf.len() >= WELCOME_LEN {
                         want += Welcome::decode(&buf)?.n_nics as usize * crate::wire::ADDR_LEN;
@@ -568,12 +599,14 @@ impl Connecting {
                     self.stage = Stage::Data {
                         ctrl: stream,
                         comm_id: w.comm_id,
+                        peer_timeout_ms: w.peer_timeout_ms,
                         conns,
                     };
                 }
                 Stage::Data {
                     ctrl,
                     comm_id,
+                    peer_timeout_ms,
                     mut conns,
                 } => {
                     let mut all = true;
@@ -587,6 +620,8 @@ impl Connecting {
                             comm_id,
                             role: Role::Data { index: c.index },
                             n_data: n_data as u16,
+                            inline_threshold: 0,
+                            peer_timeout_ms: 0,
                         };
                         write_handshake(&c.sock, &hello.encode())?;
                         c.hello_sent = true;
@@ -595,17 +630,19 @@ impl Connecting {
                         self.stage = Stage::Data {
                             ctrl,
                             comm_id,
+                            peer_timeout_ms,
                             conns,
                         };
                         return Ok(None);
                     }
-                    let mut socks = Vec::with_capacity(conns.len());
+                    let mut data = Vec::with_capacity(conns.len());
                     for c in conns {
                         let stream: TcpStream = c.sock.into();
-                        net.tune(&stream)?;
-                        socks.push(net.add_data_socket(c.nic, stream));
+                        net.tune(&stream, true)?;
+                        data.push((c.nic, stream));
                     }
-                    return SendComm::new(net.clone(), ctrl, socks).map(Some);
+                    let agreed = net.agreed(peer_timeout_ms, net.cfg.inline_threshold);
+                    return SendComm::new(net.clone(), ctrl, data, agreed).map(Some);
                 }
                 Stage::Failed => {
                     return Err(Error::InvalidArgument("connect already failed".into()))
@@ -626,6 +663,8 @@ struct Fresh {
 
 struct Partial {
     ctrl: TcpStream,
+    /// The client's control Hello: its inline threshold and peer timeout.
+    hello: Hello,
     data: Vec<Option<(usize, TcpStream)>>,
     deadline: Instant,
 }
@@ -677,7 +716,28 @@ impl ListenComm {
         let mut i = 0;
         while i < self.fresh.len() {
             let f = &mut self.fresh[i];
-            match read_some(&f.stream, &mut f.buf, HELLO_LEN) {
+            let read = read_some(&f.stream, &mut f.buf, HELLO_LEN);
+            if let Some(v) = crate::wire::foreign_version(&f.buf) {
+                // Told before it waits for a Hello length of our version.
+                tracing::warn!("refused a tcpx-rs peer that speaks wire version {v} (we speak {}); run the same release on both sides", crate::wire::VERSION);
+                let _ = write_handshake(
+                    &f.stream,
+                    &Reject {
+                        reason: REJECT_VERSION,
+                    }
+                    .encode(),
+                );
+                self.fresh.swap_remove(i);
+                continue;
+            }
+            // Garbage is dropped as soon as its first header bytes show it.
+            let read = match read {
+                Ok(false) if f.buf.len() >= crate::wire::PREFIX_LEN => {
+                    crate::wire::decode_prefix(&f.buf).map(|_| false)
+                }
+                r => r,
+            };
+            match read {
                 Ok(false) if now < f.deadline => {
                     i += 1;
                     continue;
@@ -750,11 +810,17 @@ impl ListenComm {
                     )));
                 }
                 let comm_id: u64 = rand::random();
-                write_handshake(&f.stream, &Welcome::encode(comm_id, &self.data_addrs))?;
+                let welcome = Welcome {
+                    comm_id,
+                    n_nics: self.data_addrs.len() as u16,
+                    peer_timeout_ms: self.net.timeout_ms(),
+                };
+                write_handshake(&f.stream, &welcome.encode(&self.data_addrs))?;
                 self.partial.insert(
                     comm_id,
                     Partial {
                         ctrl: f.stream,
+                        hello: h,
                         data: (0..h.n_data).map(|_| None).collect(),
                         deadline: Instant::now() + self.net.cfg.handshake_timeout,
                     },
@@ -782,18 +848,19 @@ impl ListenComm {
                 let Some(p) = self.partial.remove(&h.comm_id) else {
                     return Ok(None);
                 };
-                self.net.tune(&p.ctrl)?;
+                self.net.tune(&p.ctrl, false)?;
                 let data: Vec<(usize, TcpStream)> = p.data.into_iter().flatten().collect();
                 let flows = match &self.net.gpumemd {
                     Some(g) => g.steer(&data.iter().map(|(_, s)| s).collect::<Vec<_>>())?,
                     None => Vec::new(),
                 };
-                let mut socks = Vec::with_capacity(data.len());
-                for (nic, stream) in data {
-                    self.net.tune(&stream)?;
-                    socks.push(self.net.add_data_socket(nic, stream));
+                for (_, stream) in &data {
+                    self.net.tune(stream, true)?;
                 }
-                let comm = RecvComm::new(self.net.clone(), p.ctrl, socks, flows)?;
+                let agreed = self
+                    .net
+                    .agreed(p.hello.peer_timeout_ms, p.hello.inline_threshold as usize);
+                let comm = RecvComm::new(self.net.clone(), p.ctrl, data, flows, agreed)?;
                 let wait = self.net.cfg.flow_steering_wait;
                 if wait.is_zero() {
                     return Ok(Some(comm));

@@ -1,8 +1,12 @@
 //! Completion state shared by a request, the API thread and the workers.
+//!
+//! A request is a count of pieces (receive buffers, socket jobs, the
+//! peer's acknowledgement) and the first error any of them met. It is
+//! done when every piece is: an error is reported only then, so nothing
+//! in the transport still uses the request's memory when it is.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
@@ -10,46 +14,67 @@ use crate::config::MAX_RECVS;
 use crate::error::Error;
 
 pub(crate) struct ReqState {
-    /// Pieces still outstanding: unmatched receive buffers plus socket jobs.
     pending: AtomicUsize,
     error: Mutex<Option<Error>>,
     sizes: [AtomicU64; MAX_RECVS],
     n: usize,
     /// Bumped on every completion or error, so a waiter cannot miss one.
     generation: AtomicU64,
-    /// Threads blocked in `wait_change`; completions skip the futex wake when zero.
-    sleepers: AtomicUsize,
-    cv_lock: Mutex<()>,
-    cv: Condvar,
-    /// Set on receives of a comm whose owner drives it (`take_over_progress`).
+    /// The comm's eventfd, written when a piece finishes while a thread sleeps on it.
     waker: Option<Arc<FdWaker>>,
 }
 
-/// Lets a thread that sleeps in poll(2) on a comm's control socket also
-/// wake when one of the comm's requests moves (the NIC workers complete
-/// data pieces): notify writes the eventfd while the thread is armed.
+/// Lets threads that sleep in poll(2) on a comm's control socket also wake
+/// when one of the comm's requests moves (NIC workers finish pieces):
+/// each sleeper polls an eventfd of its own thread, which completions write.
+#[derive(Default)]
 pub(crate) struct FdWaker {
-    pub efd: EventFd,
-    pub armed: AtomicBool,
+    /// Threads asleep now; completions skip the lock when zero.
+    sleepers: AtomicUsize,
+    fds: Mutex<Vec<Arc<EventFd>>>,
+}
+
+thread_local! {
+    static SLEEP_FD: Option<Arc<EventFd>> =
+        EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC).ok().map(Arc::new);
 }
 
 impl FdWaker {
-    pub fn new() -> std::io::Result<Self> {
-        Ok(FdWaker {
-            efd: EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)?,
-            armed: AtomicBool::new(false),
-        })
+    /// Registers the calling thread as asleep on the comm; `None` if the
+    /// thread has no eventfd (out of fds), then it sleeps a slice at most.
+    pub fn sleep(&self) -> Option<Arc<EventFd>> {
+        let fd = SLEEP_FD.with(|f| f.clone())?;
+        self.fds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(fd.clone());
+        self.sleepers.fetch_add(1, Ordering::SeqCst);
+        Some(fd)
     }
 
-    /// Empties the counter after a wake-up.
-    pub fn drain(&self) {
-        let _ = self.efd.read();
+    /// The thread woke (its eventfd is emptied for the next sleep).
+    pub fn woke(&self, fd: &Arc<EventFd>) {
+        self.sleepers.fetch_sub(1, Ordering::SeqCst);
+        let mut fds = self.fds.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = fds.iter().position(|f| Arc::ptr_eq(f, fd)) {
+            fds.swap_remove(i);
+        }
+        drop(fds);
+        let _ = fd.read();
+    }
+
+    fn wake_all(&self) {
+        // Pairs with the sleeper's register-then-check: one of the two sees the other.
+        if self.sleepers.load(Ordering::SeqCst) > 0 {
+            for f in self.fds.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+                let _ = f.write(1);
+            }
+        }
     }
 }
 
 impl ReqState {
-    /// `n` sizes to report, `pending` pieces: socket jobs, plus one per
-    /// receive buffer until it is matched to a message.
+    /// `n` sizes to report, `pending` pieces.
     pub fn new(n: usize, pending: usize) -> Self {
         ReqState {
             pending: AtomicUsize::new(pending),
@@ -57,15 +82,12 @@ impl ReqState {
             sizes: Default::default(),
             n,
             generation: AtomicU64::new(0),
-            sleepers: AtomicUsize::new(0),
-            cv_lock: Mutex::new(()),
-            cv: Condvar::new(),
             waker: None,
         }
     }
 
-    pub fn with_waker(mut self, waker: Option<Arc<FdWaker>>) -> Self {
-        self.waker = waker;
+    pub fn with_waker(mut self, waker: Arc<FdWaker>) -> Self {
+        self.waker = Some(waker);
         self
     }
 
@@ -81,17 +103,11 @@ impl ReqState {
 
     /// Records the first error and counts the piece as finished.
     pub fn fail(&self, e: Error) {
-        {
-            let mut slot = self.error.lock().unwrap_or_else(|p| p.into_inner());
-            if slot.is_none() {
-                *slot = Some(e);
-            }
-        }
+        self.set_error(e);
         self.piece_done();
-        self.notify();
     }
 
-    /// Records an error without finishing a piece (the piece is dropped elsewhere).
+    /// Records an error (the first one wins) without finishing a piece.
     pub fn set_error(&self, e: Error) {
         let mut slot = self.error.lock().unwrap_or_else(|p| p.into_inner());
         if slot.is_none() {
@@ -102,15 +118,7 @@ impl ReqState {
     fn notify(&self) {
         self.generation.fetch_add(1, Ordering::SeqCst);
         if let Some(w) = &self.waker {
-            // Pairs with the sleeper's arm-then-check: one of the two sees the other.
-            if w.armed.load(Ordering::SeqCst) {
-                let _ = w.efd.write(1);
-            }
-        }
-        if self.sleepers.load(Ordering::SeqCst) > 0 {
-            // Taking the lock orders us after a sleeper's check-then-wait.
-            let _g = self.cv_lock.lock().unwrap_or_else(|p| p.into_inner());
-            self.cv.notify_all();
+            w.wake_all();
         }
     }
 
@@ -141,14 +149,15 @@ impl ReqState {
         self.pending.load(Ordering::Acquire) == 0
     }
 
-    /// Sleeps until the generation moves past `seen` or `timeout` passes.
-    pub fn wait_change(&self, seen: u64, timeout: Duration) {
-        self.sleepers.fetch_add(1, Ordering::SeqCst);
-        let g = self.cv_lock.lock().unwrap_or_else(|p| p.into_inner());
-        if self.generation.load(Ordering::SeqCst) == seen {
-            let _ = self.cv.wait_timeout(g, timeout);
+    /// The outcome once every piece is done: the first error, else the sizes.
+    pub fn outcome(&self) -> Option<Result<Sizes, Error>> {
+        if !self.is_done() {
+            return None;
         }
-        self.sleepers.fetch_sub(1, Ordering::SeqCst);
+        Some(match self.error() {
+            Some(e) => Err(e),
+            None => Ok(self.sizes()),
+        })
     }
 }
 
@@ -169,5 +178,24 @@ impl std::ops::Deref for Sizes {
     type Target = [u64];
     fn deref(&self) -> &[u64] {
         self.as_slice()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_error_is_reported_only_when_every_piece_is_done() {
+        let r = ReqState::new(2, 3);
+        r.fail(Error::TagMismatch(9));
+        assert_eq!(r.outcome(), None, "two pieces still write the buffers");
+        r.piece_done();
+        r.fail(Error::Closed);
+        assert_eq!(
+            r.outcome(),
+            Some(Err(Error::TagMismatch(9))),
+            "the first error wins"
+        );
     }
 }

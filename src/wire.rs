@@ -3,23 +3,32 @@
 //!
 //! Every header starts with the same 12-byte prefix:
 //! `magic u32 | version u8 | kind u8 | header_len u16 | payload_len u32`
-//! (little-endian), checked on receipt.
+//! (little-endian), checked on receipt; reserved fields must be zero.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use crate::error::{Error, Result};
 
 pub const MAGIC: u32 = u32::from_le_bytes(*b"TCPX");
-pub const VERSION: u8 = 1;
+/// Version 2: receiver-driven chunks (Post), acknowledgements, heartbeats.
+pub const VERSION: u8 = 2;
 pub const PREFIX_LEN: usize = 12;
-pub const HELLO_LEN: usize = 48;
-pub const WELCOME_LEN: usize = 24;
+pub const HELLO_LEN: usize = 52;
+pub const WELCOME_LEN: usize = 28;
 pub const MSG_LEN: usize = 40;
 pub const CHUNK_LEN: usize = 32;
+pub const POST_LEN: usize = 28;
+/// One buffer of a Post: `len u64 | tag i32`.
+pub const POST_BUF_LEN: usize = 12;
+pub const ACK_LEN: usize = 20;
+pub const PING_LEN: usize = 20;
+pub const REJECT_LEN: usize = 20;
 /// One NIC address in a Welcome payload.
 pub const ADDR_LEN: usize = 20;
 /// Largest header of any kind: the size of a receive buffer for one header.
 pub const MAX_HEADER_LEN: usize = HELLO_LEN;
+/// Most buffers one Post (one grouped receive) names.
+pub const MAX_POST_BUFS: usize = crate::config::MAX_RECVS;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -28,6 +37,10 @@ pub enum Kind {
     Welcome = 2,
     Msg = 3,
     Chunk = 4,
+    Post = 5,
+    Ack = 6,
+    Ping = 7,
+    Reject = 8,
 }
 
 impl Kind {
@@ -37,6 +50,10 @@ impl Kind {
             2 => Kind::Welcome,
             3 => Kind::Msg,
             4 => Kind::Chunk,
+            5 => Kind::Post,
+            6 => Kind::Ack,
+            7 => Kind::Ping,
+            8 => Kind::Reject,
             _ => return None,
         })
     }
@@ -46,6 +63,10 @@ impl Kind {
             Kind::Welcome => WELCOME_LEN,
             Kind::Msg => MSG_LEN,
             Kind::Chunk => CHUNK_LEN,
+            Kind::Post => POST_LEN,
+            Kind::Ack => ACK_LEN,
+            Kind::Ping => PING_LEN,
+            Kind::Reject => REJECT_LEN,
         }
     }
 }
@@ -72,6 +93,11 @@ pub struct Hello {
     pub role: Role,
     /// Data sockets the client will open (control socket only).
     pub n_data: u16,
+    /// Largest message the client (the sender) sends inline (control socket only).
+    pub inline_threshold: u32,
+    /// The client's peer timeout in ms, 0 = none: the server's heartbeats
+    /// come often enough for it (control socket only).
+    pub peer_timeout_ms: u32,
 }
 
 /// Server's answer on the control socket; `n_nics` addresses follow as payload.
@@ -79,6 +105,8 @@ pub struct Hello {
 pub struct Welcome {
     pub comm_id: u64,
     pub n_nics: u16,
+    /// The server's peer timeout in ms, 0 = none.
+    pub peer_timeout_ms: u32,
 }
 
 pub const MSG_INLINE: u16 = 1;
@@ -89,9 +117,8 @@ pub struct Msg {
     pub seq: u64,
     pub size: u64,
     pub tag: i32,
+    /// Chunk `k` of a chunked message covers bytes `[k·chunk_size, …)`.
     pub chunk_size: u32,
-    /// Data socket that carries chunk 0; chunk k goes to `(first_socket + k) % n_sockets`.
-    pub first_socket: u16,
     pub flags: u16,
 }
 
@@ -108,6 +135,37 @@ pub struct Chunk {
     pub offset: u64,
     pub len: u32,
 }
+
+/// A posted receive, receiver to sender: the sender matches its messages
+/// against these exactly as the receiver does. `n` buffers follow as payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Post {
+    /// Counts posts from 0; a gap is a protocol error.
+    pub post_seq: u64,
+    /// `(len, tag)` of each buffer, in posting order.
+    pub bufs: Vec<(u64, i32)>,
+}
+
+/// Every chunk of message `seq` is in place at the receiver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ack {
+    pub seq: u64,
+}
+
+/// A heartbeat; `count` numbers them (diagnostics only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ping {
+    pub count: u64,
+}
+
+/// Why a listener refused a connection (sent before it closes the socket).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reject {
+    pub reason: u16,
+}
+
+/// `Reject::reason`: the client speaks another wire version.
+pub const REJECT_VERSION: u16 = 1;
 
 fn put_prefix(b: &mut [u8], kind: Kind, payload_len: u32) {
     b[0..4].copy_from_slice(&MAGIC.to_le_bytes());
@@ -152,6 +210,19 @@ impl<'a> Reader<'a> {
     fn u64(&mut self) -> Result<u64> {
         Ok(u64::from_le_bytes(self.take()?))
     }
+    /// A reserved field: must be zero.
+    fn zero<const N: usize>(&mut self, what: &str) -> Result<()> {
+        if self.take::<N>()? != [0u8; N] {
+            return Err(Error::Protocol(format!("nonzero reserved bytes in {what}")));
+        }
+        Ok(())
+    }
+}
+
+/// The wire version the peer of `b` speaks when it is a tcpx-rs peer of
+/// another version (magic right, version not ours).
+pub fn foreign_version(b: &[u8]) -> Option<u8> {
+    (b.len() > 4 && b[0..4] == MAGIC.to_le_bytes() && b[4] != VERSION).then(|| b[4])
 }
 
 /// Checks magic, version, kind and header length of the first 12 bytes.
@@ -185,7 +256,8 @@ pub fn decode_prefix(b: &[u8]) -> Result<Prefix> {
     })
 }
 
-fn expect(b: &[u8], kind: Kind) -> Result<Prefix> {
+/// The prefix of `b`, which must be a whole header of `kind`; a reader after the prefix.
+fn expect(b: &[u8], kind: Kind) -> Result<(Prefix, Reader<'_>)> {
     let p = decode_prefix(b)?;
     if p.kind != kind {
         return Err(Error::Protocol(format!(
@@ -199,7 +271,14 @@ fn expect(b: &[u8], kind: Kind) -> Result<Prefix> {
             b.len()
         )));
     }
-    Ok(p)
+    Ok((p, Reader::new(&b[PREFIX_LEN..kind.header_len()])))
+}
+
+fn no_payload(p: Prefix, kind: Kind) -> Result<()> {
+    if p.payload_len != 0 {
+        return Err(Error::Protocol(format!("{kind:?} carries no payload")));
+    }
+    Ok(())
 }
 
 impl Hello {
@@ -215,42 +294,65 @@ impl Hello {
         b[36] = role;
         b[38..40].copy_from_slice(&index.to_le_bytes());
         b[40..42].copy_from_slice(&self.n_data.to_le_bytes());
+        b[44..48].copy_from_slice(&self.inline_threshold.to_le_bytes());
+        b[48..52].copy_from_slice(&self.peer_timeout_ms.to_le_bytes());
         b
     }
 
     pub fn decode(b: &[u8]) -> Result<Self> {
-        let p = expect(b, Kind::Hello)?;
-        if p.payload_len != 0 {
-            return Err(Error::Protocol("Hello carries no payload".into()));
-        }
-        let mut r = Reader::new(&b[PREFIX_LEN..]);
+        let (p, mut r) = expect(b, Kind::Hello)?;
+        no_payload(p, Kind::Hello)?;
         let secret = r.take::<16>()?;
         let comm_id = r.u64()?;
         let role = r.u8()?;
-        let _pad = r.u8()?;
+        r.zero::<1>("Hello")?;
         let index = r.u16()?;
         let n_data = r.u16()?;
+        r.zero::<2>("Hello")?;
+        let inline_threshold = r.u32()?;
+        let peer_timeout_ms = r.u32()?;
         let role = match role {
             0 => Role::Control,
             1 => Role::Data { index },
             x => return Err(Error::Protocol(format!("unknown socket role {x}"))),
         };
+        if inline_threshold as usize > crate::config::MAX_INLINE {
+            return Err(Error::Protocol(format!(
+                "inline threshold {inline_threshold} above {}",
+                crate::config::MAX_INLINE
+            )));
+        }
         Ok(Hello {
             secret,
             comm_id,
             role,
             n_data,
+            inline_threshold,
+            peer_timeout_ms,
         })
     }
 }
 
 impl Welcome {
-    /// Header and payload (the NIC addresses) in one buffer.
-    pub fn encode(comm_id: u64, nics: &[SocketAddr]) -> Vec<u8> {
-        let mut b = vec![0u8; WELCOME_LEN + nics.len() * ADDR_LEN];
-        put_prefix(&mut b, Kind::Welcome, (nics.len() * ADDR_LEN) as u32);
-        b[12..20].copy_from_slice(&comm_id.to_le_bytes());
-        b[20..22].copy_from_slice(&(nics.len() as u16).to_le_bytes());
+    /// The header alone, announcing `n_nics` addresses.
+    pub fn encode_header(&self) -> [u8; WELCOME_LEN] {
+        let mut b = [0u8; WELCOME_LEN];
+        put_prefix(&mut b, Kind::Welcome, self.n_nics as u32 * ADDR_LEN as u32);
+        b[12..20].copy_from_slice(&self.comm_id.to_le_bytes());
+        b[20..22].copy_from_slice(&self.n_nics.to_le_bytes());
+        b[24..28].copy_from_slice(&self.peer_timeout_ms.to_le_bytes());
+        b
+    }
+
+    /// Header and payload (the NIC addresses, which set `n_nics`) in one buffer.
+    pub fn encode(&self, nics: &[SocketAddr]) -> Vec<u8> {
+        let head = Welcome {
+            n_nics: nics.len() as u16,
+            ..*self
+        }
+        .encode_header();
+        let mut b = head.to_vec();
+        b.resize(WELCOME_LEN + nics.len() * ADDR_LEN, 0);
         for (i, a) in nics.iter().enumerate() {
             let at = WELCOME_LEN + i * ADDR_LEN;
             put_addr(&mut b[at..at + ADDR_LEN], a);
@@ -259,10 +361,11 @@ impl Welcome {
     }
 
     pub fn decode(b: &[u8]) -> Result<Self> {
-        let p = expect(b, Kind::Welcome)?;
-        let mut r = Reader::new(&b[PREFIX_LEN..]);
+        let (p, mut r) = expect(b, Kind::Welcome)?;
         let comm_id = r.u64()?;
         let n_nics = r.u16()?;
+        r.zero::<2>("Welcome")?;
+        let peer_timeout_ms = r.u32()?;
         if n_nics == 0 || n_nics as usize > crate::config::MAX_NICS {
             return Err(Error::Protocol(format!("Welcome lists {n_nics} NICs")));
         }
@@ -272,7 +375,11 @@ impl Welcome {
                 p.payload_len
             )));
         }
-        Ok(Welcome { comm_id, n_nics })
+        Ok(Welcome {
+            comm_id,
+            n_nics,
+            peer_timeout_ms,
+        })
     }
 
     pub fn decode_addrs(payload: &[u8]) -> Result<Vec<SocketAddr>> {
@@ -298,21 +405,24 @@ impl Msg {
         b[20..28].copy_from_slice(&self.size.to_le_bytes());
         b[28..32].copy_from_slice(&self.tag.to_le_bytes());
         b[32..36].copy_from_slice(&self.chunk_size.to_le_bytes());
-        b[36..38].copy_from_slice(&self.first_socket.to_le_bytes());
         b[38..40].copy_from_slice(&self.flags.to_le_bytes());
         b
     }
 
     pub fn decode(b: &[u8]) -> Result<Self> {
-        let p = expect(b, Kind::Msg)?;
-        let mut r = Reader::new(&b[PREFIX_LEN..]);
+        let (p, mut r) = expect(b, Kind::Msg)?;
+        let seq = r.u64()?;
+        let size = r.u64()?;
+        let tag = r.u32()? as i32;
+        let chunk_size = r.u32()?;
+        r.zero::<2>("Msg")?;
+        let flags = r.u16()?;
         let m = Msg {
-            seq: r.u64()?,
-            size: r.u64()?,
-            tag: r.u32()? as i32,
-            chunk_size: r.u32()?,
-            first_socket: r.u16()?,
-            flags: r.u16()?,
+            seq,
+            size,
+            tag,
+            chunk_size,
+            flags,
         };
         if m.flags & !MSG_INLINE != 0 {
             return Err(Error::Protocol(format!(
@@ -327,9 +437,9 @@ impl Msg {
                     m.size, p.payload_len
                 )));
             }
-        } else if p.payload_len != 0 || m.chunk_size == 0 {
+        } else if p.payload_len != 0 || m.chunk_size == 0 || m.size == 0 {
             return Err(Error::Protocol(
-                "chunked message with inline payload or zero chunk size".into(),
+                "chunked message with inline payload, zero chunk size or zero size".into(),
             ));
         }
         Ok(m)
@@ -346,13 +456,110 @@ impl Chunk {
     }
 
     pub fn decode(b: &[u8]) -> Result<Self> {
-        let p = expect(b, Kind::Chunk)?;
-        let mut r = Reader::new(&b[PREFIX_LEN..]);
+        let (p, mut r) = expect(b, Kind::Chunk)?;
+        let seq = r.u64()?;
+        let offset = r.u64()?;
+        r.zero::<4>("Chunk")?;
         Ok(Chunk {
-            seq: r.u64()?,
-            offset: r.u64()?,
+            seq,
+            offset,
             len: p.payload_len,
         })
+    }
+}
+
+impl Post {
+    /// Header and payload (the buffers) in one buffer.
+    pub fn encode(&self) -> Vec<u8> {
+        let n = self.bufs.len();
+        let mut b = vec![0u8; POST_LEN + n * POST_BUF_LEN];
+        put_prefix(&mut b, Kind::Post, (n * POST_BUF_LEN) as u32);
+        b[12..20].copy_from_slice(&self.post_seq.to_le_bytes());
+        b[20..22].copy_from_slice(&(n as u16).to_le_bytes());
+        for (i, (len, tag)) in self.bufs.iter().enumerate() {
+            let at = POST_LEN + i * POST_BUF_LEN;
+            b[at..at + 8].copy_from_slice(&len.to_le_bytes());
+            b[at + 8..at + 12].copy_from_slice(&tag.to_le_bytes());
+        }
+        b
+    }
+
+    /// Number of buffers the header announces (its payload is `n * POST_BUF_LEN`).
+    pub fn decode_header(b: &[u8]) -> Result<(u64, usize)> {
+        let (p, mut r) = expect(b, Kind::Post)?;
+        let post_seq = r.u64()?;
+        let n = r.u16()? as usize;
+        r.zero::<6>("Post")?;
+        if n == 0 || n > MAX_POST_BUFS || p.payload_len as usize != n * POST_BUF_LEN {
+            return Err(Error::Protocol(format!(
+                "Post of {n} buffers with payload length {}",
+                p.payload_len
+            )));
+        }
+        Ok((post_seq, n))
+    }
+
+    /// Header and payload from one buffer.
+    pub fn decode(b: &[u8]) -> Result<Self> {
+        let (post_seq, n) = Self::decode_header(b)?;
+        let payload = b
+            .get(POST_LEN..POST_LEN + n * POST_BUF_LEN)
+            .ok_or_else(|| Error::Protocol("Post payload truncated".into()))?;
+        let bufs = payload
+            .chunks_exact(POST_BUF_LEN)
+            .map(|c| {
+                let mut r = Reader::new(c);
+                Ok((r.u64()?, r.u32()? as i32))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Post { post_seq, bufs })
+    }
+}
+
+impl Ack {
+    pub fn encode(&self) -> [u8; ACK_LEN] {
+        let mut b = [0u8; ACK_LEN];
+        put_prefix(&mut b, Kind::Ack, 0);
+        b[12..20].copy_from_slice(&self.seq.to_le_bytes());
+        b
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Self> {
+        let (p, mut r) = expect(b, Kind::Ack)?;
+        no_payload(p, Kind::Ack)?;
+        Ok(Ack { seq: r.u64()? })
+    }
+}
+
+impl Ping {
+    pub fn encode(&self) -> [u8; PING_LEN] {
+        let mut b = [0u8; PING_LEN];
+        put_prefix(&mut b, Kind::Ping, 0);
+        b[12..20].copy_from_slice(&self.count.to_le_bytes());
+        b
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Self> {
+        let (p, mut r) = expect(b, Kind::Ping)?;
+        no_payload(p, Kind::Ping)?;
+        Ok(Ping { count: r.u64()? })
+    }
+}
+
+impl Reject {
+    pub fn encode(&self) -> [u8; REJECT_LEN] {
+        let mut b = [0u8; REJECT_LEN];
+        put_prefix(&mut b, Kind::Reject, 0);
+        b[12..14].copy_from_slice(&self.reason.to_le_bytes());
+        b
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Self> {
+        let (p, mut r) = expect(b, Kind::Reject)?;
+        no_payload(p, Kind::Reject)?;
+        let reason = r.u16()?;
+        r.zero::<6>("Reject")?;
+        Ok(Reject { reason })
     }
 }
 
@@ -375,9 +582,7 @@ pub fn put_addr(b: &mut [u8], a: &SocketAddr) {
 pub fn get_addr(b: &[u8]) -> Result<SocketAddr> {
     let mut r = Reader::new(b);
     let family = r.u8()?;
-    if r.u8()? != 0 {
-        return Err(Error::Protocol("nonzero padding in an address".into()));
-    }
+    r.zero::<1>("an address")?;
     let port = r.u16()?;
     let raw = r.take::<16>()?;
     if port == 0 {
@@ -403,9 +608,29 @@ pub enum Header {
     Welcome(Welcome),
     Msg(Msg),
     Chunk(Chunk),
+    Post(Post),
+    Ack(Ack),
+    Ping(Ping),
+    Reject(Reject),
 }
 
-/// Parses one header of any kind from the front of `b`.
+impl Header {
+    /// The header's bytes (with a Post's buffers; a Welcome without addresses).
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            Header::Hello(h) => h.encode().to_vec(),
+            Header::Welcome(w) => w.encode_header().to_vec(),
+            Header::Msg(m) => m.encode().to_vec(),
+            Header::Chunk(c) => c.encode().to_vec(),
+            Header::Post(p) => p.encode(),
+            Header::Ack(a) => a.encode().to_vec(),
+            Header::Ping(p) => p.encode().to_vec(),
+            Header::Reject(r) => r.encode().to_vec(),
+        }
+    }
+}
+
+/// Parses one header of any kind from the front of `b` (a Post with its buffers).
 pub fn parse_header(b: &[u8]) -> Result<Header> {
     let p = decode_prefix(b)?;
     Ok(match p.kind {
@@ -413,6 +638,10 @@ pub fn parse_header(b: &[u8]) -> Result<Header> {
         Kind::Welcome => Header::Welcome(Welcome::decode(b)?),
         Kind::Msg => Header::Msg(Msg::decode(b)?),
         Kind::Chunk => Header::Chunk(Chunk::decode(b)?),
+        Kind::Post => Header::Post(Post::decode(b)?),
+        Kind::Ack => Header::Ack(Ack::decode(b)?),
+        Kind::Ping => Header::Ping(Ping::decode(b)?),
+        Kind::Reject => Header::Reject(Reject::decode(b)?),
     })
 }
 
@@ -428,25 +657,86 @@ mod tests {
             size: 5,
             tag: -2,
             chunk_size: 0x80000,
-            first_socket: 3,
             flags: MSG_INLINE,
         };
         let b = m.encode();
-        assert_eq!(&b[..12], &[b'T', b'C', b'P', b'X', 1, 3, 40, 0, 5, 0, 0, 0]);
+        assert_eq!(&b[..12], &[b'T', b'C', b'P', b'X', 2, 3, 40, 0, 5, 0, 0, 0]);
         assert_eq!(&b[12..20], &7u64.to_le_bytes());
         assert_eq!(&b[28..32], &[0xfe, 0xff, 0xff, 0xff]);
+        assert_eq!(&b[36..40], &[0, 0, 1, 0]);
         assert_eq!(Msg::decode(&b).unwrap(), m);
     }
 
     #[test]
-    fn corrupt_prefixes_are_rejected() {
+    fn post_ack_ping_golden_bytes() {
+        let p = Post {
+            post_seq: 3,
+            bufs: vec![(0x10_0001, 1), (10, -1)],
+        };
+        let b = p.encode();
+        assert_eq!(
+            &b[..12],
+            &[b'T', b'C', b'P', b'X', 2, 5, 28, 0, 24, 0, 0, 0]
+        );
+        assert_eq!(&b[12..20], &3u64.to_le_bytes());
+        assert_eq!(&b[20..28], &[2, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(&b[28..36], &0x10_0001u64.to_le_bytes());
+        assert_eq!(&b[36..40], &1i32.to_le_bytes());
+        assert_eq!(&b[48..52], &[0xff; 4]);
+        assert_eq!(Post::decode(&b).unwrap(), p);
+        let a = Ack { seq: 9 }.encode();
+        assert_eq!(&a[..12], &[b'T', b'C', b'P', b'X', 2, 6, 20, 0, 0, 0, 0, 0]);
+        assert_eq!(&a[12..], &9u64.to_le_bytes());
+        let g = Ping { count: 1 }.encode();
+        assert_eq!(&g[..8], &[b'T', b'C', b'P', b'X', 2, 7, 20, 0]);
+    }
+
+    #[test]
+    fn hello_and_welcome_layouts() {
+        let h = Hello {
+            secret: [9; 16],
+            comm_id: 0,
+            role: Role::Control,
+            n_data: 4,
+            inline_threshold: 65536,
+            peer_timeout_ms: 2000,
+        };
+        let b = h.encode();
+        assert_eq!(b.len(), 52);
+        assert_eq!(&b[44..48], &65536u32.to_le_bytes());
+        assert_eq!(&b[48..52], &2000u32.to_le_bytes());
+        let w = Welcome {
+            comm_id: 5,
+            n_nics: 1,
+            peer_timeout_ms: 7,
+        };
+        let addr: SocketAddr = "10.0.0.1:99".parse().unwrap();
+        let wb = w.encode(&[addr]);
+        assert_eq!(wb.len(), 28 + 20, "Welcome is 28 bytes plus 20 per NIC");
+        assert_eq!(&wb[24..28], &7u32.to_le_bytes());
+        assert_eq!(Welcome::decode(&wb).unwrap(), w);
+    }
+
+    #[test]
+    fn a_v1_peer_is_told_apart() {
+        let mut b = Ack { seq: 1 }.encode();
+        b[4] = 1;
+        assert_eq!(foreign_version(&b), Some(1));
+        let e = decode_prefix(&b).unwrap_err().to_string();
+        assert!(e.contains("wire version 1, we speak 2"), "{e}");
+        assert_eq!(foreign_version(&Ack { seq: 1 }.encode()), None);
+        assert_eq!(foreign_version(b"XXXX\x01"), None);
+    }
+
+    #[test]
+    fn corrupt_prefixes_and_reserved_bytes_are_rejected() {
         let good = Chunk {
             seq: 1,
             offset: 2,
             len: 3,
         }
         .encode();
-        for (i, v) in [(0usize, b'X'), (4, 2), (5, 9), (6, 33)] {
+        for (i, v) in [(0usize, b'X'), (4, 1), (5, 9), (6, 33), (28, 1)] {
             let mut b = good;
             b[i] = v;
             assert!(
@@ -455,6 +745,39 @@ mod tests {
             );
         }
         assert!(parse_header(&good[..20]).is_err());
+        let mut m = Msg {
+            seq: 0,
+            size: 100,
+            tag: 0,
+            chunk_size: 4096,
+            flags: 0,
+        }
+        .encode();
+        m[36] = 1;
+        assert!(Msg::decode(&m).is_err(), "reserved bytes of Msg");
+        let zero = Msg {
+            seq: 0,
+            size: 0,
+            tag: 0,
+            chunk_size: 4096,
+            flags: 0,
+        }
+        .encode();
+        assert!(Msg::decode(&zero).is_err(), "a chunked message of 0 bytes");
+    }
+
+    #[test]
+    fn posts_name_one_to_eight_buffers() {
+        for n in [0usize, 9] {
+            let mut b = Post {
+                post_seq: 0,
+                bufs: vec![(1, 1); n.max(1)],
+            }
+            .encode();
+            b[20..22].copy_from_slice(&(n as u16).to_le_bytes());
+            b[8..12].copy_from_slice(&((n * POST_BUF_LEN) as u32).to_le_bytes());
+            assert!(Post::decode_header(&b).is_err(), "{n} buffers");
+        }
     }
 
     fn addr() -> impl Strategy<Value = SocketAddr> {
@@ -464,47 +787,100 @@ mod tests {
         ]
     }
 
+    fn any_header() -> impl Strategy<Value = Header> {
+        prop_oneof![
+            (
+                any::<[u8; 16]>(),
+                any::<u64>(),
+                any::<bool>(),
+                any::<u16>(),
+                any::<u16>(),
+                0u32..=65536,
+                any::<u32>()
+            )
+                .prop_map(|(secret, comm_id, data, index, n_data, inl, to)| {
+                    Header::Hello(Hello {
+                        secret,
+                        comm_id,
+                        role: if data {
+                            Role::Data { index }
+                        } else {
+                            Role::Control
+                        },
+                        n_data,
+                        inline_threshold: inl,
+                        peer_timeout_ms: to,
+                    })
+                }),
+            (any::<u64>(), 1u64.., any::<i32>(), 1u32..).prop_map(|(seq, size, tag, cs)| {
+                Header::Msg(Msg {
+                    seq,
+                    size,
+                    tag,
+                    chunk_size: cs,
+                    flags: 0,
+                })
+            }),
+            (any::<u64>(), 0u64..=65536, any::<i32>()).prop_map(|(seq, size, tag)| {
+                Header::Msg(Msg {
+                    seq,
+                    size,
+                    tag,
+                    chunk_size: 0,
+                    flags: MSG_INLINE,
+                })
+            }),
+            (any::<u64>(), any::<u64>(), any::<u32>())
+                .prop_map(|(seq, offset, len)| Header::Chunk(Chunk { seq, offset, len })),
+            (
+                any::<u64>(),
+                proptest::collection::vec((any::<u64>(), any::<i32>()), 1..=8)
+            )
+                .prop_map(|(post_seq, bufs)| Header::Post(Post { post_seq, bufs })),
+            any::<u64>().prop_map(|seq| Header::Ack(Ack { seq })),
+            any::<u64>().prop_map(|count| Header::Ping(Ping { count })),
+            any::<u16>().prop_map(|reason| Header::Reject(Reject { reason })),
+            (any::<u64>(), 1u16..=16, any::<u32>()).prop_map(|(comm_id, n_nics, to)| {
+                Header::Welcome(Welcome {
+                    comm_id,
+                    n_nics,
+                    peer_timeout_ms: to,
+                })
+            }),
+        ]
+    }
+
     proptest! {
         #[test]
-        fn any_bytes_never_panic(b in proptest::collection::vec(any::<u8>(), 0..64)) {
+        fn any_bytes_never_panic(b in proptest::collection::vec(any::<u8>(), 0..128)) {
             let _ = parse_header(&b);
             let _ = get_addr(&b);
             let _ = Welcome::decode_addrs(&b);
+            let _ = Post::decode_header(&b);
+            let _ = foreign_version(&b);
         }
 
         #[test]
-        fn mutated_headers_never_panic(i in 0usize..MSG_LEN, v: u8, seq: u64, size in 0u64..(1<<40)) {
-            let mut b = Msg { seq, size, tag: 0, chunk_size: 4096, first_socket: 0, flags: 0 }.encode();
-            b[i] = v;
-            let _ = parse_header(&b);
+        fn every_header_round_trips(h in any_header()) {
+            prop_assert_eq!(parse_header(&h.encode()).unwrap(), h);
         }
 
         #[test]
-        fn hello_round_trips(secret: [u8; 16], comm_id: u64, data: bool, index: u16, n_data: u16) {
-            let role = if data { Role::Data { index } } else { Role::Control };
-            let h = Hello { secret, comm_id, role, n_data };
-            prop_assert_eq!(parse_header(&h.encode()).unwrap(), Header::Hello(h));
+        fn mutated_headers_never_panic_and_reencode(h in any_header(), i in 0usize..128, v: u8) {
+            let mut b = h.encode();
+            let at = i % b.len();
+            b[at] = v;
+            if let Ok(parsed) = parse_header(&b) {
+                // Whatever parses is a header that encodes to the same fields.
+                prop_assert_eq!(parse_header(&parsed.encode()).unwrap(), parsed);
+            }
         }
 
         #[test]
-        fn msg_round_trips(seq: u64, size in 0u64..(1 << 40), tag: i32, chunk_size in 1u32.., first_socket: u16) {
-            let m = Msg { seq, size, tag, chunk_size, first_socket, flags: 0 };
-            prop_assert_eq!(parse_header(&m.encode()).unwrap(), Header::Msg(m));
-            let small = Msg { size: size % (crate::config::MAX_INLINE as u64 + 1), flags: MSG_INLINE, ..m };
-            prop_assert_eq!(parse_header(&small.encode()).unwrap(), Header::Msg(small));
-        }
-
-        #[test]
-        fn chunk_round_trips(seq: u64, offset: u64, len: u32) {
-            let c = Chunk { seq, offset, len };
-            prop_assert_eq!(parse_header(&c.encode()).unwrap(), Header::Chunk(c));
-        }
-
-        #[test]
-        fn welcome_round_trips(comm_id: u64, nics in proptest::collection::vec(addr(), 1..16)) {
-            let b = Welcome::encode(comm_id, &nics);
-            let w = Welcome::decode(&b).unwrap();
-            prop_assert_eq!(w, Welcome { comm_id, n_nics: nics.len() as u16 });
+        fn welcome_round_trips(comm_id: u64, to: u32, nics in proptest::collection::vec(addr(), 1..16)) {
+            let w = Welcome { comm_id, n_nics: nics.len() as u16, peer_timeout_ms: to };
+            let b = w.encode(&nics);
+            prop_assert_eq!(Welcome::decode(&b).unwrap(), w);
             prop_assert_eq!(Welcome::decode_addrs(&b[WELCOME_LEN..]).unwrap(), nics);
         }
     }

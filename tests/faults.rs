@@ -5,33 +5,29 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
-use common::{exchange, pair, three_nics, T};
+use common::{child, exchange, pair, three_nics, T};
 use tcpx::wire::{Hello, Role};
 use tcpx::{Error, Handle, HostMemory, Net, RecvBuf};
 
-const CHILD_ENV: &str = "TCPX_FAULT_CHILD";
 const BIG: usize = 256 << 20;
-/// Marks the child's own lines among the test harness output.
-const MARK: &str = "TCPX-CHILD:";
 
-/// Runs in a child process (see `spawn_child`): connects to or listens for the
+/// Runs in a child process (see `child::spawn`): connects to or listens for the
 /// parent and streams big messages until killed.
 #[test]
 fn child_entry() {
-    let Ok(role) = std::env::var(CHILD_ENV) else {
+    let Some((role, arg)) = child::role() else {
         return;
     };
     let net = Net::init(three_nics()).unwrap();
     let mr = net.reg_mr(HostMemory::zeroed(BIG).unwrap());
     match role.as_str() {
         "sender" => {
-            let hex = std::env::var("TCPX_FAULT_HANDLE").unwrap();
-            let mut h = Handle::from_bytes(&from_hex(&hex)).unwrap();
+            let mut h = Handle::from_bytes(&child::from_hex(&arg.unwrap())).unwrap();
             let send = net.connect_wait(0, &mut h, T).unwrap();
-            println!("{MARK}connected");
+            child::say("connected");
             loop {
                 let mut r = send.isend(&mr, 0, BIG, 0).unwrap().unwrap();
                 let _ = r.wait(Duration::from_secs(3600));
@@ -39,8 +35,7 @@ fn child_entry() {
         }
         "receiver" => {
             let (h, mut l) = net.listen(0).unwrap();
-            println!("{MARK}{}", to_hex(&h.to_bytes()));
-            std::io::stdout().flush().unwrap();
+            child::say(&child::to_hex(&h.to_bytes()));
             let recv = l.accept_wait(T).unwrap();
             // Take one message slowly, then stop reading: the sender's sockets fill up.
             let mut r = recv
@@ -59,45 +54,9 @@ fn child_entry() {
     }
 }
 
-fn to_hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn from_hex(s: &str) -> Vec<u8> {
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-        .collect()
-}
-
 fn spawn_child(role: &str, handle: Option<&Handle>) -> Child {
-    let mut c = Command::new(std::env::current_exe().unwrap());
-    c.args(["--exact", "child_entry", "--nocapture", "--test-threads=1"])
-        .env(CHILD_ENV, role)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-    if let Some(h) = handle {
-        c.env("TCPX_FAULT_HANDLE", to_hex(&h.to_bytes()));
-    }
-    c.spawn().unwrap()
-}
-
-/// The child's next marked line, without the mark.
-fn child_line(child: &mut Child) -> String {
-    let out = child.stdout.as_mut().unwrap();
-    let mut line = Vec::new();
-    let mut b = [0u8; 1];
-    loop {
-        assert_eq!(out.read(&mut b).unwrap(), 1, "child exited early");
-        if b[0] == b'\n' {
-            let s = String::from_utf8(std::mem::take(&mut line)).unwrap();
-            if let Some((_, rest)) = s.split_once(MARK) {
-                return rest.trim().to_string();
-            }
-        } else {
-            line.push(b[0]);
-        }
-    }
+    let hex = handle.map(|h| child::to_hex(&h.to_bytes()));
+    child::spawn("child_entry", role, hex.as_deref())
 }
 
 /// Polls until an error; panics on success or after 5 s.
@@ -124,7 +83,7 @@ fn killed_sender_fails_the_receive_within_5s() {
     let (h, mut l) = net.listen(0).unwrap();
     let mut child = spawn_child("sender", Some(&h));
     let recv = l.accept_wait(T).unwrap();
-    assert_eq!(child_line(&mut child), "connected");
+    assert_eq!(child::line(&mut child), "connected");
     let mr = net.reg_mr(HostMemory::zeroed(BIG).unwrap());
     let mut r = recv
         .irecv(&[RecvBuf {
@@ -146,7 +105,7 @@ fn killed_sender_fails_the_receive_within_5s() {
 fn killed_receiver_fails_the_send_within_5s() {
     let net = Net::init(three_nics()).unwrap();
     let mut child = spawn_child("receiver", None);
-    let mut h = Handle::from_bytes(&from_hex(&child_line(&mut child))).unwrap();
+    let mut h = Handle::from_bytes(&child::from_hex(&child::line(&mut child))).unwrap();
     let send = net.connect_wait(0, &mut h, T).unwrap();
     let mr = net.reg_mr(HostMemory::zeroed(BIG).unwrap());
     let mut first = send.isend(&mr, 0, BIG, 0).unwrap().unwrap();
@@ -169,6 +128,8 @@ fn wrong_secret_garbage_and_silence_are_dropped_without_disturbing_others() {
         comm_id: 0,
         role: Role::Control,
         n_data: 3,
+        inline_threshold: 0,
+        peer_timeout_ms: 0,
     };
     wrong.write_all(&hello.encode()).unwrap();
     let mut garbage = TcpStream::connect(h.addr()).unwrap();

@@ -14,12 +14,13 @@ use nix::sys::eventfd::EventFd;
 use nix::sys::socket::{ControlMessageOwned, MsgFlags};
 
 use super::sock::{Sock, Step};
-use super::{route, Cmd, Watches};
+use super::{route, Cmd, WatchSet};
 use crate::error::{Error, Result};
 use crate::stats::Counters;
 use crate::zerocopy;
 
 const WAKE_ID: u64 = u64::MAX;
+const WATCH_ID: u64 = u64::MAX - 1;
 
 pub(super) struct EpollLoop {
     rx: Receiver<Cmd>,
@@ -30,7 +31,7 @@ pub(super) struct EpollLoop {
     /// Sockets with unread zero-copy notifications (EPOLLERR seen).
     errq: Vec<u64>,
     counters: Arc<Counters>,
-    watches: Watches,
+    watches: Arc<WatchSet>,
     scratch: Vec<u8>,
 }
 
@@ -40,11 +41,18 @@ impl EpollLoop {
         wake: Arc<EventFd>,
         sleeping: Arc<AtomicBool>,
         counters: Arc<Counters>,
+        watches: Arc<WatchSet>,
     ) -> Result<Self> {
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)
             .map_err(|e| Error::io("epoll_create", e.into()))?;
         epoll
             .add(wake.as_ref(), EpollEvent::new(EpollFlags::EPOLLIN, WAKE_ID))
+            .map_err(|e| Error::io("epoll_ctl", e.into()))?;
+        epoll
+            .add(
+                watches.as_ref(),
+                EpollEvent::new(EpollFlags::EPOLLIN, WATCH_ID),
+            )
             .map_err(|e| Error::io("epoll_ctl", e.into()))?;
         Ok(EpollLoop {
             rx,
@@ -54,7 +62,7 @@ impl EpollLoop {
             socks: HashMap::new(),
             errq: Vec::new(),
             counters,
-            watches: Watches::default(),
+            watches,
             scratch: Vec::new(),
         })
     }
@@ -84,22 +92,37 @@ impl EpollLoop {
             if moved {
                 continue;
             }
+            // Nothing else to do: wait for the copies of landed chunks.
+            for s in self.socks.values_mut() {
+                moved |= s.settle();
+            }
+            if moved {
+                continue;
+            }
             self.sleeping.store(true, Ordering::SeqCst);
             if !self.rx.is_empty() {
                 self.sleeping.store(false, Ordering::SeqCst);
                 continue;
             }
-            // The timeout is a safety net only; the eventfd and socket edges wake us.
+            // The eventfd and socket edges wake us; the timeout is the next tick.
+            let ms = self
+                .watches
+                .until_tick()
+                .as_micros()
+                .div_ceil(1000)
+                .min(1000) as u16;
             let n = self
                 .epoll
-                .wait(&mut events, EpollTimeout::from(1000u16))
+                .wait(&mut events, EpollTimeout::from(ms))
                 .unwrap_or(0);
             self.sleeping.store(false, Ordering::SeqCst);
+            self.watches.tick_if_due();
             for ev in &events[..n] {
                 let id = ev.data();
                 if id == WAKE_ID {
                     let _ = self.wake.read();
-                } else if self.watches.fire(id) {
+                } else if id == WATCH_ID {
+                    self.watches.dispatch();
                 } else if let Some(s) = self.socks.get_mut(&id) {
                     let f = ev.events();
                     let err = f.contains(EpollFlags::EPOLLERR);
@@ -124,7 +147,13 @@ impl EpollLoop {
     /// False when the worker must exit.
     fn handle(&mut self, cmd: Cmd) -> bool {
         match cmd {
-            Cmd::Add { id, stream, tx } => {
+            Cmd::Add {
+                id,
+                stream,
+                tx,
+                comm,
+                receives,
+            } => {
                 let flags = EpollFlags::EPOLLIN
                     | EpollFlags::EPOLLOUT
                     | EpollFlags::EPOLLRDHUP
@@ -134,19 +163,14 @@ impl EpollLoop {
                     .add(&stream, EpollEvent::new(flags, id))
                     .err()
                     .map(|e| Error::io("epoll_ctl", e.into()));
-                self.socks
-                    .insert(id, Sock::new(stream, tx, dead, &self.counters));
+                self.socks.insert(
+                    id,
+                    Sock::new(stream, tx, comm, receives, dead, &self.counters),
+                );
             }
-            Cmd::Watch {
-                id,
-                fd,
-                out,
-                target,
-            } => self.watches.add(&self.epoll, id, fd, out, target),
-            Cmd::Send { id, job } => route(job, self.socks.get_mut(&id), true),
-            Cmd::Recv { id, job } => route(job, self.socks.get_mut(&id), false),
+            Cmd::Send { id, job } => route(job, self.socks.get_mut(&id)),
+            Cmd::Kick => {}
             Cmd::Close { id } => {
-                self.watches.remove(&self.epoll, id);
                 if let Some(mut s) = self.socks.remove(&id) {
                     let _ = self.epoll.delete(&s.stream);
                     let _ = s.stream.shutdown(std::net::Shutdown::Both);

@@ -8,16 +8,20 @@
 
 mod devmem_rx;
 mod epoll;
+pub(crate) mod placement;
 mod sock;
 mod uring;
 
+use std::collections::HashMap;
 use std::net::TcpStream;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
 use crate::config::{EngineKind, ZeroCopy};
@@ -26,14 +30,14 @@ use crate::memory::Region;
 use crate::request::ReqState;
 use crate::stats::Counters;
 
+pub(crate) use placement::{CommLink, Lookup, Placement};
 pub(crate) use uring::probe as probe_uring;
 
 /// The chunks of one message that travel on one data socket:
 /// chunk indices `first, first + stride, …` below `ceil(size / chunk_size)`.
 pub(crate) struct Job {
     pub req: Arc<ReqState>,
-    /// `None` on receive: read and discard (a truncated or unmatched message).
-    pub region: Option<Arc<Region>>,
+    pub region: Arc<Region>,
     /// Offset of the message in the region.
     pub base: u64,
     pub seq: u64,
@@ -97,10 +101,11 @@ impl Job {
     }
 }
 
-/// A control socket the worker watches for its owner, so that a comm
-/// progresses even while its caller waits on the other end.
+/// A comm whose control socket a worker watches: readiness pokes it, and
+/// every tick ticks it (heartbeats, timeouts) whether or not anyone polls.
 pub(crate) trait Poke: Send + Sync {
     fn poke(&self);
+    fn tick(&self);
 }
 
 /// How a data socket moves payload.
@@ -111,6 +116,8 @@ pub(crate) struct TxMode {
     pub min_zcopy: usize,
     /// Receive through an emulated devmem NIC of this ABI with a pool of this size.
     pub devmem_emulated: Option<(devmem::sockabi::KernelAbi, crate::gpumemd::PoolSource)>,
+    /// TCP_USER_TIMEOUT of the socket (its ETIMEDOUT means an unresponsive peer).
+    pub peer_timeout_ms: u64,
 }
 
 pub(crate) enum Cmd {
@@ -118,22 +125,16 @@ pub(crate) enum Cmd {
         id: u64,
         stream: TcpStream,
         tx: TxMode,
-    },
-    /// Calls `target.poke()` whenever `fd` turns readable (`out = false`) or writable.
-    Watch {
-        id: u64,
-        fd: OwnedFd,
-        out: bool,
-        target: Weak<dyn Poke>,
+        comm: Arc<dyn CommLink>,
+        /// The socket receives chunks (a receive comm's); else it sends them.
+        receives: bool,
     },
     Send {
         id: u64,
         job: Job,
     },
-    Recv {
-        id: u64,
-        job: Job,
-    },
+    /// A receive comm learned of more messages: look again at sockets that wait for one.
+    Kick,
     Close {
         id: u64,
     },
@@ -144,26 +145,46 @@ pub(crate) struct Worker {
     tx: Sender<Cmd>,
     wake: Arc<EventFd>,
     sleeping: Arc<AtomicBool>,
+    pub watches: Arc<WatchSet>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl Worker {
-    /// Starts a worker on `engine` (already resolved: `Auto` is not accepted here).
-    pub fn spawn(name: String, engine: EngineKind, counters: Arc<Counters>) -> Result<Self> {
+    /// Starts a worker on `engine` (already resolved: `Auto` is not accepted
+    /// here) that ticks its watched comms every `tick`.
+    pub fn spawn(
+        name: String,
+        engine: EngineKind,
+        counters: Arc<Counters>,
+        tick: Duration,
+    ) -> Result<Self> {
         let (tx, rx) = crossbeam_channel::unbounded();
         let wake = Arc::new(
             EventFd::from_value_and_flags(0, EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)
                 .map_err(|e| Error::io("eventfd", e.into()))?,
         );
         let sleeping = Arc::new(AtomicBool::new(false));
+        let watches = Arc::new(WatchSet::new(tick)?);
         let builder = std::thread::Builder::new().name(name);
         let thread = match engine {
             EngineKind::Uring => {
-                let mut l = uring::UringLoop::new(rx, wake.clone(), sleeping.clone(), counters)?;
+                let mut l = uring::UringLoop::new(
+                    rx,
+                    wake.clone(),
+                    sleeping.clone(),
+                    counters,
+                    watches.clone(),
+                )?;
                 builder.spawn(move || l.run())
             }
             EngineKind::Epoll | EngineKind::Auto => {
-                let mut l = epoll::EpollLoop::new(rx, wake.clone(), sleeping.clone(), counters)?;
+                let mut l = epoll::EpollLoop::new(
+                    rx,
+                    wake.clone(),
+                    sleeping.clone(),
+                    counters,
+                    watches.clone(),
+                )?;
                 builder.spawn(move || l.run())
             }
         }
@@ -172,6 +193,7 @@ impl Worker {
             tx,
             wake,
             sleeping,
+            watches,
             thread: Some(thread),
         })
     }
@@ -199,55 +221,159 @@ impl Drop for Worker {
     }
 }
 
-/// Control sockets watched for their owners (both engines keep them in an epoll set).
-#[derive(Default)]
-struct Watches(std::collections::HashMap<u64, (OwnedFd, Weak<dyn Poke>)>);
+/// Control sockets watched for their comms, in an epoll set of their own
+/// that the worker polls (nested in its epoll set, or by io_uring's
+/// POLL_ADD). Comms arm their watch themselves, from any thread: one-shot,
+/// only while they await the peer, so a message nobody waits for wakes no
+/// worker.
+pub(crate) struct WatchSet {
+    epoll: Epoll,
+    targets: Mutex<HashMap<u64, (OwnedFd, Weak<dyn Poke>)>>,
+    next_id: std::sync::atomic::AtomicU64,
+    tick: Duration,
+    next_tick: Mutex<Instant>,
+}
 
-impl Watches {
-    fn add(
-        &mut self,
-        set: &nix::sys::epoll::Epoll,
-        id: u64,
-        fd: OwnedFd,
-        out: bool,
-        target: Weak<dyn Poke>,
-    ) {
-        use nix::sys::epoll::{EpollEvent, EpollFlags};
-        let dir = if out {
-            EpollFlags::EPOLLOUT
-        } else {
-            EpollFlags::EPOLLIN
-        };
-        let flags = dir | EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLET;
-        if set.add(&fd, EpollEvent::new(flags, id)).is_ok() {
-            self.0.insert(id, (fd, target));
-        }
+/// A comm's registration in a worker's [`WatchSet`]; dropping it ends the watch.
+pub(crate) struct Watch {
+    set: Arc<WatchSet>,
+    id: u64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl WatchSet {
+    fn new(tick: Duration) -> Result<Self> {
+        Ok(WatchSet {
+            epoll: Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)
+                .map_err(|e| Error::io("epoll_create", e.into()))?,
+            targets: Mutex::new(HashMap::new()),
+            next_id: std::sync::atomic::AtomicU64::new(1),
+            tick,
+            next_tick: Mutex::new(Instant::now() + tick),
+        })
     }
 
-    fn remove(&mut self, set: &nix::sys::epoll::Epoll, id: u64) {
-        if let Some((fd, _)) = self.0.remove(&id) {
-            let _ = set.delete(&fd);
-        }
+    /// Watches `stream` (a duplicate of its fd), disarmed, for nobody yet
+    /// (see [`Watch::bind`]).
+    pub fn watch(self: &Arc<Self>, stream: &TcpStream) -> Result<Watch> {
+        let fd: OwnedFd = stream
+            .try_clone()
+            .map_err(|e| Error::io("dup control socket", e))?
+            .into();
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.epoll
+            .add(&fd, EpollEvent::new(EpollFlags::EPOLLONESHOT, id))
+            .map_err(|e| Error::io("epoll_ctl", e.into()))?;
+        let nobody: Weak<dyn Poke> = Weak::<Nobody>::new();
+        lock(&self.targets).insert(id, (fd, nobody));
+        Ok(Watch {
+            set: self.clone(),
+            id,
+        })
     }
 
-    /// Pokes the owner of watch `id`; false if `id` is not a watch.
-    fn fire(&self, id: u64) -> bool {
-        match self.0.get(&id) {
-            Some((_, w)) => {
-                if let Some(t) = w.upgrade() {
+    /// Pokes the comms whose sockets turned ready (their watches disarm).
+    fn dispatch(&self) {
+        let mut events = [EpollEvent::empty(); 32];
+        loop {
+            let n = self
+                .epoll
+                .wait(&mut events, EpollTimeout::ZERO)
+                .unwrap_or(0);
+            for ev in &events[..n] {
+                let target = lock(&self.targets).get(&ev.data()).map(|(_, t)| t.clone());
+                if let Some(t) = target.and_then(|t| t.upgrade()) {
                     t.poke();
                 }
-                true
             }
-            None => false,
+            if n < events.len() {
+                return;
+            }
+        }
+    }
+
+    /// Time until the next tick (zero when due).
+    fn until_tick(&self) -> Duration {
+        lock(&self.next_tick).saturating_duration_since(Instant::now())
+    }
+
+    /// Ticks every watched comm, if a tick is due.
+    fn tick_if_due(&self) {
+        {
+            let mut next = lock(&self.next_tick);
+            let now = Instant::now();
+            if now < *next {
+                return;
+            }
+            *next = now + self.tick;
+        }
+        let targets: Vec<Weak<dyn Poke>> = lock(&self.targets)
+            .values()
+            .map(|(_, t)| t.clone())
+            .collect();
+        for t in targets {
+            if let Some(t) = t.upgrade() {
+                t.tick();
+            }
+        }
+    }
+}
+
+impl AsFd for WatchSet {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.epoll.0.as_fd()
+    }
+}
+
+/// The target of a watch not yet bound.
+struct Nobody;
+
+impl Poke for Nobody {
+    fn poke(&self) {}
+    fn tick(&self) {}
+}
+
+impl Watch {
+    /// Names the comm that the watch pokes and ticks.
+    pub fn bind(&self, target: Weak<dyn Poke>) {
+        if let Some(w) = lock(&self.set.targets).get_mut(&self.id) {
+            w.1 = target;
+        }
+    }
+
+    /// Arms the watch for one wake-up on readable (`read`) or writable (`write`).
+    pub fn arm(&self, read: bool, write: bool) {
+        let mut flags = EpollFlags::EPOLLONESHOT | EpollFlags::EPOLLRDHUP;
+        if read {
+            flags |= EpollFlags::EPOLLIN;
+        }
+        if write {
+            flags |= EpollFlags::EPOLLOUT;
+        }
+        if let Some((fd, _)) = lock(&self.set.targets).get(&self.id) {
+            let _ = self
+                .set
+                .epoll
+                .modify(fd, &mut EpollEvent::new(flags, self.id));
+        }
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        if let Some((fd, _)) = lock(&self.set.targets).remove(&self.id) {
+            let _ = self.set.epoll.delete(&fd);
         }
     }
 }
 
 /// Hands a job to its socket, or fails it when the socket is gone (closed).
-fn route(job: Job, sock: Option<&mut sock::Sock>, send: bool) {
+fn route(job: Job, sock: Option<&mut sock::Sock>) {
     match sock {
-        Some(s) => s.enqueue(job, send),
+        Some(s) => s.enqueue(job),
         None => job.finish(Some(Error::Closed)),
     }
 }

@@ -2,6 +2,12 @@
 //! are issued: an engine asks for the next I/O (`tx_plan` / `rx_plan`), does
 //! it (a syscall, or an io_uring submission) and reports the result
 //! (`tx_done` / `rx_done`).
+//!
+//! A sending socket works through its jobs' chunks in order. A receiving
+//! socket reads a chunk header, asks its comm where that chunk goes
+//! ([`CommLink::lookup`]) and lands the body there: chunks are placed by
+//! `(seq, offset)`, whatever socket carries them. A chunk counts as in place
+//! once its bytes settled (staging copies and unpack kernels finished).
 
 use std::collections::VecDeque;
 use std::net::TcpStream;
@@ -13,6 +19,7 @@ use nix::errno::Errno;
 use devmem::cuda::mem::DeviceSpan;
 
 use super::devmem_rx::{DevmemRx, Dst, Recv};
+use super::placement::{CommLink, Lookup, Placement};
 use super::{Job, TxMode};
 use crate::config::ZeroCopy;
 use crate::error::Error;
@@ -23,17 +30,38 @@ use crate::zerocopy::{self, Tracker};
 
 /// Largest piece of a discarded chunk read at once.
 const SCRATCH_LEN: usize = 1 << 20;
+/// Chunks landed before a socket waits for their copies to finish.
+const MAX_UNSETTLED: usize = 8;
 
-/// Progress of the chunk in flight in one direction of a socket.
+/// Progress of the chunk being sent.
 #[derive(Default)]
 struct Cursor {
     active: bool,
     hdr: [u8; CHUNK_LEN],
     hdr_done: usize,
     body_done: usize,
+}
+
+/// The body of the chunk being received.
+struct Body {
+    /// `None`: read and drop (a duplicate, or a message that needs no bytes).
+    dst: Option<Arc<Placement>>,
+    /// Offset of the chunk in its message.
+    off: u64,
+    len: usize,
+    done: usize,
     /// The body goes straight to device memory (GPU pool, CUDA region):
-    /// no staging to land or settle.
+    /// no staging to land.
     direct: bool,
+}
+
+/// Progress of the chunk being received: its header, then its body.
+struct RxCursor {
+    hdr: [u8; CHUNK_LEN],
+    hdr_done: usize,
+    body: Option<Body>,
+    /// The header names a message the comm does not know yet.
+    parked: bool,
 }
 
 /// Zero-copy state of a data socket.
@@ -76,9 +104,13 @@ pub(super) struct Sock {
     pub stream: TcpStream,
     devmem: Option<Box<DevmemRx>>,
     sends: VecDeque<Job>,
-    recvs: VecDeque<Job>,
     tx: Cursor,
-    rx: Cursor,
+    rx: RxCursor,
+    /// Chunks landed whose copies may still run, oldest first.
+    unsettled: Vec<(Arc<Placement>, u64)>,
+    comm: Arc<dyn CommLink>,
+    receives: bool,
+    peer_timeout_ms: u64,
     pub readable: bool,
     pub writable: bool,
     pub dead: Option<Error>,
@@ -95,6 +127,8 @@ impl Sock {
     pub fn new(
         stream: TcpStream,
         mode: TxMode,
+        comm: Arc<dyn CommLink>,
+        receives: bool,
         mut dead: Option<Error>,
         counters: &Arc<Counters>,
     ) -> Self {
@@ -115,9 +149,17 @@ impl Sock {
             stream,
             devmem,
             sends: VecDeque::new(),
-            recvs: VecDeque::new(),
             tx: Cursor::default(),
-            rx: Cursor::default(),
+            rx: RxCursor {
+                hdr: [0; CHUNK_LEN],
+                hdr_done: 0,
+                body: None,
+                parked: false,
+            },
+            unsettled: Vec::new(),
+            comm,
+            receives,
+            peer_timeout_ms: mode.peer_timeout_ms,
             readable: true,
             writable: true,
             dead,
@@ -131,34 +173,44 @@ impl Sock {
         }
     }
 
-    pub fn enqueue(&mut self, job: Job, send: bool) {
+    pub fn enqueue(&mut self, job: Job) {
         if let Some(e) = &self.dead {
             job.finish(Some(e.clone()));
-        } else if send {
-            self.sends.push_back(job);
         } else {
-            self.recvs.push_back(job);
+            self.sends.push_back(job);
         }
     }
 
+    /// Fails the socket and its comm. Whatever may still write received
+    /// bytes (unpack kernels, staging copies) finishes before the
+    /// placements it writes are let go.
     pub fn fail(&mut self, e: Error) {
-        // Running unpacks write into the jobs' memory, which finishing lets go.
         if let Some(d) = self.devmem.as_mut() {
             d.quiesce();
         }
-        let awaiting: Vec<Job> = self.zc.awaiting.drain(..).collect();
-        for job in self
-            .sends
-            .drain(..)
-            .chain(self.recvs.drain(..))
-            .chain(awaiting)
+        let body = self.rx.body.take();
+        let mut held: Vec<Arc<Placement>> = self.unsettled.drain(..).map(|(p, _)| p).collect();
+        if let Some(Body {
+            dst: Some(p), off, ..
+        }) = body
         {
+            p.unclaim(off);
+            held.push(p);
+        }
+        for (i, p) in held.iter().enumerate() {
+            if held[..i].iter().all(|q| !Arc::ptr_eq(&q.region, &p.region)) {
+                let _ = p.region.settle();
+            }
+        }
+        drop(held);
+        let awaiting: Vec<Job> = self.zc.awaiting.drain(..).collect();
+        for job in self.sends.drain(..).chain(awaiting) {
             job.finish(Some(e.clone()));
         }
         self.tx.active = false;
-        self.rx.active = false;
         if self.dead.is_none() {
-            self.dead = Some(e);
+            self.dead = Some(e.clone());
+            self.comm.failed(e);
         }
     }
 
@@ -167,7 +219,7 @@ impl Sock {
     }
 
     pub fn wants_rx(&self) -> bool {
-        self.dead.is_none() && !self.recvs.is_empty()
+        self.dead.is_none() && self.receives
     }
 
     /// What to send next; `None` when there is nothing (or the socket failed).
@@ -190,14 +242,10 @@ impl Sock {
                 ..Cursor::default()
             };
         }
-        let src = match job.region.as_ref().map(|r| r.source(job.base + off, len)) {
-            Some(Ok(p)) => p,
-            Some(Err(e)) => {
+        let src = match job.region.source(job.base + off, len) {
+            Ok(p) => p,
+            Err(e) => {
                 self.fail(e);
-                return None;
-            }
-            None => {
-                self.fail(Error::InvalidArgument("send job without memory".into()));
                 return None;
             }
         };
@@ -207,9 +255,7 @@ impl Sock {
         let hdr_left = CHUNK_LEN - self.tx.hdr_done;
         let body = (src.wrapping_add(self.tx.body_done), len - self.tx.body_done);
         let hdr = (self.tx.hdr[self.tx.hdr_done..].as_ptr(), hdr_left);
-        let zc_chunk = self.zc.enabled
-            && len >= self.zc.min
-            && job.region.as_ref().is_some_and(|r| r.zerocopy_ok());
+        let zc_chunk = self.zc.enabled && len >= self.zc.min && job.region.zerocopy_ok();
         Some(if hdr_left == 0 {
             TxPlan {
                 parts: [body, (std::ptr::null(), 0)],
@@ -241,9 +287,7 @@ impl Sock {
             .and_then(|j| j.following_chunk().map(|c| (j, c)))
             .or_else(|| self.sends.get(1).map(|j| (j, j.chunk())));
         if let Some((job, (off, len))) = next {
-            if let Some(r) = job.region.as_ref() {
-                r.prefetch(job.base + off, len);
-            }
+            job.region.prefetch(job.base + off, len);
         }
     }
 
@@ -261,9 +305,7 @@ impl Sock {
         self.tx.body_done += n - h;
         if self.tx.hdr_done == CHUNK_LEN && self.tx.body_done == len {
             self.tx.active = false;
-            if let Some(r) = job.region.as_ref() {
-                r.sent(job.base + job.chunk().0, len);
-            }
+            job.region.sent(job.base + job.chunk().0, len);
             if job.advance() {
                 if let Some(done) = self.sends.pop_front() {
                     match done.zc_last {
@@ -277,30 +319,75 @@ impl Sock {
         }
     }
 
-    /// The chunk being received (a fresh cursor when it starts); `None`
-    /// when no receive is posted or the socket failed.
-    fn rx_chunk(&mut self) -> Option<(u64, usize)> {
-        if self.dead.is_some() {
-            return None;
+    /// Makes sense of a complete chunk header: where its body goes, or
+    /// that the socket must wait for the comm to learn of its message.
+    fn resolve(&mut self) {
+        let c = match Chunk::decode(&self.rx.hdr) {
+            Ok(c) => c,
+            Err(e) => return self.fail(e),
+        };
+        let mut waited = self.rx.parked;
+        let dst = loop {
+            match self.comm.lookup(c.seq) {
+                Lookup::Place(p) => match p.claim(c.offset, c.len) {
+                    Ok(true) => break Some(p),
+                    Ok(false) => break None,
+                    Err(e) => return self.fail(e),
+                },
+                Lookup::Discard => break None,
+                // Ask once (the control socket may hold the announcement
+                // unread), then wait for the comm's kick.
+                Lookup::Unknown if !waited => {
+                    self.rx.parked = true;
+                    waited = true;
+                    self.comm.wait_for(c.seq);
+                }
+                Lookup::Unknown => return,
+            }
+        };
+        self.rx.parked = false;
+        self.rx.hdr_done = 0;
+        self.rx.body = Some(Body {
+            dst,
+            off: c.offset,
+            len: c.len as usize,
+            done: 0,
+            direct: false,
+        });
+        if c.len == 0 {
+            self.finish_body();
         }
-        let chunk = self.recvs.front()?.chunk();
-        if !self.rx.active {
-            self.rx = Cursor {
-                active: true,
-                ..Cursor::default()
-            };
-        }
-        Some(chunk)
     }
 
-    /// Where to receive next; `None` when no receive is posted (or the socket failed).
+    /// The header is still incomplete, or the body's destination is known
+    /// (`false`: the socket waits for its comm).
+    fn rx_ready(&mut self) -> bool {
+        if self.dead.is_some() || !self.receives {
+            return false;
+        }
+        if self.rx.body.is_none() && self.rx.hdr_done == CHUNK_LEN {
+            self.resolve();
+        }
+        self.dead.is_none() && (self.rx.body.is_some() || self.rx.hdr_done < CHUNK_LEN)
+    }
+
+    /// Where to receive next: the rest of the body and then the next
+    /// header, or the rest of the header; `None` when the socket waits.
     pub fn rx_plan(&mut self, scratch: &mut Vec<u8>) -> Option<RxPlan> {
-        let (off, len) = self.rx_chunk()?;
-        let job = self.recvs.front()?;
-        let want = len - self.rx.body_done;
-        let body = match job.region.as_ref() {
-            Some(r) => match r.sink(job.base + off + self.rx.body_done as u64, want) {
-                Ok(p) => (p, want),
+        if !self.rx_ready() {
+            return None;
+        }
+        let hdr_done = self.rx.hdr_done;
+        let hdr = (self.rx.hdr[hdr_done..].as_mut_ptr(), CHUNK_LEN - hdr_done);
+        let Some(b) = self.rx.body.as_ref() else {
+            return Some(RxPlan {
+                parts: [hdr, (std::ptr::null_mut(), 0)],
+            });
+        };
+        let want = b.len - b.done;
+        let body = match &b.dst {
+            Some(p) => match p.region.sink(p.base + b.off + b.done as u64, want) {
+                Ok(ptr) => (ptr, want),
                 Err(e) => {
                     self.fail(e);
                     return None;
@@ -313,12 +400,14 @@ impl Sock {
                 (scratch.as_mut_ptr(), want.min(scratch.len()))
             }
         };
-        let hdr_done = self.rx.hdr_done;
+        // The next header may come in the same read, once the body is whole.
+        let next = if body.1 == want {
+            hdr
+        } else {
+            (std::ptr::null_mut(), 0)
+        };
         Some(RxPlan {
-            parts: [
-                (self.rx.hdr[hdr_done..].as_mut_ptr(), CHUNK_LEN - hdr_done),
-                body,
-            ],
+            parts: [body, next],
         })
     }
 
@@ -328,52 +417,70 @@ impl Sock {
             self.fail(Error::ConnectionLost("peer closed a data socket".into()));
             return;
         }
-        let Some(job) = self.recvs.front_mut() else {
+        let mut rest = n;
+        if let Some(b) = self.rx.body.as_mut() {
+            let took = rest.min(b.len - b.done);
+            b.done += took;
+            rest -= took;
+            if b.done == b.len {
+                self.finish_body();
+            }
+        }
+        self.rx.hdr_done = (self.rx.hdr_done + rest).min(CHUNK_LEN);
+        if self.rx.body.is_none() && self.rx.hdr_done == CHUNK_LEN {
+            self.resolve();
+        }
+    }
+
+    /// The body of the current chunk is received: lands it, and counts it
+    /// in place now or once its copies settle.
+    fn finish_body(&mut self) {
+        let Some(b) = self.rx.body.take() else {
             return;
         };
-        let (off, len) = job.chunk();
-        let hdr_done = self.rx.hdr_done;
-        let h = n.min(CHUNK_LEN - hdr_done);
-        self.rx.hdr_done += h;
-        self.rx.body_done += n - h;
-        if hdr_done < CHUNK_LEN && self.rx.hdr_done == CHUNK_LEN {
-            let expected = Chunk {
-                seq: job.seq,
-                offset: off,
-                len: len as u32,
-            };
-            match Chunk::decode(&self.rx.hdr) {
-                Ok(c) if c == expected => {}
-                Ok(c) => {
-                    return self.fail(Error::Protocol(format!(
-                        "got chunk {c:?}, expected {expected:?}"
-                    )))
-                }
-                Err(e) => return self.fail(e),
+        let Some(p) = b.dst else {
+            return;
+        };
+        if !b.direct {
+            if let Err(e) = p.region.landed(p.base + b.off, b.len) {
+                p.unclaim(b.off);
+                return self.fail(e);
             }
         }
-        if self.rx.hdr_done == CHUNK_LEN && self.rx.body_done == len {
-            self.rx.active = false;
-            if let (Some(r), false) = (job.region.as_ref(), self.rx.direct) {
-                if let Err(e) = r.landed(job.base + off, len) {
-                    return self.fail(e);
-                }
+        if self.devmem.is_some() || p.region.stages() {
+            self.unsettled.push((p, b.off));
+            if self.unsettled.len() >= MAX_UNSETTLED {
+                self.settle();
             }
-            if job.advance() {
-                // Done means in place: unpack kernels and staging copies finished.
-                let settled = self
-                    .devmem
-                    .as_mut()
-                    .map_or(Ok(()), |d| d.settle())
-                    .and_then(|()| job.region.as_ref().map_or(Ok(()), |r| r.settle()));
-                if let Err(e) = settled {
-                    return self.fail(e);
-                }
-                if let Some(done) = self.recvs.pop_front() {
-                    done.finish(None);
-                }
+        } else {
+            p.chunk_placed();
+        }
+    }
+
+    /// Waits for the copies of landed chunks and counts them in place.
+    /// True if any were waiting.
+    pub fn settle(&mut self) -> bool {
+        if self.unsettled.is_empty() {
+            return false;
+        }
+        let mut settled = self.devmem.as_mut().map_or(Ok(()), |d| d.settle());
+        for (i, (p, _)) in self.unsettled.iter().enumerate() {
+            let seen = self.unsettled[..i]
+                .iter()
+                .any(|(q, _)| Arc::ptr_eq(&q.region, &p.region));
+            if !seen && settled.is_ok() {
+                settled = p.region.settle();
             }
         }
+        match settled {
+            Ok(()) => {
+                for (p, _) in self.unsettled.drain(..) {
+                    p.chunk_placed();
+                }
+            }
+            Err(e) => self.fail(e),
+        }
+        true
     }
 
     /// Applies a zero-copy completion; in `auto` mode a copying kernel turns zero-copy off.
@@ -440,7 +547,7 @@ impl Sock {
             return Step::Idle;
         };
         let dst = match target {
-            // SAFETY: the target is valid for writes while its job holds the region.
+            // SAFETY: the target is valid for writes while its placement holds the region.
             Target::Host(p, len) => Dst::Host(unsafe { super::bytes_mut(p, len) }),
             Target::Device(span) => Dst::Device(span),
         };
@@ -461,39 +568,45 @@ impl Sock {
     /// else the rest of the body: device memory when the pool and the region
     /// are on the same GPU, else host-addressable memory.
     fn rx_target(&mut self, scratch: &mut Vec<u8>) -> Option<Target> {
-        let (off, len) = self.rx_chunk()?;
-        let job = self.recvs.front()?;
-        if self.rx.hdr_done < CHUNK_LEN {
+        if !self.rx_ready() {
+            return None;
+        }
+        let pool_gpu = self.devmem.as_ref().and_then(|d| d.gpu_ordinal());
+        let Some(b) = self.rx.body.as_mut() else {
             let h = self.rx.hdr_done;
             return Some(Target::Host(self.rx.hdr[h..].as_mut_ptr(), CHUNK_LEN - h));
-        }
-        let want = len - self.rx.body_done;
-        let at = job.base + off + self.rx.body_done as u64;
-        let pool_gpu = self.devmem.as_ref().and_then(|d| d.gpu_ordinal());
-        let target = match (job.region.as_ref(), pool_gpu) {
+        };
+        let want = b.len - b.done;
+        let target = match (b.dst.as_ref(), pool_gpu) {
             (None, _) => {
                 if scratch.is_empty() {
                     scratch.resize(SCRATCH_LEN, 0);
                 }
                 Ok(Target::Host(scratch.as_mut_ptr(), want.min(scratch.len())))
             }
-            (Some(r), Some(gpu)) => match r.cuda_ordinal() {
-                Some(o) if o == gpu => r.device_span(at, want).map(Target::Device),
-                Some(o) => Err(Error::Unsupported(format!(
-                    "the receive buffer is memory of GPU {o} but the devmem RX pool is on GPU {gpu}; \
-                     receive into memory of GPU {gpu} (the GPU named by TCPX_GPU_PCI)"
-                ))),
-                None => {
-                    if !GPU_TO_HOST_LOGGED.swap(true, std::sync::atomic::Ordering::Relaxed) {
-                        tracing::warn!("host memory receives from a GPU devmem pool by one device-to-host copy per fragment (slow); register CUDA memory for devmem receives (logged once)");
+            (Some(p), Some(gpu)) => {
+                let at = p.base + b.off + b.done as u64;
+                match p.region.cuda_ordinal() {
+                    Some(o) if o == gpu => p.region.device_span(at, want).map(Target::Device),
+                    Some(o) => Err(Error::Unsupported(format!(
+                        "the receive buffer is memory of GPU {o} but the devmem RX pool is on GPU {gpu}; \
+                         receive into memory of GPU {gpu} (the GPU named by TCPX_GPU_PCI)"
+                    ))),
+                    None => {
+                        if !GPU_TO_HOST_LOGGED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                            tracing::warn!("host memory receives from a GPU devmem pool by one device-to-host copy per fragment (slow); register CUDA memory for devmem receives (logged once)");
+                        }
+                        p.region.sink(at, want).map(|ptr| Target::Host(ptr, want))
                     }
-                    r.sink(at, want).map(|p| Target::Host(p, want))
                 }
-            },
+            }
             // A host pool: host memory, or a CUDA region's bounce staging.
-            (Some(r), None) => r.sink(at, want).map(|p| Target::Host(p, want)),
+            (Some(p), None) => {
+                let at = p.base + b.off + b.done as u64;
+                p.region.sink(at, want).map(|ptr| Target::Host(ptr, want))
+            }
         };
-        self.rx.direct = matches!(target, Ok(Target::Device(_)));
+        b.direct = matches!(target, Ok(Target::Device(_)));
         match target {
             Ok(t) => Some(t),
             Err(e) => {
@@ -504,11 +617,24 @@ impl Sock {
     }
 
     pub fn tx_failed(&mut self, e: Errno) {
-        self.fail(Error::io("send", e.into()));
+        let err = self.io_error("send", e);
+        self.fail(err);
     }
 
     pub fn rx_failed(&mut self, e: Errno) {
-        self.fail(Error::io("recv", e.into()));
+        let err = self.io_error("recv", e);
+        self.fail(err);
+    }
+
+    /// ETIMEDOUT on a data socket is TCP_USER_TIMEOUT: the peer stopped acknowledging.
+    fn io_error(&self, op: &'static str, e: Errno) -> Error {
+        if e == Errno::ETIMEDOUT {
+            Error::PeerUnresponsive {
+                after_ms: self.peer_timeout_ms,
+            }
+        } else {
+            Error::io(op, e.into())
+        }
     }
 }
 
@@ -543,7 +669,34 @@ mod tests {
     use crate::request::ReqState;
     use devmem::sockabi::KernelAbi;
     use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Mutex;
     use std::time::Duration;
+
+    /// A receive comm that knows one message, number 7.
+    #[derive(Default)]
+    struct OneMessage {
+        placement: Mutex<Option<Arc<Placement>>>,
+        err: Mutex<Option<Error>>,
+    }
+
+    impl CommLink for OneMessage {
+        fn failed(&self, e: Error) {
+            self.err.lock().unwrap().get_or_insert(e);
+            self.placement.lock().unwrap().take();
+        }
+        fn lookup(&self, seq: u64) -> Lookup {
+            match self.placement.lock().unwrap().clone() {
+                Some(p) if seq == 7 => Lookup::Place(p),
+                _ => Lookup::Discard,
+            }
+        }
+        fn completed(&self, _: u64) {
+            self.placement.lock().unwrap().take();
+        }
+        fn failure(&self) -> Error {
+            self.err.lock().unwrap().clone().unwrap_or(Error::Closed)
+        }
+    }
 
     /// Receives one `n`-byte chunk through an emulated devmem socket whose
     /// gathers finish when `gather` says; returns the request and its memory.
@@ -561,30 +714,39 @@ mod tests {
             zerocopy: ZeroCopy::Off,
             min_zcopy: 0,
             devmem_emulated: Some((KernelAbi::Tcpx, PoolSource::Local(1 << 20))),
+            peer_timeout_ms: 0,
         };
-        let mut s = Sock::new(stream, mode, None, &Arc::new(Counters::default()));
+        let comm = Arc::new(OneMessage::default());
+        let mut s = Sock::new(
+            stream,
+            mode,
+            comm.clone(),
+            true,
+            None,
+            &Arc::new(Counters::default()),
+        );
         if let Some(d) = s.devmem.as_mut() {
             d.set_gather(Box::new(gather.clone()), deadline);
         }
         let mr = MemoryRegion::owned(HostMemory::zeroed(n).unwrap());
         let req = Arc::new(ReqState::new(1, 1));
-        let job = Job {
-            req: req.clone(),
-            region: Some(mr.inner.clone()),
-            base: 0,
-            seq: 7,
-            size: n as u64,
-            chunk_size: n as u64,
-            next_chunk: 0,
-            stride: 1,
-            zc_last: None,
-        };
-        s.enqueue(job, false);
+        let p = Placement::new(
+            7,
+            mr.inner.clone(),
+            0,
+            n as u64,
+            n as u64,
+            req.clone(),
+            comm.clone(),
+        );
+        *comm.placement.lock().unwrap() = Some(Arc::new(p));
         let mut scratch = Vec::new();
         while !req.is_done() {
             match s.rx_devmem(&mut scratch) {
                 Step::Moved => {}
-                Step::WouldBlock | Step::Idle => panic!("stalled before the request was done"),
+                Step::WouldBlock | Step::Idle => {
+                    assert!(s.settle(), "stalled before the request was done")
+                }
             }
         }
         (req, mr)

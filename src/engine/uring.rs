@@ -13,11 +13,10 @@ use std::sync::Arc;
 use crossbeam_channel::Receiver;
 use io_uring::{cqueue, opcode, squeue, types, IoUring, Probe};
 use nix::errno::Errno;
-use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollTimeout};
 use nix::sys::eventfd::EventFd;
 
 use super::sock::Sock;
-use super::{route, Cmd, TxMode, Watches};
+use super::{route, Cmd, TxMode, WatchSet};
 use crate::config::ZeroCopy;
 use crate::error::{Error, Result};
 use crate::stats::Counters;
@@ -114,8 +113,7 @@ pub(super) struct UringLoop {
     socks: HashMap<u64, Box<USock>>,
     /// Closed sockets whose SQEs have not completed yet.
     closing: HashMap<u64, Box<USock>>,
-    watch_set: Epoll,
-    watches: Watches,
+    watches: Arc<WatchSet>,
     wake_buf: Box<[u8; 8]>,
     scratch: Vec<u8>,
 }
@@ -126,13 +124,12 @@ impl UringLoop {
         wake: Arc<EventFd>,
         sleeping: Arc<AtomicBool>,
         counters: Arc<Counters>,
+        watches: Arc<WatchSet>,
     ) -> Result<Self> {
         let ring = IoUring::new(RING_ENTRIES).map_err(|e| Error::io("io_uring_setup", e))?;
         let mut p = Probe::new();
         let zc_supported = ring.submitter().register_probe(&mut p).is_ok()
             && p.is_supported(opcode::SendMsgZc::CODE);
-        let watch_set = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)
-            .map_err(|e| Error::io("epoll_create", e.into()))?;
         Ok(UringLoop {
             rx,
             wake,
@@ -142,8 +139,7 @@ impl UringLoop {
             zc_supported,
             socks: HashMap::new(),
             closing: HashMap::new(),
-            watch_set,
-            watches: Watches::default(),
+            watches,
             wake_buf: Box::new([0; 8]),
             scratch: Vec::new(),
         })
@@ -174,10 +170,13 @@ impl UringLoop {
     }
 
     fn arm_watch(&mut self) {
-        let sqe =
-            opcode::PollAdd::new(types::Fd(self.watch_set.0.as_raw_fd()), libc::POLLIN as u32)
-                .build()
-                .user_data(K_WATCH);
+        use std::os::fd::AsFd;
+        let sqe = opcode::PollAdd::new(
+            types::Fd(self.watches.as_fd().as_raw_fd()),
+            libc::POLLIN as u32,
+        )
+        .build()
+        .user_data(K_WATCH);
         self.push(&sqe);
     }
 
@@ -191,14 +190,26 @@ impl UringLoop {
                 }
             }
             self.start_io();
+            // Waiting anyway: first let the copies of landed chunks finish.
+            let mut settled = false;
+            for u in self.socks.values_mut() {
+                settled |= u.sock.settle();
+            }
             self.sleeping.store(true, Ordering::SeqCst);
-            let wait = if self.rx.is_empty() { 1 } else { 0 };
-            if let Err(e) = self.ring.submit_and_wait(wait) {
-                if e.raw_os_error() != Some(libc::EINTR) {
+            let wait = if self.rx.is_empty() && !settled { 1 } else { 0 };
+            let until = self.watches.until_tick();
+            let ts = types::Timespec::new()
+                .sec(until.as_secs())
+                .nsec(until.subsec_nanos());
+            let args = types::SubmitArgs::new().timespec(&ts);
+            if let Err(e) = self.ring.submitter().submit_with_args(wait, &args) {
+                let benign = [libc::EINTR, libc::ETIME, libc::EBUSY];
+                if !e.raw_os_error().is_some_and(|c| benign.contains(&c)) {
                     tracing::error!("io_uring_enter: {e}");
                 }
             }
             self.sleeping.store(false, Ordering::SeqCst);
+            self.watches.tick_if_due();
             self.reap();
         }
     }
@@ -315,14 +326,7 @@ impl UringLoop {
                     rearm_wake = true;
                 }
                 K_WATCH => {
-                    let mut events = [EpollEvent::empty(); 16];
-                    let n = self
-                        .watch_set
-                        .wait(&mut events, EpollTimeout::ZERO)
-                        .unwrap_or(0);
-                    for ev in &events[..n] {
-                        self.watches.fire(ev.data());
-                    }
+                    self.watches.dispatch();
                     rearm_watch = true;
                 }
                 K_SEND => self.on_send(id, zc_low, res, cqe.flags()),
@@ -418,7 +422,13 @@ impl UringLoop {
     /// False when the worker must exit.
     fn handle(&mut self, cmd: Cmd) -> bool {
         match cmd {
-            Cmd::Add { id, stream, tx } => {
+            Cmd::Add {
+                id,
+                stream,
+                tx,
+                comm,
+                receives,
+            } => {
                 // io_uring honours O_NONBLOCK by failing with EAGAIN; blocking sockets let it wait for readiness.
                 let dead = stream
                     .set_nonblocking(false)
@@ -439,6 +449,8 @@ impl UringLoop {
                                 devmem_emulated: None,
                                 ..tx
                             },
+                            comm,
+                            receives,
                             dead,
                             &self.counters,
                         ),
@@ -459,20 +471,9 @@ impl UringLoop {
                     }),
                 );
             }
-            Cmd::Watch {
-                id,
-                fd,
-                out,
-                target,
-            } => self.watches.add(&self.watch_set, id, fd, out, target),
-            Cmd::Send { id, job } => route(job, self.socks.get_mut(&id).map(|u| &mut u.sock), true),
-            Cmd::Recv { id, job } => {
-                route(job, self.socks.get_mut(&id).map(|u| &mut u.sock), false)
-            }
-            Cmd::Close { id } => {
-                self.watches.remove(&self.watch_set, id);
-                self.close(id);
-            }
+            Cmd::Send { id, job } => route(job, self.socks.get_mut(&id).map(|u| &mut u.sock)),
+            Cmd::Kick => {}
+            Cmd::Close { id } => self.close(id),
             Cmd::Shutdown => {
                 let ids: Vec<u64> = self.socks.keys().copied().collect();
                 for id in ids {

@@ -1,6 +1,8 @@
 //! Shared fixtures: a connected comm pair over loopback "NICs".
 #![allow(dead_code)]
 
+pub mod child;
+
 use std::time::Duration;
 
 use tcpx::{Config, HostMemory, Net, RecvBuf, RecvComm, SendComm};

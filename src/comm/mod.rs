@@ -1,0 +1,283 @@
+//! Send and receive comms, and the requests they hand out.
+//!
+//! Each comm owns its sockets and one lock over its control stream and
+//! the sans-I/O protocol state (`crate::ctrl`) that it drives. Several
+//! threads take turns at that lock: callers (`isend`, `irecv`, `test`,
+//! `wait`), the worker that watches the control socket (pokes, ticks), and
+//! data workers with news (a chunk that waits for its announcement, a
+//! message in place, a failed socket). Those never block on it: they leave
+//! a note (`Ctrl::nudge`) and whoever holds the lock runs the protocol
+//! again before it lets go.
+
+mod recv;
+mod request;
+mod send;
+
+use std::net::TcpStream;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::sys::socket::MsgFlags;
+
+use crate::engine::{Cmd, Watch};
+use crate::error::{Error, Result};
+use crate::memory::MemoryRegion;
+use crate::net::NetInner;
+
+pub(crate) use recv::RecvCore;
+pub use recv::{RecvBuf, RecvComm};
+pub use request::{Request, Waiter};
+pub use send::SendComm;
+pub(crate) use send::SendCore;
+
+/// A data socket of a comm: which worker owns it, and its id there.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct DataSock {
+    pub worker: usize,
+    pub id: u64,
+}
+
+/// What the handshake settled for a new comm.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Agreed {
+    /// The peer's peer timeout: our heartbeats must keep it content.
+    pub peer_timeout: Option<Duration>,
+    /// The sender's inline threshold (what the receiver must expect).
+    pub inline_threshold: usize,
+}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn try_lock<T>(m: &Mutex<T>) -> Option<MutexGuard<'_, T>> {
+    match m.try_lock() {
+        Ok(g) => Some(g),
+        Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
+        Err(TryLockError::WouldBlock) => None,
+    }
+}
+
+/// The control stream's lock and the note that someone has news for it.
+struct Ctrl<T> {
+    state: Mutex<T>,
+    dirty: AtomicBool,
+}
+
+impl<T> Ctrl<T> {
+    fn new(t: T) -> Self {
+        Ctrl {
+            state: Mutex::new(t),
+            dirty: AtomicBool::new(false),
+        }
+    }
+
+    /// Runs `f` under the lock, then `progress` for any news that came
+    /// meanwhile (from threads that did not wait for the lock).
+    fn with<R>(&self, f: impl FnOnce(&mut T) -> R, progress: impl Fn(&mut T)) -> R {
+        let r = f(&mut lock(&self.state));
+        self.settle_news(&progress);
+        r
+    }
+
+    /// Runs `f` if the lock is free (a worker's tick: whoever holds it is
+    /// driving the comm already), then `progress` for any news.
+    fn try_with(&self, f: impl FnOnce(&mut T), progress: impl Fn(&mut T)) {
+        if let Some(mut g) = try_lock(&self.state) {
+            f(&mut g);
+        }
+        self.settle_news(&progress);
+    }
+
+    /// Has `progress` run soon: now if the lock is free, else by its holder.
+    fn nudge(&self, progress: impl Fn(&mut T)) {
+        self.dirty.store(true, Ordering::SeqCst);
+        self.settle_news(&progress);
+    }
+
+    fn settle_news(&self, progress: &impl Fn(&mut T)) {
+        // A nudger sets `dirty` before it tries the lock, the holder looks at
+        // `dirty` after it lets go: one of the two sees the other.
+        while self.dirty.load(Ordering::SeqCst) {
+            let Some(mut g) = try_lock(&self.state) else {
+                return;
+            };
+            self.dirty.store(false, Ordering::SeqCst);
+            progress(&mut g);
+        }
+    }
+}
+
+/// What send and receive comms share: their sockets and slot accounting.
+struct CommBase {
+    net: Arc<NetInner>,
+    socks: Vec<DataSock>,
+    inflight: AtomicUsize,
+    closed: AtomicBool,
+    /// The data sockets were told to close (once).
+    socks_closed: AtomicBool,
+    /// The worker's watch on the control socket, and what it is armed for.
+    watch: Watch,
+    armed: AtomicU8,
+}
+
+const ARM_READ: u8 = 1;
+const ARM_WRITE: u8 = 2;
+
+impl CommBase {
+    fn new(net: Arc<NetInner>, socks: Vec<DataSock>, watch: Watch) -> Self {
+        CommBase {
+            net,
+            socks,
+            inflight: AtomicUsize::new(0),
+            closed: AtomicBool::new(false),
+            socks_closed: AtomicBool::new(false),
+            watch,
+            armed: AtomicU8::new(0),
+        }
+    }
+
+    fn close_data(&self) {
+        if !self.socks_closed.swap(true, Ordering::AcqRel) {
+            for s in &self.socks {
+                self.net.workers[s.worker].submit(Cmd::Close { id: s.id });
+            }
+        }
+    }
+
+    /// Has the workers of this comm's sockets look at them again.
+    fn kick(&self) {
+        let mut seen = Vec::with_capacity(self.socks.len());
+        for s in &self.socks {
+            if !seen.contains(&s.worker) {
+                seen.push(s.worker);
+                self.net.workers[s.worker].submit(Cmd::Kick);
+            }
+        }
+    }
+
+    /// Arms the control-socket watch for what the comm awaits (one-shot:
+    /// the worker's poke disarms it, see `poked`).
+    fn arm(&self, read: bool, write: bool) {
+        let want = if read { ARM_READ } else { 0 } | if write { ARM_WRITE } else { 0 };
+        if want == 0 {
+            return;
+        }
+        let had = self.armed.fetch_or(want, Ordering::AcqRel);
+        if had | want != had {
+            let now = had | want;
+            self.watch.arm(now & ARM_READ != 0, now & ARM_WRITE != 0);
+        }
+    }
+
+    /// The watch fired and disarmed itself.
+    fn poked(&self) {
+        self.armed.store(0, Ordering::Release);
+    }
+
+    /// A finished or dropped request frees its slot.
+    fn release_slot(&self) {
+        self.inflight.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::Closed);
+        }
+        Ok(())
+    }
+}
+
+/// Reads what the control socket has into `space` (non-blocking): the
+/// byte count (0 = the peer closed), `None` when nothing is there.
+fn read_ctrl(stream: &TcpStream, space: &mut [u8]) -> Result<Option<usize>> {
+    loop {
+        match nix::sys::socket::recv(stream.as_raw_fd(), space, MsgFlags::MSG_DONTWAIT) {
+            Ok(n) => return Ok(Some(n)),
+            Err(Errno::EAGAIN) => return Ok(None),
+            Err(Errno::EINTR) => {}
+            Err(e) => return Err(ctrl_error("recv control", e)),
+        }
+    }
+}
+
+/// Writes what it can of `out` (non-blocking); the bytes taken.
+fn write_ctrl(stream: &TcpStream, out: &[u8]) -> Result<usize> {
+    if out.is_empty() {
+        return Ok(0);
+    }
+    let flags = MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT;
+    loop {
+        match nix::sys::socket::send(stream.as_raw_fd(), out, flags) {
+            Ok(n) => return Ok(n),
+            Err(Errno::EAGAIN) => return Ok(0),
+            Err(Errno::EINTR) => {}
+            Err(e) => return Err(ctrl_error("send control", e)),
+        }
+    }
+}
+
+fn ctrl_error(op: &'static str, e: Errno) -> Error {
+    Error::io(op, std::io::Error::from(e))
+}
+
+/// Closes a control socket without losing what was written: the peer
+/// gets our queued bytes and a FIN. Unread input at close would make the
+/// kernel reset the connection and drop unsent bytes, so input is read
+/// and dropped until the peer acknowledged everything (briefly; a dead
+/// peer costs `patience`).
+fn close_ctrl(stream: &TcpStream, patience: Duration) {
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let deadline = Instant::now() + patience;
+    let mut sink = [0u8; 4096];
+    loop {
+        let eof = loop {
+            match nix::sys::socket::recv(stream.as_raw_fd(), &mut sink, MsgFlags::MSG_DONTWAIT) {
+                Ok(0) => break true,
+                Ok(_) => {}
+                Err(Errno::EINTR) => {}
+                Err(_) => break false,
+            }
+        };
+        if eof || unsent(stream) == 0 || Instant::now() >= deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let _ = stream.shutdown(std::net::Shutdown::Both);
+}
+
+/// Bytes the kernel holds unacknowledged for the socket (SIOCOUTQ).
+fn unsent(stream: &TcpStream) -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ writes one c_int through the pointer, valid for the call.
+    let rc = unsafe { libc::ioctl(stream.as_raw_fd(), libc::TIOCOUTQ, &mut n) };
+    if rc == 0 {
+        n.max(0) as usize
+    } else {
+        0
+    }
+}
+
+fn check_range(mr: &MemoryRegion, offset: usize, len: usize) -> Result<()> {
+    match offset.checked_add(len) {
+        Some(end) if end <= mr.len() => Ok(()),
+        _ => Err(Error::InvalidArgument(format!(
+            "bytes {offset}+{len} outside the {}-byte region",
+            mr.len()
+        ))),
+    }
+}
+
+/// # Safety
+/// `p` must be valid for reads of `len` bytes for the returned lifetime.
+unsafe fn bytes<'a>(p: *const u8, len: usize) -> &'a [u8] {
+    if len == 0 {
+        return &[];
+    }
+    // SAFETY: guaranteed by the caller.
+    unsafe { std::slice::from_raw_parts(p, len) }
+}

@@ -1,0 +1,469 @@
+//! The receiving end of a comm.
+
+use std::collections::HashMap;
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use flowsteer::RuleHandle;
+
+use super::request::{Owner, Request, Waiter};
+use super::{
+    check_range, close_ctrl, lock, read_ctrl, write_ctrl, Agreed, CommBase, Ctrl, DataSock,
+};
+use crate::config::MAX_RECVS;
+use crate::ctrl::{Params, RecvEvent, RecvSide, Token};
+use crate::engine::{CommLink, Lookup, Placement, Poke};
+use crate::error::{Error, Result};
+use crate::memory::{MemoryRegion, Region, RxPath};
+use crate::net::NetInner;
+use crate::request::{FdWaker, ReqState};
+
+/// How long a closing comm lets its last control bytes reach the peer.
+const CLOSE_PATIENCE: Duration = Duration::from_millis(200);
+
+/// One buffer of a (grouped) receive.
+#[derive(Debug, Clone, Copy)]
+pub struct RecvBuf<'a> {
+    pub mr: &'a MemoryRegion,
+    pub offset: usize,
+    pub len: usize,
+    pub tag: i32,
+}
+
+struct Sub {
+    region: Arc<Region>,
+    offset: u64,
+}
+
+/// A posted receive whose buffers are not all resolved yet.
+struct Group {
+    state: Arc<ReqState>,
+    /// A buffer's entry goes when a message fills it (or it is released).
+    subs: Vec<Option<Sub>>,
+}
+
+pub(crate) struct RecvCtrl {
+    stream: TcpStream,
+    side: RecvSide,
+    groups: HashMap<Token, Group>,
+    next_token: Token,
+}
+
+/// What a receive comm shares with its data sockets and placements.
+pub(crate) struct RecvLink {
+    core: Weak<RecvCore>,
+    /// Accepted chunked messages not yet in place, by sequence number.
+    placements: Mutex<HashMap<u64, Arc<Placement>>>,
+    /// Messages below this number are announced (placed, refused or inline).
+    announced: AtomicU64,
+    /// A data socket waits for an announcement.
+    waiting: AtomicBool,
+    /// Messages in place, to acknowledge.
+    acks: Mutex<Vec<u64>>,
+    /// The first failure of the comm (a data socket's, or close).
+    failure: Mutex<Option<Error>>,
+}
+
+impl CommLink for RecvLink {
+    fn failed(&self, e: Error) {
+        lock(&self.failure).get_or_insert(e);
+        self.nudge();
+    }
+
+    fn lookup(&self, seq: u64) -> Lookup {
+        if let Some(p) = lock(&self.placements).get(&seq) {
+            return Lookup::Place(p.clone());
+        }
+        if seq < self.announced.load(Ordering::Acquire) {
+            Lookup::Discard
+        } else {
+            Lookup::Unknown
+        }
+    }
+
+    fn wait_for(&self, _seq: u64) {
+        self.waiting.store(true, Ordering::SeqCst);
+        self.nudge();
+    }
+
+    fn completed(&self, seq: u64) {
+        lock(&self.placements).remove(&seq);
+        lock(&self.acks).push(seq);
+        self.nudge();
+    }
+
+    fn failure(&self) -> Error {
+        lock(&self.failure).clone().unwrap_or(Error::Closed)
+    }
+}
+
+impl RecvLink {
+    fn nudge(&self) {
+        if let Some(core) = self.core.upgrade() {
+            core.nudge();
+        }
+    }
+}
+
+pub(crate) struct RecvCore {
+    base: CommBase,
+    ctrl: Ctrl<RecvCtrl>,
+    link: Arc<RecvLink>,
+    pub(super) waker: Arc<FdWaker>,
+    ctrl_fd: i32,
+    /// Flow-steering rules of the data sockets; withdrawn on close.
+    flows: Mutex<Vec<RuleHandle>>,
+}
+
+/// The receiving end of a connection (from `ListenComm::accept`).
+pub struct RecvComm {
+    core: Arc<RecvCore>,
+}
+
+impl std::fmt::Debug for RecvComm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RecvComm({} data sockets)", self.core.base.socks.len())
+    }
+}
+
+impl RecvComm {
+    pub(crate) fn new(
+        net: Arc<NetInner>,
+        ctrl: TcpStream,
+        data: Vec<(usize, TcpStream)>,
+        flows: Vec<RuleHandle>,
+        agreed: Agreed,
+    ) -> Result<Self> {
+        let params = Params {
+            timeout: net.cfg.peer_timeout,
+            peer_timeout: agreed.peer_timeout,
+            inline_threshold: agreed.inline_threshold,
+        };
+        let waker = Arc::new(FdWaker::default());
+        let ctrl_fd = std::os::fd::AsRawFd::as_raw_fd(&ctrl);
+        let watch = net.watch_ctrl(&ctrl, data.first().map_or(0, |d| d.0))?;
+        let core = Arc::new_cyclic(|me: &Weak<RecvCore>| {
+            let link = Arc::new(RecvLink {
+                core: me.clone(),
+                placements: Mutex::new(HashMap::new()),
+                announced: AtomicU64::new(0),
+                waiting: AtomicBool::new(false),
+                acks: Mutex::new(Vec::new()),
+                failure: Mutex::new(None),
+            });
+            let as_link: Arc<dyn CommLink> = link.clone();
+            let socks: Vec<DataSock> = data
+                .into_iter()
+                .map(|(nic, s)| net.add_data_socket(nic, s, as_link.clone(), true))
+                .collect();
+            let target: Weak<dyn Poke> = me.clone();
+            watch.bind(target);
+            RecvCore {
+                base: CommBase::new(net.clone(), socks, watch),
+                ctrl: Ctrl::new(RecvCtrl {
+                    stream: ctrl,
+                    side: RecvSide::new(params, Instant::now()),
+                    groups: HashMap::new(),
+                    next_token: 0,
+                }),
+                link,
+                waker,
+                ctrl_fd,
+                flows: Mutex::new(flows),
+            }
+        });
+        Ok(RecvComm { core })
+    }
+
+    pub fn data_sockets(&self) -> usize {
+        self.core.base.socks.len()
+    }
+
+    /// Posts a receive of up to 8 buffers; each takes the next message whose tag matches it.
+    /// `Ok(None)`: every request slot is busy.
+    pub fn irecv(&self, bufs: &[RecvBuf<'_>]) -> Result<Option<Request>> {
+        let core = &self.core;
+        core.base.check_open()?;
+        if bufs.is_empty() || bufs.len() > MAX_RECVS {
+            return Err(Error::InvalidArgument(format!(
+                "a receive takes 1..={MAX_RECVS} buffers, got {}",
+                bufs.len()
+            )));
+        }
+        for b in bufs {
+            check_range(b.mr, b.offset, b.len)?;
+        }
+        if core.base.inflight.load(Ordering::Acquire) >= core.base.net.cfg.max_requests {
+            return Ok(None);
+        }
+        let state = Arc::new(ReqState::new(bufs.len(), bufs.len()).with_waker(core.waker.clone()));
+        let group = Group {
+            state: state.clone(),
+            subs: bufs
+                .iter()
+                .map(|b| {
+                    Some(Sub {
+                        region: b.mr.inner.clone(),
+                        offset: b.offset as u64,
+                    })
+                })
+                .collect(),
+        };
+        let specs: Vec<(u64, i32)> = bufs.iter().map(|b| (b.len as u64, b.tag)).collect();
+        core.ctrl.with(
+            |c| -> Result<()> {
+                let token = c.next_token;
+                c.next_token += 1;
+                c.groups.insert(token, group);
+                let RecvCtrl { side, groups, .. } = &mut *c;
+                let mut bad = None;
+                let posted = side.post(token, &specs, &mut |e| {
+                    if let Err(err) = core.act(groups, e) {
+                        bad.get_or_insert(err);
+                    }
+                });
+                if let Err(e) = posted {
+                    groups.remove(&token);
+                    return Err(e);
+                }
+                if let Some(e) = bad {
+                    side.fail(e);
+                }
+                core.progress(c, false);
+                Ok(())
+            },
+            |c| core.progress(c, false),
+        )?;
+        core.base.inflight.fetch_add(1, Ordering::AcqRel);
+        Ok(Some(Request::new(state, Owner::Recv(core.clone()))))
+    }
+
+    /// Kept for callers of earlier releases: every comm is driven by the
+    /// threads that poll or wait on it (and ticked by its worker), so there
+    /// is nothing to take over.
+    pub fn take_over_progress(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Sleeps until the request behind `w` moves or `timeout` passes,
+    /// reading the control socket meanwhile (see [`Waiter::wait`]).
+    pub fn wait_progress(&self, w: &Waiter, timeout: Duration) {
+        w.wait(timeout)
+    }
+
+    /// Completes once received data is visible to the consumer. Host memory
+    /// needs no flush, and CUDA (bounce) receives complete only after their
+    /// host-to-device copies finished, so the request is done at once.
+    pub fn iflush(&self, _bufs: &[RecvBuf<'_>]) -> Result<Option<Request>> {
+        self.core.base.check_open()?;
+        Ok(Some(Request::new(
+            Arc::new(ReqState::new(0, 0)),
+            Owner::None,
+        )))
+    }
+
+    pub fn close(self) {}
+}
+
+impl Drop for RecvComm {
+    fn drop(&mut self) {
+        let core = &self.core;
+        core.base.closed.store(true, Ordering::Release);
+        lock(&core.link.failure).get_or_insert(Error::Closed);
+        core.ctrl.with(
+            |c| {
+                c.side.fail(Error::Closed);
+                core.progress(c, false);
+                close_ctrl(&c.stream, CLOSE_PATIENCE);
+            },
+            |_| {},
+        );
+        core.base.close_data();
+        for f in lock(&core.flows).drain(..) {
+            if let Err(e) = f.remove() {
+                tracing::warn!("withdrawing a flow-steering rule: {e}");
+            }
+        }
+    }
+}
+
+impl RecvCore {
+    pub(super) fn release_slot(&self) {
+        self.base.release_slot();
+    }
+
+    pub(super) fn nudge(&self) {
+        self.ctrl.nudge(|c| self.progress(c, false));
+    }
+
+    pub(super) fn drive(&self) {
+        self.ctrl
+            .with(|c| self.progress(c, false), |c| self.progress(c, false));
+    }
+
+    /// The fd a sleeping waiter polls, while the comm can still move.
+    pub(super) fn poll_fd(&self) -> Option<i32> {
+        (!self.base.socks_closed.load(Ordering::Acquire)).then_some(self.ctrl_fd)
+    }
+
+    /// Moves bytes both ways and acts on what the protocol says: inline
+    /// messages are copied into their buffers here, chunked ones become
+    /// placements for the data sockets. `tick`: the periodic call.
+    fn progress(&self, c: &mut RecvCtrl, tick: bool) {
+        let now = Instant::now();
+        let link = &self.link;
+        if let Some(e) = lock(&link.failure).clone() {
+            c.side.fail(e);
+        }
+        let before = link.announced.load(Ordering::Acquire);
+        let RecvCtrl {
+            stream,
+            side,
+            groups,
+            ..
+        } = &mut *c;
+        for seq in std::mem::take(&mut *lock(&link.acks)) {
+            side.placed(seq);
+        }
+        while side.broken().is_none() {
+            let n = match read_ctrl(stream, side.inbox_space()) {
+                Ok(Some(n)) => n,
+                Ok(None) => break,
+                Err(e) => {
+                    side.fail(e);
+                    break;
+                }
+            };
+            let mut bad = None;
+            side.received(n, now, &mut |e| {
+                if let Err(err) = self.act(groups, e) {
+                    bad.get_or_insert(err);
+                }
+            });
+            if let Some(e) = bad {
+                side.fail(e);
+            }
+            link.announced.store(side.announced(), Ordering::Release);
+        }
+        side.poll(now, tick);
+        while side.broken().is_none() && !side.output().is_empty() {
+            match write_ctrl(stream, side.output()) {
+                Ok(0) => break,
+                Ok(n) => side.wrote(n, now),
+                Err(e) => side.fail(e),
+            }
+        }
+        if let Some(e) = side.broken().cloned() {
+            self.fail_all(c, e);
+            return;
+        }
+        if link.announced.load(Ordering::Acquire) != before
+            && link.waiting.swap(false, Ordering::SeqCst)
+        {
+            self.base.kick();
+        }
+        self.base.arm(
+            link.waiting.load(Ordering::SeqCst),
+            !c.side.output().is_empty(),
+        );
+    }
+
+    /// Fails every request of a broken comm. Placements fail as the data
+    /// sockets, closed now, let go of them.
+    fn fail_all(&self, c: &mut RecvCtrl, e: Error) {
+        lock(&self.link.failure).get_or_insert(e.clone());
+        for (_, g) in c.groups.drain() {
+            for _ in g.subs.into_iter().flatten() {
+                g.state.fail(e.clone());
+            }
+        }
+        self.base.close_data();
+        let gone = std::mem::take(&mut *lock(&self.link.placements));
+        drop(gone);
+    }
+
+    /// Carries out one protocol event.
+    fn act(&self, groups: &mut HashMap<Token, Group>, e: RecvEvent<'_>) -> Result<()> {
+        let token = match &e {
+            RecvEvent::Deliver { token, .. }
+            | RecvEvent::Place { token, .. }
+            | RecvEvent::Refused { token, .. } => *token,
+        };
+        let Some(g) = groups.get_mut(&token) else {
+            return Ok(());
+        };
+        let mut outcome = Ok(());
+        match e {
+            RecvEvent::Deliver { buf, payload, .. } => {
+                if let Some(sub) = g.subs.get_mut(buf).and_then(Option::take) {
+                    g.state.set_size(buf, payload.len() as u64);
+                    match deliver(&sub, payload) {
+                        Ok(()) => {
+                            drop(sub);
+                            g.state.piece_done();
+                        }
+                        Err(err) => {
+                            drop(sub);
+                            g.state.fail(err.clone());
+                            outcome = Err(err);
+                        }
+                    }
+                }
+            }
+            RecvEvent::Place { buf, msg, .. } => {
+                if let Some(sub) = g.subs.get_mut(buf).and_then(Option::take) {
+                    g.state.set_size(buf, msg.size);
+                    let link: Arc<dyn CommLink> = self.link.clone();
+                    let p = Placement::new(
+                        msg.seq,
+                        sub.region,
+                        sub.offset,
+                        msg.size,
+                        msg.chunk_size as u64,
+                        g.state.clone(),
+                        link,
+                    );
+                    lock(&self.link.placements).insert(msg.seq, Arc::new(p));
+                }
+            }
+            RecvEvent::Refused { err, bufs, .. } => {
+                for b in bufs {
+                    if g.subs.get_mut(b).and_then(Option::take).is_some() {
+                        g.state.fail(err.clone());
+                    }
+                }
+            }
+        }
+        if g.subs.iter().all(Option::is_none) {
+            groups.remove(&token);
+        }
+        outcome
+    }
+}
+
+/// Copies an inline message into its buffer and waits until it is there.
+fn deliver(sub: &Sub, payload: &[u8]) -> Result<()> {
+    let len = payload.len();
+    if len == 0 {
+        return Ok(());
+    }
+    let dst = sub.region.sink(sub.offset, len)?;
+    // SAFETY: the sink is valid for `len` bytes and only this receive writes it.
+    unsafe { std::ptr::copy_nonoverlapping(payload.as_ptr(), dst, len) };
+    sub.region.landed(sub.offset, len)?;
+    sub.region.settle()
+}
+
+impl Poke for RecvCore {
+    fn poke(&self) {
+        self.base.poked();
+        self.nudge();
+    }
+
+    fn tick(&self) {
+        self.ctrl
+            .try_with(|c| self.progress(c, true), |c| self.progress(c, false));
+    }
+}

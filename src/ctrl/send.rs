@@ -1,0 +1,388 @@
+//! The sending end of a comm's control protocol.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Instant;
+
+use super::frame::{Frame, Inbox, Outbox};
+use super::liveness::Liveness;
+use super::matcher::{Matcher, Verdict};
+use super::{eager_cost, Params, Token, EAGER_WINDOW, MAX_OPEN_POSTS};
+use crate::error::{Error, Result};
+use crate::wire::{Kind, Msg, Ping, MSG_INLINE};
+
+/// What the comm layer must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum SendEvent {
+    /// An inline message left (the kernel has its bytes): its request is done.
+    Written(Token),
+    /// The receiver will take chunked message `seq`: its chunks may go.
+    Start { token: Token, seq: u64 },
+    /// The receiver refuses the message; no chunk of it may go.
+    Refused { token: Token, err: Error },
+    /// Every chunk of the message is in place at the receiver.
+    Acked(Token),
+}
+
+enum Queued {
+    Inline {
+        token: Token,
+        tag: i32,
+        payload: Vec<u8>,
+    },
+    Chunked {
+        token: Token,
+        size: u64,
+        tag: i32,
+        chunk_size: u32,
+    },
+}
+
+struct Announced {
+    seq: u64,
+    size: u64,
+    tag: i32,
+    token: Token,
+    inline: bool,
+}
+
+pub(crate) struct SendSide {
+    next_seq: u64,
+    /// Not yet announced because the eager window is full; in order.
+    queued: VecDeque<Queued>,
+    /// Announced; waiting for the receive that takes them.
+    unresolved: VecDeque<Announced>,
+    /// Eager cost of the inline messages in `unresolved`.
+    uncovered: usize,
+    awaiting_ack: HashMap<u64, Token>,
+    /// The receiver's posted receives.
+    posts: Matcher<()>,
+    next_post: u64,
+    /// Inline messages in `out`, by the stream offset where they end.
+    writing: VecDeque<(u64, Token)>,
+    out: Outbox,
+    inbox: Inbox,
+    live: Liveness,
+    broken: Option<Error>,
+}
+
+impl SendSide {
+    pub fn new(p: Params, now: Instant) -> Self {
+        SendSide {
+            next_seq: 0,
+            queued: VecDeque::new(),
+            unresolved: VecDeque::new(),
+            uncovered: 0,
+            awaiting_ack: HashMap::new(),
+            posts: Matcher::new(),
+            next_post: 0,
+            writing: VecDeque::new(),
+            out: Outbox::default(),
+            inbox: Inbox::new(&[Kind::Post, Kind::Ack, Kind::Ping], 128),
+            live: Liveness::new(p.timeout, p.peer_timeout, now),
+            broken: None,
+        }
+    }
+
+    pub fn broken(&self) -> Option<&Error> {
+        self.broken.as_ref()
+    }
+
+    /// Fails the comm (first error wins); the comm layer fails every request.
+    pub fn fail(&mut self, e: Error) {
+        self.broken.get_or_insert(e);
+    }
+
+    fn check(&self) -> Result<()> {
+        match &self.broken {
+            Some(e) => Err(e.clone()),
+            None => Ok(()),
+        }
+    }
+
+    /// Sends `payload` inline: announced at once unless the eager window is full.
+    pub fn send_inline(
+        &mut self,
+        token: Token,
+        tag: i32,
+        payload: &[u8],
+        ev: &mut impl FnMut(SendEvent),
+    ) -> Result<()> {
+        self.check()?;
+        if self.queued.is_empty() && self.fits(payload.len() as u64) {
+            self.announce_inline(token, tag, payload);
+        } else {
+            self.queued.push_back(Queued::Inline {
+                token,
+                tag,
+                payload: payload.to_vec(),
+            });
+        }
+        self.resolve(ev);
+        Ok(())
+    }
+
+    /// Announces a chunked message; `Start` follows once a receive takes it.
+    pub fn send_chunked(
+        &mut self,
+        token: Token,
+        size: u64,
+        tag: i32,
+        chunk_size: u32,
+        ev: &mut impl FnMut(SendEvent),
+    ) -> Result<()> {
+        self.check()?;
+        let q = Queued::Chunked {
+            token,
+            size,
+            tag,
+            chunk_size,
+        };
+        if self.queued.is_empty() {
+            self.announce(q);
+        } else {
+            self.queued.push_back(q);
+        }
+        self.resolve(ev);
+        Ok(())
+    }
+
+    fn fits(&self, size: u64) -> bool {
+        self.uncovered == 0 || self.uncovered + eager_cost(size) <= EAGER_WINDOW
+    }
+
+    fn announce_inline(&mut self, token: Token, tag: i32, payload: &[u8]) {
+        let seq = self.take_seq();
+        let size = payload.len() as u64;
+        let msg = Msg {
+            seq,
+            size,
+            tag,
+            chunk_size: 0,
+            flags: MSG_INLINE,
+        };
+        self.out.put(&msg.encode());
+        self.out.put(payload);
+        self.writing.push_back((self.out.end(), token));
+        self.uncovered += eager_cost(size);
+        self.unresolved.push_back(Announced {
+            seq,
+            size,
+            tag,
+            token,
+            inline: true,
+        });
+    }
+
+    fn announce(&mut self, q: Queued) {
+        match q {
+            Queued::Inline {
+                token,
+                tag,
+                payload,
+            } => self.announce_inline(token, tag, &payload),
+            Queued::Chunked {
+                token,
+                size,
+                tag,
+                chunk_size,
+            } => {
+                let seq = self.take_seq();
+                let msg = Msg {
+                    seq,
+                    size,
+                    tag,
+                    chunk_size,
+                    flags: 0,
+                };
+                self.out.put(&msg.encode());
+                self.unresolved.push_back(Announced {
+                    seq,
+                    size,
+                    tag,
+                    token,
+                    inline: false,
+                });
+            }
+        }
+    }
+
+    fn take_seq(&mut self) -> u64 {
+        self.next_seq += 1;
+        self.next_seq - 1
+    }
+
+    /// Matches announced messages to the receiver's posts, then announces
+    /// what the eager window now admits, until neither moves.
+    fn resolve(&mut self, ev: &mut impl FnMut(SendEvent)) {
+        loop {
+            let mut moved = false;
+            while let Some(a) = self.unresolved.front() {
+                let Some(out) = self.posts.assign(a.size, a.tag) else {
+                    break;
+                };
+                moved = true;
+                let Some(a) = self.unresolved.pop_front() else {
+                    break;
+                };
+                if a.inline {
+                    // Its fate is the receiver's request to report.
+                    self.uncovered -= eager_cost(a.size);
+                    continue;
+                }
+                match out.verdict {
+                    Verdict::Accept => {
+                        self.awaiting_ack.insert(a.seq, a.token);
+                        ev(SendEvent::Start {
+                            token: a.token,
+                            seq: a.seq,
+                        });
+                    }
+                    Verdict::Truncated { buffer } => ev(SendEvent::Refused {
+                        token: a.token,
+                        err: Error::Truncated {
+                            tag: a.tag,
+                            message: a.size,
+                            buffer,
+                        },
+                    }),
+                    Verdict::Mismatch => ev(SendEvent::Refused {
+                        token: a.token,
+                        err: Error::TagMismatch(a.tag),
+                    }),
+                }
+            }
+            while let Some(q) = self.queued.front() {
+                let admit = match q {
+                    Queued::Inline { payload, .. } => self.fits(payload.len() as u64),
+                    Queued::Chunked { .. } => true,
+                };
+                if !admit {
+                    break;
+                }
+                if let Some(q) = self.queued.pop_front() {
+                    self.announce(q);
+                    moved = true;
+                }
+            }
+            if !moved {
+                return;
+            }
+        }
+    }
+
+    /// Where the next read from the control socket goes.
+    pub fn inbox_space(&mut self) -> &mut [u8] {
+        self.inbox.space()
+    }
+
+    /// `n` bytes were read into `inbox_space()` (0 = the peer closed).
+    pub fn received(&mut self, n: usize, now: Instant, ev: &mut impl FnMut(SendEvent)) {
+        if self.broken.is_some() {
+            return;
+        }
+        if n == 0 {
+            self.fail(Error::ConnectionLost(
+                "the receiver closed the control connection".into(),
+            ));
+            return;
+        }
+        self.live.heard(now);
+        self.inbox.filled(n);
+        loop {
+            let (frame, len) = match self.inbox.peek() {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => return self.fail(e),
+            };
+            self.inbox.consume(len);
+            if let Err(e) = self.on_frame(frame, ev) {
+                return self.fail(e);
+            }
+        }
+        self.resolve(ev);
+    }
+
+    fn on_frame(&mut self, f: Frame, ev: &mut impl FnMut(SendEvent)) -> Result<()> {
+        match f {
+            Frame::Post(p) => {
+                if p.post_seq != self.next_post {
+                    return Err(Error::Protocol(format!(
+                        "receive {} posted, expected {}",
+                        p.post_seq, self.next_post
+                    )));
+                }
+                if self.posts.len() >= MAX_OPEN_POSTS {
+                    return Err(Error::Protocol(format!(
+                        "more than {MAX_OPEN_POSTS} receives posted ahead"
+                    )));
+                }
+                self.next_post += 1;
+                self.posts.push((), &p.bufs);
+                self.resolve(ev);
+            }
+            Frame::Ack(a) => match self.awaiting_ack.remove(&a.seq) {
+                Some(token) => ev(SendEvent::Acked(token)),
+                None => {
+                    return Err(Error::Protocol(format!(
+                        "acknowledgement of message {} that awaits none",
+                        a.seq
+                    )))
+                }
+            },
+            Frame::Ping(_) => {}
+            Frame::Msg { msg, .. } => {
+                return Err(Error::Protocol(format!(
+                    "message {} announced to its sender",
+                    msg.seq
+                )))
+            }
+        }
+        Ok(())
+    }
+
+    /// Timers: gives up on a silent peer, sends a heartbeat when quiet.
+    pub fn poll(&mut self, now: Instant) {
+        if self.broken.is_some() {
+            return;
+        }
+        if let Err(e) = self.live.check(now) {
+            return self.fail(e);
+        }
+        if self.out.is_empty() {
+            if let Some(count) = self.live.ping_due(now) {
+                self.out.put(&Ping { count }.encode());
+            }
+        }
+    }
+
+    /// Bytes to write to the control socket.
+    pub fn output(&self) -> &[u8] {
+        self.out.pending()
+    }
+
+    /// The kernel took `n` bytes of `output()`.
+    pub fn wrote(&mut self, n: usize, now: Instant, ev: &mut impl FnMut(SendEvent)) {
+        if n == 0 {
+            return;
+        }
+        self.out.wrote(n);
+        self.live.spoke(now);
+        let written = self.out.written();
+        while let Some(&(end, token)) = self.writing.front() {
+            if end > written {
+                break;
+            }
+            self.writing.pop_front();
+            ev(SendEvent::Written(token));
+        }
+    }
+
+    /// Whether control bytes from the receiver are awaited now: a chunked
+    /// message needs its receive, an acknowledgement, or the window room.
+    pub fn awaits_peer(&self) -> bool {
+        !self.awaiting_ack.is_empty()
+            || !self.queued.is_empty()
+            || self.unresolved.iter().any(|a| !a.inline)
+            || self.uncovered >= EAGER_WINDOW / 2
+    }
+}

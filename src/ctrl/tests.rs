@@ -1,0 +1,645 @@
+//! The control protocol on an in-memory pair of endpoints: a sender and a
+//! receiver joined by two byte pipes that the test moves bytes through,
+//! in pieces of any size, with a clock the test advances.
+
+use std::time::{Duration, Instant};
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::error::Error;
+use crate::wire::{Ack, Msg, Ping, Post, MSG_INLINE};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum REv {
+    Deliver {
+        token: Token,
+        buf: usize,
+        payload: Vec<u8>,
+    },
+    Place {
+        token: Token,
+        buf: usize,
+        seq: u64,
+        size: u64,
+    },
+    Refused {
+        token: Token,
+        err: Error,
+        bufs: Vec<usize>,
+    },
+}
+
+fn own(e: RecvEvent<'_>) -> REv {
+    match e {
+        RecvEvent::Deliver {
+            token,
+            buf,
+            payload,
+        } => REv::Deliver {
+            token,
+            buf,
+            payload: payload.to_vec(),
+        },
+        RecvEvent::Place { token, buf, msg } => REv::Place {
+            token,
+            buf,
+            seq: msg.seq,
+            size: msg.size,
+        },
+        RecvEvent::Refused { token, err, bufs } => REv::Refused { token, err, bufs },
+    }
+}
+
+const MS: Duration = Duration::from_millis(1);
+
+struct Pair {
+    s: SendSide,
+    r: RecvSide,
+    now: Instant,
+    se: Vec<SendEvent>,
+    re: Vec<REv>,
+    /// Bytes written by one end and not yet read by the other.
+    s2r: Vec<u8>,
+    r2s: Vec<u8>,
+    /// Largest read or write the pipes allow at once.
+    io: usize,
+}
+
+impl Pair {
+    fn new(timeout: Option<Duration>) -> Self {
+        let now = Instant::now();
+        let p = Params {
+            timeout,
+            peer_timeout: timeout,
+            inline_threshold: 65536,
+        };
+        Pair {
+            s: SendSide::new(p, now),
+            r: RecvSide::new(p, now),
+            now,
+            se: Vec::new(),
+            re: Vec::new(),
+            s2r: Vec::new(),
+            r2s: Vec::new(),
+            io: usize::MAX,
+        }
+    }
+
+    fn send(&mut self, token: Token, size: u64, tag: i32) {
+        let se = &mut self.se;
+        if size <= 65536 {
+            let payload: Vec<u8> = (0..size).map(|i| (i as u8) ^ (token as u8)).collect();
+            self.s
+                .send_inline(token, tag, &payload, &mut |e| se.push(e))
+                .unwrap();
+        } else {
+            self.s
+                .send_chunked(token, size, tag, 1 << 19, &mut |e| se.push(e))
+                .unwrap();
+        }
+    }
+
+    fn post(&mut self, token: Token, bufs: &[(u64, i32)]) {
+        let re = &mut self.re;
+        self.r.post(token, bufs, &mut |e| re.push(own(e))).unwrap();
+    }
+
+    /// Each end writes what it has, then each reads what reached it.
+    fn step(&mut self) -> bool {
+        let mut moved = false;
+        let n = self.s.output().len().min(self.io);
+        if n > 0 {
+            self.s2r.extend_from_slice(&self.s.output()[..n]);
+            let se = &mut self.se;
+            self.s.wrote(n, self.now, &mut |e| se.push(e));
+            moved = true;
+        }
+        let n = self.r.output().len().min(self.io);
+        if n > 0 {
+            self.r2s.extend_from_slice(&self.r.output()[..n]);
+            self.r.wrote(n, self.now);
+            moved = true;
+        }
+        if !self.s2r.is_empty() {
+            let room = self.r.inbox_space();
+            let n = room.len().min(self.s2r.len()).min(self.io);
+            room[..n].copy_from_slice(&self.s2r[..n]);
+            self.s2r.drain(..n);
+            let re = &mut self.re;
+            self.r.received(n, self.now, &mut |e| re.push(own(e)));
+            moved = true;
+        }
+        if !self.r2s.is_empty() {
+            let room = self.s.inbox_space();
+            let n = room.len().min(self.r2s.len()).min(self.io);
+            room[..n].copy_from_slice(&self.r2s[..n]);
+            self.r2s.drain(..n);
+            let se = &mut self.se;
+            self.s.received(n, self.now, &mut |e| se.push(e));
+            moved = true;
+        }
+        moved
+    }
+
+    fn run(&mut self) {
+        while self.step() {}
+    }
+
+    /// Advances the clock in ticks of `tick`, both ends polling, bytes moving.
+    fn pass(&mut self, d: Duration, tick: Duration) {
+        let end = self.now + d;
+        while self.now < end {
+            self.now += tick;
+            self.s.poll(self.now);
+            self.r.poll(self.now, true);
+            self.run();
+        }
+    }
+
+    fn acks_for_places(&mut self) {
+        for e in std::mem::take(&mut self.re) {
+            if let REv::Place { seq, .. } = e {
+                self.r.placed(seq);
+            }
+        }
+        self.run();
+    }
+}
+
+fn payload_of(token: Token, size: u64) -> Vec<u8> {
+    (0..size).map(|i| (i as u8) ^ (token as u8)).collect()
+}
+
+#[test]
+fn inline_messages_either_order() {
+    // Posted first.
+    let mut p = Pair::new(None);
+    p.post(100, &[(64, 1)]);
+    p.send(1, 5, 1);
+    p.run();
+    assert_eq!(p.se, vec![SendEvent::Written(1)]);
+    assert_eq!(
+        p.re,
+        vec![REv::Deliver {
+            token: 100,
+            buf: 0,
+            payload: payload_of(1, 5)
+        }]
+    );
+    // Sent first: it waits in the receiver until the receive is posted.
+    let mut p = Pair::new(None);
+    p.send(1, 0, 3);
+    p.run();
+    assert_eq!(p.se, vec![SendEvent::Written(1)]);
+    assert!(p.re.is_empty());
+    p.post(100, &[(0, 3)]);
+    assert_eq!(
+        p.re,
+        vec![REv::Deliver {
+            token: 100,
+            buf: 0,
+            payload: vec![]
+        }]
+    );
+}
+
+#[test]
+fn chunks_wait_for_the_receive_and_the_ack_completes_the_send() {
+    for posted_first in [true, false] {
+        let mut p = Pair::new(None);
+        if posted_first {
+            p.post(100, &[(1 << 20, 7)]);
+            p.run();
+        }
+        p.send(1, 1 << 20, 7);
+        p.run();
+        if !posted_first {
+            assert!(
+                p.se.is_empty(),
+                "no chunk may leave before the receive exists"
+            );
+            p.post(100, &[(1 << 20, 7)]);
+            p.run();
+        }
+        assert_eq!(p.se, vec![SendEvent::Start { token: 1, seq: 0 }]);
+        assert_eq!(
+            p.re,
+            vec![REv::Place {
+                token: 100,
+                buf: 0,
+                seq: 0,
+                size: 1 << 20
+            }]
+        );
+        p.acks_for_places();
+        assert_eq!(p.se.last(), Some(&SendEvent::Acked(1)));
+    }
+}
+
+#[test]
+fn a_truncated_group_consumes_exactly_its_messages() {
+    // Finding 1's shape: {64 MiB+1 tag 1, 10 B tag 2}; the sender sends 64
+    // MiB (1), 100 B (2, truncated), 64 MiB (3) into the next receive.
+    let mut p = Pair::new(None);
+    let big = 64 << 20;
+    p.post(100, &[(big + 1, 1), (10, 2)]);
+    p.post(200, &[(big, 3)]);
+    p.send(1, big, 1);
+    p.send(2, 100, 2);
+    p.send(3, big, 3);
+    p.run();
+    assert_eq!(
+        p.re,
+        vec![
+            REv::Place {
+                token: 100,
+                buf: 0,
+                seq: 0,
+                size: big
+            },
+            REv::Refused {
+                token: 100,
+                err: Error::Truncated {
+                    tag: 2,
+                    message: 100,
+                    buffer: 10
+                },
+                bufs: vec![1],
+            },
+            REv::Place {
+                token: 200,
+                buf: 0,
+                seq: 2,
+                size: big
+            },
+        ]
+    );
+    // The sender starts both big messages and learns nothing of the
+    // inline one beyond its write.
+    assert_eq!(
+        p.se,
+        vec![
+            SendEvent::Written(2),
+            SendEvent::Start { token: 1, seq: 0 },
+            SendEvent::Start { token: 3, seq: 2 },
+        ]
+    );
+}
+
+#[test]
+fn a_refused_chunked_message_never_starts_and_both_ends_say_why() {
+    let mut p = Pair::new(None);
+    p.post(100, &[(1 << 20, 1)]);
+    p.post(200, &[(1 << 20, 2)]);
+    p.send(1, 2 << 20, 1); // too big
+    p.send(2, 1 << 20, 9); // no such tag
+    p.send(3, 1 << 20, 2); // fine, into the next-but-one receive? No: 200 took 2's mismatch.
+    p.post(300, &[(1 << 20, 2)]);
+    p.run();
+    let trunc = Error::Truncated {
+        tag: 1,
+        message: 2 << 20,
+        buffer: 1 << 20,
+    };
+    assert_eq!(
+        p.se,
+        vec![
+            SendEvent::Refused {
+                token: 1,
+                err: trunc.clone()
+            },
+            SendEvent::Refused {
+                token: 2,
+                err: Error::TagMismatch(9)
+            },
+            SendEvent::Start { token: 3, seq: 2 },
+        ]
+    );
+    assert_eq!(
+        p.re,
+        vec![
+            REv::Refused {
+                token: 100,
+                err: trunc,
+                bufs: vec![0]
+            },
+            REv::Refused {
+                token: 200,
+                err: Error::TagMismatch(9),
+                bufs: vec![0]
+            },
+            REv::Place {
+                token: 300,
+                buf: 0,
+                seq: 2,
+                size: 1 << 20
+            },
+        ]
+    );
+}
+
+#[test]
+fn the_eager_window_holds_inline_messages_nobody_receives() {
+    let mut p = Pair::new(None);
+    let n = EAGER_WINDOW / 65536 + 4;
+    for t in 0..n as u64 {
+        p.send(t, 65536, 0);
+    }
+    p.run();
+    let written = p.se.len();
+    assert_eq!(
+        written,
+        EAGER_WINDOW / 65536,
+        "the window admits exactly its bytes"
+    );
+    for t in 0..n as u64 {
+        p.post(1000 + t, &[(65536, 0)]);
+        p.run();
+    }
+    p.pass(10 * MS, 5 * MS); // a tick sends the last deferred receives
+    assert_eq!(
+        p.se.len(),
+        n,
+        "every message left once receives took the earlier ones"
+    );
+    assert_eq!(p.re.len(), n);
+    for (i, e) in p.re.iter().enumerate() {
+        assert!(
+            matches!(e, REv::Deliver { token, .. } if *token == 1000 + i as u64),
+            "{e:?}"
+        );
+    }
+}
+
+#[test]
+fn small_receives_are_told_together_and_large_ones_at_once() {
+    let mut p = Pair::new(None);
+    for t in 0..5 {
+        p.post(t, &[(100, 0)]);
+    }
+    assert!(p.r.output().is_empty(), "small receives wait");
+    assert_eq!(p.r.deferred(), 5);
+    p.post(9, &[(100, 0), (1 << 20, 1)]);
+    assert_eq!(
+        p.r.deferred(),
+        0,
+        "a receive that may take chunks flushes all before it"
+    );
+    assert_eq!(p.r.output().len(), 5 * (28 + 12) + 28 + 24);
+    let mut q = Pair::new(None);
+    for t in 0..16 {
+        q.post(t, &[(1, 0)]);
+    }
+    assert_eq!(q.r.deferred(), 0, "at most 16 wait");
+}
+
+#[test]
+fn a_late_receiver_is_never_killed_and_a_silent_peer_is() {
+    // The receiver posts 30 s after a large send, with a 2 s peer timeout:
+    // heartbeats keep both ends alive, then the message starts.
+    let mut p = Pair::new(Some(2000 * MS));
+    p.send(1, 1 << 30, 0);
+    p.pass(Duration::from_secs(30), 100 * MS);
+    assert!(p.s.broken().is_none() && p.r.broken().is_none());
+    assert!(p.se.is_empty());
+    p.post(100, &[(1 << 30, 0)]);
+    p.run();
+    assert_eq!(p.se, vec![SendEvent::Start { token: 1, seq: 0 }]);
+
+    // The receiver freezes (its bytes stop): the sender gives up after the
+    // timeout and not before.
+    let mut p = Pair::new(Some(2000 * MS));
+    let t0 = p.now;
+    while p.s.broken().is_none() {
+        p.now += 100 * MS;
+        p.s.poll(p.now);
+        let se = &mut p.se;
+        let n = p.s.output().len();
+        p.s.wrote(n, p.now, &mut |e| se.push(e));
+    }
+    let after = p.now - t0;
+    assert_eq!(
+        p.s.broken(),
+        Some(&Error::PeerUnresponsive { after_ms: 2000 })
+    );
+    assert!(after > 2000 * MS && after <= 2100 * MS, "{after:?}");
+}
+
+#[test]
+fn heartbeats_flow_both_ways_when_idle() {
+    let mut p = Pair::new(Some(2000 * MS));
+    p.pass(Duration::from_secs(10), 50 * MS);
+    assert!(p.s.broken().is_none() && p.r.broken().is_none());
+    // 10 s at one Ping per 500 ms each way; nothing else happened.
+    assert!(p.se.is_empty() && p.re.is_empty());
+}
+
+#[test]
+fn protocol_violations_fail_the_comm() {
+    let inline = |seq| Msg {
+        seq,
+        size: 1,
+        tag: 0,
+        chunk_size: 0,
+        flags: MSG_INLINE,
+    };
+    let cases: Vec<(&str, Vec<u8>, bool)> = vec![
+        ("garbage", vec![0xEE; 64], true),
+        (
+            "a gap in message numbers",
+            [inline(1).encode().to_vec(), vec![0]].concat(),
+            true,
+        ),
+        (
+            "an ack to the receiver",
+            Ack { seq: 0 }.encode().to_vec(),
+            true,
+        ),
+        (
+            "a post to the receiver",
+            Post {
+                post_seq: 0,
+                bufs: vec![(1, 1)],
+            }
+            .encode(),
+            true,
+        ),
+        ("a ping", Ping { count: 1 }.encode().to_vec(), false),
+        (
+            "a huge chunk size",
+            Msg {
+                seq: 0,
+                size: 1 << 40,
+                tag: 0,
+                chunk_size: u32::MAX,
+                flags: 0,
+            }
+            .encode()
+            .to_vec(),
+            true,
+        ),
+    ];
+    for (what, bytes, fails) in cases {
+        let mut p = Pair::new(None);
+        let room = p.r.inbox_space();
+        room[..bytes.len()].copy_from_slice(&bytes);
+        p.r.received(bytes.len(), p.now, &mut |_| {});
+        assert_eq!(p.r.broken().is_some(), fails, "receiver, {what}");
+    }
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("an ack of nothing", Ack { seq: 3 }.encode().to_vec()),
+        (
+            "a post out of order",
+            Post {
+                post_seq: 1,
+                bufs: vec![(1, 1)],
+            }
+            .encode(),
+        ),
+        ("a message to the sender", inline(0).encode().to_vec()),
+        ("a v1 header", {
+            let mut b = Ping { count: 0 }.encode();
+            b[4] = 1;
+            b.to_vec()
+        }),
+    ];
+    for (what, bytes) in cases {
+        let mut p = Pair::new(None);
+        let room = p.s.inbox_space();
+        room[..bytes.len()].copy_from_slice(&bytes);
+        p.s.received(bytes.len(), p.now, &mut |_| {});
+        assert!(
+            matches!(p.s.broken(), Some(Error::Protocol(_))),
+            "sender, {what}"
+        );
+    }
+    // A receiver flooded past the eager window (a hostile sender).
+    let mut p = Pair::new(None);
+    let mut flood = Vec::new();
+    for seq in 0..20u64 {
+        let m = Msg {
+            seq,
+            size: 65536,
+            tag: 0,
+            chunk_size: 0,
+            flags: MSG_INLINE,
+        };
+        flood.extend(m.encode());
+        flood.extend(vec![0u8; 65536]);
+    }
+    let mut at = 0;
+    while at < flood.len() && p.r.broken().is_none() {
+        let room = p.r.inbox_space();
+        let n = room.len().min(flood.len() - at);
+        room[..n].copy_from_slice(&flood[at..at + n]);
+        at += n;
+        p.r.received(n, p.now, &mut |_| {});
+    }
+    assert!(matches!(p.r.broken(), Some(Error::Protocol(_))));
+    // A closed peer.
+    let mut p = Pair::new(None);
+    p.s.received(0, p.now, &mut |_| {});
+    assert!(matches!(p.s.broken(), Some(Error::ConnectionLost(_))));
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Post(Vec<(u64, i32)>),
+    Send(u64, i32),
+    Step,
+    Tick,
+    Place,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        proptest::collection::vec((prop_oneof![0u64..200, 60_000u64..200_000], 0i32..3), 1..=3)
+            .prop_map(Op::Post),
+        (prop_oneof![0u64..200, 60_000u64..200_000], 0i32..3).prop_map(|(s, t)| Op::Send(s, t)),
+        Just(Op::Step),
+        Just(Op::Tick),
+        Just(Op::Place),
+    ]
+}
+
+proptest! {
+    /// Any interleaving of posts, sends, partial byte moves and ticks gives
+    /// the fates that the order alone decides (messages in sequence order
+    /// to receives in posting order): the same at both ends, inline
+    /// payloads intact, and no chunked message started without its receive.
+    #[test]
+    fn both_ends_agree_whatever_the_order(ops in proptest::collection::vec(op(), 1..80), io in 1usize..200) {
+        let mut p = Pair::new(Some(Duration::from_secs(60)));
+        p.io = io;
+        let mut sent: Vec<(u64, i32)> = Vec::new();
+        let mut posts: Vec<Vec<(u64, i32)>> = Vec::new();
+        let mut placed = Vec::new();
+        for o in ops {
+            match o {
+                Op::Post(bufs) => { p.post(10_000 + posts.len() as u64, &bufs); posts.push(bufs); }
+                Op::Send(size, tag) => { p.send(sent.len() as u64, size, tag); sent.push((size, tag)); }
+                Op::Step => { p.step(); }
+                Op::Tick => { p.now += MS; p.s.poll(p.now); p.r.poll(p.now, true); }
+                Op::Place => {
+                    for e in &p.re {
+                        if let REv::Place { seq, .. } = e {
+                            if !placed.contains(seq) { placed.push(*seq); p.r.placed(*seq); }
+                        }
+                    }
+                }
+            }
+            prop_assert!(p.s.broken().is_none(), "{:?}", p.s.broken());
+            prop_assert!(p.r.broken().is_none(), "{:?}", p.r.broken());
+        }
+        p.now += MS;
+        p.r.poll(p.now, true);
+        p.run();
+
+        let mut reference = matcher::Matcher::new();
+        for (g, bufs) in posts.iter().enumerate() {
+            reference.push(10_000 + g as u64, bufs);
+        }
+        let mut want_s = Vec::new();
+        let mut want_r = Vec::new();
+        for (seq, &(size, tag)) in sent.iter().enumerate() {
+            let seq = seq as u64;
+            let inline = size <= 65536;
+            if inline {
+                want_s.push(SendEvent::Written(seq));
+            }
+            let Some(o) = reference.assign(size, tag) else { continue };
+            let err = match o.verdict {
+                matcher::Verdict::Accept => None,
+                matcher::Verdict::Truncated { buffer } => Some(Error::Truncated { tag, message: size, buffer }),
+                matcher::Verdict::Mismatch => Some(Error::TagMismatch(tag)),
+            };
+            match (err, inline) {
+                (None, true) => want_r.push(REv::Deliver { token: o.group, buf: o.buf.unwrap(), payload: payload_of(seq, size) }),
+                (None, false) => {
+                    want_s.push(SendEvent::Start { token: seq, seq });
+                    want_r.push(REv::Place { token: o.group, buf: o.buf.unwrap(), seq, size });
+                }
+                (Some(err), _) => {
+                    if !inline {
+                        want_s.push(SendEvent::Refused { token: seq, err: err.clone() });
+                    }
+                    let mut bufs = o.released.clone();
+                    bufs.extend(o.buf);
+                    bufs.sort_unstable();
+                    want_r.push(REv::Refused { token: o.group, err, bufs });
+                }
+            }
+        }
+        prop_assert_eq!(&p.re, &want_r);
+        // Sender events: same set; Written and Start/Refused interleave by timing.
+        let strip = |v: &[SendEvent]| {
+            let mut w: Vec<String> = v.iter().filter(|e| !matches!(e, SendEvent::Acked(_))).map(|e| format!("{e:?}")).collect();
+            w.sort();
+            w
+        };
+        prop_assert_eq!(strip(&p.se), strip(&want_s));
+        let acked = p.se.iter().filter(|e| matches!(e, SendEvent::Acked(_))).count();
+        prop_assert_eq!(acked, placed.len());
+    }
+}

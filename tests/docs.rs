@@ -1,0 +1,50 @@
+//! docs/PROTOCOL.md states the sizes the code uses.
+
+use tcpx::wire;
+
+fn protocol_md() -> String {
+    std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/PROTOCOL.md")).unwrap()
+}
+
+/// The number in the first "(N bytes" after `**Name**`.
+fn stated_size(doc: &str, name: &str) -> usize {
+    let at = doc
+        .find(&format!("**{name}**"))
+        .unwrap_or_else(|| panic!("PROTOCOL.md does not define **{name}**"));
+    let rest = &doc[at..];
+    let open = rest.find('(').unwrap();
+    let num: String = rest[open + 1..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    assert!(
+        rest[open + 1 + num.len()..].starts_with(" bytes"),
+        "{name}: {}",
+        &rest[..80]
+    );
+    num.parse().unwrap()
+}
+
+#[test]
+fn every_header_size_in_protocol_md_is_the_code_s() {
+    let doc = protocol_md();
+    for (name, len) in [
+        ("Hello", wire::HELLO_LEN),
+        ("Welcome", wire::WELCOME_LEN),
+        ("Msg", wire::MSG_LEN),
+        ("Chunk", wire::CHUNK_LEN),
+        ("Post", wire::POST_LEN),
+        ("Ack", wire::ACK_LEN),
+        ("Ping", wire::PING_LEN),
+        ("Reject", wire::REJECT_LEN),
+    ] {
+        assert_eq!(stated_size(&doc, name), len, "{name}");
+    }
+    assert!(doc.contains(&format!("(every header, {} bytes)", wire::PREFIX_LEN)));
+    assert!(doc.contains(&format!(
+        "# tcpx-rs peer wire protocol (version {})",
+        wire::VERSION
+    )));
+    assert!(doc.contains(&format!("+ {} per buffer", wire::POST_BUF_LEN)));
+    assert!(doc.contains(&format!("+ {} per NIC", wire::ADDR_LEN)));
+}

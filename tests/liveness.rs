@@ -1,0 +1,278 @@
+//! Liveness is the protocol's job, not the kernel's: a frozen peer
+//! (SIGSTOP) fails the other end within the peer timeout plus a second; a
+//! live peer that is late, or pauses for less than the timeout, never does.
+
+mod common;
+
+use std::process::Child;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use common::{child, pair, pattern, three_nics, T};
+use nix::sys::signal::Signal;
+use tcpx::{Config, Error, Handle, HostMemory, Net, RecvBuf};
+
+const TIMEOUT: Duration = Duration::from_secs(2);
+const BIG: usize = 64 << 20;
+/// Timing tests run one at a time: a loaded box delays heartbeats.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn config() -> Config {
+    let mut c = three_nics();
+    c.peer_timeout = Some(TIMEOUT);
+    c
+}
+
+fn sizes(n: usize) -> Vec<usize> {
+    let mut x = 0x1234_5678u64;
+    (0..n)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (x >> 33) as usize % (8 << 20)
+        })
+        .collect()
+}
+
+/// Runs in a child process (see `child::spawn`).
+#[test]
+fn child_entry() {
+    let Some((role, arg)) = child::role() else {
+        return;
+    };
+    let net = Net::init(config()).unwrap();
+    match role.as_str() {
+        // Sends big messages until stopped or killed.
+        "sender" => {
+            let mr = net.reg_mr(HostMemory::zeroed(BIG).unwrap());
+            let mut h = Handle::from_bytes(&child::from_hex(&arg.unwrap())).unwrap();
+            let send = net.connect_wait(0, &mut h, T).unwrap();
+            child::say("connected");
+            loop {
+                let mut r = send.isend(&mr, 0, BIG, 0).unwrap().unwrap();
+                let _ = r.wait(Duration::from_secs(3600));
+            }
+        }
+        // Receives big messages until stopped or killed.
+        "receiver" => {
+            let mr = net.reg_mr(HostMemory::zeroed(BIG).unwrap());
+            let (h, mut l) = net.listen(0).unwrap();
+            child::say(&child::to_hex(&h.to_bytes()));
+            let recv = l.accept_wait(T).unwrap();
+            loop {
+                let bufs = [RecvBuf {
+                    mr: &mr,
+                    offset: 0,
+                    len: BIG,
+                    tag: 0,
+                }];
+                let mut r = recv.irecv(&bufs).unwrap().unwrap();
+                if r.wait(Duration::from_secs(3600)).is_err() {
+                    std::thread::sleep(Duration::from_secs(3600));
+                }
+            }
+        }
+        // Receives `sizes(n)` and checks every byte; says how it went.
+        "checker" => {
+            let n: usize = arg.unwrap().parse().unwrap();
+            let (h, mut l) = net.listen(0).unwrap();
+            child::say(&child::to_hex(&h.to_bytes()));
+            let recv = l.accept_wait(T).unwrap();
+            let mut dst = net.reg_mr(HostMemory::zeroed(8 << 20).unwrap());
+            for (i, len) in sizes(n).into_iter().enumerate() {
+                let bufs = [RecvBuf {
+                    mr: &dst,
+                    offset: 0,
+                    len,
+                    tag: i as i32,
+                }];
+                let mut r = recv.irecv(&bufs).unwrap().unwrap();
+                match r.wait(Duration::from_secs(60)) {
+                    Ok(s) if s[0] == len as u64 => {}
+                    other => {
+                        child::say(&format!("message {i}: {other:?}"));
+                        return;
+                    }
+                }
+                drop(r);
+                let mut want = vec![0u8; len];
+                pattern(i as u64, &mut want);
+                if dst.bytes().unwrap()[..len] != want[..] {
+                    child::say(&format!("message {i} differs"));
+                    return;
+                }
+            }
+            child::say("ok");
+        }
+        r => panic!("unknown role {r}"),
+    }
+}
+
+/// Kills the child however the test ends.
+struct Reaped(Child);
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn expect_unresponsive(r: &mut tcpx::Request, since: Instant) -> Duration {
+    let e = r.wait(Duration::from_secs(30)).unwrap_err();
+    let after = since.elapsed();
+    assert_eq!(
+        e,
+        Error::PeerUnresponsive { after_ms: 2000 },
+        "after {after:?}"
+    );
+    assert!(
+        after <= TIMEOUT + Duration::from_secs(1),
+        "detected after {after:?}"
+    );
+    assert!(after >= TIMEOUT / 2, "a false alarm after {after:?}");
+    after
+}
+
+#[test]
+fn a_stopped_sender_fails_the_receiver_within_the_timeout() {
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let net = Net::init(config()).unwrap();
+    let (h, mut l) = net.listen(0).unwrap();
+    let hex = child::to_hex(&h.to_bytes());
+    let mut kid = Reaped(child::spawn("child_entry", "sender", Some(&hex)));
+    let recv = l.accept_wait(T).unwrap();
+    assert_eq!(child::line(&mut kid.0), "connected");
+    let mr = net.reg_mr(HostMemory::zeroed(BIG).unwrap());
+    let bufs = [RecvBuf {
+        mr: &mr,
+        offset: 0,
+        len: BIG,
+        tag: 0,
+    }];
+    recv.irecv(&bufs).unwrap().unwrap().wait(T).unwrap();
+    let mut r = recv.irecv(&bufs).unwrap().unwrap();
+    std::thread::sleep(Duration::from_millis(10)); // mid-message
+    child::signal(&kid.0, Signal::SIGSTOP);
+    let after = expect_unresponsive(&mut r, Instant::now());
+    eprintln!("stopped sender detected after {after:?}");
+}
+
+#[test]
+fn a_stopped_receiver_fails_the_sender_within_the_timeout() {
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let net = Net::init(config()).unwrap();
+    let mut kid = Reaped(child::spawn("child_entry", "receiver", None));
+    let mut h = Handle::from_bytes(&child::from_hex(&child::line(&mut kid.0))).unwrap();
+    let send = net.connect_wait(0, &mut h, T).unwrap();
+    let mr = net.reg_mr(HostMemory::zeroed(BIG).unwrap());
+    send.isend(&mr, 0, BIG, 0)
+        .unwrap()
+        .unwrap()
+        .wait(T)
+        .unwrap();
+    let mut r = send.isend(&mr, 0, BIG, 0).unwrap().unwrap();
+    std::thread::sleep(Duration::from_millis(10));
+    child::signal(&kid.0, Signal::SIGSTOP);
+    let after = expect_unresponsive(&mut r, Instant::now());
+    eprintln!("stopped receiver detected after {after:?}");
+    // The comm is failed for good, with the same error.
+    assert_eq!(
+        send.isend(&mr, 0, 10, 0).unwrap_err(),
+        Error::PeerUnresponsive { after_ms: 2000 }
+    );
+}
+
+#[test]
+fn a_receiver_that_pauses_below_the_timeout_is_never_killed() {
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let n = 40;
+    let net = Net::init(config()).unwrap();
+    let mut kid = Reaped(child::spawn("child_entry", "checker", Some(&n.to_string())));
+    let mut h = Handle::from_bytes(&child::from_hex(&child::line(&mut kid.0))).unwrap();
+    let send = net.connect_wait(0, &mut h, T).unwrap();
+    let pid = nix::unistd::Pid::from_raw(kid.0.id() as i32);
+    let pauser = std::thread::spawn(move || {
+        for _ in 0..3 {
+            std::thread::sleep(Duration::from_millis(300));
+            let _ = nix::sys::signal::kill(pid, Signal::SIGSTOP);
+            std::thread::sleep(Duration::from_millis(800));
+            let _ = nix::sys::signal::kill(pid, Signal::SIGCONT);
+        }
+    });
+    for (i, len) in sizes(n).into_iter().enumerate() {
+        let mut m = HostMemory::zeroed(len).unwrap();
+        pattern(i as u64, &mut m);
+        let src = net.reg_mr(m);
+        send.isend(&src, 0, len, i as i32)
+            .unwrap()
+            .unwrap()
+            .wait(Duration::from_secs(60))
+            .unwrap();
+    }
+    pauser.join().unwrap();
+    assert_eq!(child::line(&mut kid.0), "ok");
+}
+
+#[test]
+fn a_receiver_that_posts_30_s_late_completes_byte_exact() {
+    // Finding 3: the sender's sockets must not sit at zero window for the
+    // kernel to kill; heartbeats keep both ends alive meanwhile.
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let (a, b) = (Net::init(config()).unwrap(), Net::init(config()).unwrap());
+    let (send, recv) = pair(&a, &b);
+    let lens = [BIG + 7, 100, 0, 5 << 20];
+    let msgs: Vec<(tcpx::MemoryRegion, Vec<u8>)> = lens
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| {
+            let mut m = HostMemory::zeroed(n).unwrap();
+            pattern(50 + i as u64, &mut m);
+            let v = m.to_vec();
+            (a.reg_mr(m), v)
+        })
+        .collect();
+    let mut sends: Vec<_> = msgs
+        .iter()
+        .enumerate()
+        .map(|(i, (m, v))| send.isend(m, 0, v.len(), i as i32).unwrap().unwrap())
+        .collect();
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(30) {
+        for s in &mut sends {
+            // Inline messages are done; the large ones wait, unharmed.
+            if let Err(e) = s.test() {
+                panic!("a send failed while the receiver was late: {e}");
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let dsts: Vec<_> = lens
+        .iter()
+        .map(|&n| b.reg_mr(HostMemory::zeroed(n).unwrap()))
+        .collect();
+    let mut recvs: Vec<_> = dsts
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            recv.irecv(&[RecvBuf {
+                mr: d,
+                offset: 0,
+                len: d.len(),
+                tag: i as i32,
+            }])
+            .unwrap()
+            .unwrap()
+        })
+        .collect();
+    for (i, r) in recvs.iter_mut().enumerate() {
+        assert_eq!(r.wait(T).unwrap()[0], lens[i] as u64);
+    }
+    drop(recvs);
+    for s in &mut sends {
+        s.wait(T).unwrap();
+    }
+    for (d, (_, want)) in dsts.iter().zip(&msgs) {
+        assert!(d.bytes().unwrap() == &want[..]);
+    }
+}
