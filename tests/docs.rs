@@ -6,23 +6,18 @@ fn protocol_md() -> String {
     std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/PROTOCOL.md")).unwrap()
 }
 
-/// The number in the first "(N bytes" after `**Name**`.
+/// N where the page defines `**Name** (N bytes`.
 fn stated_size(doc: &str, name: &str) -> usize {
-    let at = doc
-        .find(&format!("**{name}**"))
-        .unwrap_or_else(|| panic!("PROTOCOL.md does not define **{name}**"));
-    let rest = &doc[at..];
-    let open = rest.find('(').unwrap();
-    let num: String = rest[open + 1..]
-        .chars()
-        .take_while(char::is_ascii_digit)
-        .collect();
-    assert!(
-        rest[open + 1 + num.len()..].starts_with(" bytes"),
-        "{name}: {}",
-        &rest[..80]
-    );
-    num.parse().unwrap()
+    let tag = format!("**{name}**");
+    doc.match_indices(&tag)
+        .find_map(|(at, _)| {
+            let rest = doc[at + tag.len()..].trim_start().strip_prefix('(')?;
+            let num: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            rest[num.len()..]
+                .starts_with(" bytes")
+                .then(|| num.parse().ok())?
+        })
+        .unwrap_or_else(|| panic!("PROTOCOL.md does not define {tag} (N bytes)"))
 }
 
 #[test]

@@ -247,7 +247,7 @@ fn a_receiver_that_posts_30_s_late_completes_byte_exact() {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    let dsts: Vec<_> = lens
+    let mut dsts: Vec<_> = lens
         .iter()
         .map(|&n| b.reg_mr(HostMemory::zeroed(n).unwrap()))
         .collect();
@@ -272,7 +272,7 @@ fn a_receiver_that_posts_30_s_late_completes_byte_exact() {
     for s in &mut sends {
         s.wait(T).unwrap();
     }
-    for (d, (_, want)) in dsts.iter().zip(&msgs) {
+    for (d, (_, want)) in dsts.iter_mut().zip(&msgs) {
         assert!(d.bytes().unwrap() == &want[..]);
     }
 }

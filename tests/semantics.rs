@@ -154,7 +154,7 @@ fn a_group_that_met_a_foreign_tag_takes_no_more_messages() {
     let net = Net::init(three_nics()).unwrap();
     let (send, recv) = pair(&net, &net);
     for size in [33usize, 300_001] {
-        let dst: Vec<MemoryRegion> = (0..4)
+        let mut dst: Vec<MemoryRegion> = (0..4)
             .map(|_| net.reg_mr(HostMemory::zeroed(size).unwrap()))
             .collect();
         let mut r1 = recv
