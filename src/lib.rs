@@ -61,3 +61,12 @@ pub use memory::{HostMemory, MemoryRegion, PtrKind};
 pub use net::{ListenComm, Net};
 pub use request::Sizes;
 pub use stats::Stats;
+
+/// Entry points for the fuzz targets (`fuzz/`); not part of the API.
+#[doc(hidden)]
+pub mod fuzzing {
+    /// Hostile bytes into both ends of the control protocol.
+    pub fn control_stream(data: &[u8]) {
+        crate::ctrl::feed_both(data);
+    }
+}

@@ -49,3 +49,46 @@ pub(crate) struct Params {
     /// The sender's inline threshold: larger messages are chunked.
     pub inline_threshold: usize,
 }
+
+/// Feeds `data` to a fresh sender and receiver as what their peers sent
+/// (the first byte picks the read size), with receives posted and
+/// messages sent in between; for the fuzz target and tests.
+pub(crate) fn feed_both(data: &[u8]) {
+    use std::time::{Duration, Instant};
+    let Some((&cut, rest)) = data.split_first() else {
+        return;
+    };
+    let step = 1 + cut as usize;
+    let now = Instant::now();
+    let p = Params {
+        timeout: Some(Duration::from_secs(1)),
+        peer_timeout: Some(Duration::from_secs(1)),
+        inline_threshold: 65536,
+    };
+    let mut s = SendSide::new(p, now);
+    let mut r = RecvSide::new(p, now);
+    let _ = s.send_chunked(0, 1 << 20, 1, 4096, &mut |_| {});
+    let _ = s.send_inline(1, 2, b"hi", &mut |_| {});
+    let _ = r.post(0, &[(1 << 20, 1), (10, 2)], &mut |_| {});
+    for (i, piece) in rest.chunks(step).enumerate() {
+        let room = s.inbox_space();
+        let n = room.len().min(piece.len());
+        room[..n].copy_from_slice(&piece[..n]);
+        s.received(n, now, &mut |_| {});
+        let room = r.inbox_space();
+        let n = room.len().min(piece.len());
+        room[..n].copy_from_slice(&piece[..n]);
+        r.received(n, now, &mut |_| {});
+        if i % 3 == 0 {
+            let _ = r.post(i as u64, &[(100, 1)], &mut |_| {});
+            r.placed(i as u64);
+        }
+        let t = now + Duration::from_millis(i as u64 * 300);
+        s.poll(t);
+        r.poll(t, true);
+        let n = s.output().len();
+        s.wrote(n, t, &mut |_| {});
+        let n = r.output().len();
+        r.wrote(n, t);
+    }
+}

@@ -643,3 +643,25 @@ proptest! {
         prop_assert_eq!(acked, placed.len());
     }
 }
+
+proptest! {
+    /// What the fuzz target does, on a budget: hostile control bytes never panic.
+    #[test]
+    fn hostile_control_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..400)) {
+        super::feed_both(&data);
+    }
+
+    /// Valid frames with one byte changed never panic either.
+    #[test]
+    fn mutated_control_streams_never_panic(i in 0usize..200, v: u8, cut: u8) {
+        let mut stream = vec![cut];
+        stream.extend(Msg { seq: 0, size: 3, tag: 2, chunk_size: 0, flags: MSG_INLINE }.encode());
+        stream.extend(b"abc");
+        stream.extend(Post { post_seq: 0, bufs: vec![(5, 2)] }.encode());
+        stream.extend(Ack { seq: 0 }.encode());
+        stream.extend(Ping { count: 1 }.encode());
+        let at = 1 + i % (stream.len() - 1);
+        stream[at] = v;
+        super::feed_both(&stream);
+    }
+}
