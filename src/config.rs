@@ -101,8 +101,9 @@ pub struct Config {
     pub handshake_timeout: Duration,
     /// SO_SNDBUF/SO_RCVBUF for data sockets; `None` keeps kernel autotuning.
     pub socket_buffer: Option<usize>,
-    /// A peer that stops acknowledging (host down, network cut) fails the comm
-    /// after this long (TCP_USER_TIMEOUT plus keepalive); `None` = kernel defaults (minutes).
+    /// A peer heard from for this long (no heartbeat, no byte) fails its
+    /// comms with `PeerUnresponsive`; `None` never gives up. See
+    /// `DEFAULT_PEER_TIMEOUT` for the default's reasons.
     pub peer_timeout: Option<Duration>,
     /// Folder of gpumemd's UNIX sockets; `None` = no daemon is consulted.
     pub gpumemd_prefix: Option<PathBuf>,
@@ -130,6 +131,15 @@ pub struct Config {
     /// every socket busy (`TCPX_STAGING_BYTES`).
     pub staging_bytes: usize,
 }
+
+/// 10 s. Heartbeats come from our own progress threads, not the
+/// application's: a Python GC pause or a busy caller does not delay them,
+/// only the whole process stopping does. What stops a healthy process for
+/// seconds: CPU quota throttling (100 ms periods), memory reclaim or swap
+/// storms, a live-migration blackout (typically under a second), a
+/// checkpoint's page faults. 10 s rides out all of these several times
+/// over, while a frozen or vanished peer is still reported within seconds.
+pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub const MAX_SOCKETS_PER_NIC: usize = 16;
 pub const MAX_NICS: usize = 16;
@@ -161,7 +171,7 @@ impl Default for Config {
             max_requests: 32,
             handshake_timeout: Duration::from_secs(30),
             socket_buffer: None,
-            peer_timeout: Some(Duration::from_secs(20)),
+            peer_timeout: Some(DEFAULT_PEER_TIMEOUT),
             gpumemd_prefix: None,
             gpu_pci: None,
             devmem: DevmemMode::Prefer,

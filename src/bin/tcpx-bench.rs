@@ -71,6 +71,15 @@ enum Mode {
     },
     /// Run the sweep against a server's bootstrap address.
     Client { addr: String },
+    /// CPU cost of idle connected comms (heartbeats, ticks) against the
+    /// same process with none.
+    IdleCost {
+        /// Connected comm pairs (each a send and a receive comm).
+        #[arg(long, default_value_t = 256)]
+        pairs: usize,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
     /// Raw TCP ping-pong latency over loopback (the baseline).
     TcpPingpong {
         #[arg(long, default_value_t = 64)]
@@ -480,6 +489,55 @@ fn tcp_pingpong(size: usize, iters: usize, spin: bool, json: bool) -> BoxResult<
     Ok(())
 }
 
+/// Percent of one core this process used over `secs` seconds of sleep.
+fn cpu_percent_over(secs: u64) -> f64 {
+    let c0 = cpu_seconds();
+    std::thread::sleep(Duration::from_secs(secs));
+    (cpu_seconds() - c0) * 100.0 / secs as f64
+}
+
+fn idle_cost(cli: &Cli, pairs: usize, secs: u64) -> BoxResult<()> {
+    // Each pair holds a dozen fds or more.
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    let net = Net::init(config(cli)?)?;
+    let none = cpu_percent_over(secs);
+    let mut comms = Vec::with_capacity(pairs);
+    let bar = progress(cli, pairs);
+    bar.set_message("connecting");
+    for _ in 0..pairs {
+        let (h, mut l) = net.listen(0)?;
+        let mut h = Handle::from_bytes(&h.to_bytes())?;
+        let pair = std::thread::scope(|s| -> BoxResult<(SendComm, RecvComm)> {
+            let acc = s.spawn(move || l.accept_wait(T));
+            let send = net.connect_wait(0, &mut h, T)?;
+            let recv = acc.join().map_err(|_| "accept thread panicked")??;
+            Ok((send, recv))
+        })?;
+        comms.push(pair);
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    std::thread::sleep(Duration::from_secs(1));
+    let busy = cpu_percent_over(secs);
+    let timeout = net.config().peer_timeout.map_or(0, |t| t.as_millis());
+    if cli.json {
+        println!(
+            "{}",
+            serde_json::json!({"pairs": pairs, "seconds": secs, "peer_timeout_ms": timeout,
+                "cpu_percent_idle_comms": busy, "cpu_percent_no_comms": none})
+        );
+    } else {
+        println!(
+            "{pairs} idle comm pairs ({} comms, peer timeout {timeout} ms): {busy:.2} % of a core; with none: {none:.2} %",
+            2 * pairs
+        );
+    }
+    drop(comms);
+    Ok(())
+}
+
 fn main() -> BoxResult<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -490,6 +548,7 @@ fn main() -> BoxResult<()> {
         .with_writer(std::io::stderr)
         .init();
     match &cli.mode {
+        Some(Mode::IdleCost { pairs, seconds }) => idle_cost(&cli, *pairs, *seconds),
         Some(Mode::TcpPingpong { size, iters, spin }) => {
             tcp_pingpong(*size, *iters, *spin, cli.json)
         }

@@ -15,8 +15,8 @@ mod send;
 
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, TryLockError};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
@@ -122,6 +122,16 @@ struct CommBase {
     /// The worker's watch on the control socket, and what it is armed for.
     watch: Watch,
     armed: AtomicU8,
+    /// When the protocol's timers next need a tick (µs since `EPOCH`; 0: now).
+    due_us: AtomicU64,
+}
+
+/// The clock of `CommBase::due_us`.
+static EPOCH: OnceLock<Instant> = OnceLock::new();
+
+fn micros(t: Instant) -> u64 {
+    t.saturating_duration_since(*EPOCH.get_or_init(Instant::now))
+        .as_micros() as u64
 }
 
 const ARM_READ: u8 = 1;
@@ -137,7 +147,19 @@ impl CommBase {
             socks_closed: AtomicBool::new(false),
             watch,
             armed: AtomicU8::new(0),
+            due_us: AtomicU64::new(0),
         }
+    }
+
+    /// Records when the timers next need the comm.
+    fn set_due(&self, due: Option<Instant>) {
+        self.due_us
+            .store(due.map_or(u64::MAX, micros), Ordering::Release);
+    }
+
+    /// Whether a tick has work: a heartbeat or check is due.
+    fn tick_due(&self) -> bool {
+        micros(Instant::now()) >= self.due_us.load(Ordering::Acquire)
     }
 
     fn close_data(&self) {

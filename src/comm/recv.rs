@@ -368,6 +368,7 @@ impl RecvCore {
             link.waiting.load(Ordering::SeqCst),
             !c.side.output().is_empty(),
         );
+        self.base.set_due(c.side.due(now));
     }
 
     /// Fails every request of a broken comm. Placements fail as the data
@@ -463,7 +464,9 @@ impl Poke for RecvCore {
     }
 
     fn tick(&self) {
-        self.ctrl
-            .try_with(|c| self.progress(c, true), |c| self.progress(c, false));
+        if self.base.tick_due() {
+            self.ctrl
+                .try_with(|c| self.progress(c, true), |c| self.progress(c, false));
+        }
     }
 }

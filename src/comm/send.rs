@@ -331,6 +331,7 @@ impl SendCore {
         }
         self.base
             .arm(c.side.awaits_peer(), !c.side.output().is_empty());
+        self.base.set_due(c.side.due());
     }
 
     fn act(&self, c: &mut SendCtrl, e: SendEvent) {
@@ -381,6 +382,8 @@ impl Poke for SendCore {
     }
 
     fn tick(&self) {
-        self.nudge();
+        if self.base.tick_due() {
+            self.nudge();
+        }
     }
 }

@@ -59,6 +59,16 @@ impl Liveness {
         }
     }
 
+    /// When the next heartbeat or check falls due (`None`: never).
+    pub fn due(&self) -> Option<Instant> {
+        let ping = self.interval.map(|i| self.last_tx + i);
+        let check = self.timeout.map(|t| self.last_rx + t);
+        match (ping, check) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
     /// The number of the Ping to send now, if one is due.
     pub fn ping_due(&mut self, now: Instant) -> Option<u64> {
         let i = self.interval?;
@@ -103,5 +113,16 @@ mod tests {
         assert_eq!(quiet.ping_due(t0 + 3600_000 * ms), None);
         let mut theirs = Liveness::new(None, Some(400 * ms), t0);
         assert_eq!(theirs.ping_due(t0 + 100 * ms), Some(1));
+    }
+
+    #[test]
+    fn the_next_due_time_is_the_sooner_of_heartbeat_and_check() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis(1);
+        let mut l = Liveness::new(Some(2000 * ms), None, t0);
+        assert_eq!(l.due(), Some(t0 + 500 * ms));
+        l.spoke(t0 + 1900 * ms);
+        assert_eq!(l.due(), Some(t0 + 2000 * ms), "the check comes first now");
+        assert_eq!(Liveness::new(None, None, t0).due(), None);
     }
 }

@@ -200,6 +200,15 @@ impl RecvSide {
         }
     }
 
+    /// When timers next need the comm (`None`: never); `now` while
+    /// receives wait to be told.
+    pub fn due(&self, now: Instant) -> Option<Instant> {
+        if self.s.deferred_n > 0 {
+            return Some(now);
+        }
+        self.s.live.due()
+    }
+
     pub fn output(&self) -> &[u8] {
         self.s.out.pending()
     }

@@ -355,6 +355,11 @@ impl SendSide {
         }
     }
 
+    /// When timers next need the comm (`None`: never).
+    pub fn due(&self) -> Option<Instant> {
+        self.live.due()
+    }
+
     /// Bytes to write to the control socket.
     pub fn output(&self) -> &[u8] {
         self.out.pending()
