@@ -233,6 +233,7 @@ pub struct Engine {
 impl Engine {
     /// Starts the transport, listens, and serves peers on background threads.
     pub fn new(agent: &str, opts: Options) -> Result<Self> {
+        crate::log::init();
         let net = Net::init(opts.cfg.clone())?;
         let (handle, listener) = net.listen(0)?;
         let inner = Arc::new(Inner {
