@@ -378,6 +378,15 @@ impl Config {
         Ok(c)
     }
 
+    /// Marks the report lines of `vars` as overridden by `by`, for a front
+    /// end that sets a field after `from_env` (a NIXL backend option).
+    pub fn note_override(&mut self, vars: &[&str], by: &str) {
+        for n in self.env_report.iter_mut().filter(|n| vars.contains(&n.var)) {
+            n.effect = format!("overridden by {by}");
+            n.unhonoured = false;
+        }
+    }
+
     /// Logs what the TCPX environment block does here, one line per variable
     /// set (a warning where a value asks for what this build lacks), and the
     /// whole config at debug level. `Net::init` calls it once.

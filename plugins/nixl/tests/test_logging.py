@@ -54,6 +54,8 @@ def test_nccl_debug_info_reports_the_whole_block_once():
     force_ack = [l for l in report if "NCCL_GPUDIRECTTCPX_FORCE_ACK" in l][0]
     assert " WARN " in force_ack and "no effect here" in force_ack
     assert any("NCCL_NET_GDR_LEVEL=\"PIX\": NCCL-only" in l for l in report)
+    # The backend option decides the data NICs, and the report says so.
+    assert any('NCCL_GPUDIRECTTCPX_SOCKET_IFNAME="lo": overridden by the backend option nics' in l for l in report)
     assert any('our log filter is "info" (decided by NCCL_DEBUG=INFO, NCCL_DEBUG_SUBSYS=ENV' in l for l in report)
     assert any("tcpx device: kernel TCP with host memory" in l for l in ours(err, "INFO")), err
 
