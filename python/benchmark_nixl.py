@@ -63,6 +63,7 @@ TAG = b"tcpx-bench "
 PING = TAG + b"ping"
 ABORT = TAG + b"abort "
 BYE = TAG + b"bye"
+DONE = TAG + b"done "  # the server has no size left
 
 
 class Failed(Exception):
@@ -255,8 +256,9 @@ class Peer:
     def send(self, msg: bytes):
         self.agent.send_notif(self.name, msg)
 
-    def check(self, deadline: float, what: str):
-        """Raises when the peer gave up, is gone, or `what` is late."""
+    def check(self, deadline: float, what: str, ended: bool = False):
+        """Raises when the peer gave up, is gone, or `what` is late; with
+        `ended`, also when it said it has finished (it runs fewer sizes)."""
         self.agent.update_notifs()
         msgs = self.agent.notifs.get(self.name, [])
         for m in list(msgs):
@@ -264,6 +266,11 @@ class Peer:
                 raise Failed(f"the {self.name} gave up: {m[len(ABORT):].decode(errors='replace')}")
             if m == PING:
                 msgs.remove(m)
+            elif ended and (m == BYE or m.startswith(DONE)):
+                raise Failed(
+                    f"the {self.name} finished while this side waited for {what}: "
+                    "give both sides the same --sizes"
+                )
         now = time.monotonic()
         if now >= self.next_ping:
             # A peer that is gone fails this (TCPX reports it at once).
@@ -279,12 +286,13 @@ class Peer:
         """The first message from the peer that starts with `prefix`."""
         deadline = time.monotonic() + self.timeout
         while True:
-            self.check(deadline, what)
+            self.agent.update_notifs()
             msgs = self.agent.notifs.get(self.name, [])
             for m in msgs:
                 if m.startswith(prefix):
                     msgs.remove(m)
                     return m
+            self.check(deadline, what, ended=True)
             time.sleep(0.001)
 
     def transfer_done(self, tag: bytes, what: str):
@@ -294,7 +302,7 @@ class Peer:
         while not self.agent.check_remote_xfer_done(self.name, tag):
             now = time.monotonic()
             if now >= next_check:
-                self.check(deadline, what)
+                self.check(deadline, what, ended=True)
                 next_check = now + 0.05
             os.sched_yield()
 
@@ -401,6 +409,7 @@ def run_two_hosts(args, backend: str, sizes: list[int]) -> int:
         if role == "client":
             peer.send(BYE)
         else:
+            peer.send(DONE + b"%d" % len(sizes))
             try:
                 peer.take(BYE, "goodbye")
             except Failed as e:
@@ -445,7 +454,8 @@ def run_size(args, role, op, agent, peer, buf, k, size, blocks) -> dict:
         buf.fill(seed)
     if role == "server":
         descs = buf.descs(agent, blocks)
-        peer.send(TAG + b"descs %d %d\n" % (k, size) + agent.get_serialized_descs(descs))
+        head = b"descs %d %d %s %d %d %d\n" % (k, size, op.encode(), len(blocks), args.warmup, args.iters)
+        peer.send(TAG + head + agent.get_serialized_descs(descs))
         for i in range(total):
             if i == args.warmup:
                 start = time.perf_counter()
@@ -454,8 +464,14 @@ def run_size(args, role, op, agent, peer, buf, k, size, blocks) -> dict:
     else:
         msg = peer.take(TAG + b"descs %d " % k, f"the descriptors for {pretty_size(size)}")
         head, blob = msg.split(b"\n", 1)
-        if int(head.split()[-1]) != size:
-            raise Failed(f"the server offers {head.split()[-1].decode()} bytes for size {size}: run both sides with the same --sizes")
+        theirs = head.decode(errors="replace").split()[3:]
+        ours = [str(size), op, str(len(blocks)), str(args.warmup), str(args.iters)]
+        if theirs != ours:
+            raise Failed(
+                f"the server runs (size, op, blocks, warm-up, iterations) = ({', '.join(theirs)}), "
+                f"this client ({', '.join(ours)}): give both sides the same --sizes, --op-type, "
+                "--num-kvblocks, --warmup and --iters"
+            )
         remote = agent.deserialize_descs(blob)
         # The metadata fetched first may predate the server's registration.
         deadline = time.monotonic() + args.timeout

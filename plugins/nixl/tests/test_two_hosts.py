@@ -143,3 +143,15 @@ def test_a_killed_server_ends_the_clients_run(tmp_path):
     text = (tmp_path / "client.out").read_text()
     assert rc == 2 and "[client] error: " in text, text
     assert took < 15, f"the client needed {took:.0f} s to notice"
+
+
+def test_sides_run_with_different_settings_both_stop_and_say_why(tmp_path):
+    port = 22000 + os.getpid() % 10000
+    common = [sys.executable, str(BENCH), "--sizes", "4K,64K", "--nics", "127.0.0.1", "--port", str(port), "--timeout", "20"]
+    server = start([*common, "--role", "server", "--iters", "5"], tmp_path / "server.out")
+    client = start([*common, "--role", "client", "--remote-ip", "127.0.0.1", "--iters", "3"], tmp_path / "client.out")
+    rcs = finish([server, client], 60)
+    s, c = (tmp_path / "server.out").read_text(), (tmp_path / "client.out").read_text()
+    assert rcs == [2, 2], f"{rcs}\n--- server\n{s}\n--- client\n{c}"
+    assert "iterations) = (4096, WRITE, 1, 3, 5), this client (4096, WRITE, 1, 3, 3): give both sides the same" in c, c
+    assert "[server] error: the client gave up: the server runs" in s, s
