@@ -9,6 +9,9 @@ use std::time::Duration;
 
 use crate::error::{Error, Result};
 
+mod env_block;
+pub use env_block::{EnvNote, LogFilter};
+
 /// A NIC as the user named it: an interface name (`eth1`) or an address (`127.0.0.2`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NicSpec {
@@ -74,6 +77,15 @@ pub enum EngineKind {
     Auto,
 }
 
+/// How a devmem RX pool is imported (`NCCL_TCPX_RXMEM_IMPORT_USE_GPU_PCI_CLIENT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RxmemImport {
+    /// 1 (the original's default): the pool's fd from gpumemd's `get_gpu_fd_<pci>` socket.
+    GpuPciClient,
+    /// 0: the legacy CUDA IPC handle in `/tmp/nvdma-<pci>`.
+    LegacyFile,
+}
+
 /// Transport configuration. `Config::from_env()` reads the table in README.md.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -130,6 +142,16 @@ pub struct Config {
     /// first CUDA registration; about four chunks per data socket keeps
     /// every socket busy (`TCPX_STAGING_BYTES`).
     pub staging_bytes: usize,
+    /// `NCCL_GPUDIRECTTCPX_FORCE_ACK`: the original sets TCP_QUICKACK on a
+    /// data socket when the last receive queued on it finishes. Recorded;
+    /// the receive path does not act on it yet (reported at init).
+    pub force_ack: bool,
+    /// How the devmem receive path will import gpumemd's RX pool; recorded
+    /// until that path exists (reported at init).
+    pub rxmem_import: RxmemImport,
+    /// What each variable of the TCPX deployment's environment block that
+    /// was set does here; `Net::init` logs it once (`log_env`).
+    pub env_report: Vec<EnvNote>,
 }
 
 /// 10 s. Heartbeats come from our own progress threads, not the
@@ -183,6 +205,9 @@ impl Default for Config {
             zerocopy: ZeroCopy::Auto,
             min_zcopy_size: 32 * 1024,
             staging_bytes: 64 << 20,
+            force_ack: false,
+            rxmem_import: RxmemImport::GpuPciClient,
+            env_report: Vec::new(),
         }
     }
 }
@@ -334,8 +359,17 @@ impl Config {
                 _ => return Err(Error::Config(format!("{k}={v:?}: use off, on or auto"))),
             };
         }
-        if let Some((k, v)) = first(&["TCPX_MIN_ZCOPY_SIZE", "NCCL_GPUDIRECTTCPX_MIN_ZCOPY_SIZE"]) {
+        if let Some((k, v)) = first(&[
+            "TCPX_MIN_ZCOPY_SIZE",
+            "NCCL_GPUDIRECTTCPX_MIN_ZCOPY_SIZE",
+            // The name the original actually reads (TCPX_PARAM adds NCCL_).
+            "NCCL_MIN_ZCOPY_SIZE",
+        ]) {
             c.min_zcopy_size = parse_num(k, &v)?;
+            // In the original 0 means no MSG_ZEROCOPY at all.
+            if c.min_zcopy_size == 0 && k.starts_with("NCCL_") && get("TCPX_ZEROCOPY").is_none() {
+                c.zerocopy = ZeroCopy::Off;
+            }
         }
         if let Some((k, v)) = first(&[
             "TCPX_GPUMEMD_REGISTER",
@@ -349,8 +383,42 @@ impl Config {
         ]) {
             c.flow_steering_wait = Duration::from_micros(parse_num(k, &v)? as u64);
         }
+        if let Some((k, v)) = first(&["NCCL_GPUDIRECTTCPX_FORCE_ACK"]) {
+            c.force_ack = parse_flag(k, &v)?;
+        }
+        if let Some((k, v)) = first(&["NCCL_TCPX_RXMEM_IMPORT_USE_GPU_PCI_CLIENT"]) {
+            c.rxmem_import = if parse_flag(k, &v)? {
+                RxmemImport::GpuPciClient
+            } else {
+                RxmemImport::LegacyFile
+            };
+        }
         c.validate()?;
+        c.env_report = env_block::notes(&get, &c);
         Ok(c)
+    }
+
+    /// Marks the report lines of `vars` as overridden by `by`, for a front
+    /// end that sets a field after `from_env` (a NIXL backend option).
+    pub fn note_override(&mut self, vars: &[&str], by: &str) {
+        for n in self.env_report.iter_mut().filter(|n| vars.contains(&n.var)) {
+            n.effect = format!("overridden by {by}");
+            n.unhonoured = false;
+        }
+    }
+
+    /// Logs what the TCPX environment block does here, one line per variable
+    /// set (a warning where a value asks for what this build lacks), and the
+    /// whole config at debug level. `Net::init` calls it once.
+    pub fn log_env(&self) {
+        for n in &self.env_report {
+            if n.unhonoured {
+                tracing::warn!("{}={:?}: {}", n.var, n.value, n.effect);
+            } else {
+                tracing::info!("{}={:?}: {}", n.var, n.value, n.effect);
+            }
+        }
+        tracing::debug!(config = ?self, "tcpx config");
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -403,6 +471,15 @@ impl Config {
             ));
         }
         Ok(())
+    }
+}
+
+/// 0 or 1, as the original accepts for its switches.
+fn parse_flag(key: &str, v: &str) -> Result<bool> {
+    match v.trim() {
+        "0" => Ok(false),
+        "1" => Ok(true),
+        _ => Err(Error::Config(format!("{key}={v:?}: use 0 or 1"))),
     }
 }
 

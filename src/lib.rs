@@ -53,7 +53,7 @@ mod zerocopy;
 
 pub use bounce::cuda_alloc;
 pub use comm::{RecvBuf, RecvComm, Request, SendComm, Waiter};
-pub use config::{Config, DevmemMode, EngineKind, NicSpec, ZeroCopy};
+pub use config::{Config, DevmemMode, EngineKind, LogFilter, NicSpec, RxmemImport, ZeroCopy};
 pub use device::{DataPath, Device, PtrKinds};
 pub use error::{Error, Result};
 pub use handle::{Handle, HANDLE_SIZE};

@@ -132,6 +132,8 @@ impl Net {
     /// Resolves the NICs, starts the NIC workers and logs the data path once.
     pub fn init(cfg: Config) -> Result<Self> {
         cfg.validate()?;
+        // Once per Net: what the TCPX environment block does here.
+        cfg.log_env();
         let gpumemd = Gpumemd::connect(&cfg)?;
         let path = if cfg.devmem_emulated.is_some() {
             DataPath::DevmemEmulated

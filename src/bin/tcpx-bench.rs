@@ -540,10 +540,16 @@ fn idle_cost(cli: &Cli, pairs: usize, secs: u64) -> BoxResult<()> {
 
 fn main() -> BoxResult<()> {
     let cli = Cli::parse();
+    // TCPX_LOG, else the NCCL/UCCL debug variables (tcpx::LogFilter).
+    let filter = tcpx::LogFilter::from_env();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("TCPX_LOG")
-                .unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_new(&filter.directive).map_err(|e| {
+                format!(
+                    "log filter {:?} (from {}): {e}",
+                    filter.directive, filter.from
+                )
+            })?,
         )
         .with_writer(std::io::stderr)
         .init();

@@ -65,8 +65,20 @@ impl Options {
             let num = || v.trim().parse::<u64>().map_err(|e| bad(e.to_string()));
             match k {
                 _ if v.is_empty() && OPTIONS.iter().any(|(o, _)| *o == k) => {}
-                "nics" => cfg.data_nics = NicSpec::parse_list(v).map_err(|e| bad(e.to_string()))?,
-                "sockets_per_nic" => cfg.sockets_per_nic = num()? as usize,
+                "nics" => {
+                    cfg.data_nics = NicSpec::parse_list(v).map_err(|e| bad(e.to_string()))?;
+                    cfg.note_override(
+                        &["NCCL_GPUDIRECTTCPX_SOCKET_IFNAME"],
+                        "the backend option nics",
+                    );
+                }
+                "sockets_per_nic" => {
+                    cfg.sockets_per_nic = num()? as usize;
+                    cfg.note_override(
+                        &["NCCL_NSOCKS_PERTHREAD", "NCCL_SOCKET_NTHREADS"],
+                        "the backend option sockets_per_nic",
+                    );
+                }
                 "chunk_size" => {
                     cfg.chunk_size = tcpx::config::parse_size(v).map_err(|e| bad(e.to_string()))?
                 }
@@ -233,6 +245,7 @@ pub struct Engine {
 impl Engine {
     /// Starts the transport, listens, and serves peers on background threads.
     pub fn new(agent: &str, opts: Options) -> Result<Self> {
+        crate::log::init();
         let net = Net::init(opts.cfg.clone())?;
         let (handle, listener) = net.listen(0)?;
         let inner = Arc::new(Inner {

@@ -32,6 +32,7 @@ mod engine;
 mod error;
 pub mod ffi;
 mod link;
+mod log;
 pub mod proto;
 mod registry;
 
