@@ -60,6 +60,8 @@ pub(crate) struct RecvLink {
     announced: AtomicU64,
     /// A data socket waits for an announcement.
     waiting: AtomicBool,
+    /// Kicks so far (see `CommLink::kicks`).
+    kicks: AtomicU64,
     /// Messages in place, to acknowledge.
     acks: Mutex<Vec<u64>>,
     /// The first failure of the comm (a data socket's, or close).
@@ -86,6 +88,10 @@ impl CommLink for RecvLink {
     fn wait_for(&self, _seq: u64) {
         self.waiting.store(true, Ordering::SeqCst);
         self.nudge();
+    }
+
+    fn kicks(&self) -> u64 {
+        self.kicks.load(Ordering::Acquire)
     }
 
     fn completed(&self, seq: u64) {
@@ -150,6 +156,7 @@ impl RecvComm {
                 placements: Mutex::new(HashMap::new()),
                 announced: AtomicU64::new(0),
                 waiting: AtomicBool::new(false),
+                kicks: AtomicU64::new(0),
                 acks: Mutex::new(Vec::new()),
                 failure: Mutex::new(None),
             });
@@ -362,6 +369,7 @@ impl RecvCore {
         if link.announced.load(Ordering::Acquire) != before
             && link.waiting.swap(false, Ordering::SeqCst)
         {
+            link.kicks.fetch_add(1, Ordering::AcqRel);
             self.base.kick();
         }
         self.base.arm(

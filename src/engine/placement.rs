@@ -35,6 +35,11 @@ pub(crate) trait CommLink: Send + Sync {
     /// A socket waits for message `seq`: read the control socket, and kick
     /// the comm's workers once more messages are known.
     fn wait_for(&self, _seq: u64) {}
+    /// How many times the comm kicked its workers: a waiting socket asks
+    /// again (`wait_for`) only after a kick that did not bring its message.
+    fn kicks(&self) -> u64 {
+        0
+    }
     /// Every chunk of `seq` is in place.
     fn completed(&self, _seq: u64) {}
     /// The error a placement reports if the comm failed before it completed.

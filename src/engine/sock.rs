@@ -60,8 +60,9 @@ struct RxCursor {
     hdr: [u8; CHUNK_LEN],
     hdr_done: usize,
     body: Option<Body>,
-    /// The header names a message the comm does not know yet.
-    parked: bool,
+    /// The header names a message the comm does not know yet; the comm's
+    /// kick count when the socket last asked for it.
+    parked: Option<u64>,
 }
 
 /// Zero-copy state of a data socket.
@@ -154,7 +155,7 @@ impl Sock {
                 hdr: [0; CHUNK_LEN],
                 hdr_done: 0,
                 body: None,
-                parked: false,
+                parked: None,
             },
             unsettled: Vec::new(),
             comm,
@@ -326,7 +327,8 @@ impl Sock {
             Ok(c) => c,
             Err(e) => return self.fail(e),
         };
-        let mut waited = self.rx.parked;
+        let kicks = self.comm.kicks();
+        let mut asked = self.rx.parked == Some(kicks);
         let dst = loop {
             match self.comm.lookup(c.seq) {
                 Lookup::Place(p) => match p.claim(c.offset, c.len) {
@@ -335,17 +337,17 @@ impl Sock {
                     Err(e) => return self.fail(e),
                 },
                 Lookup::Discard => break None,
-                // Ask once (the control socket may hold the announcement
-                // unread), then wait for the comm's kick.
-                Lookup::Unknown if !waited => {
-                    self.rx.parked = true;
-                    waited = true;
+                // Ask (the control socket may hold the announcement unread),
+                // look once more, then wait for the comm's next kick.
+                Lookup::Unknown if !asked => {
+                    self.rx.parked = Some(kicks);
+                    asked = true;
                     self.comm.wait_for(c.seq);
                 }
                 Lookup::Unknown => return,
             }
         };
-        self.rx.parked = false;
+        self.rx.parked = None;
         self.rx.hdr_done = 0;
         self.rx.body = Some(Body {
             dst,
@@ -780,5 +782,193 @@ mod tests {
         assert_eq!(req.error(), None);
         finisher.join().unwrap();
         assert!(mr.bytes().unwrap() == &pattern(600_001)[..]);
+    }
+
+    /// A receive comm for the plain path: message 3 (two chunks of 4096 in
+    /// 6000 bytes) is known only after `announce`; below 3 is done.
+    struct Late {
+        placement: Mutex<Option<Arc<Placement>>>,
+        known: AtomicBool,
+        waits: std::sync::atomic::AtomicUsize,
+        kicks: std::sync::atomic::AtomicU64,
+        err: Mutex<Option<Error>>,
+    }
+
+    impl CommLink for Late {
+        fn failed(&self, e: Error) {
+            self.err.lock().unwrap().get_or_insert(e);
+        }
+        fn lookup(&self, seq: u64) -> Lookup {
+            match (seq, self.known.load(Ordering::SeqCst)) {
+                (3, true) => self
+                    .placement
+                    .lock()
+                    .unwrap()
+                    .clone()
+                    .map_or(Lookup::Discard, Lookup::Place),
+                (3, false) | (4.., _) => Lookup::Unknown,
+                _ => Lookup::Discard,
+            }
+        }
+        fn wait_for(&self, _: u64) {
+            self.waits.fetch_add(1, Ordering::SeqCst);
+        }
+        fn kicks(&self) -> u64 {
+            self.kicks.load(Ordering::SeqCst)
+        }
+        fn completed(&self, _: u64) {
+            self.placement.lock().unwrap().take();
+        }
+    }
+
+    fn chunk(seq: u64, offset: u64, body: &[u8]) -> Vec<u8> {
+        let mut v = Chunk {
+            seq,
+            offset,
+            len: body.len() as u32,
+        }
+        .encode()
+        .to_vec();
+        v.extend_from_slice(body);
+        v
+    }
+
+    /// Reads until the socket waits or has nothing; true if it read.
+    fn pump(s: &mut Sock, scratch: &mut Vec<u8>) -> bool {
+        use std::io::IoSliceMut;
+        let mut moved = false;
+        while let Some(plan) = s.rx_plan(scratch) {
+            let [(p0, l0), (p1, l1)] = plan.parts;
+            // SAFETY: the plan's parts are valid for writes while their placement holds the region.
+            let mut iov = unsafe {
+                [
+                    IoSliceMut::new(crate::engine::bytes_mut(p0, l0)),
+                    IoSliceMut::new(crate::engine::bytes_mut(p1, l1)),
+                ]
+            };
+            match nix::sys::uio::readv(&s.stream, &mut iov) {
+                Ok(n) => {
+                    moved = true;
+                    s.rx_done(n)
+                }
+                Err(_) => break,
+            }
+        }
+        moved
+    }
+
+    #[test]
+    fn chunks_wait_for_their_announcement_and_duplicates_and_old_ones_are_dropped() {
+        let data = pattern(6000);
+        let mut wire = chunk(1, 0, &[7; 100]); // an old message: dropped
+        wire.extend(chunk(3, 4096, &data[4096..]));
+        wire.extend(chunk(3, 4096, &[0xEE; 1904])); // a duplicate: dropped
+        wire.extend(chunk(3, 0, &data[..4096]));
+        let (stream, _peer) = loaded(&wire);
+        stream.set_nonblocking(true).unwrap();
+        let comm = Arc::new(Late {
+            placement: Mutex::new(None),
+            known: AtomicBool::new(false),
+            waits: Default::default(),
+            kicks: Default::default(),
+            err: Mutex::new(None),
+        });
+        let mode = TxMode {
+            zerocopy: ZeroCopy::Off,
+            min_zcopy: 0,
+            devmem_emulated: None,
+            peer_timeout_ms: 0,
+        };
+        let mut s = Sock::new(
+            stream,
+            mode,
+            comm.clone(),
+            true,
+            None,
+            &Arc::new(Counters::default()),
+        );
+        let mut mr = MemoryRegion::owned(HostMemory::zeroed(6000).unwrap());
+        let req = Arc::new(ReqState::new(1, 1));
+        let p = Placement::new(
+            3,
+            mr.inner.clone(),
+            0,
+            6000,
+            4096,
+            req.clone(),
+            comm.clone(),
+        );
+        *comm.placement.lock().unwrap() = Some(Arc::new(p));
+        let mut scratch = Vec::new();
+        std::thread::sleep(Duration::from_millis(20));
+        pump(&mut s, &mut scratch);
+        assert_eq!(
+            comm.waits.load(Ordering::SeqCst),
+            1,
+            "it asked the comm once"
+        );
+        assert!(s.rx_plan(&mut scratch).is_none(), "and waits");
+        assert_eq!(comm.waits.load(Ordering::SeqCst), 1, "without asking again");
+        comm.kicks.fetch_add(1, Ordering::SeqCst);
+        assert!(s.rx_plan(&mut scratch).is_none());
+        assert_eq!(
+            comm.waits.load(Ordering::SeqCst),
+            2,
+            "a kick that did not bring it: ask again"
+        );
+        comm.known.store(true, Ordering::SeqCst);
+        comm.kicks.fetch_add(1, Ordering::SeqCst);
+        while !req.is_done() {
+            assert!(pump(&mut s, &mut scratch), "stalled");
+        }
+        assert_eq!(req.error(), None);
+        assert!(comm.err.lock().unwrap().is_none());
+        assert!(mr.bytes().unwrap() == &data[..]);
+    }
+
+    #[test]
+    fn a_chunk_off_the_message_geometry_fails_the_comm() {
+        let (stream, _peer) = loaded(&chunk(3, 100, &[1; 50]));
+        stream.set_nonblocking(true).unwrap();
+        let comm = Arc::new(Late {
+            placement: Mutex::new(None),
+            known: AtomicBool::new(true),
+            waits: Default::default(),
+            kicks: Default::default(),
+            err: Mutex::new(None),
+        });
+        let mode = TxMode {
+            zerocopy: ZeroCopy::Off,
+            min_zcopy: 0,
+            devmem_emulated: None,
+            peer_timeout_ms: 0,
+        };
+        let mut s = Sock::new(
+            stream,
+            mode,
+            comm.clone(),
+            true,
+            None,
+            &Arc::new(Counters::default()),
+        );
+        let mr = MemoryRegion::owned(HostMemory::zeroed(6000).unwrap());
+        let req = Arc::new(ReqState::new(1, 1));
+        let p = Placement::new(
+            3,
+            mr.inner.clone(),
+            0,
+            6000,
+            4096,
+            req.clone(),
+            comm.clone(),
+        );
+        *comm.placement.lock().unwrap() = Some(Arc::new(p));
+        std::thread::sleep(Duration::from_millis(20));
+        pump(&mut s, &mut Vec::new());
+        assert!(matches!(
+            *comm.err.lock().unwrap(),
+            Some(Error::Protocol(_))
+        ));
+        assert!(s.dead.is_some());
     }
 }
