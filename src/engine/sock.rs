@@ -712,6 +712,8 @@ mod tests {
         .to_vec();
         wire.extend(pattern(n));
         let (stream, _peer) = loaded(&wire);
+        // Idle sockets settle: a read that would block must say so at once.
+        stream.set_nonblocking(true).unwrap();
         let mode = TxMode {
             zerocopy: ZeroCopy::Off,
             min_zcopy: 0,
