@@ -47,6 +47,11 @@
 #define TCPX_EPEER 17
 
 /**
+ * Every data socket of the comm failed or stalled (its NICs' paths are down); the comm is gone.
+ */
+#define TCPX_EPATHS 18
+
+/**
  * `NCCL_PTR_HOST` / `NCCL_PTR_CUDA`.
  */
 #define TCPX_PTR_HOST 1

@@ -40,6 +40,8 @@ pub enum Error {
     Gpumemd(String),
     #[error("the peer sent nothing for {after_ms} ms (no heartbeat): its process is frozen or its host or network is gone; raise TCPX_PEER_TIMEOUT_MS if it may pause longer")]
     PeerUnresponsive { after_ms: u64 },
+    #[error("every data socket of the comm is gone ({sockets} socket(s); the last: {last}): the data NICs' paths to the peer are down; check their links and routes (`ip link`, `ip route`), then connect a new comm")]
+    AllPathsLost { sockets: usize, last: String },
     #[error("{op} failed: {msg} ({kind:?})")]
     Io {
         op: &'static str,
@@ -82,6 +84,7 @@ impl Error {
             Error::Io { .. } => 15,
             Error::Gpumemd(_) => 16,
             Error::PeerUnresponsive { .. } => 17,
+            Error::AllPathsLost { .. } => 18,
         }
     }
 }

@@ -4,6 +4,7 @@
 //! Every header starts with the same 12-byte prefix:
 //! `magic u32 | version u8 | kind u8 | header_len u16 | payload_len u32`
 //! (little-endian), checked on receipt; reserved fields must be zero.
+//! Kinds 9-11 (Retire, Placed, Dial) carry data-socket failover.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -23,6 +24,11 @@ pub const POST_BUF_LEN: usize = 12;
 pub const ACK_LEN: usize = 20;
 pub const PING_LEN: usize = 20;
 pub const REJECT_LEN: usize = 20;
+pub const RETIRE_LEN: usize = 20;
+pub const PLACED_LEN: usize = 32;
+/// Largest bitmap one Placed carries (chunks `first .. first + 8·4096`).
+pub const MAX_PLACED_BYTES: usize = 4096;
+pub const DIAL_LEN: usize = 36;
 /// One NIC address in a Welcome payload.
 pub const ADDR_LEN: usize = 20;
 /// Largest header of any kind: the size of a receive buffer for one header.
@@ -41,6 +47,9 @@ pub enum Kind {
     Ack = 6,
     Ping = 7,
     Reject = 8,
+    Retire = 9,
+    Placed = 10,
+    Dial = 11,
 }
 
 impl Kind {
@@ -54,6 +63,9 @@ impl Kind {
             6 => Kind::Ack,
             7 => Kind::Ping,
             8 => Kind::Reject,
+            9 => Kind::Retire,
+            10 => Kind::Placed,
+            11 => Kind::Dial,
             _ => return None,
         })
     }
@@ -67,6 +79,9 @@ impl Kind {
             Kind::Ack => ACK_LEN,
             Kind::Ping => PING_LEN,
             Kind::Reject => REJECT_LEN,
+            Kind::Retire => RETIRE_LEN,
+            Kind::Placed => PLACED_LEN,
+            Kind::Dial => DIAL_LEN,
         }
     }
 }
@@ -166,6 +181,37 @@ pub struct Reject {
 
 /// `Reject::reason`: the client speaks another wire version.
 pub const REJECT_VERSION: u16 = 1;
+
+/// The sender took data socket `index` (of `generation`) out of use:
+/// the receiver closes its end and answers with Placed for every message
+/// in flight, so the sender re-sends what did not arrive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retire {
+    pub index: u16,
+    pub generation: u32,
+}
+
+/// Which chunks of message `seq` are in place at the receiver: bit `j` of
+/// byte `b` of `bits` stands for chunk `first + 8·b + j`. The payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placed {
+    pub seq: u64,
+    /// A multiple of 8.
+    pub first: u64,
+    /// 1..=MAX_PLACED_BYTES bytes.
+    pub bits: Vec<u8>,
+}
+
+/// The receiver invites a reconnect of data socket `index` as `generation`:
+/// the sender connects to `addr` and sends a data Hello whose secret is
+/// `token`. The address is the payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dial {
+    pub index: u16,
+    pub generation: u32,
+    pub token: [u8; 16],
+    pub addr: SocketAddr,
+}
 
 fn put_prefix(b: &mut [u8], kind: Kind, payload_len: u32) {
     b[0..4].copy_from_slice(&MAGIC.to_le_bytes());
@@ -563,6 +609,95 @@ impl Reject {
     }
 }
 
+impl Retire {
+    pub fn encode(&self) -> [u8; RETIRE_LEN] {
+        let mut b = [0u8; RETIRE_LEN];
+        put_prefix(&mut b, Kind::Retire, 0);
+        b[12..14].copy_from_slice(&self.index.to_le_bytes());
+        b[16..20].copy_from_slice(&self.generation.to_le_bytes());
+        b
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Self> {
+        let (p, mut r) = expect(b, Kind::Retire)?;
+        no_payload(p, Kind::Retire)?;
+        let index = r.u16()?;
+        r.zero::<2>("Retire")?;
+        Ok(Retire {
+            index,
+            generation: r.u32()?,
+        })
+    }
+}
+
+impl Placed {
+    /// Header and payload (the bitmap) in one buffer.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = vec![0u8; PLACED_LEN + self.bits.len()];
+        put_prefix(&mut b, Kind::Placed, self.bits.len() as u32);
+        b[12..20].copy_from_slice(&self.seq.to_le_bytes());
+        b[20..28].copy_from_slice(&self.first.to_le_bytes());
+        b[PLACED_LEN..].copy_from_slice(&self.bits);
+        b
+    }
+
+    /// Header and payload from one buffer.
+    pub fn decode(b: &[u8]) -> Result<Self> {
+        let (p, mut r) = expect(b, Kind::Placed)?;
+        let seq = r.u64()?;
+        let first = r.u64()?;
+        r.zero::<4>("Placed")?;
+        let n = p.payload_len as usize;
+        if n == 0 || n > MAX_PLACED_BYTES || first % 8 != 0 {
+            return Err(Error::Protocol(format!(
+                "Placed of {n} bitmap bytes from chunk {first}"
+            )));
+        }
+        let bits = b
+            .get(PLACED_LEN..PLACED_LEN + n)
+            .ok_or_else(|| Error::Protocol("Placed bitmap truncated".into()))?
+            .to_vec();
+        Ok(Placed { seq, first, bits })
+    }
+}
+
+impl Dial {
+    /// Header and payload (the address) in one buffer.
+    pub fn encode(&self) -> [u8; DIAL_LEN + ADDR_LEN] {
+        let mut b = [0u8; DIAL_LEN + ADDR_LEN];
+        put_prefix(&mut b, Kind::Dial, ADDR_LEN as u32);
+        b[12..14].copy_from_slice(&self.index.to_le_bytes());
+        b[16..20].copy_from_slice(&self.generation.to_le_bytes());
+        b[20..36].copy_from_slice(&self.token);
+        put_addr(&mut b[DIAL_LEN..], &self.addr);
+        b
+    }
+
+    /// Header and payload from one buffer.
+    pub fn decode(b: &[u8]) -> Result<Self> {
+        let (p, mut r) = expect(b, Kind::Dial)?;
+        let index = r.u16()?;
+        r.zero::<2>("Dial")?;
+        let generation = r.u32()?;
+        let token = r.take::<16>()?;
+        if p.payload_len as usize != ADDR_LEN {
+            return Err(Error::Protocol(format!(
+                "Dial payload of {} bytes (an address is {ADDR_LEN})",
+                p.payload_len
+            )));
+        }
+        let at = b
+            .get(DIAL_LEN..DIAL_LEN + ADDR_LEN)
+            .ok_or_else(|| Error::Protocol("Dial address truncated".into()))?;
+        Ok(Dial {
+            index,
+            generation,
+            token,
+            addr: get_addr(at)?,
+        })
+    }
+}
+
 /// `family u8 | 0 u8 | port u16 | addr [16]` (IPv4 in the first 4 bytes).
 pub fn put_addr(b: &mut [u8], a: &SocketAddr) {
     b[..ADDR_LEN].fill(0);
@@ -612,6 +747,9 @@ pub enum Header {
     Ack(Ack),
     Ping(Ping),
     Reject(Reject),
+    Retire(Retire),
+    Placed(Placed),
+    Dial(Dial),
 }
 
 impl Header {
@@ -626,11 +764,15 @@ impl Header {
             Header::Ack(a) => a.encode().to_vec(),
             Header::Ping(p) => p.encode().to_vec(),
             Header::Reject(r) => r.encode().to_vec(),
+            Header::Retire(r) => r.encode().to_vec(),
+            Header::Placed(p) => p.encode(),
+            Header::Dial(d) => d.encode().to_vec(),
         }
     }
 }
 
-/// Parses one header of any kind from the front of `b` (a Post with its buffers).
+/// Parses one header of any kind from the front of `b` (a Post, Placed or
+/// Dial with its payload).
 pub fn parse_header(b: &[u8]) -> Result<Header> {
     let p = decode_prefix(b)?;
     Ok(match p.kind {
@@ -642,6 +784,9 @@ pub fn parse_header(b: &[u8]) -> Result<Header> {
         Kind::Ack => Header::Ack(Ack::decode(b)?),
         Kind::Ping => Header::Ping(Ping::decode(b)?),
         Kind::Reject => Header::Reject(Reject::decode(b)?),
+        Kind::Retire => Header::Retire(Retire::decode(b)?),
+        Kind::Placed => Header::Placed(Placed::decode(b)?),
+        Kind::Dial => Header::Dial(Dial::decode(b)?),
     })
 }
 
@@ -689,6 +834,81 @@ mod tests {
         assert_eq!(&a[12..], &9u64.to_le_bytes());
         let g = Ping { count: 1 }.encode();
         assert_eq!(&g[..8], &[b'T', b'C', b'P', b'X', 2, 7, 20, 0]);
+    }
+
+    #[test]
+    fn retire_placed_dial_golden_bytes() {
+        let r = Retire {
+            index: 3,
+            generation: 0x0102_0304,
+        }
+        .encode();
+        assert_eq!(&r[..12], &[b'T', b'C', b'P', b'X', 2, 9, 20, 0, 0, 0, 0, 0]);
+        assert_eq!(&r[12..], &[3, 0, 0, 0, 4, 3, 2, 1]);
+        assert_eq!(
+            Retire::decode(&r).unwrap(),
+            Retire {
+                index: 3,
+                generation: 0x0102_0304
+            }
+        );
+        let p = Placed {
+            seq: 5,
+            first: 16,
+            bits: vec![0b1010_0001, 0xff],
+        };
+        let b = p.encode();
+        assert_eq!(
+            &b[..12],
+            &[b'T', b'C', b'P', b'X', 2, 10, 32, 0, 2, 0, 0, 0]
+        );
+        assert_eq!(&b[12..20], &5u64.to_le_bytes());
+        assert_eq!(&b[20..28], &16u64.to_le_bytes());
+        assert_eq!(&b[28..32], &[0; 4]);
+        assert_eq!(&b[32..], &[0b1010_0001, 0xff]);
+        assert_eq!(Placed::decode(&b).unwrap(), p);
+        let d = Dial {
+            index: 1,
+            generation: 2,
+            token: [7; 16],
+            addr: "10.0.0.2:4000".parse().unwrap(),
+        };
+        let b = d.encode();
+        assert_eq!(b.len(), 36 + 20);
+        assert_eq!(
+            &b[..12],
+            &[b'T', b'C', b'P', b'X', 2, 11, 36, 0, 20, 0, 0, 0]
+        );
+        assert_eq!(&b[12..20], &[1, 0, 0, 0, 2, 0, 0, 0]);
+        assert_eq!(&b[20..36], &[7; 16]);
+        assert_eq!(&b[36..40], &[4, 0, 0xa0, 0x0f]);
+        assert_eq!(&b[40..44], &[10, 0, 0, 2]);
+        assert_eq!(Dial::decode(&b).unwrap(), d);
+    }
+
+    #[test]
+    fn placed_bitmaps_are_bounded_and_aligned() {
+        for (first, n) in [(0u64, 0usize), (3, 1), (0, MAX_PLACED_BYTES + 1)] {
+            let mut b = Placed {
+                seq: 0,
+                first: 0,
+                bits: vec![1; n.max(1)],
+            }
+            .encode();
+            b[20..28].copy_from_slice(&first.to_le_bytes());
+            b.resize(PLACED_LEN + n, 0);
+            b[8..12].copy_from_slice(&(n as u32).to_le_bytes());
+            assert!(Placed::decode(&b).is_err(), "{first} {n}");
+        }
+        let mut d = Dial {
+            index: 0,
+            generation: 0,
+            token: [0; 16],
+            addr: "10.0.0.2:1".parse().unwrap(),
+        }
+        .encode();
+        d[8] = 21;
+        assert!(Dial::decode(&d).is_err(), "a Dial carries one address");
     }
 
     #[test]
@@ -840,6 +1060,26 @@ mod tests {
             any::<u64>().prop_map(|seq| Header::Ack(Ack { seq })),
             any::<u64>().prop_map(|count| Header::Ping(Ping { count })),
             any::<u16>().prop_map(|reason| Header::Reject(Reject { reason })),
+            (any::<u16>(), any::<u32>())
+                .prop_map(|(index, generation)| Header::Retire(Retire { index, generation })),
+            (
+                any::<u64>(),
+                0u64..(1 << 40),
+                proptest::collection::vec(any::<u8>(), 1..=64)
+            )
+                .prop_map(|(seq, f, bits)| Header::Placed(Placed {
+                    seq,
+                    first: f * 8,
+                    bits
+                })),
+            (any::<u16>(), any::<u32>(), any::<[u8; 16]>(), addr()).prop_map(
+                |(index, generation, token, addr)| Header::Dial(Dial {
+                    index,
+                    generation,
+                    token,
+                    addr
+                })
+            ),
             (any::<u64>(), 1u16..=16, any::<u32>()).prop_map(|(comm_id, n_nics, to)| {
                 Header::Welcome(Welcome {
                     comm_id,
