@@ -14,6 +14,7 @@ pub(crate) mod frame;
 pub(crate) mod liveness;
 pub(crate) mod matcher;
 mod recv;
+pub(crate) mod sched;
 mod send;
 
 #[cfg(test)]

@@ -1,0 +1,744 @@
+//! Which chunk a sending comm's data socket carries next, sans I/O.
+//!
+//! Work-conserving: a socket asks for its next chunk when it can take one
+//! (the kernel has room under its TCP_NOTSENT_LOWAT), so a fast socket
+//! carries more than a slow one. Chunks go out oldest message first,
+//! re-sends before fresh chunks. Each socket reports how far the peer's
+//! TCP acknowledged its byte stream; that tells which of its chunks are
+//! still on the way, which of them an idle socket may copy (the tail of a
+//! message stuck behind a slow socket), and when a socket stalls: bytes
+//! outstanding, no acknowledgement for the stall timeout while another
+//! socket of the comm advances. A stalled or failed socket is retired:
+//! its chunks on the way are queued again, and the receiver's answer to
+//! the retirement (which chunks are in place) queues the rest it lacks.
+
+use std::collections::{HashSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use crate::error::Error;
+use crate::wire::CHUNK_LEN;
+
+/// A chunk handed to a socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Assign<M> {
+    pub m: M,
+    pub seq: u64,
+    /// Chunk index in the message.
+    pub k: u64,
+    /// A re-send (after a retirement) or a copy (of a message's tail).
+    pub again: bool,
+}
+
+/// Why a socket was taken out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Why {
+    /// Bytes outstanding and unacknowledged for the stall timeout while
+    /// another socket advanced.
+    Stalled,
+    /// Its socket failed.
+    Failed(Error),
+}
+
+/// A socket taken out, for the comm to act on (tell the peer, close it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Retired {
+    pub index: usize,
+    pub gen: u32,
+    pub why: Why,
+    /// Chunks queued again at once (those it had on the way).
+    pub requeued: usize,
+}
+
+struct TxState<M> {
+    seq: u64,
+    m: M,
+    size: u64,
+    chunk_size: u64,
+    /// Chunks below went out at least once.
+    next: u64,
+    again: VecDeque<u64>,
+    /// Chunks copied by an idle socket (one copy each at most).
+    copied: HashSet<u64>,
+    /// Copies allowed (no per-thread staging behind the message's memory).
+    copyable: bool,
+}
+
+impl<M> TxState<M> {
+    fn n_chunks(&self) -> u64 {
+        self.size.div_ceil(self.chunk_size)
+    }
+
+    fn len(&self, k: u64) -> u64 {
+        (self.size - k * self.chunk_size).min(self.chunk_size)
+    }
+
+    fn queue_again(&mut self, k: u64) -> bool {
+        if k >= self.next || self.again.contains(&k) {
+            return false;
+        }
+        self.again.push_back(k);
+        true
+    }
+}
+
+/// A chunk on the way on a socket: its place in the socket's byte stream.
+#[derive(Debug, Clone, Copy)]
+struct Out {
+    seq: u64,
+    k: u64,
+    start: u64,
+    end: u64,
+}
+
+#[derive(Debug)]
+struct Slot {
+    live: bool,
+    gen: u32,
+    /// The socket's stream end (written plus queued), as it last said.
+    end: u64,
+    /// Stream bytes the peer acknowledged, as last sampled.
+    acked: u64,
+    out: VecDeque<Out>,
+    /// When `acked` last advanced, or the socket last went from idle to busy.
+    since: Instant,
+    /// When `acked` last advanced.
+    advanced: Option<Instant>,
+}
+
+impl Slot {
+    fn fresh(gen: u32, now: Instant) -> Self {
+        Slot {
+            live: true,
+            gen,
+            end: 0,
+            acked: 0,
+            out: VecDeque::new(),
+            since: now,
+            advanced: None,
+        }
+    }
+
+    fn busy(&self) -> bool {
+        self.acked < self.end
+    }
+
+    /// The socket's stream end and acknowledged bytes, at `now`.
+    fn note(&mut self, acked: u64, end: u64, now: Instant) {
+        let was_busy = self.busy();
+        if acked > self.acked {
+            self.acked = acked;
+            self.since = now;
+            self.advanced = Some(now);
+        }
+        self.end = end.max(self.acked);
+        if !was_busy && self.busy() {
+            self.since = now;
+        }
+        while self.out.front().is_some_and(|o| o.end <= self.acked) {
+            self.out.pop_front();
+        }
+    }
+}
+
+pub(crate) struct Sched<M> {
+    /// Started and not yet acknowledged, oldest first.
+    msgs: VecDeque<TxState<M>>,
+    slots: Vec<Slot>,
+    stall: Option<Duration>,
+    retired: Vec<Retired>,
+}
+
+impl<M: Clone> Sched<M> {
+    /// `n` sockets, all live, of generation 0; `stall`: `None` never
+    /// retires a socket for stalling.
+    pub fn new(n: usize, stall: Option<Duration>, now: Instant) -> Self {
+        Sched {
+            msgs: VecDeque::new(),
+            slots: (0..n).map(|_| Slot::fresh(0, now)).collect(),
+            stall,
+            retired: Vec::new(),
+        }
+    }
+
+    /// Message `seq` may go: `size` bytes in chunks of `chunk_size`;
+    /// `copyable`: idle sockets may copy its chunks still on the way.
+    pub fn start(&mut self, seq: u64, m: M, size: u64, chunk_size: u64, copyable: bool) {
+        self.msgs.push_back(TxState {
+            seq,
+            m,
+            size,
+            chunk_size: chunk_size.max(1),
+            next: 0,
+            again: VecDeque::new(),
+            copied: HashSet::new(),
+            copyable,
+        });
+    }
+
+    /// Every chunk of `seq` is in place: it needs no more sending.
+    pub fn acked(&mut self, seq: u64) -> Option<M> {
+        let i = self.msgs.iter().position(|t| t.seq == seq)?;
+        for s in &mut self.slots {
+            s.out.retain(|o| o.seq != seq);
+        }
+        self.msgs.remove(i).map(|t| t.m)
+    }
+
+    /// Messages not yet acknowledged.
+    pub fn active(&self) -> usize {
+        self.msgs.len()
+    }
+
+    pub fn live(&self) -> usize {
+        self.slots.iter().filter(|s| s.live).count()
+    }
+
+    pub fn is_live(&self, index: usize, gen: u32) -> bool {
+        self.slots
+            .get(index)
+            .is_some_and(|s| s.live && s.gen == gen)
+    }
+
+    pub fn generation(&self, index: usize) -> Option<u32> {
+        self.slots.get(index).map(|s| s.gen)
+    }
+
+    /// What socket `index` (of `gen`) sends next; its stream ends at
+    /// `end` and the peer acknowledged `acked` bytes of it. `None`: nothing
+    /// (or the socket was retired).
+    pub fn pull(
+        &mut self,
+        index: usize,
+        gen: u32,
+        acked: u64,
+        end: u64,
+        now: Instant,
+    ) -> Option<Assign<M>> {
+        if !self.is_live(index, gen) {
+            return None;
+        }
+        self.slots[index].note(acked, end, now);
+        let (a, len) = match self.next_chunk() {
+            Some(x) => x,
+            None => self.copy_for(index, now)?,
+        };
+        let s = &mut self.slots[index];
+        let start = s.end;
+        let stop = start + CHUNK_LEN as u64 + len;
+        s.out.push_back(Out {
+            seq: a.seq,
+            k: a.k,
+            start,
+            end: stop,
+        });
+        s.note(s.acked, stop, now);
+        Some(a)
+    }
+
+    /// The oldest message's next re-send or fresh chunk.
+    fn next_chunk(&mut self) -> Option<(Assign<M>, u64)> {
+        let t = self
+            .msgs
+            .iter_mut()
+            .find(|t| !t.again.is_empty() || t.next < t.n_chunks())?;
+        let (k, again) = match t.again.pop_front() {
+            Some(k) => (k, true),
+            None => {
+                t.next += 1;
+                (t.next - 1, false)
+            }
+        };
+        let len = t.len(k);
+        Some((
+            Assign {
+                m: t.m.clone(),
+                seq: t.seq,
+                k,
+                again,
+            },
+            len,
+        ))
+    }
+
+    /// For an idle socket: a copy of a chunk on the way on another socket
+    /// that has not begun to arrive (or whose socket looks stalled), from
+    /// the socket with the most bytes outstanding, the last it has.
+    fn copy_for(&mut self, index: usize, now: Instant) -> Option<(Assign<M>, u64)> {
+        if self.slots[index].busy() {
+            return None;
+        }
+        let half = self.stall.map(|s| s / 2);
+        for t in self.msgs.iter_mut().filter(|t| t.copyable) {
+            let mut best: Option<(u64, u64)> = None; // (backlog, k)
+            for (j, s) in self.slots.iter().enumerate() {
+                if j == index || !s.live {
+                    continue;
+                }
+                let stuck = half.is_some_and(|h| now.saturating_duration_since(s.since) >= h);
+                let pick = s.out.iter().rev().find(|o| {
+                    o.seq == t.seq && !t.copied.contains(&o.k) && (o.start >= s.acked || stuck)
+                });
+                if let Some(o) = pick {
+                    let backlog = s.end - s.acked;
+                    if best.is_none_or(|(b, _)| backlog > b) {
+                        best = Some((backlog, o.k));
+                    }
+                }
+            }
+            if let Some((_, k)) = best {
+                t.copied.insert(k);
+                let len = t.len(k);
+                return Some((
+                    Assign {
+                        m: t.m.clone(),
+                        seq: t.seq,
+                        k,
+                        again: true,
+                    },
+                    len,
+                ));
+            }
+        }
+        None
+    }
+
+    /// A socket's periodic report (see `pull`); then retires sockets that
+    /// stalled while another advanced.
+    pub fn sample(&mut self, index: usize, gen: u32, acked: u64, end: u64, now: Instant) {
+        if self.is_live(index, gen) {
+            self.slots[index].note(acked, end, now);
+        }
+        let Some(stall) = self.stall else { return };
+        let stalled: Vec<usize> = (0..self.slots.len())
+            .filter(|&i| {
+                let s = &self.slots[i];
+                s.live && s.busy() && now.saturating_duration_since(s.since) > stall
+            })
+            .collect();
+        for i in stalled {
+            let others_advance = self.slots.iter().enumerate().any(|(j, p)| {
+                j != i
+                    && p.live
+                    && p.advanced
+                        .is_some_and(|t| now.saturating_duration_since(t) < stall)
+            });
+            if others_advance {
+                self.retire(i, self.slots[i].gen, Why::Stalled);
+            }
+        }
+    }
+
+    /// Takes socket `index` (of `gen`) out: what it had on the way goes
+    /// again. False if it was out already.
+    pub fn retire(&mut self, index: usize, gen: u32, why: Why) -> bool {
+        if !self.is_live(index, gen) {
+            return false;
+        }
+        let s = &mut self.slots[index];
+        s.live = false;
+        let out: Vec<Out> = s.out.drain(..).collect();
+        let mut requeued = 0;
+        for o in out {
+            if let Some(t) = self.msgs.iter_mut().find(|t| t.seq == o.seq) {
+                requeued += t.queue_again(o.k) as usize;
+            }
+        }
+        self.retired.push(Retired {
+            index,
+            gen,
+            why,
+            requeued,
+        });
+        true
+    }
+
+    /// Retirements the comm has not acted on yet.
+    pub fn take_retired(&mut self) -> Vec<Retired> {
+        std::mem::take(&mut self.retired)
+    }
+
+    /// The receiver's answer to a retirement: bit `j` of `bits[b]` says
+    /// chunk `first + 8b + j` of `seq` is in place. Chunks that went out,
+    /// are not in place, and are neither queued nor on the way on a live
+    /// socket go again. Returns how many.
+    pub fn placed(&mut self, seq: u64, first: u64, bits: &[u8]) -> usize {
+        let Some(t) = self.msgs.iter_mut().find(|t| t.seq == seq) else {
+            return 0;
+        };
+        let on_the_way: HashSet<u64> = self
+            .slots
+            .iter()
+            .filter(|s| s.live)
+            .flat_map(|s| s.out.iter())
+            .filter(|o| o.seq == seq)
+            .map(|o| o.k)
+            .collect();
+        let mut n = 0;
+        for (b, byte) in bits.iter().enumerate() {
+            for j in 0..8 {
+                let k = first + 8 * b as u64 + j;
+                if k >= t.next {
+                    return n;
+                }
+                if byte & (1 << j) == 0 && !on_the_way.contains(&k) {
+                    n += t.queue_again(k) as usize;
+                }
+            }
+        }
+        n
+    }
+
+    /// Socket `index` is back (reconnected) as `gen`: a fresh stream.
+    pub fn revive(&mut self, index: usize, gen: u32, now: Instant) {
+        if let Some(s) = self.slots.get_mut(index) {
+            *s = Slot::fresh(gen, now);
+        }
+    }
+
+    /// Drops every message (the comm failed).
+    pub fn clear(&mut self) {
+        self.msgs.clear();
+        for s in &mut self.slots {
+            s.out.clear();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const MS: Duration = Duration::from_millis(1);
+    const H: u64 = CHUNK_LEN as u64;
+
+    /// Socket `i`'s view: its stream end and acknowledged bytes.
+    #[derive(Default, Clone, Copy)]
+    struct Sock {
+        end: u64,
+        acked: u64,
+    }
+
+    fn pull(
+        s: &mut Sched<u32>,
+        socks: &mut [Sock],
+        i: usize,
+        now: Instant,
+    ) -> Option<(u64, u64, bool)> {
+        let a = s.pull(i, 0, socks[i].acked, socks[i].end, now)?;
+        socks[i].end += H + 4096;
+        Some((a.seq, a.k, a.again))
+    }
+
+    #[test]
+    fn chunks_go_oldest_message_first_to_whichever_socket_asks() {
+        let t0 = Instant::now();
+        let mut s = Sched::new(2, None, t0);
+        s.start(0, 10, 3 * 4096, 4096, true);
+        s.start(1, 11, 4096, 4096, true);
+        let mut k = [Sock::default(); 2];
+        // Socket 1 is the fast one: it asks three times as often.
+        let order: Vec<_> = [1, 1, 0, 1]
+            .iter()
+            .map(|&i| pull(&mut s, &mut k, i, t0))
+            .collect();
+        assert_eq!(
+            order,
+            vec![
+                Some((0, 0, false)),
+                Some((0, 1, false)),
+                Some((0, 2, false)),
+                Some((1, 0, false))
+            ]
+        );
+        assert_eq!(s.acked(0), Some(10));
+        assert_eq!(s.acked(0), None);
+        assert_eq!(s.active(), 1);
+    }
+
+    #[test]
+    fn a_stalled_socket_is_retired_once_another_advances_and_its_chunks_go_again() {
+        let t0 = Instant::now();
+        let stall = Some(1000 * MS);
+        let mut s = Sched::new(2, stall, t0);
+        s.start(0, 0, 4 * 4096, 4096, true);
+        let mut k = [Sock::default(); 2];
+        for i in [0, 0, 1] {
+            pull(&mut s, &mut k, i, t0);
+        }
+        // Socket 0's first chunk arrived, its second did not.
+        k[0].acked = H + 4096;
+        s.sample(0, 0, k[0].acked, k[0].end, t0 + 10 * MS);
+        // Nobody else advanced: no retirement however long (a frozen peer
+        // is the heartbeats' business).
+        s.sample(0, 0, k[0].acked, k[0].end, t0 + 5000 * MS);
+        assert!(s.take_retired().is_empty());
+        // Socket 1 advances: socket 0 has been stuck for over a second.
+        k[1].acked = k[1].end;
+        s.sample(1, 0, k[1].acked, k[1].end, t0 + 5001 * MS);
+        assert_eq!(
+            s.take_retired(),
+            vec![Retired {
+                index: 0,
+                gen: 0,
+                why: Why::Stalled,
+                requeued: 1
+            }]
+        );
+        assert!(!s.is_live(0, 0));
+        assert_eq!(
+            pull(&mut s, &mut k, 0, t0),
+            None,
+            "a retired socket gets nothing"
+        );
+        assert_eq!(
+            pull(&mut s, &mut k, 1, t0),
+            Some((0, 1, true)),
+            "re-sent first"
+        );
+        assert_eq!(pull(&mut s, &mut k, 1, t0), Some((0, 3, false)));
+        assert_eq!(pull(&mut s, &mut k, 1, t0), None);
+    }
+
+    #[test]
+    fn no_stall_timeout_never_retires_and_failures_do() {
+        let t0 = Instant::now();
+        let mut s = Sched::new(2, None, t0);
+        s.start(0, 0, 2 * 4096, 4096, true);
+        let mut k = [Sock::default(); 2];
+        pull(&mut s, &mut k, 0, t0);
+        pull(&mut s, &mut k, 1, t0);
+        k[1].acked = k[1].end;
+        s.sample(1, 0, k[1].acked, k[1].end, t0 + 3600_000 * MS);
+        assert!(s.take_retired().is_empty());
+        let e = Error::ConnectionLost("reset".into());
+        assert!(
+            !s.retire(0, 1, Why::Failed(e.clone())),
+            "another generation: stale"
+        );
+        assert!(s.retire(0, 0, Why::Failed(e.clone())));
+        assert!(!s.retire(0, 0, Why::Failed(e)), "once");
+        assert_eq!(s.take_retired()[0].requeued, 1);
+        assert_eq!(pull(&mut s, &mut k, 1, t0), Some((0, 0, true)));
+    }
+
+    #[test]
+    fn the_receivers_report_queues_what_is_neither_in_place_nor_on_the_way() {
+        let t0 = Instant::now();
+        let mut s = Sched::new(3, None, t0);
+        s.start(7, 0, 20 * 4096, 4096, true);
+        let mut k = [Sock::default(); 3];
+        // Chunks 0..6 on socket 0 (all acknowledged by TCP), 6 on socket 1
+        // (on the way), 7 on socket 2.
+        for _ in 0..6 {
+            pull(&mut s, &mut k, 0, t0);
+        }
+        pull(&mut s, &mut k, 1, t0);
+        pull(&mut s, &mut k, 2, t0);
+        k[0].acked = k[0].end;
+        s.sample(0, 0, k[0].acked, k[0].end, t0);
+        s.retire(0, 0, Why::Stalled);
+        assert_eq!(s.take_retired()[0].requeued, 0, "TCP had them all");
+        // The receiver lost chunks 2 and 4 with the socket: in place are
+        // 0, 1, 3, 5; 6 and 7 not yet (on the way); 8.. never went.
+        let n = s.placed(7, 0, &[0b0010_1011, 0, 0]);
+        assert_eq!(n, 2);
+        assert_eq!(s.placed(7, 0, &[0b0010_1011]), 0, "queued once");
+        assert_eq!(s.placed(99, 0, &[0]), 0, "an acknowledged message");
+        assert_eq!(pull(&mut s, &mut k, 1, t0), Some((7, 2, true)));
+        assert_eq!(pull(&mut s, &mut k, 1, t0), Some((7, 4, true)));
+        assert_eq!(pull(&mut s, &mut k, 1, t0), Some((7, 8, false)));
+    }
+
+    #[test]
+    fn an_idle_socket_copies_the_tail_stuck_on_a_busy_one_once() {
+        let t0 = Instant::now();
+        let mut s = Sched::new(3, Some(1000 * MS), t0);
+        s.start(0, 0, 4 * 4096, 4096, true);
+        s.start(1, 1, 4096, 4096, false);
+        let mut k = [Sock::default(); 3];
+        for i in [0, 0, 0, 1, 0] {
+            pull(&mut s, &mut k, i, t0);
+        }
+        // Socket 1 delivered; socket 0 has chunk 0 arriving, 1 and 2 not.
+        k[1].acked = k[1].end;
+        k[0].acked = 100;
+        s.sample(0, 0, k[0].acked, k[0].end, t0);
+        assert_eq!(
+            pull(&mut s, &mut k, 1, t0),
+            Some((0, 2, true)),
+            "its last one"
+        );
+        assert_eq!(pull(&mut s, &mut k, 2, t0), Some((0, 1, true)));
+        assert_eq!(
+            pull(&mut s, &mut k, 2, t0),
+            None,
+            "busy now, and chunk 0 began arriving"
+        );
+        k[2].acked = k[2].end;
+        assert_eq!(pull(&mut s, &mut k, 2, t0), None, "each copied once");
+        // Half the stall timeout without progress: the started one too.
+        assert_eq!(pull(&mut s, &mut k, 2, t0 + 600 * MS), Some((0, 0, true)));
+        // Message 1 (no copies) is on socket 0 only: never copied.
+        k[2].acked = k[2].end;
+        assert_eq!(pull(&mut s, &mut k, 2, t0 + 600 * MS), None);
+    }
+
+    #[test]
+    fn a_revived_socket_starts_a_fresh_stream() {
+        let t0 = Instant::now();
+        let mut s = Sched::new(2, Some(1000 * MS), t0);
+        s.start(0, 0, 8 * 4096, 4096, true);
+        let mut k = [Sock::default(); 2];
+        pull(&mut s, &mut k, 0, t0);
+        s.retire(0, 0, Why::Stalled);
+        s.revive(0, 1, t0);
+        assert_eq!(s.generation(0), Some(1));
+        assert_eq!(s.pull(0, 0, 0, 0, t0), None, "the old generation is gone");
+        let a = s.pull(0, 1, 0, 0, t0).unwrap();
+        assert_eq!((a.k, a.again), (0, true));
+        assert_eq!(s.live(), 2);
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// Socket pulls a chunk (if it may).
+        Pull(usize),
+        /// TCP acknowledges the socket's oldest chunk on the network: it
+        /// sits in the receiver's socket buffer.
+        Ack(usize),
+        /// The receiver reads and places the socket's oldest buffered chunk.
+        Place(usize),
+        /// The socket reports its acknowledged bytes.
+        Sample(usize),
+        /// The socket fails (unless it is the last one).
+        Fail(usize),
+        Tick(u32),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (0usize..4).prop_map(Op::Pull),
+            4 => (0usize..4).prop_map(Op::Ack),
+            4 => (0usize..4).prop_map(Op::Place),
+            2 => (0usize..4).prop_map(Op::Sample),
+            1 => (0usize..4).prop_map(Op::Fail),
+            1 => (1u32..800).prop_map(Op::Tick),
+        ]
+    }
+
+    /// A model of the network and the receiver around a `Sched`.
+    struct World {
+        s: Sched<u32>,
+        /// Per message and chunk: in place.
+        placed: Vec<Vec<bool>>,
+        acked: Vec<bool>,
+        /// Per socket: (stream end, seq, k, acknowledged by TCP).
+        pipes: Vec<VecDeque<(u64, u64, u64, bool)>>,
+        end: Vec<u64>,
+        tcp_acked: Vec<u64>,
+        lost: Vec<bool>,
+    }
+
+    impl World {
+        fn step(&mut self, op: &Op, now: Instant) {
+            match *op {
+                Op::Pull(i) if !self.lost[i] => {
+                    if let Some(a) = self.s.pull(i, 0, self.tcp_acked[i], self.end[i], now) {
+                        self.end[i] += H + 4096;
+                        self.pipes[i].push_back((self.end[i], a.seq, a.k, false));
+                    }
+                }
+                Op::Ack(i) if !self.lost[i] => {
+                    if let Some(c) = self.pipes[i].iter_mut().find(|c| !c.3) {
+                        c.3 = true;
+                        self.tcp_acked[i] = c.0;
+                    }
+                }
+                Op::Place(i) if !self.lost[i] => {
+                    if self.pipes[i].front().is_some_and(|c| c.3) {
+                        let Some((_, seq, k, _)) = self.pipes[i].pop_front() else {
+                            return;
+                        };
+                        let m = seq as usize;
+                        self.placed[m][k as usize] = true;
+                        if !self.acked[m] && self.placed[m].iter().all(|&p| p) {
+                            self.acked[m] = true;
+                            self.s.acked(seq);
+                        }
+                    }
+                }
+                Op::Sample(i) if !self.lost[i] => {
+                    self.s.sample(i, 0, self.tcp_acked[i], self.end[i], now)
+                }
+                Op::Fail(i) if !self.lost[i] && self.lost.iter().filter(|&&l| !l).count() > 1 => {
+                    self.s.retire(i, 0, Why::Failed(Error::Closed));
+                }
+                _ => {}
+            }
+            // The comm acts on retirements: the receiver closes the socket
+            // (whatever it had not placed is gone) and reports what is in place.
+            for r in self.s.take_retired() {
+                self.lost[r.index] = true;
+                self.pipes[r.index].clear();
+                for (seq, p) in self.placed.iter().enumerate() {
+                    if self.acked[seq] {
+                        continue;
+                    }
+                    let mut bits = vec![0u8; p.len().div_ceil(8)];
+                    for (k, &v) in p.iter().enumerate() {
+                        if v {
+                            bits[k / 8] |= 1 << (k % 8);
+                        }
+                    }
+                    self.s.placed(seq as u64, 0, &bits);
+                }
+            }
+        }
+    }
+
+    proptest! {
+        /// Messages over four sockets that fail, stall and copy in any
+        /// order, against a receiver that places what arrives and answers
+        /// each retirement (losing what the socket held unread): every
+        /// message completes.
+        #[test]
+        fn every_chunk_arrives_whatever_fails(ops in proptest::collection::vec(op(), 1..300)) {
+            let t0 = Instant::now();
+            let mut now = t0;
+            let n = 4;
+            let sizes = [5usize, 1, 9, 3];
+            let mut w = World {
+                s: Sched::new(n, Some(500 * MS), t0),
+                placed: sizes.iter().map(|&c| vec![false; c]).collect(),
+                acked: vec![false; sizes.len()],
+                pipes: vec![VecDeque::new(); n],
+                end: vec![0; n],
+                tcp_acked: vec![0; n],
+                lost: vec![false; n],
+            };
+            for (seq, &c) in sizes.iter().enumerate() {
+                w.s.start(seq as u64, seq as u32, c as u64 * 4096, 4096, seq != 3);
+            }
+            for op in &ops {
+                if let Op::Tick(ms) = op {
+                    now += *ms * MS;
+                }
+                w.step(op, now);
+            }
+            // Then the network works: every live socket pulls and delivers.
+            for _ in 0..1000 {
+                if w.acked.iter().all(|&a| a) {
+                    break;
+                }
+                for i in 0..n {
+                    for op in [Op::Pull(i), Op::Ack(i), Op::Place(i), Op::Sample(i)] {
+                        w.step(&op, now);
+                    }
+                }
+            }
+            prop_assert!(w.acked.iter().all(|&a| a), "stuck: {:?}", w.placed);
+            prop_assert_eq!(w.s.active(), 0);
+        }
+    }
+}
