@@ -2,8 +2,12 @@
 //!
 //! Work-conserving: a socket asks for its next chunk when it can take one
 //! (the kernel has room under its TCP_NOTSENT_LOWAT), so a fast socket
-//! carries more than a slow one. Chunks go out oldest message first,
-//! re-sends before fresh chunks. Each socket reports how far the peer's
+//! carries more than a slow one. Each chunk has a home socket (dealt in
+//! turn, as static striping would), so sockets that keep up share the
+//! work evenly (and so do the receiver's threads behind them); a socket
+//! takes another's chunk only when that one is dead or further behind than
+//! itself by two chunks. Oldest message first, re-sends before fresh
+//! chunks. Each socket reports how far the peer's
 //! TCP acknowledged its byte stream; that tells which of its chunks are
 //! still on the way, which of them an idle socket may copy (the tail of a
 //! message stuck behind a slow socket), and when a socket stalls: bytes
@@ -54,8 +58,16 @@ struct TxState<M> {
     m: M,
     size: u64,
     chunk_size: u64,
-    /// Chunks below went out at least once.
-    next: u64,
+    /// Chunks that went out at least once (one bit each).
+    taken: Vec<u64>,
+    /// Chunks not taken yet.
+    fresh: u64,
+    /// Home sockets in turn (the live ones at the start): chunk `k`'s home
+    /// is `homes[(base + k) % homes.len()]`.
+    homes: Vec<usize>,
+    base: u64,
+    /// Per home: its lowest chunk maybe not taken yet.
+    next_home: Vec<u64>,
     again: VecDeque<u64>,
     /// Chunks copied by an idle socket (one copy each at most).
     copied: HashSet<u64>,
@@ -72,14 +84,38 @@ impl<M> TxState<M> {
         (self.size - k * self.chunk_size).min(self.chunk_size)
     }
 
+    fn was_taken(&self, k: u64) -> bool {
+        self.taken[(k / 64) as usize] & (1 << (k % 64)) != 0
+    }
+
+    fn take(&mut self, k: u64) {
+        self.taken[(k / 64) as usize] |= 1 << (k % 64);
+        self.fresh -= 1;
+    }
+
+    /// Home `p`'s lowest chunk not taken yet.
+    fn next_of(&mut self, p: usize) -> Option<u64> {
+        let stride = self.homes.len() as u64;
+        let n = self.n_chunks();
+        let mut k = self.next_home[p];
+        while k < n && self.was_taken(k) {
+            k += stride;
+        }
+        self.next_home[p] = k;
+        (k < n).then_some(k)
+    }
+
     fn queue_again(&mut self, k: u64) -> bool {
-        if k >= self.next || self.again.contains(&k) {
+        if k >= self.n_chunks() || !self.was_taken(k) || self.again.contains(&k) {
             return false;
         }
         self.again.push_back(k);
         true
     }
 }
+
+/// How far behind another socket must be for one to take its chunks.
+const STEAL_MARGIN_CHUNKS: u64 = 2;
 
 /// A chunk on the way on a socket: its place in the socket's byte stream.
 #[derive(Debug, Clone, Copy)]
@@ -88,7 +124,15 @@ struct Out {
     k: u64,
     start: u64,
     end: u64,
+    /// When the socket took it.
+    at: Instant,
 }
+
+/// How long a chunk may wait, not begun to arrive, before an idle socket
+/// copies it: far longer than a chunk takes on a path that keeps up (well
+/// under a millisecond at 10 Gbit/s), far shorter than a slow path's
+/// backlog (megabytes at 1 Gbit/s are tens of milliseconds).
+const COPY_AFTER: Duration = Duration::from_millis(5);
 
 #[derive(Debug)]
 struct Slot {
@@ -146,6 +190,8 @@ pub(crate) struct Sched<M> {
     slots: Vec<Slot>,
     stall: Option<Duration>,
     retired: Vec<Retired>,
+    /// Where the next message's chunks start being dealt.
+    cursor: u64,
 }
 
 impl<M: Clone> Sched<M> {
@@ -157,18 +203,34 @@ impl<M: Clone> Sched<M> {
             slots: (0..n).map(|_| Slot::fresh(0, now)).collect(),
             stall,
             retired: Vec::new(),
+            cursor: 0,
         }
     }
 
     /// Message `seq` may go: `size` bytes in chunks of `chunk_size`;
     /// `copyable`: idle sockets may copy its chunks still on the way.
     pub fn start(&mut self, seq: u64, m: M, size: u64, chunk_size: u64, copyable: bool) {
+        let chunk_size = chunk_size.max(1);
+        let n = size.div_ceil(chunk_size);
+        let mut homes: Vec<usize> = (0..self.slots.len())
+            .filter(|&i| self.slots[i].live)
+            .collect();
+        if homes.is_empty() {
+            homes.push(0);
+        }
+        let h = homes.len() as u64;
+        let base = self.cursor % h;
+        self.cursor = (self.cursor + n) % h;
         self.msgs.push_back(TxState {
             seq,
             m,
             size,
-            chunk_size: chunk_size.max(1),
-            next: 0,
+            chunk_size,
+            taken: vec![0; n.div_ceil(64) as usize],
+            fresh: n,
+            next_home: (0..h).map(|p| (p + h - base) % h).collect(),
+            homes,
+            base,
             again: VecDeque::new(),
             copied: HashSet::new(),
             copyable,
@@ -218,7 +280,7 @@ impl<M: Clone> Sched<M> {
             return None;
         }
         self.slots[index].note(acked, end, now);
-        let (a, len) = match self.next_chunk() {
+        let (a, len) = match self.next_chunk(index) {
             Some(x) => x,
             None => self.copy_for(index, now)?,
         };
@@ -230,39 +292,63 @@ impl<M: Clone> Sched<M> {
             k: a.k,
             start,
             end: stop,
+            at: now,
         });
         s.note(s.acked, stop, now);
         Some(a)
     }
 
-    /// The oldest message's next re-send or fresh chunk.
-    fn next_chunk(&mut self) -> Option<(Assign<M>, u64)> {
-        let t = self
-            .msgs
-            .iter_mut()
-            .find(|t| !t.again.is_empty() || t.next < t.n_chunks())?;
-        let (k, again) = match t.again.pop_front() {
-            Some(k) => (k, true),
-            None => {
-                t.next += 1;
-                (t.next - 1, false)
+    /// For socket `index`, the oldest message's first re-send, else its
+    /// own next chunk, else the next chunk of a socket that is gone or
+    /// behind it (the one furthest behind).
+    fn next_chunk(&mut self, index: usize) -> Option<(Assign<M>, u64)> {
+        let Sched { msgs, slots, .. } = self;
+        let backlog = |i: usize| slots[i].live.then(|| slots[i].end - slots[i].acked);
+        let mine = backlog(index).unwrap_or(0);
+        for t in msgs.iter_mut() {
+            let mut pick = t.again.pop_front().map(|k| (k, true));
+            if pick.is_none() && t.fresh > 0 {
+                let own = t.homes.iter().position(|&h| h == index);
+                pick = own.and_then(|p| t.next_of(p)).map(|k| (k, false));
+                if pick.is_none() {
+                    let margin = STEAL_MARGIN_CHUNKS * t.chunk_size;
+                    let mut best: Option<(u64, usize)> = None;
+                    for p in 0..t.homes.len() {
+                        let behind = match backlog(t.homes[p]) {
+                            None => u64::MAX,
+                            Some(b) if b > mine + margin => b,
+                            Some(_) => continue,
+                        };
+                        if t.next_of(p).is_some() && best.is_none_or(|(b, _)| behind > b) {
+                            best = Some((behind, p));
+                        }
+                    }
+                    pick = best.and_then(|(_, p)| t.next_of(p)).map(|k| (k, false));
+                }
+                if let Some((k, _)) = pick {
+                    t.take(k);
+                }
             }
-        };
-        let len = t.len(k);
-        Some((
-            Assign {
-                m: t.m.clone(),
-                seq: t.seq,
-                k,
-                again,
-            },
-            len,
-        ))
+            if let Some((k, again)) = pick {
+                let len = t.len(k);
+                return Some((
+                    Assign {
+                        m: t.m.clone(),
+                        seq: t.seq,
+                        k,
+                        again,
+                    },
+                    len,
+                ));
+            }
+        }
+        None
     }
 
     /// For an idle socket: a copy of a chunk on the way on another socket
-    /// that has not begun to arrive (or whose socket looks stalled), from
-    /// the socket with the most bytes outstanding, the last it has.
+    /// that has not begun to arrive `COPY_AFTER` after it was taken, or on
+    /// a socket that looks stalled; from the socket with the most bytes
+    /// outstanding, the last it has.
     fn copy_for(&mut self, index: usize, now: Instant) -> Option<(Assign<M>, u64)> {
         if self.slots[index].busy() {
             return None;
@@ -276,7 +362,9 @@ impl<M: Clone> Sched<M> {
                 }
                 let stuck = half.is_some_and(|h| now.saturating_duration_since(s.since) >= h);
                 let pick = s.out.iter().rev().find(|o| {
-                    o.seq == t.seq && !t.copied.contains(&o.k) && (o.start >= s.acked || stuck)
+                    let waits =
+                        o.start >= s.acked && now.saturating_duration_since(o.at) >= COPY_AFTER;
+                    o.seq == t.seq && !t.copied.contains(&o.k) && (waits || stuck)
                 });
                 if let Some(o) = pick {
                     let backlog = s.end - s.acked;
@@ -352,6 +440,11 @@ impl<M: Clone> Sched<M> {
         true
     }
 
+    /// Whether a retirement waits for the comm.
+    pub fn has_retired(&self) -> bool {
+        !self.retired.is_empty()
+    }
+
     /// Retirements the comm has not acted on yet.
     pub fn take_retired(&mut self) -> Vec<Retired> {
         std::mem::take(&mut self.retired)
@@ -377,9 +470,6 @@ impl<M: Clone> Sched<M> {
         for (b, byte) in bits.iter().enumerate() {
             for j in 0..8 {
                 let k = first + 8 * b as u64 + j;
-                if k >= t.next {
-                    return n;
-                }
                 if byte & (1 << j) == 0 && !on_the_way.contains(&k) {
                     n += t.queue_again(k) as usize;
                 }
@@ -425,35 +515,88 @@ mod tests {
         i: usize,
         now: Instant,
     ) -> Option<(u64, u64, bool)> {
-        let a = s.pull(i, 0, socks[i].acked, socks[i].end, now)?;
+        pull_gen(s, socks, i, 0, now)
+    }
+
+    fn pull_gen(
+        s: &mut Sched<u32>,
+        socks: &mut [Sock],
+        i: usize,
+        gen: u32,
+        now: Instant,
+    ) -> Option<(u64, u64, bool)> {
+        let a = s.pull(i, gen, socks[i].acked, socks[i].end, now)?;
         socks[i].end += H + 4096;
         Some((a.seq, a.k, a.again))
     }
 
     #[test]
-    fn chunks_go_oldest_message_first_to_whichever_socket_asks() {
+    fn sockets_that_keep_up_share_chunks_in_turn_across_messages() {
         let t0 = Instant::now();
         let mut s = Sched::new(2, None, t0);
         s.start(0, 10, 3 * 4096, 4096, true);
-        s.start(1, 11, 4096, 4096, true);
+        s.start(1, 11, 3 * 4096, 4096, true);
         let mut k = [Sock::default(); 2];
-        // Socket 1 is the fast one: it asks three times as often.
-        let order: Vec<_> = [1, 1, 0, 1]
-            .iter()
-            .map(|&i| pull(&mut s, &mut k, i, t0))
-            .collect();
+        // Socket 1 asks three times in a row: it gets its own chunks, of
+        // the oldest message first, and leaves socket 0's alone.
+        let got: Vec<_> = (0..3).map(|_| pull(&mut s, &mut k, 1, t0)).collect();
         assert_eq!(
-            order,
+            got,
+            vec![
+                Some((0, 1, false)),
+                Some((1, 0, false)),
+                Some((1, 2, false))
+            ]
+        );
+        // Dealing goes on where the last message ended: socket 0 has chunks
+        // 0 and 2 of message 0, and 1 of message 1.
+        let got: Vec<_> = (0..4).map(|_| pull(&mut s, &mut k, 0, t0)).collect();
+        assert_eq!(
+            got,
             vec![
                 Some((0, 0, false)),
-                Some((0, 1, false)),
                 Some((0, 2, false)),
-                Some((1, 0, false))
+                Some((1, 1, false)),
+                None
             ]
         );
         assert_eq!(s.acked(0), Some(10));
         assert_eq!(s.acked(0), None);
         assert_eq!(s.active(), 1);
+    }
+
+    #[test]
+    fn a_socket_that_falls_behind_gives_its_chunks_to_one_that_keeps_up() {
+        let t0 = Instant::now();
+        let mut s = Sched::new(2, None, t0);
+        s.start(0, 0, 8 * 4096, 4096, true);
+        let mut k = [Sock::default(); 2];
+        assert_eq!(pull(&mut s, &mut k, 0, t0), Some((0, 0, false)));
+        assert_eq!(pull(&mut s, &mut k, 0, t0), Some((0, 2, false)));
+        // Socket 0 holds two chunks nobody acknowledged yet, socket 1 one:
+        // not two chunks behind it.
+        assert_eq!(pull(&mut s, &mut k, 1, t0), Some((0, 1, false)));
+        k[1].acked = k[1].end;
+        assert_eq!(pull(&mut s, &mut k, 1, t0), Some((0, 3, false)));
+        k[1].acked = k[1].end;
+        assert_eq!(pull(&mut s, &mut k, 1, t0), Some((0, 5, false)));
+        k[1].acked = k[1].end;
+        assert_eq!(pull(&mut s, &mut k, 1, t0), Some((0, 7, false)));
+        k[1].acked = k[1].end;
+        // Now socket 1 has carried all of its own and socket 0 is behind:
+        // socket 1 takes socket 0's next ones.
+        assert_eq!(pull(&mut s, &mut k, 1, t0), Some((0, 4, false)));
+        k[1].acked = k[1].end;
+        assert_eq!(pull(&mut s, &mut k, 1, t0), Some((0, 6, false)));
+        assert_eq!(pull(&mut s, &mut k, 0, t0), None, "nothing left");
+        // A socket that is gone needs no margin: its chunks go to anyone.
+        s.acked(0);
+        s.start(1, 1, 4 * 4096, 4096, true);
+        s.retire(0, 0, Why::Failed(Error::Closed));
+        let got: Vec<_> = (0..4).map(|_| pull(&mut s, &mut k, 1, t0)).collect();
+        assert!(got
+            .iter()
+            .all(|g| g.is_some_and(|(seq, _, again)| seq == 1 && !again)));
     }
 
     #[test]
@@ -493,7 +636,7 @@ mod tests {
         );
         assert_eq!(
             pull(&mut s, &mut k, 1, t0),
-            Some((0, 1, true)),
+            Some((0, 2, true)),
             "re-sent first"
         );
         assert_eq!(pull(&mut s, &mut k, 1, t0), Some((0, 3, false)));
@@ -528,60 +671,71 @@ mod tests {
         let mut s = Sched::new(3, None, t0);
         s.start(7, 0, 20 * 4096, 4096, true);
         let mut k = [Sock::default(); 3];
-        // Chunks 0..6 on socket 0 (all acknowledged by TCP), 6 on socket 1
-        // (on the way), 7 on socket 2.
+        // Socket 0's chunks 0, 3, .. 15 (all acknowledged by TCP); 1 on
+        // socket 1 and 2 on socket 2 are on the way.
         for _ in 0..6 {
             pull(&mut s, &mut k, 0, t0);
+            k[0].acked = k[0].end;
         }
         pull(&mut s, &mut k, 1, t0);
         pull(&mut s, &mut k, 2, t0);
-        k[0].acked = k[0].end;
         s.sample(0, 0, k[0].acked, k[0].end, t0);
         s.retire(0, 0, Why::Stalled);
         assert_eq!(s.take_retired()[0].requeued, 0, "TCP had them all");
-        // The receiver lost chunks 2 and 4 with the socket: in place are
-        // 0, 1, 3, 5; 6 and 7 not yet (on the way); 8.. never went.
-        let n = s.placed(7, 0, &[0b0010_1011, 0, 0]);
-        assert_eq!(n, 2);
-        assert_eq!(s.placed(7, 0, &[0b0010_1011]), 0, "queued once");
+        // The receiver lost 6 and 12 with the socket: in place are 0, 3,
+        // 9 and 15; the others never went.
+        let bits = [0b0000_1001, 0b1000_0010, 0];
+        assert_eq!(s.placed(7, 0, &bits), 2);
+        assert_eq!(s.placed(7, 0, &bits), 0, "queued once");
         assert_eq!(s.placed(99, 0, &[0]), 0, "an acknowledged message");
-        assert_eq!(pull(&mut s, &mut k, 1, t0), Some((7, 2, true)));
-        assert_eq!(pull(&mut s, &mut k, 1, t0), Some((7, 4, true)));
-        assert_eq!(pull(&mut s, &mut k, 1, t0), Some((7, 8, false)));
+        assert_eq!(pull(&mut s, &mut k, 1, t0), Some((7, 6, true)));
+        assert_eq!(pull(&mut s, &mut k, 1, t0), Some((7, 12, true)));
+        assert_eq!(pull(&mut s, &mut k, 1, t0), Some((7, 4, false)));
     }
 
     #[test]
     fn an_idle_socket_copies_the_tail_stuck_on_a_busy_one_once() {
         let t0 = Instant::now();
         let mut s = Sched::new(3, Some(1000 * MS), t0);
+        // Socket 2 is out while the messages start: they are dealt to 0 and 1.
+        s.retire(2, 0, Why::Stalled);
+        s.take_retired();
         s.start(0, 0, 4 * 4096, 4096, true);
         s.start(1, 1, 4096, 4096, false);
+        s.revive(2, 1, t0);
         let mut k = [Sock::default(); 3];
-        for i in [0, 0, 0, 1, 0] {
+        for i in [0, 0, 1, 1, 0] {
             pull(&mut s, &mut k, i, t0);
         }
-        // Socket 1 delivered; socket 0 has chunk 0 arriving, 1 and 2 not.
+        // Socket 1 delivered; socket 0 has chunk 0 arriving, 2 not begun.
         k[1].acked = k[1].end;
         k[0].acked = 100;
         s.sample(0, 0, k[0].acked, k[0].end, t0);
         assert_eq!(
-            pull(&mut s, &mut k, 1, t0),
-            Some((0, 2, true)),
-            "its last one"
-        );
-        assert_eq!(pull(&mut s, &mut k, 2, t0), Some((0, 1, true)));
-        assert_eq!(
-            pull(&mut s, &mut k, 2, t0),
+            pull(&mut s, &mut k, 1, t0 + MS),
             None,
-            "busy now, and chunk 0 began arriving"
+            "no copy of what is only just on its way"
         );
-        k[2].acked = k[2].end;
-        assert_eq!(pull(&mut s, &mut k, 2, t0), None, "each copied once");
-        // Half the stall timeout without progress: the started one too.
-        assert_eq!(pull(&mut s, &mut k, 2, t0 + 600 * MS), Some((0, 0, true)));
+        assert_eq!(
+            pull(&mut s, &mut k, 1, t0 + COPY_AFTER),
+            Some((0, 2, true)),
+            "the one not begun"
+        );
+        assert_eq!(
+            pull_gen(&mut s, &mut k, 2, 1, t0 + COPY_AFTER),
+            None,
+            "each copied once, and chunk 0 began arriving"
+        );
+        // Half the stall timeout without progress: the begun one too.
+        assert_eq!(
+            pull_gen(&mut s, &mut k, 2, 1, t0 + 600 * MS),
+            Some((0, 0, true))
+        );
         // Message 1 (no copies) is on socket 0 only: never copied.
         k[2].acked = k[2].end;
-        assert_eq!(pull(&mut s, &mut k, 2, t0 + 600 * MS), None);
+        k[1].acked = k[1].end;
+        assert_eq!(pull_gen(&mut s, &mut k, 2, 1, t0 + 600 * MS), None);
+        assert_eq!(pull(&mut s, &mut k, 1, t0 + 600 * MS), None);
     }
 
     #[test]
