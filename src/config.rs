@@ -117,6 +117,19 @@ pub struct Config {
     /// comms with `PeerUnresponsive`; `None` never gives up. See
     /// `DEFAULT_PEER_TIMEOUT` for the default's reasons.
     pub peer_timeout: Option<Duration>,
+    /// A data socket with bytes outstanding that the peer's TCP has not
+    /// acknowledged for this long, while another socket of the comm
+    /// advanced, is taken out and its chunks re-sent on the others
+    /// (`TCPX_STALL_TIMEOUT_MS`; `None`: only errors take a socket out).
+    pub stall_timeout: Option<Duration>,
+    /// First wait before a taken-out data socket is connected again,
+    /// doubling per failed attempt up to 30 s (`TCPX_RECONNECT_MS`;
+    /// `None`: never).
+    pub reconnect: Option<Duration>,
+    /// TCP_NOTSENT_LOWAT of sending data sockets: the most unsent bytes the
+    /// kernel holds per socket before it asks for the next chunk, so a slow
+    /// path hoards little (`TCPX_NOTSENT_LOWAT`; 0: the kernel's default).
+    pub notsent_lowat: usize,
     /// Folder of gpumemd's UNIX sockets; `None` = no daemon is consulted.
     pub gpumemd_prefix: Option<PathBuf>,
     /// PCI address of the GPU whose RX queues gpumemd manages for us.
@@ -163,6 +176,13 @@ pub struct Config {
 /// over, while a frozen or vanished peer is still reported within seconds.
 pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// 2 s. A healthy path that lost packets recovers within a few
+/// retransmission timeouts (200 ms, doubling): 200 + 400 + 800 ms. A path
+/// silent for longer while another socket of the same comm moves is
+/// broken (a link down, a dead route), and its chunks are better sent on
+/// the others now than after TCP's own timeout (the peer timeout).
+pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(2);
+
 pub const MAX_SOCKETS_PER_NIC: usize = 16;
 pub const MAX_NICS: usize = 16;
 pub const MAX_RECVS: usize = 8;
@@ -194,6 +214,9 @@ impl Default for Config {
             handshake_timeout: Duration::from_secs(30),
             socket_buffer: None,
             peer_timeout: Some(DEFAULT_PEER_TIMEOUT),
+            stall_timeout: Some(DEFAULT_STALL_TIMEOUT),
+            reconnect: Some(Duration::from_secs(1)),
+            notsent_lowat: 1 << 20,
             gpumemd_prefix: None,
             gpu_pci: None,
             devmem: DevmemMode::Prefer,
@@ -216,11 +239,15 @@ impl Config {
     /// How often workers tick their comms (heartbeats, timeouts): often
     /// enough that a silent peer is caught well within a second of its
     /// timeout, rarely enough that idle comms cost nothing.
+    /// A stalled data socket is caught within a quarter of the stall timeout.
     pub(crate) fn tick(&self) -> std::time::Duration {
         let ms = self
             .peer_timeout
             .map_or(500, |t| (t.as_millis() / 10) as u64);
-        std::time::Duration::from_millis(ms.clamp(10, 500))
+        let stall = self
+            .stall_timeout
+            .map_or(u64::MAX, |t| (t.as_millis() / 4) as u64);
+        std::time::Duration::from_millis(ms.min(stall).clamp(10, 500))
     }
 
     /// Loopback config used by tests and the bench: each address is one "NIC".
@@ -301,6 +328,17 @@ impl Config {
         if let Some((k, v)) = first(&["TCPX_PEER_TIMEOUT_MS"]) {
             let ms = parse_num(k, &v)? as u64;
             c.peer_timeout = (ms > 0).then(|| Duration::from_millis(ms));
+        }
+        if let Some((k, v)) = first(&["TCPX_STALL_TIMEOUT_MS"]) {
+            let ms = parse_num(k, &v)? as u64;
+            c.stall_timeout = (ms > 0).then(|| Duration::from_millis(ms));
+        }
+        if let Some((k, v)) = first(&["TCPX_RECONNECT_MS"]) {
+            let ms = parse_num(k, &v)? as u64;
+            c.reconnect = (ms > 0).then(|| Duration::from_millis(ms));
+        }
+        if let Some((k, v)) = first(&["TCPX_NOTSENT_LOWAT"]) {
+            c.notsent_lowat = parse_num(k, &v)?;
         }
         if let Some((_, v)) = first(&[
             "TCPX_GPUMEMD_PREFIX",
@@ -463,6 +501,12 @@ impl Config {
         }
         if self.devmem == DevmemMode::Require && self.gpumemd_prefix.is_none() {
             return bad("TCPX_DEVMEM=require needs NCCL_GPUDIRECTTCPX_UNIX_CLIENT_PREFIX (gpumemd's socket folder)".into());
+        }
+        if self.notsent_lowat > i32::MAX as usize {
+            return bad(format!(
+                "TCP_NOTSENT_LOWAT must fit a C int, got {}",
+                self.notsent_lowat
+            ));
         }
         if !(8..=1024).contains(&self.max_requests) {
             return bad(format!(

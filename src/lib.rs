@@ -60,7 +60,7 @@ pub use handle::{Handle, HANDLE_SIZE};
 pub use memory::{HostMemory, MemoryRegion, PtrKind};
 pub use net::{ListenComm, Net};
 pub use request::Sizes;
-pub use stats::Stats;
+pub use stats::{NicStats, PathStats, SocketStats, Stats};
 
 /// Entry points for the fuzz targets (`fuzz/`); not part of the API.
 #[doc(hidden)]

@@ -122,6 +122,11 @@ pub(crate) trait TxPath: Send + Sync {
     fn zerocopy_ok(&self) -> bool {
         true
     }
+    /// Whether `prefetch` does anything (staging paths): the socket then
+    /// takes the chunk after the current one early.
+    fn prefetches(&self) -> bool {
+        false
+    }
 }
 
 /// Where received bytes of a region go.
@@ -222,6 +227,9 @@ impl TxPath for Region {
     }
     fn zerocopy_ok(&self) -> bool {
         self.bounce.is_none()
+    }
+    fn prefetches(&self) -> bool {
+        self.bounce.is_some()
     }
 }
 

@@ -17,12 +17,12 @@ use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use crate::comm::{Agreed, DataSock, RecvComm, SendComm};
 use crate::config::{Config, EngineKind, MAX_NICS, MAX_SOCKETS_PER_NIC};
 use crate::device::{self, DataPath, Device};
-use crate::engine::{Cmd, CommLink, TxMode, Watch, Worker};
+use crate::engine::{Cmd, CommLink, SockId, TxMode, Watch, Worker};
 use crate::error::{Error, Result};
 use crate::gpumemd::{Gpumemd, PoolSource};
 use crate::handle::{Handle, HANDLE_SIZE, STAGE_OFFSET};
 use crate::memory::{HostMemory, MemoryRegion, PtrKind};
-use crate::stats::{Counters, Stats};
+use crate::stats::{Counters, NicStats, SockCounters, Stats, Tally};
 use crate::wire::{Hello, Reject, Role, Welcome, HELLO_LEN, REJECT_VERSION, WELCOME_LEN};
 
 pub(crate) struct NetInner {
@@ -36,19 +36,22 @@ pub(crate) struct NetInner {
     /// `d * workers_per_nic ..`.
     pub workers: Vec<Worker>,
     counters: Arc<Counters>,
+    /// Per device: what its data sockets did.
+    nic_tallies: Vec<Arc<Tally>>,
     next_sock_id: AtomicU64,
 }
 
 impl NetInner {
-    /// Hands a data socket of a comm to a worker of its NIC (`receives`:
-    /// it carries chunks in, else out).
+    /// Hands data socket `sock` of a comm to a worker of its NIC
+    /// (`receives`: it carries chunks in, else out); its counters.
     pub(crate) fn add_data_socket(
         &self,
         nic: usize,
         stream: TcpStream,
         comm: Arc<dyn CommLink>,
         receives: bool,
-    ) -> DataSock {
+        sock: SockId,
+    ) -> (DataSock, Arc<SockCounters>) {
         let id = self.next_sock_id.fetch_add(1, Ordering::Relaxed);
         let tx = TxMode {
             zerocopy: self.cfg.zerocopy,
@@ -62,17 +65,22 @@ impl NetInner {
                 (abi, source)
             }),
             peer_timeout_ms: self.cfg.peer_timeout.map_or(0, |t| t.as_millis() as u64),
+            notsent_lowat: self.cfg.notsent_lowat as u32,
         };
         let per = self.cfg.workers_per_nic;
         let worker = nic * per + (id % per as u64) as usize;
+        let tally = self.nic_tallies.get(nic).cloned().unwrap_or_default();
+        let counters = Arc::new(SockCounters::new(tally));
         self.workers[worker].submit(Cmd::Add {
             id,
             stream,
             tx,
             comm,
             receives,
+            sock,
+            counters: counters.clone(),
         });
-        DataSock { worker, id }
+        (DataSock { worker, id }, counters)
     }
 
     /// Registers a comm's control socket with the first worker of `nic`.
@@ -196,6 +204,7 @@ impl Net {
                 }
             );
         }
+        let nic_tallies = devices.iter().map(|_| Arc::default()).collect();
         Ok(Net {
             inner: Arc::new(NetInner {
                 engine,
@@ -205,6 +214,7 @@ impl Net {
                 ctrl_ip,
                 workers,
                 counters,
+                nic_tallies,
                 next_sock_id: AtomicU64::new(1),
             }),
         })
@@ -226,6 +236,22 @@ impl Net {
     /// Data-path counters since init (zero-copy use, fallbacks).
     pub fn stats(&self) -> Stats {
         self.inner.counters.snapshot()
+    }
+
+    /// Per device: what the data sockets of every comm on it did since
+    /// init (bytes, chunks, re-sends, stalls, failures, reconnects).
+    pub fn nic_stats(&self) -> Vec<NicStats> {
+        self.inner
+            .devices
+            .iter()
+            .zip(&self.inner.nic_tallies)
+            .enumerate()
+            .map(|(nic, (d, t))| NicStats {
+                nic,
+                name: d.name.clone(),
+                counts: t.snapshot(),
+            })
+            .collect()
     }
 
     fn device(&self, dev: usize) -> Result<&Device> {

@@ -1,6 +1,8 @@
-//! Counters the workers keep, readable through `Net::stats()`.
+//! Counters the workers keep, readable through `Net::stats()`, and per
+//! data socket and NIC (`SendComm::socket_stats`, `Net::nic_stats`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
@@ -61,4 +63,138 @@ pub struct Stats {
     pub devmem_linear_bytes: u64,
     /// Receives gathered by the CUDA unpack kernel (GPU pool into CUDA memory).
     pub devmem_unpack_kernels: u64,
+}
+
+/// Counts of one data socket, or of every data socket of one NIC.
+#[derive(Debug, Default)]
+pub(crate) struct Tally {
+    bytes_sent: AtomicU64,
+    chunks_sent: AtomicU64,
+    bytes_received: AtomicU64,
+    chunks_received: AtomicU64,
+    resent_chunks: AtomicU64,
+    duplicates_dropped: AtomicU64,
+    stalls: AtomicU64,
+    failures: AtomicU64,
+    reconnects: AtomicU64,
+}
+
+impl Tally {
+    pub fn snapshot(&self) -> PathStats {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        PathStats {
+            bytes_sent: g(&self.bytes_sent),
+            chunks_sent: g(&self.chunks_sent),
+            bytes_received: g(&self.bytes_received),
+            chunks_received: g(&self.chunks_received),
+            resent_chunks: g(&self.resent_chunks),
+            duplicates_dropped: g(&self.duplicates_dropped),
+            stalls: g(&self.stalls),
+            failures: g(&self.failures),
+            reconnects: g(&self.reconnects),
+        }
+    }
+}
+
+/// A data socket's tally and its NIC's: each count goes to both.
+#[derive(Debug, Default)]
+pub(crate) struct SockCounters {
+    own: Tally,
+    nic: Arc<Tally>,
+}
+
+impl SockCounters {
+    pub fn new(nic: Arc<Tally>) -> Self {
+        SockCounters {
+            own: Tally::default(),
+            nic,
+        }
+    }
+
+    fn both(&self, f: impl Fn(&Tally) -> &AtomicU64, n: u64) {
+        f(&self.own).fetch_add(n, Ordering::Relaxed);
+        f(&self.nic).fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// A chunk of `bytes` went out (`again`: a re-send or a copy).
+    pub fn sent(&self, bytes: u64, again: bool) {
+        self.both(|t| &t.bytes_sent, bytes);
+        self.both(|t| &t.chunks_sent, 1);
+        if again {
+            self.both(|t| &t.resent_chunks, 1);
+        }
+    }
+
+    /// A chunk of `bytes` was placed.
+    pub fn received(&self, bytes: u64) {
+        self.both(|t| &t.bytes_received, bytes);
+        self.both(|t| &t.chunks_received, 1);
+    }
+
+    /// A copy of a chunk already in place was read and dropped.
+    pub fn dropped_copy(&self) {
+        self.both(|t| &t.duplicates_dropped, 1);
+    }
+
+    pub fn stalled(&self) {
+        self.both(|t| &t.stalls, 1);
+    }
+
+    pub fn failed(&self) {
+        self.both(|t| &t.failures, 1);
+    }
+
+    pub fn reconnected(&self) {
+        self.both(|t| &t.reconnects, 1);
+    }
+
+    pub fn snapshot(&self) -> PathStats {
+        self.own.snapshot()
+    }
+}
+
+/// What data sockets did: one socket's, or a NIC's (all its sockets').
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PathStats {
+    /// Payload bytes of chunks written (copies and re-sends included).
+    pub bytes_sent: u64,
+    pub chunks_sent: u64,
+    /// Payload bytes of chunks placed (dropped copies not included).
+    pub bytes_received: u64,
+    pub chunks_received: u64,
+    /// Chunks sent again: after a socket was retired, or as a copy of a
+    /// message's tail held up on a slower socket.
+    pub resent_chunks: u64,
+    /// Copies of chunks already in place, read and dropped.
+    pub duplicates_dropped: u64,
+    /// Sockets retired because they stalled while others moved.
+    pub stalls: u64,
+    /// Sockets retired because they failed (an error, the peer's reset).
+    pub failures: u64,
+    /// Retired sockets connected again.
+    pub reconnects: u64,
+}
+
+/// One data socket of a comm (`SendComm::socket_stats`, `RecvComm::socket_stats`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct SocketStats {
+    /// Index of the socket in its comm (as in the handshake).
+    pub index: usize,
+    /// Device (NIC) the socket uses.
+    pub nic: usize,
+    /// In use (false: retired, and not connected again yet).
+    pub live: bool,
+    /// How many times it was connected again.
+    pub generation: u32,
+    #[serde(flatten)]
+    pub counts: PathStats,
+}
+
+/// One NIC: every data socket of every comm on it, since init (`Net::nic_stats`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct NicStats {
+    pub nic: usize,
+    pub name: String,
+    #[serde(flatten)]
+    pub counts: PathStats,
 }

@@ -347,13 +347,8 @@ fn human(n: usize) -> String {
     }
 }
 
-fn report(
-    cli: &Cli,
-    cfg: &Config,
-    engine: EngineKind,
-    rows: &[Row],
-    stats: tcpx::Stats,
-) -> BoxResult<()> {
+fn report(cli: &Cli, cfg: &Config, net: &Net, rows: &[Row]) -> BoxResult<()> {
+    let (engine, stats, nics) = (net.engine(), net.stats(), net.nic_stats());
     if cli.json {
         let out = serde_json::json!({
             "nics": cfg.data_nics.iter().map(|n| format!("{n:?}")).collect::<Vec<_>>(),
@@ -364,6 +359,7 @@ fn report(
             "engine": format!("{:?}", engine),
             "window": cli.window,
             "stats": stats,
+            "nic_stats": nics,
             "results": rows,
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
@@ -395,6 +391,7 @@ fn report(
             r.cpu_s_per_gb
         );
     }
+    print_nics(&nics);
     if stats.devmem_fragments > 0 {
         println!(
             "devmem (emulated): {} pool fragments, {} tokens returned in {} DONTNEED calls ({:.1} per call), {} linear bytes",
@@ -416,6 +413,41 @@ fn report(
         );
     }
     Ok(())
+}
+
+/// Per NIC: what its data sockets carried, and what went wrong.
+fn print_nics(nics: &[tcpx::NicStats]) {
+    println!(
+        "{:>4} {:>12} {:>10} {:>10} {:>10} {:>10} {:>8} {:>8} {:>7} {:>8} {:>10}",
+        "nic",
+        "name",
+        "sent MB",
+        "chunks",
+        "recv MB",
+        "chunks",
+        "resent",
+        "dropped",
+        "stalls",
+        "failures",
+        "reconnects"
+    );
+    for n in nics {
+        let c = &n.counts;
+        println!(
+            "{:>4} {:>12} {:>10.1} {:>10} {:>10.1} {:>10} {:>8} {:>8} {:>7} {:>8} {:>10}",
+            n.nic,
+            n.name,
+            c.bytes_sent as f64 / 1e6,
+            c.chunks_sent,
+            c.bytes_received as f64 / 1e6,
+            c.chunks_received,
+            c.resent_chunks,
+            c.duplicates_dropped,
+            c.stalls,
+            c.failures,
+            c.reconnects
+        );
+    }
 }
 
 fn progress(cli: &Cli, n: usize) -> ProgressBar {
@@ -581,7 +613,7 @@ fn main() -> BoxResult<()> {
             let bar = progress(&cli, plan.sizes.len());
             let rows = run_sender(&net, &tx, &rx, &plan, &bar)?;
             bar.finish_and_clear();
-            report(&cli, &cfg, net.engine(), &rows, net.stats())
+            report(&cli, &cfg, &net, &rows)
         }
         None => {
             let cfg = config(&cli)?;
@@ -601,7 +633,7 @@ fn main() -> BoxResult<()> {
                 server.join().map_err(|_| "receiver thread panicked")??;
                 rows
             })?;
-            report(&cli, &cfg, net.engine(), &rows, net.stats())
+            report(&cli, &cfg, &net, &rows)
         }
     }
 }

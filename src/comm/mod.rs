@@ -22,10 +22,11 @@ use std::time::{Duration, Instant};
 use nix::errno::Errno;
 use nix::sys::socket::MsgFlags;
 
-use crate::engine::{Cmd, Watch};
+use crate::engine::{Cmd, CommLink, SockId, Watch};
 use crate::error::{Error, Result};
 use crate::memory::MemoryRegion;
 use crate::net::NetInner;
+use crate::stats::{SockCounters, SocketStats};
 
 pub(crate) use recv::RecvCore;
 pub use recv::{RecvBuf, RecvComm};
@@ -38,6 +39,17 @@ pub(crate) use send::SendCore;
 pub(crate) struct DataSock {
     pub worker: usize,
     pub id: u64,
+}
+
+/// A comm's data socket by its index in the handshake: the socket now
+/// in that place (a reconnect puts a new one, of the next generation).
+pub(crate) struct Slot {
+    pub sock: DataSock,
+    pub nic: usize,
+    pub gen: u32,
+    /// In use: not retired (or connected again since).
+    pub live: bool,
+    pub counters: Arc<SockCounters>,
 }
 
 /// What the handshake settled for a new comm.
@@ -114,7 +126,7 @@ impl<T> Ctrl<T> {
 /// What send and receive comms share: their sockets and slot accounting.
 struct CommBase {
     net: Arc<NetInner>,
-    socks: Vec<DataSock>,
+    slots: Mutex<Vec<Slot>>,
     inflight: AtomicUsize,
     closed: AtomicBool,
     /// The data sockets were told to close (once).
@@ -138,10 +150,23 @@ const ARM_READ: u8 = 1;
 const ARM_WRITE: u8 = 2;
 
 impl CommBase {
-    fn new(net: Arc<NetInner>, socks: Vec<DataSock>, watch: Watch) -> Self {
+    /// A comm over `data` (NIC, stream), in index order, whose sockets
+    /// talk to `link`.
+    fn new(
+        net: Arc<NetInner>,
+        data: Vec<(usize, TcpStream)>,
+        link: &Arc<dyn CommLink>,
+        receives: bool,
+        watch: Watch,
+    ) -> Self {
+        let slots = data
+            .into_iter()
+            .enumerate()
+            .map(|(i, (nic, s))| open_slot(&net, nic, s, link, receives, i, 0))
+            .collect();
         CommBase {
             net,
-            socks,
+            slots: Mutex::new(slots),
             inflight: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
             socks_closed: AtomicBool::new(false),
@@ -164,21 +189,55 @@ impl CommBase {
 
     fn close_data(&self) {
         if !self.socks_closed.swap(true, Ordering::AcqRel) {
-            for s in &self.socks {
-                self.net.workers[s.worker].submit(Cmd::Close { id: s.id });
+            for s in lock(&self.slots).iter().filter(|s| s.live) {
+                self.net.workers[s.sock.worker].submit(Cmd::Close { id: s.sock.id });
             }
         }
     }
 
     /// Has the workers of this comm's sockets look at them again.
     fn kick(&self) {
-        let mut seen = Vec::with_capacity(self.socks.len());
-        for s in &self.socks {
-            if !seen.contains(&s.worker) {
-                seen.push(s.worker);
-                self.net.workers[s.worker].submit(Cmd::Kick);
+        let slots = lock(&self.slots);
+        let mut seen = Vec::with_capacity(slots.len());
+        for s in slots.iter().filter(|s| s.live) {
+            if !seen.contains(&s.sock.worker) {
+                seen.push(s.sock.worker);
+                self.net.workers[s.sock.worker].submit(Cmd::Kick);
             }
         }
+    }
+
+    /// Takes data socket `index` of `gen` out and closes it; its NIC, if
+    /// it was in use.
+    fn retire(&self, index: usize, gen: u32) -> Option<usize> {
+        let mut slots = lock(&self.slots);
+        let s = slots.get_mut(index).filter(|s| s.live && s.gen == gen)?;
+        s.live = false;
+        self.net.workers[s.sock.worker].submit(Cmd::Close { id: s.sock.id });
+        Some(s.nic)
+    }
+
+    /// Data sockets in use.
+    fn live(&self) -> usize {
+        lock(&self.slots).iter().filter(|s| s.live).count()
+    }
+
+    fn n_data(&self) -> usize {
+        lock(&self.slots).len()
+    }
+
+    fn stats(&self) -> Vec<SocketStats> {
+        lock(&self.slots)
+            .iter()
+            .enumerate()
+            .map(|(index, s)| SocketStats {
+                index,
+                nic: s.nic,
+                live: s.live,
+                generation: s.gen,
+                counts: s.counters.snapshot(),
+            })
+            .collect()
     }
 
     /// Arms the control-socket watch for what the comm awaits (one-shot:
@@ -210,6 +269,30 @@ impl CommBase {
             return Err(Error::Closed);
         }
         Ok(())
+    }
+}
+
+/// Hands data socket `index` (of generation `gen`) to a worker of its NIC.
+fn open_slot(
+    net: &NetInner,
+    nic: usize,
+    stream: TcpStream,
+    link: &Arc<dyn CommLink>,
+    receives: bool,
+    index: usize,
+    gen: u32,
+) -> Slot {
+    let id = SockId {
+        index: index as u16,
+        gen,
+    };
+    let (sock, counters) = net.add_data_socket(nic, stream, link.clone(), receives, id);
+    Slot {
+        sock,
+        nic,
+        gen,
+        live: true,
+        counters,
     }
 }
 
@@ -264,24 +347,12 @@ fn close_ctrl(stream: &TcpStream, patience: Duration) {
                 Err(_) => break false,
             }
         };
-        if eof || unsent(stream) == 0 || Instant::now() >= deadline {
+        if eof || crate::engine::outq(stream) == 0 || Instant::now() >= deadline {
             break;
         }
         std::thread::sleep(Duration::from_millis(1));
     }
     let _ = stream.shutdown(std::net::Shutdown::Both);
-}
-
-/// Bytes the kernel holds unacknowledged for the socket (SIOCOUTQ).
-fn unsent(stream: &TcpStream) -> usize {
-    let mut n: libc::c_int = 0;
-    // SAFETY: SIOCOUTQ writes one c_int through the pointer, valid for the call.
-    let rc = unsafe { libc::ioctl(stream.as_raw_fd(), libc::TIOCOUTQ, &mut n) };
-    if rc == 0 {
-        n.max(0) as usize
-    } else {
-        0
-    }
 }
 
 fn check_range(mr: &MemoryRegion, offset: usize, len: usize) -> Result<()> {

@@ -9,16 +9,15 @@ use std::time::{Duration, Instant};
 use flowsteer::RuleHandle;
 
 use super::request::{Owner, Request, Waiter};
-use super::{
-    check_range, close_ctrl, lock, read_ctrl, write_ctrl, Agreed, CommBase, Ctrl, DataSock,
-};
+use super::{check_range, close_ctrl, lock, read_ctrl, write_ctrl, Agreed, CommBase, Ctrl};
 use crate::config::MAX_RECVS;
 use crate::ctrl::{Params, RecvEvent, RecvSide, Token};
-use crate::engine::{CommLink, Lookup, Placement, Poke};
+use crate::engine::{CommLink, Lookup, Placement, Poke, SockId};
 use crate::error::{Error, Result};
 use crate::memory::{MemoryRegion, Region, RxPath};
 use crate::net::NetInner;
 use crate::request::{FdWaker, ReqState};
+use crate::stats::SocketStats;
 
 /// How long a closing comm lets its last control bytes reach the peer.
 const CLOSE_PATIENCE: Duration = Duration::from_millis(200);
@@ -64,6 +63,8 @@ pub(crate) struct RecvLink {
     kicks: AtomicU64,
     /// Messages in place, to acknowledge.
     acks: Mutex<Vec<u64>>,
+    /// Data sockets whose path failed, to log.
+    losses: Mutex<Vec<(SockId, Error)>>,
     /// The first failure of the comm (a data socket's, or close).
     failure: Mutex<Option<Error>>,
 }
@@ -72,6 +73,21 @@ impl CommLink for RecvLink {
     fn failed(&self, e: Error) {
         lock(&self.failure).get_or_insert(e);
         self.nudge();
+    }
+
+    /// The sender decides which sockets are out (it retires them, and
+    /// re-sends what they lost): this end logs and counts, once the
+    /// control socket is read (a sender that closed the comm closed that
+    /// first).
+    fn lost(&self, id: SockId, e: Error) {
+        lock(&self.losses).push((id, e));
+        self.nudge();
+    }
+
+    fn wake(&self) {
+        if let Some(core) = self.core.upgrade() {
+            core.base.kick();
+        }
     }
 
     fn lookup(&self, seq: u64) -> Lookup {
@@ -130,7 +146,7 @@ pub struct RecvComm {
 
 impl std::fmt::Debug for RecvComm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "RecvComm({} data sockets)", self.core.base.socks.len())
+        write!(f, "RecvComm({} data sockets)", self.core.base.n_data())
     }
 }
 
@@ -150,7 +166,7 @@ impl RecvComm {
         let waker = Arc::new(FdWaker::default());
         let ctrl_fd = std::os::fd::AsRawFd::as_raw_fd(&ctrl);
         let watch = net.watch_ctrl(&ctrl, data.first().map_or(0, |d| d.0))?;
-        let core = Arc::new_cyclic(|me: &Weak<RecvCore>| {
+        let core = Arc::new_cyclic(move |me: &Weak<RecvCore>| {
             let link = Arc::new(RecvLink {
                 core: me.clone(),
                 placements: Mutex::new(HashMap::new()),
@@ -158,17 +174,14 @@ impl RecvComm {
                 waiting: AtomicBool::new(false),
                 kicks: AtomicU64::new(0),
                 acks: Mutex::new(Vec::new()),
+                losses: Mutex::new(Vec::new()),
                 failure: Mutex::new(None),
             });
             let as_link: Arc<dyn CommLink> = link.clone();
-            let socks: Vec<DataSock> = data
-                .into_iter()
-                .map(|(nic, s)| net.add_data_socket(nic, s, as_link.clone(), true))
-                .collect();
             let target: Weak<dyn Poke> = me.clone();
             watch.bind(target);
             RecvCore {
-                base: CommBase::new(net.clone(), socks, watch),
+                base: CommBase::new(net.clone(), data, &as_link, true, watch),
                 ctrl: Ctrl::new(RecvCtrl {
                     stream: ctrl,
                     side: RecvSide::new(params, Instant::now()),
@@ -185,7 +198,12 @@ impl RecvComm {
     }
 
     pub fn data_sockets(&self) -> usize {
-        self.core.base.socks.len()
+        self.core.base.n_data()
+    }
+
+    /// What each data socket did: bytes, chunks, dropped copies.
+    pub fn socket_stats(&self) -> Vec<SocketStats> {
+        self.core.base.stats()
     }
 
     /// Posts a receive of up to 8 buffers; each takes the next message whose tag matches it.
@@ -334,6 +352,7 @@ impl RecvCore {
         for seq in std::mem::take(&mut *lock(&link.acks)) {
             side.placed(seq);
         }
+        let mut retired = Vec::new();
         while side.broken().is_none() {
             let n = match read_ctrl(stream, side.inbox_space()) {
                 Ok(Some(n)) => n,
@@ -345,7 +364,9 @@ impl RecvCore {
             };
             let mut bad = None;
             side.received(n, now, &mut |e| {
-                if let Err(err) = self.act(groups, e) {
+                if let RecvEvent::Retire { index, generation } = e {
+                    retired.push((index as usize, generation));
+                } else if let Err(err) = self.act(groups, e) {
                     bad.get_or_insert(err);
                 }
             });
@@ -353,6 +374,16 @@ impl RecvCore {
                 side.fail(e);
             }
             link.announced.store(side.announced(), Ordering::Release);
+        }
+        if !retired.is_empty() {
+            if let Err(e) = self.retire(side, &retired) {
+                side.fail(e);
+            }
+        }
+        for (id, e) in std::mem::take(&mut *lock(&link.losses)) {
+            if side.broken().is_none() {
+                self.note_loss(id, e);
+            }
         }
         side.poll(now, tick);
         while side.broken().is_none() && !side.output().is_empty() {
@@ -372,11 +403,60 @@ impl RecvCore {
             link.kicks.fetch_add(1, Ordering::AcqRel);
             self.base.kick();
         }
+        // While chunks are due, a retirement from the sender is read at once.
+        let placing = !lock(&link.placements).is_empty();
         self.base.arm(
-            link.waiting.load(Ordering::SeqCst),
+            link.waiting.load(Ordering::SeqCst) || placing,
             !c.side.output().is_empty(),
         );
         self.base.set_due(c.side.due(now));
+    }
+
+    fn note_loss(&self, id: SockId, e: Error) {
+        if let Some(s) = lock(&self.base.slots).get(id.index as usize) {
+            if s.gen == id.gen && s.live {
+                s.counters.failed();
+                tracing::info!(
+                    socket = id.index,
+                    "data socket {} lost: {e}; the sender re-sends its chunks on the others",
+                    id.index
+                );
+            }
+        }
+    }
+
+    /// The sender took data sockets out: closes our ends (a chunk cut short
+    /// there may come again on another socket) and tells the sender which
+    /// chunks of each message in flight are in place, so it re-sends the
+    /// rest; when none is left, the comm fails.
+    fn retire(&self, side: &mut RecvSide, retired: &[(usize, u32)]) -> Result<()> {
+        let n = self.base.n_data();
+        for &(index, gen) in retired {
+            if index >= n {
+                return Err(Error::Protocol(format!(
+                    "data socket {index} retired, of {n}"
+                )));
+            }
+            if let Some(nic) = self.base.retire(index, gen) {
+                tracing::info!(
+                    socket = index,
+                    nic = %self.base.net.devices[nic].name,
+                    "the sender took data socket {index} out"
+                );
+            }
+        }
+        let placements: Vec<Arc<Placement>> =
+            lock(&self.link.placements).values().cloned().collect();
+        for p in placements {
+            side.report(p.seq, &p.placed_bits());
+        }
+        if self.base.live() == 0 {
+            return Err(Error::AllPathsLost {
+                sockets: n,
+                last: "the sender took the last one out".into(),
+            });
+        }
+        Ok(())
     }
 
     /// Fails every request of a broken comm. Placements fail as the data
@@ -399,6 +479,7 @@ impl RecvCore {
             RecvEvent::Deliver { token, .. }
             | RecvEvent::Place { token, .. }
             | RecvEvent::Refused { token, .. } => *token,
+            RecvEvent::Retire { .. } => return Ok(()),
         };
         let Some(g) = groups.get_mut(&token) else {
             return Ok(());
@@ -444,6 +525,7 @@ impl RecvCore {
                     }
                 }
             }
+            RecvEvent::Retire { .. } => {}
         }
         if g.subs.iter().all(Option::is_none) {
             groups.remove(&token);

@@ -3,19 +3,20 @@
 use std::collections::HashMap;
 use std::net::TcpStream;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Weak};
+use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use super::request::{Owner, Request};
-use super::{
-    bytes, check_range, close_ctrl, lock, read_ctrl, write_ctrl, Agreed, CommBase, Ctrl, DataSock,
-};
+use super::{bytes, check_range, close_ctrl, lock, read_ctrl, write_ctrl, Agreed, CommBase, Ctrl};
+use crate::ctrl::sched::{Retired, Sched, Why};
 use crate::ctrl::{Params, SendEvent, SendSide, Token};
-use crate::engine::{Cmd, CommLink, Job, Poke};
+use crate::engine::{CommLink, Poke, SockId, TxChunk, TxMsg};
 use crate::error::{Error, Result};
 use crate::memory::{MemoryRegion, PtrKind, Region, TxPath};
 use crate::net::NetInner;
 use crate::request::{FdWaker, ReqState};
+use crate::stats::SocketStats;
 
 /// Smallest chunk of a CUDA message cut across sockets. Measured: a 256
 /// KiB message in two 128 KiB chunks went 0.77x -> 0.89x of host TCP; more
@@ -35,8 +36,10 @@ struct Chunked {
 
 struct Pending {
     state: Arc<ReqState>,
-    /// `None` for inline messages.
+    /// A chunked message not started yet (`None` for inline messages).
     chunked: Option<Chunked>,
+    /// A chunked message's number once started.
+    seq: Option<u64>,
 }
 
 pub(crate) struct SendCtrl {
@@ -45,16 +48,13 @@ pub(crate) struct SendCtrl {
     /// Requests whose protocol piece (write, refusal or acknowledgement) is open.
     reqs: HashMap<Token, Pending>,
     next_token: Token,
-    /// Data socket that carries the next message's first chunk.
-    cursor: usize,
     events: Vec<SendEvent>,
 }
 
 pub(crate) struct SendCore {
     base: CommBase,
     ctrl: Ctrl<SendCtrl>,
-    /// The first failure a data socket reported.
-    failure: std::sync::Mutex<Option<Error>>,
+    link: Arc<SendLink>,
     pub(super) waker: Arc<FdWaker>,
     ctrl_fd: i32,
 }
@@ -66,18 +66,70 @@ pub struct SendComm {
 
 impl std::fmt::Debug for SendComm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "SendComm({} data sockets)", self.core.base.socks.len())
+        write!(f, "SendComm({} data sockets)", self.core.base.n_data())
     }
 }
 
-/// The sending comm as its data sockets see it.
-struct SendLink(Weak<SendCore>);
+/// The sending comm as its data sockets see it: the chunks they pull.
+struct SendLink {
+    core: Weak<SendCore>,
+    sched: Mutex<Sched<Arc<TxMsg>>>,
+    /// Messages in `sched`: sockets do not take its lock while none.
+    active: AtomicUsize,
+    /// Bumped whenever the scheduler may have a chunk for a socket that
+    /// found none (see `CommLink::epoch`).
+    epoch: AtomicU64,
+    /// The first failure a data socket reported that fails the comm.
+    failure: Mutex<Option<Error>>,
+}
+
+impl SendLink {
+    fn news(&self) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn nudge(&self) {
+        if let Some(core) = self.core.upgrade() {
+            core.nudge();
+        }
+    }
+}
 
 impl CommLink for SendLink {
     fn failed(&self, e: Error) {
-        if let Some(core) = self.0.upgrade() {
-            lock(&core.failure).get_or_insert(e);
-            core.nudge();
+        lock(&self.failure).get_or_insert(e);
+        self.nudge();
+    }
+
+    fn lost(&self, id: SockId, e: Error) {
+        let retired = lock(&self.sched).retire(id.index as usize, id.gen, Why::Failed(e));
+        if retired {
+            self.news();
+            self.nudge();
+        }
+    }
+
+    fn pull(&self, id: SockId, acked: u64, end: u64, now: Instant) -> Option<TxChunk> {
+        if self.active.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        let a = lock(&self.sched).pull(id.index as usize, id.gen, acked, end, now)?;
+        // Its backlog grew: others may take its chunks now.
+        self.news();
+        Some(TxChunk::new(a.m, a.k, a.again))
+    }
+
+    fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    fn sample(&self, id: SockId, acked: u64, end: u64, now: Instant) {
+        let mut s = lock(&self.sched);
+        s.sample(id.index as usize, id.gen, acked, end, now);
+        if s.has_retired() {
+            drop(s);
+            self.news();
+            self.nudge();
         }
     }
 }
@@ -100,25 +152,28 @@ impl SendComm {
         let waker = Arc::new(FdWaker::default());
         let ctrl_fd = std::os::fd::AsRawFd::as_raw_fd(&ctrl);
         let watch = net.watch_ctrl(&ctrl, data.first().map_or(0, |d| d.0))?;
+        let now = Instant::now();
         let core = Arc::new_cyclic(|me: &Weak<SendCore>| {
-            let link: Arc<dyn CommLink> = Arc::new(SendLink(me.clone()));
-            let socks: Vec<DataSock> = data
-                .into_iter()
-                .map(|(nic, s)| net.add_data_socket(nic, s, link.clone(), false))
-                .collect();
+            let link = Arc::new(SendLink {
+                core: me.clone(),
+                sched: Mutex::new(Sched::new(data.len(), cfg.stall_timeout, now)),
+                active: AtomicUsize::new(0),
+                epoch: AtomicU64::new(0),
+                failure: Mutex::new(None),
+            });
+            let as_link: Arc<dyn CommLink> = link.clone();
             let target: Weak<dyn Poke> = me.clone();
             watch.bind(target);
             SendCore {
-                base: CommBase::new(net.clone(), socks, watch),
+                base: CommBase::new(net.clone(), data, &as_link, false, watch),
                 ctrl: Ctrl::new(SendCtrl {
                     stream: ctrl,
-                    side: SendSide::new(params, Instant::now()),
+                    side: SendSide::new(params, now),
                     reqs: HashMap::new(),
                     next_token: 0,
-                    cursor: 0,
                     events: Vec::new(),
                 }),
-                failure: Default::default(),
+                link,
                 waker,
                 ctrl_fd,
             }
@@ -126,9 +181,14 @@ impl SendComm {
         Ok(SendComm { core })
     }
 
-    /// Number of data sockets this comm stripes over.
+    /// Number of data sockets this comm stripes over (in use or not).
     pub fn data_sockets(&self) -> usize {
-        self.core.base.socks.len()
+        self.core.base.n_data()
+    }
+
+    /// What each data socket did: bytes, chunks, re-sends, stalls.
+    pub fn socket_stats(&self) -> Vec<SocketStats> {
+        self.core.base.stats()
     }
 
     /// Starts sending `len` bytes at `offset` of `mr` with `tag`.
@@ -173,7 +233,7 @@ impl SendComm {
         if core.base.inflight.load(Ordering::Acquire) >= cfg.max_requests {
             return Ok(None);
         }
-        let n = core.base.socks.len();
+        let n = core.base.live().max(1);
         let inline = len <= cfg.inline_threshold || len == 0;
         let state = Arc::new(ReqState::new(1, 1).with_waker(core.waker.clone()));
         state.set_size(0, len as u64);
@@ -195,6 +255,7 @@ impl SendComm {
                         Pending {
                             state: state.clone(),
                             chunked: None,
+                            seq: None,
                         },
                     );
                     c.side.send_inline(token, tag, body, &mut ev)?;
@@ -220,6 +281,7 @@ impl SendComm {
                                 len: len as u64,
                                 chunk_size: chunk as u64,
                             }),
+                            seq: None,
                         },
                     );
                     c.side
@@ -284,10 +346,11 @@ impl SendCore {
     /// answer, and heartbeats are checked only after reading what came.
     fn progress(&self, c: &mut SendCtrl, read: bool) {
         let now = Instant::now();
-        if let Some(e) = lock(&self.failure).clone() {
+        if let Some(e) = lock(&self.link.failure).clone() {
             c.side.fail(e);
         }
         let mut events = std::mem::take(&mut c.events);
+        let mut gone = None;
         loop {
             if read && c.side.broken().is_none() {
                 loop {
@@ -307,6 +370,7 @@ impl SendCore {
                 }
                 c.side.poll(now);
             }
+            gone = gone.or_else(|| self.retirements(c));
             while c.side.broken().is_none() && !c.side.output().is_empty() {
                 match write_ctrl(&c.stream, c.side.output()) {
                     Ok(0) => break,
@@ -322,10 +386,16 @@ impl SendCore {
             }
         }
         c.events = events;
+        // The retirement of the last data socket is written; then the comm fails.
+        if let Some(e) = gone {
+            c.side.fail(e);
+        }
         if let Some(e) = c.side.broken().cloned() {
             for (_, p) in c.reqs.drain() {
                 p.state.fail(e.clone());
             }
+            lock(&self.link.sched).clear();
+            self.link.active.store(0, Ordering::Release);
             self.base.close_data();
             return;
         }
@@ -334,12 +404,88 @@ impl SendCore {
         self.base.set_due(c.side.due());
     }
 
+    /// Acts on data sockets the scheduler took out: closes them, tells the
+    /// receiver, logs; the error to fail the comm with once none is left.
+    fn retirements(&self, c: &mut SendCtrl) -> Option<Error> {
+        let (retired, live) = {
+            let mut s = lock(&self.link.sched);
+            (s.take_retired(), s.live())
+        };
+        // A comm that is closing or failed (the peer closed it: its data
+        // sockets close after its control socket) retires nothing.
+        if retired.is_empty()
+            || self.base.closed.load(Ordering::Acquire)
+            || c.side.broken().is_some()
+        {
+            return None;
+        }
+        let mut last = None;
+        for r in retired {
+            let Some(nic) = self.base.retire(r.index, r.gen) else {
+                continue;
+            };
+            self.count(&r);
+            let name = &self.base.net.devices[nic].name;
+            let why = match &r.why {
+                Why::Stalled => "it stalled while others moved".to_string(),
+                Why::Failed(e) => format!("{e}"),
+            };
+            tracing::warn!(
+                socket = r.index,
+                nic = %name,
+                "data socket {} on {name} taken out: {why}; {} chunks on their way go again, {live} socket(s) carry on",
+                r.index,
+                r.requeued
+            );
+            c.side.retire(r.index as u16, r.gen);
+            last = Some(r.why);
+        }
+        self.base.kick();
+        if live > 0 {
+            return None;
+        }
+        let sockets = self.base.n_data();
+        Some(match last {
+            Some(Why::Failed(Error::ConnectionLost(m))) => Error::ConnectionLost(format!(
+                "every data socket was closed or reset by the peer (the last: {m})"
+            )),
+            Some(Why::Failed(e)) => Error::AllPathsLost {
+                sockets,
+                last: e.to_string(),
+            },
+            _ => Error::AllPathsLost {
+                sockets,
+                last: "stalled".into(),
+            },
+        })
+    }
+
+    fn count(&self, r: &Retired) {
+        if let Some(s) = lock(&self.base.slots).get(r.index) {
+            match r.why {
+                Why::Stalled => s.counters.stalled(),
+                Why::Failed(_) => s.counters.failed(),
+            }
+        }
+    }
+
     fn act(&self, c: &mut SendCtrl, e: SendEvent) {
         match e {
-            SendEvent::Written(t) | SendEvent::Acked(t) => {
+            SendEvent::Written(t) => {
                 if let Some(p) = c.reqs.remove(&t) {
                     p.state.piece_done();
                 }
+            }
+            SendEvent::Acked(t) => {
+                let Some(p) = c.reqs.remove(&t) else { return };
+                if let Some(seq) = p.seq {
+                    let done = lock(&self.link.sched).acked(seq);
+                    if let Some(m) = done {
+                        m.acked.store(true, Ordering::Release);
+                        self.link.active.fetch_sub(1, Ordering::AcqRel);
+                    }
+                }
+                p.state.piece_done();
             }
             SendEvent::Refused { token, err } => {
                 if let Some(p) = c.reqs.remove(&token) {
@@ -347,29 +493,38 @@ impl SendCore {
                 }
             }
             SendEvent::Start { token, seq } => {
-                let Some(p) = c.reqs.get(&token) else { return };
-                let Some(m) = p.chunked.as_ref() else { return };
-                let n = self.base.socks.len();
-                let plan: Vec<_> = Job::plan(m.len, m.chunk_size, c.cursor, n).collect();
-                c.cursor = (c.cursor + Job::n_chunks(m.len, m.chunk_size) as usize) % n;
-                p.state.add_pieces(plan.len());
-                for (s, first) in plan {
-                    let sock = self.base.socks[s];
-                    self.base.net.workers[sock.worker].submit(Cmd::Send {
-                        id: sock.id,
-                        job: Job {
-                            req: p.state.clone(),
-                            region: m.region.clone(),
-                            base: m.offset,
-                            seq,
-                            size: m.len,
-                            chunk_size: m.chunk_size,
-                            next_chunk: first,
-                            stride: n as u64,
-                            zc_last: None,
-                        },
-                    });
+                let Some(p) = c.reqs.get_mut(&token) else {
+                    return;
+                };
+                let Some(m) = p.chunked.take() else { return };
+                p.seq = Some(seq);
+                // The message's memory is a piece of the request: done
+                // once no socket reads it any more.
+                p.state.add_pieces(1);
+                let copyable = !m.region.prefetches();
+                let msg = Arc::new(TxMsg::new(
+                    seq,
+                    m.region,
+                    m.offset,
+                    m.len,
+                    m.chunk_size,
+                    p.state.clone(),
+                ));
+                lock(&self.link.sched).start(seq, msg, m.len, m.chunk_size, copyable);
+                self.link.active.fetch_add(1, Ordering::AcqRel);
+                self.link.news();
+                self.base.kick();
+            }
+            SendEvent::Placed(p) => {
+                let again = lock(&self.link.sched).placed(p.seq, p.first, &p.bits);
+                if again > 0 {
+                    tracing::debug!(seq = p.seq, "{again} chunks the receiver lacks go again");
+                    self.link.news();
+                    self.base.kick();
                 }
+            }
+            SendEvent::Dial(d) => {
+                tracing::debug!(socket = d.index, "reconnect offer ignored");
             }
         }
     }

@@ -84,6 +84,10 @@ pub(crate) fn feed_both(data: &[u8]) {
             let _ = r.post(i as u64, &[(100, 1)], &mut |_| {});
             r.placed(i as u64);
         }
+        if i % 5 == 1 {
+            s.retire(i as u16, 0);
+            r.report(0, &[0xff, 1]);
+        }
         let t = now + Duration::from_millis(i as u64 * 300);
         s.poll(t);
         r.poll(t, true);

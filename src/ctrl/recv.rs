@@ -9,7 +9,7 @@ use super::matcher::{Matcher, Outcome, Verdict};
 use super::{eager_cost, Params, Token, EAGER_WINDOW, MAX_OPEN_POSTS};
 use crate::config::MAX_INLINE;
 use crate::error::{Error, Result};
-use crate::wire::{Ack, Kind, Msg, Ping, Post};
+use crate::wire::{Ack, Dial, Kind, Msg, Ping, Placed, Post, MAX_PLACED_BYTES};
 
 /// Small receives wait for this many to go out in one write.
 const DEFER_MAX: usize = 16;
@@ -34,6 +34,9 @@ pub(crate) enum RecvEvent<'a> {
         err: Error,
         bufs: Vec<usize>,
     },
+    /// The sender took data socket `index` (of `generation`) out: close
+    /// our end and report what is in place (`report`).
+    Retire { index: u16, generation: u32 },
 }
 
 /// Everything but the inbox (so frames can be handled in place).
@@ -66,7 +69,7 @@ pub(crate) struct RecvSide {
 impl RecvSide {
     pub fn new(p: Params, now: Instant) -> Self {
         RecvSide {
-            inbox: Inbox::new(&[Kind::Msg, Kind::Ping], MAX_INLINE),
+            inbox: Inbox::new(&[Kind::Msg, Kind::Ping, Kind::Retire], MAX_INLINE),
             s: State {
                 next_seq: 0,
                 groups: Matcher::new(),
@@ -159,9 +162,16 @@ impl RecvSide {
             let r = match frame {
                 Frame::Msg { msg, payload } => self.s.on_msg(msg, self.inbox.bytes(payload), ev),
                 Frame::Ping(_) => Ok(()),
-                Frame::Post(_) | Frame::Ack(_) => Err(Error::Protocol(
-                    "receiver-side frame from the sender".into(),
-                )),
+                Frame::Retire(r) => {
+                    ev(RecvEvent::Retire {
+                        index: r.index,
+                        generation: r.generation,
+                    });
+                    Ok(())
+                }
+                Frame::Post(_) | Frame::Ack(_) | Frame::Placed(_) | Frame::Dial(_) => Err(
+                    Error::Protocol("receiver-side frame from the sender".into()),
+                ),
             };
             self.inbox.consume(len);
             if let Err(e) = r {
@@ -175,6 +185,30 @@ impl RecvSide {
         if self.s.broken.is_none() {
             self.s.flush_posts();
             self.s.out.put(&Ack { seq }.encode());
+        }
+    }
+
+    /// Tells the sender which chunks of message `seq` are in place (bit
+    /// `k % 8` of `bits[k / 8]` for chunk `k`), in frames of at most
+    /// `MAX_PLACED_BYTES` bitmap bytes.
+    pub fn report(&mut self, seq: u64, bits: &[u8]) {
+        if self.s.broken.is_some() {
+            return;
+        }
+        for (i, piece) in bits.chunks(MAX_PLACED_BYTES).enumerate() {
+            let p = Placed {
+                seq,
+                first: (i * MAX_PLACED_BYTES * 8) as u64,
+                bits: piece.to_vec(),
+            };
+            self.s.out.put(&p.encode());
+        }
+    }
+
+    /// Invites the sender to reconnect a retired data socket.
+    pub fn dial(&mut self, d: &Dial) {
+        if self.s.broken.is_none() {
+            self.s.out.put(&d.encode());
         }
     }
 

@@ -8,7 +8,7 @@ use super::liveness::Liveness;
 use super::matcher::{Matcher, Verdict};
 use super::{eager_cost, Params, Token, EAGER_WINDOW, MAX_OPEN_POSTS};
 use crate::error::{Error, Result};
-use crate::wire::{Kind, Msg, Ping, MSG_INLINE};
+use crate::wire::{Dial, Kind, Msg, Ping, Placed, Retire, MAX_PLACED_BYTES, MSG_INLINE};
 
 /// What the comm layer must do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,6 +21,11 @@ pub(crate) enum SendEvent {
     Refused { token: Token, err: Error },
     /// Every chunk of the message is in place at the receiver.
     Acked(Token),
+    /// The receiver's answer to a retirement: which chunks of a message
+    /// are in place.
+    Placed(Placed),
+    /// The receiver invites a reconnect of a retired data socket.
+    Dial(Dial),
 }
 
 enum Queued {
@@ -77,7 +82,10 @@ impl SendSide {
             next_post: 0,
             writing: VecDeque::new(),
             out: Outbox::default(),
-            inbox: Inbox::new(&[Kind::Post, Kind::Ack, Kind::Ping], 128),
+            inbox: Inbox::new(
+                &[Kind::Post, Kind::Ack, Kind::Ping, Kind::Placed, Kind::Dial],
+                MAX_PLACED_BYTES,
+            ),
             live: Liveness::new(p.timeout, p.peer_timeout, now),
             broken: None,
         }
@@ -330,14 +338,43 @@ impl SendSide {
                 }
             },
             Frame::Ping(_) => {}
+            Frame::Placed(p) => {
+                if p.seq >= self.next_seq {
+                    return Err(Error::Protocol(format!(
+                        "chunks in place of message {}, which was never announced",
+                        p.seq
+                    )));
+                }
+                ev(SendEvent::Placed(p))
+            }
+            Frame::Dial(d) => ev(SendEvent::Dial(d)),
             Frame::Msg { msg, .. } => {
                 return Err(Error::Protocol(format!(
                     "message {} announced to its sender",
                     msg.seq
                 )))
             }
+            Frame::Retire(_) => {
+                return Err(Error::Protocol(
+                    "a data socket retired by the receiver".into(),
+                ))
+            }
         }
         Ok(())
+    }
+
+    /// Data socket `index` of generation `gen` is out of use: the
+    /// receiver closes its end and says which chunks are in place.
+    pub fn retire(&mut self, index: u16, gen: u32) {
+        if self.broken.is_none() {
+            self.out.put(
+                &Retire {
+                    index,
+                    generation: gen,
+                }
+                .encode(),
+            );
+        }
     }
 
     /// Timers: gives up on a silent peer, sends a heartbeat when quiet.

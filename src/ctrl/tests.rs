@@ -8,7 +8,7 @@ use proptest::prelude::*;
 
 use super::*;
 use crate::error::Error;
-use crate::wire::{Ack, Msg, Ping, Post, MSG_INLINE};
+use crate::wire::{Ack, Dial, Msg, Ping, Placed, Post, Retire, MAX_PLACED_BYTES, MSG_INLINE};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum REv {
@@ -27,6 +27,10 @@ enum REv {
         token: Token,
         err: Error,
         bufs: Vec<usize>,
+    },
+    Retire {
+        index: u16,
+        generation: u32,
     },
 }
 
@@ -48,6 +52,7 @@ fn own(e: RecvEvent<'_>) -> REv {
             size: msg.size,
         },
         RecvEvent::Refused { token, err, bufs } => REv::Refused { token, err, bufs },
+        RecvEvent::Retire { index, generation } => REv::Retire { index, generation },
     }
 }
 
@@ -436,6 +441,56 @@ fn heartbeats_flow_both_ways_when_idle() {
 }
 
 #[test]
+fn a_retirement_is_answered_with_what_is_in_place_and_a_dial_reaches_the_sender() {
+    let mut p = Pair::new(None);
+    p.post(100, &[(1 << 30, 7)]);
+    p.send(1, 1 << 30, 7);
+    p.run();
+    p.s.retire(3, 1);
+    p.io = 7; // frames cut into small reads
+    p.run();
+    assert_eq!(
+        p.re.last(),
+        Some(&REv::Retire {
+            index: 3,
+            generation: 1
+        })
+    );
+    // 1 GiB in 512 KiB chunks: 2048 chunks, 256 bitmap bytes; a larger
+    // bitmap goes in several frames.
+    let mut bits = vec![0u8; MAX_PLACED_BYTES + 10];
+    bits[0] = 0b101;
+    bits[MAX_PLACED_BYTES] = 1;
+    p.r.report(0, &bits);
+    let d = Dial {
+        index: 3,
+        generation: 2,
+        token: [9; 16],
+        addr: "10.0.0.7:1234".parse().unwrap(),
+    };
+    p.r.dial(&d);
+    p.se.clear();
+    p.run();
+    assert_eq!(
+        p.se,
+        vec![
+            SendEvent::Placed(Placed {
+                seq: 0,
+                first: 0,
+                bits: bits[..MAX_PLACED_BYTES].to_vec()
+            }),
+            SendEvent::Placed(Placed {
+                seq: 0,
+                first: 8 * MAX_PLACED_BYTES as u64,
+                bits: bits[MAX_PLACED_BYTES..].to_vec()
+            }),
+            SendEvent::Dial(d),
+        ]
+    );
+    assert!(p.s.broken().is_none() && p.r.broken().is_none());
+}
+
+#[test]
 fn protocol_violations_fail_the_comm() {
     let inline = |seq| Msg {
         seq,
@@ -466,6 +521,26 @@ fn protocol_violations_fail_the_comm() {
             true,
         ),
         ("a ping", Ping { count: 1 }.encode().to_vec(), false),
+        (
+            "a retirement",
+            Retire {
+                index: 0,
+                generation: 0,
+            }
+            .encode()
+            .to_vec(),
+            false,
+        ),
+        (
+            "a report to the receiver",
+            Placed {
+                seq: 0,
+                first: 0,
+                bits: vec![1],
+            }
+            .encode(),
+            true,
+        ),
         (
             "a huge chunk size",
             Msg {
@@ -498,6 +573,24 @@ fn protocol_violations_fail_the_comm() {
             .encode(),
         ),
         ("a message to the sender", inline(0).encode().to_vec()),
+        (
+            "a retirement to the sender",
+            Retire {
+                index: 0,
+                generation: 0,
+            }
+            .encode()
+            .to_vec(),
+        ),
+        (
+            "a report of a message never announced",
+            Placed {
+                seq: 0,
+                first: 0,
+                bits: vec![1],
+            }
+            .encode(),
+        ),
         ("a v1 header", {
             let mut b = Ping { count: 0 }.encode();
             b[4] = 1;

@@ -235,7 +235,7 @@ impl DevmemRx {
         Ok(())
     }
 
-    /// Settles before the socket's jobs let go of their memory (failure, drop).
+    /// Settles before the pool and destinations go (drop).
     pub fn quiesce(&mut self) {
         if let Err(e) = self.settle() {
             tracing::error!(

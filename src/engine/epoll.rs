@@ -14,7 +14,7 @@ use nix::sys::eventfd::EventFd;
 use nix::sys::socket::{ControlMessageOwned, MsgFlags};
 
 use super::sock::{Sock, Step};
-use super::{route, Cmd, WatchSet};
+use super::{Cmd, WatchSet};
 use crate::error::{Error, Result};
 use crate::stats::Counters;
 use crate::zerocopy;
@@ -116,7 +116,12 @@ impl EpollLoop {
                 .wait(&mut events, EpollTimeout::from(ms))
                 .unwrap_or(0);
             self.sleeping.store(false, Ordering::SeqCst);
-            self.watches.tick_if_due();
+            if self.watches.tick_if_due() {
+                let now = std::time::Instant::now();
+                for s in self.socks.values_mut() {
+                    s.tick(now);
+                }
+            }
             for ev in &events[..n] {
                 let id = ev.data();
                 if id == WAKE_ID {
@@ -139,6 +144,9 @@ impl EpollLoop {
                     if err {
                         self.errq.push(id);
                     }
+                    if err || f.intersects(EpollFlags::EPOLLHUP | EpollFlags::EPOLLRDHUP) {
+                        s.hung_up(f.intersects(EpollFlags::EPOLLHUP | EpollFlags::EPOLLRDHUP));
+                    }
                 }
             }
         }
@@ -153,6 +161,8 @@ impl EpollLoop {
                 tx,
                 comm,
                 receives,
+                sock,
+                counters,
             } => {
                 let flags = EpollFlags::EPOLLIN
                     | EpollFlags::EPOLLOUT
@@ -165,21 +175,29 @@ impl EpollLoop {
                     .map(|e| Error::io("epoll_ctl", e.into()));
                 self.socks.insert(
                     id,
-                    Sock::new(stream, tx, comm, receives, dead, &self.counters),
+                    Sock::new(
+                        stream,
+                        tx,
+                        comm,
+                        receives,
+                        dead,
+                        &self.counters,
+                        sock,
+                        counters,
+                    ),
                 );
             }
-            Cmd::Send { id, job } => route(job, self.socks.get_mut(&id)),
             Cmd::Kick => {}
             Cmd::Close { id } => {
                 if let Some(mut s) = self.socks.remove(&id) {
                     let _ = self.epoll.delete(&s.stream);
                     let _ = s.stream.shutdown(std::net::Shutdown::Both);
-                    s.fail(Error::Closed);
+                    s.shut();
                 }
             }
             Cmd::Shutdown => {
                 for (_, mut s) in self.socks.drain() {
-                    s.fail(Error::Closed);
+                    s.shut();
                 }
                 return false;
             }
@@ -215,7 +233,7 @@ fn send_ready(s: &mut Sock, counters: &Counters) -> bool {
                 None,
             ) {
                 Ok(n) => {
-                    zc_id = Some(s.zc.tracker.sent());
+                    zc_id = Some(s.tx.zc.tracker.sent());
                     Counters::bump(&counters.zc_sends, 1);
                     Ok(n)
                 }

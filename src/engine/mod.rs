@@ -8,8 +8,10 @@
 
 mod devmem_rx;
 mod epoll;
+mod link;
 pub(crate) mod placement;
 mod sock;
+mod tx;
 mod uring;
 
 use std::collections::HashMap;
@@ -26,80 +28,12 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 
 use crate::config::{EngineKind, ZeroCopy};
 use crate::error::{Error, Result};
-use crate::memory::Region;
-use crate::request::ReqState;
-use crate::stats::Counters;
+use crate::stats::{Counters, SockCounters};
 
-pub(crate) use placement::{CommLink, Lookup, Placement};
+pub(crate) use link::{CommLink, Lookup};
+pub(crate) use placement::Placement;
+pub(crate) use tx::{outq, SockId, TxChunk, TxMsg};
 pub(crate) use uring::probe as probe_uring;
-
-/// The chunks of one message that travel on one data socket:
-/// chunk indices `first, first + stride, …` below `ceil(size / chunk_size)`.
-pub(crate) struct Job {
-    pub req: Arc<ReqState>,
-    pub region: Arc<Region>,
-    /// Offset of the message in the region.
-    pub base: u64,
-    pub seq: u64,
-    pub size: u64,
-    pub chunk_size: u64,
-    pub next_chunk: u64,
-    pub stride: u64,
-    /// Id of the last MSG_ZEROCOPY send that carried this job's bytes.
-    pub zc_last: Option<u32>,
-}
-
-impl Job {
-    pub fn n_chunks(size: u64, chunk_size: u64) -> u64 {
-        size.div_ceil(chunk_size)
-    }
-
-    /// The jobs of a message striped over `n_sockets`, as (socket index, first chunk).
-    pub fn plan(
-        size: u64,
-        chunk_size: u64,
-        first_socket: usize,
-        n_sockets: usize,
-    ) -> impl Iterator<Item = (usize, u64)> {
-        let n_chunks = Self::n_chunks(size, chunk_size);
-        (0..n_sockets).filter_map(move |s| {
-            let k0 = ((s + n_sockets - first_socket) % n_sockets) as u64;
-            (k0 < n_chunks).then_some((s, k0))
-        })
-    }
-
-    /// Lets go of the memory, then reports: a finished request must not still hold its region.
-    fn finish(self, err: Option<Error>) {
-        let Job { req, region, .. } = self;
-        drop(region);
-        match err {
-            None => req.piece_done(),
-            Some(e) => req.fail(e),
-        }
-    }
-
-    /// Offset and length of chunk `k` of the message.
-    fn chunk_at(&self, k: u64) -> (u64, usize) {
-        let off = k * self.chunk_size;
-        (off, (self.size - off).min(self.chunk_size) as usize)
-    }
-
-    fn chunk(&self) -> (u64, usize) {
-        self.chunk_at(self.next_chunk)
-    }
-
-    /// The chunk after the current one, if the job has one.
-    fn following_chunk(&self) -> Option<(u64, usize)> {
-        let k = self.next_chunk + self.stride;
-        (k * self.chunk_size < self.size).then(|| self.chunk_at(k))
-    }
-
-    /// Moves to the next chunk; true when the job has no more.
-    fn advance(&mut self) -> bool {
-        self.next_chunk += self.stride;
-        self.next_chunk * self.chunk_size >= self.size
-    }
-}
 
 /// A comm whose control socket a worker watches: readiness pokes it, and
 /// every tick ticks it (heartbeats, timeouts) whether or not anyone polls.
@@ -118,6 +52,8 @@ pub(crate) struct TxMode {
     pub devmem_emulated: Option<(devmem::sockabi::KernelAbi, crate::gpumemd::PoolSource)>,
     /// TCP_USER_TIMEOUT of the socket (its ETIMEDOUT means an unresponsive peer).
     pub peer_timeout_ms: u64,
+    /// TCP_NOTSENT_LOWAT of sending sockets (0: the kernel's default).
+    pub notsent_lowat: u32,
 }
 
 pub(crate) enum Cmd {
@@ -128,12 +64,12 @@ pub(crate) enum Cmd {
         comm: Arc<dyn CommLink>,
         /// The socket receives chunks (a receive comm's); else it sends them.
         receives: bool,
+        /// Its place in its comm.
+        sock: SockId,
+        counters: Arc<SockCounters>,
     },
-    Send {
-        id: u64,
-        job: Job,
-    },
-    /// A receive comm learned of more messages: look again at sockets that wait for one.
+    /// A comm has news for its sockets (chunks to send, a message
+    /// announced, a chunk let go): look again at the sockets that wait.
     Kick,
     Close {
         id: u64,
@@ -300,13 +236,13 @@ impl WatchSet {
         lock(&self.next_tick).saturating_duration_since(Instant::now())
     }
 
-    /// Ticks every watched comm, if a tick is due.
-    fn tick_if_due(&self) {
+    /// Ticks every watched comm, if a tick is due; true if it was.
+    fn tick_if_due(&self) -> bool {
         {
             let mut next = lock(&self.next_tick);
             let now = Instant::now();
             if now < *next {
-                return;
+                return false;
             }
             *next = now + self.tick;
         }
@@ -319,6 +255,7 @@ impl WatchSet {
                 t.tick();
             }
         }
+        true
     }
 }
 
@@ -370,14 +307,6 @@ impl Drop for Watch {
     }
 }
 
-/// Hands a job to its socket, or fails it when the socket is gone (closed).
-fn route(job: Job, sock: Option<&mut sock::Sock>) {
-    match sock {
-        Some(s) => s.enqueue(job),
-        None => job.finish(Some(Error::Closed)),
-    }
-}
-
 /// # Safety
 /// `p` must be valid for reads of `len` bytes for the returned lifetime.
 unsafe fn bytes<'a>(p: *const u8, len: usize) -> &'a [u8] {
@@ -396,33 +325,4 @@ unsafe fn bytes_mut<'a>(p: *mut u8, len: usize) -> &'a mut [u8] {
     }
     // SAFETY: guaranteed by the caller.
     unsafe { std::slice::from_raw_parts_mut(p, len) }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn plan_covers_every_chunk_once() {
-        for (size, cs, first, n) in [
-            (10u64, 3u64, 2usize, 4usize),
-            (1, 4096, 0, 3),
-            (4096 * 7, 4096, 5, 6),
-            (5, 8, 1, 2),
-        ] {
-            let mut seen = vec![0; Job::n_chunks(size, cs) as usize];
-            for (s, k0) in Job::plan(size, cs, first, n) {
-                let mut k = k0;
-                while k * cs < size {
-                    assert_eq!((first + k as usize) % n, s);
-                    seen[k as usize] += 1;
-                    k += n as u64;
-                }
-            }
-            assert!(
-                seen.iter().all(|&c| c == 1),
-                "{size} {cs} {first} {n}: {seen:?}"
-            );
-        }
-    }
 }

@@ -3,44 +3,43 @@
 //! it (a syscall, or an io_uring submission) and reports the result
 //! (`tx_done` / `rx_done`).
 //!
-//! A sending socket works through its jobs' chunks in order. A receiving
-//! socket reads a chunk header, asks its comm where that chunk goes
-//! ([`CommLink::lookup`]) and lands the body there: chunks are placed by
-//! `(seq, offset)`, whatever socket carries them. A chunk counts as in place
-//! once its bytes settled (staging copies and unpack kernels finished).
+//! A sending socket asks its comm for chunks as it can take them
+//! (`tx.rs`). A receiving socket reads a chunk header, asks its comm where
+//! that chunk goes ([`CommLink::lookup`]) and lands the body there: chunks
+//! are placed by `(seq, offset)`, whatever socket carries them. A chunk
+//! counts as in place once its bytes settled (staging copies and unpack
+//! kernels finished).
+//!
+//! A socket whose path fails (an I/O error, the peer's close) is lost to
+//! its comm, which goes on without it; an error of the comm's own making
+//! (a protocol violation, a failed copy) fails the comm.
 
-use std::collections::VecDeque;
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
+use std::time::Instant;
 
 use nix::errno::Errno;
 
 use devmem::cuda::mem::DeviceSpan;
 
 use super::devmem_rx::{DevmemRx, Dst, Recv};
-use super::placement::{CommLink, Lookup, Placement};
-use super::{Job, TxMode};
+use super::link::{CommLink, Lookup};
+use super::placement::{Claim, Placement};
+pub(super) use super::tx::TxPlan;
+use super::tx::{set_notsent_lowat, SockId, TxSide, Zc};
+use super::TxMode;
 use crate::config::ZeroCopy;
 use crate::error::Error;
-use crate::memory::{RxPath, TxPath};
-use crate::stats::Counters;
+use crate::memory::RxPath;
+use crate::stats::{Counters, SockCounters};
 use crate::wire::{Chunk, CHUNK_LEN};
-use crate::zerocopy::{self, Tracker};
+use crate::zerocopy;
 
 /// Largest piece of a discarded chunk read at once.
 const SCRATCH_LEN: usize = 1 << 20;
 /// Chunks landed before a socket waits for their copies to finish.
 const MAX_UNSETTLED: usize = 8;
-
-/// Progress of the chunk being sent.
-#[derive(Default)]
-struct Cursor {
-    active: bool,
-    hdr: [u8; CHUNK_LEN],
-    hdr_done: usize,
-    body_done: usize,
-}
 
 /// The body of the chunk being received.
 struct Body {
@@ -65,24 +64,6 @@ struct RxCursor {
     parked: Option<u64>,
 }
 
-/// Zero-copy state of a data socket.
-pub(super) struct Zc {
-    /// False once the kernel reported copying in `auto` mode (or SO_ZEROCOPY failed).
-    pub enabled: bool,
-    pub mode: ZeroCopy,
-    pub min: usize,
-    pub tracker: Tracker,
-    /// Jobs fully sent whose last zero-copy send is not yet acknowledged.
-    awaiting: VecDeque<Job>,
-}
-
-/// The next send: up to two pieces (header rest, body rest).
-pub(super) struct TxPlan {
-    pub parts: [(*const u8, usize); 2],
-    pub n: usize,
-    pub zerocopy: bool,
-}
-
 /// The next receive: header rest and body rest.
 pub(super) struct RxPlan {
     pub parts: [(*mut u8, usize); 2],
@@ -104,18 +85,17 @@ enum Target {
 pub(super) struct Sock {
     pub stream: TcpStream,
     devmem: Option<Box<DevmemRx>>,
-    sends: VecDeque<Job>,
-    tx: Cursor,
+    pub tx: TxSide,
     rx: RxCursor,
     /// Chunks landed whose copies may still run, oldest first.
     unsettled: Vec<(Arc<Placement>, u64)>,
     comm: Arc<dyn CommLink>,
     receives: bool,
     peer_timeout_ms: u64,
+    counters: Arc<SockCounters>,
     pub readable: bool,
     pub writable: bool,
     pub dead: Option<Error>,
-    pub zc: Zc,
 }
 
 /// The process logs the kernel's copying of zero-copy sends once.
@@ -125,6 +105,7 @@ static GPU_TO_HOST_LOGGED: std::sync::atomic::AtomicBool =
     std::sync::atomic::AtomicBool::new(false);
 
 impl Sock {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         stream: TcpStream,
         mode: TxMode,
@@ -132,10 +113,13 @@ impl Sock {
         receives: bool,
         mut dead: Option<Error>,
         counters: &Arc<Counters>,
+        id: SockId,
+        sock_counters: Arc<SockCounters>,
     ) -> Self {
-        let enabled = mode.zerocopy != ZeroCopy::Off && enable_zerocopy(&stream);
+        let enabled = mode.zerocopy != ZeroCopy::Off && !receives && enable_zerocopy(&stream);
         let devmem = match mode
             .devmem_emulated
+            .filter(|_| receives)
             .map(|(abi, source)| DevmemRx::new(&stream, abi, source, counters.clone()))
         {
             Some(Ok(d)) => Some(Box::new(d)),
@@ -145,12 +129,15 @@ impl Sock {
             }
             None => None,
         };
-        let (zerocopy, min_zcopy) = (mode.zerocopy, mode.min_zcopy);
+        if !receives && mode.notsent_lowat > 0 {
+            if let Err(e) = set_notsent_lowat(&stream, mode.notsent_lowat) {
+                dead.get_or_insert(e);
+            }
+        }
         Sock {
             stream,
             devmem,
-            sends: VecDeque::new(),
-            tx: Cursor::default(),
+            tx: TxSide::new(id, Zc::new(enabled, mode.zerocopy, mode.min_zcopy)),
             rx: RxCursor {
                 hdr: [0; CHUNK_LEN],
                 hdr_done: 0,
@@ -161,62 +148,80 @@ impl Sock {
             comm,
             receives,
             peer_timeout_ms: mode.peer_timeout_ms,
+            counters: sock_counters,
             readable: true,
             writable: true,
             dead,
-            zc: Zc {
-                enabled,
-                mode: zerocopy,
-                min: min_zcopy,
-                tracker: Tracker::default(),
-                awaiting: VecDeque::new(),
-            },
         }
     }
 
-    pub fn enqueue(&mut self, job: Job) {
-        if let Some(e) = &self.dead {
-            job.finish(Some(e.clone()));
-        } else {
-            self.sends.push_back(job);
-        }
-    }
-
-    /// Fails the socket and its comm. Whatever may still write received
-    /// bytes (unpack kernels, staging copies) finishes before the
-    /// placements it writes are let go.
-    pub fn fail(&mut self, e: Error) {
+    /// Lets go of everything the socket holds. Whatever may still write
+    /// received bytes (unpack kernels, staging copies) finishes first;
+    /// chunks that landed whole count as placed if their copies finished,
+    /// the one cut short may come again on another socket.
+    fn let_go(&mut self) {
+        let mut settled = Ok(());
         if let Some(d) = self.devmem.as_mut() {
-            d.quiesce();
-        }
-        let body = self.rx.body.take();
-        let mut held: Vec<Arc<Placement>> = self.unsettled.drain(..).map(|(p, _)| p).collect();
-        if let Some(Body {
-            dst: Some(p), off, ..
-        }) = body
-        {
-            p.unclaim(off);
-            held.push(p);
-        }
-        for (i, p) in held.iter().enumerate() {
-            if held[..i].iter().all(|q| !Arc::ptr_eq(&q.region, &p.region)) {
-                let _ = p.region.settle();
+            settled = d.settle();
+            if let Err(e) = &settled {
+                tracing::error!(
+                    "devmem unpack did not finish ({e}); its destination may still be written"
+                );
             }
         }
-        drop(held);
-        let awaiting: Vec<Job> = self.zc.awaiting.drain(..).collect();
-        for job in self.sends.drain(..).chain(awaiting) {
-            job.finish(Some(e.clone()));
+        if let Some(Body {
+            dst: Some(p), off, ..
+        }) = self.rx.body.take()
+        {
+            p.unclaim(off);
         }
-        self.tx.active = false;
+        let landed: Vec<(Arc<Placement>, u64)> = self.unsettled.drain(..).collect();
+        for (i, (p, _)) in landed.iter().enumerate() {
+            if landed[..i]
+                .iter()
+                .all(|(q, _)| !Arc::ptr_eq(&q.region, &p.region))
+            {
+                settled = settled.and(p.region.settle());
+            }
+        }
+        for (p, off) in landed {
+            if settled.is_ok() {
+                self.counters.received(p.chunk_len(off));
+                p.chunk_placed(off);
+            } else {
+                p.unclaim(off);
+            }
+        }
+        self.tx.clear();
+    }
+
+    /// Fails the socket and its comm (an error of the comm's own data
+    /// path or a protocol violation).
+    pub fn fail(&mut self, e: Error) {
+        self.let_go();
         if self.dead.is_none() {
             self.dead = Some(e.clone());
             self.comm.failed(e);
         }
     }
 
+    /// The socket's path failed: the comm goes on without it.
+    pub fn lose(&mut self, e: Error) {
+        self.let_go();
+        if self.dead.is_none() {
+            self.dead = Some(e.clone());
+            self.comm.lost(self.tx.id, e);
+        }
+    }
+
+    /// The comm closed the socket.
+    pub fn shut(&mut self) {
+        self.let_go();
+        self.dead.get_or_insert(Error::Closed);
+    }
+
     pub fn wants_tx(&self) -> bool {
-        self.dead.is_none() && !self.sends.is_empty()
+        self.dead.is_none() && !self.receives
     }
 
     pub fn wants_rx(&self) -> bool {
@@ -225,98 +230,43 @@ impl Sock {
 
     /// What to send next; `None` when there is nothing (or the socket failed).
     pub fn tx_plan(&mut self) -> Option<TxPlan> {
-        if self.dead.is_some() {
+        if !self.wants_tx() {
             return None;
         }
-        let job = self.sends.front()?;
-        let (off, len) = job.chunk();
-        let starting = !self.tx.active;
-        if starting {
-            self.tx = Cursor {
-                active: true,
-                hdr: Chunk {
-                    seq: job.seq,
-                    offset: off,
-                    len: len as u32,
-                }
-                .encode(),
-                ..Cursor::default()
-            };
-        }
-        let src = match job.region.source(job.base + off, len) {
+        match self.tx.plan(&self.stream, &self.comm) {
             Ok(p) => p,
             Err(e) => {
                 self.fail(e);
-                return None;
+                None
             }
-        };
-        if starting {
-            self.prefetch_next();
-        }
-        let hdr_left = CHUNK_LEN - self.tx.hdr_done;
-        let body = (src.wrapping_add(self.tx.body_done), len - self.tx.body_done);
-        let hdr = (self.tx.hdr[self.tx.hdr_done..].as_ptr(), hdr_left);
-        let zc_chunk = self.zc.enabled && len >= self.zc.min && job.region.zerocopy_ok();
-        Some(if hdr_left == 0 {
-            TxPlan {
-                parts: [body, (std::ptr::null(), 0)],
-                n: 1,
-                zerocopy: zc_chunk,
-            }
-        } else if zc_chunk {
-            // With zero-copy the kernel reads the iovecs after the call returns, so the
-            // header (which the next chunk overwrites) goes first in a copying send.
-            TxPlan {
-                parts: [hdr, (std::ptr::null(), 0)],
-                n: 1,
-                zerocopy: false,
-            }
-        } else {
-            TxPlan {
-                parts: [hdr, body],
-                n: 2,
-                zerocopy: false,
-            }
-        })
-    }
-
-    /// Lets the region of the chunk after the current one start staging it.
-    fn prefetch_next(&self) {
-        let next = self
-            .sends
-            .front()
-            .and_then(|j| j.following_chunk().map(|c| (j, c)))
-            .or_else(|| self.sends.get(1).map(|j| (j, j.chunk())));
-        if let Some((job, (off, len))) = next {
-            job.region.prefetch(job.base + off, len);
         }
     }
 
     /// `n` bytes of the last plan went out; `zc_id` is the zero-copy id of that send.
     pub fn tx_done(&mut self, n: usize, zc_id: Option<u32>) {
-        let Some(job) = self.sends.front_mut() else {
-            return;
-        };
-        let (_, len) = job.chunk();
-        if zc_id.is_some() {
-            job.zc_last = zc_id;
+        self.tx.done(n, zc_id, &self.counters);
+    }
+
+    /// The periodic look (every worker tick): a sending socket tells its
+    /// comm how far the peer acknowledged its stream.
+    pub fn tick(&mut self, now: Instant) {
+        if self.wants_tx() {
+            self.tx.tick(&self.stream, &self.comm, now);
         }
-        let h = n.min(CHUNK_LEN - self.tx.hdr_done);
-        self.tx.hdr_done += h;
-        self.tx.body_done += n - h;
-        if self.tx.hdr_done == CHUNK_LEN && self.tx.body_done == len {
-            self.tx.active = false;
-            job.region.sent(job.base + job.chunk().0, len);
-            if job.advance() {
-                if let Some(done) = self.sends.pop_front() {
-                    match done.zc_last {
-                        Some(id) if !self.zc.tracker.done_through(id) => {
-                            self.zc.awaiting.push_back(done)
-                        }
-                        _ => done.finish(None),
-                    }
-                }
-            }
+    }
+
+    /// A sending socket saw a hang-up or an error event: its peer closed
+    /// it, or its path failed.
+    pub fn hung_up(&mut self, hup: bool) {
+        if !self.wants_tx() {
+            return;
+        }
+        match self.stream.take_error() {
+            Ok(Some(e)) => self.lose(Error::io("data socket", e)),
+            _ if hup => self.lose(Error::ConnectionLost(
+                "the peer closed a data socket".into(),
+            )),
+            _ => {}
         }
     }
 
@@ -332,11 +282,20 @@ impl Sock {
         let dst = loop {
             match self.comm.lookup(c.seq) {
                 Lookup::Place(p) => match p.claim(c.offset, c.len) {
-                    Ok(true) => break Some(p),
-                    Ok(false) => break None,
+                    Ok(Claim::Mine) => break Some(p),
+                    Ok(Claim::Done) => {
+                        self.counters.dropped_copy();
+                        break None;
+                    }
+                    // Another socket receives this chunk: wait until it
+                    // finishes or lets go (the placement wakes us).
+                    Ok(Claim::Held) => return,
                     Err(e) => return self.fail(e),
                 },
-                Lookup::Discard => break None,
+                Lookup::Discard => {
+                    self.counters.dropped_copy();
+                    break None;
+                }
                 // Ask (the control socket may hold the announcement unread),
                 // look once more, then wait for the comm's next kick.
                 Lookup::Unknown if !asked => {
@@ -416,7 +375,9 @@ impl Sock {
     /// `n` bytes arrived for the last plan (0 = the peer closed).
     pub fn rx_done(&mut self, n: usize) {
         if n == 0 {
-            self.fail(Error::ConnectionLost("peer closed a data socket".into()));
+            self.lose(Error::ConnectionLost(
+                "the peer closed a data socket".into(),
+            ));
             return;
         }
         let mut rest = n;
@@ -455,7 +416,8 @@ impl Sock {
                 self.settle();
             }
         } else {
-            p.chunk_placed();
+            self.counters.received(b.len as u64);
+            p.chunk_placed(b.off);
         }
     }
 
@@ -476,8 +438,9 @@ impl Sock {
         }
         match settled {
             Ok(()) => {
-                for (p, _) in self.unsettled.drain(..) {
-                    p.chunk_placed();
+                for (p, off) in std::mem::take(&mut self.unsettled) {
+                    self.counters.received(p.chunk_len(off));
+                    p.chunk_placed(off);
                 }
             }
             Err(e) => self.fail(e),
@@ -487,7 +450,8 @@ impl Sock {
 
     /// Applies a zero-copy completion; in `auto` mode a copying kernel turns zero-copy off.
     pub fn zc_completed(&mut self, c: zerocopy::Completion, counters: &Counters) {
-        self.zc.tracker.complete(c);
+        let zc = &mut self.tx.zc;
+        zc.tracker.complete(c);
         let n = c.hi.wrapping_sub(c.lo).wrapping_add(1) as u64;
         Counters::bump(
             if c.copied {
@@ -497,10 +461,10 @@ impl Sock {
             },
             n,
         );
-        if c.copied && self.zc.mode == ZeroCopy::Auto && self.zc.enabled {
+        if c.copied && zc.mode == ZeroCopy::Auto && zc.enabled {
             // As msg_zerocopy.rst advises: the kernel copies anyway (loopback, or a NIC
             // without scatter-gather/checksum offload), so stop paying for notifications.
-            self.zc.enabled = false;
+            zc.enabled = false;
             Counters::bump(&counters.zc_switched_off, 1);
             let peer = self
                 .stream
@@ -515,22 +479,9 @@ impl Sock {
         }
     }
 
-    /// Finishes jobs whose zero-copy sends are all acknowledged. True if any finished.
+    /// Finishes chunks whose zero-copy sends are all acknowledged. True if any finished.
     pub fn release_zc(&mut self) -> bool {
-        let mut moved = false;
-        while let Some(job) = self.zc.awaiting.front() {
-            if !job
-                .zc_last
-                .is_some_and(|id| self.zc.tracker.done_through(id))
-            {
-                break;
-            }
-            if let Some(job) = self.zc.awaiting.pop_front() {
-                job.finish(None);
-                moved = true;
-            }
-        }
-        moved
+        self.tx.release_zc()
     }
 
     pub fn is_devmem(&self) -> bool {
@@ -620,12 +571,12 @@ impl Sock {
 
     pub fn tx_failed(&mut self, e: Errno) {
         let err = self.io_error("send", e);
-        self.fail(err);
+        self.lose(err);
     }
 
     pub fn rx_failed(&mut self, e: Errno) {
         let err = self.io_error("recv", e);
-        self.fail(err);
+        self.lose(err);
     }
 
     /// ETIMEDOUT on a data socket is TCP_USER_TIMEOUT: the peer stopped acknowledging.
@@ -719,6 +670,7 @@ mod tests {
             min_zcopy: 0,
             devmem_emulated: Some((KernelAbi::Tcpx, PoolSource::Local(1 << 20))),
             peer_timeout_ms: 0,
+            notsent_lowat: 0,
         };
         let comm = Arc::new(OneMessage::default());
         let mut s = Sock::new(
@@ -728,6 +680,8 @@ mod tests {
             true,
             None,
             &Arc::new(Counters::default()),
+            SockId { index: 0, gen: 0 },
+            Arc::default(),
         );
         if let Some(d) = s.devmem.as_mut() {
             d.set_gather(Box::new(gather.clone()), deadline);
@@ -880,6 +834,7 @@ mod tests {
             min_zcopy: 0,
             devmem_emulated: None,
             peer_timeout_ms: 0,
+            notsent_lowat: 0,
         };
         let mut s = Sock::new(
             stream,
@@ -888,6 +843,8 @@ mod tests {
             true,
             None,
             &Arc::new(Counters::default()),
+            SockId { index: 0, gen: 0 },
+            Arc::default(),
         );
         let mut mr = MemoryRegion::owned(HostMemory::zeroed(6000).unwrap());
         let req = Arc::new(ReqState::new(1, 1));
@@ -944,6 +901,7 @@ mod tests {
             min_zcopy: 0,
             devmem_emulated: None,
             peer_timeout_ms: 0,
+            notsent_lowat: 0,
         };
         let mut s = Sock::new(
             stream,
@@ -952,6 +910,8 @@ mod tests {
             true,
             None,
             &Arc::new(Counters::default()),
+            SockId { index: 0, gen: 0 },
+            Arc::default(),
         );
         let mr = MemoryRegion::owned(HostMemory::zeroed(6000).unwrap());
         let req = Arc::new(ReqState::new(1, 1));

@@ -16,7 +16,7 @@ use nix::errno::Errno;
 use nix::sys::eventfd::EventFd;
 
 use super::sock::Sock;
-use super::{route, Cmd, TxMode, WatchSet};
+use super::{Cmd, TxMode, WatchSet};
 use crate::config::ZeroCopy;
 use crate::error::{Error, Result};
 use crate::stats::Counters;
@@ -209,7 +209,12 @@ impl UringLoop {
                 }
             }
             self.sleeping.store(false, Ordering::SeqCst);
-            self.watches.tick_if_due();
+            if self.watches.tick_if_due() {
+                let now = std::time::Instant::now();
+                for u in self.socks.values_mut() {
+                    u.sock.tick(now);
+                }
+            }
             self.reap();
         }
     }
@@ -234,7 +239,7 @@ impl UringLoop {
                     let flags = libc::MSG_NOSIGNAL as u32;
                     let zerocopy = plan.zerocopy && zc_ok && !u.plain_once;
                     let sqe = if zerocopy {
-                        let zc = u.sock.zc.tracker.sent();
+                        let zc = u.sock.tx.zc.tracker.sent();
                         u.tx_inflight = Some(Some(zc));
                         opcode::SendMsgZc::new(fd, &u.tx_msg)
                             .flags(flags)
@@ -310,7 +315,7 @@ impl UringLoop {
             .collect();
         for id in done {
             if let Some(mut u) = self.closing.remove(&id) {
-                u.sock.fail(Error::Closed);
+                u.sock.shut();
             }
         }
     }
@@ -354,7 +359,7 @@ impl UringLoop {
         };
         if cqueue::notif(flags) {
             u.notifs = u.notifs.saturating_sub(1);
-            let zc = u.sock.zc.tracker.expand(zc_low, ZC_BITS);
+            let zc = u.sock.tx.zc.tracker.expand(zc_low, ZC_BITS);
             let copied = res & NOTIF_USAGE_ZC_COPIED != 0;
             u.sock.zc_completed(
                 Completion {
@@ -428,6 +433,8 @@ impl UringLoop {
                 tx,
                 comm,
                 receives,
+                sock,
+                counters,
             } => {
                 // io_uring honours O_NONBLOCK by failing with EAGAIN; blocking sockets let it wait for readiness.
                 let dead = stream
@@ -453,6 +460,8 @@ impl UringLoop {
                             receives,
                             dead,
                             &self.counters,
+                            sock,
+                            counters,
                         ),
                         tx_msg: empty_msg(),
                         tx_iov: [libc::iovec {
@@ -471,7 +480,6 @@ impl UringLoop {
                     }),
                 );
             }
-            Cmd::Send { id, job } => route(job, self.socks.get_mut(&id).map(|u| &mut u.sock)),
             Cmd::Kick => {}
             Cmd::Close { id } => self.close(id),
             Cmd::Shutdown => {
