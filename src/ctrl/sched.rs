@@ -2,19 +2,29 @@
 //!
 //! Work-conserving: a socket asks for its next chunk when it can take one
 //! (the kernel has room under its TCP_NOTSENT_LOWAT), so a fast socket
-//! carries more than a slow one. Each chunk has a home socket (dealt in
-//! turn, as static striping would), so sockets that keep up share the
-//! work evenly (and so do the receiver's threads behind them); a socket
-//! takes another's chunk only when that one is dead or further behind than
-//! itself by two chunks. Oldest message first, re-sends before fresh
-//! chunks. Each socket reports how far the peer's
-//! TCP acknowledged its byte stream; that tells which of its chunks are
-//! still on the way, which of them an idle socket may copy (the tail of a
-//! message stuck behind a slow socket), and when a socket stalls: bytes
-//! outstanding, no acknowledgement for the stall timeout while another
-//! socket of the comm advances. A stalled or failed socket is retired:
-//! its chunks on the way are queued again, and the receiver's answer to
-//! the retirement (which chunks are in place) queues the rest it lacks.
+//! carries more than a slow one. Each socket reports how far the peer's
+//! TCP acknowledged its byte stream; from that the scheduler learns each
+//! socket's delivery rate (while it has bytes outstanding) and which of
+//! its chunks are still on the way.
+//!
+//! When a message starts, its chunks are dealt to home sockets in
+//! proportion to their rates (smooth weighted round robin, so equal
+//! sockets alternate as static striping would, and the receiver's threads
+//! share the work); a message is then due on every socket at about the
+//! same time. A socket takes its own chunks, oldest message first; with
+//! none left it takes the last chunk of a socket that would finish much
+//! later than itself (a dead one first), so misjudged rates cost little. Last,
+//! it copies a chunk that another socket holds and has not begun to
+//! deliver, if it would deliver it in under half the time (a message's
+//! tail behind a slow path's backlog); the receiver keeps the first copy
+//! and the slow socket skips its own if the message is in place before it
+//! begins.
+//!
+//! A socket stalls when it has bytes outstanding and no acknowledgement for
+//! the stall timeout while another socket advances. A stalled or failed
+//! socket is retired: its chunks on the way are queued again, and the
+//! receiver's answer to the retirement (which chunks are in place) queues
+//! the rest it lacks.
 
 use std::collections::{HashSet, VecDeque};
 use std::time::{Duration, Instant};
@@ -53,6 +63,23 @@ pub(crate) struct Retired {
     pub requeued: usize,
 }
 
+/// A socket expected to take longer than this to deliver a chunk is
+/// slow enough for an idle one to consider taking or copying its chunks:
+/// those are woken when it takes one.
+const SLOW: Duration = Duration::from_millis(2);
+
+/// A chunk is copied only if its socket would take longer than this to
+/// deliver it: a copy costs the receiver a wait when both copies arrive
+/// together, so paths that keep up (a chunk in well under a millisecond)
+/// never copy each other.
+const COPY_LATER: Duration = Duration::from_millis(5);
+
+/// Sockets within this fraction of the best rate get chunks evenly.
+const EVEN: f64 = 0.7;
+
+/// Shortest interval a rate is measured over.
+const RATE_WINDOW: Duration = Duration::from_millis(1);
+
 struct TxState<M> {
     seq: u64,
     m: M,
@@ -60,19 +87,27 @@ struct TxState<M> {
     chunk_size: u64,
     /// Chunks that went out at least once (one bit each).
     taken: Vec<u64>,
-    /// Chunks not taken yet.
-    fresh: u64,
-    /// Home sockets in turn (the live ones at the start): chunk `k`'s home
-    /// is `homes[(base + k) % homes.len()]`.
-    homes: Vec<usize>,
-    base: u64,
-    /// Per home: its lowest chunk maybe not taken yet.
-    next_home: Vec<u64>,
+    /// Per socket: its home chunks in order, and how many it (or a thief
+    /// from its end) took from the front and the back.
+    homes: Vec<Homes>,
     again: VecDeque<u64>,
     /// Chunks copied by an idle socket (one copy each at most).
     copied: HashSet<u64>,
     /// Copies allowed (no per-thread staging behind the message's memory).
     copyable: bool,
+}
+
+#[derive(Default)]
+struct Homes {
+    chunks: Vec<u32>,
+    front: usize,
+    back: usize,
+}
+
+impl Homes {
+    fn left(&self) -> usize {
+        self.back - self.front
+    }
 }
 
 impl<M> TxState<M> {
@@ -90,19 +125,6 @@ impl<M> TxState<M> {
 
     fn take(&mut self, k: u64) {
         self.taken[(k / 64) as usize] |= 1 << (k % 64);
-        self.fresh -= 1;
-    }
-
-    /// Home `p`'s lowest chunk not taken yet.
-    fn next_of(&mut self, p: usize) -> Option<u64> {
-        let stride = self.homes.len() as u64;
-        let n = self.n_chunks();
-        let mut k = self.next_home[p];
-        while k < n && self.was_taken(k) {
-            k += stride;
-        }
-        self.next_home[p] = k;
-        (k < n).then_some(k)
     }
 
     fn queue_again(&mut self, k: u64) -> bool {
@@ -114,9 +136,6 @@ impl<M> TxState<M> {
     }
 }
 
-/// How far behind another socket must be for one to take its chunks.
-const STEAL_MARGIN_CHUNKS: u64 = 2;
-
 /// A chunk on the way on a socket: its place in the socket's byte stream.
 #[derive(Debug, Clone, Copy)]
 struct Out {
@@ -124,20 +143,14 @@ struct Out {
     k: u64,
     start: u64,
     end: u64,
-    /// When the socket took it.
-    at: Instant,
 }
-
-/// How long a chunk may wait, not begun to arrive, before an idle socket
-/// copies it: far longer than a chunk takes on a path that keeps up (well
-/// under a millisecond at 10 Gbit/s), far shorter than a slow path's
-/// backlog (megabytes at 1 Gbit/s are tens of milliseconds).
-const COPY_AFTER: Duration = Duration::from_millis(5);
 
 #[derive(Debug)]
 struct Slot {
     live: bool,
     gen: u32,
+    /// Its NIC: a copy on a socket of the same NIC competes with the first.
+    nic: usize,
     /// The socket's stream end (written plus queued), as it last said.
     end: u64,
     /// Stream bytes the peer acknowledged, as last sampled.
@@ -147,23 +160,37 @@ struct Slot {
     since: Instant,
     /// When `acked` last advanced.
     advanced: Option<Instant>,
+    /// Delivery rate (bytes/s) measured while busy; `None` until known.
+    rate: Option<f64>,
+    /// Start of the busy interval being measured: (time, acked).
+    mark: Option<(Instant, u64)>,
+    /// Weight of the smooth weighted round robin that deals chunks.
+    deal: f64,
 }
 
 impl Slot {
-    fn fresh(gen: u32, now: Instant) -> Self {
+    fn fresh(gen: u32, nic: usize, now: Instant) -> Self {
         Slot {
             live: true,
             gen,
+            nic,
             end: 0,
             acked: 0,
             out: VecDeque::new(),
             since: now,
             advanced: None,
+            rate: None,
+            mark: None,
+            deal: 0.0,
         }
     }
 
     fn busy(&self) -> bool {
         self.acked < self.end
+    }
+
+    fn backlog(&self) -> u64 {
+        self.end - self.acked
     }
 
     /// The socket's stream end and acknowledged bytes, at `now`.
@@ -175,6 +202,21 @@ impl Slot {
             self.advanced = Some(now);
         }
         self.end = end.max(self.acked);
+        // A rate counts only time the socket had bytes outstanding: one that
+        // went idle meanwhile (when, is unknown) gives no sample.
+        match self.mark {
+            Some(_) if !self.busy() => self.mark = None,
+            Some((t, a)) => {
+                let dt = now.saturating_duration_since(t);
+                if dt >= RATE_WINDOW {
+                    let r = (self.acked - a) as f64 / dt.as_secs_f64();
+                    self.rate = Some(self.rate.map_or(r, |old| 0.75 * old + 0.25 * r));
+                    self.mark = Some((now, self.acked));
+                }
+            }
+            None if self.busy() => self.mark = Some((now, self.acked)),
+            None => {}
+        }
         if !was_busy && self.busy() {
             self.since = now;
         }
@@ -190,20 +232,50 @@ pub(crate) struct Sched<M> {
     slots: Vec<Slot>,
     stall: Option<Duration>,
     retired: Vec<Retired>,
-    /// Where the next message's chunks start being dealt.
-    cursor: u64,
+    /// Sockets that asked and got nothing since: woken when work comes.
+    hungry: Vec<bool>,
+    /// Hungry sockets that work came for, for the comm to wake.
+    woken: Vec<usize>,
 }
 
 impl<M: Clone> Sched<M> {
-    /// `n` sockets, all live, of generation 0; `stall`: `None` never
-    /// retires a socket for stalling.
-    pub fn new(n: usize, stall: Option<Duration>, now: Instant) -> Self {
+    /// One socket per entry of `nics` (its NIC), all live, of generation
+    /// 0; `stall`: `None` never retires a socket for stalling.
+    pub fn new(nics: &[usize], stall: Option<Duration>, now: Instant) -> Self {
         Sched {
             msgs: VecDeque::new(),
-            slots: (0..n).map(|_| Slot::fresh(0, now)).collect(),
+            slots: nics.iter().map(|&nic| Slot::fresh(0, nic, now)).collect(),
             stall,
             retired: Vec::new(),
-            cursor: 0,
+            // Sockets begin waiting for work.
+            hungry: vec![true; nics.len()],
+            woken: Vec::new(),
+        }
+    }
+
+    /// A socket's rate, or the best known (an unmeasured socket is
+    /// assumed as good as the best: it is measured once it carries some).
+    /// `None` while no socket's rate is known: then none is taken for
+    /// slow, and chunks are dealt evenly.
+    fn rate(&self, i: usize) -> Option<f64> {
+        let best = self.slots.iter().filter_map(|s| s.rate).fold(0.0, f64::max);
+        match self.slots[i].rate {
+            Some(r) if r > 0.0 => Some(r),
+            _ if best > 0.0 => Some(best),
+            _ => None,
+        }
+    }
+
+    /// A socket's share of dealt chunks: its rate, if below `EVEN` of the
+    /// best; else even with the best (rates of sockets that keep up vary
+    /// with load, and dealing should not follow that noise).
+    fn weight(&self, i: usize) -> f64 {
+        let best = (0..self.slots.len())
+            .filter_map(|j| self.slots[j].rate)
+            .fold(0.0, f64::max);
+        match self.slots[i].rate {
+            Some(r) if r < EVEN * best => r / best,
+            _ => 1.0,
         }
     }
 
@@ -212,25 +284,43 @@ impl<M: Clone> Sched<M> {
     pub fn start(&mut self, seq: u64, m: M, size: u64, chunk_size: u64, copyable: bool) {
         let chunk_size = chunk_size.max(1);
         let n = size.div_ceil(chunk_size);
-        let mut homes: Vec<usize> = (0..self.slots.len())
+        let live: Vec<usize> = (0..self.slots.len())
             .filter(|&i| self.slots[i].live)
             .collect();
-        if homes.is_empty() {
-            homes.push(0);
+        let weights: Vec<f64> = live.iter().map(|&i| self.weight(i)).collect();
+        let total: f64 = weights.iter().sum();
+        let mut homes: Vec<Homes> = (0..self.slots.len()).map(|_| Homes::default()).collect();
+        for k in 0..n {
+            // Smooth weighted round robin: each socket gains its weight, the
+            // most ahead takes the chunk and pays the total.
+            let mut best = None;
+            for (j, &i) in live.iter().enumerate() {
+                let s = &mut self.slots[i];
+                s.deal += weights[j];
+                if best.is_none_or(|(b, _)| s.deal > b) {
+                    best = Some((s.deal, i));
+                }
+            }
+            let Some((_, i)) = best else { break };
+            self.slots[i].deal -= total;
+            homes[i].chunks.push(k as u32);
         }
-        let h = homes.len() as u64;
-        let base = self.cursor % h;
-        self.cursor = (self.cursor + n) % h;
+        for h in &mut homes {
+            h.back = h.chunks.len();
+        }
+        let has_home: Vec<bool> = homes.iter().map(|h| !h.chunks.is_empty()).collect();
+        let slow = (0..self.slots.len()).any(|j| {
+            has_home[j]
+                && self.eta(j, homes[j].chunks.len() as u64 * chunk_size) > SLOW.as_secs_f64()
+        });
+        self.wake(|i| has_home[i] || slow);
         self.msgs.push_back(TxState {
             seq,
             m,
             size,
             chunk_size,
             taken: vec![0; n.div_ceil(64) as usize],
-            fresh: n,
-            next_home: (0..h).map(|p| (p + h - base) % h).collect(),
             homes,
-            base,
             again: VecDeque::new(),
             copied: HashSet::new(),
             copyable,
@@ -265,6 +355,28 @@ impl<M: Clone> Sched<M> {
         self.slots.get(index).map(|s| s.gen)
     }
 
+    /// Hungry sockets for which `which` says work came: marked to wake.
+    fn wake(&mut self, which: impl Fn(usize) -> bool) {
+        for i in 0..self.slots.len() {
+            if self.hungry[i] && self.slots[i].live && which(i) {
+                self.hungry[i] = false;
+                self.woken.push(i);
+            }
+        }
+    }
+
+    /// Sockets that asked, found nothing, and may find something now: the
+    /// comm wakes them.
+    pub fn take_woken(&mut self) -> Vec<usize> {
+        std::mem::take(&mut self.woken)
+    }
+
+    /// How long socket `i` would take to deliver `bytes` more.
+    fn eta(&self, i: usize, bytes: u64) -> f64 {
+        self.rate(i)
+            .map_or(0.0, |r| (self.slots[i].backlog() + bytes) as f64 / r)
+    }
+
     /// What socket `index` (of `gen`) sends next; its stream ends at
     /// `end` and the peer acknowledged `acked` bytes of it. `None`: nothing
     /// (or the socket was retired).
@@ -280,10 +392,11 @@ impl<M: Clone> Sched<M> {
             return None;
         }
         self.slots[index].note(acked, end, now);
-        let (a, len) = match self.next_chunk(index) {
-            Some(x) => x,
-            None => self.copy_for(index, now)?,
+        let Some((a, len)) = self.next_chunk(index, now) else {
+            self.hungry[index] = true;
+            return None;
         };
+        self.hungry[index] = false;
         let s = &mut self.slots[index];
         let start = s.end;
         let stop = start + CHUNK_LEN as u64 + len;
@@ -292,44 +405,105 @@ impl<M: Clone> Sched<M> {
             k: a.k,
             start,
             end: stop,
-            at: now,
         });
         s.note(s.acked, stop, now);
+        // A slow socket took it: sockets of other NICs with nothing to do
+        // look whether they should take over or copy.
+        if self.eta(index, 0) > SLOW.as_secs_f64() {
+            let nic = self.slots[index].nic;
+            let nics: Vec<usize> = self.slots.iter().map(|s| s.nic).collect();
+            self.wake(|i| nics[i] != nic);
+        }
         Some(a)
     }
 
-    /// For socket `index`, the oldest message's first re-send, else its
-    /// own next chunk, else the next chunk of a socket that is gone or
-    /// behind it (the one furthest behind).
-    fn next_chunk(&mut self, index: usize) -> Option<(Assign<M>, u64)> {
+    /// For socket `index`, oldest message first: a re-send; else its own
+    /// next chunk; else the last chunk of the socket that would finish its
+    /// own latest, if in over twice the time this one would and over
+    /// `SLOW` (a gone socket's first);
+    /// else a copy of a chunk a socket of another NIC at under half this
+    /// one's rate holds, not begun to arrive, that this one would deliver
+    /// in under half the time, if that socket would take over `COPY_LATER`
+    /// (or that a stalled-looking socket holds).
+    fn next_chunk(&mut self, index: usize, now: Instant) -> Option<(Assign<M>, u64)> {
+        // Without rates, times are unknown: no socket counts as slow.
+        let rates: Vec<f64> = (0..self.slots.len())
+            .map(|i| self.rate(i).unwrap_or(f64::INFINITY))
+            .collect();
+        let half = self.stall.map(|s| s / 2);
         let Sched { msgs, slots, .. } = self;
-        let backlog = |i: usize| slots[i].live.then(|| slots[i].end - slots[i].acked);
-        let mine = backlog(index).unwrap_or(0);
         for t in msgs.iter_mut() {
+            let c = t.chunk_size as f64;
+            let mine = (slots[index].backlog() as f64 + c) / rates[index];
             let mut pick = t.again.pop_front().map(|k| (k, true));
-            if pick.is_none() && t.fresh > 0 {
-                let own = t.homes.iter().position(|&h| h == index);
-                pick = own.and_then(|p| t.next_of(p)).map(|k| (k, false));
-                if pick.is_none() {
-                    let margin = STEAL_MARGIN_CHUNKS * t.chunk_size;
-                    let mut best: Option<(u64, usize)> = None;
-                    for p in 0..t.homes.len() {
-                        let behind = match backlog(t.homes[p]) {
-                            None => u64::MAX,
-                            Some(b) if b > mine + margin => b,
-                            Some(_) => continue,
+            if pick.is_none() {
+                let own = &mut t.homes[index];
+                if own.left() > 0 {
+                    own.front += 1;
+                    pick = Some((own.chunks[own.front - 1] as u64, false));
+                }
+            }
+            if pick.is_none() {
+                let mut best: Option<(f64, usize)> = None;
+                for (j, h) in t.homes.iter().enumerate() {
+                    if h.left() == 0 || j == index {
+                        continue;
+                    }
+                    let finish = if slots[j].live {
+                        (slots[j].backlog() as f64 + h.left() as f64 * c) / rates[j]
+                    } else {
+                        f64::INFINITY
+                    };
+                    // Sockets that keep up leave each other's chunks alone:
+                    // their receiving threads share the work that way.
+                    let worth = finish > 2.0 * mine && finish > SLOW.as_secs_f64();
+                    if worth && best.is_none_or(|(b, _)| finish > b) {
+                        best = Some((finish, j));
+                    }
+                }
+                if let Some((_, j)) = best {
+                    let h = &mut t.homes[j];
+                    h.back -= 1;
+                    pick = Some((h.chunks[h.back] as u64, false));
+                }
+            }
+            if pick.is_none() && t.copyable {
+                let mut best: Option<(f64, u64)> = None;
+                for (j, s) in slots.iter().enumerate() {
+                    if j == index || !s.live {
+                        continue;
+                    }
+                    let stuck = half.is_some_and(|h| now.saturating_duration_since(s.since) >= h);
+                    let other_nic = s.nic != slots[index].nic;
+                    for o in s
+                        .out
+                        .iter()
+                        .filter(|o| o.seq == t.seq && !t.copied.contains(&o.k))
+                    {
+                        let left = if stuck {
+                            f64::INFINITY
+                        } else if other_nic && o.start >= s.acked {
+                            (o.end - s.acked) as f64 / rates[j]
+                        } else {
+                            continue;
                         };
-                        if t.next_of(p).is_some() && best.is_none_or(|(b, _)| behind > b) {
-                            best = Some((behind, p));
+                        // A clearly slower path, a chunk long to come.
+                        let slower = stuck || 2.0 * rates[j] < rates[index];
+                        let worth = slower && left > 2.0 * mine && left > COPY_LATER.as_secs_f64();
+                        if worth && best.is_none_or(|(b, _)| left > b) {
+                            best = Some((left, o.k));
                         }
                     }
-                    pick = best.and_then(|(_, p)| t.next_of(p)).map(|k| (k, false));
                 }
-                if let Some((k, _)) = pick {
-                    t.take(k);
+                if let Some((_, k)) = best {
+                    t.copied.insert(k);
+                    pick = Some((k, true));
                 }
             }
             if let Some((k, again)) = pick {
+                if !again {
+                    t.take(k);
+                }
                 let len = t.len(k);
                 return Some((
                     Assign {
@@ -345,49 +519,12 @@ impl<M: Clone> Sched<M> {
         None
     }
 
-    /// For an idle socket: a copy of a chunk on the way on another socket
-    /// that has not begun to arrive `COPY_AFTER` after it was taken, or on
-    /// a socket that looks stalled; from the socket with the most bytes
-    /// outstanding, the last it has.
-    fn copy_for(&mut self, index: usize, now: Instant) -> Option<(Assign<M>, u64)> {
-        if self.slots[index].busy() {
-            return None;
+    /// What socket `index` (of `gen`) last published about its stream
+    /// (as `pull`'s arguments), so choices see every socket as it is now.
+    pub fn view(&mut self, index: usize, gen: u32, acked: u64, end: u64, now: Instant) {
+        if self.is_live(index, gen) {
+            self.slots[index].note(acked, end, now);
         }
-        let half = self.stall.map(|s| s / 2);
-        for t in self.msgs.iter_mut().filter(|t| t.copyable) {
-            let mut best: Option<(u64, u64)> = None; // (backlog, k)
-            for (j, s) in self.slots.iter().enumerate() {
-                if j == index || !s.live {
-                    continue;
-                }
-                let stuck = half.is_some_and(|h| now.saturating_duration_since(s.since) >= h);
-                let pick = s.out.iter().rev().find(|o| {
-                    let waits =
-                        o.start >= s.acked && now.saturating_duration_since(o.at) >= COPY_AFTER;
-                    o.seq == t.seq && !t.copied.contains(&o.k) && (waits || stuck)
-                });
-                if let Some(o) = pick {
-                    let backlog = s.end - s.acked;
-                    if best.is_none_or(|(b, _)| backlog > b) {
-                        best = Some((backlog, o.k));
-                    }
-                }
-            }
-            if let Some((_, k)) = best {
-                t.copied.insert(k);
-                let len = t.len(k);
-                return Some((
-                    Assign {
-                        m: t.m.clone(),
-                        seq: t.seq,
-                        k,
-                        again: true,
-                    },
-                    len,
-                ));
-            }
-        }
-        None
     }
 
     /// A socket's periodic report (see `pull`); then retires sockets that
@@ -437,6 +574,7 @@ impl<M: Clone> Sched<M> {
             why,
             requeued,
         });
+        self.wake(|_| true);
         true
     }
 
@@ -475,13 +613,17 @@ impl<M: Clone> Sched<M> {
                 }
             }
         }
+        if n > 0 {
+            self.wake(|_| true);
+        }
         n
     }
 
     /// Socket `index` is back (reconnected) as `gen`: a fresh stream.
     pub fn revive(&mut self, index: usize, gen: u32, now: Instant) {
         if let Some(s) = self.slots.get_mut(index) {
-            *s = Slot::fresh(gen, now);
+            *s = Slot::fresh(gen, s.nic, now);
+            self.hungry[index] = true;
         }
     }
 
@@ -533,7 +675,7 @@ mod tests {
     #[test]
     fn sockets_that_keep_up_share_chunks_in_turn_across_messages() {
         let t0 = Instant::now();
-        let mut s = Sched::new(2, None, t0);
+        let mut s = Sched::new(&[0, 1], None, t0);
         s.start(0, 10, 3 * 4096, 4096, true);
         s.start(1, 11, 3 * 4096, 4096, true);
         let mut k = [Sock::default(); 2];
@@ -568,14 +710,19 @@ mod tests {
     #[test]
     fn a_socket_that_falls_behind_gives_its_chunks_to_one_that_keeps_up() {
         let t0 = Instant::now();
-        let mut s = Sched::new(2, None, t0);
+        let mut s = Sched::new(&[0, 1], None, t0);
         s.start(0, 0, 8 * 4096, 4096, true);
         let mut k = [Sock::default(); 2];
         assert_eq!(pull(&mut s, &mut k, 0, t0), Some((0, 0, false)));
         assert_eq!(pull(&mut s, &mut k, 0, t0), Some((0, 2, false)));
-        // Socket 0 holds two chunks nobody acknowledged yet, socket 1 one:
-        // not two chunks behind it.
+        // Socket 0 holds two chunks nobody acknowledged yet; socket 1
+        // carries its own first, a hundred times faster.
         assert_eq!(pull(&mut s, &mut k, 1, t0), Some((0, 1, false)));
+        let t1 = t0 + 10 * MS;
+        k[0].acked = 40;
+        s.sample(0, 0, k[0].acked, k[0].end, t1);
+        k[1].acked = k[1].end - 1;
+        s.sample(1, 0, k[1].acked, k[1].end, t1);
         k[1].acked = k[1].end;
         assert_eq!(pull(&mut s, &mut k, 1, t0), Some((0, 3, false)));
         k[1].acked = k[1].end;
@@ -583,13 +730,13 @@ mod tests {
         k[1].acked = k[1].end;
         assert_eq!(pull(&mut s, &mut k, 1, t0), Some((0, 7, false)));
         k[1].acked = k[1].end;
-        // Now socket 1 has carried all of its own and socket 0 is behind:
-        // socket 1 takes socket 0's next ones.
-        assert_eq!(pull(&mut s, &mut k, 1, t0), Some((0, 4, false)));
-        k[1].acked = k[1].end;
+        // Now socket 1 has carried all of its own and socket 0 would
+        // finish later: socket 1 takes socket 0's last ones.
         assert_eq!(pull(&mut s, &mut k, 1, t0), Some((0, 6, false)));
+        k[1].acked = k[1].end;
+        assert_eq!(pull(&mut s, &mut k, 1, t0), Some((0, 4, false)));
         assert_eq!(pull(&mut s, &mut k, 0, t0), None, "nothing left");
-        // A socket that is gone needs no margin: its chunks go to anyone.
+        // A socket that is gone, busy or not, leaves its chunks to anyone.
         s.acked(0);
         s.start(1, 1, 4 * 4096, 4096, true);
         s.retire(0, 0, Why::Failed(Error::Closed));
@@ -600,10 +747,41 @@ mod tests {
     }
 
     #[test]
+    fn chunks_are_dealt_in_proportion_to_measured_rates() {
+        let t0 = Instant::now();
+        let mut s = Sched::new(&[0, 1], None, t0);
+        s.start(0, 0, 2 * 4096, 4096, true);
+        let mut k = [Sock::default(); 2];
+        pull(&mut s, &mut k, 0, t0);
+        pull(&mut s, &mut k, 1, t0);
+        // In 2 ms socket 0 delivered its chunk (but a byte), socket 1 a
+        // tenth of it.
+        k[0].acked = k[0].end - 1;
+        k[1].acked = k[1].end / 10;
+        s.sample(0, 0, k[0].acked, k[0].end, t0 + 2 * MS);
+        s.sample(1, 0, k[1].acked, k[1].end, t0 + 2 * MS);
+        s.acked(0);
+        s.start(1, 1, 110 * 4096, 4096, true);
+        let homes: Vec<usize> = s.msgs[0].homes.iter().map(|h| h.chunks.len()).collect();
+        assert_eq!(homes, vec![100, 10]);
+        // Equal sockets alternate, whatever the message size.
+        let mut e = Sched::new(&[0, 1, 2], None, t0);
+        for seq in 0..3 {
+            e.start(seq, 0, 4096, 4096, true);
+        }
+        let first: Vec<usize> = e
+            .msgs
+            .iter()
+            .map(|t| t.homes.iter().position(|h| !h.chunks.is_empty()).unwrap())
+            .collect();
+        assert_eq!(first, vec![0, 1, 2]);
+    }
+
+    #[test]
     fn a_stalled_socket_is_retired_once_another_advances_and_its_chunks_go_again() {
         let t0 = Instant::now();
         let stall = Some(1000 * MS);
-        let mut s = Sched::new(2, stall, t0);
+        let mut s = Sched::new(&[0, 1], stall, t0);
         s.start(0, 0, 4 * 4096, 4096, true);
         let mut k = [Sock::default(); 2];
         for i in [0, 0, 1] {
@@ -646,7 +824,7 @@ mod tests {
     #[test]
     fn no_stall_timeout_never_retires_and_failures_do() {
         let t0 = Instant::now();
-        let mut s = Sched::new(2, None, t0);
+        let mut s = Sched::new(&[0, 1], None, t0);
         s.start(0, 0, 2 * 4096, 4096, true);
         let mut k = [Sock::default(); 2];
         pull(&mut s, &mut k, 0, t0);
@@ -668,7 +846,7 @@ mod tests {
     #[test]
     fn the_receivers_report_queues_what_is_neither_in_place_nor_on_the_way() {
         let t0 = Instant::now();
-        let mut s = Sched::new(3, None, t0);
+        let mut s = Sched::new(&[0, 1, 2], None, t0);
         s.start(7, 0, 20 * 4096, 4096, true);
         let mut k = [Sock::default(); 3];
         // Socket 0's chunks 0, 3, .. 15 (all acknowledged by TCP); 1 on
@@ -694,54 +872,58 @@ mod tests {
     }
 
     #[test]
-    fn an_idle_socket_copies_the_tail_stuck_on_a_busy_one_once() {
+    fn a_chunk_stuck_behind_a_slow_socket_is_copied_once_by_a_faster_one() {
         let t0 = Instant::now();
-        let mut s = Sched::new(3, Some(1000 * MS), t0);
-        // Socket 2 is out while the messages start: they are dealt to 0 and 1.
-        s.retire(2, 0, Why::Stalled);
-        s.take_retired();
-        s.start(0, 0, 4 * 4096, 4096, true);
+        let mut s = Sched::new(&[0, 1, 2], Some(1000 * MS), t0);
+        s.start(0, 0, 6 * 4096, 4096, true);
         s.start(1, 1, 4096, 4096, false);
-        s.revive(2, 1, t0);
         let mut k = [Sock::default(); 3];
-        for i in [0, 0, 1, 1, 0] {
+        // Dealt in turn: socket 0 has chunks 0 and 3 of message 0 and
+        // message 1's, socket 1 has 1 and 4, socket 2 has 2 and 5.
+        for i in [0, 0, 0, 1, 1, 2, 2] {
             pull(&mut s, &mut k, i, t0);
         }
-        // Socket 1 delivered; socket 0 has chunk 0 arriving, 2 not begun.
-        k[1].acked = k[1].end;
+        // Sockets 1 and 2 delivered theirs (but a byte) in 2 ms.
+        let t1 = t0 + 2 * MS;
+        for i in 1..3 {
+            k[i].acked = k[i].end - 1;
+            s.sample(i, 0, k[i].acked, k[i].end, t1);
+        }
+        // Socket 0 is slow: chunk 0 has only begun to arrive, 3 not at all.
         k[0].acked = 100;
-        s.sample(0, 0, k[0].acked, k[0].end, t0);
+        s.sample(0, 0, k[0].acked, k[0].end, t1);
         assert_eq!(
-            pull(&mut s, &mut k, 1, t0 + MS),
-            None,
-            "no copy of what is only just on its way"
-        );
-        assert_eq!(
-            pull(&mut s, &mut k, 1, t0 + COPY_AFTER),
-            Some((0, 2, true)),
+            pull(&mut s, &mut k, 1, t1),
+            Some((0, 3, true)),
             "the one not begun"
         );
         assert_eq!(
-            pull_gen(&mut s, &mut k, 2, 1, t0 + COPY_AFTER),
+            pull(&mut s, &mut k, 2, t1),
             None,
-            "each copied once, and chunk 0 began arriving"
+            "once, the begun one is left to finish, and message 1 is not copied"
         );
         // Half the stall timeout without progress: the begun one too.
-        assert_eq!(
-            pull_gen(&mut s, &mut k, 2, 1, t0 + 600 * MS),
-            Some((0, 0, true))
-        );
-        // Message 1 (no copies) is on socket 0 only: never copied.
-        k[2].acked = k[2].end;
+        let t2 = t1 + 600 * MS;
         k[1].acked = k[1].end;
-        assert_eq!(pull_gen(&mut s, &mut k, 2, 1, t0 + 600 * MS), None);
-        assert_eq!(pull(&mut s, &mut k, 1, t0 + 600 * MS), None);
+        s.sample(1, 0, k[1].acked, k[1].end, t2);
+        k[2].acked = k[2].end;
+        assert_eq!(pull(&mut s, &mut k, 2, t2), Some((0, 0, true)));
+        k[2].acked = k[2].end;
+        assert_eq!(pull(&mut s, &mut k, 2, t2), None);
+        // Sockets that keep up do not copy each other.
+        let mut e = Sched::new(&[0, 1], None, t0);
+        e.start(0, 0, 2 * 4096, 4096, true);
+        let mut k = [Sock::default(); 2];
+        pull(&mut e, &mut k, 0, t0);
+        assert_eq!(pull(&mut e, &mut k, 1, t0), Some((0, 1, false)));
+        k[1].acked = k[1].end;
+        assert_eq!(pull(&mut e, &mut k, 1, t0), None);
     }
 
     #[test]
     fn a_revived_socket_starts_a_fresh_stream() {
         let t0 = Instant::now();
-        let mut s = Sched::new(2, Some(1000 * MS), t0);
+        let mut s = Sched::new(&[0, 1], Some(1000 * MS), t0);
         s.start(0, 0, 8 * 4096, 4096, true);
         let mut k = [Sock::default(); 2];
         pull(&mut s, &mut k, 0, t0);
@@ -863,7 +1045,7 @@ mod tests {
             let n = 4;
             let sizes = [5usize, 1, 9, 3];
             let mut w = World {
-                s: Sched::new(n, Some(500 * MS), t0),
+                s: Sched::new(&[0, 1, 0, 1], Some(500 * MS), t0),
                 placed: sizes.iter().map(|&c| vec![false; c]).collect(),
                 acked: vec![false; sizes.len()],
                 pipes: vec![VecDeque::new(); n],
