@@ -20,6 +20,9 @@ use crate::stats::Counters;
 use crate::zerocopy;
 
 const WAKE_ID: u64 = u64::MAX;
+/// Bytes one socket may move per pass over the worker's sockets: a busy
+/// socket must not starve the others (their chunks hold up messages too).
+const PASS_BUDGET: usize = 1 << 20;
 const WATCH_ID: u64 = u64::MAX - 1;
 
 pub(super) struct EpollLoop {
@@ -206,10 +209,12 @@ impl EpollLoop {
     }
 }
 
-/// Sends until the socket would block or has nothing to send. True if bytes moved.
+/// Sends until the socket would block, has nothing to send or spent its
+/// budget for this pass. True if bytes moved.
 fn send_ready(s: &mut Sock, counters: &Counters) -> bool {
     let mut moved = false;
-    while s.writable {
+    let mut budget = PASS_BUDGET;
+    while s.writable && budget > 0 {
         let Some(plan) = s.tx_plan() else { break };
         // SAFETY: the plan's pieces are valid for reading while their job holds its region
         // (TxPath contract) and the socket's header cursor is not touched until tx_done.
@@ -250,6 +255,7 @@ fn send_ready(s: &mut Sock, counters: &Counters) -> bool {
         match sent {
             Ok(n) => {
                 moved = true;
+                budget = budget.saturating_sub(n);
                 s.tx_done(n, zc_id);
             }
             Err(Errno::EAGAIN) => s.writable = false,
@@ -260,10 +266,12 @@ fn send_ready(s: &mut Sock, counters: &Counters) -> bool {
     moved
 }
 
-/// Receives until the socket would block or no receive is posted. True if bytes moved.
+/// Receives until the socket would block, waits, or spent its budget for
+/// this pass. True if bytes moved.
 fn recv_ready(s: &mut Sock, scratch: &mut Vec<u8>) -> bool {
     let mut moved = false;
-    while s.readable {
+    let mut budget = PASS_BUDGET;
+    while s.readable && budget > 0 {
         let Some(plan) = s.rx_plan(scratch) else {
             break;
         };
@@ -279,6 +287,7 @@ fn recv_ready(s: &mut Sock, scratch: &mut Vec<u8>) -> bool {
         match nix::sys::uio::readv(&s.stream, &mut iov) {
             Ok(n) => {
                 moved = true;
+                budget = budget.saturating_sub(n.max(1));
                 s.rx_done(n);
             }
             Err(Errno::EAGAIN) => s.readable = false,
