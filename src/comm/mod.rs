@@ -207,6 +207,22 @@ impl CommBase {
         }
     }
 
+    /// Has the workers of sockets `which` look at them again.
+    fn kick_slots(&self, which: &[usize]) {
+        let slots = lock(&self.slots);
+        let mut seen = Vec::with_capacity(which.len());
+        for s in which
+            .iter()
+            .filter_map(|&i| slots.get(i))
+            .filter(|s| s.live)
+        {
+            if !seen.contains(&s.sock.worker) {
+                seen.push(s.sock.worker);
+                self.net.workers[s.sock.worker].submit(Cmd::Kick);
+            }
+        }
+    }
+
     /// Takes data socket `index` of `gen` out and closes it; its NIC, if
     /// it was in use.
     fn retire(&self, index: usize, gen: u32) -> Option<usize> {

@@ -403,10 +403,8 @@ impl RecvCore {
             link.kicks.fetch_add(1, Ordering::AcqRel);
             self.base.kick();
         }
-        // While chunks are due, a retirement from the sender is read at once.
-        let placing = !lock(&link.placements).is_empty();
         self.base.arm(
-            link.waiting.load(Ordering::SeqCst) || placing,
+            link.waiting.load(Ordering::SeqCst),
             !c.side.output().is_empty(),
         );
         self.base.set_due(c.side.due(now));

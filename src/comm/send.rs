@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::net::TcpStream;
 use std::sync::atomic::Ordering;
-use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::atomic::{AtomicU32, AtomicU64};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -70,22 +70,38 @@ impl std::fmt::Debug for SendComm {
     }
 }
 
+/// A data socket's stream as it last published it (`CommLink::publish`).
+#[derive(Default)]
+struct View {
+    gen: AtomicU32,
+    acked: AtomicU64,
+    end: AtomicU64,
+}
+
 /// The sending comm as its data sockets see it: the chunks they pull.
 struct SendLink {
     core: Weak<SendCore>,
     sched: Mutex<Sched<Arc<TxMsg>>>,
-    /// Messages in `sched`: sockets do not take its lock while none.
-    active: AtomicUsize,
     /// Bumped whenever the scheduler may have a chunk for a socket that
     /// found none (see `CommLink::epoch`).
     epoch: AtomicU64,
+    /// Per data socket: what it last published about its stream.
+    views: Vec<View>,
     /// The first failure a data socket reported that fails the comm.
     failure: Mutex<Option<Error>>,
 }
 
 impl SendLink {
-    fn news(&self) {
-        self.epoch.fetch_add(1, Ordering::AcqRel);
+    /// The scheduler may have work for sockets that found none: they ask
+    /// again (their workers are woken).
+    fn news(&self, s: &mut Sched<Arc<TxMsg>>) {
+        let woken = s.take_woken();
+        if !woken.is_empty() {
+            self.epoch.fetch_add(1, Ordering::AcqRel);
+            if let Some(core) = self.core.upgrade() {
+                core.base.kick_slots(&woken);
+            }
+        }
     }
 
     fn nudge(&self) {
@@ -102,20 +118,30 @@ impl CommLink for SendLink {
     }
 
     fn lost(&self, id: SockId, e: Error) {
-        let retired = lock(&self.sched).retire(id.index as usize, id.gen, Why::Failed(e));
-        if retired {
-            self.news();
+        let mut s = lock(&self.sched);
+        if s.retire(id.index as usize, id.gen, Why::Failed(e)) {
+            self.news(&mut s);
+            drop(s);
             self.nudge();
         }
     }
 
     fn pull(&self, id: SockId, acked: u64, end: u64, now: Instant) -> Option<TxChunk> {
-        if self.active.load(Ordering::Acquire) == 0 {
-            return None;
+        let mut s = lock(&self.sched);
+        for (j, v) in self.views.iter().enumerate() {
+            if j != id.index as usize {
+                let gen = v.gen.load(Ordering::Acquire);
+                s.view(
+                    j,
+                    gen,
+                    v.acked.load(Ordering::Acquire),
+                    v.end.load(Ordering::Acquire),
+                    now,
+                );
+            }
         }
-        let a = lock(&self.sched).pull(id.index as usize, id.gen, acked, end, now)?;
-        // Its backlog grew: others may take its chunks now.
-        self.news();
+        let a = s.pull(id.index as usize, id.gen, acked, end, now)?;
+        self.news(&mut s);
         Some(TxChunk::new(a.m, a.k, a.again))
     }
 
@@ -123,12 +149,20 @@ impl CommLink for SendLink {
         self.epoch.load(Ordering::Acquire)
     }
 
+    fn publish(&self, id: SockId, acked: u64, end: u64) {
+        if let Some(v) = self.views.get(id.index as usize) {
+            v.gen.store(id.gen, Ordering::Release);
+            v.acked.store(acked, Ordering::Release);
+            v.end.store(end, Ordering::Release);
+        }
+    }
+
     fn sample(&self, id: SockId, acked: u64, end: u64, now: Instant) {
         let mut s = lock(&self.sched);
         s.sample(id.index as usize, id.gen, acked, end, now);
         if s.has_retired() {
+            self.news(&mut s);
             drop(s);
-            self.news();
             self.nudge();
         }
     }
@@ -153,12 +187,13 @@ impl SendComm {
         let ctrl_fd = std::os::fd::AsRawFd::as_raw_fd(&ctrl);
         let watch = net.watch_ctrl(&ctrl, data.first().map_or(0, |d| d.0))?;
         let now = Instant::now();
+        let nics: Vec<usize> = data.iter().map(|d| d.0).collect();
         let core = Arc::new_cyclic(|me: &Weak<SendCore>| {
             let link = Arc::new(SendLink {
                 core: me.clone(),
-                sched: Mutex::new(Sched::new(data.len(), cfg.stall_timeout, now)),
-                active: AtomicUsize::new(0),
+                sched: Mutex::new(Sched::new(&nics, cfg.stall_timeout, now)),
                 epoch: AtomicU64::new(0),
+                views: (0..data.len()).map(|_| View::default()).collect(),
                 failure: Mutex::new(None),
             });
             let as_link: Arc<dyn CommLink> = link.clone();
@@ -395,7 +430,6 @@ impl SendCore {
                 p.state.fail(e.clone());
             }
             lock(&self.link.sched).clear();
-            self.link.active.store(0, Ordering::Release);
             self.base.close_data();
             return;
         }
@@ -430,13 +464,16 @@ impl SendCore {
                 Why::Stalled => "it stalled while others moved".to_string(),
                 Why::Failed(e) => format!("{e}"),
             };
-            tracing::warn!(
-                socket = r.index,
-                nic = %name,
+            let msg = format!(
                 "data socket {} on {name} taken out: {why}; {} chunks on their way go again, {live} socket(s) carry on",
-                r.index,
-                r.requeued
+                r.index, r.requeued
             );
+            // The peer closing a socket is its own doing (it closes a comm,
+            // or its process ended); a path that fails is news.
+            match &r.why {
+                Why::Failed(Error::ConnectionLost(_)) => tracing::info!(socket = r.index, "{msg}"),
+                _ => tracing::warn!(socket = r.index, "{msg}"),
+            }
             c.side.retire(r.index as u16, r.gen);
             last = Some(r.why);
         }
@@ -482,7 +519,6 @@ impl SendCore {
                     let done = lock(&self.link.sched).acked(seq);
                     if let Some(m) = done {
                         m.acked.store(true, Ordering::Release);
-                        self.link.active.fetch_sub(1, Ordering::AcqRel);
                     }
                 }
                 p.state.piece_done();
@@ -510,17 +546,17 @@ impl SendCore {
                     m.chunk_size,
                     p.state.clone(),
                 ));
-                lock(&self.link.sched).start(seq, msg, m.len, m.chunk_size, copyable);
-                self.link.active.fetch_add(1, Ordering::AcqRel);
-                self.link.news();
-                self.base.kick();
+                let mut s = lock(&self.link.sched);
+                s.start(seq, msg, m.len, m.chunk_size, copyable);
+                // Sockets with nothing to do are woken.
+                self.link.news(&mut s);
             }
             SendEvent::Placed(p) => {
-                let again = lock(&self.link.sched).placed(p.seq, p.first, &p.bits);
+                let mut s = lock(&self.link.sched);
+                let again = s.placed(p.seq, p.first, &p.bits);
                 if again > 0 {
+                    self.link.news(&mut s);
                     tracing::debug!(seq = p.seq, "{again} chunks the receiver lacks go again");
-                    self.link.news();
-                    self.base.kick();
                 }
             }
             SendEvent::Dial(d) => {

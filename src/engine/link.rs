@@ -52,6 +52,9 @@ pub(crate) trait CommLink: Send + Sync {
     }
     /// A sending socket's periodic report (as `pull`'s).
     fn sample(&self, _id: SockId, _acked: u64, _end: u64, _now: Instant) {}
+    /// A sending socket wrote: its stream as `pull` describes it, for the
+    /// comm to see when another socket asks (no lock taken).
+    fn publish(&self, _id: SockId, _acked: u64, _end: u64) {}
     /// Changes whenever a pull that found nothing might now find a chunk:
     /// an idle socket asks again only then (or at its next tick).
     fn epoch(&self) -> u64 {

@@ -59,8 +59,9 @@ struct RxCursor {
     hdr: [u8; CHUNK_LEN],
     hdr_done: usize,
     body: Option<Body>,
-    /// The header names a message the comm does not know yet; the comm's
-    /// kick count when the socket last asked for it.
+    /// The header names a message the comm does not know yet, or a chunk
+    /// another socket holds; the comm's kick count when the socket last
+    /// asked the comm to read its control socket.
     parked: Option<u64>,
 }
 
@@ -244,7 +245,8 @@ impl Sock {
 
     /// `n` bytes of the last plan went out; `zc_id` is the zero-copy id of that send.
     pub fn tx_done(&mut self, n: usize, zc_id: Option<u32>) {
-        self.tx.done(n, zc_id, &self.counters);
+        self.tx
+            .done(n, zc_id, &self.counters, &self.stream, &self.comm);
     }
 
     /// The periodic look (every worker tick): a sending socket tells its
@@ -288,8 +290,16 @@ impl Sock {
                         break None;
                     }
                     // Another socket receives this chunk: wait until it
-                    // finishes or lets go (the placement wakes us).
-                    Ok(Claim::Held) => return,
+                    // finishes or lets go (the placement wakes us). It may
+                    // hang on a dead path until the sender retires it: have
+                    // the control socket read.
+                    Ok(Claim::Held) => {
+                        if !asked {
+                            self.rx.parked = Some(kicks);
+                            self.comm.wait_for(c.seq);
+                        }
+                        return;
+                    }
                     Err(e) => return self.fail(e),
                 },
                 Lookup::Discard => {

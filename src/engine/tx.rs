@@ -306,7 +306,14 @@ impl TxSide {
     }
 
     /// `n` bytes of the last plan went out; `zc_id` is the zero-copy id of that send.
-    pub fn done(&mut self, n: usize, zc_id: Option<u32>, counters: &SockCounters) {
+    pub fn done(
+        &mut self,
+        n: usize,
+        zc_id: Option<u32>,
+        counters: &SockCounters,
+        stream: &TcpStream,
+        comm: &Arc<dyn CommLink>,
+    ) {
         self.written += n as u64;
         let Some(c) = self.queue.front_mut() else {
             return;
@@ -331,6 +338,8 @@ impl TxSide {
                 _ => drop(done),
             }
         }
+        // Once per chunk: what others' choices see of this socket.
+        comm.publish(self.id, self.acked(stream), self.end());
     }
 
     /// The periodic look: tells the comm how far the peer acknowledged,
