@@ -1,0 +1,284 @@
+//! Striping over NICs of unequal speed and losing one: between two network
+//! namespaces joined by one veth pair per data NIC (each its own /24, some
+//! rate-limited with `tc tbf`) and a control pair, made by the test
+//! (skipped, with the reason, where that is impossible: not root, no
+//! `ip` or `tc`).
+
+mod common;
+
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::lab::{self, Lab};
+use common::pattern;
+use tcpx::{Config, Error, Handle, HostMemory, MemoryRegion, Net, RecvBuf, RecvComm, SendComm};
+
+const T: Duration = Duration::from_secs(30);
+
+/// Runs `recv` on a receiver in the lab's receiving namespace and `send`
+/// on a sender in the sending one (this thread), over one comm.
+fn over<R: Send + 'static>(
+    lab: &Lab,
+    rx: Config,
+    tx: Config,
+    recv: impl FnOnce(&Net, RecvComm) -> R + Send + 'static,
+    send: impl FnOnce(&Net, SendComm),
+) -> R {
+    let (htx, hrx) = mpsc::channel();
+    let ns = lab.rx.clone();
+    let receiver = std::thread::spawn(move || {
+        Lab::enter(&ns);
+        let net = Net::init(rx).unwrap();
+        let (h, mut l) = net.listen(0).unwrap();
+        htx.send(h.to_bytes()).unwrap();
+        let comm = l.accept_wait(T).unwrap();
+        recv(&net, comm)
+    });
+    Lab::enter(&lab.tx);
+    let net = Net::init(tx).unwrap();
+    let mut h = Handle::from_bytes(&hrx.recv().unwrap()).unwrap();
+    let comm = net.connect_wait(0, &mut h, T).unwrap();
+    send(&net, comm);
+    receiver.join().unwrap()
+}
+
+fn filled(net: &Net, n: usize, seed: u64) -> MemoryRegion {
+    let mut m = HostMemory::zeroed(n).unwrap();
+    pattern(seed, &mut m);
+    net.reg_mr(m)
+}
+
+/// Receives `n` bytes (tag `tag`) and checks they are pattern `seed`.
+fn receive_exact(net: &Net, recv: &RecvComm, n: usize, tag: i32, seed: u64) -> tcpx::Result<()> {
+    let mut dst = net.reg_mr(HostMemory::zeroed(n).unwrap());
+    let mut r = recv
+        .irecv(&[RecvBuf {
+            mr: &dst,
+            offset: 0,
+            len: n,
+            tag,
+        }])?
+        .expect("slot");
+    let got = r.wait(T)?;
+    drop(r);
+    assert_eq!(got[0], n as u64);
+    let mut want = vec![0u8; n];
+    pattern(seed, &mut want);
+    assert!(dst.bytes().unwrap() == &want[..], "message {tag} differs");
+    Ok(())
+}
+
+fn sent_bytes(net: &Net) -> Vec<u64> {
+    net.nic_stats()
+        .iter()
+        .map(|n| n.counts.bytes_sent)
+        .collect()
+}
+
+const MSG: usize = 16 << 20;
+const MSGS: usize = 16;
+
+#[test]
+fn a_slow_nic_carries_what_it_can_and_the_fast_one_the_rest() {
+    if let Some(why) = lab::unavailable(true) {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let lab = Lab::new(2).expect("namespaces");
+    lab.rate(1, 1000);
+    let (tx, rx) = mpsc::channel();
+    let peer = Duration::from_secs(5);
+    let stall = Duration::from_millis(500);
+    over(
+        &lab,
+        lab.config(true, peer, stall),
+        lab.config(false, peer, stall),
+        |net, recv| {
+            for i in 0..MSGS {
+                receive_exact(net, &recv, MSG, i as i32, i as u64).unwrap();
+            }
+        },
+        |net, send| {
+            send_window(net, &send, MSGS, MSG);
+            tx.send(sent_bytes(net)).unwrap();
+        },
+    );
+    let b = rx.recv().unwrap();
+    eprintln!("bytes per NIC (fast, 1 Gbit/s): {b:?}");
+    assert!(
+        b[0] >= 3 * b[1],
+        "the fast NIC carried {} of {}",
+        b[0],
+        b[0] + b[1]
+    );
+    assert!(b[1] > 0, "the slow NIC carried nothing");
+}
+
+#[test]
+fn four_nics_of_speeds_4_2_1_1_carry_in_proportion() {
+    if let Some(why) = lab::unavailable(true) {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let lab = Lab::new(4).expect("namespaces");
+    for (i, mbit) in [1600, 800, 400, 400].into_iter().enumerate() {
+        lab.rate_exact(i, mbit);
+    }
+    let (tx, rx) = mpsc::channel();
+    let peer = Duration::from_secs(5);
+    let stall = Duration::from_millis(500);
+    over(
+        &lab,
+        lab.config(true, peer, stall),
+        lab.config(false, peer, stall),
+        |net, recv| {
+            for i in 0..MSGS {
+                receive_exact(net, &recv, MSG, i as i32, i as u64).unwrap();
+            }
+        },
+        |net, send| {
+            send_window(net, &send, MSGS, MSG);
+            tx.send(sent_bytes(net)).unwrap();
+        },
+    );
+    let b = rx.recv().unwrap();
+    eprintln!("bytes per NIC (1600, 800, 400, 400 Mbit/s): {b:?}");
+    assert!(b[0] > b[1] && b[1] > b[2].max(b[3]), "{b:?}");
+    assert!(b[0] >= 2 * b[2].max(b[3]), "{b:?}");
+}
+
+/// Sends `n` messages of `size` bytes (pattern seed and tag = index), four in flight.
+fn send_window(net: &Net, send: &SendComm, n: usize, size: usize) {
+    let srcs: Vec<_> = (0..n).map(|i| filled(net, size, i as u64)).collect();
+    let mut inflight = std::collections::VecDeque::new();
+    for (i, src) in srcs.iter().enumerate() {
+        if inflight.len() == 4 {
+            let mut r: tcpx::Request = inflight.pop_front().unwrap();
+            r.wait(T).unwrap();
+        }
+        inflight.push_back(send.isend(src, 0, size, i as i32).unwrap().unwrap());
+    }
+    for mut r in inflight {
+        r.wait(T).unwrap();
+    }
+}
+
+/// 512 MiB over two NICs limited to 2 Gbit/s each: about a second before
+/// the cut, then the rest on one NIC (the 1 GiB takes twice as
+/// long on this path, with the same outcome).
+const BIG: usize = 512 << 20;
+
+#[test]
+fn a_nic_cut_in_the_middle_of_a_large_message_is_survived_byte_exact() {
+    if let Some(why) = lab::unavailable(true) {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let lab = Lab::new(2).expect("namespaces");
+    lab.rate_exact(0, 2000);
+    lab.rate_exact(1, 2000);
+    let peer = Duration::from_secs(5);
+    let stall = Duration::from_millis(500);
+    let (tx, rx) = mpsc::channel();
+    let recv_stats = over(
+        &lab,
+        lab.config(true, peer, stall),
+        lab.config(false, peer, stall),
+        |net, recv| {
+            receive_exact(net, &recv, BIG, 1, 1).unwrap();
+            for i in 0..3 {
+                receive_exact(net, &recv, 8 << 20, 10 + i, 10 + i as u64).unwrap();
+            }
+            recv.socket_stats()
+        },
+        |net, send| {
+            let src = filled(net, BIG, 1);
+            let mut r = send.isend(&src, 0, BIG, 1).unwrap().unwrap();
+            std::thread::sleep(Duration::from_millis(400));
+            assert!(
+                r.test().unwrap().is_none(),
+                "done before the cut: too small a message"
+            );
+            lab.down(1);
+            let t0 = Instant::now();
+            r.wait(T).unwrap();
+            eprintln!("the message completed {:?} after the cut", t0.elapsed());
+            // The comm goes on with the NIC that is left.
+            for i in 0..3 {
+                let m = filled(net, 8 << 20, 10 + i as u64);
+                send.isend(&m, 0, 8 << 20, 10 + i)
+                    .unwrap()
+                    .unwrap()
+                    .wait(T)
+                    .unwrap();
+            }
+            tx.send((send.socket_stats(), net.nic_stats())).unwrap();
+        },
+    );
+    let (socks, nics) = rx.recv().unwrap();
+    eprintln!("sender sockets: {socks:#?}\nsender NICs: {nics:#?}");
+    let out: Vec<_> = socks.iter().filter(|s| s.nic == 1).collect();
+    assert!(
+        out.iter().all(|s| !s.live),
+        "NIC 1's sockets were taken out"
+    );
+    assert!(
+        out.iter()
+            .map(|s| s.counts.stalls + s.counts.failures)
+            .sum::<u64>()
+            >= 2,
+        "each counted a stall or a failure"
+    );
+    assert!(
+        nics[0].counts.resent_chunks > 0,
+        "chunks were re-sent on NIC 0"
+    );
+    assert!(recv_stats.iter().filter(|s| s.nic == 1).all(|s| !s.live));
+}
+
+#[test]
+fn every_nic_down_is_a_typed_error_within_the_peer_timeout() {
+    if let Some(why) = lab::unavailable(false) {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let lab = Lab::new(2).expect("namespaces");
+    let peer = Duration::from_secs(3);
+    let stall = Duration::from_millis(500);
+    let (cut_tx, cut_rx) = mpsc::channel::<Instant>();
+    let received = over(
+        &lab,
+        lab.config(true, peer, stall),
+        lab.config(false, peer, stall),
+        move |net, recv| {
+            let r = receive_exact(net, &recv, BIG, 1, 1);
+            let cut = cut_rx.recv().unwrap();
+            (r, cut.elapsed())
+        },
+        |net, send| {
+            let src = filled(net, BIG, 1);
+            let mut r = send.isend(&src, 0, BIG, 1).unwrap().unwrap();
+            std::thread::sleep(Duration::from_millis(100));
+            lab.down(0);
+            lab.down(1);
+            let cut = Instant::now();
+            cut_tx.send(cut).unwrap();
+            let res = r.wait(T);
+            let after = cut.elapsed();
+            eprintln!("sender: {res:?} {after:?} after the cut");
+            assert!(matches!(res, Err(Error::AllPathsLost { .. })), "{res:?}");
+            assert!(after < peer + Duration::from_secs(2), "{after:?}");
+        },
+    );
+    eprintln!("receiver: {received:?}");
+    assert!(
+        matches!(received.0, Err(Error::AllPathsLost { .. })),
+        "{:?}",
+        received.0
+    );
+    assert!(
+        received.1 < peer + Duration::from_secs(3),
+        "{:?}",
+        received.1
+    );
+}
