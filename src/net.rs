@@ -42,8 +42,14 @@ pub(crate) struct NetInner {
 }
 
 impl NetInner {
+    /// Counters for a data socket on `nic` (its NIC's too).
+    pub(crate) fn sock_counters(&self, nic: usize) -> Arc<SockCounters> {
+        let tally = self.nic_tallies.get(nic).cloned().unwrap_or_default();
+        Arc::new(SockCounters::new(tally))
+    }
+
     /// Hands data socket `sock` of a comm to a worker of its NIC
-    /// (`receives`: it carries chunks in, else out); its counters.
+    /// (`receives`: it carries chunks in, else out).
     pub(crate) fn add_data_socket(
         &self,
         nic: usize,
@@ -51,7 +57,8 @@ impl NetInner {
         comm: Arc<dyn CommLink>,
         receives: bool,
         sock: SockId,
-    ) -> (DataSock, Arc<SockCounters>) {
+        counters: Arc<SockCounters>,
+    ) -> DataSock {
         let id = self.next_sock_id.fetch_add(1, Ordering::Relaxed);
         let tx = TxMode {
             zerocopy: self.cfg.zerocopy,
@@ -69,8 +76,6 @@ impl NetInner {
         };
         let per = self.cfg.workers_per_nic;
         let worker = nic * per + (id % per as u64) as usize;
-        let tally = self.nic_tallies.get(nic).cloned().unwrap_or_default();
-        let counters = Arc::new(SockCounters::new(tally));
         self.workers[worker].submit(Cmd::Add {
             id,
             stream,
@@ -78,9 +83,9 @@ impl NetInner {
             comm,
             receives,
             sock,
-            counters: counters.clone(),
+            counters,
         });
-        (DataSock { worker, id }, counters)
+        DataSock { worker, id }
     }
 
     /// Registers a comm's control socket with the first worker of `nic`.
@@ -110,7 +115,7 @@ impl NetInner {
     /// posted receive, which its peer reads at once, so unacknowledged
     /// data there for the peer timeout (TCP_USER_TIMEOUT) means a peer or
     /// path that is gone, never a slow consumer.
-    fn tune(&self, s: &TcpStream, data: bool) -> Result<()> {
+    pub(crate) fn tune(&self, s: &TcpStream, data: bool) -> Result<()> {
         s.set_nonblocking(true)
             .map_err(|e| Error::io("set_nonblocking", e))?;
         s.set_nodelay(true)
@@ -435,14 +440,14 @@ fn random_secret() -> [u8; 16] {
     }
 }
 
-fn bind_listener(ip: IpAddr) -> Result<TcpListener> {
+pub(crate) fn bind_listener(ip: IpAddr) -> Result<TcpListener> {
     let l = TcpListener::bind(SocketAddr::new(ip, 0)).map_err(|e| Error::io("bind listener", e))?;
     l.set_nonblocking(true)
         .map_err(|e| Error::io("set_nonblocking", e))?;
     Ok(l)
 }
 
-fn start_connect(local: IpAddr, remote: SocketAddr) -> Result<Socket> {
+pub(crate) fn start_connect(local: IpAddr, remote: SocketAddr) -> Result<Socket> {
     let sock = Socket::new(
         Domain::for_address(remote),
         Type::STREAM,
@@ -465,7 +470,7 @@ fn start_connect(local: IpAddr, remote: SocketAddr) -> Result<Socket> {
 }
 
 /// True once a non-blocking connect finished; its error if it failed.
-fn connected(sock: &Socket, to: SocketAddr) -> Result<bool> {
+pub(crate) fn connected(sock: &Socket, to: SocketAddr) -> Result<bool> {
     let mut p = libc::pollfd {
         fd: sock.as_raw_fd(),
         events: libc::POLLOUT,
@@ -494,7 +499,7 @@ fn refused(buf: &[u8]) -> Result<()> {
 }
 
 /// Writes a whole handshake message to a fresh socket, whose send buffer is empty.
-fn write_handshake(mut w: impl Write, bytes: &[u8]) -> Result<()> {
+pub(crate) fn write_handshake(mut w: impl Write, bytes: &[u8]) -> Result<()> {
     match w.write(bytes) {
         Ok(n) if n == bytes.len() => Ok(()),
         Ok(_) => Err(Error::ConnectionLost(
@@ -505,7 +510,7 @@ fn write_handshake(mut w: impl Write, bytes: &[u8]) -> Result<()> {
 }
 
 /// Reads what is available into `buf` up to `want` bytes; true once complete.
-fn read_some(mut s: &TcpStream, buf: &mut Vec<u8>, want: usize) -> Result<bool> {
+pub(crate) fn read_some(mut s: &TcpStream, buf: &mut Vec<u8>, want: usize) -> Result<bool> {
     while buf.len() < want {
         let mut tmp = [0u8; 512];
         let room = (want - buf.len()).min(tmp.len());
@@ -904,6 +909,6 @@ impl ListenComm {
     pub fn close(self) {}
 }
 
-fn constant_time_eq(a: &[u8; 16], b: &[u8; 16]) -> bool {
+pub(crate) fn constant_time_eq(a: &[u8; 16], b: &[u8; 16]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

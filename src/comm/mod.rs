@@ -10,6 +10,7 @@
 //! again before it lets go.
 
 mod recv;
+mod redial;
 mod request;
 mod send;
 
@@ -233,6 +234,57 @@ impl CommBase {
         Some(s.nic)
     }
 
+    /// The NIC and generation of socket `index`.
+    fn slot_state(&self, index: usize) -> Option<(usize, u32)> {
+        lock(&self.slots).get(index).map(|s| (s.nic, s.gen))
+    }
+
+    fn is_live(&self, index: usize) -> bool {
+        lock(&self.slots).get(index).is_some_and(|s| s.live)
+    }
+
+    /// Puts a connection made again in place `index` as generation `gen`
+    /// (not when the comm closes, or the place is taken already).
+    fn revive(
+        &self,
+        index: usize,
+        stream: TcpStream,
+        link: &Arc<dyn CommLink>,
+        receives: bool,
+        gen: u32,
+    ) -> bool {
+        if self.closed.load(Ordering::Acquire) || self.socks_closed.load(Ordering::Acquire) {
+            return false;
+        }
+        if let Err(e) = self.net.tune(&stream, true) {
+            tracing::debug!(
+                socket = index,
+                "reconnected socket refused its options: {e}"
+            );
+            return false;
+        }
+        let mut slots = lock(&self.slots);
+        let Some(s) = slots.get_mut(index).filter(|s| !s.live && gen > s.gen) else {
+            return false;
+        };
+        let id = SockId {
+            index: index as u16,
+            gen,
+        };
+        s.sock = self.net.add_data_socket(
+            s.nic,
+            stream,
+            link.clone(),
+            receives,
+            id,
+            s.counters.clone(),
+        );
+        s.gen = gen;
+        s.live = true;
+        s.counters.reconnected();
+        true
+    }
+
     /// Data sockets in use.
     fn live(&self) -> usize {
         lock(&self.slots).iter().filter(|s| s.live).count()
@@ -298,11 +350,12 @@ fn open_slot(
     index: usize,
     gen: u32,
 ) -> Slot {
+    let counters = net.sock_counters(nic);
     let id = SockId {
         index: index as u16,
         gen,
     };
-    let (sock, counters) = net.add_data_socket(nic, stream, link.clone(), receives, id);
+    let sock = net.add_data_socket(nic, stream, link.clone(), receives, id, counters.clone());
     Slot {
         sock,
         nic,

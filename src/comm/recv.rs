@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use flowsteer::RuleHandle;
 
+use super::redial::Offers;
 use super::request::{Owner, Request, Waiter};
 use super::{check_range, close_ctrl, lock, read_ctrl, write_ctrl, Agreed, CommBase, Ctrl};
 use crate::config::MAX_RECVS;
@@ -48,6 +49,8 @@ pub(crate) struct RecvCtrl {
     side: RecvSide,
     groups: HashMap<Token, Group>,
     next_token: Token,
+    /// Invitations to reconnect retired sockets.
+    offers: Offers,
 }
 
 /// What a receive comm shares with its data sockets and placements.
@@ -166,6 +169,7 @@ impl RecvComm {
         let waker = Arc::new(FdWaker::default());
         let ctrl_fd = std::os::fd::AsRawFd::as_raw_fd(&ctrl);
         let watch = net.watch_ctrl(&ctrl, data.first().map_or(0, |d| d.0))?;
+        let n_data = data.len();
         let core = Arc::new_cyclic(move |me: &Weak<RecvCore>| {
             let link = Arc::new(RecvLink {
                 core: me.clone(),
@@ -187,6 +191,7 @@ impl RecvComm {
                     side: RecvSide::new(params, Instant::now()),
                     groups: HashMap::new(),
                     next_token: 0,
+                    offers: Offers::new(n_data, net.cfg.reconnect),
                 }),
                 link,
                 waker,
@@ -347,6 +352,7 @@ impl RecvCore {
             stream,
             side,
             groups,
+            offers,
             ..
         } = &mut *c;
         for seq in std::mem::take(&mut *lock(&link.acks)) {
@@ -376,9 +382,13 @@ impl RecvCore {
             link.announced.store(side.announced(), Ordering::Release);
         }
         if !retired.is_empty() {
-            if let Err(e) = self.retire(side, &retired) {
+            if let Err(e) = self.retire(side, offers, &retired, now) {
                 side.fail(e);
             }
+        }
+        if side.broken().is_none() {
+            let as_link: Arc<dyn CommLink> = link.clone();
+            offers.poll(&self.base, &as_link, now, &mut |d| side.dial(d));
         }
         for (id, e) in std::mem::take(&mut *lock(&link.losses)) {
             if side.broken().is_none() {
@@ -407,7 +417,11 @@ impl RecvCore {
             link.waiting.load(Ordering::SeqCst),
             !c.side.output().is_empty(),
         );
-        self.base.set_due(c.side.due(now));
+        let due = [c.side.due(now), c.offers.due(now)]
+            .into_iter()
+            .flatten()
+            .min();
+        self.base.set_due(due);
     }
 
     fn note_loss(&self, id: SockId, e: Error) {
@@ -427,7 +441,13 @@ impl RecvCore {
     /// there may come again on another socket) and tells the sender which
     /// chunks of each message in flight are in place, so it re-sends the
     /// rest; when none is left, the comm fails.
-    fn retire(&self, side: &mut RecvSide, retired: &[(usize, u32)]) -> Result<()> {
+    fn retire(
+        &self,
+        side: &mut RecvSide,
+        offers: &mut Offers,
+        retired: &[(usize, u32)],
+        now: Instant,
+    ) -> Result<()> {
         let n = self.base.n_data();
         for &(index, gen) in retired {
             if index >= n {
@@ -441,6 +461,7 @@ impl RecvCore {
                     nic = %self.base.net.devices[nic].name,
                     "the sender took data socket {index} out"
                 );
+                offers.retired(index, now);
             }
         }
         let placements: Vec<Arc<Placement>> =

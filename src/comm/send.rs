@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
+use super::redial::Dials;
 use super::request::{Owner, Request};
 use super::{bytes, check_range, close_ctrl, lock, read_ctrl, write_ctrl, Agreed, CommBase, Ctrl};
 use crate::ctrl::sched::{Retired, Sched, Why};
@@ -26,6 +27,11 @@ const MIN_CUDA_CHUNK: usize = 128 << 10;
 
 /// How long a closing comm lets its last control bytes reach the peer.
 const CLOSE_PATIENCE: Duration = Duration::from_millis(200);
+
+/// How long a data socket the peer closed waits before it counts as lost:
+/// the peer's control socket, closed first when its comm closes, is read
+/// meanwhile.
+const PEER_CLOSE_GRACE: Duration = Duration::from_millis(100);
 
 struct Chunked {
     region: Arc<Region>,
@@ -49,6 +55,10 @@ pub(crate) struct SendCtrl {
     reqs: HashMap<Token, Pending>,
     next_token: Token,
     events: Vec<SendEvent>,
+    /// Retired sockets being connected again.
+    dials: Dials,
+    /// Retirements to act on, and when.
+    retired: Vec<(Retired, Instant)>,
 }
 
 pub(crate) struct SendCore {
@@ -188,6 +198,7 @@ impl SendComm {
         let watch = net.watch_ctrl(&ctrl, data.first().map_or(0, |d| d.0))?;
         let now = Instant::now();
         let nics: Vec<usize> = data.iter().map(|d| d.0).collect();
+        let n_data = data.len();
         let core = Arc::new_cyclic(|me: &Weak<SendCore>| {
             let link = Arc::new(SendLink {
                 core: me.clone(),
@@ -207,6 +218,8 @@ impl SendComm {
                     reqs: HashMap::new(),
                     next_token: 0,
                     events: Vec::new(),
+                    dials: Dials::new(n_data),
+                    retired: Vec::new(),
                 }),
                 link,
                 waker,
@@ -405,7 +418,7 @@ impl SendCore {
                 }
                 c.side.poll(now);
             }
-            gone = gone.or_else(|| self.retirements(c));
+            gone = gone.or_else(|| self.retirements(c, now));
             while c.side.broken().is_none() && !c.side.output().is_empty() {
                 match write_ctrl(&c.stream, c.side.output()) {
                     Ok(0) => break,
@@ -433,28 +446,46 @@ impl SendCore {
             self.base.close_data();
             return;
         }
-        self.base
-            .arm(c.side.awaits_peer(), !c.side.output().is_empty());
-        self.base.set_due(c.side.due());
+        let as_link: Arc<dyn CommLink> = self.link.clone();
+        for (index, gen) in c.dials.poll(&self.base, &as_link, now) {
+            lock(&self.link.sched).revive(index, gen, now);
+        }
+        // A retired socket may be invited back at any time.
+        let expect = c.side.awaits_peer() || self.base.live() < self.base.n_data();
+        self.base.arm(expect, !c.side.output().is_empty());
+        let due = if c.dials.pending() {
+            Some(now)
+        } else {
+            let grace = c.retired.iter().map(|(_, at)| *at).min();
+            [c.side.due(), grace].into_iter().flatten().min()
+        };
+        self.base.set_due(due);
     }
 
     /// Acts on data sockets the scheduler took out: closes them, tells the
     /// receiver, logs; the error to fail the comm with once none is left.
-    fn retirements(&self, c: &mut SendCtrl) -> Option<Error> {
-        let (retired, live) = {
-            let mut s = lock(&self.link.sched);
-            (s.take_retired(), s.live())
-        };
-        // A comm that is closing or failed (the peer closed it: its data
-        // sockets close after its control socket) retires nothing.
-        if retired.is_empty()
-            || self.base.closed.load(Ordering::Acquire)
-            || c.side.broken().is_some()
-        {
+    /// A socket the peer closed waits `PEER_CLOSE_GRACE` first: a peer
+    /// that closes its comm (or ends) closes its data sockets just after
+    /// its control socket, and its comm's end is no socket failure.
+    fn retirements(&self, c: &mut SendCtrl, now: Instant) -> Option<Error> {
+        for r in lock(&self.link.sched).take_retired() {
+            let wait = matches!(r.why, Why::Failed(Error::ConnectionLost(_)));
+            c.retired
+                .push((r, if wait { now + PEER_CLOSE_GRACE } else { now }));
+        }
+        if self.base.closed.load(Ordering::Acquire) || c.side.broken().is_some() {
+            c.retired.clear();
+            return None;
+        }
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut c.retired)
+            .into_iter()
+            .partition(|(_, at)| *at <= now);
+        c.retired = later;
+        if due.is_empty() {
             return None;
         }
         let mut last = None;
-        for r in retired {
+        for (r, _) in due {
             let Some(nic) = self.base.retire(r.index, r.gen) else {
                 continue;
             };
@@ -464,12 +495,12 @@ impl SendCore {
                 Why::Stalled => "it stalled while others moved".to_string(),
                 Why::Failed(e) => format!("{e}"),
             };
+            let live = self.base.live();
             let msg = format!(
                 "data socket {} on {name} taken out: {why}; {} chunks on their way go again, {live} socket(s) carry on",
                 r.index, r.requeued
             );
-            // The peer closing a socket is its own doing (it closes a comm,
-            // or its process ended); a path that fails is news.
+            // The peer closing a socket is its own doing; a path that fails is news.
             match &r.why {
                 Why::Failed(Error::ConnectionLost(_)) => tracing::info!(socket = r.index, "{msg}"),
                 _ => tracing::warn!(socket = r.index, "{msg}"),
@@ -478,7 +509,7 @@ impl SendCore {
             last = Some(r.why);
         }
         self.base.kick();
-        if live > 0 {
+        if self.base.live() > 0 || !c.retired.is_empty() {
             return None;
         }
         let sockets = self.base.n_data();
@@ -560,7 +591,14 @@ impl SendCore {
                 }
             }
             SendEvent::Dial(d) => {
-                tracing::debug!(socket = d.index, "reconnect offer ignored");
+                if self.base.net.cfg.reconnect.is_none() {
+                    return;
+                }
+                match c.dials.invited(&self.base, &d, Instant::now()) {
+                    Ok(()) => {}
+                    Err(e @ Error::Protocol(_)) => c.side.fail(e),
+                    Err(e) => tracing::debug!(socket = d.index, "cannot reconnect: {e}"),
+                }
             }
         }
     }

@@ -337,10 +337,12 @@ impl<M: Clone> Sched<M> {
     }
 
     /// Messages not yet acknowledged.
+    #[cfg(test)]
     pub fn active(&self) -> usize {
         self.msgs.len()
     }
 
+    #[cfg(test)]
     pub fn live(&self) -> usize {
         self.slots.iter().filter(|s| s.live).count()
     }
@@ -351,6 +353,7 @@ impl<M: Clone> Sched<M> {
             .is_some_and(|s| s.live && s.gen == gen)
     }
 
+    #[cfg(test)]
     pub fn generation(&self, index: usize) -> Option<u32> {
         self.slots.get(index).map(|s| s.gen)
     }
