@@ -627,6 +627,7 @@ fn enable_zerocopy(s: &TcpStream) -> bool {
 mod tests {
     use super::*;
     use crate::engine::devmem_rx::tests::{loaded, pattern, Manual};
+    use crate::stats::SockCounters;
     use crate::gpumemd::PoolSource;
     use crate::memory::{HostMemory, MemoryRegion};
     use crate::request::ReqState;
@@ -942,5 +943,75 @@ mod tests {
             Some(Error::Protocol(_))
         ));
         assert!(s.dead.is_some());
+    }
+
+    #[test]
+    fn a_copy_waits_while_another_socket_holds_its_chunk_and_takes_it_when_let_go() {
+        let data = pattern(8192);
+        let mut wire = chunk(3, 0, &data[..4096]);
+        wire.extend(chunk(3, 0, &[0xEE; 4096])); // a late copy: dropped
+        let (stream, _peer) = loaded(&wire);
+        stream.set_nonblocking(true).unwrap();
+        let comm = Arc::new(Late {
+            placement: Mutex::new(None),
+            known: AtomicBool::new(true),
+            waits: Default::default(),
+            kicks: Default::default(),
+            err: Mutex::new(None),
+        });
+        let mode = TxMode {
+            zerocopy: ZeroCopy::Off,
+            min_zcopy: 0,
+            devmem_emulated: None,
+            peer_timeout_ms: 0,
+            notsent_lowat: 0,
+        };
+        let counters = Arc::new(SockCounters::default());
+        let mut s = Sock::new(
+            stream,
+            mode,
+            comm.clone(),
+            true,
+            None,
+            &Arc::new(Counters::default()),
+            SockId { index: 1, gen: 0 },
+            counters.clone(),
+        );
+        let mut mr = MemoryRegion::owned(HostMemory::zeroed(8192).unwrap());
+        let req = Arc::new(ReqState::new(1, 1));
+        let p = Arc::new(Placement::new(
+            3,
+            mr.inner.clone(),
+            0,
+            8192,
+            4096,
+            req.clone(),
+            comm.clone(),
+        ));
+        *comm.placement.lock().unwrap() = Some(p.clone());
+        // Another socket (on a path now dead) began chunk 0 first.
+        assert_eq!(p.claim(0, 4096).unwrap(), Claim::Mine);
+        let mut scratch = Vec::new();
+        std::thread::sleep(Duration::from_millis(20));
+        pump(&mut s, &mut scratch);
+        assert!(s.rx_plan(&mut scratch).is_none(), "the copy waits");
+        assert_eq!(
+            comm.waits.load(Ordering::SeqCst),
+            1,
+            "and has the control socket read (the retirement comes there)"
+        );
+        // That socket is retired: it lets go; this copy takes the chunk,
+        // and the late copy after it is dropped.
+        p.unclaim(0);
+        pump(&mut s, &mut scratch);
+        assert_eq!(p.placed_bits(), vec![0b01]);
+        let c = counters.snapshot();
+        assert_eq!((c.chunks_received, c.duplicates_dropped), (1, 1));
+        // Chunk 1 comes on another socket.
+        assert_eq!(p.claim(4096, 4096).unwrap(), Claim::Mine);
+        p.chunk_placed(4096);
+        drop(p);
+        assert!(req.is_done() && req.error().is_none());
+        assert!(mr.bytes().unwrap()[..4096] == data[..4096], "the first copy's bytes");
     }
 }

@@ -231,7 +231,9 @@ impl TxSide {
             }
             // A chunk not begun whose message is in place needs no sending.
             if !self.cur.active && self.queue.front().is_some_and(TxChunk::in_place) {
-                self.queue.pop_front();
+                if let Some(mut c) = self.queue.pop_front() {
+                    blank(&mut c);
+                }
                 continue;
             }
             break;
@@ -371,24 +373,18 @@ impl TxSide {
     }
 
     /// Lets go of every chunk (the socket is gone): staged bytes of the
-    /// one being sent go back first.
+    /// one being sent, or of one staged ahead, go back first.
     pub fn clear(&mut self) {
-        if self.cur.active {
-            if let Some(m) = self
-                .queue
-                .front()
-                .and_then(|c| c.msg.as_ref().map(|m| (c, m)))
-            {
-                m.1.region.sent(m.1.base + m.0.off, m.0.len);
-            }
+        for mut c in self.queue.drain(..) {
+            blank(&mut c);
         }
         self.cur.active = false;
-        self.queue.clear();
         self.zc.awaiting.clear();
     }
 }
 
-/// The rest of a chunk whose message is in place goes out as zeros.
+/// Lets go of a chunk's memory (its staging too, if any): the rest of it
+/// goes out as zeros, if at all.
 fn blank(c: &mut TxChunk) {
     if let Some(m) = c.msg.take() {
         m.region.sent(m.base + c.off, c.len);
@@ -429,4 +425,91 @@ pub(super) fn set_notsent_lowat(s: &TcpStream, bytes: u32) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::devmem_rx::tests::loaded;
+    use crate::memory::{HostMemory, MemoryRegion};
+    use std::sync::Mutex;
+
+    /// A comm that hands out the chunks it is given, in order.
+    #[derive(Default)]
+    struct Deal(Mutex<VecDeque<TxChunk>>);
+
+    impl CommLink for Deal {
+        fn failed(&self, _: Error) {}
+        fn pull(&self, _: SockId, _: u64, _: u64, _: Instant) -> Option<TxChunk> {
+            self.0.lock().unwrap().pop_front()
+        }
+    }
+
+    fn message(n_chunks: u64) -> (Arc<TxMsg>, MemoryRegion, Arc<ReqState>) {
+        let mut mem = HostMemory::zeroed(n_chunks as usize * 4096).unwrap();
+        mem.fill(0xAB);
+        let mr = MemoryRegion::owned(mem);
+        let req = Arc::new(ReqState::new(1, 1));
+        let m = TxMsg::new(5, mr.inner.clone(), 0, n_chunks * 4096, 4096, req.clone());
+        (Arc::new(m), mr, req)
+    }
+
+    fn side() -> TxSide {
+        TxSide::new(SockId { index: 0, gen: 0 }, Zc::new(false, ZeroCopy::Off, 0))
+    }
+
+    /// The bytes a plan points at.
+    fn bytes_of(p: &TxPlan) -> Vec<u8> {
+        p.parts[..p.n]
+            .iter()
+            // SAFETY: the plan's parts are valid for reads while the test holds the chunk.
+            .flat_map(|&(ptr, len)| unsafe { crate::engine::bytes(ptr, len) }.to_vec())
+            .collect()
+    }
+
+    #[test]
+    fn a_copy_whose_message_is_in_place_goes_out_as_zeros_and_lets_go_of_the_memory() {
+        let (stream, _peer) = loaded(&[]);
+        let (m, mut mr, req) = message(2);
+        let deal = Deal::default();
+        deal.0.lock().unwrap().push_back(TxChunk::new(m.clone(), 1, true));
+        let comm: Arc<dyn CommLink> = Arc::new(deal);
+        let mut tx = side();
+        let counters = SockCounters::default();
+        let p = tx.plan(&stream, &comm).unwrap().unwrap();
+        let first = bytes_of(&p);
+        assert_eq!(first.len(), CHUNK_LEN + 4096);
+        assert!(first[CHUNK_LEN..].iter().all(|&b| b == 0xAB));
+        // The header and part of the body went out; then the receiver has
+        // the whole message (another socket's copy got there first).
+        tx.done(CHUNK_LEN + 100, None, &counters, &stream, &comm);
+        m.acked.store(true, Ordering::Release);
+        drop(m);
+        let p = tx.plan(&stream, &comm).unwrap().unwrap();
+        let rest = bytes_of(&p);
+        assert_eq!(rest.len(), 4096 - 100, "the rest of the chunk, for the stream's sake");
+        assert!(rest.iter().all(|&b| b == 0), "as zeros");
+        assert!(req.is_done(), "the memory was let go: the message's piece is done");
+        assert!(mr.bytes().is_ok(), "and the region is free");
+        tx.done(rest.len(), None, &counters, &stream, &comm);
+        assert_eq!(counters.snapshot().resent_chunks, 1);
+        assert!(tx.plan(&stream, &comm).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_chunk_not_begun_whose_message_is_in_place_is_skipped() {
+        let (stream, _peer) = loaded(&[]);
+        let (done_msg, _mr, _req) = message(1);
+        let (live_msg, _mr2, _req2) = message(1);
+        done_msg.acked.store(true, Ordering::Release);
+        let deal = Deal::default();
+        deal.0.lock().unwrap().push_back(TxChunk::new(done_msg, 0, false));
+        deal.0.lock().unwrap().push_back(TxChunk::new(live_msg, 0, false));
+        let comm: Arc<dyn CommLink> = Arc::new(deal);
+        let mut tx = side();
+        let p = tx.plan(&stream, &comm).unwrap().unwrap();
+        let b = bytes_of(&p);
+        assert!(b[CHUNK_LEN..].iter().all(|&x| x == 0xAB), "the live one's bytes");
+        assert_eq!(tx.end(), (CHUNK_LEN + 4096) as u64, "one chunk queued");
+    }
 }
