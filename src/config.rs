@@ -621,6 +621,32 @@ mod tests {
     }
 
     #[test]
+    fn failover_settings_are_read_and_zero_turns_them_off() {
+        let c = cfg(&[
+            ("TCPX_STALL_TIMEOUT_MS", "750"),
+            ("TCPX_RECONNECT_MS", "0"),
+            ("TCPX_NOTSENT_LOWAT", "256K"),
+        ])
+        .unwrap();
+        assert_eq!(c.stall_timeout, Some(Duration::from_millis(750)));
+        assert_eq!(c.reconnect, None);
+        assert_eq!(c.notsent_lowat, 256 << 10);
+        assert_eq!(
+            c.tick(),
+            Duration::from_millis(187),
+            "a stall is seen within a quarter"
+        );
+        let d = cfg(&[("TCPX_STALL_TIMEOUT_MS", "0")]).unwrap();
+        assert_eq!(d.stall_timeout, None);
+        assert_eq!(d.reconnect, Some(Duration::from_secs(1)));
+        assert_eq!(d.tick(), Duration::from_millis(500));
+        assert!(matches!(
+            cfg(&[("TCPX_NOTSENT_LOWAT", "4G")]),
+            Err(Error::Config(_))
+        ));
+    }
+
+    #[test]
     fn bad_values_are_config_errors() {
         assert!(matches!(
             cfg(&[("TCPX_CHUNK_SIZE", "lots")]),

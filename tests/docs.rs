@@ -32,6 +32,9 @@ fn every_header_size_in_protocol_md_is_the_code_s() {
         ("Ack", wire::ACK_LEN),
         ("Ping", wire::PING_LEN),
         ("Reject", wire::REJECT_LEN),
+        ("Retire", wire::RETIRE_LEN),
+        ("Placed", wire::PLACED_LEN),
+        ("Dial", wire::DIAL_LEN),
     ] {
         assert_eq!(stated_size(&doc, name), len, "{name}");
     }
@@ -42,4 +45,13 @@ fn every_header_size_in_protocol_md_is_the_code_s() {
     )));
     assert!(doc.contains(&format!("+ {} per buffer", wire::POST_BUF_LEN)));
     assert!(doc.contains(&format!("+ {} per NIC", wire::ADDR_LEN)));
+    assert!(doc.contains(&format!(
+        "**Dial** ({} bytes + {})",
+        wire::DIAL_LEN,
+        wire::ADDR_LEN
+    )));
+    assert!(doc.contains(&format!(
+        "payload = bitmap bytes, 1..{}",
+        wire::MAX_PLACED_BYTES
+    )));
 }
