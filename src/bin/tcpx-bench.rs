@@ -60,6 +60,11 @@ struct Cli {
     /// Print JSON instead of a table.
     #[arg(long, global = true)]
     json: bool,
+    /// Sample the NIC counters every N ms while sending and add the
+    /// samples to the JSON output (`timeline`): throughput over time, when
+    /// chunks were re-sent and sockets retired (benches/nic-striping.sh).
+    #[arg(long, global = true)]
+    timeline_ms: Option<u64>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -113,6 +118,55 @@ struct Row {
 }
 
 const T: Duration = Duration::from_secs(60);
+
+/// The NIC counters at one moment (`--timeline-ms`).
+#[derive(Serialize, Debug)]
+struct Sample {
+    /// Wall clock, ms since the Unix epoch (to line up with outside events).
+    unix_ms: f64,
+    bytes_sent: u64,
+    resent_chunks: u64,
+    /// Data sockets taken out (stalls and failures).
+    retired: u64,
+    reconnects: u64,
+    nic_bytes_sent: Vec<u64>,
+}
+
+fn sample(net: &Net) -> Sample {
+    let nics = net.nic_stats();
+    let sum = |f: fn(&tcpx::PathStats) -> u64| nics.iter().map(|n| f(&n.counts)).sum();
+    Sample {
+        unix_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64() * 1e3),
+        bytes_sent: sum(|c| c.bytes_sent),
+        resent_chunks: sum(|c| c.resent_chunks),
+        retired: sum(|c| c.stalls + c.failures),
+        reconnects: sum(|c| c.reconnects),
+        nic_bytes_sent: nics.iter().map(|n| n.counts.bytes_sent).collect(),
+    }
+}
+
+/// Runs `f`, sampling the counters every `every` meanwhile.
+fn sampled<R>(net: &Net, every: Option<u64>, f: impl FnOnce() -> R) -> (R, Vec<Sample>) {
+    let Some(ms) = every else {
+        return (f(), Vec::new());
+    };
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let h = s.spawn(|| {
+            let mut v = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                v.push(sample(net));
+                std::thread::sleep(Duration::from_millis(ms));
+            }
+            v
+        });
+        let r = f();
+        stop.store(true, std::sync::atomic::Ordering::Release);
+        (r, h.join().unwrap_or_default())
+    })
+}
 
 type BoxResult<T> = Result<T, Box<dyn std::error::Error>>;
 
@@ -347,7 +401,7 @@ fn human(n: usize) -> String {
     }
 }
 
-fn report(cli: &Cli, cfg: &Config, net: &Net, rows: &[Row]) -> BoxResult<()> {
+fn report(cli: &Cli, cfg: &Config, net: &Net, rows: &[Row], timeline: &[Sample]) -> BoxResult<()> {
     let (engine, stats, nics) = (net.engine(), net.stats(), net.nic_stats());
     if cli.json {
         let out = serde_json::json!({
@@ -361,6 +415,7 @@ fn report(cli: &Cli, cfg: &Config, net: &Net, rows: &[Row]) -> BoxResult<()> {
             "stats": stats,
             "nic_stats": nics,
             "results": rows,
+            "timeline": timeline,
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
@@ -611,29 +666,33 @@ fn main() -> BoxResult<()> {
             let boot = TcpStream::connect(addr)?;
             let (tx, rx) = endpoint(&net, boot)?;
             let bar = progress(&cli, plan.sizes.len());
-            let rows = run_sender(&net, &tx, &rx, &plan, &bar)?;
+            let (rows, timeline) = sampled(&net, cli.timeline_ms, || {
+                run_sender(&net, &tx, &rx, &plan, &bar)
+            });
             bar.finish_and_clear();
-            report(&cli, &cfg, &net, &rows)
+            report(&cli, &cfg, &net, &rows?, &timeline)
         }
         None => {
             let cfg = config(&cli)?;
             let plan = plan(&cli)?;
             let net = Net::init(cfg.clone())?;
             let (a, b) = UnixStream::pair()?;
-            let rows = std::thread::scope(|s| -> BoxResult<Vec<Row>> {
-                let netr = &net;
-                let server = s.spawn(move || -> Result<(), String> {
-                    let (tx, rx) = endpoint(netr, b).map_err(|e| e.to_string())?;
-                    run_receiver(netr, &tx, &rx).map_err(|e| e.to_string())
-                });
-                let (tx, rx) = endpoint(&net, a)?;
-                let bar = progress(&cli, plan.sizes.len());
-                let rows = run_sender(&net, &tx, &rx, &plan, &bar);
-                bar.finish_and_clear();
-                server.join().map_err(|_| "receiver thread panicked")??;
-                rows
-            })?;
-            report(&cli, &cfg, &net, &rows)
+            let (rows, timeline) = sampled(&net, cli.timeline_ms, || {
+                std::thread::scope(|s| -> BoxResult<Vec<Row>> {
+                    let netr = &net;
+                    let server = s.spawn(move || -> Result<(), String> {
+                        let (tx, rx) = endpoint(netr, b).map_err(|e| e.to_string())?;
+                        run_receiver(netr, &tx, &rx).map_err(|e| e.to_string())
+                    });
+                    let (tx, rx) = endpoint(&net, a)?;
+                    let bar = progress(&cli, plan.sizes.len());
+                    let rows = run_sender(&net, &tx, &rx, &plan, &bar);
+                    bar.finish_and_clear();
+                    server.join().map_err(|_| "receiver thread panicked")??;
+                    rows
+                })
+            });
+            report(&cli, &cfg, &net, &rows?, &timeline)
         }
     }
 }

@@ -627,10 +627,10 @@ fn enable_zerocopy(s: &TcpStream) -> bool {
 mod tests {
     use super::*;
     use crate::engine::devmem_rx::tests::{loaded, pattern, Manual};
-    use crate::stats::SockCounters;
     use crate::gpumemd::PoolSource;
     use crate::memory::{HostMemory, MemoryRegion};
     use crate::request::ReqState;
+    use crate::stats::SockCounters;
     use devmem::sockabi::KernelAbi;
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Mutex;
@@ -1012,6 +1012,9 @@ mod tests {
         p.chunk_placed(4096);
         drop(p);
         assert!(req.is_done() && req.error().is_none());
-        assert!(mr.bytes().unwrap()[..4096] == data[..4096], "the first copy's bytes");
+        assert!(
+            mr.bytes().unwrap()[..4096] == data[..4096],
+            "the first copy's bytes"
+        );
     }
 }

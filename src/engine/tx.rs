@@ -455,7 +455,10 @@ mod tests {
     }
 
     fn side() -> TxSide {
-        TxSide::new(SockId { index: 0, gen: 0 }, Zc::new(false, ZeroCopy::Off, 0))
+        TxSide::new(
+            SockId { index: 0, gen: 0 },
+            Zc::new(false, ZeroCopy::Off, 0),
+        )
     }
 
     /// The bytes a plan points at.
@@ -472,7 +475,10 @@ mod tests {
         let (stream, _peer) = loaded(&[]);
         let (m, mut mr, req) = message(2);
         let deal = Deal::default();
-        deal.0.lock().unwrap().push_back(TxChunk::new(m.clone(), 1, true));
+        deal.0
+            .lock()
+            .unwrap()
+            .push_back(TxChunk::new(m.clone(), 1, true));
         let comm: Arc<dyn CommLink> = Arc::new(deal);
         let mut tx = side();
         let counters = SockCounters::default();
@@ -487,9 +493,16 @@ mod tests {
         drop(m);
         let p = tx.plan(&stream, &comm).unwrap().unwrap();
         let rest = bytes_of(&p);
-        assert_eq!(rest.len(), 4096 - 100, "the rest of the chunk, for the stream's sake");
+        assert_eq!(
+            rest.len(),
+            4096 - 100,
+            "the rest of the chunk, for the stream's sake"
+        );
         assert!(rest.iter().all(|&b| b == 0), "as zeros");
-        assert!(req.is_done(), "the memory was let go: the message's piece is done");
+        assert!(
+            req.is_done(),
+            "the memory was let go: the message's piece is done"
+        );
         assert!(mr.bytes().is_ok(), "and the region is free");
         tx.done(rest.len(), None, &counters, &stream, &comm);
         assert_eq!(counters.snapshot().resent_chunks, 1);
@@ -503,13 +516,22 @@ mod tests {
         let (live_msg, _mr2, _req2) = message(1);
         done_msg.acked.store(true, Ordering::Release);
         let deal = Deal::default();
-        deal.0.lock().unwrap().push_back(TxChunk::new(done_msg, 0, false));
-        deal.0.lock().unwrap().push_back(TxChunk::new(live_msg, 0, false));
+        deal.0
+            .lock()
+            .unwrap()
+            .push_back(TxChunk::new(done_msg, 0, false));
+        deal.0
+            .lock()
+            .unwrap()
+            .push_back(TxChunk::new(live_msg, 0, false));
         let comm: Arc<dyn CommLink> = Arc::new(deal);
         let mut tx = side();
         let p = tx.plan(&stream, &comm).unwrap().unwrap();
         let b = bytes_of(&p);
-        assert!(b[CHUNK_LEN..].iter().all(|&x| x == 0xAB), "the live one's bytes");
+        assert!(
+            b[CHUNK_LEN..].iter().all(|&x| x == 0xAB),
+            "the live one's bytes"
+        );
         assert_eq!(tx.end(), (CHUNK_LEN + 4096) as u64, "one chunk queued");
     }
 }

@@ -1,0 +1,172 @@
+#!/usr/bin/env bash
+# Striping over NICs of unequal speed, and losing one, between two network
+# namespaces on this machine: one veth pair per data NIC (each its own /24,
+# rate-limited with tc tbf on the sender's side unless its rate is 0) and
+# one pair for control. Needs root and iproute2 (ip, tc); skips with a
+# message where network namespaces cannot be made.
+#
+# For each case, in the same namespaces and the same run: each NIC alone,
+# then all together; prints together / sum of singles (target >= 0.9x).
+# The first case is issue 15's: an unlimited veth NIC beside one at 1 Gbit/s
+# (before work-conserving striping, 11x slower than the fast NIC alone).
+# Then failover: two equal NICs, one cut in the middle of the stream:
+# throughput after the cut against the remaining NIC alone, and the time
+# from the cut to the first re-sent chunk (and to the socket's retirement).
+#
+#   sudo benches/nic-striping.sh                 # this build
+#   BASE=/tmp/main-target/release/tcpx-bench sudo -E benches/nic-striping.sh
+#                                                # and another build, same namespaces
+#
+# Rates: veth and tbf on a small machine are CPU-bound, so in the ratio
+# cases every NIC is limited (the fast one too) to keep the rate limit, not
+# the CPU, the bottleneck; the bucket is 256 KB (a bucket smaller than a
+# 64 KB GSO packet makes tbf split packets and cap near 0.5 Gbit/s).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SIZE=${SIZE:-16M}
+BYTES=${BYTES:-256M}
+REPEAT=${REPEAT:-2}
+STALL_MS=${STALL_MS:-500}
+RX=tcpx-bench-rx-$$
+TX=tcpx-bench-tx-$$
+
+skip() { echo "nic-striping: skipped: $*"; exit 0; }
+[ "$(id -u)" = 0 ] || skip "needs root to make network namespaces (run it with sudo)"
+command -v ip >/dev/null && command -v tc >/dev/null || skip "needs iproute2 (ip, tc): apt-get install iproute2"
+ip netns add "$RX" 2>/dev/null || skip "ip netns add failed (no CAP_SYS_ADMIN, or a container without netns)"
+ip netns del "$RX"
+
+cargo build --release --quiet --bin tcpx-bench
+B=$PWD/target/release/tcpx-bench
+BINS=("$B")
+[ -n "${BASE:-}" ] && BINS+=("$BASE")
+LOGS=$(mktemp -d)
+cleanup() { ip netns del "$RX" 2>/dev/null || true; ip netns del "$TX" 2>/dev/null || true; }
+trap 'cleanup; rm -rf "$LOGS"' EXIT
+
+# setup RATE... : one NIC per rate (Mbit/s; 0: not limited)
+setup() {
+  cleanup
+  ip netns add "$RX"; ip netns add "$TX"
+  local i=0
+  for r in "$@" ctl; do
+    local d=d$i n=$i
+    [ "$r" = ctl ] && { d=ctl; n=200; }
+    ip link add "$d" netns "$RX" type veth peer name "$d" netns "$TX"
+    ip -n "$RX" addr add "10.253.$n.1/24" dev "$d"; ip -n "$TX" addr add "10.253.$n.2/24" dev "$d"
+    ip -n "$RX" link set "$d" up; ip -n "$TX" link set "$d" up
+    case $r in
+      ctl | 0) ;;
+      *) ip netns exec "$TX" tc qdisc add dev "$d" root tbf rate "${r}mbit" burst 256kb latency 10ms ;;
+    esac
+    i=$((i + 1))
+  done
+  ip -n "$RX" link set lo up; ip -n "$TX" link set lo up
+}
+
+# run BIN "NIC indices" BYTES [extra client args]: prints the client's JSON
+# ('{}' if it failed; its log's tail goes to stderr)
+run() {
+  local bin=$1 idx=$2 bytes=$3; shift 3
+  local rx="" tx=""
+  for i in $idx; do rx+="10.253.$i.1,"; tx+="10.253.$i.2,"; done
+  TCPX_CTRL_NIC=10.253.200.1 TCPX_STALL_TIMEOUT_MS=$STALL_MS ip netns exec "$RX" \
+    "$bin" server 10.253.200.1:7477 --nics "${rx%,}" --workers-per-nic 1 >"$LOGS/server" 2>&1 &
+  local srv=$!
+  sleep 0.3
+  TCPX_CTRL_NIC=10.253.200.2 TCPX_STALL_TIMEOUT_MS=$STALL_MS ip netns exec "$TX" \
+    "$bin" client 10.253.200.1:7477 --nics "${tx%,}" --workers-per-nic 1 \
+    --min-size "$SIZE" --max-size "$SIZE" --bytes-per-size "$bytes" --json "$@" 2>"$LOGS/client" || {
+    echo '{}'
+    { echo "client on NICs [$idx] failed:"; tail -3 "$LOGS/client"; echo "server:"; tail -3 "$LOGS/server"; } >&2
+  }
+  kill "$srv" 2>/dev/null; wait "$srv" 2>/dev/null || true
+}
+
+gbps() { python3 -c 'import json,sys; d=json.load(sys.stdin); print(d["results"][0]["gbytes_per_s"] if d.get("results") else 0)'; }
+
+# best of REPEAT runs
+best() {
+  local b=0 g
+  for _ in $(seq "$REPEAT"); do
+    g=$(run "$@" | gbps)
+    b=$(python3 -c "print(max($b, $g))")
+  done
+  echo "$b"
+}
+
+echo "machine: $(nproc) CPUs; messages of $SIZE, window 4, $BYTES per run (4x for an unlimited NIC), best of $REPEAT"
+printf '| case | build | NICs alone (GB/s) | sum | together | together / sum |\n|---|---|---|---|---|---|\n'
+# case_run NAME RATE...
+case_run() {
+  local name=$1; shift
+  setup "$@"
+  local n=$# bytes=$BYTES
+  [[ " $* " == *" 0 "* ]] && bytes=$(python3 -c "import re,sys; m=re.fullmatch(r'(\d+)([KMG]?)', sys.argv[1]); print(str(4*int(m[1]))+m[2])" "$BYTES")
+  local all; all=$(seq 0 $((n - 1)) | tr '\n' ' ')
+  for bin in "${BINS[@]}"; do
+    local singles=() sum=0
+    for i in $(seq 0 $((n - 1))); do
+      local g; g=$(best "$bin" "$i" "$bytes")
+      singles+=("$g"); sum=$(python3 -c "print($sum + $g)")
+    done
+    local tog; tog=$(best "$bin" "$all" "$bytes")
+    local label=this; [ "$bin" = "$B" ] || label=base
+    [ "$label" = this ] && { FIRST[$name]=${singles[0]}; TOGETHER[$name]=$tog; }
+    python3 - "$name" "$label" "$sum" "$tog" "${singles[@]}" <<'PY'
+import sys
+name, label, s, t, *singles = sys.argv[1:]
+s, t = float(s), float(t)
+print(f"| {name} | {label} | {' + '.join(f'{float(x):.3f}' for x in singles)} | {s:.3f} | {t:.3f} | {t / s if s else 0:.2f}x |")
+PY
+  done
+}
+declare -A FIRST TOGETHER
+ISSUE="1 unlimited + 1 at 1 Gbit/s (issue 15)" EQUAL="2 equal, unlimited"
+case_run "$ISSUE" 0 1000
+case_run "$EQUAL" 0 0
+case_run "1 fast (3 Gbit/s) + 1 at 1 Gbit/s" 3000 1000
+case_run "2 equal (2 Gbit/s each)" 2000 2000
+case_run "4 at 4:2:1:1 (1600/800/400/400 Mbit/s)" 1600 800 400 400
+python3 - "${TOGETHER[$ISSUE]}" "${FIRST[$ISSUE]}" "${TOGETHER[$EQUAL]}" <<'PY'
+import sys
+s, f, e = map(float, sys.argv[1:])
+print(f"\nunlimited NIC + 1 Gbit/s NIC, striped: {s:.3f} GB/s = {s / f if f else 0:.2f}x the unlimited NIC alone ({f:.3f}), "
+      f"{s / e if e else 0:.2f}x two unlimited NICs ({e:.3f})")
+PY
+
+echo
+echo "failover: 2 NICs at 2 Gbit/s, NIC 1 cut after 2 s; stall timeout $STALL_MS ms"
+printf '| build | NIC 0 alone (GB/s) | after the cut (GB/s) | after / alone | cut to first retirement (ms) | cut to first re-sent chunk (ms) |\n|---|---|---|---|---|---|\n'
+setup 2000 2000
+for bin in "${BINS[@]}"; do
+  if [ "$bin" != "$B" ]; then
+    echo "| base | (no failover: a lost data socket fails the comm) | | | | |"
+    continue
+  fi
+  alone=$(best "$bin" 0 "$BYTES")
+  out=$LOGS/failover.json
+  run "$bin" "0 1" 2G --timeline-ms 10 >"$out" &
+  cl=$!
+  sleep 2
+  cut=$(date +%s.%N)
+  ip -n "$RX" link set d1 down
+  wait "$cl" || true
+  ip -n "$RX" link set d1 up
+  python3 - "$out" "$cut" "$alone" this <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1])); cut = float(sys.argv[2]) * 1e3; alone = float(sys.argv[3])
+tl = d.get("timeline") or []
+if not tl:
+    print(f"| {sys.argv[4]} | {alone:.3f} | failed: the client ended without results | | | |")
+    sys.exit()
+def first(key):
+    base = next((s[key] for s in tl if s["unix_ms"] >= cut), None)
+    t = next((s["unix_ms"] for s in tl if s["unix_ms"] >= cut and s[key] > base), None)
+    return f"{t - cut:.0f}" if t is not None else "none"
+# Steady state: from 1 s after the cut to the end of the throughput phase.
+after = [s for s in tl if s["unix_ms"] >= cut + 1000]
+rate = (after[-1]["bytes_sent"] - after[0]["bytes_sent"]) / ((after[-1]["unix_ms"] - after[0]["unix_ms"]) / 1e3) / 1e9 if len(after) > 1 else 0
+print(f"| {sys.argv[4]} | {alone:.3f} | {rate:.3f} | {rate / alone if alone else 0:.2f}x | {first('retired')} | {first('resent_chunks')} |")
+PY
+done
