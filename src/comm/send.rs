@@ -137,6 +137,9 @@ impl CommLink for SendLink {
     }
 
     fn pull(&self, id: SockId, acked: u64, end: u64, now: Instant) -> Option<TxChunk> {
+        // Views are never older than what the scheduler was told: a stale
+        // one would make a busy socket look idle (and never stall).
+        self.publish(id, acked, end);
         let mut s = lock(&self.sched);
         for (j, v) in self.views.iter().enumerate() {
             if j != id.index as usize {
@@ -160,14 +163,16 @@ impl CommLink for SendLink {
     }
 
     fn publish(&self, id: SockId, acked: u64, end: u64) {
+        // The generation last: a reader that sees it sees its stream.
         if let Some(v) = self.views.get(id.index as usize) {
-            v.gen.store(id.gen, Ordering::Release);
             v.acked.store(acked, Ordering::Release);
             v.end.store(end, Ordering::Release);
+            v.gen.store(id.gen, Ordering::Release);
         }
     }
 
     fn sample(&self, id: SockId, acked: u64, end: u64, now: Instant) {
+        self.publish(id, acked, end);
         let mut s = lock(&self.sched);
         s.sample(id.index as usize, id.gen, acked, end, now);
         if s.has_retired() {

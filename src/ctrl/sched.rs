@@ -21,7 +21,8 @@
 //! begins.
 //!
 //! A socket stalls when it has bytes outstanding and no acknowledgement for
-//! the stall timeout while another socket advances. A stalled or failed
+//! the stall timeout, and another socket advanced meanwhile and is not
+//! stuck itself (a frozen peer stops every socket with bytes outstanding). A stalled or failed
 //! socket is retired: its chunks on the way are queued again, and the
 //! receiver's answer to the retirement (which chunks are in place) queues
 //! the rest it lacks.
@@ -544,11 +545,16 @@ impl<M: Clone> Sched<M> {
             })
             .collect();
         for i in stalled {
+            // Another advanced since this one last did and is not stuck
+            // itself: the peer reads. That one may have delivered all it had
+            // long ago (the rest of a message waits on this one); a frozen
+            // peer leaves every busy socket stuck.
+            let since = self.slots[i].since;
             let others_advance = self.slots.iter().enumerate().any(|(j, p)| {
                 j != i
                     && p.live
-                    && p.advanced
-                        .is_some_and(|t| now.saturating_duration_since(t) < stall)
+                    && p.advanced.is_some_and(|t| t > since)
+                    && (!p.busy() || now.saturating_duration_since(p.since) <= stall)
             });
             if others_advance {
                 self.retire(i, self.slots[i].gen, Why::Stalled);
@@ -822,6 +828,26 @@ mod tests {
         );
         assert_eq!(pull(&mut s, &mut k, 1, t0), Some((0, 3, false)));
         assert_eq!(pull(&mut s, &mut k, 1, t0), None);
+    }
+
+    #[test]
+    fn a_stalled_socket_is_retired_though_the_others_finished_long_ago() {
+        let t0 = Instant::now();
+        let mut s = Sched::new(&[0, 1], Some(1000 * MS), t0);
+        s.start(0, 0, 2 * 4096, 4096, true);
+        let mut k = [Sock::default(); 2];
+        pull(&mut s, &mut k, 0, t0);
+        pull(&mut s, &mut k, 1, t0);
+        // Socket 1 delivered its chunk at once and has nothing left; the
+        // message waits on socket 0, which is looked at only later.
+        k[1].acked = k[1].end;
+        s.sample(1, 0, k[1].acked, k[1].end, t0 + MS);
+        s.sample(0, 0, k[0].acked, k[0].end, t0 + 900 * MS);
+        assert!(s.take_retired().is_empty(), "not yet the stall timeout");
+        s.sample(0, 0, k[0].acked, k[0].end, t0 + 5000 * MS);
+        let r = s.take_retired();
+        assert_eq!((r.len(), r[0].index, r[0].requeued), (1, 0, 1));
+        assert_eq!(pull(&mut s, &mut k, 1, t0), Some((0, 0, true)));
     }
 
     #[test]
