@@ -52,15 +52,17 @@ impl FdWaker {
         Some(fd)
     }
 
-    /// The thread woke (its eventfd is emptied for the next sleep).
-    pub fn woke(&self, fd: &Arc<EventFd>) {
+    /// The thread woke; `written`: by its eventfd, emptied for the next sleep.
+    pub fn woke(&self, fd: &Arc<EventFd>, written: bool) {
         self.sleepers.fetch_sub(1, Ordering::SeqCst);
         let mut fds = self.fds.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(i) = fds.iter().position(|f| Arc::ptr_eq(f, fd)) {
             fds.swap_remove(i);
         }
         drop(fds);
-        let _ = fd.read();
+        if written {
+            let _ = fd.read();
+        }
     }
 
     fn wake_all(&self) {

@@ -227,7 +227,9 @@ impl SendComm {
                 }
                 c.events = events;
                 if !more {
-                    core.progress(c, false);
+                    // Posts are read only when something waits for them.
+                    let read = c.side.awaits_peer();
+                    core.progress(c, read);
                 }
                 Ok(())
             },
