@@ -47,6 +47,11 @@
 #define TCPX_EPEER 17
 
 /**
+ * The peer closed the comm on purpose (its requests in flight fail too).
+ */
+#define TCPX_EPEERCLOSED 18
+
+/**
  * `NCCL_PTR_HOST` / `NCCL_PTR_CUDA`.
  */
 #define TCPX_PTR_HOST 1

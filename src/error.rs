@@ -40,6 +40,8 @@ pub enum Error {
     Gpumemd(String),
     #[error("the peer sent nothing for {after_ms} ms (no heartbeat): its process is frozen or its host or network is gone; raise TCPX_PEER_TIMEOUT_MS if it may pause longer")]
     PeerUnresponsive { after_ms: u64 },
+    #[error("the peer closed the comm")]
+    PeerClosed,
     #[error("{op} failed: {msg} ({kind:?})")]
     Io {
         op: &'static str,
@@ -82,6 +84,7 @@ impl Error {
             Error::Io { .. } => 15,
             Error::Gpumemd(_) => 16,
             Error::PeerUnresponsive { .. } => 17,
+            Error::PeerClosed => 18,
         }
     }
 }

@@ -37,6 +37,8 @@ pub const TCPX_EIO: c_int = 15;
 pub const TCPX_EGPUMEMD: c_int = 16;
 /// The peer sent nothing (no heartbeat) for the peer timeout: frozen, or its host or network is gone.
 pub const TCPX_EPEER: c_int = 17;
+/// The peer closed the comm on purpose (its requests in flight fail too).
+pub const TCPX_EPEERCLOSED: c_int = 18;
 
 /// `NCCL_PTR_HOST` / `NCCL_PTR_CUDA`.
 pub const TCPX_PTR_HOST: c_int = 1;

@@ -23,6 +23,7 @@ pub const POST_BUF_LEN: usize = 12;
 pub const ACK_LEN: usize = 20;
 pub const PING_LEN: usize = 20;
 pub const REJECT_LEN: usize = 20;
+pub const BYE_LEN: usize = 20;
 /// One NIC address in a Welcome payload.
 pub const ADDR_LEN: usize = 20;
 /// Largest header of any kind: the size of a receive buffer for one header.
@@ -41,6 +42,7 @@ pub enum Kind {
     Ack = 6,
     Ping = 7,
     Reject = 8,
+    Bye = 9,
 }
 
 impl Kind {
@@ -54,6 +56,7 @@ impl Kind {
             6 => Kind::Ack,
             7 => Kind::Ping,
             8 => Kind::Reject,
+            9 => Kind::Bye,
             _ => return None,
         })
     }
@@ -67,6 +70,7 @@ impl Kind {
             Kind::Ack => ACK_LEN,
             Kind::Ping => PING_LEN,
             Kind::Reject => REJECT_LEN,
+            Kind::Bye => BYE_LEN,
         }
     }
 }
@@ -163,6 +167,10 @@ pub struct Ping {
 pub struct Reject {
     pub reason: u16,
 }
+
+/// The last frame of a comm closed on purpose (either direction).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bye;
 
 /// `Reject::reason`: the client speaks another wire version.
 pub const REJECT_VERSION: u16 = 1;
@@ -563,6 +571,21 @@ impl Reject {
     }
 }
 
+impl Bye {
+    pub fn encode(&self) -> [u8; BYE_LEN] {
+        let mut b = [0u8; BYE_LEN];
+        put_prefix(&mut b, Kind::Bye, 0);
+        b
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Self> {
+        let (p, mut r) = expect(b, Kind::Bye)?;
+        no_payload(p, Kind::Bye)?;
+        r.zero::<8>("Bye")?;
+        Ok(Bye)
+    }
+}
+
 /// `family u8 | 0 u8 | port u16 | addr [16]` (IPv4 in the first 4 bytes).
 pub fn put_addr(b: &mut [u8], a: &SocketAddr) {
     b[..ADDR_LEN].fill(0);
@@ -612,6 +635,7 @@ pub enum Header {
     Ack(Ack),
     Ping(Ping),
     Reject(Reject),
+    Bye(Bye),
 }
 
 impl Header {
@@ -626,6 +650,7 @@ impl Header {
             Header::Ack(a) => a.encode().to_vec(),
             Header::Ping(p) => p.encode().to_vec(),
             Header::Reject(r) => r.encode().to_vec(),
+            Header::Bye(b) => b.encode().to_vec(),
         }
     }
 }
@@ -642,6 +667,7 @@ pub fn parse_header(b: &[u8]) -> Result<Header> {
         Kind::Ack => Header::Ack(Ack::decode(b)?),
         Kind::Ping => Header::Ping(Ping::decode(b)?),
         Kind::Reject => Header::Reject(Reject::decode(b)?),
+        Kind::Bye => Header::Bye(Bye::decode(b)?),
     })
 }
 
@@ -689,6 +715,9 @@ mod tests {
         assert_eq!(&a[12..], &9u64.to_le_bytes());
         let g = Ping { count: 1 }.encode();
         assert_eq!(&g[..8], &[b'T', b'C', b'P', b'X', 2, 7, 20, 0]);
+        let y = Bye.encode();
+        assert_eq!(&y[..12], &[b'T', b'C', b'P', b'X', 2, 9, 20, 0, 0, 0, 0, 0]);
+        assert_eq!(&y[12..], &[0; 8]);
     }
 
     #[test]
@@ -840,6 +869,7 @@ mod tests {
             any::<u64>().prop_map(|seq| Header::Ack(Ack { seq })),
             any::<u64>().prop_map(|count| Header::Ping(Ping { count })),
             any::<u16>().prop_map(|reason| Header::Reject(Reject { reason })),
+            Just(Header::Bye(Bye)),
             (any::<u64>(), 1u16..=16, any::<u32>()).prop_map(|(comm_id, n_nics, to)| {
                 Header::Welcome(Welcome {
                     comm_id,

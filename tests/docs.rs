@@ -32,6 +32,7 @@ fn every_header_size_in_protocol_md_is_the_code_s() {
         ("Ack", wire::ACK_LEN),
         ("Ping", wire::PING_LEN),
         ("Reject", wire::REJECT_LEN),
+        ("Bye", wire::BYE_LEN),
     ] {
         assert_eq!(stated_size(&doc, name), len, "{name}");
     }

@@ -145,8 +145,5 @@ fn closing_the_receiver_fails_uring_sends_in_flight() {
             Ok(None) => std::thread::sleep(std::time::Duration::from_millis(1)),
         }
     };
-    assert!(
-        matches!(e, tcpx::Error::ConnectionLost(_) | tcpx::Error::Closed),
-        "{e}"
-    );
+    assert!(matches!(e, tcpx::Error::PeerClosed), "{e}");
 }

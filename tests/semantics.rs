@@ -262,3 +262,28 @@ fn a_closed_comm_reports_in_flight_receives_only_after_letting_go() {
         );
     }
 }
+
+#[test]
+fn a_peer_that_closes_is_told_apart_from_one_that_died() {
+    let net = Net::init(three_nics()).unwrap();
+    let big = net.reg_mr(HostMemory::zeroed(8 << 20).unwrap());
+    // The receiver closes: the sender's requests in flight say so.
+    let (send, recv) = pair(&net, &net);
+    let mut s = send.isend(&big, 0, 8 << 20, 0).unwrap().unwrap();
+    drop(recv);
+    assert_eq!(s.wait(T).unwrap_err(), Error::PeerClosed);
+    assert_eq!(send.isend(&big, 0, 1, 0).unwrap_err(), Error::PeerClosed);
+    // The sender closes: the receiver's posted receive says so.
+    let (send, recv) = pair(&net, &net);
+    let mut r = recv
+        .irecv(&[RecvBuf {
+            mr: &big,
+            offset: 0,
+            len: 10,
+            tag: 0,
+        }])
+        .unwrap()
+        .unwrap();
+    drop(send);
+    assert_eq!(r.wait(T).unwrap_err(), Error::PeerClosed);
+}

@@ -278,9 +278,11 @@ impl Drop for RecvComm {
     fn drop(&mut self) {
         let core = &self.core;
         core.base.closed.store(true, Ordering::Release);
-        lock(&core.link.failure).get_or_insert(Error::Closed);
         core.ctrl.with(
             |c| {
+                c.side.bye();
+                core.progress(c, false);
+                lock(&core.link.failure).get_or_insert(Error::Closed);
                 c.side.fail(Error::Closed);
                 core.progress(c, false);
                 close_ctrl(&c.stream, CLOSE_PATIENCE);
@@ -321,9 +323,6 @@ impl RecvCore {
     fn progress(&self, c: &mut RecvCtrl, tick: bool) {
         let now = Instant::now();
         let link = &self.link;
-        if let Some(e) = lock(&link.failure).clone() {
-            c.side.fail(e);
-        }
         let before = link.announced.load(Ordering::Acquire);
         let RecvCtrl {
             stream,
@@ -353,6 +352,10 @@ impl RecvCore {
                 side.fail(e);
             }
             link.announced.store(side.announced(), Ordering::Release);
+        }
+        // After the reads: a peer's Bye explains the data sockets' EOF.
+        if let Some(e) = lock(&link.failure).clone() {
+            side.fail(e);
         }
         side.poll(now, tick);
         while side.broken().is_none() && !side.output().is_empty() {

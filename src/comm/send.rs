@@ -251,6 +251,8 @@ impl Drop for SendComm {
             |c| {
                 // Bytes of finished requests are in the kernel already; let
                 // queued ones (of requests failing now) go too, if they can.
+                c.side.bye();
+                core.progress(c, false);
                 c.side.fail(Error::Closed);
                 core.progress(c, false);
                 close_ctrl(&c.stream, CLOSE_PATIENCE);
@@ -286,10 +288,10 @@ impl SendCore {
     /// answer, and heartbeats are checked only after reading what came.
     fn progress(&self, c: &mut SendCtrl, read: bool) {
         let now = Instant::now();
-        if let Some(e) = lock(&self.failure).clone() {
-            c.side.fail(e);
-        }
         let mut events = std::mem::take(&mut c.events);
+        let failure = lock(&self.failure).clone();
+        // A peer's Bye explains its data sockets' EOF: read before failing.
+        let read = read || failure.is_some();
         loop {
             if read && c.side.broken().is_none() {
                 loop {
@@ -308,6 +310,9 @@ impl SendCore {
                     }
                 }
                 c.side.poll(now);
+            }
+            if let Some(e) = &failure {
+                c.side.fail(e.clone());
             }
             while c.side.broken().is_none() && !c.side.output().is_empty() {
                 match write_ctrl(&c.stream, c.side.output()) {

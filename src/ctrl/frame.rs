@@ -4,7 +4,7 @@
 use std::ops::Range;
 
 use crate::error::{Error, Result};
-use crate::wire::{self, Ack, Kind, Msg, Ping, Post, PREFIX_LEN};
+use crate::wire::{self, Ack, Bye, Kind, Msg, Ping, Post, PREFIX_LEN};
 
 /// A whole frame at the front of an inbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -17,6 +17,7 @@ pub(crate) enum Frame {
     Post(Post),
     Ack(Ack),
     Ping(Ping),
+    Bye,
 }
 
 /// Received control bytes not yet consumed.
@@ -104,6 +105,10 @@ impl Inbox {
             Kind::Post => Frame::Post(Post::decode(b)?),
             Kind::Ack => Frame::Ack(Ack::decode(b)?),
             Kind::Ping => Frame::Ping(Ping::decode(b)?),
+            Kind::Bye => {
+                Bye::decode(b)?;
+                Frame::Bye
+            }
             k => {
                 return Err(Error::Protocol(format!(
                     "{k:?} header on the control socket"

@@ -9,7 +9,7 @@ use super::matcher::{Matcher, Outcome, Verdict};
 use super::{eager_cost, Params, Token, EAGER_WINDOW, MAX_OPEN_POSTS};
 use crate::config::MAX_INLINE;
 use crate::error::{Error, Result};
-use crate::wire::{Ack, Kind, Msg, Ping, Post};
+use crate::wire::{Ack, Bye, Kind, Msg, Ping, Post};
 
 /// Small receives wait for this many to go out in one write.
 const DEFER_MAX: usize = 16;
@@ -66,7 +66,7 @@ pub(crate) struct RecvSide {
 impl RecvSide {
     pub fn new(p: Params, now: Instant) -> Self {
         RecvSide {
-            inbox: Inbox::new(&[Kind::Msg, Kind::Ping], MAX_INLINE),
+            inbox: Inbox::new(&[Kind::Msg, Kind::Ping, Kind::Bye], MAX_INLINE),
             s: State {
                 next_seq: 0,
                 groups: Matcher::new(),
@@ -159,6 +159,7 @@ impl RecvSide {
             let r = match frame {
                 Frame::Msg { msg, payload } => self.s.on_msg(msg, self.inbox.bytes(payload), ev),
                 Frame::Ping(_) => Ok(()),
+                Frame::Bye => Err(Error::PeerClosed),
                 Frame::Post(_) | Frame::Ack(_) => Err(Error::Protocol(
                     "receiver-side frame from the sender".into(),
                 )),
@@ -175,6 +176,14 @@ impl RecvSide {
         if self.s.broken.is_none() {
             self.s.flush_posts();
             self.s.out.put(&Ack { seq }.encode());
+        }
+    }
+
+    /// Says goodbye: the last frame before the comm closes on purpose.
+    pub fn bye(&mut self) {
+        if self.s.broken.is_none() {
+            self.s.flush_posts();
+            self.s.out.put(&Bye.encode());
         }
     }
 

@@ -8,7 +8,7 @@ use super::liveness::Liveness;
 use super::matcher::{Matcher, Verdict};
 use super::{eager_cost, Params, Token, EAGER_WINDOW, MAX_OPEN_POSTS};
 use crate::error::{Error, Result};
-use crate::wire::{Kind, Msg, Ping, MSG_INLINE};
+use crate::wire::{Bye, Kind, Msg, Ping, MSG_INLINE};
 
 /// What the comm layer must do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,7 +77,7 @@ impl SendSide {
             next_post: 0,
             writing: VecDeque::new(),
             out: Outbox::default(),
-            inbox: Inbox::new(&[Kind::Post, Kind::Ack, Kind::Ping], 128),
+            inbox: Inbox::new(&[Kind::Post, Kind::Ack, Kind::Ping, Kind::Bye], 128),
             live: Liveness::new(p.timeout, p.peer_timeout, now),
             broken: None,
         }
@@ -330,6 +330,7 @@ impl SendSide {
                 }
             },
             Frame::Ping(_) => {}
+            Frame::Bye => return Err(Error::PeerClosed),
             Frame::Msg { msg, .. } => {
                 return Err(Error::Protocol(format!(
                     "message {} announced to its sender",
@@ -338,6 +339,13 @@ impl SendSide {
             }
         }
         Ok(())
+    }
+
+    /// Says goodbye: the last frame before the comm closes on purpose.
+    pub fn bye(&mut self) {
+        if self.broken.is_none() {
+            self.out.put(&Bye.encode());
+        }
     }
 
     /// Timers: gives up on a silent peer, sends a heartbeat when quiet.

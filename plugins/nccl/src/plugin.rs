@@ -47,9 +47,10 @@ fn code(e: &Error) -> ncclResult_t {
         | Error::Closed
         | Error::Truncated { .. }
         | Error::TagMismatch(_) => NCCL_INVALID_USAGE,
-        Error::Protocol(_) | Error::ConnectionLost(_) | Error::PeerUnresponsive { .. } => {
-            NCCL_REMOTE_ERROR
-        }
+        Error::Protocol(_)
+        | Error::ConnectionLost(_)
+        | Error::PeerUnresponsive { .. }
+        | Error::PeerClosed => NCCL_REMOTE_ERROR,
         Error::Timeout { .. } | Error::Io { .. } | Error::Interface(_) | Error::Gpumemd(_) => {
             NCCL_SYSTEM_ERROR
         }
