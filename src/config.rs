@@ -142,9 +142,8 @@ pub struct Config {
     /// first CUDA registration; about four chunks per data socket keeps
     /// every socket busy (`TCPX_STAGING_BYTES`).
     pub staging_bytes: usize,
-    /// `NCCL_GPUDIRECTTCPX_FORCE_ACK`: the original sets TCP_QUICKACK on a
-    /// data socket when the last receive queued on it finishes. Recorded;
-    /// the receive path does not act on it yet (reported at init).
+    /// `NCCL_GPUDIRECTTCPX_FORCE_ACK`: as the original, set TCP_QUICKACK on
+    /// a data socket each time a received chunk completes there.
     pub force_ack: bool,
     /// How the devmem receive path will import gpumemd's RX pool; recorded
     /// until that path exists (reported at init).

@@ -62,6 +62,7 @@ impl NetInner {
                 (abi, source)
             }),
             peer_timeout_ms: self.cfg.peer_timeout.map_or(0, |t| t.as_millis() as u64),
+            quickack: self.cfg.force_ack,
         };
         let per = self.cfg.workers_per_nic;
         let worker = nic * per + (id % per as u64) as usize;

@@ -118,6 +118,9 @@ pub(crate) struct TxMode {
     pub devmem_emulated: Option<(devmem::sockabi::KernelAbi, crate::gpumemd::PoolSource)>,
     /// TCP_USER_TIMEOUT of the socket (its ETIMEDOUT means an unresponsive peer).
     pub peer_timeout_ms: u64,
+    /// Set TCP_QUICKACK each time a received chunk completes
+    /// (`NCCL_GPUDIRECTTCPX_FORCE_ACK`), so the sender is not held by delayed ACKs.
+    pub quickack: bool,
 }
 
 pub(crate) enum Cmd {

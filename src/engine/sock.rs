@@ -15,6 +15,7 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use nix::errno::Errno;
+use socket2::SockRef;
 
 use devmem::cuda::mem::DeviceSpan;
 
@@ -112,6 +113,7 @@ pub(super) struct Sock {
     comm: Arc<dyn CommLink>,
     receives: bool,
     peer_timeout_ms: u64,
+    quickack: bool,
     pub readable: bool,
     pub writable: bool,
     pub dead: Option<Error>,
@@ -161,6 +163,7 @@ impl Sock {
             comm,
             receives,
             peer_timeout_ms: mode.peer_timeout_ms,
+            quickack: mode.quickack,
             readable: true,
             writable: true,
             dead,
@@ -440,6 +443,10 @@ impl Sock {
         let Some(b) = self.rx.body.take() else {
             return;
         };
+        if self.quickack && self.rx.hdr_done == 0 {
+            // The kernel leaves quick-ACK mode on its own; set it again each time.
+            let _ = SockRef::from(&self.stream).set_quickack(true);
+        }
         let Some(p) = b.dst else {
             return;
         };
@@ -719,6 +726,7 @@ mod tests {
             min_zcopy: 0,
             devmem_emulated: Some((KernelAbi::Tcpx, PoolSource::Local(1 << 20))),
             peer_timeout_ms: 0,
+            quickack: false,
         };
         let comm = Arc::new(OneMessage::default());
         let mut s = Sock::new(
@@ -880,6 +888,7 @@ mod tests {
             min_zcopy: 0,
             devmem_emulated: None,
             peer_timeout_ms: 0,
+            quickack: false,
         };
         let mut s = Sock::new(
             stream,
@@ -944,6 +953,7 @@ mod tests {
             min_zcopy: 0,
             devmem_emulated: None,
             peer_timeout_ms: 0,
+            quickack: false,
         };
         let mut s = Sock::new(
             stream,
@@ -972,5 +982,48 @@ mod tests {
             Some(Error::Protocol(_))
         ));
         assert!(s.dead.is_some());
+    }
+
+    #[test]
+    fn force_ack_sets_quick_ack_after_each_chunk() {
+        for on in [false, true] {
+            let (stream, _peer) = loaded(&chunk(3, 0, &pattern(6000)[..4096]));
+            stream.set_nonblocking(true).unwrap();
+            // Delayed-ACK mode, as the kernel has it after a while.
+            SockRef::from(&stream).set_quickack(false).unwrap();
+            let comm = Arc::new(Late {
+                placement: Mutex::new(None),
+                known: AtomicBool::new(true),
+                waits: Default::default(),
+                kicks: Default::default(),
+                err: Mutex::new(None),
+            });
+            let mode = TxMode {
+                zerocopy: ZeroCopy::Off,
+                min_zcopy: 0,
+                devmem_emulated: None,
+                peer_timeout_ms: 0,
+                quickack: on,
+            };
+            let mut s = Sock::new(
+                stream,
+                mode,
+                comm.clone(),
+                true,
+                None,
+                &Arc::new(Counters::default()),
+            );
+            let mr = MemoryRegion::owned(HostMemory::zeroed(6000).unwrap());
+            let req = Arc::new(ReqState::new(1, 1));
+            let p = Placement::new(3, mr.inner.clone(), 0, 6000, 4096, req, comm.clone());
+            *comm.placement.lock().unwrap() = Some(Arc::new(p));
+            std::thread::sleep(Duration::from_millis(20));
+            pump(&mut s, &mut Vec::new());
+            assert_eq!(
+                SockRef::from(&s.stream).quickack().unwrap(),
+                on,
+                "force_ack {on}"
+            );
+        }
     }
 }
