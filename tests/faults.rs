@@ -217,3 +217,54 @@ fn connect_to_a_closed_listener_fails_fast() {
     assert!(t0.elapsed() < Duration::from_secs(5));
     assert!(matches!(e, Error::ConnectionLost(_)), "{e}");
 }
+
+#[test]
+fn a_version_1_peer_gets_a_clear_answer_both_ways() {
+    let net = Net::init(three_nics()).unwrap();
+    let (h, _l) = net.listen(0).unwrap();
+    // A v1 handle: BadHandle that names the version.
+    let mut b = h.to_bytes();
+    b[4] = 1;
+    let e = Handle::from_bytes(&b).unwrap_err().to_string();
+    assert!(e.contains("wire version 1"), "{e}");
+    // A v1 client's Hello (48 bytes, version byte 1): a Reject of version 2, then close.
+    let mut secret = [0u8; 16];
+    secret.copy_from_slice(&h.to_bytes()[8..24]);
+    let mut v1 = Hello {
+        secret,
+        comm_id: 0,
+        role: Role::Control,
+        n_data: 3,
+        inline_threshold: 0,
+        peer_timeout_ms: 0,
+    }
+    .encode()[..48]
+        .to_vec();
+    v1[4] = 1;
+    v1[6] = 48;
+    let mut s = TcpStream::connect(h.addr()).unwrap();
+    s.write_all(&v1).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut l2 = _l;
+    let t0 = Instant::now();
+    let mut got = Vec::new();
+    let mut b = [0u8; 64];
+    while t0.elapsed() < Duration::from_secs(5) {
+        let _ = l2.accept();
+        s.set_nonblocking(true).unwrap();
+        match s.read(&mut b) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&b[..n]),
+            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+        }
+    }
+    let reject = tcpx::wire::Reject {
+        reason: tcpx::wire::REJECT_VERSION,
+    }
+    .encode();
+    assert_eq!(got, reject.to_vec(), "a Reject, then the listener closes");
+    assert!(
+        t0.elapsed() < Duration::from_secs(1),
+        "refused at once, not after the hello deadline"
+    );
+}

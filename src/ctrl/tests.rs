@@ -665,3 +665,20 @@ proptest! {
         super::feed_both(&stream);
     }
 }
+
+#[test]
+fn a_goodbye_fails_the_other_end_as_closed_by_the_peer() {
+    let mut p = Pair::new(None);
+    p.send(1, 1 << 20, 0);
+    p.run();
+    p.s.bye();
+    p.run();
+    assert_eq!(p.r.broken(), Some(&Error::PeerClosed));
+    let mut q = Pair::new(None);
+    q.r.bye();
+    q.run();
+    assert_eq!(q.s.broken(), Some(&Error::PeerClosed));
+    // Nothing after a failure is said: a broken end sends no Bye.
+    q.s.bye();
+    assert!(q.s.output().is_empty());
+}
