@@ -271,7 +271,7 @@ impl<S> EmuDevmemSocket<S> {
             return Err(AbiError::DontNeed {
                 abi,
                 optname: abi.so_devmem_dontneed(),
-                source: io::Error::from_raw_os_error(libc::EINVAL),
+                source: io::Error::from_raw_os_error(libc::EINVAL).into(),
             });
         }
         self.stats.dontneed_calls += 1;

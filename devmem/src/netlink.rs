@@ -41,7 +41,7 @@ pub const NETDEV_QUEUE_TYPE_RX: u32 = 0;
 const NLMSG_HDR: usize = 16;
 const GENL_HDR: usize = 4;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum NetlinkError {
     #[error("the kernel has no `netdev` generic-netlink family (devmem RX needs Linux ≥ 6.12, TX ≥ 6.15)")]
@@ -72,7 +72,13 @@ pub enum NetlinkError {
     #[error("no netlink reply within {0:?}")]
     TimedOut(Duration),
     #[error("netlink socket: {0}")]
-    Io(#[from] std::io::Error),
+    Io(#[from] crate::error::OsError),
+}
+
+impl From<std::io::Error> for NetlinkError {
+    fn from(e: std::io::Error) -> Self {
+        NetlinkError::Io(e.into())
+    }
 }
 
 fn align4(n: usize) -> usize {
