@@ -509,6 +509,14 @@ impl Engine {
         }
         got
     }
+
+    /// Puts taken notifications the caller could not keep back in front of
+    /// the queue, in order.
+    pub fn requeue_notifs(&self, mut notifs: Vec<(String, Vec<u8>)>) {
+        let mut q = lock(&self.inner.notifs);
+        notifs.append(&mut q);
+        *q = notifs;
+    }
 }
 
 impl Drop for Engine {
