@@ -13,9 +13,11 @@ use std::time::Duration;
 
 use ffiguard::{cstr, obj, out, put, slice, slice_mut, take};
 
-use crate::engine::{xfer_status, Engine, Op, Options, Progress, XferDesc, XferState};
+use crate::engine::{xfer_status, Engine, Op, XferDesc};
 use crate::error::{status, Error, Result};
+use crate::options::{Options, Progress};
 use crate::registry::Mem;
+use crate::state::XferState;
 
 pub struct tnx_engine(Engine);
 pub struct tnx_xfer(Arc<XferState>);
@@ -371,7 +373,7 @@ pub extern "C" fn tnx_option(
         (c"chunk_size", c""),
         (c"timeout_ms", c"10000"),
     ];
-    const _: () = assert!(OPTS.len() == crate::engine::OPTIONS.len());
+    const _: () = assert!(OPTS.len() == crate::options::OPTIONS.len());
     ffiguard::catch::<Nixl, _>("tnx_option", 0, || {
         let Some((k, d)) = OPTS.get(i) else { return 0 };
         // SAFETY: key and default are NULL or writable (header contract).

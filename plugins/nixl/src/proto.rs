@@ -4,6 +4,7 @@
 //! link module moves them as tcpx messages with tag [`TAG_HDR`], and the
 //! payloads of WRITE/READ as separate messages with tag [`TAG_DATA`].
 //! Decoding never panics on hostile input: every read is bounds-checked.
+#![forbid(unsafe_code)]
 
 use crate::error::{Error, Result};
 
@@ -314,6 +315,21 @@ impl Msg {
             return Err(Error::Protocol("trailing bytes after the message".into()));
         }
         Ok(m)
+    }
+}
+
+impl Msg {
+    /// The message's kind, for errors.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Msg::Hello { .. } => "Hello",
+            Msg::HelloBack { .. } => "HelloBack",
+            Msg::Write { .. } => "Write",
+            Msg::WriteDone { .. } => "WriteDone",
+            Msg::Read { .. } => "Read",
+            Msg::ReadResp { .. } => "ReadResp",
+            Msg::Notif { .. } => "Notif",
+        }
     }
 }
 
