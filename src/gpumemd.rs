@@ -1,6 +1,7 @@
 //! The devmem control plane through gpumemd: probe the daemon at init,
 //! optionally register, and steer each accepted data socket's flow to one of
 //! the GPU's RX queues for the comm's lifetime.
+#![forbid(unsafe_code)]
 
 use std::net::TcpStream;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};

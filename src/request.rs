@@ -1,4 +1,5 @@
 //! Completion state shared by a request, the API thread and the workers.
+#![forbid(unsafe_code)]
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};

@@ -1,6 +1,7 @@
 //! The transport with gpumemd: probe and path at init, one flow-steering
 //! rule per data socket on accept, all withdrawn on close, and fallback or
 //! failure according to `TCPX_DEVMEM`.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on failure
 
 mod common;
 

@@ -14,6 +14,7 @@
 //!
 //! Everything irregular (header bytes, short fragments, offsets inside a
 //! page) is drawn from a seeded generator, so a failing run replays.
+#![forbid(unsafe_code)]
 
 use std::io::{self, Read};
 use std::net::TcpStream;

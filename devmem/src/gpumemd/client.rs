@@ -1,5 +1,6 @@
 //! The gpumemd client: RX pool import, queue ids, flow-steering rules and
 //! the application registration, each with a deadline.
+#![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};

@@ -1,4 +1,5 @@
 //! Errors of the gpumemd client and of the frame parser.
+#![forbid(unsafe_code)]
 
 use std::path::PathBuf;
 use std::time::Duration;

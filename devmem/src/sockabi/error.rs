@@ -1,3 +1,5 @@
+#![forbid(unsafe_code)]
+
 use super::KernelAbi;
 
 /// Errors of the devmem socket ABI layer.

@@ -1,4 +1,5 @@
 //! The crate's one error type and its NIXL status codes.
+#![forbid(unsafe_code)]
 
 /// `nixl_status_t` values (nixl_types.h of NIXL 1.5.1); the C API returns these.
 pub mod status {

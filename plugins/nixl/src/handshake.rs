@@ -1,6 +1,7 @@
 //! Links come up in two halves: the side that needs one connects and sends
 //! `Hello`; the peer connects back and answers `HelloBack` on its own comm.
 //! Each side's accept thread reads the first message of every comm it gets.
+#![forbid(unsafe_code)]
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;

@@ -3,6 +3,7 @@
 //! notification polls advance it as they poll, and a receiver thread (or the
 //! polling thread) whenever the transport reports progress, so a passive
 //! engine is still served.
+#![forbid(unsafe_code)]
 
 use std::collections::VecDeque;
 use std::ops::Range;

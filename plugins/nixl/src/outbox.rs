@@ -1,6 +1,7 @@
 //! The outgoing comm to one peer and what is queued on it: posted by the
 //! thread that sends (no hand-off for small transfers); what finds every
 //! request slot busy waits in order in the backlog.
+#![forbid(unsafe_code)]
 
 use std::collections::VecDeque;
 use std::sync::Arc;

@@ -2,6 +2,7 @@
 //! [`Link`] per peer (its outbox, its flusher thread, whether it broke) and
 //! the transfers in flight. What arrives is served by `inbox.rs`, reached
 //! here only through [`Serve`].
+#![forbid(unsafe_code)]
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
