@@ -501,6 +501,31 @@ mod tests {
         assert!(parse_reply(&b[..20]).is_err());
     }
 
+    /// The fuzz target's seeds (fuzz/seeds/netlink_reply) are these tests'
+    /// golden bytes, in this machine's byte order.
+    #[cfg(target_endian = "little")]
+    #[test]
+    fn fuzz_seeds_hold_the_golden_bytes() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds/netlink_reply");
+        let seed = |n: &str| std::fs::read(dir.join(format!("{n}.bin"))).unwrap();
+        assert_eq!(
+            seed("bind_rx_request"),
+            bind_rx_request(7, 0x1b, 2, 5, &[3])
+        );
+        assert_eq!(seed("get_family_request"), get_family_request(1, "netdev"));
+        assert_eq!(
+            parse_reply(&seed("error_eopnotsupp")).unwrap(),
+            [Reply::Error(-libc::EOPNOTSUPP)]
+        );
+        assert_eq!(parse_reply(&seed("ack")).unwrap(), [Reply::Ack]);
+        let r = parse_reply(&seed("family_reply_then_ack")).unwrap();
+        let [Reply::Genl(attrs), Reply::Ack] = &r[..] else {
+            panic!("{r:?}")
+        };
+        assert_eq!(attr_u16(attrs, CTRL_ATTR_FAMILY_ID), Some(0x1b));
+    }
+
     proptest! {
         #[test]
         fn any_bytes_never_panic(b in proptest::collection::vec(any::<u8>(), 0..200)) {
