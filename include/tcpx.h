@@ -200,8 +200,8 @@ extern "C" {
 const char *tcpx_last_error(void);
 
 /**
- * `TCPX_CAUSE_*` of the calling thread's last failure: set with
- * TCPX_EGPUMEMD and TCPX_EDEVMEM, else TCPX_CAUSE_NONE.
+ * `TCPX_CAUSE_*` of the calling thread's last failure: set with TCPX_EDEVMEM
+ * and TCPX_EGPUMEMD (but for a refused flow-steering rule), else TCPX_CAUSE_NONE.
  */
 int tcpx_last_error_cause(void);
 

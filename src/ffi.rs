@@ -144,8 +144,8 @@ pub extern "C" fn tcpx_last_error() -> *const c_char {
     ffiguard::last_error()
 }
 
-/// `TCPX_CAUSE_*` of the calling thread's last failure: set with
-/// TCPX_EGPUMEMD and TCPX_EDEVMEM, else TCPX_CAUSE_NONE.
+/// `TCPX_CAUSE_*` of the calling thread's last failure: set with TCPX_EDEVMEM
+/// and TCPX_EGPUMEMD (but for a refused flow-steering rule), else TCPX_CAUSE_NONE.
 #[no_mangle]
 pub extern "C" fn tcpx_last_error_cause() -> c_int {
     ffiguard::last_error_cause()
@@ -465,7 +465,6 @@ pub extern "C" fn tcpx_close_listen(comm: *mut tcpx_listen_comm) -> c_int {
 
 #[cfg(test)]
 mod tests {
-    use std::ffi::CStr;
     use std::path::PathBuf;
 
     use devmem::cuda::CudaError;
@@ -477,11 +476,10 @@ mod tests {
 
     use super::*;
 
+    /// The message tcpx_last_error() points to.
     fn last() -> String {
-        // SAFETY: a NUL-terminated string valid until the next failure on this thread.
-        unsafe { CStr::from_ptr(tcpx_last_error()) }
-            .to_string_lossy()
-            .into_owned()
+        assert_eq!(tcpx_last_error(), ffiguard::last_error());
+        ffiguard::last_error_message()
     }
 
     fn os(errno: i32) -> devmem::OsError {

@@ -130,6 +130,15 @@ pub fn last_error() -> *const c_char {
         .unwrap_or(c"".as_ptr())
 }
 
+/// The calling thread's last failure message, owned (for tests).
+#[cfg(any(test, feature = "test-hooks"))]
+pub fn last_error_message() -> String {
+    // SAFETY: last_error returns a NUL-terminated string valid until the next failure here.
+    unsafe { CStr::from_ptr(last_error()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
 /// The [`Boundary::cause`] of the calling thread's last failure (0 if none).
 pub fn last_error_cause() -> c_int {
     LAST.try_with(|l| l.try_borrow().map(|l| l.cause).unwrap_or(0))
@@ -312,12 +321,7 @@ mod tests {
         }
     }
 
-    fn last() -> String {
-        // SAFETY: last_error returns a NUL-terminated string valid until the next failure here.
-        unsafe { CStr::from_ptr(last_error()) }
-            .to_string_lossy()
-            .into_owned()
-    }
+    use last_error_message as last;
 
     #[test]
     fn errors_become_their_code_and_the_last_error() {

@@ -412,11 +412,10 @@ pub extern "C" fn nixl_plugin_fini() {}
 mod tests {
     use super::*;
 
+    /// The message tnx_last_error() points to.
     fn last() -> String {
-        // SAFETY: a NUL-terminated string valid until the next failure on this thread.
-        unsafe { CStr::from_ptr(tnx_last_error()) }
-            .to_string_lossy()
-            .into_owned()
+        assert_eq!(tnx_last_error(), ffiguard::last_error());
+        ffiguard::last_error_message()
     }
 
     #[test]
