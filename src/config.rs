@@ -2,6 +2,7 @@
 //!
 //! The TCPX plugin's `NCCL_*` variables are accepted where they mean the same
 //! thing; `TCPX_*` variables cover the rest and win when both are set.
+#![forbid(unsafe_code)]
 
 use std::net::IpAddr;
 use std::path::PathBuf;

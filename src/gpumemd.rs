@@ -1,6 +1,7 @@
 //! The devmem control plane through gpumemd: probe the daemon at init,
 //! optionally register, and steer each accepted data socket's flow to one of
 //! the GPU's RX queues for the comm's lifetime.
+#![forbid(unsafe_code)]
 
 use std::net::TcpStream;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -11,7 +12,7 @@ use devmem::cuda::Context;
 use devmem::gpumemd::PoolMetadata;
 use devmem::pool::RxPool;
 
-use devmem::gpumemd::{GpumemdClient, Registration, DEFAULT_DEADLINE};
+use devmem::gpumemd::{GpumemdClient, GpumemdError, Registration, DEFAULT_DEADLINE};
 use flowsteer::gpumemd::GpumemdSteering;
 use flowsteer::{FlowTuple, RuleHandle, Steering};
 
@@ -48,8 +49,11 @@ impl PoolMemory {
     /// A regular file is host memory; anything else that passed
     /// `check_pool_fd` is taken for a CUDA handle of GPU `pci`.
     fn import(fd: OwnedFd, md: &PoolMetadata, pci: &str) -> Result<Self> {
-        let st = nix::sys::stat::fstat(fd.as_raw_fd())
-            .map_err(|e| Error::Gpumemd(format!("fstat of the RX pool fd: {e}")))?;
+        let st = nix::sys::stat::fstat(fd.as_raw_fd()).map_err(|e| {
+            Error::devmem(GpumemdError::BadPoolFd {
+                detail: format!("fstat failed: {e}"),
+            })
+        })?;
         if st.st_mode & libc::S_IFMT == libc::S_IFREG {
             return Ok(PoolMemory::Host(fd));
         }
@@ -84,7 +88,7 @@ impl SharedPool {
     pub fn take(self: &Arc<Self>) -> Result<(RxPool, PoolPart)> {
         let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
         let Some(index) = used.iter().position(|u| !u) else {
-            return Err(Error::Gpumemd(format!(
+            return Err(Error::Config(format!(
                 "the RX pool ({} bytes) has no free {}-byte part left for another data socket; raise the pool or lower TCPX_EMU_POOL_BYTES",
                 self.md.size, self.part
             )));
@@ -96,7 +100,7 @@ impl SharedPool {
                 .map_err(devmem::pool::PoolError::from)
                 .and_then(RxPool::gpu),
         }
-        .map_err(|e| Error::Gpumemd(format!("mapping the RX pool: {e}")))?;
+        .map_err(Error::devmem)?;
         used[index] = true;
         Ok((
             rx,
@@ -138,25 +142,26 @@ impl Gpumemd {
         let queue_ids = match client.queue_ids(pci) {
             Ok(q) if !q.is_empty() => q,
             Ok(_) => {
+                let path = prefix.clone();
+                let detail = format!("no RX queues for GPU {pci}");
                 return fallback(
                     cfg,
-                    format!(
-                        "gpumemd at {} has no RX queues for GPU {pci}",
-                        prefix.display()
-                    ),
-                )
+                    GpumemdError::InvalidReply {
+                        op: "queue ids",
+                        path,
+                        detail,
+                    },
+                );
             }
-            Err(e) => return fallback(cfg, e.to_string()),
+            Err(e) => return fallback(cfg, e),
         };
         let pool = match cfg.devmem_emulated {
             Some(_) => {
-                let p = client
-                    .rx_pool(pci)
-                    .map_err(|e| Error::Gpumemd(e.to_string()))?;
+                let p = client.rx_pool(pci).map_err(Error::devmem)?;
                 let part = (cfg.emu_pool_bytes as u64).next_multiple_of(p.metadata.align.max(4096));
                 let parts = (p.metadata.size / part) as usize;
                 if parts == 0 {
-                    return Err(Error::Gpumemd(format!(
+                    return Err(Error::Config(format!(
                         "the RX pool ({} bytes) is smaller than one {part}-byte part (TCPX_EMU_POOL_BYTES)",
                         p.metadata.size
                     )));
@@ -171,11 +176,7 @@ impl Gpumemd {
             None => None,
         };
         let registration = if cfg.gpumemd_register {
-            Some(
-                client
-                    .register()
-                    .map_err(|e| Error::Gpumemd(e.to_string()))?,
-            )
+            Some(client.register().map_err(Error::devmem)?)
         } else {
             None
         };
@@ -217,9 +218,11 @@ impl Gpumemd {
     }
 }
 
-fn fallback(cfg: &Config, why: String) -> Result<Option<Gpumemd>> {
+/// The host path under `prefer`; the daemon's error under `require`.
+fn fallback(cfg: &Config, why: GpumemdError) -> Result<Option<Gpumemd>> {
     if cfg.devmem == DevmemMode::Require {
-        return Err(Error::Gpumemd(format!("{why} (TCPX_DEVMEM=require)")));
+        tracing::error!("gpumemd unavailable and TCPX_DEVMEM=require: {why}");
+        return Err(Error::devmem(why));
     }
     tracing::warn!("gpumemd unavailable ({why}); using the host path");
     Ok(None)

@@ -4,6 +4,7 @@
 //! peer's acknowledgement) and the first error any of them met. It is
 //! done when every piece is: an error is reported only then, so nothing
 //! in the transport still uses the request's memory when it is.
+#![forbid(unsafe_code)]
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

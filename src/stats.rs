@@ -1,4 +1,5 @@
 //! Counters the workers keep, readable through `Net::stats()`.
+#![forbid(unsafe_code)]
 
 use std::sync::atomic::{AtomicU64, Ordering};
 

@@ -4,6 +4,7 @@
 //! Every header starts with the same 12-byte prefix:
 //! `magic u32 | version u8 | kind u8 | header_len u16 | payload_len u32`
 //! (little-endian), checked on receipt; reserved fields must be zero.
+#![forbid(unsafe_code)]
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 

@@ -1,6 +1,7 @@
 //! CUDA memory on the bounce path. GPU tests print why and pass when no
 //! CUDA driver or device is present, so CI without GPUs stays green; the
 //! typed-error tests run everywhere.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on failure
 
 mod common;
 
@@ -65,7 +66,7 @@ fn registration_loops_leak_no_fd_and_no_memory() {
     let net = Net::init(Config::loopback(&["127.0.0.1"]).unwrap()).unwrap();
     let d = tcpx::cuda_alloc(0, 8 << 20).unwrap();
     let dp = d.ptr() as *mut u8;
-    // SAFETY (both blocks): d outlives every region.
+    // SAFETY: d outlives the region.
     let first = unsafe { net.reg_mr_raw(dp, 8 << 20, PtrKind::Cuda) }.unwrap();
     let exported = first.has_dmabuf();
     // The first registration allocates the bounce staging once; count from here.
@@ -73,6 +74,7 @@ fn registration_loops_leak_no_fd_and_no_memory() {
     let (fds, free) = (open_fds(), ctx.mem_info().unwrap().0);
     for i in 0..500usize {
         let len = 4096 * (1 + i % 2048);
+        // SAFETY: d outlives the region; len is within its 8 MiB.
         let r = unsafe { net.reg_mr_raw(dp, len, PtrKind::Cuda) }.unwrap();
         assert_eq!(r.has_dmabuf(), exported, "registration {i}");
         drop(r);
@@ -104,8 +106,9 @@ fn bounce_moves_random_sizes_gpu_to_gpu_byte_exact() {
     const CAP: usize = 9 << 20;
     let src = tcpx::cuda_alloc(0, CAP).unwrap();
     let dst = tcpx::cuda_alloc(0, CAP).unwrap();
-    // SAFETY: both buffers outlive the regions and every request.
+    // SAFETY: src outlives the region and every request.
     let smr = unsafe { a.reg_mr_raw(src.ptr() as *mut u8, CAP, PtrKind::Cuda) }.unwrap();
+    // SAFETY: dst outlives the region and every request.
     let dmr = unsafe { b.reg_mr_raw(dst.ptr() as *mut u8, CAP, PtrKind::Cuda) }.unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     let mut sizes = vec![
@@ -174,8 +177,9 @@ fn bounce_many_in_flight_both_directions_byte_exact() {
         let src = tcpx::cuda_alloc(0, SLOT * N).unwrap();
         let dst = tcpx::cuda_alloc(0, SLOT * N).unwrap();
         dst.fill(0x5A).unwrap();
-        // SAFETY: both buffers outlive the regions and every request.
+        // SAFETY: src outlives the region and every request.
         let smr = unsafe { x.reg_mr_raw(src.ptr() as *mut u8, SLOT * N, PtrKind::Cuda) }.unwrap();
+        // SAFETY: dst outlives the region and every request.
         let dmr = unsafe { y.reg_mr_raw(dst.ptr() as *mut u8, SLOT * N, PtrKind::Cuda) }.unwrap();
         let sizes: Vec<usize> = (0..N).map(|_| rng.gen_range(1..SLOT - 64)).collect();
         let mut data = vec![0u8; SLOT * N];

@@ -1,4 +1,5 @@
 //! docs/PROTOCOL.md states the sizes the code uses.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on failure
 
 use tcpx::wire;
 

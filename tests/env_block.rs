@@ -1,6 +1,7 @@
 //! The TCPX deployment's environment block, set whole: `Net::init` reports
 //! every variable of it once, with what it does here, and the values that
 //! matter reach the config.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on failure
 
 use std::collections::HashMap;
 use std::io::Write;

@@ -1,5 +1,6 @@
 //! Bad input and faults: every one ends in a typed error, quickly, and
 //! leaves other comms working.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on failure
 
 mod common;
 

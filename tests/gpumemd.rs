@@ -1,6 +1,7 @@
 //! The transport with gpumemd: probe and path at init, one flow-steering
 //! rule per data socket on accept, all withdrawn on close, and fallback or
 //! failure according to `TCPX_DEVMEM`.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on failure
 
 mod common;
 
@@ -78,9 +79,10 @@ fn absent_daemon_falls_back_or_fails_by_configuration() {
         .expect("require must fail");
     assert!(t0.elapsed() < Duration::from_secs(5));
     assert!(
-        matches!(e, Error::Gpumemd(ref m) if m.contains("require")),
+        matches!(e, Error::Devmem(ref d) if d.cause() == devmem::Cause::GpumemdAbsent),
         "{e}"
     );
+    assert_eq!(e.code(), tcpx::ffi::TCPX_EGPUMEMD);
     let _ = std::fs::remove_dir(&dir);
 }
 

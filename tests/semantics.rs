@@ -2,6 +2,7 @@
 //! failed request reports only once nothing in the transport can touch
 //! its buffers, a failed grouped receive consumes exactly its messages,
 //! and the comm goes on with the next message in the next receive.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on failure
 
 mod common;
 

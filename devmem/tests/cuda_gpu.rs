@@ -2,6 +2,7 @@
 //! reference, and a GPU RX pool imported by a second process. Without a
 //! driver or device each test prints why and passes (CI has no GPU); the
 //! probe test proves that a missing driver is a typed error, not a panic.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on failure
 
 mod common;
 

@@ -2,6 +2,7 @@
 //! Each fault must give a typed error within the deadline, leak no fd and
 //! leave no rule installed. Tests share one lock: they count the process's
 //! open fds, which parallel tests would disturb.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on failure
 
 use std::os::fd::AsRawFd;
 use std::sync::Mutex;

@@ -1,6 +1,7 @@
 //! The TCPX backend: gpumemd installs and removes the rules
 //! (`rx_rule_manager` / `rx_rule_uninstall`), steering each flow to one of
 //! the GPU's RX queues.
+#![forbid(unsafe_code)]
 
 use std::sync::Arc;
 

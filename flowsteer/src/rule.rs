@@ -1,4 +1,5 @@
 //! The rule model: which flow goes to which queue, owned rules, the backend trait.
+#![forbid(unsafe_code)]
 
 use std::fmt;
 use std::net::SocketAddr;

@@ -181,8 +181,9 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         );
         // SAFETY: ps holds MSG bytes and nothing else uses it yet.
         unsafe { std::ptr::copy_nonoverlapping(want.as_ptr(), ps.as_ptr(), MSG) };
-        // SAFETY: the pinned buffers outlive the regions and requests.
+        // SAFETY: ps outlives the region and its requests.
         let ms = unsafe { a.reg_mr_raw(ps.as_ptr(), MSG, PtrKind::Host)? };
+        // SAFETY: pd outlives the region and its requests.
         let md = unsafe { b.reg_mr_raw(pd.as_ptr(), MSG, PtrKind::Host)? };
         let hs = a.reg_mr(HostMemory::from_slice(&want)?);
         let hd = b.reg_mr(HostMemory::zeroed(MSG)?);

@@ -231,11 +231,14 @@ impl Drop for Worker {
 /// worker.
 pub(crate) struct WatchSet {
     epoll: Epoll,
-    targets: Mutex<HashMap<u64, (OwnedFd, Weak<dyn Poke>)>>,
+    targets: Mutex<HashMap<u64, Watched>>,
     next_id: std::sync::atomic::AtomicU64,
     tick: Duration,
     next_tick: Mutex<Instant>,
 }
+
+/// A watched control socket (a duplicate fd) and the comm it pokes.
+type Watched = (OwnedFd, Weak<dyn Poke>);
 
 /// A comm's registration in a worker's [`WatchSet`]; dropping it ends the watch.
 pub(crate) struct Watch {

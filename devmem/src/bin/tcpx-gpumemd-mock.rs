@@ -1,5 +1,6 @@
 //! `tcpx-gpumemd-mock`: a stand-in for the receive-datapath daemon, speaking
 //! its UNIX-socket protocol with memfd-backed pools and fault switches.
+#![forbid(unsafe_code)]
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -2,6 +2,7 @@
 //! memfd-backed pools (or a pool fd the caller hands it, such as an exported
 //! GPU pool) and fault switches. Thread-based; every wait is
 //! bounded, so dropping it never hangs.
+#![forbid(unsafe_code)]
 
 use std::collections::HashMap;
 use std::ffi::CString;
