@@ -34,9 +34,11 @@
 //! # Ok::<(), tcpx::Error>(())
 //! ```
 
+mod accept;
 mod bounce;
 mod comm;
 pub mod config;
+mod connect;
 mod device;
 mod engine;
 mod error;
@@ -50,6 +52,7 @@ mod stats;
 pub mod wire;
 mod zerocopy;
 
+pub use accept::ListenComm;
 pub use bounce::cuda_alloc;
 pub use comm::{RecvBuf, RecvComm, Request, SendComm, Waiter};
 pub use config::{Config, DevmemMode, EngineKind, NicSpec, ZeroCopy};
@@ -57,6 +60,6 @@ pub use device::{DataPath, Device, PtrKinds};
 pub use error::{Error, Result};
 pub use handle::{Handle, HANDLE_SIZE};
 pub use memory::{HostMemory, MemoryRegion, PtrKind};
-pub use net::{ListenComm, Net};
+pub use net::Net;
 pub use request::Sizes;
 pub use stats::Stats;
