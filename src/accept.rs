@@ -15,6 +15,7 @@ use crate::wire::{Hello, Role, Welcome, HELLO_LEN};
 impl Net {
     /// Listens on device `dev`; the handle goes to the peer out of band.
     pub fn listen(&self, dev: usize) -> Result<(Handle, ListenComm)> {
+        crate::connect::sweep_abandoned();
         let d = self.device(dev)?;
         let mut listeners = Vec::new();
         for (nic, dv) in self.inner.devices.iter().enumerate() {
@@ -46,6 +47,7 @@ impl Net {
         let comm = ListenComm {
             net: self.inner.clone(),
             secret: handle.secret,
+            listen_id: handle.listen_id,
             listeners,
             data_addrs,
             fresh: Vec::new(),
@@ -92,6 +94,7 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct ListenComm {
     net: Arc<NetInner>,
     secret: [u8; 16],
+    listen_id: u64,
     /// Per data NIC (index = NIC), then possibly a control-only listener.
     listeners: Vec<(TcpListener, Option<usize>)>,
     data_addrs: Vec<SocketAddr>,
@@ -107,6 +110,7 @@ impl ListenComm {
     /// dropped without disturbing other connections.
     pub fn accept(&mut self) -> Result<Option<RecvComm>> {
         let now = Instant::now();
+        crate::connect::sweep_abandoned();
         if let Some(i) = self.steering.iter().position(|(at, _)| *at <= now) {
             return Ok(Some(self.steering.swap_remove(i).1));
         }
@@ -262,6 +266,14 @@ impl ListenComm {
 
     /// Closes the listener; half-open connections are dropped.
     pub fn close(self) {}
+}
+
+impl Drop for ListenComm {
+    /// Half-open connections close with it, and so do this process's
+    /// `connect_bytes` in progress into it, which could never finish now.
+    fn drop(&mut self) {
+        crate::connect::end_connects_into(self.listen_id);
+    }
 }
 
 fn constant_time_eq(a: &[u8; 16], b: &[u8; 16]) -> bool {

@@ -1,10 +1,10 @@
 //! `Net::connect`: the client side of connection setup, and the progress
 //! table behind `connect_bytes` for C hosts.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
@@ -42,30 +42,65 @@ impl Net {
     /// `connect` on a raw 128-byte handle buffer, for C hosts (our C ABI, the
     /// NCCL plugin): the progress lives in a table keyed by the handle's
     /// caller-private stage word, so calling again with the same buffer resumes.
+    ///
+    /// A connect its caller abandons holds sockets only until its handshake
+    /// deadline, until its listener is closed in this process, or until this
+    /// `Net` is dropped, whichever comes first. A call with that buffer within
+    /// another handshake timeout then reports why the progress is gone; later
+    /// ones start a new connect.
     pub fn connect_bytes(
         &self,
         dev: usize,
         bytes: &mut [u8; HANDLE_SIZE],
     ) -> Result<Option<SendComm>> {
-        static CONNECTING: OnceLock<Mutex<HashMap<u64, Handle>>> = OnceLock::new();
-        let table = CONNECTING.get_or_init(|| Mutex::new(HashMap::new()));
-        let mut stage = [0u8; 8];
-        stage.copy_from_slice(&bytes[STAGE_OFFSET..]);
-        let mut map = table.lock().unwrap_or_else(|p| p.into_inner());
-        let mut h = match map.remove(&u64::from_le_bytes(stage)) {
-            Some(h) => h,
-            None => Handle::from_bytes(&bytes[..])?,
+        let mut word = [0u8; 8];
+        word.copy_from_slice(&bytes[STAGE_OFFSET..]);
+        let stage = u64::from_le_bytes(word);
+        let (found, ended) = {
+            let mut p = pending();
+            let ended = p.sweep(Instant::now());
+            let found = match p.entries.get(&stage) {
+                Some(e) if e.net != self.inner.id && matches!(e.state, State::Live(_)) => None,
+                _ => Some(p.entries.remove(&stage)),
+            };
+            (found, ended)
+        };
+        drop(ended); // closes the sockets of expired connects outside the lock
+        let Some(prior) = found else {
+            return Err(Error::InvalidArgument(
+                "this handle buffer is connecting through another tcpx net; resume it there".into(),
+            ));
         };
         bytes[STAGE_OFFSET..].fill(0);
+        let mut h = match prior {
+            Some(Entry {
+                state: State::Live(h),
+                ..
+            }) => h,
+            Some(Entry {
+                state: State::Ended { error, .. },
+                ..
+            }) => return Err(error),
+            // Zero, the caller's own bytes, or a record long forgotten: start anew.
+            None => Handle::from_bytes(&bytes[..])?,
+        };
         let comm = self.connect(dev, &mut h)?;
         if comm.is_none() {
+            let mut p = pending();
             let id = loop {
                 let id: u64 = rand::random();
-                if id != 0 && !map.contains_key(&id) {
+                if id != 0 && !p.entries.contains_key(&id) {
                     break id;
                 }
             };
-            map.insert(id, h);
+            p.insert(
+                id,
+                Entry {
+                    net: self.inner.id,
+                    kept: self.inner.cfg.handshake_timeout,
+                    state: State::Live(h),
+                },
+            );
             bytes[STAGE_OFFSET..].copy_from_slice(&id.to_le_bytes());
         }
         Ok(comm)
@@ -275,4 +310,145 @@ impl Connecting {
             }
         }
     }
+}
+
+// ------------------------------------------------- progress of connect_bytes
+
+/// Connects in progress for C hosts, by the stage word of their handle
+/// buffer. Process-wide, so that closing a listener ends the connects into it
+/// from every `Net` of the process.
+static PENDING: Mutex<Pending> = Mutex::new(Pending {
+    entries: BTreeMap::new(),
+    next_change: None,
+});
+
+fn pending() -> MutexGuard<'static, Pending> {
+    PENDING.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+struct Pending {
+    entries: BTreeMap<u64, Entry>,
+    /// The earliest deadline or `forget_at` among the entries.
+    next_change: Option<Instant>,
+}
+
+struct Entry {
+    /// `NetInner::id` of the Net that started it.
+    net: u64,
+    /// How long an ended entry keeps its error for the caller (the handshake timeout).
+    kept: Duration,
+    state: State,
+}
+
+enum State {
+    /// Still connecting; owns its sockets.
+    Live(Handle),
+    /// Ended without its caller: the sockets are closed; the next call with
+    /// this stage word gets `error`; the entry itself goes at `forget_at`.
+    Ended { error: Error, forget_at: Instant },
+}
+
+impl Entry {
+    fn next_change(&self) -> Option<Instant> {
+        match &self.state {
+            State::Live(h) => h.stage.as_ref().map(|c| c.deadline),
+            State::Ended { forget_at, .. } => Some(*forget_at),
+        }
+    }
+
+    /// Ends a live entry with `error`; returns its sockets for closing.
+    fn end(&mut self, error: Error, now: Instant) -> Option<Handle> {
+        let ended = State::Ended {
+            error,
+            forget_at: now + self.kept,
+        };
+        match std::mem::replace(&mut self.state, ended) {
+            State::Live(h) => Some(h),
+            e @ State::Ended { .. } => {
+                self.state = e;
+                None
+            }
+        }
+    }
+}
+
+impl Pending {
+    fn insert(&mut self, id: u64, e: Entry) {
+        self.next_change = min_opt(self.next_change, e.next_change());
+        self.entries.insert(id, e);
+    }
+
+    /// Ends connects past their deadline and forgets old ended ones; returns
+    /// the handles to drop (their sockets) once the lock is released.
+    fn sweep(&mut self, now: Instant) -> Vec<Handle> {
+        if self.next_change.is_none_or(|t| now < t) {
+            return Vec::new();
+        }
+        let mut closed = Vec::new();
+        self.entries.retain(|_, e| match &e.state {
+            State::Ended { forget_at, .. } => now < *forget_at,
+            State::Live(h) => {
+                if h.stage.as_ref().is_none_or(|c| now > c.deadline) {
+                    let timeout = Error::Timeout {
+                        what: "connecting (the connect was not resumed before its deadline)".into(),
+                        after_ms: e.kept.as_millis() as u64,
+                    };
+                    closed.extend(e.end(timeout, now));
+                }
+                true
+            }
+        });
+        self.next_change = self.entries.values().filter_map(Entry::next_change).min();
+        closed
+    }
+}
+
+fn min_opt(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Ends expired abandoned connects (called from other setup paths too).
+pub(crate) fn sweep_abandoned() {
+    let ended = match PENDING.try_lock() {
+        Ok(mut p) => p.sweep(Instant::now()),
+        Err(TryLockError::Poisoned(p)) => p.into_inner().sweep(Instant::now()),
+        Err(TryLockError::WouldBlock) => return, // its holder sweeps
+    };
+    drop(ended);
+}
+
+/// The listener `listen_id` was closed: connects into it can never finish.
+pub(crate) fn end_connects_into(listen_id: u64) {
+    let now = Instant::now();
+    let mut closed = Vec::new();
+    {
+        let mut p = pending();
+        for e in p.entries.values_mut() {
+            if matches!(&e.state, State::Live(h) if h.listen_id == listen_id) {
+                let lost = Error::ConnectionLost(
+                    "the listener was closed (in this process) before the connect finished".into(),
+                );
+                closed.extend(e.end(lost, now));
+            }
+        }
+        p.next_change = p.entries.values().filter_map(Entry::next_change).min();
+    }
+    drop(closed);
+}
+
+/// Net `net` is going away: its connects and their records go with it.
+pub(crate) fn forget_net(net: u64) {
+    let gone: BTreeMap<u64, Entry> = {
+        let mut p = pending();
+        let (gone, keep) = std::mem::take(&mut p.entries)
+            .into_iter()
+            .partition(|(_, e)| e.net == net);
+        p.entries = keep;
+        p.next_change = p.entries.values().filter_map(Entry::next_change).min();
+        gone
+    };
+    drop(gone);
 }

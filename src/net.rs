@@ -24,6 +24,8 @@ use crate::stats::{Counters, Stats};
 pub(crate) use crate::connect::Connecting;
 
 pub(crate) struct NetInner {
+    /// Tells this Net's entries apart in the process-wide connect table.
+    pub(crate) id: u64,
     pub cfg: Config,
     /// The engine the workers run (`cfg.engine` resolved by the probe).
     engine: EngineKind,
@@ -178,8 +180,10 @@ impl Net {
                 }
             );
         }
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         Ok(Net {
             inner: Arc::new(NetInner {
+                id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
                 engine,
                 cfg,
                 gpumemd,
@@ -259,6 +263,14 @@ impl Net {
     /// region (the memory then lives on until they finish).
     pub fn dereg_mr(&self, mr: MemoryRegion) -> Result<Option<HostMemory>> {
         mr.into_owned()
+    }
+}
+
+impl Drop for Net {
+    /// Abandoned `connect_bytes` progress closes with the Net (`tcpx_finalize`),
+    /// even while comms keep the workers alive.
+    fn drop(&mut self) {
+        crate::connect::forget_net(self.inner.id);
     }
 }
 
