@@ -99,6 +99,10 @@ pub struct Config {
     pub max_requests: usize,
     /// Deadline for connect/accept handshakes to finish once started.
     pub handshake_timeout: Duration,
+    /// Half-open connections a listener holds (accepted sockets that have
+    /// not presented a Hello, comms still waiting for data sockets); at the
+    /// cap the oldest is dropped (`TCPX_MAX_HALF_OPEN`).
+    pub max_half_open: usize,
     /// SO_SNDBUF/SO_RCVBUF for data sockets; `None` keeps kernel autotuning.
     pub socket_buffer: Option<usize>,
     /// A peer that stops acknowledging (host down, network cut) fails the comm
@@ -134,6 +138,8 @@ pub struct Config {
 pub const MAX_SOCKETS_PER_NIC: usize = 16;
 pub const MAX_NICS: usize = 16;
 pub const MAX_RECVS: usize = 8;
+/// Upper bound of `Config::max_half_open`.
+pub const MAX_HALF_OPEN: usize = 65536;
 /// Inline payloads are staged whole in the control buffers; keep them small.
 pub const MAX_INLINE: usize = 64 * 1024;
 
@@ -160,6 +166,7 @@ impl Default for Config {
             inline_threshold: 64 * 1024,
             max_requests: 32,
             handshake_timeout: Duration::from_secs(30),
+            max_half_open: 256,
             socket_buffer: None,
             peer_timeout: Some(Duration::from_secs(20)),
             gpumemd_prefix: None,
@@ -249,6 +256,9 @@ impl Config {
         }
         if let Some((k, v)) = first(&["TCPX_HANDSHAKE_TIMEOUT_MS"]) {
             c.handshake_timeout = Duration::from_millis(parse_num(k, &v)? as u64);
+        }
+        if let Some((k, v)) = first(&["TCPX_MAX_HALF_OPEN"]) {
+            c.max_half_open = parse_num(k, &v)?;
         }
         if let Some((k, v)) = first(&["TCPX_SOCKET_BUFFER"]) {
             c.socket_buffer = Some(parse_num(k, &v)?);
@@ -375,6 +385,12 @@ impl Config {
         }
         if self.devmem == DevmemMode::Require && self.gpumemd_prefix.is_none() {
             return bad("TCPX_DEVMEM=require needs NCCL_GPUDIRECTTCPX_UNIX_CLIENT_PREFIX (gpumemd's socket folder)".into());
+        }
+        if !(1..=MAX_HALF_OPEN).contains(&self.max_half_open) {
+            return bad(format!(
+                "max half-open connections must be 1..={MAX_HALF_OPEN}, got {}",
+                self.max_half_open
+            ));
         }
         if !(8..=1024).contains(&self.max_requests) {
             return bad(format!(
@@ -513,6 +529,14 @@ mod tests {
             cfg(&[("TCPX_MAX_REQUESTS", "4")]),
             Err(Error::Config(_))
         ));
+        assert!(matches!(
+            cfg(&[("TCPX_MAX_HALF_OPEN", "0")]),
+            Err(Error::Config(_))
+        ));
+        assert_eq!(
+            cfg(&[("TCPX_MAX_HALF_OPEN", "1K")]).unwrap().max_half_open,
+            1024
+        );
         assert!(matches!(
             cfg(&[("NCCL_SOCKET_IFNAME", "^docker")]),
             Err(Error::Config(_))

@@ -1,9 +1,20 @@
 //! `ListenComm`: the listener side of connection setup.
+//!
+//! Built for hostile input (a flood of idle or garbage connections, fd
+//! exhaustion): half-open connections are capped per listener
+//! (`Config::max_half_open`) and the oldest is shed first, at the cap or
+//! when accept(2) runs out of fds; accept(2)'s transient errors back off
+//! instead of failing `accept`; the hello deadline runs on every call,
+//! whatever accept(2) says.
 
-use std::collections::HashMap;
+mod pressure;
+
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 use crate::comm::RecvComm;
 use crate::config::{MAX_NICS, MAX_SOCKETS_PER_NIC};
@@ -11,6 +22,7 @@ use crate::error::{Error, Result};
 use crate::handle::Handle;
 use crate::net::{read_some, write_handshake, Net, NetInner};
 use crate::wire::{Hello, Role, Welcome, HELLO_LEN};
+use pressure::{classify, AcceptError, Complaint, Complaints, Fresh, HalfOpen, Partial, Shed};
 
 impl Net {
     /// Listens on device `dev`; the handle goes to the peer out of band.
@@ -50,9 +62,11 @@ impl Net {
             listen_id: handle.listen_id,
             listeners,
             data_addrs,
-            fresh: Vec::new(),
-            partial: HashMap::new(),
+            half: HalfOpen::default(),
             steering: Vec::new(),
+            paused_until: None,
+            backoff: FIRST_BACKOFF,
+            complaints: Complaints::default(),
         };
         Ok((handle, comm))
     }
@@ -74,21 +88,14 @@ fn bind_listener(ip: IpAddr) -> Result<TcpListener> {
     Ok(l)
 }
 
-struct Fresh {
-    stream: TcpStream,
-    nic: Option<usize>,
-    buf: Vec<u8>,
-    deadline: Instant,
-}
-
-struct Partial {
-    ctrl: TcpStream,
-    data: Vec<Option<(usize, TcpStream)>>,
-    deadline: Instant,
-}
-
 /// How long an accepted socket may take to present its Hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// First and longest pause of accept(2) after a resource error that shedding
+/// cannot relieve (the fds are held by comms, not by half-open connections).
+const FIRST_BACKOFF: Duration = Duration::from_millis(1);
+const MAX_BACKOFF: Duration = Duration::from_millis(100);
+/// accept(2) errors of dying connections tolerated in one call.
+const RETRIES_PER_CALL: usize = 64;
 
 /// A listening endpoint (from `Net::listen`).
 pub struct ListenComm {
@@ -98,83 +105,36 @@ pub struct ListenComm {
     /// Per data NIC (index = NIC), then possibly a control-only listener.
     listeners: Vec<(TcpListener, Option<usize>)>,
     data_addrs: Vec<SocketAddr>,
-    fresh: Vec<Fresh>,
-    partial: HashMap<u64, Partial>,
+    half: HalfOpen,
     /// Accepted comms waiting out `flow_steering_wait`.
     steering: Vec<(Instant, RecvComm)>,
+    /// accept(2) is not called again before this (after ENOBUFS, or EMFILE
+    /// with nothing to shed).
+    paused_until: Option<Instant>,
+    backoff: Duration,
+    complaints: Complaints,
 }
 
 impl ListenComm {
     /// Accepts the next connection. `Ok(None)`: none ready yet, call again.
     /// Sockets that fail the handshake (wrong secret, garbage, silence) are
-    /// dropped without disturbing other connections.
+    /// dropped without disturbing other connections; so are the oldest
+    /// half-open ones under a flood (see the module doc).
     pub fn accept(&mut self) -> Result<Option<RecvComm>> {
         let now = Instant::now();
         crate::connect::sweep_abandoned();
         if let Some(i) = self.steering.iter().position(|(at, _)| *at <= now) {
             return Ok(Some(self.steering.swap_remove(i).1));
         }
-        for (l, nic) in &self.listeners {
-            loop {
-                match l.accept() {
-                    Ok((stream, _)) => {
-                        if stream.set_nonblocking(true).is_ok() {
-                            self.fresh.push(Fresh {
-                                stream,
-                                nic: *nic,
-                                buf: Vec::with_capacity(HELLO_LEN),
-                                deadline: now + HELLO_TIMEOUT,
-                            });
-                        }
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(Error::io("accept", e)),
-                }
-            }
+        self.expire_partials(now);
+        let broken = self.accept_new(now);
+        if let Some(comm) = self.read_hellos(now)? {
+            return Ok(Some(comm));
         }
-        let mut i = 0;
-        while i < self.fresh.len() {
-            let f = &mut self.fresh[i];
-            match read_some(&f.stream, &mut f.buf, HELLO_LEN) {
-                Ok(false) if now < f.deadline => {
-                    i += 1;
-                    continue;
-                }
-                Ok(false) => {
-                    tracing::warn!(
-                        "dropping a connection that sent no hello within {HELLO_TIMEOUT:?}"
-                    );
-                    self.fresh.swap_remove(i);
-                }
-                Err(e) => {
-                    tracing::debug!("dropping a connection during its hello: {e}");
-                    self.fresh.swap_remove(i);
-                }
-                Ok(true) => {
-                    let f = self.fresh.swap_remove(i);
-                    match self.on_hello(f) {
-                        Ok(Some(comm)) => return Ok(Some(comm)),
-                        Ok(None) => {}
-                        // Our own side failed (gpumemd under `require`): the caller must know.
-                        Err(e @ Error::Gpumemd(_)) => return Err(e),
-                        Err(e) => tracing::warn!("refused a connection: {e}"),
-                    }
-                }
-            }
+        match broken {
+            Some(e) => Err(e),
+            None => Ok(None),
         }
-        let timeout = self.net.cfg.handshake_timeout;
-        self.partial.retain(|id, p| {
-            let keep = now < p.deadline;
-            if !keep {
-                tracing::warn!(
-                    comm_id = id,
-                    "dropping a connection whose data sockets did not arrive within {timeout:?}"
-                );
-            }
-            keep
-        });
-        Ok(None)
     }
 
     /// `accept` until a comm arrives or `timeout` passes.
@@ -194,6 +154,144 @@ impl ListenComm {
         }
     }
 
+    /// Takes what the kernel has queued into the half-open table, shedding
+    /// the oldest at the cap or when out of fds. Never fails the call
+    /// itself: a broken listening socket is returned for after the hello pass.
+    fn accept_new(&mut self, now: Instant) -> Option<Error> {
+        if self.paused_until.is_some_and(|t| now < t) {
+            return None;
+        }
+        self.paused_until = None;
+        let cap = self.net.cfg.max_half_open;
+        let mark = self.half.mark();
+        let mut retries = 0;
+        for i in 0..self.listeners.len() {
+            loop {
+                if self.half.len() >= cap {
+                    if !queued(&self.listeners[i].0) {
+                        break;
+                    }
+                    if !self.shed(now, mark, "a new connection at the half-open cap") {
+                        return None; // the rest waits in the kernel's queue
+                    }
+                }
+                let (l, nic) = &self.listeners[i];
+                let e = match l.accept() {
+                    Ok((stream, _)) => {
+                        self.backoff = FIRST_BACKOFF;
+                        if stream.set_nonblocking(true).is_ok() {
+                            self.half.push(stream, *nic, now + HELLO_TIMEOUT, HELLO_LEN);
+                        }
+                        continue;
+                    }
+                    Err(e) => e,
+                };
+                match classify(&e) {
+                    AcceptError::Empty => break,
+                    AcceptError::Retry => {
+                        retries += 1;
+                        if retries > RETRIES_PER_CALL {
+                            break;
+                        }
+                    }
+                    AcceptError::OutOfFds => {
+                        let at = addr(l);
+                        self.complaints.warn(now, Complaint::AcceptFailed, || {
+                            format!("accept on {at}: {e}; shedding the oldest half-open connections to free descriptors")
+                        });
+                        if !self.shed(now, mark, "a descriptor for accept") {
+                            if self.half.len() == 0 {
+                                self.pause(now);
+                            }
+                            return None;
+                        }
+                    }
+                    AcceptError::Pressure => {
+                        let at = addr(l);
+                        self.complaints.warn(now, Complaint::AcceptFailed, || {
+                            format!("accept on {at}: {e}; backing off")
+                        });
+                        self.pause(now);
+                        return None;
+                    }
+                    AcceptError::Fatal => return Some(Error::io("accept", e)),
+                }
+            }
+        }
+        None
+    }
+
+    /// Sheds one half-open connection for `why`; false when none may go now.
+    fn shed(&mut self, now: Instant, mark: u64, why: &str) -> bool {
+        let cap = self.net.cfg.max_half_open;
+        let what = match self.half.shed(mark) {
+            Shed::Later | Shed::Nothing => return false,
+            Shed::Socket => "the oldest connection that has not sent its hello".to_string(),
+            Shed::Comm(id) => format!(
+                "the oldest comm still waiting for data sockets ({id:#x}; raise TCPX_MAX_HALF_OPEN if this many peers connect at once)"
+            ),
+        };
+        self.complaints.warn(now, Complaint::Shed, || {
+            format!("listener: dropped {what} to make room for {why} ({cap} half-open at most)")
+        });
+        true
+    }
+
+    fn pause(&mut self, now: Instant) {
+        self.paused_until = Some(now + self.backoff);
+        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+    }
+
+    /// Reads the Hellos that arrived; drops the silent and the refused.
+    fn read_hellos(&mut self, now: Instant) -> Result<Option<RecvComm>> {
+        let mut i = 0;
+        while i < self.half.fresh.len() {
+            let f = &mut self.half.fresh[i];
+            match read_some(&f.stream, &mut f.buf, HELLO_LEN) {
+                Ok(false) if now < f.deadline => i += 1,
+                Ok(false) => {
+                    self.half.fresh.remove(i);
+                    self.complaints.warn(now, Complaint::NoHello, || {
+                        format!("listener: dropped a connection that sent no hello within {HELLO_TIMEOUT:?}")
+                    });
+                }
+                Err(e) => {
+                    tracing::debug!("dropping a connection during its hello: {e}");
+                    self.half.fresh.remove(i);
+                }
+                Ok(true) => {
+                    let Some(f) = self.half.fresh.remove(i) else {
+                        break;
+                    };
+                    match self.on_hello(f) {
+                        Ok(Some(comm)) => return Ok(Some(comm)),
+                        Ok(None) => {}
+                        // Our own side failed (gpumemd under `require`): the caller must know.
+                        Err(e @ Error::Gpumemd(_)) => return Err(e),
+                        Err(e) => self.complaints.warn(now, Complaint::Refused, || {
+                            format!("listener: refused a connection: {e}")
+                        }),
+                    }
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    fn expire_partials(&mut self, now: Instant) {
+        let timeout = self.net.cfg.handshake_timeout;
+        self.half.partial.retain(|id, p| {
+            let keep = now < p.deadline;
+            if !keep {
+                tracing::warn!(
+                    comm_id = id,
+                    "dropping a connection whose data sockets did not arrive within {timeout:?}"
+                );
+            }
+            keep
+        });
+    }
+
     fn on_hello(&mut self, f: Fresh) -> Result<Option<RecvComm>> {
         let h = Hello::decode(&f.buf)?;
         if !constant_time_eq(&h.secret, &self.secret) {
@@ -210,12 +308,13 @@ impl ListenComm {
                 }
                 let comm_id: u64 = rand::random();
                 write_handshake(&f.stream, &Welcome::encode(comm_id, &self.data_addrs))?;
-                self.partial.insert(
+                self.half.partial.insert(
                     comm_id,
                     Partial {
                         ctrl: f.stream,
                         data: (0..h.n_data).map(|_| None).collect(),
                         deadline: Instant::now() + self.net.cfg.handshake_timeout,
+                        seq: f.seq,
                     },
                 );
                 Ok(None)
@@ -224,7 +323,7 @@ impl ListenComm {
                 let nic = f.nic.ok_or_else(|| {
                     Error::Protocol("data socket on the control-only listener".into())
                 })?;
-                let p = self.partial.get_mut(&h.comm_id).ok_or_else(|| {
+                let p = self.half.partial.get_mut(&h.comm_id).ok_or_else(|| {
                     Error::Protocol(format!("data socket for unknown comm {:#x}", h.comm_id))
                 })?;
                 let slot = p
@@ -238,7 +337,7 @@ impl ListenComm {
                 if p.data.iter().any(Option::is_none) {
                     return Ok(None);
                 }
-                let Some(p) = self.partial.remove(&h.comm_id) else {
+                let Some(p) = self.half.partial.remove(&h.comm_id) else {
                     return Ok(None);
                 };
                 self.net.tune(&p.ctrl)?;
@@ -274,6 +373,17 @@ impl Drop for ListenComm {
     fn drop(&mut self) {
         crate::connect::end_connects_into(self.listen_id);
     }
+}
+
+fn addr(l: &TcpListener) -> String {
+    l.local_addr()
+        .map_or_else(|e| format!("? ({e})"), |a| a.to_string())
+}
+
+/// Whether a connection waits in `l`'s accept queue.
+fn queued(l: &TcpListener) -> bool {
+    let mut p = [PollFd::new(l.as_fd(), PollFlags::POLLIN)];
+    matches!(poll(&mut p, PollTimeout::ZERO), Ok(n) if n > 0)
 }
 
 fn constant_time_eq(a: &[u8; 16], b: &[u8; 16]) -> bool {
