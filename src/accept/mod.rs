@@ -342,15 +342,17 @@ impl ListenComm {
                 };
                 self.net.tune(&p.ctrl)?;
                 let data: Vec<(usize, TcpStream)> = p.data.into_iter().flatten().collect();
+                for (_, stream) in &data {
+                    self.net.tune(stream)?;
+                }
                 let flows = match &self.net.gpumemd {
                     Some(g) => g.steer(&data.iter().map(|(_, s)| s).collect::<Vec<_>>())?,
                     None => Vec::new(),
                 };
-                let mut socks = Vec::with_capacity(data.len());
-                for (nic, stream) in data {
-                    self.net.tune(&stream)?;
-                    socks.push(self.net.add_data_socket(nic, stream));
-                }
+                let socks = data
+                    .into_iter()
+                    .map(|(nic, stream)| self.net.add_data_socket(nic, stream))
+                    .collect();
                 let comm = RecvComm::new(self.net.clone(), p.ctrl, socks, flows)?;
                 let wait = self.net.cfg.flow_steering_wait;
                 if wait.is_zero() {
