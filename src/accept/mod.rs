@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::comm::RecvComm;
 use crate::config::{MAX_NICS, MAX_SOCKETS_PER_NIC};
@@ -29,15 +30,16 @@ impl Net {
     pub fn listen(&self, dev: usize) -> Result<(Handle, ListenComm)> {
         crate::connect::sweep_abandoned();
         let d = self.device(dev)?;
+        let backlog = self.inner.cfg.max_half_open;
         let mut listeners = Vec::new();
         for (nic, dv) in self.inner.devices.iter().enumerate() {
-            listeners.push((bind_listener(dv.addr)?, Some(nic)));
+            listeners.push((bind_listener(dv.addr, backlog)?, Some(nic)));
         }
         let ctrl_ip = self.inner.ctrl_ip.unwrap_or(d.addr);
         let ctrl_at = match self.inner.devices.iter().position(|x| x.addr == ctrl_ip) {
             Some(i) => i,
             None => {
-                listeners.push((bind_listener(ctrl_ip)?, None));
+                listeners.push((bind_listener(ctrl_ip, backlog)?, None));
                 listeners.len() - 1
             }
         };
@@ -81,11 +83,22 @@ fn random_secret() -> [u8; 16] {
     }
 }
 
-fn bind_listener(ip: IpAddr) -> Result<TcpListener> {
-    let l = TcpListener::bind(SocketAddr::new(ip, 0)).map_err(|e| Error::io("bind listener", e))?;
-    l.set_nonblocking(true)
+/// A listening socket whose kernel queue holds `backlog` connections: a
+/// flood waits there to be shed rather than dropping everyone's SYNs (a
+/// dropped SYN costs a peer a 1 s retransmission).
+fn bind_listener(ip: IpAddr, backlog: usize) -> Result<TcpListener> {
+    let addr = SocketAddr::new(ip, 0);
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+        .map_err(|e| Error::io("socket", e))?;
+    s.set_reuse_address(true)
+        .map_err(|e| Error::io("SO_REUSEADDR", e))?;
+    s.bind(&addr.into())
+        .map_err(|e| Error::io("bind listener", e))?;
+    s.listen(backlog.clamp(128, i32::MAX as usize) as i32)
+        .map_err(|e| Error::io("listen", e))?;
+    s.set_nonblocking(true)
         .map_err(|e| Error::io("set_nonblocking", e))?;
-    Ok(l)
+    Ok(s.into())
 }
 
 /// How long an accepted socket may take to present its Hello.
