@@ -217,7 +217,8 @@ int tcpx_last_error_cause(void);
 int tcpx_init(const char *nics, struct tcpx_net **out);
 
 /**
- * Stops the transport. Close every comm first.
+ * Stops the transport. Close every comm first. Connects of this net still
+ * in progress (see tcpx_connect) are closed.
  */
 int tcpx_finalize(struct tcpx_net *net);
 
@@ -233,6 +234,9 @@ int tcpx_listen(struct tcpx_net *net, int dev, void *handle, struct tcpx_listen_
 /**
  * Connects to the listener of `handle`. Sets `*out` to NULL while not yet
  * connected: call again with the same handle buffer (it keeps the progress).
+ * A connect not resumed is closed at its handshake deadline, when its
+ * listener is closed in this process, or at tcpx_finalize; a call with that
+ * buffer within another handshake timeout then returns the reason.
  */
 int tcpx_connect(struct tcpx_net *net, int dev, void *handle, struct tcpx_send_comm **out);
 
@@ -301,7 +305,8 @@ int tcpx_close_send(struct tcpx_send_comm *comm);
 int tcpx_close_recv(struct tcpx_recv_comm *comm);
 
 /**
- * Closes the listener.
+ * Closes the listener, its half-open connections, and this process's
+ * connects into it that are still in progress.
  */
 int tcpx_close_listen(struct tcpx_listen_comm *comm);
 

@@ -112,6 +112,10 @@ pub struct Config {
     pub max_requests: usize,
     /// Deadline for connect/accept handshakes to finish once started.
     pub handshake_timeout: Duration,
+    /// Half-open connections a listener holds (accepted sockets that have
+    /// not presented a Hello, comms still waiting for data sockets); at the
+    /// cap the oldest is dropped (`TCPX_MAX_HALF_OPEN`).
+    pub max_half_open: usize,
     /// SO_SNDBUF/SO_RCVBUF for data sockets; `None` keeps kernel autotuning.
     pub socket_buffer: Option<usize>,
     /// A peer heard from for this long (no heartbeat, no byte) fails its
@@ -166,6 +170,8 @@ pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MAX_SOCKETS_PER_NIC: usize = 16;
 pub const MAX_NICS: usize = 16;
 pub const MAX_RECVS: usize = 8;
+/// Upper bound of `Config::max_half_open`.
+pub const MAX_HALF_OPEN: usize = 65536;
 /// Inline payloads are staged whole in the control buffers; keep them small.
 pub const MAX_INLINE: usize = 64 * 1024;
 
@@ -192,6 +198,7 @@ impl Default for Config {
             inline_threshold: 64 * 1024,
             max_requests: 32,
             handshake_timeout: Duration::from_secs(30),
+            max_half_open: 256,
             socket_buffer: None,
             peer_timeout: Some(DEFAULT_PEER_TIMEOUT),
             gpumemd_prefix: None,
@@ -294,6 +301,9 @@ impl Config {
         }
         if let Some((k, v)) = first(&["TCPX_HANDSHAKE_TIMEOUT_MS"]) {
             c.handshake_timeout = Duration::from_millis(parse_num(k, &v)? as u64);
+        }
+        if let Some((k, v)) = first(&["TCPX_MAX_HALF_OPEN"]) {
+            c.max_half_open = parse_num(k, &v)?;
         }
         if let Some((k, v)) = first(&["TCPX_SOCKET_BUFFER"]) {
             c.socket_buffer = Some(parse_num(k, &v)?);
@@ -464,6 +474,12 @@ impl Config {
         if self.devmem == DevmemMode::Require && self.gpumemd_prefix.is_none() {
             return bad("TCPX_DEVMEM=require needs NCCL_GPUDIRECTTCPX_UNIX_CLIENT_PREFIX (gpumemd's socket folder)".into());
         }
+        if !(1..=MAX_HALF_OPEN).contains(&self.max_half_open) {
+            return bad(format!(
+                "max half-open connections must be 1..={MAX_HALF_OPEN}, got {}",
+                self.max_half_open
+            ));
+        }
         if !(8..=1024).contains(&self.max_requests) {
             return bad(format!(
                 "max requests must be 8..=1024, got {}",
@@ -610,6 +626,14 @@ mod tests {
             cfg(&[("TCPX_MAX_REQUESTS", "4")]),
             Err(Error::Config(_))
         ));
+        assert!(matches!(
+            cfg(&[("TCPX_MAX_HALF_OPEN", "0")]),
+            Err(Error::Config(_))
+        ));
+        assert_eq!(
+            cfg(&[("TCPX_MAX_HALF_OPEN", "1K")]).unwrap().max_half_open,
+            1024
+        );
         assert!(matches!(
             cfg(&[("NCCL_SOCKET_IFNAME", "^docker")]),
             Err(Error::Config(_))

@@ -171,7 +171,8 @@ pub extern "C" fn tcpx_init(nics: *const c_char, out: *mut *mut tcpx_net) -> c_i
     })
 }
 
-/// Stops the transport. Close every comm first.
+/// Stops the transport. Close every comm first. Connects of this net still
+/// in progress (see tcpx_connect) are closed.
 #[no_mangle]
 pub extern "C" fn tcpx_finalize(net: *mut tcpx_net) -> c_int {
     free("tcpx_finalize", net)
@@ -241,6 +242,9 @@ pub extern "C" fn tcpx_listen(
 
 /// Connects to the listener of `handle`. Sets `*out` to NULL while not yet
 /// connected: call again with the same handle buffer (it keeps the progress).
+/// A connect not resumed is closed at its handshake deadline, when its
+/// listener is closed in this process, or at tcpx_finalize; a call with that
+/// buffer within another handshake timeout then returns the reason.
 #[no_mangle]
 pub extern "C" fn tcpx_connect(
     net: *mut tcpx_net,
@@ -459,7 +463,8 @@ pub extern "C" fn tcpx_close_recv(comm: *mut tcpx_recv_comm) -> c_int {
     free("tcpx_close_recv", comm)
 }
 
-/// Closes the listener.
+/// Closes the listener, its half-open connections, and this process's
+/// connects into it that are still in progress.
 #[no_mangle]
 pub extern "C" fn tcpx_close_listen(comm: *mut tcpx_listen_comm) -> c_int {
     free("tcpx_close_listen", comm)

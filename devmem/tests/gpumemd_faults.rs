@@ -183,6 +183,17 @@ fn slow_daemon_times_out_within_the_deadline() {
 }
 
 #[test]
+fn hung_daemon_times_out_and_lets_go_of_the_connection() {
+    with_mock(faulty(Fault::Hang, None), |mock, client| {
+        for (op, e) in all_ops(client) {
+            assert!(matches!(e, GpumemdError::TimedOut { .. }), "{op}: {e:?}");
+        }
+        assert_eq!(mock.requests_served(), 0, "a hung daemon answers nothing");
+        assert!(mock.installed_rules().is_empty());
+    });
+}
+
+#[test]
 fn cut_length_header_is_malformed() {
     with_mock(faulty(Fault::MalformedLength, None), |_, client| {
         for (op, e) in all_ops(client) {

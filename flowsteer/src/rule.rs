@@ -100,6 +100,17 @@ impl RuleHandle {
         }
     }
 
+    /// Removes the rule now; on failure the handle still owns it, so the
+    /// removal can be tried again (or the rule kept with `detach`).
+    pub fn try_remove(&mut self) -> Result<(), SteerError> {
+        match &self.owner {
+            Some(owner) => owner.remove(&self.rule)?,
+            None => return Ok(()),
+        }
+        self.owner = None;
+        Ok(())
+    }
+
     /// Keeps the rule installed past the handle; returns it.
     pub fn detach(mut self) -> Rule {
         self.owner = None;

@@ -66,6 +66,8 @@ pub(crate) struct RecvLink {
     acks: Mutex<Vec<u64>>,
     /// The first failure of the comm (a data socket's, or close).
     failure: Mutex<Option<Error>>,
+    /// The sender said Bye: data that did not arrive will not.
+    peer_gone: AtomicBool,
 }
 
 impl CommLink for RecvLink {
@@ -101,6 +103,9 @@ impl CommLink for RecvLink {
     }
 
     fn failure(&self) -> Error {
+        if self.peer_gone.load(Ordering::Acquire) {
+            return Error::PeerClosed;
+        }
         lock(&self.failure).clone().unwrap_or(Error::Closed)
     }
 }
@@ -149,7 +154,14 @@ impl RecvComm {
         };
         let waker = Arc::new(FdWaker::default());
         let ctrl_fd = std::os::fd::AsRawFd::as_raw_fd(&ctrl);
-        let watch = net.watch_ctrl(&ctrl, data.first().map_or(0, |d| d.0))?;
+        let watch = match net.watch_ctrl(&ctrl, data.first().map_or(0, |d| d.0)) {
+            Ok(w) => w,
+            Err(e) => {
+                // Bounded against a hung daemon, as on close.
+                crate::gpumemd::withdraw_all(flows);
+                return Err(e);
+            }
+        };
         let core = Arc::new_cyclic(|me: &Weak<RecvCore>| {
             let link = Arc::new(RecvLink {
                 core: me.clone(),
@@ -159,6 +171,7 @@ impl RecvComm {
                 kicks: AtomicU64::new(0),
                 acks: Mutex::new(Vec::new()),
                 failure: Mutex::new(None),
+                peer_gone: AtomicBool::new(false),
             });
             let as_link: Arc<dyn CommLink> = link.clone();
             let socks: Vec<DataSock> = data
@@ -290,11 +303,7 @@ impl Drop for RecvComm {
             |_| {},
         );
         core.base.close_data();
-        for f in lock(&core.flows).drain(..) {
-            if let Err(e) = f.remove() {
-                tracing::warn!("withdrawing a flow-steering rule: {e}");
-            }
-        }
+        crate::gpumemd::withdraw_all(std::mem::take(&mut *lock(&core.flows)));
     }
 }
 
@@ -352,10 +361,24 @@ impl RecvCore {
                 side.fail(e);
             }
             link.announced.store(side.announced(), Ordering::Release);
+            if n == 0 {
+                break; // the peer closed its side: nothing more to read
+            }
         }
         // After the reads: a peer's Bye explains the data sockets' EOF.
+        if side.peer_gone() {
+            link.peer_gone.store(true, Ordering::Release);
+        }
         if let Some(e) = lock(&link.failure).clone() {
-            side.fail(e);
+            if side.peer_gone() {
+                // The data sockets went with the peer: what they still owed
+                // fails; what came inline can still be received.
+                self.base.close_data();
+                let gone = std::mem::take(&mut *lock(&link.placements));
+                drop(gone);
+            } else {
+                side.fail(e);
+            }
         }
         side.poll(now, tick);
         while side.broken().is_none() && !side.output().is_empty() {

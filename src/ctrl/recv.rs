@@ -56,6 +56,9 @@ struct State {
     out: Outbox,
     live: Liveness,
     broken: Option<Error>,
+    /// The sender said Bye: no more messages come; what it announced can
+    /// still be received.
+    peer_gone: bool,
 }
 
 pub(crate) struct RecvSide {
@@ -80,6 +83,7 @@ impl RecvSide {
                 out: Outbox::default(),
                 live: Liveness::new(p.timeout, p.peer_timeout, now),
                 broken: None,
+                peer_gone: false,
             },
         }
     }
@@ -129,7 +133,13 @@ impl RecvSide {
             }
             s.take(msg, &payload, ev);
         }
+        s.abandon_unfillable(ev);
         Ok(())
+    }
+
+    /// Whether the sender closed the comm (its Bye arrived).
+    pub fn peer_gone(&self) -> bool {
+        self.s.peer_gone
     }
 
     /// Where the next read from the control socket goes.
@@ -143,9 +153,11 @@ impl RecvSide {
             return;
         }
         if n == 0 {
-            self.fail(Error::ConnectionLost(
-                "the sender closed the control connection".into(),
-            ));
+            if !self.s.peer_gone {
+                self.fail(Error::ConnectionLost(
+                    "the sender closed the control connection".into(),
+                ));
+            }
             return;
         }
         self.s.live.heard(now);
@@ -157,9 +169,14 @@ impl RecvSide {
                 Err(e) => return self.fail(e),
             };
             let r = match frame {
+                _ if self.s.peer_gone => Err(Error::Protocol("a frame after Bye".into())),
                 Frame::Msg { msg, payload } => self.s.on_msg(msg, self.inbox.bytes(payload), ev),
                 Frame::Ping(_) => Ok(()),
-                Frame::Bye => Err(Error::PeerClosed),
+                Frame::Bye => {
+                    self.s.peer_gone = true;
+                    self.s.abandon_unfillable(ev);
+                    Ok(())
+                }
                 Frame::Post(_) | Frame::Ack(_) => Err(Error::Protocol(
                     "receiver-side frame from the sender".into(),
                 )),
@@ -242,6 +259,21 @@ impl RecvSide {
 }
 
 impl State {
+    /// After the sender's Bye, receives that what it announced cannot fill
+    /// fail with `PeerClosed`.
+    fn abandon_unfillable(&mut self, ev: &mut impl FnMut(RecvEvent<'_>)) {
+        if !self.peer_gone || !self.stash.is_empty() {
+            return;
+        }
+        while let Some(((token, _), bufs)) = self.groups.abandon() {
+            ev(RecvEvent::Refused {
+                token,
+                err: Error::PeerClosed,
+                bufs,
+            });
+        }
+    }
+
     fn flush_posts(&mut self) {
         if self.deferred_n > 0 {
             self.out.put(&self.deferred);

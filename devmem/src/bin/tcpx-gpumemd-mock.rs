@@ -18,7 +18,7 @@ usage: tcpx-gpumemd-mock [options]
   --pool-size BYTES     RX pool size; K/M/G suffixes allowed (default 64M)
   --align BYTES         pool alignment reported (default 2M)
   --queue-ids LIST      comma-separated RX queue ids (default 1,2,3,4)
-  --fault NAME[=ARG]    none | accept-then-close | delay-ms=MS |
+  --fault NAME[=ARG]    none | accept-then-close | delay-ms=MS | hang |
                         malformed-length | truncated-payload | garbage-payload |
                         unknown-oneof | fd-count=N | wrong-fd-kind | short-pool |
                         refuse-rules | die-after=N
