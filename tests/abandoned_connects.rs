@@ -1,6 +1,7 @@
 //! `connect_bytes` (behind `tcpx_connect`) that its caller stops resuming
 //! holds sockets only until the handshake deadline, the listener's close, or
 //! the Net's drop. One test: it counts the process's descriptors.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on failure
 
 use std::time::{Duration, Instant};
 

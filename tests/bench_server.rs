@@ -1,6 +1,7 @@
 //! `tcpx-bench server` against bad clients: an idle one, one that closes at
 //! once and one that sends 128 garbage bytes are each dropped with one log
 //! line, and a real client completes its sweep meanwhile.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on failure
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};

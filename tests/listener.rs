@@ -1,6 +1,7 @@
 //! The listener under hostile input: floods of idle connections below the
 //! half-open cap, above it and above the process's fd limit, and accept(2)
 //! failing for want of descriptors. A legitimate peer must still connect.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on failure
 
 mod common;
 
