@@ -23,6 +23,12 @@ use crate::request::{FdWaker, ReqState};
 /// How long a closing comm lets its last control bytes reach the peer.
 const CLOSE_PATIENCE: Duration = Duration::from_millis(200);
 
+/// A peer whose process dies closes all its sockets at once, and what it
+/// wrote on the control socket before may still be arriving when a data
+/// socket reports the end: the control socket is read until its own end,
+/// or this long, so that nothing the peer sent before it died is lost.
+const DEATH_GRACE: Duration = Duration::from_millis(200);
+
 /// One buffer of a (grouped) receive.
 #[derive(Debug, Clone, Copy)]
 pub struct RecvBuf<'a> {
@@ -49,6 +55,8 @@ pub(crate) struct RecvCtrl {
     side: RecvSide,
     groups: HashMap<Token, Group>,
     next_token: Token,
+    /// When a data socket found the peer gone (see `DEATH_GRACE`).
+    data_lost: Option<Instant>,
 }
 
 /// What a receive comm shares with its data sockets and placements.
@@ -187,6 +195,7 @@ impl RecvComm {
                     side: RecvSide::new(params, Instant::now()),
                     groups: HashMap::new(),
                     next_token: 0,
+                    data_lost: None,
                 }),
                 link,
                 waker,
@@ -337,6 +346,7 @@ impl RecvCore {
             stream,
             side,
             groups,
+            data_lost,
             ..
         } = &mut *c;
         for seq in std::mem::take(&mut *lock(&link.acks)) {
@@ -369,15 +379,23 @@ impl RecvCore {
         if side.peer_gone() {
             link.peer_gone.store(true, Ordering::Release);
         }
+        let mut draining = None;
         if let Some(e) = lock(&link.failure).clone() {
-            if side.peer_gone() {
+            let died = matches!(e, Error::ConnectionLost(_));
+            if side.peer_gone() || died {
                 // The data sockets went with the peer: what they still owed
                 // fails; what came inline can still be received.
                 self.base.close_data();
                 let gone = std::mem::take(&mut *lock(&link.placements));
                 drop(gone);
-            } else {
-                side.fail(e);
+            }
+            if !side.peer_gone() {
+                let since = *data_lost.get_or_insert(now);
+                if died && now < since + DEATH_GRACE {
+                    draining = Some(since + DEATH_GRACE);
+                } else {
+                    side.fail(e);
+                }
             }
         }
         side.poll(now, tick);
@@ -399,10 +417,12 @@ impl RecvCore {
             self.base.kick();
         }
         self.base.arm(
-            link.waiting.load(Ordering::SeqCst),
+            link.waiting.load(Ordering::SeqCst) || draining.is_some(),
             !c.side.output().is_empty(),
         );
-        self.base.set_due(c.side.due(now));
+        let due = c.side.due(now);
+        self.base
+            .set_due(draining.map_or(due, |d| Some(due.map_or(d, |t| t.min(d)))));
     }
 
     /// Fails every request of a broken comm. Placements fail as the data
