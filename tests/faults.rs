@@ -34,6 +34,20 @@ fn child_entry() {
                 let _ = r.wait(Duration::from_secs(3600));
             }
         }
+        // Sends one small message and ends the process at once: no goodbye.
+        "send-and-exit" => {
+            let mut h = Handle::from_bytes(&child::from_hex(&arg.unwrap())).unwrap();
+            let send = net.connect_wait(0, &mut h, T).unwrap();
+            let mut m = HostMemory::zeroed(3000).unwrap();
+            common::pattern(5, &mut m);
+            let m = net.reg_mr(m);
+            send.isend(&m, 0, 3000, 5)
+                .unwrap()
+                .unwrap()
+                .wait(T)
+                .unwrap();
+            std::process::exit(0);
+        }
         "receiver" => {
             let (h, mut l) = net.listen(0).unwrap();
             child::say(&child::to_hex(&h.to_bytes()));
@@ -268,4 +282,36 @@ fn a_version_1_peer_gets_a_clear_answer_both_ways() {
         t0.elapsed() < Duration::from_secs(1),
         "refused at once, not after the hello deadline"
     );
+}
+
+#[test]
+fn what_a_peer_sent_before_its_process_ended_is_still_received() {
+    let net = Net::init(three_nics()).unwrap();
+    let (h, mut l) = net.listen(0).unwrap();
+    let mut kid = spawn_child("send-and-exit", Some(&h));
+    let recv = l.accept_wait(T).unwrap();
+    assert!(kid.wait().unwrap().success());
+    std::thread::sleep(Duration::from_millis(600)); // ticks see the end meanwhile
+    let mut dst = net.reg_mr(HostMemory::zeroed(3000).unwrap());
+    let bufs = [RecvBuf {
+        mr: &dst,
+        offset: 0,
+        len: 3000,
+        tag: 5,
+    }];
+    let mut r = recv.irecv(&bufs).unwrap().unwrap();
+    assert_eq!(r.wait(T).unwrap()[0], 3000);
+    drop(r);
+    let mut want = vec![0u8; 3000];
+    common::pattern(5, &mut want);
+    assert!(dst.bytes().unwrap() == &want[..]);
+    // Then the end shows: a receive nothing can fill fails.
+    let bufs = [RecvBuf {
+        mr: &dst,
+        offset: 0,
+        len: 3000,
+        tag: 5,
+    }];
+    let e = recv.irecv(&bufs).unwrap().unwrap().wait(T).unwrap_err();
+    assert!(matches!(e, Error::ConnectionLost(_)), "{e}");
 }

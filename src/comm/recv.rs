@@ -74,8 +74,9 @@ pub(crate) struct RecvLink {
     acks: Mutex<Vec<u64>>,
     /// The first failure of the comm (a data socket's, or close).
     failure: Mutex<Option<Error>>,
-    /// The sender said Bye: data that did not arrive will not.
-    peer_gone: AtomicBool,
+    /// The sender said Bye or closed its control socket: data that did not
+    /// arrive will not; placements fail with this.
+    peer_gone: Mutex<Option<Error>>,
 }
 
 impl CommLink for RecvLink {
@@ -111,8 +112,8 @@ impl CommLink for RecvLink {
     }
 
     fn failure(&self) -> Error {
-        if self.peer_gone.load(Ordering::Acquire) {
-            return Error::PeerClosed;
+        if let Some(e) = lock(&self.peer_gone).clone() {
+            return e;
         }
         lock(&self.failure).clone().unwrap_or(Error::Closed)
     }
@@ -179,7 +180,7 @@ impl RecvComm {
                 kicks: AtomicU64::new(0),
                 acks: Mutex::new(Vec::new()),
                 failure: Mutex::new(None),
-                peer_gone: AtomicBool::new(false),
+                peer_gone: Mutex::new(None),
             });
             let as_link: Arc<dyn CommLink> = link.clone();
             let socks: Vec<DataSock> = data
@@ -376,20 +377,20 @@ impl RecvCore {
             }
         }
         // After the reads: a peer's Bye explains the data sockets' EOF.
-        if side.peer_gone() {
-            link.peer_gone.store(true, Ordering::Release);
+        if let Some(e) = side.peer_gone() {
+            lock(&link.peer_gone).get_or_insert_with(|| e.clone());
         }
         let mut draining = None;
         if let Some(e) = lock(&link.failure).clone() {
             let died = matches!(e, Error::ConnectionLost(_));
-            if side.peer_gone() || died {
+            if side.peer_gone().is_some() || died {
                 // The data sockets went with the peer: what they still owed
                 // fails; what came inline can still be received.
                 self.base.close_data();
                 let gone = std::mem::take(&mut *lock(&link.placements));
                 drop(gone);
             }
-            if !side.peer_gone() {
+            if side.peer_gone().is_none() {
                 let since = *data_lost.get_or_insert(now);
                 if died && now < since + DEATH_GRACE {
                     draining = Some(since + DEATH_GRACE);

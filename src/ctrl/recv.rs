@@ -56,9 +56,10 @@ struct State {
     out: Outbox,
     live: Liveness,
     broken: Option<Error>,
-    /// The sender said Bye: no more messages come; what it announced can
-    /// still be received.
-    peer_gone: bool,
+    /// The sender said Bye (`PeerClosed`) or closed its control socket
+    /// without one (`ConnectionLost`): no more messages come; what it
+    /// announced can still be received, other receives fail with this.
+    peer_gone: Option<Error>,
 }
 
 pub(crate) struct RecvSide {
@@ -83,7 +84,7 @@ impl RecvSide {
                 out: Outbox::default(),
                 live: Liveness::new(p.timeout, p.peer_timeout, now),
                 broken: None,
-                peer_gone: false,
+                peer_gone: None,
             },
         }
     }
@@ -137,9 +138,10 @@ impl RecvSide {
         Ok(())
     }
 
-    /// Whether the sender closed the comm (its Bye arrived).
-    pub fn peer_gone(&self) -> bool {
-        self.s.peer_gone
+    /// Why no more messages come, once the sender said Bye or closed its
+    /// control socket.
+    pub fn peer_gone(&self) -> Option<&Error> {
+        self.s.peer_gone.as_ref()
     }
 
     /// Where the next read from the control socket goes.
@@ -153,10 +155,12 @@ impl RecvSide {
             return;
         }
         if n == 0 {
-            if !self.s.peer_gone {
-                self.fail(Error::ConnectionLost(
-                    "the sender closed the control connection".into(),
+            // The bytes before its end were sent on purpose: still receivable.
+            if self.s.peer_gone.is_none() {
+                self.s.peer_gone = Some(Error::ConnectionLost(
+                    "the sender closed the control connection without a goodbye (its process ended?)".into(),
                 ));
+                self.s.abandon_unfillable(ev);
             }
             return;
         }
@@ -169,11 +173,11 @@ impl RecvSide {
                 Err(e) => return self.fail(e),
             };
             let r = match frame {
-                _ if self.s.peer_gone => Err(Error::Protocol("a frame after Bye".into())),
+                _ if self.s.peer_gone.is_some() => Err(Error::Protocol("a frame after Bye".into())),
                 Frame::Msg { msg, payload } => self.s.on_msg(msg, self.inbox.bytes(payload), ev),
                 Frame::Ping(_) => Ok(()),
                 Frame::Bye => {
-                    self.s.peer_gone = true;
+                    self.s.peer_gone = Some(Error::PeerClosed);
                     self.s.abandon_unfillable(ev);
                     Ok(())
                 }
@@ -262,13 +266,16 @@ impl State {
     /// After the sender's Bye, receives that what it announced cannot fill
     /// fail with `PeerClosed`.
     fn abandon_unfillable(&mut self, ev: &mut impl FnMut(RecvEvent<'_>)) {
-        if !self.peer_gone || !self.stash.is_empty() {
+        let Some(err) = self.peer_gone.clone() else {
+            return;
+        };
+        if !self.stash.is_empty() {
             return;
         }
         while let Some(((token, _), bufs)) = self.groups.abandon() {
             ev(RecvEvent::Refused {
                 token,
-                err: Error::PeerClosed,
+                err: err.clone(),
                 bufs,
             });
         }

@@ -677,7 +677,7 @@ fn after_a_goodbye_what_was_sent_can_still_be_received() {
     p.run();
     p.s.bye();
     p.run();
-    assert!(p.r.broken().is_none() && p.r.peer_gone());
+    assert!(p.r.broken().is_none() && p.r.peer_gone() == Some(&Error::PeerClosed));
     p.post(200, &[(64, 2)]);
     p.post(300, &[(64, 3), (64, 4)]);
     assert_eq!(
