@@ -25,15 +25,7 @@ fn child_entry() {
     let net = Net::init(three_nics()).unwrap();
     let mr = net.reg_mr(HostMemory::zeroed(BIG).unwrap());
     match role.as_str() {
-        "sender" => {
-            let mut h = Handle::from_bytes(&child::from_hex(&arg.unwrap())).unwrap();
-            let send = net.connect_wait(0, &mut h, T).unwrap();
-            child::say("connected");
-            loop {
-                let mut r = send.isend(&mr, 0, BIG, 0).unwrap().unwrap();
-                let _ = r.wait(Duration::from_secs(3600));
-            }
-        }
+        "sender" => child::send_forever(&net, &arg.unwrap(), BIG),
         // Sends one small message and ends the process at once: no goodbye.
         "send-and-exit" => {
             let mut h = Handle::from_bytes(&child::from_hex(&arg.unwrap())).unwrap();
