@@ -223,6 +223,8 @@ fn connect_to_a_closed_listener_fails_fast() {
     let e = net.connect_wait(0, &mut h, T).unwrap_err();
     assert!(t0.elapsed() < Duration::from_secs(5));
     assert!(matches!(e, Error::ConnectionLost(_)), "{e}");
+    // The error names the address that refused, not 0.0.0.0.
+    assert!(e.to_string().contains(&h.addr().to_string()), "{e}");
 }
 
 #[test]

@@ -255,6 +255,8 @@ impl Link {
 
     /// Records the first failure, forgets the link and fails its transfers.
     pub fn broke(&self, inner: &Inner, e: Error) {
+        // A peer that closed on purpose (its agent went away) is no failure to warn about.
+        let closed = matches!(e, Error::Transport(tcpx::Error::PeerClosed));
         let e = match e {
             Error::Transport(t) => Error::PeerLost {
                 peer: self.peer.clone(),
@@ -269,7 +271,9 @@ impl Link {
             }
             *b = Some(e.clone());
         }
-        if !inner.stop.load(Ordering::Acquire) && e != Error::ShuttingDown {
+        if closed {
+            tracing::debug!("tcpx-nixl: {:?} closed its link", self.peer);
+        } else if !inner.stop.load(Ordering::Acquire) && e != Error::ShuttingDown {
             tracing::warn!("tcpx-nixl: link to {:?} failed: {e}", self.peer);
         }
         self.close();
