@@ -187,7 +187,7 @@ impl SendComm {
                 let mut events = std::mem::take(&mut c.events);
                 let mut ev = |e| events.push(e);
                 if inline {
-                    let src = mr.inner.source(offset as u64, len)?;
+                    let (src, _) = mr.inner.source(offset as u64, len, len)?;
                     // SAFETY: TxPath hands out `len` readable bytes; `mr` holds the region for this call.
                     let body = unsafe { bytes(src, len) };
                     c.reqs.insert(
