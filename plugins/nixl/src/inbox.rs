@@ -26,10 +26,14 @@ const RECVS_AHEAD: usize = 4;
 /// Largest payload drained (received and dropped) from a refused WRITE;
 /// a peer announcing more is cut off instead.
 const MAX_DRAIN: u64 = 1 << 30;
-/// A comm a caller polled within this long is left to the callers.
-const CALLER_GRACE: Duration = Duration::from_millis(2);
+/// A comm a caller polled within this long is left to the callers: long
+/// enough to tell a caller polling in a loop, short enough that one that
+/// polls now and then (a target waiting for notifications) does not hold
+/// up what arrives meanwhile (a 2 ms grace made such a target answer each
+/// WRITE up to a millisecond late).
+const CALLER_GRACE: Duration = Duration::from_micros(100);
 /// How long a background thread naps while callers poll.
-const NAP: Duration = Duration::from_millis(1);
+const NAP: Duration = Duration::from_micros(100);
 /// How long the receiver thread backs off when no receive slot was free.
 pub(crate) const NO_SLOT_BACKOFF: Duration = Duration::from_micros(200);
 
