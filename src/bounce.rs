@@ -24,7 +24,7 @@ use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use devmem::cuda::mem::{self, Event, MemKind, PinnedBuffer, Stream};
 use devmem::cuda::{self, Context, CudaError};
@@ -174,6 +174,15 @@ impl StagingPool {
         Slot::alloc(self.ctx, self.slot_len)
     }
 
+    /// A free slot, only while at least half of the pool is free: for
+    /// copies that merely start early, which must not crowd out the data path.
+    fn take_spare(&self, len: usize) -> Option<Slot> {
+        let mut g = lock(&self.free);
+        (len <= self.slot_len && g.0.len() > self.max_slots / 2)
+            .then(|| g.0.pop())
+            .flatten()
+    }
+
     fn give(&self, b: Slot) {
         lock(&self.free).0.push(b);
     }
@@ -294,6 +303,17 @@ fn piece_ends(len: usize) -> ([usize; PIECES], usize) {
 /// Slots whose host-to-device copies run on one thread's stream, oldest first.
 type Copies = VecDeque<Slot>;
 
+/// Chunks staged when their message was posted, before any socket took
+/// them: (region offset, staging, when). A socket that starts such a chunk
+/// takes its staging instead of copying it again.
+type Early = VecDeque<(u64, Staged, Instant)>;
+
+/// Chunks staged early per region, at most (the oldest is let go).
+const EARLY_MAX: usize = 16;
+/// An early chunk no socket took within this long is let go (its message
+/// was refused, or its chunks went otherwise).
+const EARLY_TTL: Duration = Duration::from_millis(100);
+
 /// The TX/RX seam for one registered CUDA region.
 pub(crate) struct CudaBounce {
     ctx: &'static Context,
@@ -304,6 +324,7 @@ pub(crate) struct CudaBounce {
     rx: Mutex<BTreeMap<(u64, u64), Staged>>,
     /// thread -> its received chunks still being copied to the GPU.
     rx_copies: Mutex<HashMap<u64, Copies>>,
+    early: Mutex<Early>,
     /// DMA-BUF of the region, for the devmem TX path; closed on dereg.
     dmabuf: Option<OwnedFd>,
 }
@@ -354,6 +375,7 @@ impl CudaBounce {
             tx: Mutex::new(BTreeMap::new()),
             rx: Mutex::new(BTreeMap::new()),
             rx_copies: Mutex::new(HashMap::new()),
+            early: Mutex::new(VecDeque::new()),
             dmabuf,
         })
     }
@@ -370,34 +392,38 @@ impl CudaBounce {
     /// Queues the device-to-host copy of `[off, off+len)` into fresh
     /// staging, in pieces (`split`) or whole.
     fn stage_tx(&self, off: u64, len: usize, split: bool) -> Result<Staged> {
-        let mut s = Staged::new(len, self.pool.take(len)?);
+        self.copy_tx(off, Staged::new(len, self.pool.take(len)?), split)
+    }
+
+    /// Queues the device-to-host copy of `[off, off+s.len)` into `s`.
+    fn copy_tx(&self, off: u64, mut s: Staged, split: bool) -> Result<Staged> {
+        let len = s.len;
         if split {
             (s.ends, s.pieces) = piece_ends(len);
         }
         let queued = with_stream(self.ctx, |st| {
             let mut start = 0;
-            for i in 0..s.pieces {
-                let end = s.ends[i];
-                // SAFETY: the slot holds slot_len >= len pinned bytes; the
-                // device range is inside the region (checked by Region); the
-                // slot is not read or reused before its events say the
-                // copies are done.
-                unsafe {
-                    st.dtoh(
-                        s.slot.ptr().add(start),
-                        self.base + off + start as u64,
-                        end - start,
-                    )?
-                };
-                // If the event cannot be recorded, the queued copies must
-                // still end before the slot goes back.
-                s.slot
-                    .event(i, s.pieces)
-                    .record(st)
-                    .or_else(|e| st.sync().and(Err(e)))?;
-                start = end;
-            }
-            Ok(())
+            let mut queue = || -> cuda::Result<()> {
+                for i in 0..s.pieces {
+                    let end = s.ends[i];
+                    // SAFETY: the slot holds slot_len >= len pinned bytes; the
+                    // device range is inside the region (checked by Region);
+                    // the slot is not read or reused before its events say
+                    // the copies are done.
+                    unsafe {
+                        st.dtoh(
+                            s.slot.ptr().add(start),
+                            self.base + off + start as u64,
+                            end - start,
+                        )?
+                    };
+                    s.slot.event(i, s.pieces).record(st)?;
+                    start = end;
+                }
+                Ok(())
+            };
+            // Copies queued before a failure must end before the slot goes back.
+            queue().or_else(|e| st.sync().and(Err(e)))
         });
         match queued {
             Ok(()) => {
@@ -409,6 +435,15 @@ impl CudaBounce {
                 Err(e)
             }
         }
+    }
+
+    /// The chunk at `off` staged early, if it is there.
+    fn take_early(&self, off: u64, len: usize) -> Option<Staged> {
+        let mut early = lock(&self.early);
+        let i = early
+            .iter()
+            .position(|(o, s, _)| *o == off && s.len == len)?;
+        early.remove(i).map(|(_, s, _)| s)
     }
 
     /// Gives staging back once no copy uses it any more.
@@ -460,8 +495,11 @@ impl TxPath for CudaBounce {
                 if let Some(old) = other {
                     self.release(old);
                 }
-                // Not prefetched: the wire waits for the first piece only.
-                self.stage_tx(off, len, need < len)?
+                match self.take_early(off, len) {
+                    Some(s) => s,
+                    // Not staged yet: the wire waits for the first piece only.
+                    None => self.stage_tx(off, len, need < len)?,
+                }
             }
         };
         let ready = match s.advance(need) {
@@ -487,6 +525,33 @@ impl TxPath for CudaBounce {
             if let Some(old) = lock(&self.tx).insert(key, s) {
                 self.release(old);
             }
+        }
+    }
+
+    fn stage_early(&self, off: u64, len: usize) {
+        let now = Instant::now();
+        let mut gone = Vec::new();
+        {
+            let mut early = lock(&self.early);
+            while early
+                .front()
+                .is_some_and(|(_, _, t)| early.len() >= EARLY_MAX || now - *t > EARLY_TTL)
+            {
+                gone.extend(early.pop_front().map(|(_, s, _)| s));
+            }
+            if early.iter().any(|(o, s, _)| *o == off && s.len == len) {
+                return;
+            }
+        }
+        for s in gone {
+            self.release(s);
+        }
+        let Some(slot) = self.pool.take_spare(len) else {
+            return;
+        };
+        // A failed early copy is retried, and reported, by `source`.
+        if let Ok(s) = self.copy_tx(off, Staged::new(len, slot), true) {
+            lock(&self.early).push_back((off, s, now));
         }
     }
 
@@ -624,6 +689,10 @@ impl Drop for CudaBounce {
         // A failed request can leave copies queued; none may outlive its staging.
         let tx = std::mem::take(&mut *lock(&self.tx));
         for s in tx.into_values() {
+            self.release(s);
+        }
+        let early = std::mem::take(&mut *lock(&self.early));
+        for (_, s, _) in early {
             self.release(s);
         }
         let copies = std::mem::take(&mut *lock(&self.rx_copies));

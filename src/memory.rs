@@ -120,6 +120,10 @@ pub(crate) trait TxPath: Send + Sync {
     /// Bytes `[off, off+len)` will be asked for soon: staging paths start
     /// copying them now, so the copy overlaps the send before it.
     fn prefetch(&self, _off: u64, _len: usize) {}
+    /// Bytes `[off, off+len)` are a chunk of a message just posted: staging
+    /// paths may start copying them now, while the receiver's go-ahead and
+    /// a socket are awaited, for whichever socket sends them.
+    fn stage_early(&self, _off: u64, _len: usize) {}
     /// False when `source` hands out reusable staging, which MSG_ZEROCOPY
     /// would keep referenced past `sent`.
     fn zerocopy_ok(&self) -> bool {
@@ -226,6 +230,11 @@ impl TxPath for Region {
     fn prefetch(&self, off: u64, len: usize) {
         if let (Some(b), Ok(_)) = (&self.bounce, self.check(off, len)) {
             b.prefetch(off, len);
+        }
+    }
+    fn stage_early(&self, off: u64, len: usize) {
+        if let (Some(b), Ok(_)) = (&self.bounce, self.check(off, len)) {
+            b.stage_early(off, len);
         }
     }
     fn zerocopy_ok(&self) -> bool {
