@@ -1,10 +1,11 @@
 //! CUDA memory without a devmem NIC: every chunk passes through pinned host
 //! staging, and the copies overlap the wire. TX: when a socket starts a
 //! chunk, the device-to-host copy of its next chunk is queued
-//! (`prefetch`), so the copy runs while the current one is sent. A chunk
-//! that was not prefetched (the first of a message on its socket) is copied
-//! in pieces that double in size, each with its event, and its send starts
-//! once the first piece is in staging. RX: as a chunk arrives, what has
+//! (`prefetch`), so the copy runs while the current one is sent. The
+//! chunks of a message of one chunk per socket start staging when it is
+//! posted (`stage_early`), while the receiver's go-ahead is awaited. A chunk
+//! copied otherwise is copied in pieces that double in size, each with its
+//! event, and its send starts once the first piece is in staging. RX: as a chunk arrives, what has
 //! landed moves on to the GPU in pieces that halve in size towards the end
 //! of the chunk (`arrived`), so only a short tail is copied after its last
 //! byte (`landed`); the socket goes on receiving meanwhile, and `settle`
@@ -521,7 +522,11 @@ impl TxPath for CudaBounce {
         }
         // A failed prefetch is retried, and reported, by `source`. Whole:
         // it has the send before it to finish in.
-        if let Ok(s) = self.stage_tx(off, len, false) {
+        let staged = match self.take_early(off, len) {
+            Some(s) => Ok(s),
+            None => self.stage_tx(off, len, false),
+        };
+        if let Ok(s) = staged {
             if let Some(old) = lock(&self.tx).insert(key, s) {
                 self.release(old);
             }
@@ -531,7 +536,7 @@ impl TxPath for CudaBounce {
     fn stage_early(&self, off: u64, len: usize) {
         let now = Instant::now();
         let mut gone = Vec::new();
-        {
+        let present = {
             let mut early = lock(&self.early);
             while early
                 .front()
@@ -539,12 +544,14 @@ impl TxPath for CudaBounce {
             {
                 gone.extend(early.pop_front().map(|(_, s, _)| s));
             }
-            if early.iter().any(|(o, s, _)| *o == off && s.len == len) {
-                return;
-            }
-        }
+            early.iter().any(|(o, s, _)| *o == off && s.len == len)
+        };
+        // Outside the lock: their copies may still run.
         for s in gone {
             self.release(s);
+        }
+        if present {
+            return;
         }
         let Some(slot) = self.pool.take_spare(len) else {
             return;
@@ -618,7 +625,9 @@ impl RxPath for CudaBounce {
             s.copying = true;
             s.slot.last().record(st).or_else(|e| st.sync().and(Err(e)))
         });
-        s.onward = from + pending;
+        if queued.is_ok() {
+            s.onward = from + pending;
+        }
         lock(&self.rx).insert(key, s);
         queued
     }
