@@ -253,7 +253,8 @@ impl Engine {
                 .collect();
             let lens: Vec<u64> = ds.iter().map(|d| d.len).collect();
             let kinds: Vec<Mem> = ls.iter().map(|(r, _, _)| r.kind).collect();
-            let layout = pack::plan(&lens, &kinds, remote_kind.unwrap_or(Mem::Dram));
+            let remote = remote_kind.unwrap_or(Mem::Dram);
+            let layout = pack::plan(&lens, &kinds, remote, self.inner.opts.pack_dram);
             let sinks = if op == Op::Read {
                 ls.to_vec()
             } else {

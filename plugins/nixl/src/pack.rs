@@ -29,13 +29,13 @@ use crate::registry::{LocalRegion, Mem};
 /// as one message with few large staging copies instead of one CUDA round
 /// trip per chunk of each.
 const VRAM_MAX_DESC: u64 = 1 << 20;
-/// Largest descriptor packed when a side is DRAM: gathering costs a CPU
-/// copy there, which only descriptors that would travel inline on the
-/// control socket (copied anyway) are cheaper with.
-const DRAM_MAX_DESC: u64 = 64 << 10;
-/// Pack size when a side is DRAM: several packs per transfer, so the
+/// Largest descriptor packed between VRAM and DRAM: the DRAM side pays a
+/// CPU copy, which beats a CUDA round trip per descriptor on the VRAM side
+/// for descriptors that would travel inline on the control socket.
+const MIXED_MAX_DESC: u64 = 64 << 10;
+/// Pack size between VRAM and DRAM: several packs per transfer, so the
 /// copy into one overlaps the wire of the one before.
-const DRAM_PACK: u64 = 1 << 20;
+const MIXED_PACK: u64 = 1 << 20;
 /// Pack buffers per memory location and direction.
 const BUFS: usize = 8;
 /// Longest a gather or scatter on the GPU may take (microseconds normally).
@@ -48,20 +48,24 @@ pub(crate) type Piece = (Arc<LocalRegion>, usize, usize);
 /// The layout of a transfer (see PROTOCOL.md, "Packs"): how many
 /// consecutive descriptors each payload message carries, for descriptors of
 /// lengths `lens` whose local memory kinds are `kinds`, moving to or from
-/// remote memory of kind `remote`. A run of descriptors small enough to pack,
-/// of one local kind, fills a pack up to its size; a single descriptor
-/// travels on its own.
-pub(crate) fn plan(lens: &[u64], kinds: &[Mem], remote: Mem) -> Vec<u32> {
+/// remote memory of kind `remote`. Where VRAM is involved (or `pack_dram`,
+/// the backend option), a run of
+/// descriptors small enough to pack, of one local kind, fills a pack up to
+/// its size; a single descriptor travels on its own. DRAM to DRAM never
+/// packs: small messages travel inline on the control socket, copied once
+/// each way, and a pack's copies and its round trip for the receiver's post
+/// cost more (measured: 64 KiB descriptors at half the GB/s, 4-8 KiB ones
+/// no faster), unless `pack_dram` asks for it.
+pub(crate) fn plan(lens: &[u64], kinds: &[Mem], remote: Mem, pack_dram: bool) -> Vec<u32> {
     let mut out = Vec::new();
     let (mut n, mut bytes, mut kind) = (0u32, 0u64, None);
     for (&len, &k) in lens.iter().zip(kinds) {
-        let vram = k == Mem::Vram && remote == Mem::Vram;
-        let (max_desc, pack) = if vram {
-            (VRAM_MAX_DESC, MAX_PACK as u64)
-        } else {
-            (DRAM_MAX_DESC, DRAM_PACK)
+        let (max_desc, pack) = match (k, remote) {
+            (Mem::Vram, Mem::Vram) => (VRAM_MAX_DESC, MAX_PACK as u64),
+            (Mem::Dram, Mem::Dram) if !pack_dram => (0, 0),
+            _ => (MIXED_MAX_DESC, MIXED_PACK),
         };
-        let packable = len <= max_desc;
+        let packable = len <= max_desc && max_desc > 0;
         if n > 0 && (!packable || kind != Some(k) || bytes + len > pack) {
             out.push(n);
             (n, bytes) = (0, 0);
@@ -344,24 +348,31 @@ mod tests {
 
     #[test]
     fn small_descriptors_fill_packs_and_large_ones_go_alone() {
-        let d = Mem::Dram;
-        assert_eq!(plan(&[], &[], d), Vec::<u32>::new());
-        assert_eq!(plan(&[8 << 10; 128], &[d; 128], d), vec![128]);
-        // 1 MiB packs on a DRAM path: 16 of 64 KiB each.
-        assert_eq!(plan(&[64 << 10; 40], &[d; 40], d), vec![16, 16, 8]);
+        let (d, v) = (Mem::Dram, Mem::Vram);
+        assert_eq!(plan(&[], &[], d, false), Vec::<u32>::new());
+        // DRAM to DRAM: packed only when asked (the backend option pack_dram).
+        assert_eq!(plan(&[8 << 10; 128], &[d; 128], d, false), vec![1; 128]);
+        assert_eq!(plan(&[8 << 10; 128], &[d; 128], d, true), vec![128]);
+        // VRAM and DRAM: up to 64 KiB in 1 MiB packs, 16 of 64 KiB each.
+        assert_eq!(plan(&[8 << 10; 128], &[d; 128], v, false), vec![128]);
+        assert_eq!(plan(&[64 << 10; 40], &[v; 40], d, false), vec![16, 16, 8]);
         let lens = [4096, 4096, 1 << 20, 4096, (64 << 10) + 1, 7];
-        assert_eq!(plan(&lens, &[d; 6], d), vec![2, 1, 1, 1, 1]);
+        assert_eq!(plan(&lens, &[d; 6], v, false), vec![2, 1, 1, 1, 1]);
         // VRAM on both sides: up to 1 MiB descriptors, 4 MiB packs.
-        let v = Mem::Vram;
-        assert_eq!(plan(&[1 << 20; 9], &[v; 9], v), vec![4, 4, 1]);
-        assert_eq!(plan(&[1 << 20; 9], &[v; 9], d), vec![1; 9]);
+        assert_eq!(plan(&[1 << 20; 9], &[v; 9], v, false), vec![4, 4, 1]);
+        assert_eq!(plan(&[1 << 20; 9], &[v; 9], d, false), vec![1; 9]);
         // A change of local memory kind ends a pack.
-        assert_eq!(plan(&[10, 10, 10], &[d, v, v], d), vec![1, 2]);
+        assert_eq!(
+            plan(&[10, 10, 10, 10], &[d, v, v, d], v, false),
+            vec![1, 2, 1]
+        );
         for n in [1, 5, 1000, 8192] {
             let lens: Vec<u64> = (0..n).map(|i| (i % 7) * 9000 + 1).collect();
-            let p = plan(&lens, &vec![d; n as usize], d);
-            assert_eq!(lens_of(&p), n as usize);
-            assert!(p.iter().all(|&k| k >= 1));
+            for remote in [d, v] {
+                let p = plan(&lens, &vec![d; n as usize], remote, false);
+                assert_eq!(lens_of(&p), n as usize);
+                assert!(p.iter().all(|&k| k >= 1));
+            }
         }
     }
 }

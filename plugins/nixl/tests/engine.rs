@@ -6,7 +6,14 @@ use std::time::{Duration, Instant};
 use plugin_TCPX::{Engine, Error, Mem, Op, Options, Progress, XferDesc, XferState};
 
 fn engine_with(name: &str, progress: Progress) -> Engine {
-    let mut opts = Options::parse([("nics", "127.0.0.1")]).unwrap();
+    engine_packing(name, progress, false)
+}
+
+/// `pack_dram`: small DRAM descriptors travel packed too, as they do when
+/// one side is VRAM (the only way to test packs without a GPU).
+fn engine_packing(name: &str, progress: Progress, pack_dram: bool) -> Engine {
+    let pack = if pack_dram { "1" } else { "0" };
+    let mut opts = Options::parse([("nics", "127.0.0.1"), ("pack_dram", pack)]).unwrap();
     opts.progress = progress;
     Engine::new(name, opts).unwrap()
 }
@@ -35,7 +42,14 @@ fn setup(n: usize) -> Setup {
 }
 
 fn setup_with(n: usize, progress: Progress) -> Setup {
-    let (a, b) = (engine_with("A", progress), engine_with("B", progress));
+    setup_packing(n, progress, false)
+}
+
+fn setup_packing(n: usize, progress: Progress, pack_dram: bool) -> Setup {
+    let (a, b) = (
+        engine_packing("A", progress, pack_dram),
+        engine_packing("B", progress, pack_dram),
+    );
     a.load_conn_info("B", &b.conn_info()).unwrap();
     b.load_conn_info("A", &a.conn_info()).unwrap();
     let mut src: Vec<u8> = (0..n).map(|i| (i * 31 + 7) as u8).collect();
@@ -147,6 +161,7 @@ fn unknown_options_are_refused_with_the_list() {
         "{e}"
     );
     assert!(Options::parse([("timeout_ms", "x")]).is_err());
+    assert!(Options::parse([("pack_dram", "maybe")]).is_err());
 }
 
 /// Random bytes from a seed (xorshift64).
@@ -298,7 +313,14 @@ fn many_descriptors_from_several_threads_both_ways(progress: Progress) {
 
 #[test]
 fn a_refused_many_descriptor_write_leaves_the_link_usable() {
-    let mut s = setup(1 << 20);
+    // Drained message by message, and drained as packs.
+    for pack in [false, true] {
+        refused_many_descriptor_write(pack);
+    }
+}
+
+fn refused_many_descriptor_write(pack: bool) {
+    let mut s = setup_packing(1 << 20, Progress::OnEvents, pack);
     let outside = XferDesc {
         remote_addr: s.dst.as_ptr() as u64 + (1 << 20) - 10,
         len: 11,
@@ -366,10 +388,11 @@ fn odd_descriptors(n: usize, max_len: usize, seed: u64) -> (Vec<(usize, usize, u
 }
 
 /// WRITE then READ of `odd_descriptors(n, max_len)`, each checked against a
-/// model of the whole destination (stray bytes fail too).
-fn packed_round_trip(n: usize, max_len: usize, seed: u64) {
+/// model of the whole destination (stray bytes fail too); `pack`: small
+/// descriptors travel packed.
+fn round_trip(n: usize, max_len: usize, seed: u64, pack: bool) {
     let (layout, span) = odd_descriptors(n, max_len, seed);
-    let mut s = setup(span);
+    let mut s = setup_packing(span, Progress::OnEvents, pack);
     let descs: Vec<XferDesc> = layout
         .iter()
         .map(|&(l, r, len)| XferDesc {
@@ -414,9 +437,10 @@ fn packed_round_trip(n: usize, max_len: usize, seed: u64) {
 }
 
 #[test]
-fn many_odd_descriptors_travel_packed_and_land_byte_exact_both_ways() {
+fn many_odd_descriptors_land_byte_exact_both_ways_packed_or_not() {
     // 1 to 1024 descriptors per transfer, from 1 B to above the 64 KiB a
-    // DRAM pack takes (so packs and lone descriptors mix in one transfer).
+    // pack takes between DRAM and anything (so packs and lone descriptors
+    // mix in one transfer); each inline and chunked alone, and packed.
     let cases = [
         (1, 70_000),
         (2, 100),
@@ -427,7 +451,9 @@ fn many_odd_descriptors_travel_packed_and_land_byte_exact_both_ways() {
         (1024, 70_000),
     ];
     for (seed, (n, max_len)) in cases.into_iter().enumerate() {
-        packed_round_trip(n, max_len, 0x1000 + seed as u64);
+        for pack in [false, true] {
+            round_trip(n, max_len, 0x1000 + seed as u64, pack);
+        }
     }
 }
 
@@ -437,6 +463,7 @@ fn a_transfer_larger_than_the_pack_buffers_runs_in_rounds() {
     // each way, against 8 pack buffers per direction per engine, so packs
     // wait for buffers that earlier packs free; and 9000 descriptors, more
     // than one Write carries (8192), so the transfer goes in two batches.
-    packed_round_trip(1024, 64 << 10, 0x2000);
-    packed_round_trip(9000, 3000, 0x2001);
+    round_trip(1024, 64 << 10, 0x2000, true);
+    round_trip(9000, 3000, 0x2001, true);
+    round_trip(9000, 3000, 0x2002, false);
 }
