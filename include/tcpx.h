@@ -9,6 +9,9 @@
 
 #define TCPX_SUCCESS 0
 
+/**
+ * A bug: a panic was caught at the boundary (the message names the function).
+ */
 #define TCPX_EINTERNAL 1
 
 #define TCPX_ECONFIG 2
@@ -39,6 +42,9 @@
 
 #define TCPX_EIO 15
 
+/**
+ * gpumemd failed: absent, refused, unresponsive, malformed (tcpx_last_error_cause() says which).
+ */
 #define TCPX_EGPUMEMD 16
 
 /**
@@ -47,9 +53,104 @@
 #define TCPX_EPEER 17
 
 /**
+ * Device memory (RX pool, devmem socket, unpack, netlink, CUDA) failed; tcpx_last_error_cause() says how.
+ */
+#define TCPX_EDEVMEM 18
+
+/**
+ * The peer closed the comm on purpose (its requests in flight fail too).
+ */
+#define TCPX_EPEERCLOSED 19
+
+/**
  * Every data socket of the comm failed or stalled (its NICs' paths are down); the comm is gone.
  */
-#define TCPX_EPATHS 18
+#define TCPX_EPATHS 20
+
+/**
+ * The last failure has no finer cause.
+ */
+#define TCPX_CAUSE_NONE 0
+
+/**
+ * Nothing listens at gpumemd's socket: start the daemon or fix TCPX_GPUMEMD_PREFIX.
+ */
+#define TCPX_CAUSE_GPUMEMD_ABSENT 1
+
+/**
+ * gpumemd refused the request: see its log and configuration.
+ */
+#define TCPX_CAUSE_GPUMEMD_REFUSED 2
+
+/**
+ * gpumemd timed out or hung up: wedged, crashed or restarting.
+ */
+#define TCPX_CAUSE_GPUMEMD_UNRESPONSIVE 3
+
+/**
+ * gpumemd's answer does not parse or make sense: another protocol version.
+ */
+#define TCPX_CAUSE_GPUMEMD_MALFORMED 4
+
+/**
+ * A socket error while talking to gpumemd.
+ */
+#define TCPX_CAUSE_GPUMEMD_IO 5
+
+/**
+ * The RX pool's fd, size or mapping is unusable.
+ */
+#define TCPX_CAUSE_POOL_FD_BAD 6
+
+/**
+ * The RX pool has no free pages.
+ */
+#define TCPX_CAUSE_POOL_FULL 7
+
+/**
+ * The kernel's devmem control messages are malformed: another kernel ABI, or a desynchronised socket.
+ */
+#define TCPX_CAUSE_CMSG_MALFORMED 8
+
+/**
+ * A received fragment list does not fit its buffers.
+ */
+#define TCPX_CAUSE_UNPACK 9
+
+/**
+ * The kernel refused or failed a devmem call (token return, netlink).
+ */
+#define TCPX_CAUSE_KERNEL 10
+
+/**
+ * The NIC or kernel cannot bind device memory.
+ */
+#define TCPX_CAUSE_NIC_UNSUPPORTED 11
+
+/**
+ * The operation needs CAP_NET_ADMIN.
+ */
+#define TCPX_CAUSE_PERMISSION 12
+
+/**
+ * CUDA (driver, device or NVRTC) is missing.
+ */
+#define TCPX_CAUSE_CUDA_UNAVAILABLE 13
+
+/**
+ * A CUDA call failed or timed out.
+ */
+#define TCPX_CAUSE_CUDA_FAILED 14
+
+/**
+ * An argument is unusable for device memory.
+ */
+#define TCPX_CAUSE_INVALID_ARGUMENT 15
+
+/**
+ * A device-memory cause newer than this header.
+ */
+#define TCPX_CAUSE_OTHER 255
 
 /**
  * `NCCL_PTR_HOST` / `NCCL_PTR_CUDA`.
@@ -104,9 +205,15 @@ extern "C" {
 #endif // __cplusplus
 
 /**
- * Message of the calling thread's last failure ("" if none). Valid until the next call on this thread.
+ * Message of the calling thread's last failure ("" if none). Valid until the next failure on this thread.
  */
 const char *tcpx_last_error(void);
+
+/**
+ * `TCPX_CAUSE_*` of the calling thread's last failure: set with TCPX_EDEVMEM
+ * and TCPX_EGPUMEMD (but for a refused flow-steering rule), else TCPX_CAUSE_NONE.
+ */
+int tcpx_last_error_cause(void);
 
 /**
  * Starts the transport. `nics`: comma list of data NICs (names or
@@ -115,7 +222,8 @@ const char *tcpx_last_error(void);
 int tcpx_init(const char *nics, struct tcpx_net **out);
 
 /**
- * Stops the transport. Close every comm first.
+ * Stops the transport. Close every comm first. Connects of this net still
+ * in progress (see tcpx_connect) are closed.
  */
 int tcpx_finalize(struct tcpx_net *net);
 
@@ -131,6 +239,9 @@ int tcpx_listen(struct tcpx_net *net, int dev, void *handle, struct tcpx_listen_
 /**
  * Connects to the listener of `handle`. Sets `*out` to NULL while not yet
  * connected: call again with the same handle buffer (it keeps the progress).
+ * A connect not resumed is closed at its handshake deadline, when its
+ * listener is closed in this process, or at tcpx_finalize; a call with that
+ * buffer within another handshake timeout then returns the reason.
  */
 int tcpx_connect(struct tcpx_net *net, int dev, void *handle, struct tcpx_send_comm **out);
 
@@ -140,7 +251,8 @@ int tcpx_connect(struct tcpx_net *net, int dev, void *handle, struct tcpx_send_c
 int tcpx_accept(struct tcpx_listen_comm *listen, struct tcpx_recv_comm **out);
 
 /**
- * Registers `size` bytes at `data` (`TCPX_PTR_HOST`; CUDA is not in this build).
+ * Registers `size` bytes at `data`: `TCPX_PTR_HOST`, or `TCPX_PTR_CUDA`
+ * where CUDA is usable (else TCPX_EUNSUPPORTED).
  * The memory must stay valid until tcpx_dereg_mr.
  */
 int tcpx_reg_mr(struct tcpx_net *net, void *data, size_t size, int ptr_type, struct tcpx_mr **out);
@@ -178,8 +290,12 @@ int tcpx_irecv(struct tcpx_recv_comm *comm,
 int tcpx_iflush(struct tcpx_recv_comm *comm, struct tcpx_request **req);
 
 /**
- * Polls a request. When `*done` becomes 1 — or any error is returned — the
- * request is freed. `sizes` (may be NULL) receives one size per buffer.
+ * Polls a request; `*done` is set to 1 when it completed. `sizes` (may be
+ * NULL) receives one size per buffer.
+ *
+ * The request is freed when `*done` becomes 1 and when it failed (any error
+ * but these two): TCPX_EINVAL (`req` or `done` is NULL) touches no request,
+ * which stays valid; TCPX_EINTERNAL (a bug) leaves it allocated.
  */
 int tcpx_test(struct tcpx_request *req, int *done, size_t *sizes);
 
@@ -194,7 +310,8 @@ int tcpx_close_send(struct tcpx_send_comm *comm);
 int tcpx_close_recv(struct tcpx_recv_comm *comm);
 
 /**
- * Closes the listener.
+ * Closes the listener, its half-open connections, and this process's
+ * connects into it that are still in progress.
  */
 int tcpx_close_listen(struct tcpx_listen_comm *comm);
 

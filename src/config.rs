@@ -2,6 +2,7 @@
 //!
 //! The TCPX plugin's `NCCL_*` variables are accepted where they mean the same
 //! thing; `TCPX_*` variables cover the rest and win when both are set.
+#![forbid(unsafe_code)]
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -111,6 +112,10 @@ pub struct Config {
     pub max_requests: usize,
     /// Deadline for connect/accept handshakes to finish once started.
     pub handshake_timeout: Duration,
+    /// Half-open connections a listener holds (accepted sockets that have
+    /// not presented a Hello, comms still waiting for data sockets); at the
+    /// cap the oldest is dropped (`TCPX_MAX_HALF_OPEN`).
+    pub max_half_open: usize,
     /// SO_SNDBUF/SO_RCVBUF for data sockets; `None` keeps kernel autotuning.
     pub socket_buffer: Option<usize>,
     /// A peer heard from for this long (no heartbeat, no byte) fails its
@@ -155,9 +160,8 @@ pub struct Config {
     /// first CUDA registration; about four chunks per data socket keeps
     /// every socket busy (`TCPX_STAGING_BYTES`).
     pub staging_bytes: usize,
-    /// `NCCL_GPUDIRECTTCPX_FORCE_ACK`: the original sets TCP_QUICKACK on a
-    /// data socket when the last receive queued on it finishes. Recorded;
-    /// the receive path does not act on it yet (reported at init).
+    /// `NCCL_GPUDIRECTTCPX_FORCE_ACK`: as the original, set TCP_QUICKACK on
+    /// a data socket each time a received chunk completes there.
     pub force_ack: bool,
     /// How the devmem receive path will import gpumemd's RX pool; recorded
     /// until that path exists (reported at init).
@@ -186,6 +190,8 @@ pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(2);
 pub const MAX_SOCKETS_PER_NIC: usize = 16;
 pub const MAX_NICS: usize = 16;
 pub const MAX_RECVS: usize = 8;
+/// Upper bound of `Config::max_half_open`.
+pub const MAX_HALF_OPEN: usize = 65536;
 /// Inline payloads are staged whole in the control buffers; keep them small.
 pub const MAX_INLINE: usize = 64 * 1024;
 
@@ -212,6 +218,7 @@ impl Default for Config {
             inline_threshold: 64 * 1024,
             max_requests: 32,
             handshake_timeout: Duration::from_secs(30),
+            max_half_open: 256,
             socket_buffer: None,
             peer_timeout: Some(DEFAULT_PEER_TIMEOUT),
             stall_timeout: Some(DEFAULT_STALL_TIMEOUT),
@@ -321,6 +328,9 @@ impl Config {
         }
         if let Some((k, v)) = first(&["TCPX_HANDSHAKE_TIMEOUT_MS"]) {
             c.handshake_timeout = Duration::from_millis(parse_num(k, &v)? as u64);
+        }
+        if let Some((k, v)) = first(&["TCPX_MAX_HALF_OPEN"]) {
+            c.max_half_open = parse_num(k, &v)?;
         }
         if let Some((k, v)) = first(&["TCPX_SOCKET_BUFFER"]) {
             c.socket_buffer = Some(parse_num(k, &v)?);
@@ -508,6 +518,12 @@ impl Config {
                 self.notsent_lowat
             ));
         }
+        if !(1..=MAX_HALF_OPEN).contains(&self.max_half_open) {
+            return bad(format!(
+                "max half-open connections must be 1..={MAX_HALF_OPEN}, got {}",
+                self.max_half_open
+            ));
+        }
         if !(8..=1024).contains(&self.max_requests) {
             return bad(format!(
                 "max requests must be 8..=1024, got {}",
@@ -680,6 +696,14 @@ mod tests {
             cfg(&[("TCPX_MAX_REQUESTS", "4")]),
             Err(Error::Config(_))
         ));
+        assert!(matches!(
+            cfg(&[("TCPX_MAX_HALF_OPEN", "0")]),
+            Err(Error::Config(_))
+        ));
+        assert_eq!(
+            cfg(&[("TCPX_MAX_HALF_OPEN", "1K")]).unwrap().max_half_open,
+            1024
+        );
         assert!(matches!(
             cfg(&[("NCCL_SOCKET_IFNAME", "^docker")]),
             Err(Error::Config(_))

@@ -1,4 +1,5 @@
 //! Data NICs: resolving names/addresses and their properties.
+#![forbid(unsafe_code)]
 
 use std::fmt;
 use std::net::IpAddr;

@@ -4,6 +4,7 @@
 //! `magic "TXHD" | version u16 | len u16 | secret [16] | listen_id u64 | addr [20] | zeros | stage u64`.
 //! The last 8 bytes belong to the caller's side only (the C ABI keeps its
 //! connect progress there, as NCCL plugins do) and are ignored on parse.
+#![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
 

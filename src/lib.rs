@@ -34,9 +34,11 @@
 //! # Ok::<(), tcpx::Error>(())
 //! ```
 
+mod accept;
 mod bounce;
 mod comm;
 pub mod config;
+mod connect;
 mod ctrl;
 mod device;
 mod engine;
@@ -51,6 +53,7 @@ mod stats;
 pub mod wire;
 mod zerocopy;
 
+pub use accept::ListenComm;
 pub use bounce::cuda_alloc;
 pub use comm::{RecvBuf, RecvComm, Request, SendComm, Waiter};
 pub use config::{Config, DevmemMode, EngineKind, LogFilter, NicSpec, RxmemImport, ZeroCopy};
@@ -58,7 +61,7 @@ pub use device::{DataPath, Device, PtrKinds};
 pub use error::{Error, Result};
 pub use handle::{Handle, HANDLE_SIZE};
 pub use memory::{HostMemory, MemoryRegion, PtrKind};
-pub use net::{ListenComm, Net};
+pub use net::Net;
 pub use request::Sizes;
 pub use stats::{NicStats, PathStats, SocketStats, Stats};
 

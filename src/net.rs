@@ -1,35 +1,35 @@
-//! `Net`: devices, registration, and connection setup (listen / connect / accept).
+//! `Net`: devices, registration, and what connection setup shares.
 //!
-//! Setup follows NCCL's v5+ non-blocking contract: `connect` and `accept`
-//! return `Ok(None)` until the comm is ready and are called again; nothing
-//! here waits on the peer.
+//! Setup follows NCCL's v5+ non-blocking contract: `connect` (`connect.rs`)
+//! and `accept` (`accept.rs`) return `Ok(None)` until the comm is ready and
+//! are called again; nothing waits on the peer.
 
-use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
+use std::net::{IpAddr, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
-use socket2::{Domain, Protocol, SockRef, Socket, Type};
+use socket2::SockRef;
 
-use crate::comm::{Agreed, DataSock, RecvComm, SendComm};
-use crate::config::{Config, EngineKind, MAX_NICS, MAX_SOCKETS_PER_NIC};
+use crate::comm::{Agreed, DataSock};
+use crate::config::{Config, EngineKind};
 use crate::device::{self, DataPath, Device};
 use crate::engine::{Cmd, CommLink, SockId, TxMode, Watch, Worker};
 use crate::error::{Error, Result};
 use crate::gpumemd::{Gpumemd, PoolSource};
-use crate::handle::{Handle, HANDLE_SIZE, STAGE_OFFSET};
 use crate::memory::{HostMemory, MemoryRegion, PtrKind};
 use crate::stats::{Counters, NicStats, SockCounters, Stats, Tally};
-use crate::wire::{Hello, Reject, Role, Welcome, HELLO_LEN, REJECT_VERSION, WELCOME_LEN};
+
+pub(crate) use crate::connect::Connecting;
 
 pub(crate) struct NetInner {
+    /// Tells this Net's entries apart in the process-wide connect table.
+    pub(crate) id: u64,
     pub cfg: Config,
     /// The engine the workers run (`cfg.engine` resolved by the probe).
     engine: EngineKind,
-    gpumemd: Option<Gpumemd>,
+    pub(crate) gpumemd: Option<Gpumemd>,
     pub devices: Vec<Device>,
     pub ctrl_ip: Option<IpAddr>,
     /// `cfg.workers_per_nic` progress workers per device: device `d`'s are
@@ -73,6 +73,7 @@ impl NetInner {
             }),
             peer_timeout_ms: self.cfg.peer_timeout.map_or(0, |t| t.as_millis() as u64),
             notsent_lowat: self.cfg.notsent_lowat as u32,
+            quickack: self.cfg.force_ack,
         };
         let per = self.cfg.workers_per_nic;
         let worker = nic * per + (id % per as u64) as usize;
@@ -104,7 +105,7 @@ impl NetInner {
     }
 
     /// Our peer timeout as the handshake carries it.
-    fn timeout_ms(&self) -> u32 {
+    pub(crate) fn timeout_ms(&self) -> u32 {
         self.cfg
             .peer_timeout
             .map_or(0, |t| t.as_millis().clamp(1, u32::MAX as u128) as u32)
@@ -138,7 +139,7 @@ impl NetInner {
 
 /// The transport: one per process is typical. Cheap to share behind `&`.
 pub struct Net {
-    inner: Arc<NetInner>,
+    pub(crate) inner: Arc<NetInner>,
 }
 
 impl Net {
@@ -210,8 +211,10 @@ impl Net {
             );
         }
         let nic_tallies = devices.iter().map(|_| Arc::default()).collect();
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         Ok(Net {
             inner: Arc::new(NetInner {
+                id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
                 engine,
                 cfg,
                 gpumemd,
@@ -259,7 +262,7 @@ impl Net {
             .collect()
     }
 
-    fn device(&self, dev: usize) -> Result<&Device> {
+    pub(crate) fn device(&self, dev: usize) -> Result<&Device> {
         self.inner.devices.get(dev).ok_or(Error::NoSuchDevice {
             dev,
             count: self.inner.devices.len(),
@@ -309,192 +312,13 @@ impl Net {
     pub fn dereg_mr(&self, mr: MemoryRegion) -> Result<Option<HostMemory>> {
         mr.into_owned()
     }
-
-    /// Listens on device `dev`; the handle goes to the peer out of band.
-    pub fn listen(&self, dev: usize) -> Result<(Handle, ListenComm)> {
-        let d = self.device(dev)?;
-        let mut listeners = Vec::new();
-        for (nic, dv) in self.inner.devices.iter().enumerate() {
-            listeners.push((bind_listener(dv.addr)?, Some(nic)));
-        }
-        let ctrl_ip = self.inner.ctrl_ip.unwrap_or(d.addr);
-        let ctrl_at = match self.inner.devices.iter().position(|x| x.addr == ctrl_ip) {
-            Some(i) => i,
-            None => {
-                listeners.push((bind_listener(ctrl_ip)?, None));
-                listeners.len() - 1
-            }
-        };
-        let ctrl_addr = listeners[ctrl_at]
-            .0
-            .local_addr()
-            .map_err(|e| Error::io("getsockname", e))?;
-        let data_addrs = listeners
-            .iter()
-            .filter(|(_, nic)| nic.is_some())
-            .map(|(l, _)| l.local_addr().map_err(|e| Error::io("getsockname", e)))
-            .collect::<Result<Vec<_>>>()?;
-        let handle = Handle {
-            secret: random_secret(),
-            listen_id: rand::random(),
-            addr: ctrl_addr,
-            stage: None,
-        };
-        let comm = ListenComm {
-            net: self.inner.clone(),
-            secret: handle.secret,
-            listeners,
-            data_addrs,
-            fresh: Vec::new(),
-            partial: HashMap::new(),
-            steering: Vec::new(),
-        };
-        Ok((handle, comm))
-    }
-
-    /// Connects to a listener. `Ok(None)`: not ready yet, call again with the same handle.
-    pub fn connect(&self, dev: usize, handle: &mut Handle) -> Result<Option<SendComm>> {
-        let d = self.device(dev)?.clone();
-        if handle.stage.is_none() {
-            let local = self.inner.ctrl_ip.unwrap_or(d.addr);
-            let sock = start_connect(local, handle.addr)?;
-            handle.stage = Some(Box::new(Connecting {
-                deadline: Instant::now() + self.inner.cfg.handshake_timeout,
-                stage: Stage::Ctrl { sock },
-            }));
-        }
-        let secret = handle.secret;
-        let Some(c) = handle.stage.as_mut() else {
-            return Err(Error::InvalidArgument("connect state lost".into()));
-        };
-        let result = c.advance(&self.inner, secret);
-        match result {
-            Ok(Some(_)) | Err(_) => handle.stage = None,
-            Ok(None) => {}
-        }
-        result
-    }
-
-    /// `connect` on a raw 128-byte handle buffer, for C hosts (our C ABI, the
-    /// NCCL plugin): the progress lives in a table keyed by the handle's
-    /// caller-private stage word, so calling again with the same buffer resumes.
-    pub fn connect_bytes(
-        &self,
-        dev: usize,
-        bytes: &mut [u8; HANDLE_SIZE],
-    ) -> Result<Option<SendComm>> {
-        static CONNECTING: OnceLock<Mutex<HashMap<u64, Handle>>> = OnceLock::new();
-        let table = CONNECTING.get_or_init(|| Mutex::new(HashMap::new()));
-        let mut stage = [0u8; 8];
-        stage.copy_from_slice(&bytes[STAGE_OFFSET..]);
-        let mut map = table.lock().unwrap_or_else(|p| p.into_inner());
-        let mut h = match map.remove(&u64::from_le_bytes(stage)) {
-            Some(h) => h,
-            None => Handle::from_bytes(&bytes[..])?,
-        };
-        bytes[STAGE_OFFSET..].fill(0);
-        let comm = self.connect(dev, &mut h)?;
-        if comm.is_none() {
-            let id = loop {
-                let id: u64 = rand::random();
-                if id != 0 && !map.contains_key(&id) {
-                    break id;
-                }
-            };
-            map.insert(id, h);
-            bytes[STAGE_OFFSET..].copy_from_slice(&id.to_le_bytes());
-        }
-        Ok(comm)
-    }
-
-    /// `connect` until ready or `timeout`; the listener must be accepted elsewhere meanwhile.
-    pub fn connect_wait(
-        &self,
-        dev: usize,
-        handle: &mut Handle,
-        timeout: Duration,
-    ) -> Result<SendComm> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(c) = self.connect(dev, handle)? {
-                return Ok(c);
-            }
-            if Instant::now() >= deadline {
-                handle.stage = None;
-                return Err(Error::Timeout {
-                    what: format!("connecting to {}", handle.addr),
-                    after_ms: timeout.as_millis() as u64,
-                });
-            }
-            std::thread::sleep(Duration::from_micros(200));
-        }
-    }
 }
 
-fn random_secret() -> [u8; 16] {
-    loop {
-        let s: [u8; 16] = rand::random();
-        if s != [0; 16] {
-            return s;
-        }
-    }
-}
-
-pub(crate) fn bind_listener(ip: IpAddr) -> Result<TcpListener> {
-    let l = TcpListener::bind(SocketAddr::new(ip, 0)).map_err(|e| Error::io("bind listener", e))?;
-    l.set_nonblocking(true)
-        .map_err(|e| Error::io("set_nonblocking", e))?;
-    Ok(l)
-}
-
-pub(crate) fn start_connect(local: IpAddr, remote: SocketAddr) -> Result<Socket> {
-    let sock = Socket::new(
-        Domain::for_address(remote),
-        Type::STREAM,
-        Some(Protocol::TCP),
-    )
-    .map_err(|e| Error::io("socket", e))?;
-    sock.set_nonblocking(true)
-        .map_err(|e| Error::io("set_nonblocking", e))?;
-    if local.is_ipv4() == remote.is_ipv4() {
-        // Pin the source NIC; the kernel routes by source address on multi-NIC hosts.
-        sock.bind(&SocketAddr::new(local, 0).into())
-            .map_err(|e| Error::io("bind source address", e))?;
-    }
-    match sock.connect(&remote.into()) {
-        Ok(()) => {}
-        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
-        Err(e) => return Err(Error::io("connect", e)),
-    }
-    Ok(sock)
-}
-
-/// True once a non-blocking connect finished; its error if it failed.
-pub(crate) fn connected(sock: &Socket, to: SocketAddr) -> Result<bool> {
-    let mut p = libc::pollfd {
-        fd: sock.as_raw_fd(),
-        events: libc::POLLOUT,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd for the duration of the call.
-    let n = unsafe { libc::poll(&mut p, 1, 0) };
-    if n <= 0 {
-        return Ok(false);
-    }
-    match sock.take_error() {
-        Ok(None) => Ok(true),
-        Ok(Some(e)) | Err(e) => Err(Error::ConnectionLost(format!("connect to {to}: {e}"))),
-    }
-}
-
-/// A listener's Reject, where a Welcome was expected, as an error.
-fn refused(buf: &[u8]) -> Result<()> {
-    match crate::wire::decode_prefix(buf) {
-        Ok(p) if p.kind == crate::wire::Kind::Reject => Err(Error::Protocol(
-            "the listener refused the connection: it speaks another wire version; run the same tcpx-rs release on both sides".into(),
-        )),
-        Ok(_) => Ok(()),
-        Err(e) => Err(e),
+impl Drop for Net {
+    /// Abandoned `connect_bytes` progress closes with the Net (`tcpx_finalize`),
+    /// even while comms keep the workers alive.
+    fn drop(&mut self) {
+        crate::connect::forget_net(self.inner.id);
     }
 }
 
@@ -527,388 +351,4 @@ pub(crate) fn read_some(mut s: &TcpStream, buf: &mut Vec<u8>, want: usize) -> Re
         }
     }
     Ok(true)
-}
-
-// ------------------------------------------------------------------ connect
-
-pub(crate) struct Connecting {
-    deadline: Instant,
-    stage: Stage,
-}
-
-struct DataConn {
-    sock: Socket,
-    nic: usize,
-    index: u16,
-    remote: SocketAddr,
-    hello_sent: bool,
-}
-
-enum Stage {
-    Ctrl {
-        sock: Socket,
-    },
-    Welcome {
-        stream: TcpStream,
-        buf: Vec<u8>,
-    },
-    Data {
-        ctrl: TcpStream,
-        comm_id: u64,
-        peer_timeout_ms: u32,
-        conns: Vec<DataConn>,
-    },
-    Failed,
-}
-
-impl Connecting {
-    fn advance(&mut self, net: &Arc<NetInner>, secret: [u8; 16]) -> Result<Option<SendComm>> {
-        if Instant::now() > self.deadline {
-            return Err(Error::Timeout {
-                what: "connecting (is the listener's process calling accept()?)".into(),
-                after_ms: net.cfg.handshake_timeout.as_millis() as u64,
-            });
-        }
-        let n_local = net.devices.len();
-        let n_data = n_local * net.cfg.sockets_per_nic;
-        loop {
-            match std::mem::replace(&mut self.stage, Stage::Failed) {
-                Stage::Ctrl { sock } => {
-                    let to = sock
-                        .peer_addr()
-                        .ok()
-                        .and_then(|a| a.as_socket())
-                        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
-                    if !connected(&sock, to)? {
-                        self.stage = Stage::Ctrl { sock };
-                        return Ok(None);
-                    }
-                    let stream: TcpStream = sock.into();
-                    net.tune(&stream, false)?;
-                    let hello = Hello {
-                        secret,
-                        comm_id: 0,
-                        role: Role::Control,
-                        n_data: n_data as u16,
-                        inline_threshold: net.cfg.inline_threshold as u32,
-                        peer_timeout_ms: net.timeout_ms(),
-                    };
-                    write_handshake(&stream, &hello.encode())?;
-                    self.stage = Stage::Welcome {
-                        stream,
-                        buf: Vec::new(),
-                    };
-                }
-                Stage::Welcome { stream, mut buf } => {
-                    if buf.len() >= crate::wire::PREFIX_LEN {
-                        refused(&buf)?;
-                    }
-                    let mut want = WELCOME_LEN;
-                    if buf.len() >= WELCOME_LEN {
-                        want += Welcome::decode(&buf)?.n_nics as usize * crate::wire::ADDR_LEN;
-                    }
-                    if !read_some(&stream, &mut buf, want)? {
-                        self.stage = Stage::Welcome { stream, buf };
-                        return Ok(None);
-                    }
-                    if buf.len() == WELCOME_LEN {
-                        self.stage = Stage::Welcome { stream, buf };
-                        continue; // header complete; now the addresses
-                    }
-                    let w = Welcome::decode(&buf)?;
-                    let remotes = Welcome::decode_addrs(&buf[WELCOME_LEN..])?;
-                    let mut conns = Vec::with_capacity(n_data);
-                    for index in 0..n_data {
-                        let nic = index % n_local;
-                        let remote = remotes[nic % remotes.len()];
-                        conns.push(DataConn {
-                            sock: start_connect(net.devices[nic].addr, remote)?,
-                            nic,
-                            index: index as u16,
-                            remote,
-                            hello_sent: false,
-                        });
-                    }
-                    self.stage = Stage::Data {
-                        ctrl: stream,
-                        comm_id: w.comm_id,
-                        peer_timeout_ms: w.peer_timeout_ms,
-                        conns,
-                    };
-                }
-                Stage::Data {
-                    ctrl,
-                    comm_id,
-                    peer_timeout_ms,
-                    mut conns,
-                } => {
-                    let mut all = true;
-                    for c in conns.iter_mut().filter(|c| !c.hello_sent) {
-                        if !connected(&c.sock, c.remote)? {
-                            all = false;
-                            continue;
-                        }
-                        let hello = Hello {
-                            secret,
-                            comm_id,
-                            role: Role::Data { index: c.index },
-                            n_data: n_data as u16,
-                            inline_threshold: 0,
-                            peer_timeout_ms: 0,
-                        };
-                        write_handshake(&c.sock, &hello.encode())?;
-                        c.hello_sent = true;
-                    }
-                    if !all {
-                        self.stage = Stage::Data {
-                            ctrl,
-                            comm_id,
-                            peer_timeout_ms,
-                            conns,
-                        };
-                        return Ok(None);
-                    }
-                    let mut data = Vec::with_capacity(conns.len());
-                    for c in conns {
-                        let stream: TcpStream = c.sock.into();
-                        net.tune(&stream, true)?;
-                        data.push((c.nic, stream));
-                    }
-                    let agreed = net.agreed(peer_timeout_ms, net.cfg.inline_threshold);
-                    return SendComm::new(net.clone(), ctrl, data, agreed).map(Some);
-                }
-                Stage::Failed => {
-                    return Err(Error::InvalidArgument("connect already failed".into()))
-                }
-            }
-        }
-    }
-}
-
-// ------------------------------------------------------------------- accept
-
-struct Fresh {
-    stream: TcpStream,
-    nic: Option<usize>,
-    buf: Vec<u8>,
-    deadline: Instant,
-}
-
-struct Partial {
-    ctrl: TcpStream,
-    /// The client's control Hello: its inline threshold and peer timeout.
-    hello: Hello,
-    data: Vec<Option<(usize, TcpStream)>>,
-    deadline: Instant,
-}
-
-/// How long an accepted socket may take to present its Hello.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// A listening endpoint (from `Net::listen`).
-pub struct ListenComm {
-    net: Arc<NetInner>,
-    secret: [u8; 16],
-    /// Per data NIC (index = NIC), then possibly a control-only listener.
-    listeners: Vec<(TcpListener, Option<usize>)>,
-    data_addrs: Vec<SocketAddr>,
-    fresh: Vec<Fresh>,
-    partial: HashMap<u64, Partial>,
-    /// Accepted comms waiting out `flow_steering_wait`.
-    steering: Vec<(Instant, RecvComm)>,
-}
-
-impl ListenComm {
-    /// Accepts the next connection. `Ok(None)`: none ready yet, call again.
-    /// Sockets that fail the handshake (wrong secret, garbage, silence) are
-    /// dropped without disturbing other connections.
-    pub fn accept(&mut self) -> Result<Option<RecvComm>> {
-        let now = Instant::now();
-        if let Some(i) = self.steering.iter().position(|(at, _)| *at <= now) {
-            return Ok(Some(self.steering.swap_remove(i).1));
-        }
-        for (l, nic) in &self.listeners {
-            loop {
-                match l.accept() {
-                    Ok((stream, _)) => {
-                        if stream.set_nonblocking(true).is_ok() {
-                            self.fresh.push(Fresh {
-                                stream,
-                                nic: *nic,
-                                buf: Vec::with_capacity(HELLO_LEN),
-                                deadline: now + HELLO_TIMEOUT,
-                            });
-                        }
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(Error::io("accept", e)),
-                }
-            }
-        }
-        let mut i = 0;
-        while i < self.fresh.len() {
-            let f = &mut self.fresh[i];
-            let read = read_some(&f.stream, &mut f.buf, HELLO_LEN);
-            if let Some(v) = crate::wire::foreign_version(&f.buf) {
-                // Told before it waits for a Hello length of our version.
-                tracing::warn!("refused a tcpx-rs peer that speaks wire version {v} (we speak {}); run the same release on both sides", crate::wire::VERSION);
-                let _ = write_handshake(
-                    &f.stream,
-                    &Reject {
-                        reason: REJECT_VERSION,
-                    }
-                    .encode(),
-                );
-                self.fresh.swap_remove(i);
-                continue;
-            }
-            // Garbage is dropped as soon as its first header bytes show it.
-            let read = match read {
-                Ok(false) if f.buf.len() >= crate::wire::PREFIX_LEN => {
-                    crate::wire::decode_prefix(&f.buf).map(|_| false)
-                }
-                r => r,
-            };
-            match read {
-                Ok(false) if now < f.deadline => {
-                    i += 1;
-                    continue;
-                }
-                Ok(false) => {
-                    tracing::warn!(
-                        "dropping a connection that sent no hello within {HELLO_TIMEOUT:?}"
-                    );
-                    self.fresh.swap_remove(i);
-                }
-                Err(e) => {
-                    tracing::debug!("dropping a connection during its hello: {e}");
-                    self.fresh.swap_remove(i);
-                }
-                Ok(true) => {
-                    let f = self.fresh.swap_remove(i);
-                    match self.on_hello(f) {
-                        Ok(Some(comm)) => return Ok(Some(comm)),
-                        Ok(None) => {}
-                        // Our own side failed (gpumemd under `require`): the caller must know.
-                        Err(e @ Error::Gpumemd(_)) => return Err(e),
-                        Err(e) => tracing::warn!("refused a connection: {e}"),
-                    }
-                }
-            }
-        }
-        let timeout = self.net.cfg.handshake_timeout;
-        self.partial.retain(|id, p| {
-            let keep = now < p.deadline;
-            if !keep {
-                tracing::warn!(
-                    comm_id = id,
-                    "dropping a connection whose data sockets did not arrive within {timeout:?}"
-                );
-            }
-            keep
-        });
-        Ok(None)
-    }
-
-    /// `accept` until a comm arrives or `timeout` passes.
-    pub fn accept_wait(&mut self, timeout: Duration) -> Result<RecvComm> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(c) = self.accept()? {
-                return Ok(c);
-            }
-            if Instant::now() >= deadline {
-                return Err(Error::Timeout {
-                    what: "accepting a connection".into(),
-                    after_ms: timeout.as_millis() as u64,
-                });
-            }
-            std::thread::sleep(Duration::from_micros(200));
-        }
-    }
-
-    fn on_hello(&mut self, f: Fresh) -> Result<Option<RecvComm>> {
-        let h = Hello::decode(&f.buf)?;
-        if !constant_time_eq(&h.secret, &self.secret) {
-            return Err(Error::Protocol("wrong secret in hello".into()));
-        }
-        let max_data = MAX_NICS * MAX_SOCKETS_PER_NIC;
-        match h.role {
-            Role::Control => {
-                if h.n_data == 0 || h.n_data as usize > max_data {
-                    return Err(Error::Protocol(format!(
-                        "{} data sockets announced",
-                        h.n_data
-                    )));
-                }
-                let comm_id: u64 = rand::random();
-                let welcome = Welcome {
-                    comm_id,
-                    n_nics: self.data_addrs.len() as u16,
-                    peer_timeout_ms: self.net.timeout_ms(),
-                };
-                write_handshake(&f.stream, &welcome.encode(&self.data_addrs))?;
-                self.partial.insert(
-                    comm_id,
-                    Partial {
-                        ctrl: f.stream,
-                        hello: h,
-                        data: (0..h.n_data).map(|_| None).collect(),
-                        deadline: Instant::now() + self.net.cfg.handshake_timeout,
-                    },
-                );
-                Ok(None)
-            }
-            Role::Data { index } => {
-                let nic = f.nic.ok_or_else(|| {
-                    Error::Protocol("data socket on the control-only listener".into())
-                })?;
-                let p = self.partial.get_mut(&h.comm_id).ok_or_else(|| {
-                    Error::Protocol(format!("data socket for unknown comm {:#x}", h.comm_id))
-                })?;
-                let slot = p
-                    .data
-                    .get_mut(index as usize)
-                    .filter(|s| s.is_none())
-                    .ok_or_else(|| {
-                        Error::Protocol(format!("bad or duplicate data socket index {index}"))
-                    })?;
-                *slot = Some((nic, f.stream));
-                if p.data.iter().any(Option::is_none) {
-                    return Ok(None);
-                }
-                let Some(p) = self.partial.remove(&h.comm_id) else {
-                    return Ok(None);
-                };
-                self.net.tune(&p.ctrl, false)?;
-                let data: Vec<(usize, TcpStream)> = p.data.into_iter().flatten().collect();
-                let flows = match &self.net.gpumemd {
-                    Some(g) => g.steer(&data.iter().map(|(_, s)| s).collect::<Vec<_>>())?,
-                    None => Vec::new(),
-                };
-                for (_, stream) in &data {
-                    self.net.tune(stream, true)?;
-                }
-                let agreed = self
-                    .net
-                    .agreed(p.hello.peer_timeout_ms, p.hello.inline_threshold as usize);
-                let comm = RecvComm::new(self.net.clone(), p.ctrl, data, flows, agreed)?;
-                let wait = self.net.cfg.flow_steering_wait;
-                if wait.is_zero() {
-                    return Ok(Some(comm));
-                }
-                // Hand the comm out once the NIC has had time to apply its rules.
-                self.steering.push((Instant::now() + wait, comm));
-                Ok(None)
-            }
-        }
-    }
-
-    /// Closes the listener; half-open connections are dropped.
-    pub fn close(self) {}
-}
-
-pub(crate) fn constant_time_eq(a: &[u8; 16], b: &[u8; 16]) -> bool {
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

@@ -4,6 +4,7 @@
 //! peer's acknowledgement) and the first error any of them met. It is
 //! done when every piece is: an error is reported only then, so nothing
 //! in the transport still uses the request's memory when it is.
+#![forbid(unsafe_code)]
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -52,15 +53,17 @@ impl FdWaker {
         Some(fd)
     }
 
-    /// The thread woke (its eventfd is emptied for the next sleep).
-    pub fn woke(&self, fd: &Arc<EventFd>) {
+    /// The thread woke; `written`: by its eventfd, emptied for the next sleep.
+    pub fn woke(&self, fd: &Arc<EventFd>, written: bool) {
         self.sleepers.fetch_sub(1, Ordering::SeqCst);
         let mut fds = self.fds.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(i) = fds.iter().position(|f| Arc::ptr_eq(f, fd)) {
             fds.swap_remove(i);
         }
         drop(fds);
-        let _ = fd.read();
+        if written {
+            let _ = fd.read();
+        }
     }
 
     fn wake_all(&self) {

@@ -1,5 +1,6 @@
 //! Counters the workers keep, readable through `Net::stats()`, and per
 //! data socket and NIC (`SendComm::socket_stats`, `Net::nic_stats`).
+#![forbid(unsafe_code)]
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

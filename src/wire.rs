@@ -4,7 +4,8 @@
 //! Every header starts with the same 12-byte prefix:
 //! `magic u32 | version u8 | kind u8 | header_len u16 | payload_len u32`
 //! (little-endian), checked on receipt; reserved fields must be zero.
-//! Kinds 9-11 (Retire, Placed, Dial) carry data-socket failover.
+//! Kinds 10-12 (Retire, Placed, Dial) carry data-socket failover.
+#![forbid(unsafe_code)]
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -24,6 +25,7 @@ pub const POST_BUF_LEN: usize = 12;
 pub const ACK_LEN: usize = 20;
 pub const PING_LEN: usize = 20;
 pub const REJECT_LEN: usize = 20;
+pub const BYE_LEN: usize = 20;
 pub const RETIRE_LEN: usize = 20;
 pub const PLACED_LEN: usize = 32;
 /// Largest bitmap one Placed carries (chunks `first .. first + 8·4096`).
@@ -47,9 +49,10 @@ pub enum Kind {
     Ack = 6,
     Ping = 7,
     Reject = 8,
-    Retire = 9,
-    Placed = 10,
-    Dial = 11,
+    Bye = 9,
+    Retire = 10,
+    Placed = 11,
+    Dial = 12,
 }
 
 impl Kind {
@@ -63,9 +66,10 @@ impl Kind {
             6 => Kind::Ack,
             7 => Kind::Ping,
             8 => Kind::Reject,
-            9 => Kind::Retire,
-            10 => Kind::Placed,
-            11 => Kind::Dial,
+            9 => Kind::Bye,
+            10 => Kind::Retire,
+            11 => Kind::Placed,
+            12 => Kind::Dial,
             _ => return None,
         })
     }
@@ -79,6 +83,7 @@ impl Kind {
             Kind::Ack => ACK_LEN,
             Kind::Ping => PING_LEN,
             Kind::Reject => REJECT_LEN,
+            Kind::Bye => BYE_LEN,
             Kind::Retire => RETIRE_LEN,
             Kind::Placed => PLACED_LEN,
             Kind::Dial => DIAL_LEN,
@@ -178,6 +183,10 @@ pub struct Ping {
 pub struct Reject {
     pub reason: u16,
 }
+
+/// The last frame of a comm closed on purpose (either direction).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bye;
 
 /// `Reject::reason`: the client speaks another wire version.
 pub const REJECT_VERSION: u16 = 1;
@@ -609,6 +618,21 @@ impl Reject {
     }
 }
 
+impl Bye {
+    pub fn encode(&self) -> [u8; BYE_LEN] {
+        let mut b = [0u8; BYE_LEN];
+        put_prefix(&mut b, Kind::Bye, 0);
+        b
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Self> {
+        let (p, mut r) = expect(b, Kind::Bye)?;
+        no_payload(p, Kind::Bye)?;
+        r.zero::<8>("Bye")?;
+        Ok(Bye)
+    }
+}
+
 impl Retire {
     pub fn encode(&self) -> [u8; RETIRE_LEN] {
         let mut b = [0u8; RETIRE_LEN];
@@ -750,6 +774,7 @@ pub enum Header {
     Retire(Retire),
     Placed(Placed),
     Dial(Dial),
+    Bye(Bye),
 }
 
 impl Header {
@@ -767,6 +792,7 @@ impl Header {
             Header::Retire(r) => r.encode().to_vec(),
             Header::Placed(p) => p.encode(),
             Header::Dial(d) => d.encode().to_vec(),
+            Header::Bye(b) => b.encode().to_vec(),
         }
     }
 }
@@ -787,6 +813,7 @@ pub fn parse_header(b: &[u8]) -> Result<Header> {
         Kind::Retire => Header::Retire(Retire::decode(b)?),
         Kind::Placed => Header::Placed(Placed::decode(b)?),
         Kind::Dial => Header::Dial(Dial::decode(b)?),
+        Kind::Bye => Header::Bye(Bye::decode(b)?),
     })
 }
 
@@ -834,6 +861,9 @@ mod tests {
         assert_eq!(&a[12..], &9u64.to_le_bytes());
         let g = Ping { count: 1 }.encode();
         assert_eq!(&g[..8], &[b'T', b'C', b'P', b'X', 2, 7, 20, 0]);
+        let y = Bye.encode();
+        assert_eq!(&y[..12], &[b'T', b'C', b'P', b'X', 2, 9, 20, 0, 0, 0, 0, 0]);
+        assert_eq!(&y[12..], &[0; 8]);
     }
 
     #[test]
@@ -843,7 +873,10 @@ mod tests {
             generation: 0x0102_0304,
         }
         .encode();
-        assert_eq!(&r[..12], &[b'T', b'C', b'P', b'X', 2, 9, 20, 0, 0, 0, 0, 0]);
+        assert_eq!(
+            &r[..12],
+            &[b'T', b'C', b'P', b'X', 2, 10, 20, 0, 0, 0, 0, 0]
+        );
         assert_eq!(&r[12..], &[3, 0, 0, 0, 4, 3, 2, 1]);
         assert_eq!(
             Retire::decode(&r).unwrap(),
@@ -860,7 +893,7 @@ mod tests {
         let b = p.encode();
         assert_eq!(
             &b[..12],
-            &[b'T', b'C', b'P', b'X', 2, 10, 32, 0, 2, 0, 0, 0]
+            &[b'T', b'C', b'P', b'X', 2, 11, 32, 0, 2, 0, 0, 0]
         );
         assert_eq!(&b[12..20], &5u64.to_le_bytes());
         assert_eq!(&b[20..28], &16u64.to_le_bytes());
@@ -877,7 +910,7 @@ mod tests {
         assert_eq!(b.len(), 36 + 20);
         assert_eq!(
             &b[..12],
-            &[b'T', b'C', b'P', b'X', 2, 11, 36, 0, 20, 0, 0, 0]
+            &[b'T', b'C', b'P', b'X', 2, 12, 36, 0, 20, 0, 0, 0]
         );
         assert_eq!(&b[12..20], &[1, 0, 0, 0, 2, 0, 0, 0]);
         assert_eq!(&b[20..36], &[7; 16]);
@@ -1080,6 +1113,7 @@ mod tests {
                     addr
                 })
             ),
+            Just(Header::Bye(Bye)),
             (any::<u64>(), 1u16..=16, any::<u32>()).prop_map(|(comm_id, n_nics, to)| {
                 Header::Welcome(Welcome {
                     comm_id,

@@ -1,8 +1,12 @@
 //! The C ABI: the checked-in header matches the code, and a C program
-//! compiled with the system `cc` moves bytes through it.
+//! compiled with the system `cc` moves bytes through it and tells
+//! device-memory causes apart.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Output};
+
+use devmem::gpumemd::mock::{Endpoint, Fault, MockConfig, MockGpumemd};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -56,11 +60,11 @@ fn build_cdylib(dir: &Path) {
     );
 }
 
-#[test]
-fn c_program_transfers_through_the_header() {
+/// Compiles tests/c/transfer.c against the library and runs it with `args`.
+fn run_c_program(name: &str, args: &[&str], env: &[(&str, &str)]) -> (Output, String) {
     let dir = lib_dir();
     build_cdylib(&dir);
-    let bin = std::env::temp_dir().join(format!("tcpx-c-transfer-{}", std::process::id()));
+    let bin = std::env::temp_dir().join(format!("tcpx-c-{name}-{}", std::process::id()));
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
     let st = Command::new(&cc)
         .args([
@@ -76,10 +80,44 @@ fn c_program_transfers_through_the_header() {
         .status()
         .expect("run the C compiler");
     assert!(st.success(), "cc failed");
-    let out = Command::new(&bin).output().unwrap();
+    let mut cmd = Command::new(&bin);
+    cmd.args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
     let _ = std::fs::remove_file(&bin);
     let text =
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out, text)
+}
+
+#[test]
+fn c_program_transfers_through_the_header() {
+    let (out, text) = run_c_program("transfer", &[], &[]);
     assert!(out.status.success(), "C program failed:\n{text}");
     assert!(text.contains("c-abi: ok"), "{text}");
+}
+
+#[test]
+fn c_program_tells_an_absent_daemon_from_a_bad_pool_fd() {
+    let mock = MockGpumemd::start_temp(MockConfig::default()).unwrap();
+    mock.set_fault(Fault::WrongFdKind, Some(Endpoint::GpuFd));
+    let absent = std::env::temp_dir().join(format!("tcpx-c-no-daemon-{}", std::process::id()));
+    std::fs::create_dir_all(&absent).unwrap();
+    let pci = MockConfig::default().gpu_pci;
+    let (out, text) = run_c_program(
+        "causes",
+        &[
+            "causes",
+            absent.to_str().unwrap(),
+            mock.prefix().to_str().unwrap(),
+            &pci,
+        ],
+        // The emulated devmem NIC fetches gpumemd's pool at init.
+        &[("TCPX_DEVMEM_EMULATED", "upstream")],
+    );
+    let _ = std::fs::remove_dir(&absent);
+    assert!(out.status.success(), "C program failed:\n{text}");
+    assert!(text.contains("c-abi causes: ok"), "{text}");
 }

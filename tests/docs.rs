@@ -1,4 +1,5 @@
 //! docs/PROTOCOL.md states the sizes the code uses.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on failure
 
 use tcpx::wire;
 
@@ -32,6 +33,7 @@ fn every_header_size_in_protocol_md_is_the_code_s() {
         ("Ack", wire::ACK_LEN),
         ("Ping", wire::PING_LEN),
         ("Reject", wire::REJECT_LEN),
+        ("Bye", wire::BYE_LEN),
         ("Retire", wire::RETIRE_LEN),
         ("Placed", wire::PLACED_LEN),
         ("Dial", wire::DIAL_LEN),

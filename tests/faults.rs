@@ -1,5 +1,6 @@
 //! Bad input and faults: every one ends in a typed error, quickly, and
 //! leaves other comms working.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on failure
 
 mod common;
 
@@ -24,14 +25,20 @@ fn child_entry() {
     let net = Net::init(three_nics()).unwrap();
     let mr = net.reg_mr(HostMemory::zeroed(BIG).unwrap());
     match role.as_str() {
-        "sender" => {
+        "sender" => child::send_forever(&net, &arg.unwrap(), BIG),
+        // Sends one small message and ends the process at once: no goodbye.
+        "send-and-exit" => {
             let mut h = Handle::from_bytes(&child::from_hex(&arg.unwrap())).unwrap();
             let send = net.connect_wait(0, &mut h, T).unwrap();
-            child::say("connected");
-            loop {
-                let mut r = send.isend(&mr, 0, BIG, 0).unwrap().unwrap();
-                let _ = r.wait(Duration::from_secs(3600));
-            }
+            let mut m = HostMemory::zeroed(3000).unwrap();
+            common::pattern(5, &mut m);
+            let m = net.reg_mr(m);
+            send.isend(&m, 0, 3000, 5)
+                .unwrap()
+                .unwrap()
+                .wait(T)
+                .unwrap();
+            std::process::exit(0);
         }
         "receiver" => {
             let (h, mut l) = net.listen(0).unwrap();
@@ -215,5 +222,90 @@ fn connect_to_a_closed_listener_fails_fast() {
     let t0 = Instant::now();
     let e = net.connect_wait(0, &mut h, T).unwrap_err();
     assert!(t0.elapsed() < Duration::from_secs(5));
+    assert!(matches!(e, Error::ConnectionLost(_)), "{e}");
+    // The error names the address that refused, not 0.0.0.0.
+    assert!(e.to_string().contains(&h.addr().to_string()), "{e}");
+}
+
+#[test]
+fn a_version_1_peer_gets_a_clear_answer_both_ways() {
+    let net = Net::init(three_nics()).unwrap();
+    let (h, _l) = net.listen(0).unwrap();
+    // A v1 handle: BadHandle that names the version.
+    let mut b = h.to_bytes();
+    b[4] = 1;
+    let e = Handle::from_bytes(&b).unwrap_err().to_string();
+    assert!(e.contains("wire version 1"), "{e}");
+    // A v1 client's Hello (48 bytes, version byte 1): a Reject of version 2, then close.
+    let mut secret = [0u8; 16];
+    secret.copy_from_slice(&h.to_bytes()[8..24]);
+    let mut v1 = Hello {
+        secret,
+        comm_id: 0,
+        role: Role::Control,
+        n_data: 3,
+        inline_threshold: 0,
+        peer_timeout_ms: 0,
+    }
+    .encode()[..48]
+        .to_vec();
+    v1[4] = 1;
+    v1[6] = 48;
+    let mut s = TcpStream::connect(h.addr()).unwrap();
+    s.write_all(&v1).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut l2 = _l;
+    let t0 = Instant::now();
+    let mut got = Vec::new();
+    let mut b = [0u8; 64];
+    while t0.elapsed() < Duration::from_secs(5) {
+        let _ = l2.accept();
+        s.set_nonblocking(true).unwrap();
+        match s.read(&mut b) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&b[..n]),
+            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+        }
+    }
+    let reject = tcpx::wire::Reject {
+        reason: tcpx::wire::REJECT_VERSION,
+    }
+    .encode();
+    assert_eq!(got, reject.to_vec(), "a Reject, then the listener closes");
+    assert!(
+        t0.elapsed() < Duration::from_secs(1),
+        "refused at once, not after the hello deadline"
+    );
+}
+
+#[test]
+fn what_a_peer_sent_before_its_process_ended_is_still_received() {
+    let net = Net::init(three_nics()).unwrap();
+    let (h, mut l) = net.listen(0).unwrap();
+    let mut kid = spawn_child("send-and-exit", Some(&h));
+    let recv = l.accept_wait(T).unwrap();
+    assert!(kid.wait().unwrap().success());
+    std::thread::sleep(Duration::from_millis(600)); // ticks see the end meanwhile
+    let mut dst = net.reg_mr(HostMemory::zeroed(3000).unwrap());
+    let bufs = [RecvBuf {
+        mr: &dst,
+        offset: 0,
+        len: 3000,
+        tag: 5,
+    }];
+    let mut r = recv.irecv(&bufs).unwrap().unwrap();
+    assert_eq!(r.wait(T).unwrap()[0], 3000);
+    drop(r);
+    let mut want = vec![0u8; 3000];
+    common::pattern(5, &mut want);
+    assert!(dst.bytes().unwrap() == &want[..]);
+    // Then the end shows: a receive nothing can fill fails.
+    let bufs = [RecvBuf {
+        mr: &dst,
+        offset: 0,
+        len: 3000,
+        tag: 5,
+    }];
+    let e = recv.irecv(&bufs).unwrap().unwrap().wait(T).unwrap_err();
     assert!(matches!(e, Error::ConnectionLost(_)), "{e}");
 }

@@ -1,6 +1,7 @@
 //! The transport with gpumemd: probe and path at init, one flow-steering
 //! rule per data socket on accept, all withdrawn on close, and fallback or
 //! failure according to `TCPX_DEVMEM`.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on failure
 
 mod common;
 
@@ -78,9 +79,10 @@ fn absent_daemon_falls_back_or_fails_by_configuration() {
         .expect("require must fail");
     assert!(t0.elapsed() < Duration::from_secs(5));
     assert!(
-        matches!(e, Error::Gpumemd(ref m) if m.contains("require")),
+        matches!(e, Error::Devmem(ref d) if d.cause() == devmem::Cause::GpumemdAbsent),
         "{e}"
     );
+    assert_eq!(e.code(), tcpx::ffi::TCPX_EGPUMEMD);
     let _ = std::fs::remove_dir(&dir);
 }
 
@@ -106,4 +108,72 @@ fn refused_rules_fail_accept_under_require_and_are_skipped_under_prefer() {
         let e = l.accept_wait(Duration::from_secs(5)).unwrap_err();
         assert!(matches!(e, Error::Gpumemd(_)), "{e}");
     });
+}
+
+/// gpumemd's per-exchange deadline, which bounds the accept and close paths in total.
+const DEADLINE: Duration = devmem::gpumemd::DEFAULT_DEADLINE;
+
+fn many_sockets(prefix: &std::path::Path, mode: DevmemMode) -> Config {
+    let mut c = with_daemon(prefix, mode);
+    c.sockets_per_nic = 4; // 12 data sockets, 12 rules
+    c
+}
+
+#[test]
+fn a_slow_or_hung_daemon_costs_an_accept_one_deadline_in_total() {
+    use devmem::gpumemd::mock::{Endpoint, Fault};
+    let mock = MockGpumemd::start_temp(MockConfig::default()).unwrap();
+    let plain = Net::init(many_sockets(mock.prefix(), DevmemMode::Off)).unwrap();
+    let net = Net::init(many_sockets(mock.prefix(), DevmemMode::Prefer)).unwrap();
+    // Each answer just inside the deadline: one rule after another, 12 would take 18 s.
+    for fault in [Fault::Delay(DEADLINE * 3 / 4), Fault::Hang] {
+        mock.set_fault(fault.clone(), Some(Endpoint::RuleInstall));
+        let t0 = std::time::Instant::now();
+        let (send, recv) = pair(&plain, &net);
+        let took = t0.elapsed();
+        assert!(
+            took < DEADLINE + Duration::from_secs(1),
+            "{fault:?}: accept took {took:?}"
+        );
+        exchange(&plain, &net, &send, &recv, 100_000, 6);
+    }
+
+    let strict = Net::init(many_sockets(mock.prefix(), DevmemMode::Require)).unwrap();
+    let (h, mut l) = strict.listen(0).unwrap();
+    let mut h = h;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let _ = plain.connect_wait(0, &mut h, Duration::from_secs(5));
+        });
+        let t0 = std::time::Instant::now();
+        let e = l.accept_wait(Duration::from_secs(10)).unwrap_err();
+        assert!(matches!(e, Error::Gpumemd(_)), "{e}");
+        assert!(t0.elapsed() < DEADLINE + Duration::from_secs(1));
+    });
+}
+
+#[test]
+fn closing_against_a_hung_daemon_takes_one_deadline_whatever_the_rules() {
+    use devmem::gpumemd::mock::{Endpoint, Fault};
+    let mock = MockGpumemd::start_temp(MockConfig::default()).unwrap();
+    let plain = Net::init(many_sockets(mock.prefix(), DevmemMode::Off)).unwrap();
+    let net = Net::init(many_sockets(mock.prefix(), DevmemMode::Require)).unwrap();
+    let (send, recv) = pair(&plain, &net);
+    assert_eq!(mock.installed_rules().len(), 12);
+    mock.set_fault(Fault::Hang, Some(Endpoint::RuleUninstall));
+    let t0 = std::time::Instant::now();
+    drop(recv);
+    let took = t0.elapsed();
+    assert!(
+        took < DEADLINE + Duration::from_secs(1),
+        "close took {took:?} (one rule after another: 12 deadlines)"
+    );
+    drop(send);
+    // The daemon recovers: the rules it did not confirm are withdrawn in the background.
+    mock.set_fault(Fault::None, None);
+    let t0 = std::time::Instant::now();
+    while !mock.installed_rules().is_empty() {
+        assert!(t0.elapsed() < Duration::from_secs(10), "rules left behind");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

@@ -1,5 +1,6 @@
 //! Receive comms driven by their owner (`take_over_progress` +
 //! `wait_progress`), and small sends batched by `isend_more`.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on failure
 
 mod common;
 

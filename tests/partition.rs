@@ -2,6 +2,7 @@
 //! within the configured peer timeout instead of hanging for minutes.
 //! Runs between two network namespaces the test makes itself; skipped
 //! (with a message) where that is not possible (not root, no `ip`).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on failure
 
 use std::os::fd::AsFd;
 use std::process::Command;

@@ -2,24 +2,16 @@
 //! failed request reports only once nothing in the transport can touch
 //! its buffers, a failed grouped receive consumes exactly its messages,
 //! and the comm goes on with the next message in the next receive.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on failure
 
 mod common;
 
 use std::time::Duration;
 
-use common::{pair, pattern, three_nics, T};
+use common::{net_with, pair, pattern, three_nics, T};
 use tcpx::{EngineKind, Error, HostMemory, MemoryRegion, Net, RecvBuf, ZeroCopy};
 
 const MARK: u8 = 0xEE;
-
-fn net(engine: EngineKind, zerocopy: ZeroCopy) -> Net {
-    let mut c = three_nics();
-    c.engine = engine;
-    c.zerocopy = zerocopy;
-    c.min_zcopy_size = 4096;
-    c.chunk_size = 128 << 10;
-    Net::init(c).unwrap()
-}
 
 fn filled(net: &Net, n: usize, seed: u64) -> (MemoryRegion, Vec<u8>) {
     let mut m = HostMemory::zeroed(n).unwrap();
@@ -142,7 +134,7 @@ fn failed_groups_then_reuse(tx: &Net, rx: &Net, rounds: usize, seed: u64) {
 fn reuse_after_a_failed_group_is_byte_exact_for_every_engine_and_zerocopy() {
     for engine in [EngineKind::Epoll, EngineKind::Uring] {
         for zc in [ZeroCopy::Off, ZeroCopy::On, ZeroCopy::Auto] {
-            let (a, b) = (net(engine, zc), net(engine, zc));
+            let (a, b) = (net_with(engine, zc), net_with(engine, zc));
             failed_groups_then_reuse(&a, &b, 200, 0x5eed ^ zc as u64);
         }
     }
@@ -261,4 +253,29 @@ fn a_closed_comm_reports_in_flight_receives_only_after_letting_go() {
             "written after the report"
         );
     }
+}
+
+#[test]
+fn a_peer_that_closes_is_told_apart_from_one_that_died() {
+    let net = Net::init(three_nics()).unwrap();
+    let big = net.reg_mr(HostMemory::zeroed(8 << 20).unwrap());
+    // The receiver closes: the sender's requests in flight say so.
+    let (send, recv) = pair(&net, &net);
+    let mut s = send.isend(&big, 0, 8 << 20, 0).unwrap().unwrap();
+    drop(recv);
+    assert_eq!(s.wait(T).unwrap_err(), Error::PeerClosed);
+    assert_eq!(send.isend(&big, 0, 1, 0).unwrap_err(), Error::PeerClosed);
+    // The sender closes: the receiver's posted receive says so.
+    let (send, recv) = pair(&net, &net);
+    let mut r = recv
+        .irecv(&[RecvBuf {
+            mr: &big,
+            offset: 0,
+            len: 10,
+            tag: 0,
+        }])
+        .unwrap()
+        .unwrap();
+    drop(send);
+    assert_eq!(r.wait(T).unwrap_err(), Error::PeerClosed);
 }

@@ -1,4 +1,5 @@
 //! Many concurrent requests, both directions at once, and a message over 4 GiB.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on failure
 
 mod common;
 

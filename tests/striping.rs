@@ -3,6 +3,7 @@
 //! rate-limited with `tc tbf`) and a control pair, made by the test
 //! (skipped, with the reason, where that is impossible: not root, no
 //! `ip` or `tc`).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on failure
 
 mod common;
 

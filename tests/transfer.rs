@@ -1,4 +1,5 @@
 //! Byte-exact transfers through the public API.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on failure
 
 mod common;
 

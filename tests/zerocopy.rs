@@ -1,6 +1,7 @@
 //! MSG_ZEROCOPY: every mode is byte-exact, a finished send's buffer may be
 //! reused at once, ENOBUFS falls back per send, and `auto` stops zero-copy
 //! where the kernel copies anyway (loopback always does).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on failure
 
 mod common;
 

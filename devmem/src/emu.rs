@@ -14,6 +14,7 @@
 //!
 //! Everything irregular (header bytes, short fragments, offsets inside a
 //! page) is drawn from a seeded generator, so a failing run replays.
+#![forbid(unsafe_code)]
 
 use std::io::{self, Read};
 use std::net::TcpStream;
@@ -271,7 +272,7 @@ impl<S> EmuDevmemSocket<S> {
             return Err(AbiError::DontNeed {
                 abi,
                 optname: abi.so_devmem_dontneed(),
-                source: io::Error::from_raw_os_error(libc::EINVAL),
+                source: io::Error::from_raw_os_error(libc::EINVAL).into(),
             });
         }
         self.stats.dontneed_calls += 1;

@@ -3,8 +3,11 @@
 
 pub mod cuda;
 pub mod emu;
+mod error;
 pub mod gpumemd;
 pub mod netlink;
 pub mod pool;
 pub mod sockabi;
 pub mod unpack;
+
+pub use error::{Cause, Error, OsError};

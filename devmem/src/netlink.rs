@@ -41,7 +41,7 @@ pub const NETDEV_QUEUE_TYPE_RX: u32 = 0;
 const NLMSG_HDR: usize = 16;
 const GENL_HDR: usize = 4;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum NetlinkError {
     #[error("the kernel has no `netdev` generic-netlink family (devmem RX needs Linux ≥ 6.12, TX ≥ 6.15)")]
@@ -72,7 +72,13 @@ pub enum NetlinkError {
     #[error("no netlink reply within {0:?}")]
     TimedOut(Duration),
     #[error("netlink socket: {0}")]
-    Io(#[from] std::io::Error),
+    Io(#[from] crate::error::OsError),
+}
+
+impl From<std::io::Error> for NetlinkError {
+    fn from(e: std::io::Error) -> Self {
+        NetlinkError::Io(e.into())
+    }
 }
 
 fn align4(n: usize) -> usize {
@@ -493,6 +499,31 @@ mod tests {
             vec![Reply::Error(-libc::EOPNOTSUPP)]
         );
         assert!(parse_reply(&b[..20]).is_err());
+    }
+
+    /// The fuzz target's seeds (fuzz/seeds/netlink_reply) are these tests'
+    /// golden bytes, in this machine's byte order.
+    #[cfg(target_endian = "little")]
+    #[test]
+    fn fuzz_seeds_hold_the_golden_bytes() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds/netlink_reply");
+        let seed = |n: &str| std::fs::read(dir.join(format!("{n}.bin"))).unwrap();
+        assert_eq!(
+            seed("bind_rx_request"),
+            bind_rx_request(7, 0x1b, 2, 5, &[3])
+        );
+        assert_eq!(seed("get_family_request"), get_family_request(1, "netdev"));
+        assert_eq!(
+            parse_reply(&seed("error_eopnotsupp")).unwrap(),
+            [Reply::Error(-libc::EOPNOTSUPP)]
+        );
+        assert_eq!(parse_reply(&seed("ack")).unwrap(), [Reply::Ack]);
+        let r = parse_reply(&seed("family_reply_then_ack")).unwrap();
+        let [Reply::Genl(attrs), Reply::Ack] = &r[..] else {
+            panic!("{r:?}")
+        };
+        assert_eq!(attr_u16(attrs, CTRL_ATTR_FAMILY_ID), Some(0x1b));
     }
 
     proptest! {

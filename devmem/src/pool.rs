@@ -24,7 +24,7 @@ use crate::gpumemd::PoolMetadata;
 pub const PAGE_SIZE: usize = 4096;
 
 /// Errors of the RX pool.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum PoolError {
     /// No free run of pages is large enough: wait for tokens to come back.
@@ -93,7 +93,7 @@ pub enum PoolError {
         size: usize,
         /// The OS error.
         #[source]
-        source: std::io::Error,
+        source: crate::error::OsError,
     },
 }
 
@@ -363,12 +363,12 @@ impl RxPool {
         if p == libc::MAP_FAILED {
             return Err(PoolError::Map {
                 size: len,
-                source: std::io::Error::last_os_error(),
+                source: std::io::Error::last_os_error().into(),
             });
         }
         let ptr = NonNull::new(p.cast::<u8>()).ok_or(PoolError::Map {
             size: len,
-            source: std::io::Error::from_raw_os_error(libc::EFAULT),
+            source: std::io::Error::from_raw_os_error(libc::EFAULT).into(),
         })?;
         Ok(RxPool {
             ptr,

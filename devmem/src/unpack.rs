@@ -7,6 +7,7 @@
 //! buffer, each with its destination offset. An [`Unpack`] runs a list in
 //! batches of at most [`MAX_BATCH`] rows: the original plugin exits the
 //! process past `TCPX_UNPACK_MAX_SLICE_PAGES` fragments per slice; we split.
+#![forbid(unsafe_code)]
 
 pub use crate::cuda::unpack::Frag;
 use crate::sockabi::abi::tcpx::UNPACK_MAX_SLICE_PAGES;

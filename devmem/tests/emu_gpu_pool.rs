@@ -10,6 +10,7 @@
 //! checks each message byte for byte. The same flow with a host pool and
 //! `CpuUnpack` runs alongside for reference. Without CUDA it prints why and
 //! passes (CI has no GPU).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on failure
 
 mod common;
 

@@ -1,6 +1,7 @@
 //! Byte-exact streaming through the emulated devmem socket, the ABI parser
 //! and the CPU unpack, for both kernel ABIs, with pools small enough that
 //! back-pressure triggers; every token comes back.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on failure
 
 use std::io::{ErrorKind, Write};
 use std::net::{TcpListener, TcpStream};

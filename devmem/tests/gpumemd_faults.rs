@@ -2,6 +2,7 @@
 //! Each fault must give a typed error within the deadline, leak no fd and
 //! leave no rule installed. Tests share one lock: they count the process's
 //! open fds, which parallel tests would disturb.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on failure
 
 use std::os::fd::AsRawFd;
 use std::sync::Mutex;
@@ -178,6 +179,17 @@ fn slow_daemon_times_out_within_the_deadline() {
             let _ = client.uninstall_rule(&rule(1));
             mock.installed_rules().is_empty()
         });
+    });
+}
+
+#[test]
+fn hung_daemon_times_out_and_lets_go_of_the_connection() {
+    with_mock(faulty(Fault::Hang, None), |mock, client| {
+        for (op, e) in all_ops(client) {
+            assert!(matches!(e, GpumemdError::TimedOut { .. }), "{op}: {e:?}");
+        }
+        assert_eq!(mock.requests_served(), 0, "a hung daemon answers nothing");
+        assert!(mock.installed_rules().is_empty());
     });
 }
 

@@ -3,6 +3,7 @@
 //! `unix_socket_proto.proto`: a key byte is `(field << 3) | wire_type`
 //! (0 = varint, 2 = length-delimited), and every frame starts with the
 //! payload length as a big-endian u16.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on failure
 
 use devmem::gpumemd::frame::{parse_header, HEADER_LEN};
 use devmem::gpumemd::proto::*;

@@ -2,6 +2,7 @@
 //!
 //! No devmem NIC here: these show the call reaches the kernel with the
 //! right option and that its errors come back typed.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on failure
 
 use std::net::{TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsFd;

@@ -1,4 +1,5 @@
 //! Property tests of the devmem cmsg parsers and builders, both ABIs.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on failure
 
 use devmem::sockabi::{
     batch_ranges, coalesce_tokens, encode_rx, fuzzing, parse_rx, salvage_tokens, AbiError,

@@ -1,3 +1,5 @@
+#![forbid(unsafe_code)]
+
 /// Errors of flow steering.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

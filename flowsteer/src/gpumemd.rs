@@ -1,8 +1,10 @@
 //! The TCPX backend: gpumemd installs and removes the rules
 //! (`rx_rule_manager` / `rx_rule_uninstall`), steering each flow to one of
 //! the GPU's RX queues.
+#![forbid(unsafe_code)]
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use devmem::gpumemd::{FlowRule, GpumemdClient};
 
@@ -34,6 +36,34 @@ impl GpumemdSteering {
             queue_id: Some(queue as i32),
         }
     }
+
+    /// `install`, with the exchange bounded by `budget` when that is shorter
+    /// than the client's deadline (callers installing many rules against one
+    /// total deadline). The rule's removal keeps the full deadline.
+    pub fn install_within(
+        &self,
+        tuple: FlowTuple,
+        queue: u32,
+        budget: Duration,
+    ) -> Result<RuleHandle, SteerError> {
+        tuple.is_ipv6()?;
+        let client = if budget < self.client.deadline() {
+            GpumemdClient::new(self.client.prefix(), budget)
+        } else {
+            self.client.clone()
+        };
+        client
+            .install_rule(&self.request(&tuple, queue))
+            .map_err(|e| daemon("install a flow-steering rule", e))?;
+        let id = RuleId(
+            self.next_id
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        );
+        Ok(RuleHandle::new(
+            Rule { tuple, queue, id },
+            Arc::new(self.clone()),
+        ))
+    }
 }
 
 fn daemon(op: &'static str, e: devmem::gpumemd::GpumemdError) -> SteerError {
@@ -45,18 +75,7 @@ fn daemon(op: &'static str, e: devmem::gpumemd::GpumemdError) -> SteerError {
 
 impl Steering for GpumemdSteering {
     fn install(&self, tuple: FlowTuple, queue: u32) -> Result<RuleHandle, SteerError> {
-        tuple.is_ipv6()?;
-        self.client
-            .install_rule(&self.request(&tuple, queue))
-            .map_err(|e| daemon("install a flow-steering rule", e))?;
-        let id = RuleId(
-            self.next_id
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-        );
-        Ok(RuleHandle::new(
-            Rule { tuple, queue, id },
-            Arc::new(self.clone()),
-        ))
+        self.install_within(tuple, queue, self.client.deadline())
     }
 
     fn remove(&self, rule: &Rule) -> Result<(), SteerError> {
@@ -70,7 +89,6 @@ impl Steering for GpumemdSteering {
 mod tests {
     use super::*;
     use devmem::gpumemd::mock::{MockConfig, MockGpumemd};
-    use std::time::Duration;
 
     #[test]
     fn rules_go_to_the_daemon_and_leave_on_drop() {
@@ -92,6 +110,47 @@ mod tests {
         );
         drop(h);
         assert!(mock.installed_rules().is_empty());
+    }
+
+    #[test]
+    fn a_failed_removal_keeps_the_rule_for_a_retry() {
+        use devmem::gpumemd::mock::{Endpoint, Fault};
+        let mock = MockGpumemd::start_temp(MockConfig::default()).unwrap();
+        let s = GpumemdSteering::new(
+            mock.client(Duration::from_millis(200)),
+            MockConfig::default().gpu_pci,
+        );
+        let t = FlowTuple::incoming(
+            "127.0.0.1:5000".parse().unwrap(),
+            "127.0.0.2:6000".parse().unwrap(),
+        );
+        let mut h = s.install(t, 3).unwrap();
+        mock.set_fault(Fault::Hang, Some(Endpoint::RuleUninstall));
+        assert!(matches!(h.try_remove(), Err(SteerError::Daemon { .. })));
+        assert_eq!(mock.installed_rules().len(), 1);
+        mock.set_fault(Fault::None, None);
+        h.try_remove().unwrap();
+        assert!(mock.installed_rules().is_empty());
+        drop(h); // removed already: no second request
+    }
+
+    #[test]
+    fn install_within_bounds_the_exchange_by_the_budget() {
+        use devmem::gpumemd::mock::{Endpoint, Fault};
+        let mock = MockGpumemd::start_temp(MockConfig::default()).unwrap();
+        mock.set_fault(Fault::Hang, Some(Endpoint::RuleInstall));
+        let s = GpumemdSteering::new(
+            mock.client(Duration::from_secs(5)),
+            MockConfig::default().gpu_pci,
+        );
+        let t = FlowTuple::incoming(
+            "127.0.0.1:5000".parse().unwrap(),
+            "127.0.0.2:6000".parse().unwrap(),
+        );
+        let t0 = std::time::Instant::now();
+        let r = s.install_within(t, 3, Duration::from_millis(200));
+        assert!(matches!(r, Err(SteerError::Daemon { .. })));
+        assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
     }
 
     #[test]

@@ -1,4 +1,5 @@
 //! A fake backend that records what it was asked to do.
+#![forbid(unsafe_code)]
 
 use std::sync::{Arc, Mutex, MutexGuard};
 

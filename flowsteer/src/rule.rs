@@ -1,4 +1,5 @@
 //! The rule model: which flow goes to which queue, owned rules, the backend trait.
+#![forbid(unsafe_code)]
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -97,6 +98,17 @@ impl RuleHandle {
             Some(owner) => owner.remove(&self.rule),
             None => Ok(()),
         }
+    }
+
+    /// Removes the rule now; on failure the handle still owns it, so the
+    /// removal can be tried again (or the rule kept with `detach`).
+    pub fn try_remove(&mut self) -> Result<(), SteerError> {
+        match &self.owner {
+            Some(owner) => owner.remove(&self.rule)?,
+            None => return Ok(()),
+        }
+        self.owner = None;
+        Ok(())
     }
 
     /// Keeps the rule installed past the handle; returns it.

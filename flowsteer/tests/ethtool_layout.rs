@@ -1,6 +1,7 @@
 //! The Rust mirrors against the C header: compiles a tiny program with the
 //! system `cc` that prints sizeof/offsetof from <linux/ethtool.h>.
 //! Skips (with a message) when `cc` or the header (linux-libc-dev) is missing.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on failure
 
 use std::collections::HashMap;
 use std::mem::{offset_of, size_of};

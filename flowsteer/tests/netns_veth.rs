@@ -1,6 +1,7 @@
 //! The ethtool backend against a real driver without ntuple filters: a veth
 //! pair in a network namespace this test creates (and always deletes).
 //! Skips with a message when not root or `ip` is missing.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on failure
 
 use std::fs::File;
 use std::os::fd::AsRawFd;

@@ -8,6 +8,8 @@
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
@@ -47,6 +49,10 @@ struct Cli {
     /// Messages in flight.
     #[arg(long, global = true, default_value_t = 4)]
     window: usize,
+    /// Ping-pongs per size for the latency figures (default: 400 for small
+    /// messages, fewer for large ones).
+    #[arg(long, global = true)]
+    pings: Option<usize>,
     /// Receive path: `host` (kernel TCP) or `devmem-emulated` (the emulated
     /// devmem NIC, upstream ABI; `devmem-emulated-tcpx` for the TCPX kernel ABI).
     #[arg(long, global = true, default_value = "host")]
@@ -69,10 +75,13 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Mode {
-    /// Wait for a client on ADDR (host:port of the bootstrap socket) and serve its sweep.
+    /// Serve clients' sweeps on ADDR (host:port of the bootstrap socket), each in its own thread.
     Server {
         #[arg(default_value = "0.0.0.0:7477")]
         bind: String,
+        /// A client must exchange handles and connect within this long, or it is dropped.
+        #[arg(long, default_value_t = 10_000)]
+        setup_timeout_ms: u64,
     },
     /// Run the sweep against a server's bootstrap address.
     Client { addr: String },
@@ -238,7 +247,7 @@ fn plan(cli: &Cli) -> BoxResult<Plan> {
     let iters = sizes.iter().map(|&s| (per / s).clamp(4, 20_000)).collect();
     let pings = sizes
         .iter()
-        .map(|&s| ((64 << 20) / s).clamp(5, 400))
+        .map(|&s| cli.pings.unwrap_or(((64 << 20) / s).clamp(5, 400)).max(1))
         .collect();
     Ok(Plan {
         sizes,
@@ -248,19 +257,84 @@ fn plan(cli: &Cli) -> BoxResult<Plan> {
     })
 }
 
-/// Exchanges handles over `boot` and connects both directions.
-fn endpoint(net: &Net, mut boot: impl Read + Write) -> BoxResult<(SendComm, RecvComm)> {
+/// Exchanges handles over `boot` and connects both directions within `setup`
+/// (reads from `boot` must have their own deadline).
+fn endpoint(
+    net: &Net,
+    mut boot: impl Read + Write,
+    setup: Duration,
+) -> BoxResult<(SendComm, RecvComm)> {
     let (h, mut listener) = net.listen(0)?;
-    boot.write_all(&h.to_bytes())?;
+    boot.write_all(&h.to_bytes())
+        .map_err(|e| format!("sending our handle: {e}"))?;
     let mut peer = [0u8; HANDLE_SIZE];
-    boot.read_exact(&mut peer)?;
+    boot.read_exact(&mut peer).map_err(|e| match e.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+            format!("no handle within {setup:?}")
+        }
+        _ => format!("reading its handle: {e}"),
+    })?;
     let mut peer = Handle::from_bytes(&peer)?;
     std::thread::scope(|s| {
-        let acc = s.spawn(move || listener.accept_wait(T));
-        let send = net.connect_wait(0, &mut peer, T);
+        let acc = s.spawn(move || listener.accept_wait(setup));
+        let send = net.connect_wait(0, &mut peer, setup);
         let recv = acc.join().map_err(|_| "accept thread panicked")?;
         Ok((send?, recv?))
     })
+}
+
+/// Clients served at once; more are turned away until one finishes.
+const MAX_CLIENTS: usize = 8;
+
+/// Serves each client in its own thread: a bad, idle or vanished client costs
+/// one log line and its own thread, never the server or the other clients.
+fn serve(net: Arc<Net>, l: TcpListener, setup: Duration) -> ! {
+    let busy = Arc::new(AtomicUsize::new(0));
+    loop {
+        let (boot, peer) = match l.accept() {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("tcpx-bench server: accept: {e}; retrying");
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        if busy.fetch_add(1, Ordering::AcqRel) >= MAX_CLIENTS {
+            busy.fetch_sub(1, Ordering::AcqRel);
+            eprintln!("client {peer}: dropped: {MAX_CLIENTS} clients are being served");
+            continue;
+        }
+        let slot = Slot(busy.clone());
+        let net = net.clone();
+        let spawned = std::thread::Builder::new()
+            .name("tcpx-bench-client".into())
+            .spawn(move || {
+                let _slot = slot;
+                match serve_client(&net, boot, setup) {
+                    Ok(()) => eprintln!("client {peer}: sweep served"),
+                    Err(e) => eprintln!("client {peer}: dropped: {e}"),
+                }
+            });
+        if let Err(e) = spawned {
+            eprintln!("client {peer}: dropped: no thread for it ({e})");
+        }
+    }
+}
+
+/// One client's place among `MAX_CLIENTS`, given back however its thread ends.
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn serve_client(net: &Net, boot: TcpStream, setup: Duration) -> BoxResult<()> {
+    boot.set_read_timeout(Some(setup))?;
+    boot.set_write_timeout(Some(setup))?;
+    let (tx, rx) = endpoint(net, boot, setup)?;
+    run_receiver(net, &tx, &rx)
 }
 
 fn send_msg(tx: &SendComm, mr: &MemoryRegion, len: usize) -> tcpx::Result<tcpx::Request> {
@@ -645,26 +719,23 @@ fn main() -> BoxResult<()> {
         Some(Mode::TcpPingpong { size, iters, spin }) => {
             tcp_pingpong(*size, *iters, *spin, cli.json)
         }
-        Some(Mode::Server { bind }) => {
+        Some(Mode::Server {
+            bind,
+            setup_timeout_ms,
+        }) => {
             let cfg = config(&cli)?;
-            let net = Net::init(cfg)?;
+            let net = Arc::new(Net::init(cfg)?);
             let l = TcpListener::bind(bind)?;
             eprintln!("tcpx-bench server: waiting on {}", l.local_addr()?);
-            loop {
-                let (boot, peer) = l.accept()?;
-                eprintln!("client {peer}");
-                let (tx, rx) = endpoint(&net, boot)?;
-                if let Err(e) = run_receiver(&net, &tx, &rx) {
-                    eprintln!("client {peer}: {e}");
-                }
-            }
+            serve(net, l, Duration::from_millis(*setup_timeout_ms))
         }
         Some(Mode::Client { addr }) => {
             let cfg = config(&cli)?;
             let plan = plan(&cli)?;
             let net = Net::init(cfg.clone())?;
             let boot = TcpStream::connect(addr)?;
-            let (tx, rx) = endpoint(&net, boot)?;
+            boot.set_read_timeout(Some(T))?;
+            let (tx, rx) = endpoint(&net, boot, T)?;
             let bar = progress(&cli, plan.sizes.len());
             let (rows, timeline) = sampled(&net, cli.timeline_ms, || {
                 run_sender(&net, &tx, &rx, &plan, &bar)
@@ -677,14 +748,16 @@ fn main() -> BoxResult<()> {
             let plan = plan(&cli)?;
             let net = Net::init(cfg.clone())?;
             let (a, b) = UnixStream::pair()?;
+            a.set_read_timeout(Some(T))?;
+            b.set_read_timeout(Some(T))?;
             let (rows, timeline) = sampled(&net, cli.timeline_ms, || {
                 std::thread::scope(|s| -> BoxResult<Vec<Row>> {
                     let netr = &net;
                     let server = s.spawn(move || -> Result<(), String> {
-                        let (tx, rx) = endpoint(netr, b).map_err(|e| e.to_string())?;
+                        let (tx, rx) = endpoint(netr, b, T).map_err(|e| e.to_string())?;
                         run_receiver(netr, &tx, &rx).map_err(|e| e.to_string())
                     });
-                    let (tx, rx) = endpoint(&net, a)?;
+                    let (tx, rx) = endpoint(&net, a, T)?;
                     let bar = progress(&cli, plan.sizes.len());
                     let rows = run_sender(&net, &tx, &rx, &plan, &bar);
                     bar.finish_and_clear();

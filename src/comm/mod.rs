@@ -27,6 +27,7 @@ use crate::engine::{Cmd, CommLink, SockId, Watch};
 use crate::error::{Error, Result};
 use crate::memory::MemoryRegion;
 use crate::net::NetInner;
+use crate::request::FdWaker;
 use crate::stats::{SockCounters, SocketStats};
 
 pub(crate) use recv::RecvCore;
@@ -137,7 +138,19 @@ struct CommBase {
     armed: AtomicU8,
     /// When the protocol's timers next need a tick (µs since `EPOCH`; 0: now).
     due_us: AtomicU64,
+    /// The control socket (owned by the comm's `Ctrl`), for sleepers to poll.
+    ctrl_fd: i32,
+    /// Wakes the comm's sleepers when a request moves.
+    waker: Arc<FdWaker>,
 }
+
+/// A peer that closes its comm or dies ends its control and data sockets
+/// within moments of each other, in no set order. A data socket the peer
+/// ended is judged only once the control socket had this long to say
+/// whether the peer is gone (its Bye, or its end): then the socket's end
+/// is the peer's, no path's failure. And once it is gone, its other data
+/// sockets have this long to end after the first (their bytes all came).
+const PEER_END_GRACE: Duration = Duration::from_millis(200);
 
 /// The clock of `CommBase::due_us`.
 static EPOCH: OnceLock<Instant> = OnceLock::new();
@@ -159,6 +172,7 @@ impl CommBase {
         link: &Arc<dyn CommLink>,
         receives: bool,
         watch: Watch,
+        ctrl: &TcpStream,
     ) -> Self {
         let slots = data
             .into_iter()
@@ -166,6 +180,8 @@ impl CommBase {
             .map(|(i, (nic, s))| open_slot(&net, nic, s, link, receives, i, 0))
             .collect();
         CommBase {
+            ctrl_fd: ctrl.as_raw_fd(),
+            waker: Arc::new(FdWaker::default()),
             net,
             slots: Mutex::new(slots),
             inflight: AtomicUsize::new(0),
@@ -285,6 +301,16 @@ impl CommBase {
         true
     }
 
+    /// (index, generation) of the data sockets in use.
+    fn live_ids(&self) -> Vec<(usize, u32)> {
+        lock(&self.slots)
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.live)
+            .map(|(i, s)| (i, s.gen))
+            .collect()
+    }
+
     /// Data sockets in use.
     fn live(&self) -> usize {
         lock(&self.slots).iter().filter(|s| s.live).count()
@@ -325,6 +351,11 @@ impl CommBase {
     /// The watch fired and disarmed itself.
     fn poked(&self) {
         self.armed.store(0, Ordering::Release);
+    }
+
+    /// The fd a sleeping waiter polls, while the comm can still move.
+    fn poll_fd(&self) -> Option<i32> {
+        (!self.socks_closed.load(Ordering::Acquire)).then_some(self.ctrl_fd)
     }
 
     /// A finished or dropped request frees its slot.

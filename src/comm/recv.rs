@@ -1,6 +1,6 @@
 //! The receiving end of a comm.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -10,14 +10,16 @@ use flowsteer::RuleHandle;
 
 use super::redial::Offers;
 use super::request::{Owner, Request, Waiter};
-use super::{check_range, close_ctrl, lock, read_ctrl, write_ctrl, Agreed, CommBase, Ctrl};
+use super::{
+    check_range, close_ctrl, lock, read_ctrl, write_ctrl, Agreed, CommBase, Ctrl, PEER_END_GRACE,
+};
 use crate::config::MAX_RECVS;
 use crate::ctrl::{Params, RecvEvent, RecvSide, Token};
 use crate::engine::{CommLink, Lookup, Placement, Poke, SockId};
 use crate::error::{Error, Result};
 use crate::memory::{MemoryRegion, Region, RxPath};
 use crate::net::NetInner;
-use crate::request::{FdWaker, ReqState};
+use crate::request::ReqState;
 use crate::stats::SocketStats;
 
 /// How long a closing comm lets its last control bytes reach the peer.
@@ -51,6 +53,13 @@ pub(crate) struct RecvCtrl {
     next_token: Token,
     /// Invitations to reconnect retired sockets.
     offers: Offers,
+    /// Data sockets (index, generation) in use that the peer ended.
+    ended: HashSet<(usize, u32)>,
+    /// The peer is gone and a data socket ended: when the others are given
+    /// up on (see `PEER_END_GRACE`).
+    cut_at: Option<Instant>,
+    /// Data sockets that ended, judged at the given time.
+    losses: Vec<(SockId, Error, Instant)>,
 }
 
 /// What a receive comm shares with its data sockets and placements.
@@ -70,6 +79,9 @@ pub(crate) struct RecvLink {
     losses: Mutex<Vec<(SockId, Error)>>,
     /// The first failure of the comm (a data socket's, or close).
     failure: Mutex<Option<Error>>,
+    /// The sender said Bye or closed its control socket: data that did not
+    /// arrive will not; placements fail with this.
+    peer_gone: Mutex<Option<Error>>,
 }
 
 impl CommLink for RecvLink {
@@ -80,8 +92,7 @@ impl CommLink for RecvLink {
 
     /// The sender decides which sockets are out (it retires them, and
     /// re-sends what they lost): this end logs and counts, once the
-    /// control socket is read (a sender that closed the comm closed that
-    /// first).
+    /// control socket had time to say whether the peer is gone.
     fn lost(&self, id: SockId, e: Error) {
         lock(&self.losses).push((id, e));
         self.nudge();
@@ -120,6 +131,9 @@ impl CommLink for RecvLink {
     }
 
     fn failure(&self) -> Error {
+        if let Some(e) = lock(&self.peer_gone).clone() {
+            return e;
+        }
         lock(&self.failure).clone().unwrap_or(Error::Closed)
     }
 }
@@ -133,11 +147,9 @@ impl RecvLink {
 }
 
 pub(crate) struct RecvCore {
-    base: CommBase,
+    pub(super) base: CommBase,
     ctrl: Ctrl<RecvCtrl>,
     link: Arc<RecvLink>,
-    pub(super) waker: Arc<FdWaker>,
-    ctrl_fd: i32,
     /// Flow-steering rules of the data sockets; withdrawn on close.
     flows: Mutex<Vec<RuleHandle>>,
 }
@@ -166,9 +178,14 @@ impl RecvComm {
             peer_timeout: agreed.peer_timeout,
             inline_threshold: agreed.inline_threshold,
         };
-        let waker = Arc::new(FdWaker::default());
-        let ctrl_fd = std::os::fd::AsRawFd::as_raw_fd(&ctrl);
-        let watch = net.watch_ctrl(&ctrl, data.first().map_or(0, |d| d.0))?;
+        let watch = match net.watch_ctrl(&ctrl, data.first().map_or(0, |d| d.0)) {
+            Ok(w) => w,
+            Err(e) => {
+                // Bounded against a hung daemon, as on close.
+                crate::gpumemd::withdraw_all(flows);
+                return Err(e);
+            }
+        };
         let n_data = data.len();
         let core = Arc::new_cyclic(move |me: &Weak<RecvCore>| {
             let link = Arc::new(RecvLink {
@@ -180,22 +197,24 @@ impl RecvComm {
                 acks: Mutex::new(Vec::new()),
                 losses: Mutex::new(Vec::new()),
                 failure: Mutex::new(None),
+                peer_gone: Mutex::new(None),
             });
             let as_link: Arc<dyn CommLink> = link.clone();
             let target: Weak<dyn Poke> = me.clone();
             watch.bind(target);
             RecvCore {
-                base: CommBase::new(net.clone(), data, &as_link, true, watch),
+                base: CommBase::new(net.clone(), data, &as_link, true, watch, &ctrl),
                 ctrl: Ctrl::new(RecvCtrl {
                     stream: ctrl,
                     side: RecvSide::new(params, Instant::now()),
                     groups: HashMap::new(),
                     next_token: 0,
                     offers: Offers::new(n_data, net.cfg.reconnect),
+                    ended: HashSet::new(),
+                    cut_at: None,
+                    losses: Vec::new(),
                 }),
                 link,
-                waker,
-                ctrl_fd,
                 flows: Mutex::new(flows),
             }
         });
@@ -228,7 +247,8 @@ impl RecvComm {
         if core.base.inflight.load(Ordering::Acquire) >= core.base.net.cfg.max_requests {
             return Ok(None);
         }
-        let state = Arc::new(ReqState::new(bufs.len(), bufs.len()).with_waker(core.waker.clone()));
+        let state =
+            Arc::new(ReqState::new(bufs.len(), bufs.len()).with_waker(core.base.waker.clone()));
         let group = Group {
             state: state.clone(),
             subs: bufs
@@ -301,9 +321,11 @@ impl Drop for RecvComm {
     fn drop(&mut self) {
         let core = &self.core;
         core.base.closed.store(true, Ordering::Release);
-        lock(&core.link.failure).get_or_insert(Error::Closed);
         core.ctrl.with(
             |c| {
+                c.side.bye();
+                core.progress(c, false);
+                lock(&core.link.failure).get_or_insert(Error::Closed);
                 c.side.fail(Error::Closed);
                 core.progress(c, false);
                 close_ctrl(&c.stream, CLOSE_PATIENCE);
@@ -311,19 +333,11 @@ impl Drop for RecvComm {
             |_| {},
         );
         core.base.close_data();
-        for f in lock(&core.flows).drain(..) {
-            if let Err(e) = f.remove() {
-                tracing::warn!("withdrawing a flow-steering rule: {e}");
-            }
-        }
+        crate::gpumemd::withdraw_all(std::mem::take(&mut *lock(&core.flows)));
     }
 }
 
 impl RecvCore {
-    pub(super) fn release_slot(&self) {
-        self.base.release_slot();
-    }
-
     pub(super) fn nudge(&self) {
         self.ctrl.nudge(|c| self.progress(c, false));
     }
@@ -333,26 +347,21 @@ impl RecvCore {
             .with(|c| self.progress(c, false), |c| self.progress(c, false));
     }
 
-    /// The fd a sleeping waiter polls, while the comm can still move.
-    pub(super) fn poll_fd(&self) -> Option<i32> {
-        (!self.base.socks_closed.load(Ordering::Acquire)).then_some(self.ctrl_fd)
-    }
-
     /// Moves bytes both ways and acts on what the protocol says: inline
     /// messages are copied into their buffers here, chunked ones become
     /// placements for the data sockets. `tick`: the periodic call.
     fn progress(&self, c: &mut RecvCtrl, tick: bool) {
         let now = Instant::now();
         let link = &self.link;
-        if let Some(e) = lock(&link.failure).clone() {
-            c.side.fail(e);
-        }
         let before = link.announced.load(Ordering::Acquire);
         let RecvCtrl {
             stream,
             side,
             groups,
             offers,
+            ended,
+            cut_at,
+            losses,
             ..
         } = &mut *c;
         for seq in std::mem::take(&mut *lock(&link.acks)) {
@@ -380,9 +389,16 @@ impl RecvCore {
                 side.fail(e);
             }
             link.announced.store(side.announced(), Ordering::Release);
+            if n == 0 {
+                break; // the peer closed its side: nothing more to read
+            }
+        }
+        // After the reads: a peer's Bye explains the data sockets' EOF.
+        if let Some(e) = side.peer_gone() {
+            lock(&link.peer_gone).get_or_insert_with(|| e.clone());
         }
         if !retired.is_empty() {
-            if let Err(e) = self.retire(side, offers, &retired, now) {
+            if let Err(e) = self.retire(side, offers, ended, &retired, now) {
                 side.fail(e);
             }
         }
@@ -390,9 +406,40 @@ impl RecvCore {
             let as_link: Arc<dyn CommLink> = link.clone();
             offers.poll(&self.base, &as_link, now, &mut |d| side.dial(d));
         }
-        for (id, e) in std::mem::take(&mut *lock(&link.losses)) {
-            if side.broken().is_none() {
-                self.note_loss(id, e);
+        // A data socket's end is judged once the control socket had time
+        // to say the peer is gone (then it is no path's failure).
+        losses.extend(
+            std::mem::take(&mut *lock(&link.losses))
+                .into_iter()
+                .map(|(id, e)| (id, e, now + PEER_END_GRACE)),
+        );
+        let gone = side.peer_gone().is_some();
+        let (judged, later): (Vec<_>, Vec<_>) = std::mem::take(losses)
+            .into_iter()
+            .partition(|(_, _, at)| gone || *at <= now);
+        *losses = later;
+        for (id, e, _) in judged {
+            if side.broken().is_none() && self.note_loss(id, &e, gone) {
+                ended.insert((id.index as usize, id.gen));
+            }
+        }
+        let mut draining = None;
+        if let Some(e) = lock(&link.failure).clone() {
+            if side.peer_gone().is_some() {
+                self.cut_data();
+            } else {
+                side.fail(e);
+            }
+        } else if side.peer_gone().is_some() && !ended.is_empty() {
+            // The sender is gone and its data sockets end: none re-sends
+            // what they still owe. Once all ended (or the grace is over),
+            // that fails; what came inline can still be received.
+            let at = *cut_at.get_or_insert(now + PEER_END_GRACE);
+            let all = self.base.live_ids().iter().all(|k| ended.contains(k));
+            if all || now >= at {
+                self.cut_data();
+            } else {
+                draining = Some(at);
             }
         }
         side.poll(now, tick);
@@ -414,27 +461,49 @@ impl RecvCore {
             self.base.kick();
         }
         self.base.arm(
-            link.waiting.load(Ordering::SeqCst),
+            link.waiting.load(Ordering::SeqCst) || draining.is_some() || !c.losses.is_empty(),
             !c.side.output().is_empty(),
         );
-        let due = [c.side.due(now), c.offers.due(now)]
+        let judge = c.losses.iter().map(|l| l.2).min();
+        let due = [c.side.due(now), c.offers.due(now), draining, judge]
             .into_iter()
             .flatten()
             .min();
         self.base.set_due(due);
     }
 
-    fn note_loss(&self, id: SockId, e: Error) {
-        if let Some(s) = lock(&self.base.slots).get(id.index as usize) {
-            if s.gen == id.gen && s.live {
-                s.counters.failed();
-                tracing::info!(
-                    socket = id.index,
-                    "data socket {} lost: {e}; the sender re-sends its chunks on the others",
-                    id.index
-                );
-            }
+    /// The data sockets went with the peer: what they still owed fails.
+    fn cut_data(&self) {
+        self.base.close_data();
+        let gone = std::mem::take(&mut *lock(&self.link.placements));
+        drop(gone);
+    }
+
+    /// Counts and logs the end of a data socket in use (`gone`: with the
+    /// peer, no path's failure); false if it was out already.
+    fn note_loss(&self, id: SockId, e: &Error, gone: bool) -> bool {
+        let slots = lock(&self.base.slots);
+        let Some(s) = slots.get(id.index as usize) else {
+            return false;
+        };
+        if s.gen != id.gen || !s.live {
+            return false;
         }
+        if gone {
+            tracing::debug!(
+                socket = id.index,
+                "data socket {} ended with the peer: {e}",
+                id.index
+            );
+        } else {
+            s.counters.failed();
+            tracing::info!(
+                socket = id.index,
+                "data socket {} lost: {e}; the sender re-sends its chunks on the others",
+                id.index
+            );
+        }
+        true
     }
 
     /// The sender took data sockets out: closes our ends (a chunk cut short
@@ -445,6 +514,7 @@ impl RecvCore {
         &self,
         side: &mut RecvSide,
         offers: &mut Offers,
+        ended: &mut HashSet<(usize, u32)>,
         retired: &[(usize, u32)],
         now: Instant,
     ) -> Result<()> {
@@ -455,6 +525,7 @@ impl RecvCore {
                     "data socket {index} retired, of {n}"
                 )));
             }
+            ended.remove(&(index, gen));
             if let Some(nic) = self.base.retire(index, gen) {
                 tracing::info!(
                     socket = index,

@@ -19,9 +19,11 @@ use std::time::{Duration, Instant};
 use socket2::Socket;
 
 use super::CommBase;
+use crate::accept::{bind_listener, constant_time_eq};
+use crate::connect::{connected, start_connect};
 use crate::engine::CommLink;
 use crate::error::{Error, Result};
-use crate::net::{bind_listener, connected, constant_time_eq, read_some, start_connect};
+use crate::net::{read_some, write_handshake};
 use crate::wire::{Dial, Hello, Role, HELLO_LEN};
 
 /// How long an invitation stands, and a connection may take to be made.
@@ -147,7 +149,7 @@ fn invite(
         .slot_state(index)
         .ok_or_else(|| Error::InvalidArgument(format!("no data socket {index}")))?;
     let ip = base.net.devices[nic].addr;
-    let listener = bind_listener(ip)?;
+    let listener = bind_listener(ip, 1)?;
     let addr = listener
         .local_addr()
         .map_err(|e| Error::io("getsockname", e))?;
@@ -301,6 +303,6 @@ fn hello(sock: Socket, index: usize, gen: u32, token: [u8; 16]) -> Result<TcpStr
         inline_threshold: 0,
         peer_timeout_ms: 0,
     };
-    crate::net::write_handshake(&sock, &h.encode())?;
+    write_handshake(&sock, &h.encode())?;
     Ok(sock.into())
 }

@@ -35,16 +35,16 @@ impl Owner {
     /// The control socket and eventfd a sleeper polls.
     fn sleep_on(&self) -> Option<(Option<i32>, &Arc<FdWaker>)> {
         match self {
-            Owner::Send(c) => Some((c.poll_fd(), &c.waker)),
-            Owner::Recv(c) => Some((c.poll_fd(), &c.waker)),
+            Owner::Send(c) => Some((c.base.poll_fd(), &c.base.waker)),
+            Owner::Recv(c) => Some((c.base.poll_fd(), &c.base.waker)),
             Owner::None => None,
         }
     }
 
     fn release(&self) {
         match self {
-            Owner::Send(c) => c.release_slot(),
-            Owner::Recv(c) => c.release_slot(),
+            Owner::Send(c) => c.base.release_slot(),
+            Owner::Recv(c) => c.base.release_slot(),
             Owner::None => {}
         }
     }
@@ -177,6 +177,7 @@ fn sleep(owner: &Owner, state: &ReqState, seen: u64, deadline: Instant) {
         return;
     };
     let efd = waker.sleep();
+    let mut woken = false;
     if state.generation() == seen && !state.is_done() {
         let left = deadline
             .saturating_duration_since(Instant::now())
@@ -196,8 +197,14 @@ fn sleep(owner: &Owner, state: &ReqState, seen: u64, deadline: Instant) {
             &mut fds,
             PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX),
         );
+        // Only a written eventfd needs emptying (a read syscall otherwise spent).
+        woken = efd.is_some()
+            && fds
+                .first()
+                .and_then(|f| f.revents())
+                .is_some_and(|r| r.contains(PollFlags::POLLIN));
     }
     if let Some(e) = efd {
-        waker.woke(&e);
+        waker.woke(&e, woken);
     }
 }

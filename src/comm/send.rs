@@ -9,14 +9,17 @@ use std::time::{Duration, Instant};
 
 use super::redial::Dials;
 use super::request::{Owner, Request};
-use super::{bytes, check_range, close_ctrl, lock, read_ctrl, write_ctrl, Agreed, CommBase, Ctrl};
+use super::{
+    bytes, check_range, close_ctrl, lock, read_ctrl, write_ctrl, Agreed, CommBase, Ctrl,
+    PEER_END_GRACE,
+};
 use crate::ctrl::sched::{Retired, Sched, Why};
 use crate::ctrl::{Params, SendEvent, SendSide, Token};
 use crate::engine::{CommLink, Poke, SockId, TxChunk, TxMsg};
 use crate::error::{Error, Result};
 use crate::memory::{MemoryRegion, PtrKind, Region, TxPath};
 use crate::net::NetInner;
-use crate::request::{FdWaker, ReqState};
+use crate::request::ReqState;
 use crate::stats::SocketStats;
 
 /// Smallest chunk of a CUDA message cut across sockets. Measured: a 256
@@ -27,11 +30,6 @@ const MIN_CUDA_CHUNK: usize = 128 << 10;
 
 /// How long a closing comm lets its last control bytes reach the peer.
 const CLOSE_PATIENCE: Duration = Duration::from_millis(200);
-
-/// How long a data socket the peer closed waits before it counts as lost:
-/// the peer's control socket, closed first when its comm closes, is read
-/// meanwhile.
-const PEER_CLOSE_GRACE: Duration = Duration::from_millis(100);
 
 struct Chunked {
     region: Arc<Region>,
@@ -62,11 +60,9 @@ pub(crate) struct SendCtrl {
 }
 
 pub(crate) struct SendCore {
-    base: CommBase,
+    pub(super) base: CommBase,
     ctrl: Ctrl<SendCtrl>,
     link: Arc<SendLink>,
-    pub(super) waker: Arc<FdWaker>,
-    ctrl_fd: i32,
 }
 
 /// The sending end of a connection (from `Net::connect`).
@@ -198,8 +194,6 @@ impl SendComm {
             peer_timeout: agreed.peer_timeout,
             inline_threshold: cfg.inline_threshold,
         };
-        let waker = Arc::new(FdWaker::default());
-        let ctrl_fd = std::os::fd::AsRawFd::as_raw_fd(&ctrl);
         let watch = net.watch_ctrl(&ctrl, data.first().map_or(0, |d| d.0))?;
         let now = Instant::now();
         let nics: Vec<usize> = data.iter().map(|d| d.0).collect();
@@ -216,7 +210,7 @@ impl SendComm {
             let target: Weak<dyn Poke> = me.clone();
             watch.bind(target);
             SendCore {
-                base: CommBase::new(net.clone(), data, &as_link, false, watch),
+                base: CommBase::new(net.clone(), data, &as_link, false, watch, &ctrl),
                 ctrl: Ctrl::new(SendCtrl {
                     stream: ctrl,
                     side: SendSide::new(params, now),
@@ -227,8 +221,6 @@ impl SendComm {
                     retired: Vec::new(),
                 }),
                 link,
-                waker,
-                ctrl_fd,
             }
         });
         Ok(SendComm { core })
@@ -288,7 +280,7 @@ impl SendComm {
         }
         let n = core.base.live().max(1);
         let inline = len <= cfg.inline_threshold || len == 0;
-        let state = Arc::new(ReqState::new(1, 1).with_waker(core.waker.clone()));
+        let state = Arc::new(ReqState::new(1, 1).with_waker(core.base.waker.clone()));
         state.set_size(0, len as u64);
         core.ctrl.with(
             |c| -> Result<()> {
@@ -300,7 +292,7 @@ impl SendComm {
                 let mut events = std::mem::take(&mut c.events);
                 let mut ev = |e| events.push(e);
                 if inline {
-                    let src = mr.inner.source(offset as u64, len)?;
+                    let (src, _) = mr.inner.source(offset as u64, len, len)?;
                     // SAFETY: TxPath hands out `len` readable bytes; `mr` holds the region for this call.
                     let body = unsafe { bytes(src, len) };
                     c.reqs.insert(
@@ -339,10 +331,21 @@ impl SendComm {
                     );
                     c.side
                         .send_chunked(token, len as u64, tag, chunk as u32, &mut ev)?;
+                    if mr.inner.kind() == PtrKind::Cuda && len <= n * chunk {
+                        // One chunk per socket: their staging copies start
+                        // now and overlap the wait for the receiver's post.
+                        for k in 0..len.div_ceil(chunk) {
+                            let at = k * chunk;
+                            mr.inner
+                                .stage_early((offset + at) as u64, chunk.min(len - at));
+                        }
+                    }
                 }
                 c.events = events;
                 if !more {
-                    core.progress(c, false);
+                    // Posts are read only when something waits for them.
+                    let read = c.side.awaits_peer();
+                    core.progress(c, read);
                 }
                 Ok(())
             },
@@ -364,6 +367,8 @@ impl Drop for SendComm {
             |c| {
                 // Bytes of finished requests are in the kernel already; let
                 // queued ones (of requests failing now) go too, if they can.
+                c.side.bye();
+                core.progress(c, false);
                 c.side.fail(Error::Closed);
                 core.progress(c, false);
                 close_ctrl(&c.stream, CLOSE_PATIENCE);
@@ -375,10 +380,6 @@ impl Drop for SendComm {
 }
 
 impl SendCore {
-    pub(super) fn release_slot(&self) {
-        self.base.release_slot();
-    }
-
     pub(super) fn nudge(&self) {
         self.ctrl.nudge(|c| self.progress(c, true));
     }
@@ -389,20 +390,15 @@ impl SendCore {
             .with(|c| self.progress(c, read), |c| self.progress(c, true));
     }
 
-    /// The fd a sleeping waiter polls, while the comm can still move.
-    pub(super) fn poll_fd(&self) -> Option<i32> {
-        (!self.base.socks_closed.load(Ordering::Acquire)).then_some(self.ctrl_fd)
-    }
-
     /// Moves bytes both ways and acts on what the protocol says, until it
     /// says nothing more. Reads only when asked: an inline send needs no
     /// answer, and heartbeats are checked only after reading what came.
     fn progress(&self, c: &mut SendCtrl, read: bool) {
         let now = Instant::now();
-        if let Some(e) = lock(&self.link.failure).clone() {
-            c.side.fail(e);
-        }
         let mut events = std::mem::take(&mut c.events);
+        let failure = lock(&self.link.failure).clone();
+        // A peer's Bye explains its data sockets' EOF: read before failing.
+        let read = read || failure.is_some();
         let mut gone = None;
         loop {
             if read && c.side.broken().is_none() {
@@ -422,6 +418,9 @@ impl SendCore {
                     }
                 }
                 c.side.poll(now);
+            }
+            if let Some(e) = &failure {
+                c.side.fail(e.clone());
             }
             gone = gone.or_else(|| self.retirements(c, now));
             while c.side.broken().is_none() && !c.side.output().is_empty() {
@@ -455,8 +454,10 @@ impl SendCore {
         for (index, gen) in c.dials.poll(&self.base, &as_link, now) {
             lock(&self.link.sched).revive(index, gen, now);
         }
-        // A retired socket may be invited back at any time.
-        let expect = c.side.awaits_peer() || self.base.live() < self.base.n_data();
+        // A retired socket may be invited back at any time; a socket the
+        // peer closed waits for what the control socket says.
+        let expect =
+            c.side.awaits_peer() || self.base.live() < self.base.n_data() || !c.retired.is_empty();
         self.base.arm(expect, !c.side.output().is_empty());
         let due = if c.dials.pending() {
             Some(now)
@@ -469,14 +470,14 @@ impl SendCore {
 
     /// Acts on data sockets the scheduler took out: closes them, tells the
     /// receiver, logs; the error to fail the comm with once none is left.
-    /// A socket the peer closed waits `PEER_CLOSE_GRACE` first: a peer
-    /// that closes its comm (or ends) closes its data sockets just after
-    /// its control socket, and its comm's end is no socket failure.
+    /// A socket the peer closed waits `PEER_END_GRACE` first, the control
+    /// socket read meanwhile: the end of a peer that closes its comm (its
+    /// Bye) or dies is no socket failure.
     fn retirements(&self, c: &mut SendCtrl, now: Instant) -> Option<Error> {
         for r in lock(&self.link.sched).take_retired() {
             let wait = matches!(r.why, Why::Failed(Error::ConnectionLost(_)));
             c.retired
-                .push((r, if wait { now + PEER_CLOSE_GRACE } else { now }));
+                .push((r, if wait { now + PEER_END_GRACE } else { now }));
         }
         if self.base.closed.load(Ordering::Acquire) || c.side.broken().is_some() {
             c.retired.clear();

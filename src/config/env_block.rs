@@ -209,14 +209,13 @@ fn effect(var: &'static str, get: &dyn Fn(&str) -> Option<String>, c: &Config) -
             )
         }
         "NCCL_GPUDIRECTTCPX_FORCE_ACK" if c.force_ack => (
-            "no effect here: the original sets TCP_QUICKACK on a data socket each time the last \
-             receive queued on it finishes; this build's receive path does not set it yet, so \
-             data sockets acknowledge by the kernel's delayed-ACK rules"
+            "on, as in the original: each received chunk sets TCP_QUICKACK on its data socket, \
+             so the sender is not held by delayed ACKs"
                 .into(),
-            true,
+            false,
         ),
         "NCCL_GPUDIRECTTCPX_FORCE_ACK" => (
-            "off, as in this build: data sockets acknowledge by the kernel's delayed-ACK rules".into(),
+            "off, as in the original's default: data sockets acknowledge by the kernel's delayed-ACK rules".into(),
             false,
         ),
         "UCCL_TCPX_DEBUG" | "NCCL_DEBUG" | "NCCL_DEBUG_SUBSYS" => {

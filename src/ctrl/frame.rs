@@ -4,7 +4,7 @@
 use std::ops::Range;
 
 use crate::error::{Error, Result};
-use crate::wire::{self, Ack, Dial, Kind, Msg, Ping, Placed, Post, Retire, PREFIX_LEN};
+use crate::wire::{self, Ack, Bye, Dial, Kind, Msg, Ping, Placed, Post, Retire, PREFIX_LEN};
 
 /// A whole frame at the front of an inbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,6 +20,7 @@ pub(crate) enum Frame {
     Retire(Retire),
     Placed(Placed),
     Dial(Dial),
+    Bye,
 }
 
 /// Received control bytes not yet consumed.
@@ -110,6 +111,10 @@ impl Inbox {
             Kind::Retire => Frame::Retire(Retire::decode(b)?),
             Kind::Placed => Frame::Placed(Placed::decode(b)?),
             Kind::Dial => Frame::Dial(Dial::decode(b)?),
+            Kind::Bye => {
+                Bye::decode(b)?;
+                Frame::Bye
+            }
             k => {
                 return Err(Error::Protocol(format!(
                     "{k:?} header on the control socket"

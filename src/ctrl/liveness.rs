@@ -110,7 +110,7 @@ mod tests {
         assert_eq!(l.ping_due(t0 + 900 * ms), None);
         assert_eq!(l.ping_due(t0 + 1000 * ms), Some(2));
         let mut quiet = Liveness::new(None, None, t0);
-        assert_eq!(quiet.ping_due(t0 + 3600_000 * ms), None);
+        assert_eq!(quiet.ping_due(t0 + 3_600_000 * ms), None);
         let mut theirs = Liveness::new(None, Some(400 * ms), t0);
         assert_eq!(theirs.ping_due(t0 + 100 * ms), Some(1));
     }

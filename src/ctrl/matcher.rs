@@ -67,6 +67,20 @@ impl<G: Clone> Matcher<G> {
         self.groups.len()
     }
 
+    /// Gives up the oldest receive (no message will come for it): its id
+    /// and unfilled buffers.
+    pub fn abandon(&mut self) -> Option<(G, Vec<usize>)> {
+        let g = self.groups.pop_front()?;
+        let unfilled = g
+            .bufs
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| !b.2)
+            .map(|(i, _)| i)
+            .collect();
+        Some((g.id, unfilled))
+    }
+
     /// The fate of the next message; `None` while no receive is posted.
     pub fn assign(&mut self, size: u64, tag: i32) -> Option<Outcome<G>> {
         let g = self.groups.front_mut()?;

@@ -10,6 +10,8 @@
 //! the control socket at once, within an eager window. Both ends send
 //! heartbeats and give up on a silent peer ([`liveness`]).
 
+#![forbid(unsafe_code)]
+
 pub(crate) mod frame;
 pub(crate) mod liveness;
 pub(crate) mod matcher;

@@ -9,7 +9,7 @@ use super::matcher::{Matcher, Outcome, Verdict};
 use super::{eager_cost, Params, Token, EAGER_WINDOW, MAX_OPEN_POSTS};
 use crate::config::MAX_INLINE;
 use crate::error::{Error, Result};
-use crate::wire::{Ack, Dial, Kind, Msg, Ping, Placed, Post, MAX_PLACED_BYTES};
+use crate::wire::{Ack, Bye, Dial, Kind, Msg, Ping, Placed, Post, MAX_PLACED_BYTES};
 
 /// Small receives wait for this many to go out in one write.
 const DEFER_MAX: usize = 16;
@@ -59,6 +59,10 @@ struct State {
     out: Outbox,
     live: Liveness,
     broken: Option<Error>,
+    /// The sender said Bye (`PeerClosed`) or closed its control socket
+    /// without one (`ConnectionLost`): no more messages come; what it
+    /// announced can still be received, other receives fail with this.
+    peer_gone: Option<Error>,
 }
 
 pub(crate) struct RecvSide {
@@ -69,7 +73,10 @@ pub(crate) struct RecvSide {
 impl RecvSide {
     pub fn new(p: Params, now: Instant) -> Self {
         RecvSide {
-            inbox: Inbox::new(&[Kind::Msg, Kind::Ping, Kind::Retire], MAX_INLINE),
+            inbox: Inbox::new(
+                &[Kind::Msg, Kind::Ping, Kind::Bye, Kind::Retire],
+                MAX_INLINE,
+            ),
             s: State {
                 next_seq: 0,
                 groups: Matcher::new(),
@@ -83,6 +90,7 @@ impl RecvSide {
                 out: Outbox::default(),
                 live: Liveness::new(p.timeout, p.peer_timeout, now),
                 broken: None,
+                peer_gone: None,
             },
         }
     }
@@ -132,7 +140,14 @@ impl RecvSide {
             }
             s.take(msg, &payload, ev);
         }
+        s.abandon_unfillable(ev);
         Ok(())
+    }
+
+    /// Why no more messages come, once the sender said Bye or closed its
+    /// control socket.
+    pub fn peer_gone(&self) -> Option<&Error> {
+        self.s.peer_gone.as_ref()
     }
 
     /// Where the next read from the control socket goes.
@@ -146,9 +161,13 @@ impl RecvSide {
             return;
         }
         if n == 0 {
-            self.fail(Error::ConnectionLost(
-                "the sender closed the control connection".into(),
-            ));
+            // The bytes before its end were sent on purpose: still receivable.
+            if self.s.peer_gone.is_none() {
+                self.s.peer_gone = Some(Error::ConnectionLost(
+                    "the sender closed the control connection without a goodbye (its process ended?)".into(),
+                ));
+                self.s.abandon_unfillable(ev);
+            }
             return;
         }
         self.s.live.heard(now);
@@ -160,6 +179,7 @@ impl RecvSide {
                 Err(e) => return self.fail(e),
             };
             let r = match frame {
+                _ if self.s.peer_gone.is_some() => Err(Error::Protocol("a frame after Bye".into())),
                 Frame::Msg { msg, payload } => self.s.on_msg(msg, self.inbox.bytes(payload), ev),
                 Frame::Ping(_) => Ok(()),
                 Frame::Retire(r) => {
@@ -167,6 +187,11 @@ impl RecvSide {
                         index: r.index,
                         generation: r.generation,
                     });
+                    Ok(())
+                }
+                Frame::Bye => {
+                    self.s.peer_gone = Some(Error::PeerClosed);
+                    self.s.abandon_unfillable(ev);
                     Ok(())
                 }
                 Frame::Post(_) | Frame::Ack(_) | Frame::Placed(_) | Frame::Dial(_) => Err(
@@ -209,6 +234,14 @@ impl RecvSide {
     pub fn dial(&mut self, d: &Dial) {
         if self.s.broken.is_none() {
             self.s.out.put(&d.encode());
+        }
+    }
+
+    /// Says goodbye: the last frame before the comm closes on purpose.
+    pub fn bye(&mut self) {
+        if self.s.broken.is_none() {
+            self.s.flush_posts();
+            self.s.out.put(&Bye.encode());
         }
     }
 
@@ -267,6 +300,24 @@ impl RecvSide {
 }
 
 impl State {
+    /// After the sender's Bye, receives that what it announced cannot fill
+    /// fail with `PeerClosed`.
+    fn abandon_unfillable(&mut self, ev: &mut impl FnMut(RecvEvent<'_>)) {
+        let Some(err) = self.peer_gone.clone() else {
+            return;
+        };
+        if !self.stash.is_empty() {
+            return;
+        }
+        while let Some(((token, _), bufs)) = self.groups.abandon() {
+            ev(RecvEvent::Refused {
+                token,
+                err: err.clone(),
+                bufs,
+            });
+        }
+    }
+
     fn flush_posts(&mut self) {
         if self.deferred_n > 0 {
             self.out.put(&self.deferred);

@@ -859,7 +859,7 @@ mod tests {
         pull(&mut s, &mut k, 0, t0);
         pull(&mut s, &mut k, 1, t0);
         k[1].acked = k[1].end;
-        s.sample(1, 0, k[1].acked, k[1].end, t0 + 3600_000 * MS);
+        s.sample(1, 0, k[1].acked, k[1].end, t0 + 3_600_000 * MS);
         assert!(s.take_retired().is_empty());
         let e = Error::ConnectionLost("reset".into());
         assert!(
@@ -914,9 +914,9 @@ mod tests {
         }
         // Sockets 1 and 2 delivered theirs (but a byte) in 2 ms.
         let t1 = t0 + 2 * MS;
-        for i in 1..3 {
-            k[i].acked = k[i].end - 1;
-            s.sample(i, 0, k[i].acked, k[i].end, t1);
+        for (i, sock) in k.iter_mut().enumerate().skip(1) {
+            sock.acked = sock.end - 1;
+            s.sample(i, 0, sock.acked, sock.end, t1);
         }
         // Socket 0 is slow: chunk 0 has only begun to arrive, 3 not at all.
         k[0].acked = 100;
@@ -1020,17 +1020,15 @@ mod tests {
                         self.tcp_acked[i] = c.0;
                     }
                 }
-                Op::Place(i) if !self.lost[i] => {
-                    if self.pipes[i].front().is_some_and(|c| c.3) {
-                        let Some((_, seq, k, _)) = self.pipes[i].pop_front() else {
-                            return;
-                        };
-                        let m = seq as usize;
-                        self.placed[m][k as usize] = true;
-                        if !self.acked[m] && self.placed[m].iter().all(|&p| p) {
-                            self.acked[m] = true;
-                            self.s.acked(seq);
-                        }
+                Op::Place(i) if !self.lost[i] && self.pipes[i].front().is_some_and(|c| c.3) => {
+                    let Some((_, seq, k, _)) = self.pipes[i].pop_front() else {
+                        return;
+                    };
+                    let m = seq as usize;
+                    self.placed[m][k as usize] = true;
+                    if !self.acked[m] && self.placed[m].iter().all(|&p| p) {
+                        self.acked[m] = true;
+                        self.s.acked(seq);
                     }
                 }
                 Op::Sample(i) if !self.lost[i] => {

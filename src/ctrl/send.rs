@@ -8,7 +8,7 @@ use super::liveness::Liveness;
 use super::matcher::{Matcher, Verdict};
 use super::{eager_cost, Params, Token, EAGER_WINDOW, MAX_OPEN_POSTS};
 use crate::error::{Error, Result};
-use crate::wire::{Dial, Kind, Msg, Ping, Placed, Retire, MAX_PLACED_BYTES, MSG_INLINE};
+use crate::wire::{Bye, Dial, Kind, Msg, Ping, Placed, Retire, MAX_PLACED_BYTES, MSG_INLINE};
 
 /// What the comm layer must do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,7 +83,14 @@ impl SendSide {
             writing: VecDeque::new(),
             out: Outbox::default(),
             inbox: Inbox::new(
-                &[Kind::Post, Kind::Ack, Kind::Ping, Kind::Placed, Kind::Dial],
+                &[
+                    Kind::Post,
+                    Kind::Ack,
+                    Kind::Ping,
+                    Kind::Bye,
+                    Kind::Placed,
+                    Kind::Dial,
+                ],
                 MAX_PLACED_BYTES,
             ),
             live: Liveness::new(p.timeout, p.peer_timeout, now),
@@ -348,6 +355,7 @@ impl SendSide {
                 ev(SendEvent::Placed(p))
             }
             Frame::Dial(d) => ev(SendEvent::Dial(d)),
+            Frame::Bye => return Err(Error::PeerClosed),
             Frame::Msg { msg, .. } => {
                 return Err(Error::Protocol(format!(
                     "message {} announced to its sender",
@@ -374,6 +382,13 @@ impl SendSide {
                 }
                 .encode(),
             );
+        }
+    }
+
+    /// Says goodbye: the last frame before the comm closes on purpose.
+    pub fn bye(&mut self) {
+        if self.broken.is_none() {
+            self.out.put(&Bye.encode());
         }
     }
 

@@ -758,3 +758,67 @@ proptest! {
         super::feed_both(&stream);
     }
 }
+
+#[test]
+fn after_a_goodbye_what_was_sent_can_still_be_received() {
+    // The sender sends two small messages and closes before any receive is
+    // posted: both arrive, the receive after them fails as closed by the peer.
+    let mut p = Pair::new(None);
+    p.post(100, &[(64, 7)]);
+    p.send(1, 5, 1);
+    p.send(2, 6, 2);
+    p.run();
+    p.s.bye();
+    p.run();
+    assert!(p.r.broken().is_none() && p.r.peer_gone() == Some(&Error::PeerClosed));
+    p.post(200, &[(64, 2)]);
+    p.post(300, &[(64, 3), (64, 4)]);
+    assert_eq!(
+        p.re,
+        vec![
+            REv::Refused {
+                token: 100,
+                err: Error::TagMismatch(1),
+                bufs: vec![0]
+            },
+            REv::Deliver {
+                token: 200,
+                buf: 0,
+                payload: payload_of(2, 6)
+            },
+            REv::Refused {
+                token: 300,
+                err: Error::PeerClosed,
+                bufs: vec![0, 1]
+            },
+        ]
+    );
+    // A receive already posted when the Bye comes fails at once.
+    let mut q = Pair::new(None);
+    q.post(100, &[(64, 1)]);
+    q.run();
+    q.s.bye();
+    q.run();
+    assert_eq!(
+        q.re,
+        vec![REv::Refused {
+            token: 100,
+            err: Error::PeerClosed,
+            bufs: vec![0]
+        }]
+    );
+    // Nothing may follow a Bye.
+    let room = q.r.inbox_space();
+    let ping = Ping { count: 9 }.encode();
+    room[..ping.len()].copy_from_slice(&ping);
+    q.r.received(ping.len(), q.now, &mut |_| {});
+    assert!(matches!(q.r.broken(), Some(Error::Protocol(_))));
+    // The receiver's Bye fails the sender outright: nothing can be delivered.
+    let mut r = Pair::new(None);
+    r.r.bye();
+    r.run();
+    assert_eq!(r.s.broken(), Some(&Error::PeerClosed));
+    // Nothing after a failure is said: a broken end sends no Bye.
+    r.s.bye();
+    assert!(r.s.output().is_empty());
+}

@@ -128,11 +128,7 @@ impl DevmemRx {
             .try_clone()
             .map_err(|e| Error::io("dup data socket", e))?;
         let (pool, part) = match source {
-            PoolSource::Local(bytes) => (
-                RxPool::local(bytes)
-                    .map_err(|e| Error::Config(format!("emulated devmem RX pool: {e}")))?,
-                None,
-            ),
+            PoolSource::Local(bytes) => (RxPool::local(bytes).map_err(Error::devmem)?, None),
             PoolSource::Shared(shared) => {
                 let (pool, part) = shared.take()?;
                 (pool, Some(part))
@@ -141,7 +137,7 @@ impl DevmemRx {
         let gather = Box::new(PoolGather::new(&pool)?);
         let seed = stream.as_raw_fd() as u64;
         let emu = EmuDevmemSocket::new(dup, pool, EmuConfig::new(abi).with_seed(seed))
-            .map_err(|e| Error::Config(format!("emulated devmem NIC: {e}")))?;
+            .map_err(Error::devmem)?;
         Ok(DevmemRx {
             emu,
             _part: part,
@@ -189,7 +185,6 @@ impl DevmemRx {
         if out.bytes == 0 {
             return Ok(Recv::Closed);
         }
-        let proto = |e: &dyn std::fmt::Display| Error::Protocol(format!("devmem receive: {e}"));
         self.frags.clear();
         parse_rx_into(
             self.emu.config().abi,
@@ -198,10 +193,10 @@ impl DevmemRx {
             out.msg_flags,
             &mut self.frags,
         )
-        .map_err(|e| proto(&e))?;
+        .map_err(Error::devmem)?;
         self.plan.clear();
         unpack::plan(&self.frags, self.linear.len(), 0, dst.len(), &mut self.plan)
-            .map_err(|e| proto(&e))?;
+            .map_err(Error::devmem)?;
         let fence = self
             .gather
             .gather(self.emu.pool(), &self.linear, &self.plan, dst)?;
@@ -283,10 +278,7 @@ impl DevmemRx {
     }
 
     fn release(&mut self, tokens: &[u32]) -> Result<()> {
-        let report = self
-            .emu
-            .release_tokens(tokens)
-            .map_err(|e| Error::Protocol(format!("devmem token return: {e}")))?;
+        let report = self.emu.release_tokens(tokens).map_err(Error::devmem)?;
         Counters::bump(&self.counters.devmem_tokens_returned, report.requested);
         Counters::bump(&self.counters.devmem_dontneed_calls, report.calls as u64);
         Ok(())
@@ -327,10 +319,6 @@ impl PoolGather {
     }
 }
 
-fn unpack_error(e: &dyn std::fmt::Display) -> Error {
-    Error::Protocol(format!("devmem unpack: {e}"))
-}
-
 impl Gather for PoolGather {
     fn gather(
         &mut self,
@@ -353,7 +341,7 @@ impl Gather for PoolGather {
                     }
                 };
                 rows.and_then(|_| CpuUnpack.unpack(linear, d, &plan.linear))
-                    .map_err(|e| unpack_error(&e))?;
+                    .map_err(Error::devmem)?;
                 Ok(Fence::Done)
             }
             (Dst::Device(span), None, Some(dev), Some(g)) => {
@@ -442,13 +430,12 @@ impl GpuGather {
         plan: &GatherPlan,
         dst: &DeviceSpan,
     ) -> Result<usize> {
-        unpack::check(&plan.pool, pool.device_len(), dst.device_len())
-            .map_err(|e| unpack_error(&e))?;
+        unpack::check(&plan.pool, pool.device_len(), dst.device_len()).map_err(Error::devmem)?;
         unpack::check(&plan.linear, linear.len().min(LINEAR_MAX), dst.device_len())
-            .map_err(|e| unpack_error(&e))?;
+            .map_err(Error::devmem)?;
         if plan.pool.len() > MAX_FRAGS_PER_READ {
-            return Err(unpack_error(&format!(
-                "{} pool fragments in one receive, at most {MAX_FRAGS_PER_READ}",
+            return Err(Error::Protocol(format!(
+                "devmem unpack: {} pool fragments in one receive, at most {MAX_FRAGS_PER_READ}",
                 plan.pool.len()
             )));
         }

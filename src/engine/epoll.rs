@@ -216,9 +216,9 @@ fn send_ready(s: &mut Sock, counters: &Counters) -> bool {
     let mut budget = PASS_BUDGET;
     while s.writable && budget > 0 {
         let Some(plan) = s.tx_plan() else { break };
+        let [(p0, l0), (p1, l1)] = plan.parts;
         // SAFETY: the plan's pieces are valid for reading while their job holds its region
         // (TxPath contract) and the socket's header cursor is not touched until tx_done.
-        let [(p0, l0), (p1, l1)] = plan.parts;
         let all = unsafe {
             [
                 IoSlice::new(super::bytes(p0, l0)),
@@ -275,9 +275,9 @@ fn recv_ready(s: &mut Sock, scratch: &mut Vec<u8>) -> bool {
         let Some(plan) = s.rx_plan(scratch) else {
             break;
         };
+        let [(p0, l0), (p1, l1)] = plan.parts;
         // SAFETY: the plan's pieces are valid for writing and not otherwise accessed while
         // their job holds its region (RxPath contract); the header cursor belongs to the socket.
-        let [(p0, l0), (p1, l1)] = plan.parts;
         let mut iov = unsafe {
             [
                 IoSliceMut::new(super::bytes_mut(p0, l0)),

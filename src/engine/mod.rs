@@ -54,6 +54,9 @@ pub(crate) struct TxMode {
     pub peer_timeout_ms: u64,
     /// TCP_NOTSENT_LOWAT of sending sockets (0: the kernel's default).
     pub notsent_lowat: u32,
+    /// Set TCP_QUICKACK each time a received chunk completes
+    /// (`NCCL_GPUDIRECTTCPX_FORCE_ACK`), so the sender is not held by delayed ACKs.
+    pub quickack: bool,
 }
 
 pub(crate) enum Cmd {
@@ -164,11 +167,14 @@ impl Drop for Worker {
 /// worker.
 pub(crate) struct WatchSet {
     epoll: Epoll,
-    targets: Mutex<HashMap<u64, (OwnedFd, Weak<dyn Poke>)>>,
+    targets: Mutex<HashMap<u64, Watched>>,
     next_id: std::sync::atomic::AtomicU64,
     tick: Duration,
     next_tick: Mutex<Instant>,
 }
+
+/// A watched control socket (a duplicate fd) and the comm it pokes.
+type Watched = (OwnedFd, Weak<dyn Poke>);
 
 /// A comm's registration in a worker's [`WatchSet`]; dropping it ends the watch.
 pub(crate) struct Watch {

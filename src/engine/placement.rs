@@ -9,6 +9,8 @@
 //! failed first) with the comm's error. Only then can nothing in the
 //! transport still write its buffer.
 
+#![forbid(unsafe_code)]
+
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 

@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use nix::errno::Errno;
+use socket2::SockRef;
 
 use devmem::cuda::mem::DeviceSpan;
 
@@ -94,6 +95,7 @@ pub(super) struct Sock {
     receives: bool,
     peer_timeout_ms: u64,
     counters: Arc<SockCounters>,
+    quickack: bool,
     pub readable: bool,
     pub writable: bool,
     pub dead: Option<Error>,
@@ -150,6 +152,7 @@ impl Sock {
             receives,
             peer_timeout_ms: mode.peer_timeout_ms,
             counters: sock_counters,
+            quickack: mode.quickack,
             readable: true,
             writable: true,
             dead,
@@ -397,6 +400,11 @@ impl Sock {
             rest -= took;
             if b.done == b.len {
                 self.finish_body();
+            } else if let (Some(p), false) = (&b.dst, b.direct) {
+                // Staging paths move what arrived onward while the rest comes.
+                if let Err(e) = p.region.arrived(p.base + b.off, b.len, b.done) {
+                    return self.fail(e);
+                }
             }
         }
         self.rx.hdr_done = (self.rx.hdr_done + rest).min(CHUNK_LEN);
@@ -411,6 +419,10 @@ impl Sock {
         let Some(b) = self.rx.body.take() else {
             return;
         };
+        if self.quickack && self.rx.hdr_done == 0 {
+            // The kernel leaves quick-ACK mode on its own; set it again each time.
+            let _ = SockRef::from(&self.stream).set_quickack(true);
+        }
         let Some(p) = b.dst else {
             return;
         };
@@ -519,6 +531,11 @@ impl Sock {
             Ok(Recv::Closed) => self.rx_done(0),
             Ok(Recv::WouldBlock) => return Step::WouldBlock,
             Ok(Recv::Interrupted) => {}
+            // A reset is the path's (or the peer's) end, as on a plain socket.
+            Err(e @ Error::ConnectionLost(_)) => {
+                self.lose(e);
+                return Step::Idle;
+            }
             Err(e) => {
                 self.fail(e);
                 return Step::Idle;
@@ -682,6 +699,7 @@ mod tests {
             devmem_emulated: Some((KernelAbi::Tcpx, PoolSource::Local(1 << 20))),
             peer_timeout_ms: 0,
             notsent_lowat: 0,
+            quickack: false,
         };
         let comm = Arc::new(OneMessage::default());
         let mut s = Sock::new(
@@ -846,6 +864,7 @@ mod tests {
             devmem_emulated: None,
             peer_timeout_ms: 0,
             notsent_lowat: 0,
+            quickack: false,
         };
         let mut s = Sock::new(
             stream,
@@ -913,6 +932,7 @@ mod tests {
             devmem_emulated: None,
             peer_timeout_ms: 0,
             notsent_lowat: 0,
+            quickack: false,
         };
         let mut s = Sock::new(
             stream,
@@ -965,6 +985,7 @@ mod tests {
             devmem_emulated: None,
             peer_timeout_ms: 0,
             notsent_lowat: 0,
+            quickack: false,
         };
         let counters = Arc::new(SockCounters::default());
         let mut s = Sock::new(
@@ -1016,5 +1037,51 @@ mod tests {
             mr.bytes().unwrap()[..4096] == data[..4096],
             "the first copy's bytes"
         );
+    }
+
+    #[test]
+    fn force_ack_sets_quick_ack_after_each_chunk() {
+        for on in [false, true] {
+            let (stream, _peer) = loaded(&chunk(3, 0, &pattern(6000)[..4096]));
+            stream.set_nonblocking(true).unwrap();
+            // Delayed-ACK mode, as the kernel has it after a while.
+            SockRef::from(&stream).set_quickack(false).unwrap();
+            let comm = Arc::new(Late {
+                placement: Mutex::new(None),
+                known: AtomicBool::new(true),
+                waits: Default::default(),
+                kicks: Default::default(),
+                err: Mutex::new(None),
+            });
+            let mode = TxMode {
+                zerocopy: ZeroCopy::Off,
+                min_zcopy: 0,
+                devmem_emulated: None,
+                peer_timeout_ms: 0,
+                notsent_lowat: 0,
+                quickack: on,
+            };
+            let mut s = Sock::new(
+                stream,
+                mode,
+                comm.clone(),
+                true,
+                None,
+                &Arc::new(Counters::default()),
+                SockId { index: 0, gen: 0 },
+                Arc::new(SockCounters::default()),
+            );
+            let mr = MemoryRegion::owned(HostMemory::zeroed(6000).unwrap());
+            let req = Arc::new(ReqState::new(1, 1));
+            let p = Placement::new(3, mr.inner.clone(), 0, 6000, 4096, req, comm.clone());
+            *comm.placement.lock().unwrap() = Some(Arc::new(p));
+            std::thread::sleep(Duration::from_millis(20));
+            pump(&mut s, &mut Vec::new());
+            assert_eq!(
+                SockRef::from(&s.stream).quickack().unwrap(),
+                on,
+                "force_ack {on}"
+            );
+        }
     }
 }

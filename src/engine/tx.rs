@@ -257,17 +257,23 @@ impl TxSide {
                 ..Cursor::default()
             };
         }
-        let want = c.len - self.cur.body_done;
+        let done = self.cur.body_done;
         let (body, zc_ok, prefetch) = match &c.msg {
             Some(m) => {
-                let src = m.region.source(m.base + c.off, c.len)?;
+                // Staged chunks may be ready only in part: send what is.
+                let need = (done + 1).min(c.len);
+                let (src, ready) = m.region.source(m.base + c.off, c.len, need)?;
                 (
-                    (src.wrapping_add(self.cur.body_done), want),
+                    (src.wrapping_add(done), ready - done),
                     m.region.zerocopy_ok(),
                     starting && m.region.prefetches(),
                 )
             }
-            None => ((ZEROS.as_ptr(), want.min(ZEROS.len())), false, false),
+            None => (
+                (ZEROS.as_ptr(), (c.len - done).min(ZEROS.len())),
+                false,
+                false,
+            ),
         };
         let len = c.len;
         // Staging paths copy the next chunk while this one is sent.

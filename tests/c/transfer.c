@@ -1,6 +1,9 @@
 /* Drives a transfer through include/tcpx.h the way a C host (NCCL, NIXL) would:
  * non-blocking connect/accept in one thread, odd-sized random payloads in both
- * directions, byte-exact checks, and the error paths. */
+ * directions, byte-exact checks, and the error paths.
+ * `transfer causes <empty dir> <mock prefix> <gpu pci>`: the device-memory
+ * causes of failed inits instead (tests/c_abi.rs starts the mock gpumemd). */
+#define _POSIX_C_SOURCE 200809L
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -71,7 +74,32 @@ static void transfer(tcpx_net *net, tcpx_send_comm *s, tcpx_recv_comm *r, size_t
   free(dst);
 }
 
-int main(void) {
+/* No daemon at one prefix, a pipe for a pool at the other: TCPX_EGPUMEMD /
+ * TCPX_CAUSE_GPUMEMD_ABSENT against TCPX_EDEVMEM / TCPX_CAUSE_POOL_FD_BAD. */
+static int causes(const char *absent, const char *mock, const char *pci) {
+  tcpx_net *net = NULL;
+  setenv("TCPX_GPU_PCI", pci, 1);
+  setenv("TCPX_DEVMEM", "require", 1);
+  setenv("TCPX_GPUMEMD_PREFIX", absent, 1);
+  int rc = tcpx_init("127.0.0.1", &net);
+  if (rc != TCPX_EGPUMEMD || tcpx_last_error_cause() != TCPX_CAUSE_GPUMEMD_ABSENT || net) {
+    fprintf(stderr, "absent daemon: %d cause %d (%s)\n", rc, tcpx_last_error_cause(), tcpx_last_error());
+    return 1;
+  }
+  setenv("TCPX_GPUMEMD_PREFIX", mock, 1);
+  rc = tcpx_init("127.0.0.1", &net);
+  if (rc != TCPX_EDEVMEM || tcpx_last_error_cause() != TCPX_CAUSE_POOL_FD_BAD || net) {
+    fprintf(stderr, "bad pool fd: %d cause %d (%s)\n", rc, tcpx_last_error_cause(), tcpx_last_error());
+    return 1;
+  }
+  /* A failure without a device-memory cause clears it. */
+  if (tcpx_devices(NULL, NULL) != TCPX_EINVAL || tcpx_last_error_cause() != TCPX_CAUSE_NONE) return 1;
+  printf("c-abi causes: ok\n");
+  return 0;
+}
+
+int main(int argc, char **argv) {
+  if (argc == 5 && strcmp(argv[1], "causes") == 0) return causes(argv[2], argv[3], argv[4]);
   tcpx_net *net;
   CHECK(tcpx_init("127.0.0.1,127.0.0.2,127.0.0.3", &net));
   int ndev = 0;
@@ -105,6 +133,27 @@ int main(void) {
   for (unsigned i = 0; i < sizeof sizes / sizeof *sizes; i++) {
     transfer(net, s1, r1, sizes[i], 11 + i);
     transfer(net, s2, r2, sizes[i], 97 + i);
+  }
+
+  /* tcpx_test's argument errors touch no request: it stays valid and completes. */
+  {
+    unsigned char a[16] = {1}, b[16] = {0};
+    tcpx_mr *ma, *mb;
+    CHECK(tcpx_reg_mr(net, a, sizeof a, TCPX_PTR_HOST, &ma));
+    CHECK(tcpx_reg_mr(net, b, sizeof b, TCPX_PTR_HOST, &mb));
+    void *bp = b;
+    size_t bcap = sizeof b;
+    int t = 5, done = 7;
+    tcpx_request *rr = NULL, *sr = NULL;
+    CHECK(tcpx_irecv(r1, 1, &bp, &bcap, &t, &mb, &rr));
+    if (tcpx_test(rr, NULL, NULL) != TCPX_EINVAL) return 1;
+    if (tcpx_test(NULL, &done, NULL) != TCPX_EINVAL || done != 0) return 1;
+    CHECK(tcpx_isend(s1, a, sizeof a, t, ma, &sr));
+    size_t got = 0;
+    finish(sr, rr, &got);
+    if (got != sizeof a || b[0] != 1) { fprintf(stderr, "request lost after EINVAL\n"); return 1; }
+    CHECK(tcpx_dereg_mr(net, ma));
+    CHECK(tcpx_dereg_mr(net, mb));
   }
 
   /* Error paths: a garbage handle, a buffer outside its region, a truncating receive. */

@@ -1,5 +1,6 @@
 //! `tcpx-gpumemd-mock`: a stand-in for the receive-datapath daemon, speaking
 //! its UNIX-socket protocol with memfd-backed pools and fault switches.
+#![forbid(unsafe_code)]
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -17,7 +18,7 @@ usage: tcpx-gpumemd-mock [options]
   --pool-size BYTES     RX pool size; K/M/G suffixes allowed (default 64M)
   --align BYTES         pool alignment reported (default 2M)
   --queue-ids LIST      comma-separated RX queue ids (default 1,2,3,4)
-  --fault NAME[=ARG]    none | accept-then-close | delay-ms=MS |
+  --fault NAME[=ARG]    none | accept-then-close | delay-ms=MS | hang |
                         malformed-length | truncated-payload | garbage-payload |
                         unknown-oneof | fd-count=N | wrong-fd-kind | short-pool |
                         refuse-rules | die-after=N

@@ -510,22 +510,26 @@ impl Drop for Event {
 pub fn time_on(stream: &Stream, f: impl FnOnce(&Stream) -> Result<()>) -> Result<f32> {
     let mut a = std::ptr::null_mut();
     let mut b = std::ptr::null_mut();
-    // SAFETY: each writes one event handle.
+    // SAFETY: writes one event handle into `a`.
     ck("cuEventCreate", || unsafe { sys::cuEventCreate(&mut a, 0) })?;
+    // SAFETY: writes one event handle into `b`.
     ck("cuEventCreate", || unsafe { sys::cuEventCreate(&mut b, 0) })?;
     let out = (|| {
-        // SAFETY: live events and stream.
+        // SAFETY: `a` was created above and the stream is live.
         ck("cuEventRecord", || unsafe {
             sys::cuEventRecord(a, stream.raw())
         })?;
         f(stream)?;
+        // SAFETY: `b` was created above and the stream is live.
         ck("cuEventRecord", || unsafe {
             sys::cuEventRecord(b, stream.raw())
         })?;
+        // SAFETY: `b` is a live event, recorded above.
         ck("cuEventSynchronize", || unsafe {
             sys::cuEventSynchronize(b)
         })?;
         let mut ms = 0f32;
+        // SAFETY: both events are live and complete; writes one f32 into `ms`.
         ck("cuEventElapsedTime", || unsafe {
             sys::cuEventElapsedTime_v2(&mut ms, a, b)
         })?;

@@ -1,5 +1,6 @@
 //! The gpumemd client: RX pool import, queue ids, flow-steering rules and
 //! the application registration, each with a deadline.
+#![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -441,10 +442,10 @@ pub struct Registration {
 impl Registration {
     fn start(conn: Conn, deadline: Duration) -> Result<Self, GpumemdError> {
         let path = conn.path().to_owned();
-        let io = |source| GpumemdError::Io {
+        let io = |source: std::io::Error| GpumemdError::Io {
             op: "application register",
             path: path.clone(),
-            source,
+            source: source.into(),
         };
         let stream = Arc::new(conn.into_stream());
         let (stop_rx, stop_tx) =
@@ -489,7 +490,7 @@ impl Registration {
         let stream = self.stream.try_clone().map_err(|source| GpumemdError::Io {
             op: "application deregister",
             path: self.path.clone(),
-            source,
+            source: source.into(),
         })?;
         let mut conn =
             Conn::from_stream(stream, &self.path, "application deregister", self.deadline);

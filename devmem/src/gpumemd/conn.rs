@@ -39,10 +39,10 @@ impl Conn {
     /// Connects to `path`; the connect itself counts against `budget`.
     pub fn connect(path: &Path, op: &'static str, budget: Duration) -> Result<Self, GpumemdError> {
         let start = Instant::now();
-        let io_err = |source| GpumemdError::Io {
+        let io_err = |source: io::Error| GpumemdError::Io {
             op,
             path: path.to_owned(),
-            source,
+            source: source.into(),
         };
         let addr = socket2::SockAddr::unix(path).map_err(io_err)?;
         let sock = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None)
@@ -55,7 +55,7 @@ impl Conn {
                 Some(Errno::ENOENT | Errno::ECONNREFUSED | Errno::ENOTDIR) => {
                     GpumemdError::DaemonAbsent {
                         path: path.to_owned(),
-                        source: e,
+                        source: e.into(),
                     }
                 }
                 Some(Errno::EAGAIN | Errno::EINPROGRESS | Errno::ETIMEDOUT) => {
@@ -146,7 +146,7 @@ impl Conn {
         GpumemdError::Io {
             op: self.op,
             path: self.path.clone(),
-            source,
+            source: source.into(),
         }
     }
 

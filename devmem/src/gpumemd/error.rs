@@ -1,8 +1,10 @@
 //! Errors of the gpumemd client and of the frame parser.
+#![forbid(unsafe_code)]
 
-use std::io;
 use std::path::PathBuf;
 use std::time::Duration;
+
+use crate::error::OsError;
 
 /// Why a byte string is not a valid gpumemd frame. Pure parsing errors:
 /// the parser returns these for any hostile input and never panics.
@@ -29,7 +31,7 @@ pub enum FrameError {
 }
 
 /// Every way a gpumemd exchange can fail. Messages say what to do next.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum GpumemdError {
     /// Nothing listens at the socket path (no file, or connection refused).
     #[error(
@@ -40,7 +42,7 @@ pub enum GpumemdError {
     DaemonAbsent {
         path: PathBuf,
         #[source]
-        source: io::Error,
+        source: OsError,
     },
     /// The daemon answered, but not with success.
     #[error("gpumemd at {path} refused {op}: {reply:?}; check the daemon's log and configuration")]
@@ -88,6 +90,6 @@ pub enum GpumemdError {
         op: &'static str,
         path: PathBuf,
         #[source]
-        source: io::Error,
+        source: OsError,
     },
 }

@@ -1,5 +1,6 @@
 //! Sans-I/O codecs: the 2-byte big-endian length framing of a proto, and the
 //! 24-byte pool metadata struct. No sockets here, so everything is fuzzable.
+#![forbid(unsafe_code)]
 
 use prost::Message as _;
 

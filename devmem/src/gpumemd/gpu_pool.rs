@@ -3,6 +3,7 @@
 //! `get_gpu_metadata_<pci>` sockets as tcpgpudmarxd's
 //! `CuIpcMemfdExporter` does (fd by SCM_RIGHTS; `{fd, size, align}` bytes).
 //! A client imports it with [`crate::cuda::vmm::import_pool`].
+#![forbid(unsafe_code)]
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd};

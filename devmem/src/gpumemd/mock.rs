@@ -2,6 +2,7 @@
 //! memfd-backed pools (or a pool fd the caller hands it, such as an exported
 //! GPU pool) and fault switches. Thread-based; every wait is
 //! bounded, so dropping it never hangs.
+#![forbid(unsafe_code)]
 
 use std::collections::HashMap;
 use std::ffi::CString;
@@ -90,6 +91,9 @@ pub enum Fault {
     AcceptThenClose,
     /// Answer correctly, but only after this long.
     Delay(Duration),
+    /// Read the request and never answer (a wedged daemon); the connection
+    /// stays open until the client leaves or the mock stops.
+    Hang,
     /// Send one byte of the 2-byte length header, then close.
     MalformedLength,
     /// Announce a 32-byte payload, send 5 bytes, then close.
@@ -122,6 +126,7 @@ impl Fault {
             "none" => Fault::None,
             "accept-then-close" => Fault::AcceptThenClose,
             "delay-ms" => Fault::Delay(Duration::from_millis(num()?)),
+            "hang" => Fault::Hang,
             "malformed-length" => Fault::MalformedLength,
             "truncated-payload" => Fault::TruncatedPayload,
             "garbage-payload" => Fault::GarbagePayload,
@@ -489,6 +494,10 @@ fn serve_conn(s: &Shared, ep: Endpoint, path: &Path, stream: UnixStream) {
             break; // client went away, or sent fds / garbage
         };
         let fault = s.fault_for(ep);
+        if fault == Fault::Hang {
+            wait_readable(s, conn.stream(), None); // the client's EOF, or the mock's stop
+            break;
+        }
         if let Fault::Delay(d) = fault {
             if !sleep_unless_halted(s, d) {
                 break;

@@ -5,6 +5,7 @@
 //! proto2 rules that matter here: `optional` scalars have presence
 //! (`Option<T>`), `repeated int32` is *unpacked* by default, fields are
 //! serialized in field-number order.
+#![forbid(unsafe_code)]
 
 /// `google.rpc.Status`, which the daemon (not the plugin) attaches as field 5
 /// to error replies. The plugin's copy of the proto reserves 5; we decode it

@@ -10,6 +10,7 @@
 //!   `net/core/sock.c` (`MAX_DONTNEED_TOKENS`, `MAX_DONTNEED_FRAGS`,
 //!   `SCM_DEVMEM_DMABUF` TX check), and
 //!   `tools/testing/selftests/drivers/net/hw/ncdevmem.c`.
+#![forbid(unsafe_code)]
 
 /// `SOL_SOCKET` on x86-64 (`include/uapi/asm-generic/socket.h`).
 pub const SOL_SOCKET: i32 = 1;

@@ -1,7 +1,9 @@
+#![forbid(unsafe_code)]
+
 use super::KernelAbi;
 
 /// Errors of the devmem socket ABI layer.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum AbiError {
     /// `MSG_CTRUNC`: some fragment descriptors were dropped by the kernel.
@@ -106,6 +108,6 @@ pub enum AbiError {
         optname: i32,
         /// The OS error.
         #[source]
-        source: std::io::Error,
+        source: crate::error::OsError,
     },
 }

@@ -1,6 +1,8 @@
 //! Entry points for the fuzz targets (`fuzz/fuzz_targets/devmem_cmsg_*.rs`).
 //!
 //! These assert invariants on purpose: a panic here is a finding.
+#![forbid(unsafe_code)]
+#![allow(clippy::expect_used)]
 
 use super::{
     batch_ranges, coalesce_tokens, encode_rx, parse_rx, salvage_tokens, Fragment, KernelAbi,

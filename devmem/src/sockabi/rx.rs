@@ -6,6 +6,7 @@
 //! Upstream payload (`include/uapi/linux/uio.h`, `struct dmabuf_cmsg`):
 //! `{ u64 frag_offset; u32 frag_size; u32 frag_token; u32 dmabuf_id; u32 flags; }`,
 //! type 78 (linear: only `frag_size` set) or 79 (dmabuf fragment).
+#![forbid(unsafe_code)]
 
 use super::abi::{KernelAbi, MSG_CTRUNC, SOL_SOCKET};
 use super::cmsg::{array, cmsg_space, push_cmsg, RawCmsg, RawCmsgs};

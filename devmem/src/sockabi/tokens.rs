@@ -127,10 +127,10 @@ pub fn return_token_batch(
         });
     }
     let optname = abi.so_devmem_dontneed();
-    let err = |source| AbiError::DontNeed {
+    let err = |source: std::io::Error| AbiError::DontNeed {
         abi,
         optname,
-        source,
+        source: source.into(),
     };
     let len = libc::socklen_t::try_from(std::mem::size_of_val(ranges))
         .map_err(|_| err(std::io::Error::from_raw_os_error(libc::EINVAL)))?;

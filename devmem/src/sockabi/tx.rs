@@ -6,6 +6,7 @@
 //! `SOL_SOCKET` / `SCM_DEVMEM_DMABUF` (79) with the `u32` TX binding id, and
 //! `cmsg_len` must be exactly `CMSG_LEN(4)`; the dmabuf offset travels as the
 //! iov_base.
+#![forbid(unsafe_code)]
 
 use std::os::fd::RawFd;
 

@@ -3,8 +3,10 @@
 //! only convert arguments and call these.
 
 use std::ffi::{c_int, c_void, CString};
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Mutex, OnceLock};
+
+use devmem::Cause;
+use ffiguard::{obj, out, put, slice, slice_mut, take};
 
 use tcpx::{Config, Error, ListenComm, MemoryRegion, Net, PtrKind, RecvBuf, RecvComm, Request};
 use tcpx::{SendComm, HANDLE_SIZE};
@@ -38,6 +40,13 @@ pub fn state() -> Result<&'static State, Error> {
 /// NCCL error code for a transport error.
 fn code(e: &Error) -> ncclResult_t {
     match e {
+        Error::Devmem(d) => match d.cause() {
+            Cause::InvalidArgument => NCCL_INVALID_ARGUMENT,
+            Cause::CudaUnavailable | Cause::PermissionDenied | Cause::NicUnsupported => {
+                NCCL_INVALID_USAGE
+            }
+            _ => NCCL_SYSTEM_ERROR,
+        },
         Error::InvalidArgument(_) | Error::BadHandle(_) | Error::NoSuchDevice { .. } => {
             NCCL_INVALID_ARGUMENT
         }
@@ -47,9 +56,10 @@ fn code(e: &Error) -> ncclResult_t {
         | Error::Closed
         | Error::Truncated { .. }
         | Error::TagMismatch(_) => NCCL_INVALID_USAGE,
-        Error::Protocol(_) | Error::ConnectionLost(_) | Error::PeerUnresponsive { .. } => {
-            NCCL_REMOTE_ERROR
-        }
+        Error::Protocol(_)
+        | Error::ConnectionLost(_)
+        | Error::PeerUnresponsive { .. }
+        | Error::PeerClosed => NCCL_REMOTE_ERROR,
         Error::Timeout { .. } | Error::Io { .. } | Error::Interface(_) | Error::Gpumemd(_) => {
             NCCL_SYSTEM_ERROR
         }
@@ -57,54 +67,44 @@ fn code(e: &Error) -> ncclResult_t {
     }
 }
 
+/// The plugin as an `ffiguard` front end: failures go to NCCL's log.
+struct Nccl;
+
+impl ffiguard::Boundary for Nccl {
+    type Error = Error;
+    const PANIC: c_int = NCCL_INTERNAL_ERROR;
+
+    fn code(e: &Error) -> c_int {
+        code(e)
+    }
+
+    fn report(entry: &str, msg: &str, _cause: c_int) {
+        log::warn(&format!("NET/TCPX-rs : {entry} failed: {msg}"));
+    }
+}
+
 /// Runs one entry point: errors become codes (and a WARN line), panics
 /// become `ncclInternalError`. Nothing unwinds into NCCL.
 pub fn guard(entry: &str, f: impl FnOnce() -> Result<(), Error>) -> ncclResult_t {
-    match catch_unwind(AssertUnwindSafe(f)) {
-        Ok(Ok(())) => NCCL_SUCCESS,
-        Ok(Err(e)) => {
-            log::warn(&format!("NET/TCPX-rs : {entry} failed: {e}"));
-            code(&e)
-        }
-        Err(_) => {
-            log::warn(&format!(
-                "NET/TCPX-rs : {entry}: internal error (panic caught at the plugin boundary); please report it"
-            ));
-            NCCL_INTERNAL_ERROR
-        }
-    }
+    ffiguard::guard::<Nccl>(entry, || f().map(|()| NCCL_SUCCESS))
 }
 
-pub fn out<'a, T>(p: *mut T, what: &str) -> Result<&'a mut T, Error> {
-    // SAFETY: NCCL passes NULL or a valid pointer it owns for the call (net_vN.h contract).
-    unsafe { p.as_mut() }.ok_or_else(|| Error::InvalidArgument(format!("{what} is NULL")))
-}
-
-/// Borrows an object we handed to NCCL as `void*`.
-pub fn obj<'a, T>(p: *mut c_void, what: &str) -> Result<&'a T, Error> {
-    // SAFETY: NCCL passes back pointers that came from Box::into_raw of a T
-    // here and are not freed until the matching close/dereg/test-done.
-    unsafe { p.cast::<T>().as_ref() }
-        .ok_or_else(|| Error::InvalidArgument(format!("{what} is NULL")))
-}
-
-/// Writes a boxed object (or NULL = "not yet") to NCCL's out pointer.
-pub fn put<T>(slot: *mut *mut c_void, v: Option<T>) -> Result<(), Error> {
-    *out(slot, "output pointer")? =
-        v.map_or(std::ptr::null_mut(), |v| Box::into_raw(Box::new(v)).cast());
-    Ok(())
+/// Writes a boxed object (or NULL = "not yet") to NCCL's `void**`.
+///
+/// # Safety
+/// `slot` is NULL or valid for writes (net_vN.h contract).
+pub unsafe fn put_obj<T>(slot: *mut *mut c_void, v: Option<T>) -> Result<(), Error> {
+    // SAFETY: the caller's contract.
+    Ok(unsafe { put(slot.cast::<*mut T>(), v) }?)
 }
 
 /// Frees an object created here; NULL is ignored.
-pub fn free<T>(p: *mut c_void) {
-    if !p.is_null() {
-        // SAFETY: from Box::into_raw of a T here; NCCL does not use it after close.
-        drop(unsafe { Box::from_raw(p.cast::<T>()) });
-    }
-}
-
-pub fn dev_index(dev: c_int) -> Result<usize, Error> {
-    usize::try_from(dev).map_err(|_| Error::InvalidArgument(format!("device {dev} is negative")))
+///
+/// # Safety
+/// `p` is NULL or came from [`put_obj`] with this `T`, and NCCL does not use it again.
+pub unsafe fn free<T>(p: *mut c_void) {
+    // SAFETY: the caller's contract.
+    drop(unsafe { take(p.cast::<T>()) });
 }
 
 pub struct Listen(Mutex<ListenComm>);
@@ -176,7 +176,8 @@ pub fn init(version: &str) -> Result<(), Error> {
 
 pub fn devices(ndev: *mut c_int) -> Result<(), Error> {
     let n = state()?.net.devices().len();
-    *out(ndev, "ndev")? = c_int::try_from(n).unwrap_or(c_int::MAX);
+    // SAFETY: NCCL passes NULL or a writable int (net_vN.h contract).
+    *unsafe { out(ndev, "ndev") }? = c_int::try_from(n).unwrap_or(c_int::MAX);
     Ok(())
 }
 
@@ -192,7 +193,7 @@ pub struct Props {
 
 pub fn props(dev: c_int) -> Result<Props, Error> {
     let s = state()?;
-    let i = dev_index(dev)?;
+    let i = ffiguard::index(dev, "device")?;
     let d = s.net.devices().get(i).ok_or(Error::NoSuchDevice {
         dev: i,
         count: s.net.devices().len(),
@@ -276,35 +277,83 @@ impl Props {
             maxMultiRequestSize: 1,
         }
     }
+
+    /// v12 adds rail and plane ids: this plugin knows neither (it sees
+    /// interfaces, not the fabric's rails), so both are NCCL_NET_ID_UNDEF.
+    pub fn v12(&self) -> ncclNetProperties_v12_t {
+        let p = self.v11();
+        let mut devs = [0; NCCL_NET_MAX_DEVS_PER_NIC_V12];
+        devs[..p.vProps.devs.len()].copy_from_slice(&p.vProps.devs);
+        ncclNetProperties_v12_t {
+            name: p.name,
+            pciPath: p.pciPath,
+            guid: p.guid,
+            ptrSupport: p.ptrSupport,
+            regIsGlobal: p.regIsGlobal,
+            forceFlush: p.forceFlush,
+            speed: p.speed,
+            port: p.port,
+            latency: p.latency,
+            maxComms: p.maxComms,
+            maxRecvs: p.maxRecvs,
+            netDeviceType: p.netDeviceType,
+            netDeviceVersion: p.netDeviceVersion,
+            vProps: ncclNetVDeviceProps_v12 {
+                ndevs: p.vProps.ndevs,
+                devs,
+            },
+            maxP2pBytes: p.maxP2pBytes,
+            maxCollBytes: p.maxCollBytes,
+            maxMultiRequestSize: p.maxMultiRequestSize,
+            railId: NCCL_NET_ID_UNDEF,
+            planeId: NCCL_NET_ID_UNDEF,
+        }
+    }
 }
 
 fn handle_buf<'a>(handle: *mut c_void) -> Result<&'a mut [u8; HANDLE_SIZE], Error> {
     const _: () = assert!(HANDLE_SIZE == NCCL_NET_HANDLE_MAXSIZE);
-    out(handle.cast::<[u8; HANDLE_SIZE]>(), "handle")
+    // SAFETY: NCCL passes NULL or its NCCL_NET_HANDLE_MAXSIZE-byte handle buffer.
+    Ok(unsafe { out(handle.cast::<[u8; HANDLE_SIZE]>(), "handle") }?)
 }
 
+// The entries below take what NCCL passes: NULL or pointers valid for the
+// call, and objects it got from us as `void*` (from Box::into_raw of the
+// named type, alive until the matching close/deregMr/test-done). Each
+// SAFETY below rests on that (net_vN.h).
+
 pub fn listen(dev: c_int, handle: *mut c_void, listen: *mut *mut c_void) -> Result<(), Error> {
-    put::<Listen>(listen, None)?;
+    // SAFETY: NCCL's out pointer (see above).
+    unsafe { put_obj::<Listen>(listen, None) }?;
     let h = handle_buf(handle)?;
-    let (hd, l) = state()?.net.listen(dev_index(dev)?)?;
+    let (hd, l) = state()?.net.listen(ffiguard::index(dev, "device")?)?;
     *h = hd.to_bytes();
-    put(listen, Some(Listen(Mutex::new(l))))
+    // SAFETY: as above.
+    unsafe { put_obj(listen, Some(Listen(Mutex::new(l)))) }
 }
 
 /// Non-blocking: `*send` stays NULL until connected; NCCL calls again with
 /// the same handle buffer, whose stage word keeps our progress.
 pub fn connect(dev: c_int, handle: *mut c_void, send: *mut *mut c_void) -> Result<(), Error> {
-    put::<Send>(send, None)?;
+    // SAFETY: NCCL's out pointer (see above).
+    unsafe { put_obj::<Send>(send, None) }?;
     let h = handle_buf(handle)?;
-    let c = state()?.net.connect_bytes(dev_index(dev)?, h)?;
-    put(send, c.map(Send))
+    let c = state()?
+        .net
+        .connect_bytes(ffiguard::index(dev, "device")?, h)?;
+    // SAFETY: as above.
+    unsafe { put_obj(send, c.map(Send)) }
 }
 
 pub fn accept(listen: *mut c_void, recv: *mut *mut c_void) -> Result<(), Error> {
-    put::<Recv>(recv, None)?;
-    let l = obj::<Listen>(listen, "listen comm")?;
+    // SAFETY: NCCL's out pointer and our Listen (see above).
+    let l = unsafe {
+        put_obj::<Recv>(recv, None)?;
+        obj(listen.cast::<Listen>(), "listen comm")?
+    };
     let c = l.0.lock().unwrap_or_else(|p| p.into_inner()).accept()?;
-    put(recv, c.map(Recv))
+    // SAFETY: as above.
+    unsafe { put_obj(recv, c.map(Recv)) }
 }
 
 pub fn reg_mr(
@@ -313,7 +362,8 @@ pub fn reg_mr(
     ty: c_int,
     mh: *mut *mut c_void,
 ) -> Result<(), Error> {
-    put::<Mr>(mh, None)?;
+    // SAFETY: NCCL's out pointer (see above).
+    unsafe { put_obj::<Mr>(mh, None) }?;
     match ty {
         NCCL_PTR_HOST => {}
         NCCL_PTR_CUDA => {
@@ -326,15 +376,13 @@ pub fn reg_mr(
     // SAFETY: NCCL keeps the buffer valid and registered until deregMr, and
     // frees it only after the requests using it completed (net_vN.h contract).
     let mr = unsafe { state()?.net.reg_mr_raw(data.cast(), size, PtrKind::Host)? };
-    put(mh, Some(Mr(mr)))
+    // SAFETY: as above.
+    unsafe { put_obj(mh, Some(Mr(mr))) }
 }
 
 pub fn dereg_mr(mh: *mut c_void) -> Result<(), Error> {
-    if mh.is_null() {
-        return Err(Error::InvalidArgument("mhandle is NULL".into()));
-    }
-    // SAFETY: from reg_mr's Box::into_raw; NCCL does not use it after deregMr.
-    let mr = unsafe { Box::from_raw(mh.cast::<Mr>()) };
+    // SAFETY: our Mr, which NCCL does not use after deregMr (see above).
+    let mr = unsafe { take(mh.cast::<Mr>()) }.ok_or(ffiguard::ArgError::Null("mhandle"))?;
     match state()?.net.dereg_mr(mr.0) {
         // A request still holds the region (and so the memory stays referenced
         // until it ends); the handle itself is gone either way.
@@ -344,12 +392,7 @@ pub fn dereg_mr(mh: *mut c_void) -> Result<(), Error> {
 }
 
 fn offset_in(mr: &MemoryRegion, data: *const c_void, size: usize) -> Result<usize, Error> {
-    match (data as usize).checked_sub(mr.addr()) {
-        Some(o) if o.checked_add(size).is_some_and(|e| e <= mr.len()) => Ok(o),
-        _ => Err(Error::InvalidArgument(format!(
-            "buffer {data:p}+{size} lies outside its registered region; pass the mhandle from regMr of that buffer"
-        ))),
-    }
+    Ok(ffiguard::offset_in(mr.addr(), mr.len(), data, size)?)
 }
 
 pub fn isend(
@@ -360,11 +403,17 @@ pub fn isend(
     mh: *mut c_void,
     req: *mut *mut c_void,
 ) -> Result<(), Error> {
-    put::<Req>(req, None)?;
-    let c = obj::<Send>(send, "send comm")?;
-    let mr = &obj::<Mr>(mh, "mhandle")?.0;
+    // SAFETY: NCCL's out pointer, our Send and Mr (see above).
+    let (c, mr) = unsafe {
+        put_obj::<Req>(req, None)?;
+        (
+            obj(send.cast::<Send>(), "send comm")?,
+            &obj(mh.cast::<Mr>(), "mhandle")?.0,
+        )
+    };
     let r = c.0.isend(mr, offset_in(mr, data, size)?, size, tag)?;
-    put(req, r.map(Req))
+    // SAFETY: as above.
+    unsafe { put_obj(req, r.map(Req)) }
 }
 
 /// `sizes(i)` gives buffer i's size in whichever C type the version uses.
@@ -377,76 +426,76 @@ pub fn irecv(
     mhs: *mut *mut c_void,
     req: *mut *mut c_void,
 ) -> Result<(), Error> {
+    let n = ffiguard::count(n, 1..=MAX_RECVS, "irecv's buffer count")?;
     // NCCL may preset *req to NCCL_NET_OPTIONAL_RECV_COMPLETION; it is a hint
     // we need not use, and the slot is ours to overwrite.
-    put::<Req>(req, None)?;
-    let c = obj::<Recv>(recv, "recv comm")?;
-    let n = usize::try_from(n)
-        .ok()
-        .filter(|n| (1..=MAX_RECVS).contains(n))
-        .ok_or_else(|| {
-            Error::InvalidArgument(format!("irecv takes 1..={MAX_RECVS} buffers, got {n}"))
-        })?;
-    if data.is_null() || tags.is_null() || mhs.is_null() {
-        return Err(Error::InvalidArgument("irecv: NULL array".into()));
-    }
+    // SAFETY: NCCL's out pointer, our Recv, arrays of n elements (see above).
+    let (c, data, tags, mhs) = unsafe {
+        put_obj::<Req>(req, None)?;
+        (
+            obj(recv.cast::<Recv>(), "recv comm")?,
+            slice(data, n, "data")?,
+            slice(tags, n, "tags")?,
+            slice(mhs, n, "mhandles")?,
+        )
+    };
     let mut bufs = Vec::with_capacity(n);
-    for i in 0..n {
-        // SAFETY: NCCL's arrays hold n elements; i < n.
-        let (d, t, m) = unsafe { (*data.add(i), *tags.add(i), *mhs.add(i)) };
+    for (i, ((d, t), m)) in data.iter().zip(tags).zip(mhs).enumerate() {
         let s = sizes(i)?;
-        let mr = &obj::<Mr>(m, "mhandle")?.0;
+        // SAFETY: our Mr (see above).
+        let mr = &unsafe { obj(m.cast::<Mr>(), "mhandle") }?.0;
         bufs.push(RecvBuf {
             mr,
-            offset: offset_in(mr, d, s)?,
+            offset: offset_in(mr, *d, s)?,
             len: s,
-            tag: t,
+            tag: *t,
         });
     }
     let r = c.0.irecv(&bufs)?;
-    put(req, r.map(Req))
+    // SAFETY: as above.
+    unsafe { put_obj(req, r.map(Req)) }
 }
 
 /// Host memory needs no flush: a request that is done at once.
 pub fn iflush(recv: *mut c_void, req: *mut *mut c_void) -> Result<(), Error> {
-    put::<Req>(req, None)?;
-    let c = obj::<Recv>(recv, "recv comm")?;
-    put(req, c.0.iflush(&[])?.map(Req))
+    // SAFETY: NCCL's out pointer and our Recv (see above).
+    let c = unsafe {
+        put_obj::<Req>(req, None)?;
+        obj(recv.cast::<Recv>(), "recv comm")?
+    };
+    let r = c.0.iflush(&[])?;
+    // SAFETY: as above.
+    unsafe { put_obj(req, r.map(Req)) }
 }
 
 /// Polls; the request is freed when done or failed (NCCL never tests it again).
-pub fn test(req: *mut c_void, done: *mut c_int, sizes: *mut c_int) -> ncclResult_t {
-    let mut finished = false;
-    let rc = guard("test", || {
-        let d = out(done, "done")?;
-        *d = 0;
-        if req.is_null() {
-            return Err(Error::InvalidArgument("request is NULL".into()));
-        }
-        // SAFETY: from isend/irecv/iflush's Box::into_raw; only NCCL's proxy
-        // thread for this comm tests it, so the &mut is exclusive.
-        let r = unsafe { &mut *req.cast::<Req>() };
-        let res = r.0.test();
-        finished = !matches!(res, Ok(None));
-        if let Some(s) = res? {
-            *d = 1;
-            if !sizes.is_null() {
-                for (i, v) in s.iter().enumerate() {
-                    // SAFETY: NCCL's sizes array has room for every buffer it posted.
-                    unsafe { *sizes.add(i) = c_int::try_from(*v).unwrap_or(c_int::MAX) };
-                }
-            }
-        }
-        Ok(())
-    });
-    if finished {
-        free::<Req>(req);
+pub fn test(req: *mut c_void, done: *mut c_int, sizes: *mut c_int) -> Result<(), Error> {
+    // SAFETY: NCCL's out pointer and our Req; only NCCL's proxy thread for
+    // this comm tests it, so the &mut is exclusive (see above).
+    let (d, r) = unsafe { (out(done, "done")?, out(req.cast::<Req>(), "request")?) };
+    *d = 0;
+    let res = r.0.test();
+    if !matches!(res, Ok(None)) {
+        // SAFETY: our Req; NCCL does not test it again (see above).
+        unsafe { free::<Req>(req) };
     }
-    rc
+    let Some(s) = res? else { return Ok(()) };
+    if !sizes.is_null() {
+        // SAFETY: NCCL's sizes array has room for every buffer it posted.
+        let dst = unsafe { slice_mut(sizes, s.len(), "sizes") }?;
+        for (o, v) in dst.iter_mut().zip(s.iter()) {
+            *o = c_int::try_from(*v).unwrap_or(c_int::MAX);
+        }
+    }
+    *d = 1;
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
+    use devmem::cuda::CudaError;
+    use devmem::gpumemd::GpumemdError;
+
     use super::*;
 
     #[test]
@@ -465,6 +514,22 @@ mod tests {
                 },
                 2,
             ),
+            (Error::PeerUnresponsive { after_ms: 1 }, 6),
+            (
+                Error::Devmem(
+                    GpumemdError::Closed {
+                        op: "x",
+                        path: "/run/x".into(),
+                    }
+                    .into(),
+                ),
+                2,
+            ),
+            (
+                Error::Devmem(GpumemdError::InvalidArgument("pci".into()).into()),
+                4,
+            ),
+            (Error::Devmem(CudaError::NoDriver("none".into()).into()), 5),
         ];
         for (e, want) in cases {
             assert_eq!(code(&e), want, "{e}");

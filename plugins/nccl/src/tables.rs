@@ -1,6 +1,6 @@
 //! The exported `ncclNetPlugin_vN` tables and their C entry points. Each
-//! entry converts its version's arguments and calls `plugin`; `guard` turns
-//! errors and panics into `ncclResult_t`.
+//! entry runs inside `guard` (errors and panics become `ncclResult_t`),
+//! converts its version's arguments and calls `plugin`.
 #![allow(non_upper_case_globals)]
 
 use std::ffi::{c_int, c_void};
@@ -9,14 +9,16 @@ use tcpx::Error;
 
 use crate::abi::*;
 use crate::log;
-use crate::plugin::{self, guard, Listen, Recv, Send};
+use crate::plugin::{self, guard, put_obj, Listen, Recv, Send};
 
 type P = *mut c_void;
 type PP = *mut *mut c_void;
 
-fn start(version: &'static str, logger: ncclDebugLogger_t) -> ncclResult_t {
+/// Every version's init: the logger first, so that the plugin's own
+/// failures reach NCCL's log.
+fn start(version: &'static str, logger: ncclDebugLogger_t) -> Result<(), Error> {
     log::set_logger(logger);
-    guard("init", || plugin::init(version))
+    plugin::init(version)
 }
 
 // ------------------------------------------------ entries shared by versions
@@ -51,7 +53,8 @@ extern "C" fn reg_mr_dmabuf(
     mh: PP,
 ) -> ncclResult_t {
     guard("regMrDmaBuf", || {
-        plugin::put::<()>(mh, None)?;
+        // SAFETY: NCCL passes NULL or a writable out pointer (net_vN.h).
+        unsafe { put_obj::<()>(mh, None) }?;
         Err(Error::Unsupported(
             "DMA-BUF registration: ptrSupport lacks NCCL_PTR_DMABUF, so NCCL should not ask".into(),
         ))
@@ -74,26 +77,29 @@ extern "C" fn iflush(
 }
 
 extern "C" fn test(req: P, done: *mut c_int, sizes: *mut c_int) -> ncclResult_t {
-    plugin::test(req, done, sizes)
+    guard("test", || plugin::test(req, done, sizes))
 }
 
 extern "C" fn close_send(c: P) -> ncclResult_t {
     guard("closeSend", || {
-        plugin::free::<Send>(c);
+        // SAFETY: NULL or our Send, not used after closeSend (net_vN.h).
+        unsafe { plugin::free::<Send>(c) };
         Ok(())
     })
 }
 
 extern "C" fn close_recv(c: P) -> ncclResult_t {
     guard("closeRecv", || {
-        plugin::free::<Recv>(c);
+        // SAFETY: NULL or our Recv, not used after closeRecv (net_vN.h).
+        unsafe { plugin::free::<Recv>(c) };
         Ok(())
     })
 }
 
 extern "C" fn close_listen(c: P) -> ncclResult_t {
     guard("closeListen", || {
-        plugin::free::<Listen>(c);
+        // SAFETY: NULL or our Listen, not used after closeListen (net_vN.h).
+        unsafe { plugin::free::<Listen>(c) };
         Ok(())
     })
 }
@@ -114,29 +120,24 @@ extern "C" fn irecv_v9(
 ) -> ncclResult_t {
     guard("irecv", || {
         let size = |i: usize| {
-            if sizes.is_null() {
-                return Err(null("sizes"));
-            }
             // SAFETY: NCCL's sizes array holds n elements and plugin::irecv asks only i < n.
-            Ok(unsafe { *sizes.add(i) })
+            Ok(unsafe { ffiguard::slice(sizes, i + 1, "sizes") }?[i])
         };
         plugin::irecv(recv, n, data, size, tags, mhs, req)
     })
 }
 
-fn null(what: &str) -> Error {
-    Error::InvalidArgument(format!("{what} is NULL"))
-}
-
 // ------------------------------------------------------------------ v8
 
 extern "C" fn init_v8(logger: ncclDebugLogger_t) -> ncclResult_t {
-    start("ncclNet v8", logger)
+    guard("init", || start("ncclNet v8", logger))
 }
 
 extern "C" fn get_properties_v8(dev: c_int, p: *mut ncclNetProperties_v8_t) -> ncclResult_t {
     guard("getProperties", || {
-        *plugin::out(p, "props")? = plugin::props(dev)?.v8();
+        let props = plugin::props(dev)?.v8();
+        // SAFETY: NCCL passes NULL or a writable properties struct (net_vN.h).
+        *unsafe { ffiguard::out(p, "props") }? = props;
         Ok(())
     })
 }
@@ -161,11 +162,8 @@ extern "C" fn irecv_v8(
 ) -> ncclResult_t {
     guard("irecv", || {
         let size = |i: usize| {
-            if sizes.is_null() {
-                return Err(null("sizes"));
-            }
             // SAFETY: NCCL's sizes array holds n elements and plugin::irecv asks only i < n.
-            let s = unsafe { *sizes.add(i) };
+            let s = unsafe { ffiguard::slice(sizes, i + 1, "sizes") }?[i];
             usize::try_from(s).map_err(|_| Error::InvalidArgument(format!("negative size {s}")))
         };
         plugin::irecv(recv, n, data, size, tags, mhs, req)
@@ -199,12 +197,14 @@ pub static ncclNetPlugin_v8: ncclNet_v8_t = ncclNet_v8_t {
 // ------------------------------------------------------------------ v9
 
 extern "C" fn init_v9(logger: ncclDebugLogger_t) -> ncclResult_t {
-    start("ncclNet v9", logger)
+    guard("init", || start("ncclNet v9", logger))
 }
 
 extern "C" fn get_properties_v9(dev: c_int, p: *mut ncclNetProperties_v9_t) -> ncclResult_t {
     guard("getProperties", || {
-        *plugin::out(p, "props")? = plugin::props(dev)?.v9();
+        let props = plugin::props(dev)?.v9();
+        // SAFETY: NCCL passes NULL or a writable properties struct (net_vN.h).
+        *unsafe { ffiguard::out(p, "props") }? = props;
         Ok(())
     })
 }
@@ -238,7 +238,7 @@ pub static ncclNetPlugin_v9: ncclNet_v9_t = ncclNet_v9_t {
 // ------------------------------------------------------------------ v10
 
 extern "C" fn init_v10(logger: ncclDebugLogger_t, _prof: ncclProfilerCallback_t) -> ncclResult_t {
-    start("ncclNet v10", logger)
+    guard("init", || start("ncclNet v10", logger))
 }
 
 extern "C" fn connect_v10(
@@ -317,33 +317,43 @@ extern "C" fn init_v11(
     logger: ncclDebugLogger_t,
     _prof: ncclProfilerCallback_t,
 ) -> ncclResult_t {
-    let rc = start("ncclNet v11", logger);
-    if rc != NCCL_SUCCESS {
-        return rc;
-    }
+    init_ctx("ncclNet v11", ctx, comm_id, cfg, logger)
+}
+
+/// v11+ init: starts the plugin and makes the per-communicator context.
+fn init_ctx(
+    table: &'static str,
+    ctx: PP,
+    comm_id: u64,
+    cfg: *mut ncclNetCommConfig,
+    logger: ncclDebugLogger_t,
+) -> ncclResult_t {
     guard("init", || {
+        start(table, logger)?;
         // SAFETY: NCCL passes NULL or a config valid for this call.
         let tc = unsafe { cfg.as_ref() }.map_or(-1, |c| c.trafficClass);
-        plugin::put(
-            ctx,
-            Some(Ctx {
-                _comm_id: comm_id,
-                _traffic_class: tc,
-            }),
-        )
+        let ctx_obj = Ctx {
+            _comm_id: comm_id,
+            _traffic_class: tc,
+        };
+        // SAFETY: NCCL passes NULL or a writable out pointer (net_v11.h, net_v12.h).
+        unsafe { put_obj(ctx, Some(ctx_obj)) }
     })
 }
 
 extern "C" fn finalize_v11(ctx: P) -> ncclResult_t {
     guard("finalize", || {
-        plugin::free::<Ctx>(ctx);
+        // SAFETY: NULL or the Ctx of init_v11, not used after finalize (net_v11.h).
+        unsafe { plugin::free::<Ctx>(ctx) };
         Ok(())
     })
 }
 
 extern "C" fn get_properties_v11(dev: c_int, p: *mut ncclNetProperties_v11_t) -> ncclResult_t {
     guard("getProperties", || {
-        *plugin::out(p, "props")? = plugin::props(dev)?.v11();
+        let props = plugin::props(dev)?.v11();
+        // SAFETY: NCCL passes NULL or a writable properties struct (net_vN.h).
+        *unsafe { ffiguard::out(p, "props") }? = props;
         Ok(())
     })
 }
@@ -356,7 +366,7 @@ extern "C" fn connect_v11(_ctx: P, dev: c_int, handle: P, send: PP, dc: PP) -> n
     connect(dev, handle, send, dc)
 }
 
-/// The newest table NCCL 2.28 and 2.29 know (2.30 tries `_v12` first, then this).
+/// The newest table NCCL 2.28 and 2.29 know (2.30 and later try `_v12` first).
 #[no_mangle]
 pub static ncclNetPlugin_v11: ncclNet_v11_t = ncclNet_v11_t {
     name: plugin::NAME.as_ptr(),
@@ -384,3 +394,83 @@ pub static ncclNetPlugin_v11: ncclNet_v11_t = ncclNet_v11_t {
     // NULL: NCCL checks before calling (src/transport/net.cc setNetAttrs).
     setNetAttr: None,
 };
+
+// ------------------------------------------------------------------ v12
+
+extern "C" fn init_v12(
+    ctx: PP,
+    comm_id: u64,
+    cfg: *mut ncclNetCommConfig,
+    logger: ncclDebugLogger_t,
+    _prof: ncclProfilerCallback_t,
+) -> ncclResult_t {
+    init_ctx("ncclNet v12", ctx, comm_id, cfg, logger)
+}
+
+extern "C" fn get_properties_v12(dev: c_int, p: *mut ncclNetProperties_v12_t) -> ncclResult_t {
+    guard("getProperties", || {
+        let props = plugin::props(dev)?.v12();
+        // SAFETY: NCCL passes NULL or a writable properties struct (net_vN.h).
+        *unsafe { ffiguard::out(p, "props") }? = props;
+        Ok(())
+    })
+}
+
+/// The newest table (NCCL 2.30 and later; still the newest in 2.32).
+#[no_mangle]
+pub static ncclNetPlugin_v12: ncclNet_v12_t = ncclNet_v12_t {
+    name: plugin::NAME.as_ptr(),
+    init: Some(init_v12),
+    devices: Some(devices),
+    getProperties: Some(get_properties_v12),
+    listen: Some(listen_v11),
+    connect: Some(connect_v11),
+    accept: Some(accept),
+    regMr: Some(reg_mr),
+    regMrDmaBuf: Some(reg_mr_dmabuf),
+    deregMr: Some(dereg_mr),
+    isend: Some(isend_v10),
+    irecv: Some(irecv_v10),
+    iflush: Some(iflush),
+    test: Some(test),
+    closeSend: Some(close_send),
+    closeRecv: Some(close_recv),
+    closeListen: Some(close_listen),
+    getDeviceMr: None,
+    irecvConsumed: None,
+    makeVDevice: None,
+    finalize: Some(finalize_v11),
+    setNetAttr: None,
+};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_inside_an_entry_is_an_internal_error() {
+        let mut n = 0;
+        ffiguard::panic_in_next_guard();
+        assert_eq!(devices(&mut n), NCCL_INTERNAL_ERROR);
+        // The next call is an ordinary one (the plugin is not initialized here).
+        assert_eq!(devices(&mut n), NCCL_INVALID_USAGE);
+    }
+
+    #[test]
+    fn a_panic_during_init_is_an_internal_error() {
+        // The logger is set inside the guard too: a panic there is caught.
+        ffiguard::panic_in_next_guard();
+        assert_eq!(init_v8(None), NCCL_INTERNAL_ERROR);
+        ffiguard::panic_in_next_guard();
+        let mut ctx = std::ptr::null_mut();
+        let rc = init_v11(
+            &mut ctx,
+            1,
+            std::ptr::null_mut(),
+            None,
+            std::ptr::null_mut(),
+        );
+        assert_eq!(rc, NCCL_INTERNAL_ERROR);
+        assert!(ctx.is_null());
+    }
+}

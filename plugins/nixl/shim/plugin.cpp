@@ -1,6 +1,7 @@
 // NIXL backend "TCPX": a thin C++ face over the Rust engine (tcpx_nixl.h).
 // No logic lives here: each virtual translates NIXL's C++ types to the C API
-// and back. No exception leaves this file (NIXL's callers do not expect any).
+// and back. No exception leaves this file (NIXL's callers do not expect any),
+// and none reaches the Rust frames that call the sinks below.
 #include "nixl_abi.h"
 #include "tcpx_nixl.h"
 
@@ -23,23 +24,39 @@ nixl_status_t status(const char *what, int rc) {
 }
 
 // What tnx_supported_mems reports (CUDA is probed once, in Rust).
-nixl_mem_list_t supportedMems() {
-    uint32_t kinds[8];
-    const size_t n = tnx_supported_mems(kinds, 8);
-    nixl_mem_list_t out;
-    for (size_t i = 0; i < n && i < 8; ++i) out.push_back(static_cast<nixl_mem_t>(kinds[i]));
-    return out;
+nixl_mem_list_t supportedMems() noexcept {
+    try {
+        uint32_t kinds[8];
+        const size_t n = tnx_supported_mems(kinds, 8);
+        nixl_mem_list_t out;
+        for (size_t i = 0; i < n && i < 8; ++i) out.push_back(static_cast<nixl_mem_t>(kinds[i]));
+        return out;
+    } catch (...) {
+        return {};
+    }
 }
 
-extern "C" void appendTo(void *ctx, const uint8_t *data, size_t len) {
-    static_cast<std::string *>(ctx)->append(reinterpret_cast<const char *>(data), len);
+// Sinks called from Rust: an exception must not unwind through its frames,
+// so every one is caught and reported as a non-zero return.
+extern "C" int appendTo(void *ctx, const uint8_t *data, size_t len) noexcept {
+    try {
+        static_cast<std::string *>(ctx)->append(reinterpret_cast<const char *>(data), len);
+        return 0;
+    } catch (...) {
+        return 1;
+    }
 }
 
-extern "C" void appendNotif(void *ctx, const uint8_t *agent, size_t alen, const uint8_t *msg,
-                            size_t mlen) {
-    static_cast<notif_list_t *>(ctx)->emplace_back(
-        std::string(reinterpret_cast<const char *>(agent), alen),
-        std::string(reinterpret_cast<const char *>(msg), mlen));
+extern "C" int appendNotif(void *ctx, const uint8_t *agent, size_t alen, const uint8_t *msg,
+                           size_t mlen) noexcept {
+    try {
+        static_cast<notif_list_t *>(ctx)->emplace_back(
+            std::string(reinterpret_cast<const char *>(agent), alen),
+            std::string(reinterpret_cast<const char *>(msg), mlen));
+        return 0;
+    } catch (...) {
+        return 1;
+    }
 }
 
 // A registration (local) or a loaded remote descriptor, by Rust-side id.
@@ -225,12 +242,16 @@ void destroyEngine(nixlBackendEngine *e) { delete e; }
 const char *pluginName() { return kName; }
 const char *pluginVersion() { return kVersion; }
 
-nixl_b_params_t backendOptions() {
-    nixl_b_params_t out;
-    const char *k = nullptr;
-    const char *d = nullptr;
-    for (size_t i = 0; tnx_option(i, &k, &d); ++i) out.emplace(k, d);
-    return out;
+nixl_b_params_t backendOptions() noexcept {
+    try {
+        nixl_b_params_t out;
+        const char *k = nullptr;
+        const char *d = nullptr;
+        for (size_t i = 0; tnx_option(i, &k, &d); ++i) out.emplace(k, d);
+        return out;
+    } catch (...) {
+        return {};
+    }
 }
 
 nixl_mem_list_t backendMems() { return supportedMems(); }

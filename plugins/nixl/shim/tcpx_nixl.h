@@ -23,9 +23,11 @@ typedef struct tnx_desc {
     uint64_t remote_md;  // id from tnx_load_remote_md
 } tnx_desc;
 
-typedef void (*tnx_sink_fn)(void *ctx, const uint8_t *data, size_t len);
-typedef void (*tnx_notif_fn)(void *ctx, const uint8_t *agent, size_t agent_len,
-                             const uint8_t *msg, size_t msg_len);
+// Sinks return 0 when they took the bytes, non-zero when they could not
+// (out of memory); they must not throw.
+typedef int (*tnx_sink_fn)(void *ctx, const uint8_t *data, size_t len);
+typedef int (*tnx_notif_fn)(void *ctx, const uint8_t *agent, size_t agent_len,
+                            const uint8_t *msg, size_t msg_len);
 
 const char *tnx_last_error(void);
 // keys/vals: n option pairs. progress_thread != 0: one thread polls the
@@ -56,6 +58,8 @@ int tnx_xfer_post(const tnx_engine *e, int op, const char *agent, const tnx_desc
                   const uint8_t *notif, size_t notif_len, int has_notif, tnx_xfer **out);
 int tnx_xfer_check(const tnx_xfer *x);
 void tnx_xfer_free(tnx_xfer *x);
+// Hands each queued notification to sink once; one the sink refuses stays
+// queued (with those after it) and the call fails.
 int tnx_get_notifs(const tnx_engine *e, tnx_notif_fn sink, void *ctx);
 int tnx_gen_notif(const tnx_engine *e, const char *agent, const uint8_t *msg, size_t len);
 // Option i's key and default; returns 0 past the last option.

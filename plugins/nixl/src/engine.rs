@@ -3,106 +3,23 @@
 //! Threads: one accept thread per engine; per link (a pair of comms with one
 //! peer) a flusher for sends that found no free slot and a receiver thread
 //! for a passive engine. Transfers are posted, and their answers read, by the
-//! polling caller's own thread where it can (see link.rs).
+//! polling caller's own thread where it can (see inbox.rs).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::JoinHandle;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
-use tcpx::{Config, Handle, Net, NicSpec, HANDLE_SIZE};
+use tcpx::{Handle, Net, HANDLE_SIZE};
 
 use crate::error::{status, Error, Result};
-use crate::link::{self, Item, Link};
+use crate::handshake;
+use crate::inbox;
+use crate::options::{Options, Progress};
+use crate::outbox::{payloads, Item};
+use crate::pack::{self, Piece};
 use crate::proto::{Desc, Msg, MAX_DESCS, MAX_NOTIF};
-use crate::registry::{self, LocalRegion, Mem, Registry, RemoteRegion};
-
-/// Backend options (`create_backend("TCPX", {...})`) with their defaults.
-pub const OPTIONS: &[(&str, &str)] = &[
-    ("nics", ""),
-    ("sockets_per_nic", ""),
-    ("chunk_size", ""),
-    ("timeout_ms", "10000"),
-];
-
-/// How the engine serves what peers send while no caller polls.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Progress {
-    /// A thread per peer sleeps on its sockets and wakes when a message
-    /// arrives (no CPU while idle; one wake-up per message).
-    #[default]
-    OnEvents,
-    /// One progress thread polls every peer, pausing `delay` between rounds
-    /// (zero: it only yields the CPU). NIXL's agent asks for this with its
-    /// progress thread on (`enable_prog_thread`, `pthrDelay`), as UCX then
-    /// does: lower latency, at the price of a busy core.
-    Polling { delay: Duration },
-}
-
-/// Parsed backend options.
-#[derive(Debug, Clone)]
-pub struct Options {
-    pub cfg: Config,
-    /// Deadline for connecting to a peer, and how long a silent link may stall.
-    pub timeout: Duration,
-    /// Set by the host (NIXL's agent configuration), not by backend options.
-    pub progress: Progress,
-}
-
-impl Options {
-    /// Parses options; unknown keys are refused so that typos do not pass silently.
-    /// Unset transport settings come from the environment (`Config::from_env`).
-    pub fn parse<'a>(kv: impl IntoIterator<Item = (&'a str, &'a str)>) -> Result<Self> {
-        let mut cfg = Config::from_env()?;
-        let mut timeout = Duration::from_millis(10_000);
-        for (k, v) in kv {
-            let bad = |why: String| Error::BadOption {
-                key: k.into(),
-                value: v.into(),
-                why,
-            };
-            let num = || v.trim().parse::<u64>().map_err(|e| bad(e.to_string()));
-            match k {
-                _ if v.is_empty() && OPTIONS.iter().any(|(o, _)| *o == k) => {}
-                "nics" => {
-                    cfg.data_nics = NicSpec::parse_list(v).map_err(|e| bad(e.to_string()))?;
-                    cfg.note_override(
-                        &["NCCL_GPUDIRECTTCPX_SOCKET_IFNAME"],
-                        "the backend option nics",
-                    );
-                }
-                "sockets_per_nic" => {
-                    cfg.sockets_per_nic = num()? as usize;
-                    cfg.note_override(
-                        &["NCCL_NSOCKS_PERTHREAD", "NCCL_SOCKET_NTHREADS"],
-                        "the backend option sockets_per_nic",
-                    );
-                }
-                "chunk_size" => {
-                    cfg.chunk_size = tcpx::config::parse_size(v).map_err(|e| bad(e.to_string()))?
-                }
-                "timeout_ms" => timeout = Duration::from_millis(num()?.max(1)),
-                _ => {
-                    return Err(Error::UnknownOption {
-                        key: k.into(),
-                        known: OPTIONS
-                            .iter()
-                            .map(|(o, _)| *o)
-                            .collect::<Vec<_>>()
-                            .join(", "),
-                    })
-                }
-            }
-        }
-        cfg.validate()?;
-        Ok(Options {
-            cfg,
-            timeout,
-            progress: Progress::default(),
-        })
-    }
-}
+use crate::registry::{self, Mem, Registry, RemoteRegion};
+use crate::state::{lock, Inner, Pending, XferState};
 
 /// Connection info: "TXCI", version u16, then the 128-byte listen handle.
 const CONN_MAGIC: &[u8; 4] = b"TXCI";
@@ -125,116 +42,6 @@ pub struct XferDesc {
     pub local_md: u64,
     /// Remote descriptor id (from `load_remote_md`).
     pub remote_md: u64,
-}
-
-/// Progress of one posted transfer; shared with the link threads.
-pub struct XferState {
-    /// Polled for the answers.
-    link: Arc<Link>,
-    batches: AtomicUsize,
-    failed: Mutex<Option<Error>>,
-    /// READ with a notification: sent to the target after the last batch lands.
-    notif_after: Mutex<Option<(Arc<Link>, Vec<u8>)>>,
-}
-
-impl XferState {
-    pub fn fail(&self, e: Error) {
-        let mut f = lock(&self.failed);
-        if f.is_none() {
-            *f = Some(e);
-        }
-    }
-
-    /// Marks one batch done; the last one sends a pending READ notification.
-    pub fn batch_done(&self) {
-        if self.batches.fetch_sub(1, Ordering::AcqRel) == 1 {
-            if let Some((link, msg)) = lock(&self.notif_after).take() {
-                if let Err(e) = link.send(vec![Item::Msg(Msg::Notif { msg }.encode())]) {
-                    self.fail(e);
-                }
-            }
-        }
-    }
-
-    /// `Ok(true)` once every batch completed. Reads what the peer sent
-    /// meanwhile, so a polling caller sees its answer without a thread hand-off.
-    pub fn check(&self) -> Result<bool> {
-        if self.batches.load(Ordering::Acquire) != 0 {
-            self.link.help();
-        }
-        if let Some(e) = lock(&self.failed).clone() {
-            return Err(e);
-        }
-        let done = self.batches.load(Ordering::Acquire) == 0;
-        if !done {
-            // A polling caller must not starve the threads that move its data.
-            std::thread::yield_now();
-        }
-        Ok(done)
-    }
-}
-
-/// A batch the initiator waits on, keyed by request id.
-pub struct Pending {
-    pub peer: String,
-    pub xfer: Arc<XferState>,
-    /// READ: where the response payloads land, in order.
-    pub sinks: Vec<(Arc<LocalRegion>, usize, usize)>,
-}
-
-/// A link we opened and the channel its connect waits on.
-pub(crate) type OpenPair = (Arc<Link>, crossbeam_channel::Sender<Arc<Link>>);
-
-pub(crate) struct Inner {
-    pub net: Net,
-    pub agent: String,
-    pub opts: Options,
-    pub handle: [u8; HANDLE_SIZE],
-    pub reg: Mutex<Registry>,
-    pub peer_info: Mutex<HashMap<String, [u8; HANDLE_SIZE]>>,
-    pub links: Mutex<HashMap<String, Arc<Link>>>,
-    /// Serializes connection setup so concurrent posts open one link.
-    pub connecting: Mutex<()>,
-    /// Links we opened, waiting for the peer's HelloBack.
-    pub pairs: Mutex<HashMap<u64, OpenPair>>,
-    pub pending: Mutex<HashMap<u64, Pending>>,
-    /// Peers' comms served by the polling progress thread (`Progress::Polling`).
-    pub polled: Mutex<Vec<Arc<link::Inbox>>>,
-    pub notifs: Mutex<Vec<(String, Vec<u8>)>>,
-    pub stop: AtomicBool,
-    pub next_id: AtomicU64,
-    pub threads: Mutex<Vec<JoinHandle<()>>>,
-}
-
-impl Inner {
-    pub fn id(&self) -> u64 {
-        self.next_id.fetch_add(1, Ordering::Relaxed)
-    }
-
-    /// Fails every batch waiting on `peer` (its link broke).
-    pub fn fail_peer(&self, peer: &str, e: &Error) {
-        let mut p = lock(&self.pending);
-        p.retain(|_, b| {
-            if b.peer == peer {
-                b.xfer.fail(e.clone());
-                false
-            } else {
-                true
-            }
-        });
-    }
-
-    pub fn spawn(&self, name: String, f: impl FnOnce() + Send + 'static) {
-        match std::thread::Builder::new().name(name).spawn(f) {
-            Ok(h) => lock(&self.threads).push(h),
-            Err(e) => tracing::error!("tcpx-nixl: cannot start a thread: {e}"),
-        }
-    }
-}
-
-pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panicked holder left consistent data (no invariants span a panic here).
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The TCPX NIXL engine of one agent.
@@ -264,14 +71,15 @@ impl Engine {
             stop: AtomicBool::new(false),
             next_id: AtomicU64::new(1),
             threads: Mutex::new(Vec::new()),
+            packs: Default::default(),
         });
         let i = inner.clone();
         inner.spawn("tcpx-nixl-accept".into(), move || {
-            link::accept_loop(i, listener)
+            handshake::accept_loop(i, listener)
         });
         if let Progress::Polling { delay } = inner.opts.progress {
             let i = inner.clone();
-            inner.spawn("tcpx-nixl-poll".into(), move || link::poll_loop(i, delay));
+            inner.spawn("tcpx-nixl-poll".into(), move || inbox::poll_loop(i, delay));
         }
         Ok(Engine { inner })
     }
@@ -351,7 +159,7 @@ impl Engine {
 
     /// Opens the link to `agent` unless one is up.
     pub fn connect(&self, agent: &str) -> Result<()> {
-        link::ensure(&self.inner, agent).map(drop)
+        handshake::ensure(&self.inner, agent).map(drop)
     }
 
     /// Closes the link to `agent`; its in-flight transfers fail.
@@ -382,8 +190,10 @@ impl Engine {
                 "notification longer than {MAX_NOTIF} bytes"
             )));
         }
+        let descs = coalesce(descs);
+        let descs = &descs[..];
         // Resolve and check everything before anything is sent.
-        let mut local = Vec::with_capacity(descs.len());
+        let mut local: Vec<Piece> = Vec::with_capacity(descs.len());
         // The target checks every range against its registrations of this kind.
         let mut remote_kind = None;
         {
@@ -412,17 +222,12 @@ impl Engine {
             }
         }
         let mem = remote_kind.unwrap_or(Mem::Dram).nixl();
-        let link = link::ensure(&self.inner, agent)?;
+        let link = handshake::ensure(&self.inner, agent)?;
         let chunks: Vec<_> = descs
             .chunks(MAX_DESCS)
             .zip(local.chunks(MAX_DESCS))
             .collect();
-        let xfer = Arc::new(XferState {
-            link: link.clone(),
-            batches: AtomicUsize::new(chunks.len().max(1)),
-            failed: Mutex::new(None),
-            notif_after: Mutex::new(None),
-        });
+        let xfer = Arc::new(XferState::new(link.clone(), chunks.len()));
         if chunks.is_empty() {
             // Nothing to move; a notification still travels.
             if let Some(n) = notif {
@@ -433,7 +238,7 @@ impl Engine {
         }
         if op == Op::Read {
             if let Some(n) = notif {
-                *lock(&xfer.notif_after) = Some((link.clone(), n.to_vec()));
+                xfer.notify_after(link.clone(), n.to_vec());
             }
         }
         let last = chunks.len() - 1;
@@ -446,6 +251,10 @@ impl Engine {
                     len: d.len,
                 })
                 .collect();
+            let lens: Vec<u64> = ds.iter().map(|d| d.len).collect();
+            let kinds: Vec<Mem> = ls.iter().map(|(r, _, _)| r.kind).collect();
+            let remote = remote_kind.unwrap_or(Mem::Dram);
+            let layout = pack::plan(&lens, &kinds, remote, self.inner.opts.pack_dram);
             let sinks = if op == Op::Read {
                 ls.to_vec()
             } else {
@@ -458,6 +267,7 @@ impl Engine {
                     peer: agent.to_string(),
                     xfer: xfer.clone(),
                     sinks,
+                    layout: layout.clone(),
                 },
             );
             let items = match op {
@@ -466,6 +276,7 @@ impl Engine {
                         id,
                         mem,
                         descs: wire,
+                        layout: layout.clone(),
                         notif: if i == last {
                             notif.map(|n| n.to_vec())
                         } else {
@@ -473,10 +284,7 @@ impl Engine {
                         },
                     };
                     let mut items = vec![Item::Msg(hdr.encode())];
-                    items.extend(
-                        ls.iter()
-                            .map(|(r, off, len)| Item::Data(r.clone(), *off, *len)),
-                    );
+                    items.extend(payloads(ls.to_vec(), &layout));
                     items
                 }
                 Op::Read => vec![Item::Msg(
@@ -484,6 +292,7 @@ impl Engine {
                         id,
                         mem,
                         descs: wire,
+                        layout,
                     }
                     .encode(),
                 )],
@@ -504,7 +313,7 @@ impl Engine {
                 "notification longer than {MAX_NOTIF} bytes"
             )));
         }
-        let link = link::ensure(&self.inner, agent)?;
+        let link = handshake::ensure(&self.inner, agent)?;
         link.send(vec![Item::Msg(Msg::Notif { msg: msg.to_vec() }.encode())])
     }
 
@@ -521,6 +330,14 @@ impl Engine {
             std::thread::yield_now();
         }
         got
+    }
+
+    /// Puts taken notifications the caller could not keep back in front of
+    /// the queue, in order.
+    pub fn requeue_notifs(&self, mut notifs: Vec<(String, Vec<u8>)>) {
+        let mut q = lock(&self.inner.notifs);
+        notifs.append(&mut q);
+        *q = notifs;
     }
 }
 
@@ -540,6 +357,30 @@ impl Drop for Engine {
             let _ = t.join();
         }
     }
+}
+
+/// Merges neighbours that are adjacent on both sides (same registrations):
+/// one descriptor instead of several, moved alike.
+fn coalesce(descs: &[XferDesc]) -> Vec<XferDesc> {
+    let mut out: Vec<XferDesc> = Vec::with_capacity(descs.len());
+    for d in descs {
+        if let Some(p) = out.last_mut() {
+            let next_to = |a: u64, b: u64| a.checked_add(p.len) == Some(b);
+            let merged = p.len.checked_add(d.len);
+            if p.local_md == d.local_md
+                && p.remote_md == d.remote_md
+                && next_to(p.local_addr, d.local_addr)
+                && next_to(p.remote_addr, d.remote_addr)
+            {
+                if let Some(len) = merged {
+                    p.len = len;
+                    continue;
+                }
+            }
+        }
+        out.push(*d);
+    }
+    out
 }
 
 /// Status of a transfer as a `nixl_status_t`.

@@ -1,4 +1,5 @@
 //! The crate's one error type and its NIXL status codes.
+#![forbid(unsafe_code)]
 
 /// `nixl_status_t` values (nixl_types.h of NIXL 1.5.1); the C API returns these.
 pub mod status {
@@ -45,6 +46,16 @@ pub enum Error {
     Timeout { what: String, after_ms: u64 },
     #[error("the engine is shutting down")]
     ShuttingDown,
+    #[error("the caller's buffer could not take the data (out of memory)")]
+    SinkFailed,
+    #[error("CUDA gather or scatter of packed descriptors failed: {0}; check that the GPU is healthy (nvidia-smi) and that the registered VRAM is still allocated")]
+    Cuda(String),
+}
+
+impl From<ffiguard::ArgError> for Error {
+    fn from(e: ffiguard::ArgError) -> Self {
+        Error::InvalidArgument(e.to_string())
+    }
 }
 
 impl Error {
@@ -59,7 +70,11 @@ impl Error {
             Error::UnknownPeer(_) | Error::NotFound(_) => ERR_NOT_FOUND,
             Error::Refused { .. } => ERR_NOT_ALLOWED,
             Error::PeerLost { .. } | Error::Timeout { .. } => ERR_REMOTE_DISCONNECT,
-            Error::Transport(_) | Error::Protocol(_) | Error::ShuttingDown => ERR_BACKEND,
+            Error::Transport(_)
+            | Error::Protocol(_)
+            | Error::ShuttingDown
+            | Error::SinkFailed
+            | Error::Cuda(_) => ERR_BACKEND,
         }
     }
 }

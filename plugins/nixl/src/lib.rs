@@ -31,11 +31,18 @@
 mod engine;
 mod error;
 pub mod ffi;
-mod link;
+mod handshake;
+mod inbox;
 mod log;
+mod options;
+mod outbox;
+mod pack;
 pub mod proto;
 mod registry;
+mod state;
 
-pub use engine::{Engine, Op, Options, Progress, XferDesc, XferState, OPTIONS};
+pub use engine::{Engine, Op, XferDesc};
 pub use error::{status, Error, Result};
+pub use options::{Options, Progress, OPTIONS};
 pub use registry::Mem;
+pub use state::XferState;

@@ -1,6 +1,7 @@
 //! Dropped engines give back every socket and eventfd, in both progress
 //! modes (a link and its peer's comm refer to each other; that must not
 //! keep them alive). Alone in its binary: other tests' fds would blur the count.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on failure
 
 use std::time::{Duration, Instant};
 

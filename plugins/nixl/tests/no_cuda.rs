@@ -1,6 +1,7 @@
 //! The memory kinds a process without CUDA reports, on every machine: this
 //! binary turns CUDA off (`TCPX_CUDA_DISABLE`) before anything probes it,
 //! so it holds on GPU machines too. One test: the probe is process-wide.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on failure
 
 use plugin_TCPX::{ffi, status, Engine, Error, Mem, Options};
 
