@@ -16,6 +16,9 @@ const SETUP: Duration = Duration::from_secs(5);
 struct Server {
     child: Child,
     lines: Receiver<String>,
+    /// Lines read while looking for another client's (clients are served
+    /// in parallel: their lines come in any order).
+    skipped: Vec<String>,
 }
 
 impl Server {
@@ -37,7 +40,11 @@ impl Server {
                 }
             }
         });
-        let mut s = Server { child, lines };
+        let mut s = Server {
+            child,
+            lines,
+            skipped: Vec::new(),
+        };
         let first = s.line(Duration::from_secs(20));
         let addr = first
             .strip_prefix("tcpx-bench server: waiting on ")
@@ -55,12 +62,17 @@ impl Server {
 
     /// The server's line about the client at `peer`.
     fn about(&mut self, peer: SocketAddr, within: Duration) -> String {
+        let mine = format!("client {peer}:");
+        if let Some(i) = self.skipped.iter().position(|l| l.starts_with(&mine)) {
+            return self.skipped.remove(i);
+        }
         let t0 = Instant::now();
         loop {
             let l = self.line(within.saturating_sub(t0.elapsed()));
-            if l.starts_with(&format!("client {peer}:")) {
+            if l.starts_with(&mine) {
                 return l;
             }
+            self.skipped.push(l);
         }
     }
 }
