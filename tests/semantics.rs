@@ -279,3 +279,48 @@ fn a_peer_that_closes_is_told_apart_from_one_that_died() {
     drop(send);
     assert_eq!(r.wait(T).unwrap_err(), Error::PeerClosed);
 }
+
+/// No data socket of either end counts as failed or stalled: its socket
+/// counters after the ends had time to judge (`PEER_END_GRACE`).
+fn no_socket_failed(stats: impl Fn() -> Vec<tcpx::SocketStats>, who: &str) {
+    std::thread::sleep(Duration::from_millis(500));
+    for s in stats() {
+        let c = &s.counts;
+        assert_eq!((c.failures, c.stalls), (0, 0), "{who} socket {}", s.index);
+    }
+}
+
+#[test]
+fn a_peer_that_closes_mid_transfer_fails_none_of_its_sockets() {
+    let net = Net::init(three_nics()).unwrap();
+    let n = 64 << 20;
+    let src = net.reg_mr(HostMemory::zeroed(n).unwrap());
+    let dst = net.reg_mr(HostMemory::zeroed(n).unwrap());
+    let buf = || {
+        [RecvBuf {
+            mr: &dst,
+            offset: 0,
+            len: n,
+            tag: 0,
+        }]
+    };
+    // The receiver closes while chunks are on every socket: the sender's
+    // data sockets are reset, and the Bye explains it.
+    let (send, recv) = pair(&net, &net);
+    let mut r = recv.irecv(&buf()).unwrap().unwrap();
+    let mut s = send.isend(&src, 0, n, 0).unwrap().unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    drop(recv);
+    assert_eq!(r.wait(T).unwrap_err(), Error::Closed);
+    assert_eq!(s.wait(T).unwrap_err(), Error::PeerClosed);
+    no_socket_failed(|| send.socket_stats(), "sender");
+    // The sender closes: the receiver's data sockets end after its Bye.
+    let (send, recv) = pair(&net, &net);
+    let mut r = recv.irecv(&buf()).unwrap().unwrap();
+    let mut s = send.isend(&src, 0, n, 0).unwrap().unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    drop(send);
+    assert_eq!(s.wait(T).unwrap_err(), Error::Closed);
+    assert_eq!(r.wait(T).unwrap_err(), Error::PeerClosed);
+    no_socket_failed(|| recv.socket_stats(), "receiver");
+}
