@@ -3,6 +3,7 @@
 #  - throughput at 64 MiB messages vs iperf3 with the same number of TCP streams;
 #  - small-message one-way latency vs a raw TCP ping-pong (tcpx-bench tcp-pingpong).
 # Prints a table with the ratios. Needs iperf3 (apt-get install iperf3) and python3.
+# BIN=path/to/tcpx-bench measures another build (e.g. main's) the same way.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NICS=${NICS:-127.0.0.1,127.0.0.2}
@@ -10,8 +11,12 @@ SOCKS=${SOCKS:-2}
 SECS=${SECS:-5}
 REPEAT=${REPEAT:-3}
 command -v iperf3 >/dev/null || { echo "iperf3 missing: apt-get install iperf3" >&2; exit 1; }
-cargo build --release --quiet --bin tcpx-bench
-B=target/release/tcpx-bench
+if [ -n "${BIN:-}" ]; then
+  B=$BIN
+else
+  cargo build --release --quiet --bin tcpx-bench
+  B=target/release/tcpx-bench
+fi
 streams=$(( $(tr ',' '\n' <<<"$NICS" | wc -l) * SOCKS ))
 
 iperf3 -s -1 -B 127.0.0.1 -p 5399 >/dev/null 2>&1 & sleep 0.5

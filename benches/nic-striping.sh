@@ -146,7 +146,7 @@ for bin in "${BINS[@]}"; do
   fi
   alone=$(best "$bin" 0 "$BYTES")
   out=$LOGS/failover.json
-  run "$bin" "0 1" 2G --timeline-ms 10 >"$out" &
+  run "$bin" "0 1" 2G --pings 1 --timeline-ms 10 >"$out" &
   cl=$!
   sleep 2
   cut=$(date +%s.%N)
