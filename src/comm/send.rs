@@ -280,10 +280,13 @@ impl SendCore {
         loop {
             if read && c.side.broken().is_none() {
                 loop {
-                    match read_ctrl(&c.stream, c.side.inbox_space()) {
+                    let space = c.side.inbox_space();
+                    let room = space.len();
+                    match read_ctrl(&c.stream, space) {
                         Ok(Some(n)) => {
                             c.side.received(n, now, &mut |e| events.push(e));
-                            if n == 0 {
+                            // EOF, or a short read that emptied the socket.
+                            if n == 0 || n < room {
                                 break;
                             }
                         }
