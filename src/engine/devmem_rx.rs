@@ -28,7 +28,9 @@ use devmem::cuda::unpack::Unpacker as Kernel;
 use devmem::cuda::Context;
 use devmem::emu::{EmuConfig, EmuDevmemSocket};
 use devmem::pool::RxPool;
-use devmem::sockabi::{control_buffer_len_for, parse_rx_into, Fragment, KernelAbi};
+use devmem::sockabi::{
+    control_buffer_len_for, parse_rx_into, release_tokens, DevmemSocket, Fragment, KernelAbi,
+};
 use devmem::unpack::{self, CpuUnpack, DeviceToHostUnpack, Frag, GatherPlan, Unpack};
 
 use crate::bounce::cuda_error;
@@ -38,6 +40,8 @@ use crate::stats::Counters;
 
 /// Linear (header-split miss) bytes one receive may carry.
 const LINEAR_MAX: usize = 256;
+/// Most bytes one receive asks for (its iov, which linear bytes land in).
+const READ_MAX: usize = 256 << 10;
 /// Most fragments one receive carries (its control buffer holds no more).
 const MAX_FRAGS_PER_READ: usize = 64;
 /// Gathers in flight per socket; the next receive waits for the oldest.
@@ -141,7 +145,7 @@ impl DevmemRx {
         Ok(DevmemRx {
             emu,
             _part: part,
-            linear: vec![0; LINEAR_MAX],
+            linear: vec![0; READ_MAX],
             // Sized for this ABI's cmsgs: a receive then never carries more
             // fragments than a GPU gather slot holds.
             control: vec![0; control_buffer_len_for(abi, MAX_FRAGS_PER_READ)],
@@ -173,9 +177,10 @@ impl DevmemRx {
         {
             self.wait_oldest()?;
         }
+        let lim = dst.len().min(self.linear.len());
         let out = match self
             .emu
-            .recv_devmem_up_to(&mut self.linear, &mut self.control, dst.len())
+            .recv_devmem(&mut self.linear[..lim], &mut self.control)
         {
             Ok(out) => out,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(Recv::WouldBlock),
@@ -278,7 +283,7 @@ impl DevmemRx {
     }
 
     fn release(&mut self, tokens: &[u32]) -> Result<()> {
-        let report = self.emu.release_tokens(tokens).map_err(Error::devmem)?;
+        let report = release_tokens(&mut self.emu, tokens).map_err(Error::devmem)?;
         Counters::bump(&self.counters.devmem_tokens_returned, report.requested);
         Counters::bump(&self.counters.devmem_dontneed_calls, report.calls as u64);
         Ok(())

@@ -1,11 +1,15 @@
-//! The one recvmsg call of the devmem RX path.
+//! The kernel side of the seam: the devmem syscalls on a real socket.
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Arc;
 
+use super::socket::{DevmemSocket, TxIov};
+use super::tokens::TOKEN_RANGE_LEN;
 use super::KernelAbi;
+use crate::pool::RxPool;
 
-/// What one [`recv_devmem`] returned.
+/// What one receive (devmem or error queue) returned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RecvOutcome {
     /// recvmsg's byte count (0 at EOF).
@@ -16,36 +20,157 @@ pub struct RecvOutcome {
     pub msg_flags: i32,
 }
 
-/// `recvmsg(fd, { iov = linear, control }, MSG_SOCK_DEVMEM | flags)`.
-///
-/// Bytes the kernel copies (headers, or a flow not steered to the devmem
-/// queue) land in `linear`; feed the result to [`super::parse_rx`].
-pub fn recv_devmem(
-    fd: BorrowedFd<'_>,
+/// `MSG_ZEROCOPY` (`include/linux/socket.h`).
+pub const MSG_ZEROCOPY: i32 = 0x0400_0000;
+
+/// A connected TCP socket's devmem calls, answered by the running kernel.
+#[derive(Debug)]
+pub struct KernelSocket {
+    fd: OwnedFd,
     abi: KernelAbi,
-    linear: &mut [u8],
-    control: &mut [u8],
-    flags: i32,
-) -> io::Result<RecvOutcome> {
-    let mut iov = libc::iovec {
-        iov_base: linear.as_mut_ptr().cast(),
-        iov_len: linear.len(),
-    };
-    // SAFETY: an all-zero msghdr is valid (null name, no iov, no control).
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = control.len();
-    // SAFETY: `msg` points at `iov` and `control`, which point into `linear`
-    // and `control`; all are live, exclusively borrowed and sized as stated.
-    let ret = unsafe { libc::recvmsg(fd.as_raw_fd(), &mut msg, abi.msg_sock_devmem() | flags) };
-    if ret < 0 {
-        return Err(io::Error::last_os_error());
+    memory: Option<Arc<RxPool>>,
+}
+
+impl KernelSocket {
+    /// The devmem calls of `fd` (a duplicate of the data socket is fine) in
+    /// `abi`, receiving into `memory` (the pool bound to its RX queue; `None`
+    /// on a sending socket).
+    pub fn new(fd: OwnedFd, abi: KernelAbi, memory: Option<Arc<RxPool>>) -> Self {
+        KernelSocket { fd, abi, memory }
     }
-    Ok(RecvOutcome {
-        bytes: ret as usize,
-        control_len: msg.msg_controllen.min(control.len()),
-        msg_flags: msg.msg_flags,
-    })
+
+    fn recvmsg(
+        &self,
+        iov: Option<&mut [u8]>,
+        control: &mut [u8],
+        flags: i32,
+    ) -> io::Result<RecvOutcome> {
+        let mut one = iov.map(|b| libc::iovec {
+            iov_base: b.as_mut_ptr().cast(),
+            iov_len: b.len(),
+        });
+        // SAFETY: an all-zero msghdr is valid (null name, no iov, no control).
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        if let Some(v) = one.as_mut() {
+            msg.msg_iov = v;
+            msg.msg_iovlen = 1;
+        }
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = control.len();
+        // SAFETY: `msg` points at `one` and `control`, which point into
+        // buffers exclusively borrowed for this call and sized as stated.
+        let ret = unsafe { libc::recvmsg(self.fd.as_raw_fd(), &mut msg, flags) };
+        if ret < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(RecvOutcome {
+            bytes: ret as usize,
+            control_len: msg.msg_controllen.min(control.len()),
+            msg_flags: msg.msg_flags,
+        })
+    }
+}
+
+impl DevmemSocket for KernelSocket {
+    fn abi(&self) -> KernelAbi {
+        self.abi
+    }
+
+    fn recv_devmem(&mut self, linear: &mut [u8], control: &mut [u8]) -> io::Result<RecvOutcome> {
+        let flags = self.abi.msg_sock_devmem() | libc::MSG_DONTWAIT;
+        self.recvmsg(Some(linear), control, flags)
+    }
+
+    fn dontneed(&mut self, optval: &[u8]) -> io::Result<u32> {
+        let len = libc::socklen_t::try_from(optval.len())
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        debug_assert_eq!(optval.len() % TOKEN_RANGE_LEN, 0);
+        // SAFETY: `optval` is a live byte slice of `len` bytes; the kernel
+        // only reads it.
+        let ret = unsafe {
+            libc::setsockopt(
+                self.fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                self.abi.so_devmem_dontneed(),
+                optval.as_ptr().cast(),
+                len,
+            )
+        };
+        if ret < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(ret as u32)
+    }
+
+    fn send_devmem(&mut self, iov: &[TxIov], control: &[u8]) -> io::Result<usize> {
+        let mut iovs: Vec<libc::iovec> = iov
+            .iter()
+            .map(|v| libc::iovec {
+                // Upstream: a DMA-BUF offset, never dereferenced by us; TCPX:
+                // a host buffer the caller keeps alive for the call.
+                iov_base: v.base as usize as *mut libc::c_void,
+                iov_len: v.len,
+            })
+            .collect();
+        // SAFETY: an all-zero msghdr is valid.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = iovs.as_mut_ptr();
+        msg.msg_iovlen = iovs.len();
+        // sendmsg only reads the control buffer.
+        msg.msg_control = control.as_ptr() as *mut libc::c_void;
+        msg.msg_controllen = control.len();
+        let flags = MSG_ZEROCOPY | libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
+        // SAFETY: `msg` points at `iovs` and `control`, live for the call;
+        // the kernel reads the iov bases as DMA-BUF offsets (upstream,
+        // checked against the binding) or a caller-owned host buffer (TCPX).
+        let ret = unsafe { libc::sendmsg(self.fd.as_raw_fd(), &msg, flags) };
+        if ret < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(ret as usize)
+    }
+
+    fn recv_errqueue(&mut self, control: &mut [u8]) -> io::Result<RecvOutcome> {
+        self.recvmsg(None, control, libc::MSG_ERRQUEUE | libc::MSG_DONTWAIT)
+    }
+
+    fn rx_memory(&self) -> Option<&RxPool> {
+        self.memory.as_deref()
+    }
+}
+
+/// Whether the running kernel knows `abi`'s `SO_DEVMEM_DONTNEED` option:
+/// one empty token range on a fresh TCP socket. `Err` carries the kernel's
+/// answer (`ENOPROTOOPT`: the kernel lacks that ABI).
+pub fn probe_abi(abi: KernelAbi) -> io::Result<()> {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    let empty = [0u8; TOKEN_RANGE_LEN];
+    // SAFETY: a live socket and 8 readable bytes; the kernel only reads them.
+    let ret = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            abi.so_devmem_dontneed(),
+            empty.as_ptr().cast(),
+            TOKEN_RANGE_LEN as libc::socklen_t,
+        )
+    };
+    match ret {
+        0.. => Ok(()),
+        _ => match io::Error::last_os_error() {
+            e if e.raw_os_error() == Some(libc::ENOPROTOOPT) => Err(e),
+            // Known option, other complaint (a TCPX kernel may refuse an empty range).
+            _ => Ok(()),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn msg_zerocopy_matches_libc() {
+        assert_eq!(MSG_ZEROCOPY, libc::MSG_ZEROCOPY);
+    }
 }
