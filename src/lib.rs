@@ -48,8 +48,10 @@ mod gpumemd;
 mod handle;
 mod memory;
 mod net;
+mod path;
 mod request;
 mod stats;
+mod upstream;
 pub mod wire;
 mod zerocopy;
 

@@ -114,8 +114,8 @@ pub(crate) struct TxMode {
     pub zerocopy: ZeroCopy,
     /// Smallest payload sent with MSG_ZEROCOPY.
     pub min_zcopy: usize,
-    /// Receive through an emulated devmem NIC of this ABI with a pool of this size.
-    pub devmem_emulated: Option<(devmem::sockabi::KernelAbi, crate::gpumemd::PoolSource)>,
+    /// Receive through a devmem socket (the kernel's or the emulated NIC's).
+    pub devmem: Option<crate::path::DevmemSpec>,
     /// TCP_USER_TIMEOUT of the socket (its ETIMEDOUT means an unresponsive peer).
     pub peer_timeout_ms: u64,
     /// Set TCP_QUICKACK each time a received chunk completes

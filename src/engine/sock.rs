@@ -17,14 +17,13 @@ use std::sync::Arc;
 use nix::errno::Errno;
 use socket2::SockRef;
 
-use devmem::cuda::mem::DeviceSpan;
-
 use super::devmem_rx::{DevmemRx, Dst, Recv};
 use super::placement::{CommLink, Lookup, Placement};
 use super::{Job, TxMode};
 use crate::config::ZeroCopy;
 use crate::error::Error;
 use crate::memory::{RxPath, TxPath};
+use crate::path::{rx_route, RxRoute};
 use crate::stats::Counters;
 use crate::wire::{Chunk, CHUNK_LEN};
 use crate::zerocopy::{self, Tracker};
@@ -96,12 +95,6 @@ pub(super) enum Step {
     Idle,
 }
 
-/// Where the next devmem receive of a socket goes.
-enum Target {
-    Host(*mut u8, usize),
-    Device(DeviceSpan),
-}
-
 pub(super) struct Sock {
     pub stream: TcpStream,
     devmem: Option<Box<DevmemRx>>,
@@ -122,9 +115,6 @@ pub(super) struct Sock {
 
 /// The process logs the kernel's copying of zero-copy sends once.
 static COPY_LOGGED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-/// The process logs bulk copies out of a GPU pool into host memory once.
-static GPU_TO_HOST_LOGGED: std::sync::atomic::AtomicBool =
-    std::sync::atomic::AtomicBool::new(false);
 
 impl Sock {
     pub fn new(
@@ -136,9 +126,10 @@ impl Sock {
         counters: &Arc<Counters>,
     ) -> Self {
         let enabled = mode.zerocopy != ZeroCopy::Off && enable_zerocopy(&stream);
-        let devmem = match mode
-            .devmem_emulated
-            .map(|(abi, source)| DevmemRx::new(&stream, abi, source, counters.clone()))
+        let devmem = match receives
+            .then_some(mode.devmem)
+            .flatten()
+            .map(|spec| DevmemRx::new(&stream, spec, counters.clone()))
         {
             Some(Ok(d)) => Some(Box::new(d)),
             Some(Err(e)) => {
@@ -557,8 +548,8 @@ impl Sock {
         };
         let dst = match target {
             // SAFETY: the target is valid for writes while its placement holds the region.
-            Target::Host(p, len) => Dst::Host(unsafe { super::bytes_mut(p, len) }),
-            Target::Device(span) => Dst::Device(span),
+            RxRoute::Host(p, len) => Dst::Host(unsafe { super::bytes_mut(p, len) }),
+            RxRoute::Device(span) => Dst::Device(span),
         };
         match d.recv(dst) {
             Ok(Recv::Bytes(n)) => self.rx_done(n),
@@ -576,46 +567,26 @@ impl Sock {
     /// Where the next devmem receive goes: the rest of the chunk header,
     /// else the rest of the body: device memory when the pool and the region
     /// are on the same GPU, else host-addressable memory.
-    fn rx_target(&mut self, scratch: &mut Vec<u8>) -> Option<Target> {
+    fn rx_target(&mut self, scratch: &mut Vec<u8>) -> Option<RxRoute> {
         if !self.rx_ready() {
             return None;
         }
         let pool_gpu = self.devmem.as_ref().and_then(|d| d.gpu_ordinal());
         let Some(b) = self.rx.body.as_mut() else {
             let h = self.rx.hdr_done;
-            return Some(Target::Host(self.rx.hdr[h..].as_mut_ptr(), CHUNK_LEN - h));
+            return Some(RxRoute::Host(self.rx.hdr[h..].as_mut_ptr(), CHUNK_LEN - h));
         };
         let want = b.len - b.done;
-        let target = match (b.dst.as_ref(), pool_gpu) {
-            (None, _) => {
+        let target = match b.dst.as_ref() {
+            None => {
                 if scratch.is_empty() {
                     scratch.resize(SCRATCH_LEN, 0);
                 }
-                Ok(Target::Host(scratch.as_mut_ptr(), want.min(scratch.len())))
+                Ok(RxRoute::Host(scratch.as_mut_ptr(), want.min(scratch.len())))
             }
-            (Some(p), Some(gpu)) => {
-                let at = p.base + b.off + b.done as u64;
-                match p.region.cuda_ordinal() {
-                    Some(o) if o == gpu => p.region.device_span(at, want).map(Target::Device),
-                    Some(o) => Err(Error::Unsupported(format!(
-                        "the receive buffer is memory of GPU {o} but the devmem RX pool is on GPU {gpu}; \
-                         receive into memory of GPU {gpu} (the GPU named by TCPX_GPU_PCI)"
-                    ))),
-                    None => {
-                        if !GPU_TO_HOST_LOGGED.swap(true, std::sync::atomic::Ordering::Relaxed) {
-                            tracing::warn!("host memory receives from a GPU devmem pool by one device-to-host copy per fragment (slow); register CUDA memory for devmem receives (logged once)");
-                        }
-                        p.region.sink(at, want).map(|ptr| Target::Host(ptr, want))
-                    }
-                }
-            }
-            // A host pool: host memory, or a CUDA region's bounce staging.
-            (Some(p), None) => {
-                let at = p.base + b.off + b.done as u64;
-                p.region.sink(at, want).map(|ptr| Target::Host(ptr, want))
-            }
+            Some(p) => rx_route(pool_gpu, &p.region, p.base + b.off + b.done as u64, want),
         };
-        b.direct = matches!(target, Ok(Target::Device(_)));
+        b.direct = matches!(target, Ok(RxRoute::Device(_)));
         match target {
             Ok(t) => Some(t),
             Err(e) => {
@@ -675,6 +646,7 @@ mod tests {
     use crate::engine::devmem_rx::tests::{loaded, pattern, Manual};
     use crate::gpumemd::PoolSource;
     use crate::memory::{HostMemory, MemoryRegion};
+    use crate::path::DevmemSpec;
     use crate::request::ReqState;
     use devmem::sockabi::KernelAbi;
     use std::sync::atomic::{AtomicBool, Ordering};
@@ -724,7 +696,11 @@ mod tests {
         let mode = TxMode {
             zerocopy: ZeroCopy::Off,
             min_zcopy: 0,
-            devmem_emulated: Some((KernelAbi::Tcpx, PoolSource::Local(1 << 20))),
+            devmem: Some(DevmemSpec::Emulated {
+                abi: KernelAbi::Tcpx,
+                source: PoolSource::Local(1 << 20),
+                poison: true,
+            }),
             peer_timeout_ms: 0,
             quickack: false,
         };
@@ -886,7 +862,7 @@ mod tests {
         let mode = TxMode {
             zerocopy: ZeroCopy::Off,
             min_zcopy: 0,
-            devmem_emulated: None,
+            devmem: None,
             peer_timeout_ms: 0,
             quickack: false,
         };
@@ -951,7 +927,7 @@ mod tests {
         let mode = TxMode {
             zerocopy: ZeroCopy::Off,
             min_zcopy: 0,
-            devmem_emulated: None,
+            devmem: None,
             peer_timeout_ms: 0,
             quickack: false,
         };
@@ -1001,7 +977,7 @@ mod tests {
             let mode = TxMode {
                 zerocopy: ZeroCopy::Off,
                 min_zcopy: 0,
-                devmem_emulated: None,
+                devmem: None,
                 peer_timeout_ms: 0,
                 quickack: on,
             };

@@ -446,7 +446,7 @@ impl UringLoop {
                             stream,
                             TxMode {
                                 zerocopy,
-                                devmem_emulated: None,
+                                devmem: None,
                                 ..tx
                             },
                             comm,

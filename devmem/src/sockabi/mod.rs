@@ -32,7 +32,7 @@ pub use rx::{
     Fragment, Fragments,
 };
 pub use socket::{DevmemSocket, TxIov};
-pub use sys::{probe_abi, KernelSocket, RecvOutcome};
+pub use sys::{kernel_abi, probe_abi, KernelSocket, RecvOutcome};
 pub use tokens::{
     batch_ranges, coalesce_tokens, decode_token_ranges, encode_token_ranges, release_tokens,
     return_token_batch, DontNeedOutcome, ReleaseReport, TokenRange,

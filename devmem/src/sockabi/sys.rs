@@ -165,6 +165,22 @@ pub fn probe_abi(abi: KernelAbi) -> io::Result<()> {
     }
 }
 
+/// The devmem ABI the running kernel speaks: TCPX where it knows option
+/// 97, else upstream where it knows 80.
+pub fn kernel_abi() -> Result<KernelAbi, super::AbiError> {
+    let tcpx = match probe_abi(KernelAbi::Tcpx) {
+        Ok(()) => return Ok(KernelAbi::Tcpx),
+        Err(e) => e,
+    };
+    match probe_abi(KernelAbi::Upstream) {
+        Ok(()) => Ok(KernelAbi::Upstream),
+        Err(upstream) => Err(super::AbiError::NoDevmemAbi {
+            tcpx: tcpx.into(),
+            upstream: upstream.into(),
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
