@@ -483,6 +483,44 @@ impl RxPool {
         Ok(())
     }
 
+    /// The NIC's DMA without a copy in between: writable views of the
+    /// `(offset, len)` ranges, each inside pages lent out, pairwise
+    /// disjoint, for one `readv`. Readers see the bytes after
+    /// [`RxPool::commit`] (a GPU pool copies every range whole).
+    pub fn landing(
+        &mut self,
+        ranges: &[(usize, usize)],
+    ) -> Result<Vec<std::io::IoSliceMut<'_>>, PoolError> {
+        if matches!(self.backing, Backing::Device(_)) {
+            return Err(PoolError::NicOwned);
+        }
+        let mut sorted: Vec<(usize, usize)> = ranges.iter().copied().filter(|r| r.1 > 0).collect();
+        sorted.sort_unstable();
+        for (i, &(offset, len)) in sorted.iter().enumerate() {
+            let overlaps = sorted.get(i + 1).is_some_and(|next| offset + len > next.0);
+            if !self.pages.lent(offset, len) || overlaps {
+                return Err(PoolError::NotLent { offset, len });
+            }
+        }
+        if let Backing::Gpu(m) = &mut self.backing {
+            for &(offset, len) in &sorted {
+                m.mark(offset, len)?;
+            }
+        }
+        let base = self.ptr.as_ptr();
+        Ok(ranges
+            .iter()
+            .filter(|r| r.1 > 0)
+            .map(|&(offset, len)| {
+                // SAFETY: each range lies in lent pages of the pool (checked
+                // above), the ranges are pairwise disjoint, and `&mut self`
+                // keeps every other access out while the views live.
+                let b = unsafe { std::slice::from_raw_parts_mut(base.add(offset), len) };
+                std::io::IoSliceMut::new(b)
+            })
+            .collect())
+    }
+
     /// Makes landed bytes visible to unpack: a GPU pool copies them to the
     /// GPU and waits; host pools have nothing to do.
     pub fn commit(&mut self) -> Result<(), PoolError> {
@@ -542,6 +580,27 @@ impl Drop for RxPool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn landing_views_only_lent_disjoint_ranges() {
+        let mut p = RxPool::local(4 * PAGE_SIZE).unwrap();
+        let a = p.alloc(1).unwrap();
+        let b = p.alloc(1).unwrap();
+        {
+            let mut v = p
+                .landing(&[(b.offset as usize + 10, 5), (a.offset as usize, 3)])
+                .unwrap();
+            v[0].copy_from_slice(b"hello");
+            v[1].copy_from_slice(b"abc");
+        }
+        let h = p.host().unwrap();
+        assert_eq!(&h[b.offset as usize + 10..][..5], b"hello");
+        assert_eq!(&h[a.offset as usize..][..3], b"abc");
+        // Not lent, overlapping, or past the pool: refused.
+        assert!(p.landing(&[(2 * PAGE_SIZE, 1)]).is_err());
+        assert!(p.landing(&[(0, 10), (5, 10)]).is_err());
+        assert!(p.landing(&[(PAGE_SIZE, PAGE_SIZE + 1)]).is_err());
+    }
 
     #[test]
     fn fills_then_refuses_instead_of_overwriting() {

@@ -26,7 +26,7 @@ mod tx;
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
 
-use crate::pool::{PoolError, RxPool, PAGE_SIZE};
+use crate::pool::{Grant, PoolError, RxPool, PAGE_SIZE};
 use crate::sockabi::abi::MSG_CTRUNC;
 use crate::sockabi::cmsg::cmsg_space;
 use crate::sockabi::{
@@ -126,10 +126,11 @@ pub struct EmuDevmemSocket<S = TcpStream> {
     pool: RxPool,
     cfg: EmuConfig,
     rng: u64,
-    /// Bytes read, before they are placed (bounded by `max_read`).
-    scratch: Vec<u8>,
     /// Planned (offset in page, len) of this receive's pool fragments.
     shape: Vec<(usize, usize)>,
+    /// The pages lent for them, and where in the pool each lands.
+    grants: Vec<Grant>,
+    ranges: Vec<(usize, usize)>,
     frags: Vec<Fragment>,
     cbuf: Vec<u8>,
     tx_buf: Vec<u8>,
@@ -167,8 +168,9 @@ impl<S: Read> EmuDevmemSocket<S> {
             pool,
             cfg,
             rng: cfg.seed,
-            scratch: Vec::new(),
             shape: Vec::new(),
+            grants: Vec::new(),
+            ranges: Vec::new(),
             frags: Vec::new(),
             cbuf: Vec::new(),
             tx_buf: Vec::new(),
@@ -225,16 +227,38 @@ impl<S: Read> EmuDevmemSocket<S> {
             self.shape.push((off, len));
             cap += len;
         }
-        self.scratch.resize(cap, 0);
-        let got = self.stream.read(&mut self.scratch[..cap])?;
+        // The NIC's DMA: the stream is read straight into the linear buffer
+        // and the pages planned above (one readv, no copy in between).
+        self.grants.clear();
+        self.ranges.clear();
+        for &(off, len) in &self.shape {
+            // Planned slots never exceed the free pages: one page always fits.
+            let g = self.pool.alloc(PAGE_SIZE).map_err(io::Error::other)?;
+            self.ranges.push((g.offset as usize + off, len));
+            self.grants.push(g);
+        }
+        let got = {
+            let (head, _) = linear.split_at_mut(lin_take);
+            let mut iov = vec![io::IoSliceMut::new(head)];
+            iov.extend(self.pool.landing(&self.ranges).map_err(io::Error::other)?);
+            self.stream.read_vectored(&mut iov)
+        };
+        let got = match got {
+            Ok(n) => n,
+            Err(e) => {
+                self.return_unused(0);
+                return Err(e);
+            }
+        };
         if got == 0 {
+            self.return_unused(0);
             return Ok(RecvOutcome {
                 bytes: 0,
                 control_len: 0,
                 msg_flags: 0,
             });
         }
-        self.place(got, lin_take, linear)?;
+        self.place(got, lin_take)?;
         self.cbuf.clear();
         encode_rx(self.cfg.abi, &self.frags, &mut self.cbuf).map_err(io::Error::other)?;
         control[..self.cbuf.len()].copy_from_slice(&self.cbuf);
@@ -245,42 +269,47 @@ impl<S: Read> EmuDevmemSocket<S> {
         })
     }
 
-    /// Splits `scratch[..got]` into the linear buffer and pool pages.
-    fn place(&mut self, got: usize, lin_take: usize, linear: &mut [u8]) -> io::Result<()> {
+    /// Describes what the read put where: the linear bytes, then a fragment
+    /// per page that received any; pages the read did not reach go back.
+    fn place(&mut self, got: usize, lin_take: usize) -> io::Result<()> {
         self.frags.clear();
         let lin = lin_take.min(got);
         if lin > 0 {
-            linear[..lin].copy_from_slice(&self.scratch[..lin]);
             self.frags.push(Fragment::Linear { len: lin as u32 });
             self.stats.linear_frags += 1;
             self.stats.linear_bytes += lin as u64;
         }
         let mut at = lin;
-        for &(off, len) in &self.shape {
+        let mut used = 0;
+        for (&(start, len), g) in self.ranges.iter().zip(&self.grants) {
             if at == got {
                 break;
             }
             let take = len.min(got - at);
-            // Planned slots never exceed the free pages: this cannot fail.
-            let grant = self.pool.alloc(PAGE_SIZE).map_err(io::Error::other)?;
-            let start = grant.offset as usize + off;
-            self.pool
-                .land(start, &self.scratch[at..at + take])
-                .map_err(io::Error::other)?;
             self.frags.push(Fragment::Pool {
                 offset: start as u64,
                 len: take as u32,
-                token: grant.token,
+                token: g.token,
                 dmabuf_id: (self.cfg.abi == KernelAbi::Upstream).then_some(self.cfg.dmabuf_id),
             });
             self.stats.pool_frags += 1;
             at += take;
+            used += 1;
         }
+        self.return_unused(used);
         // The receive completes once its payload is where unpack reads it.
         self.pool.commit().map_err(io::Error::other)?;
         self.stats.reads += 1;
         self.stats.bytes += got as u64;
         Ok(())
+    }
+
+    /// Pages planned for a read that did not reach them were never lent
+    /// to the caller: they go straight back.
+    fn return_unused(&mut self, used: usize) {
+        for g in self.grants.drain(used..) {
+            self.pool.release(g.token);
+        }
     }
 }
 
