@@ -143,6 +143,10 @@ pub struct Config {
     /// fragment read after its token went back shows as wrong bytes
     /// (`TCPX_EMU_POISON`; tests).
     pub emu_poison: bool,
+    /// The emulated devmem NIC also sends host regions, as if they were
+    /// DMA-BUFs, so the devmem TX path runs where there is no CUDA
+    /// (`TCPX_EMU_TX_HOST`; tests).
+    pub emu_tx_host: bool,
     /// Upstream devmem RX without gpumemd: the RX queues of each data NIC
     /// that a DMA-BUF is bound to (`bind-rx`) and its flows steered to
     /// (`TCPX_DEVMEM_QUEUES`, e.g. `8-15`); empty = no upstream binding.
@@ -224,6 +228,7 @@ impl Default for Config {
             devmem_emulated: None,
             emu_pool_bytes: 2 << 20,
             emu_poison: false,
+            emu_tx_host: false,
             devmem_queues: Vec::new(),
             devmem_pool_bytes: 256 << 20,
             rxmem_legacy_dir: PathBuf::from(devmem::gpumemd::legacy::LEGACY_DIR),
@@ -381,6 +386,9 @@ impl Config {
         }
         if let Some((k, v)) = first(&["TCPX_EMU_POISON"]) {
             c.emu_poison = parse_flag(k, &v)?;
+        }
+        if let Some((k, v)) = first(&["TCPX_EMU_TX_HOST"]) {
+            c.emu_tx_host = parse_flag(k, &v)?;
         }
         if let Some((k, v)) = first(&["TCPX_DEVMEM_QUEUES"]) {
             c.devmem_queues = parse_queues(k, &v)?;

@@ -483,10 +483,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// The host path under `prefer`; the error under `require`.
 fn fallback(cfg: &Config, why: Error) -> Result<Option<Gpumemd>> {
     if cfg.devmem == DevmemMode::Require {
-        tracing::error!("gpumemd's devmem path unavailable and TCPX_DEVMEM=require: {why}");
+        tracing::error!("gpumemd unavailable for devmem and TCPX_DEVMEM=require: {why}");
         return Err(why);
     }
-    tracing::warn!("gpumemd's devmem path unavailable ({why}); using the host path");
+    tracing::warn!("gpumemd unavailable for devmem ({why}); using the host path");
     Ok(None)
 }
 

@@ -49,6 +49,7 @@ mod handle;
 mod memory;
 mod net;
 mod path;
+mod region_tx;
 mod request;
 mod stats;
 mod upstream;

@@ -55,6 +55,12 @@ impl NetInner {
             zerocopy: self.cfg.zerocopy,
             min_zcopy: self.cfg.min_zcopy_size,
             devmem: self.paths.nics.get(nic).and_then(|n| n.rx.clone()),
+            devmem_tx: self
+                .paths
+                .nics
+                .get(nic)
+                .and_then(|n| n.tx)
+                .map(|t| (nic, t)),
             peer_timeout_ms: self.cfg.peer_timeout.map_or(0, |t| t.as_millis() as u64),
             quickack: self.cfg.force_ack,
         };
@@ -215,7 +221,9 @@ impl Net {
 
     /// Registers memory the transport owns for the region's lifetime.
     pub fn reg_mr(&self, mem: HostMemory) -> MemoryRegion {
-        MemoryRegion::owned(mem)
+        let mut mr = MemoryRegion::owned(mem);
+        crate::region_tx::attach(&self.inner.paths, &self.inner.cfg, &mut mr);
+        mr
     }
 
     /// Registers caller-owned memory.
@@ -244,11 +252,15 @@ impl Net {
                 cfg.staging_bytes,
             )?;
             // SAFETY: forwarded to the caller's contract.
-            return Ok(unsafe { MemoryRegion::cuda(ptr, len, b) });
+            let mut mr = unsafe { MemoryRegion::cuda(ptr, len, b) };
+            crate::region_tx::attach(&self.inner.paths, cfg, &mut mr);
+            return Ok(mr);
         }
         crate::bounce::refuse_device_as_host(ptr)?;
         // SAFETY: forwarded to the caller's contract.
-        Ok(unsafe { MemoryRegion::foreign(ptr, len, kind) })
+        let mut mr = unsafe { MemoryRegion::foreign(ptr, len, kind) };
+        crate::region_tx::attach(&self.inner.paths, &self.inner.cfg, &mut mr);
+        Ok(mr)
     }
 
     /// Deregisters; returns owned memory. `Error::Busy` while requests use the

@@ -6,11 +6,14 @@
 //!   socket ([`DevmemSpec`]): the kernel's, receiving into gpumemd's pool
 //!   (TCPX kernels) or a DMA-BUF bound to RX queues with `bind-rx`
 //!   (upstream kernels), or the emulated devmem NIC;
-//! - send from CUDA memory: bounce staging.
+//! - send from CUDA memory: devmem TX from the region's DMA-BUF where the
+//!   NIC can ([`TxDevmem`]: TCPX kernels, or upstream kernels whose NIC
+//!   passes a `bind-tx` probe; or the emulated NIC), else bounce staging.
 //!
 //! Per chunk, [`rx_route`] says where a region's received bytes go (device
 //! memory straight from a GPU pool, or host-addressable memory: the host
-//! region itself or a CUDA region's staging).
+//! region itself or a CUDA region's staging); a region's devmem TX names
+//! (`region_tx`) say whether its bytes leave by devmem TX.
 
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -55,10 +58,24 @@ impl DevmemSpec {
     }
 }
 
+/// Devmem TX of one NIC: the kernel ABI its sends speak, through the
+/// kernel or the emulated NIC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct TxDevmem {
+    pub abi: KernelAbi,
+    pub emulated: bool,
+}
+
 /// What one NIC does.
 pub(crate) struct NicPath {
     pub rx: Option<DevmemSpec>,
+    pub tx: Option<TxDevmem>,
+    /// Why a NIC probed for devmem TX has none.
+    tx_why: Option<String>,
     pub reported: DataPath,
+    /// Interface name, and its PCI address where sysfs has one.
+    pub name: String,
+    pub pci: Option<String>,
     /// The `bind-rx` binding and its steering, upstream.
     upstream: Option<UpstreamRx>,
 }
@@ -109,6 +126,16 @@ impl Paths {
             } else {
                 None
             };
+            let (tx, tx_why) = match cfg.devmem_emulated {
+                Some(abi) => (
+                    Some(TxDevmem {
+                        abi,
+                        emulated: true,
+                    }),
+                    None,
+                ),
+                None => probe_tx(cfg, &d.name),
+            };
             let reported = match (&rx, cfg.devmem_emulated) {
                 (_, Some(_)) => DataPath::DevmemEmulated,
                 (Some(_), None) => DataPath::Devmem,
@@ -116,7 +143,11 @@ impl Paths {
             };
             nics.push(NicPath {
                 rx,
+                tx,
+                tx_why,
                 reported,
+                name: d.name.clone(),
+                pci: nic_pci(&d.name),
                 upstream,
             });
         }
@@ -137,36 +168,46 @@ impl Paths {
 
     /// Whether any NIC uses a devmem socket (which runs on the epoll engine).
     pub fn any_devmem(&self) -> bool {
-        self.nics.iter().any(|n| n.rx.is_some())
+        self.nics.iter().any(|n| n.rx.is_some() || n.tx.is_some())
     }
 
     /// The one line `decide` logs for NIC `i`.
     fn describe(&self, i: usize) -> String {
         let n = &self.nics[i];
         let rx = match (&n.rx, &n.upstream, &self.gpumemd) {
-            (None, ..) => "receives by kernel TCP into host memory (no devmem configured or available)".to_string(),
+            (None, ..) => "kernel TCP with host memory (no devmem configured or available)".to_string(),
             (Some(DevmemSpec::Emulated { abi, source, .. }), ..) => format!(
-                "receives through the emulated devmem NIC ({abi} ABI) into {}",
+                "devmem receive through the emulated NIC ({abi} ABI) into {}",
                 match source {
                     PoolSource::Local(b) => format!("a {b}-byte host pool per data socket"),
                     PoolSource::Shared(_) => "parts of gpumemd's pool".to_string(),
                 }
             ),
             (Some(DevmemSpec::Kernel { abi, memory, .. }), Some(u), _) => format!(
-                "receives by devmem ({abi} ABI) into a {}-byte DMA-BUF bound to RX queues {:?} (binding {}); flows steered there by ethtool rules",
+                "devmem receive ({abi} ABI) into a {}-byte DMA-BUF bound to RX queues {:?} (binding {}); flows steered there by ethtool rules",
                 memory.len(),
                 u.queues(),
                 u.dmabuf_id()
             ),
             (Some(DevmemSpec::Kernel { abi, memory, .. }), None, Some(g)) => format!(
-                "receives by devmem ({abi} ABI) into gpumemd's {}-byte pool ({}); flows steered by gpumemd to queues {:?}",
+                "devmem receive ({abi} ABI) into gpumemd's {}-byte pool ({}); flows steered by gpumemd to queues {:?}",
                 memory.len(),
                 if memory.device().is_some() { "GPU memory" } else { "host memory" },
                 g.queue_ids()
             ),
-            (Some(DevmemSpec::Kernel { abi, .. }), None, None) => format!("receives by devmem ({abi} ABI)"),
+            (Some(DevmemSpec::Kernel { abi, .. }), None, None) => format!("devmem receive ({abi} ABI)"),
         };
-        rx + "; CUDA regions send through bounce staging"
+        let tx = match (n.tx, &n.tx_why) {
+            (Some(t), _) if t.emulated => {
+                format!("; sends through the emulated devmem NIC ({} ABI)", t.abi)
+            }
+            (Some(t), _) => format!("; CUDA regions send by devmem TX ({} ABI)", t.abi),
+            (None, Some(why)) => {
+                format!("; CUDA regions send through bounce staging (no devmem TX: {why})")
+            }
+            (None, None) => "; CUDA regions send through bounce staging".to_string(),
+        };
+        rx + &tx
     }
 
     /// Steers the flows of a receive comm's data sockets (`(nic, socket)`)
@@ -193,6 +234,40 @@ impl Paths {
         }
         Ok(rules)
     }
+}
+
+/// Devmem TX of NIC `ifname`, probed where devmem is configured or CUDA
+/// regions can exist: TCPX kernels send from any DMA-BUF (given the NIC's
+/// PCI address); upstream kernels where a `bind-tx` probe passes (≥ 6.16,
+/// a NIC with netmem TX). `None` with the reason otherwise.
+fn probe_tx(cfg: &Config, ifname: &str) -> (Option<TxDevmem>, Option<String>) {
+    let configured = cfg.gpumemd_prefix.is_some() || !cfg.devmem_queues.is_empty();
+    if cfg.devmem == DevmemMode::Off || !(configured || crate::bounce::cuda_usable()) {
+        return (None, None);
+    }
+    let tx = |abi| TxDevmem {
+        abi,
+        emulated: false,
+    };
+    match devmem::sockabi::kernel_abi() {
+        Ok(KernelAbi::Tcpx) => match nic_pci(ifname) {
+            Some(_) => (Some(tx(KernelAbi::Tcpx)), None),
+            None => (None, Some(format!("{ifname} has no PCI address in sysfs"))),
+        },
+        Ok(KernelAbi::Upstream) => {
+            match devmem::netlink::probe_bind(ifname, None, std::time::Duration::from_secs(2)) {
+                Ok(()) => (Some(tx(KernelAbi::Upstream)), None),
+                Err(e) => (None, Some(e.to_string())),
+            }
+        }
+        Err(e) => (None, Some(e.to_string())),
+    }
+}
+
+/// The PCI address of a NIC (`/sys/class/net/<if>/device`).
+fn nic_pci(ifname: &str) -> Option<String> {
+    let link = std::fs::read_link(format!("/sys/class/net/{ifname}/device")).ok()?;
+    Some(link.file_name()?.to_string_lossy().into_owned())
 }
 
 /// Where received bytes of a region go.

@@ -18,6 +18,9 @@ pub(crate) struct Counters {
     pub devmem_dontneed_calls: AtomicU64,
     pub devmem_linear_bytes: AtomicU64,
     pub devmem_kernels: AtomicU64,
+    pub devmem_tx_sends: AtomicU64,
+    pub devmem_tx_bytes: AtomicU64,
+    pub devmem_tx_completed: AtomicU64,
 }
 
 impl Counters {
@@ -43,6 +46,9 @@ impl Counters {
             devmem_dontneed_calls: g(&self.devmem_dontneed_calls),
             devmem_linear_bytes: g(&self.devmem_linear_bytes),
             devmem_unpack_kernels: g(&self.devmem_kernels),
+            devmem_tx_sends: g(&self.devmem_tx_sends),
+            devmem_tx_bytes: g(&self.devmem_tx_bytes),
+            devmem_tx_completed: g(&self.devmem_tx_completed),
         }
     }
 }
@@ -78,4 +84,10 @@ pub struct Stats {
     pub devmem_linear_bytes: u64,
     /// Receives gathered by the CUDA unpack kernel (GPU pool into CUDA memory).
     pub devmem_unpack_kernels: u64,
+    /// Devmem sends (`sendmsg(MSG_ZEROCOPY)` with a devmem TX cmsg).
+    pub devmem_tx_sends: u64,
+    /// Bytes they sent.
+    pub devmem_tx_bytes: u64,
+    /// Devmem sends the NIC reported done (error-queue completions).
+    pub devmem_tx_completed: u64,
 }

@@ -17,11 +17,31 @@ use devmem::sockabi::KernelAbi;
 use tcpx::{DataPath, HostMemory, Net, RecvBuf, Stats};
 
 fn net(abi: KernelAbi) -> Net {
+    net_tx(abi, false)
+}
+
+/// With `tx`, host regions also leave by the emulated NIC's devmem TX.
+fn net_tx(abi: KernelAbi, tx: bool) -> Net {
     let mut c = three_nics();
     c.devmem_emulated = Some(abi);
     c.emu_pool_bytes = 256 << 10; // small: the pool fills and drains many times
     c.emu_poison = true;
+    c.emu_tx_host = tx;
     Net::init(c).unwrap()
+}
+
+/// Every devmem send was reported done through the error queue.
+fn sends_completed(abi: KernelAbi, st: &Stats, payload: u64) {
+    assert!(st.devmem_tx_sends > 0, "{abi:?}: {st:?}");
+    assert!(st.devmem_tx_bytes >= payload, "{abi:?}: {payload}: {st:?}");
+    assert_eq!(
+        st.devmem_tx_completed, st.devmem_tx_sends,
+        "{abi:?}: {st:?}"
+    );
+    assert_eq!(
+        st.zerocopy_sends, 0,
+        "{abi:?}: no host MSG_ZEROCOPY beside it: {st:?}"
+    );
 }
 
 /// Every token lent came back once, none is held, none was returned twice
@@ -165,8 +185,18 @@ fn many_messages_in_flight_both_ways_with_poisoned_pages() {
         .into_iter()
         .chain((0..40).map(|i| 70_001 + i * 4097))
         .collect();
-    for abi in KernelAbi::ALL {
-        let (a, b) = (net(abi), net(abi));
+    let chunked: u64 = sizes
+        .iter()
+        .filter(|&&n| n > 65_536)
+        .map(|&n| n as u64)
+        .sum();
+    for (abi, tx) in [
+        (KernelAbi::Tcpx, false),
+        (KernelAbi::Upstream, false),
+        (KernelAbi::Tcpx, true),
+        (KernelAbi::Upstream, true),
+    ] {
+        let (a, b) = (net_tx(abi, tx), net_tx(abi, tx));
         std::thread::scope(|s| {
             for (x, y, seed) in [(&a, &b, 10u64), (&b, &a, 20)] {
                 let (send, recv) = pair(x, y);
@@ -229,6 +259,12 @@ fn many_messages_in_flight_both_ways_with_poisoned_pages() {
         for st in [a.stats(), b.stats()] {
             assert!(st.devmem_fragments > 1000, "{abi:?}: {st:?}");
             tokens_balanced(abi, &st);
+            if tx {
+                // Both ends send and receive: every chunk body left by devmem TX.
+                sends_completed(abi, &st, chunked);
+            } else {
+                assert_eq!(st.devmem_tx_sends, 0, "{st:?}");
+            }
         }
     }
 }

@@ -31,6 +31,7 @@ const PROG: &str = r#"
 #include <linux/errqueue.h>
 #include <linux/netlink.h>
 #include <linux/genetlink.h>
+#include <linux/ioctl.h>
 
 /* include/uapi/linux/uio.h (Linux >= 6.12) */
 struct dmabuf_cmsg { uint64_t frag_offset; uint32_t frag_size; uint32_t frag_token;
@@ -39,6 +40,9 @@ struct dmabuf_token { uint32_t token_start; uint32_t token_count; };
 /* google/nccl-plugin-gpudirecttcpx src/sock/tcpx.h, src/devcomm/unpack_defs1.h */
 struct devmemvec { uint32_t frag_offset; uint32_t frag_size; uint32_t frag_token; };
 struct devmemtoken { uint32_t token_start; uint32_t token_count; };
+/* google/nccl-plugin-gpudirecttcpx src/gpu/tx_pool.cu */
+struct dma_buf_create_pages_info { __u64 pci_bdf[3]; __s32 dma_buf_fd; __s32 create_page_pool; };
+#define DMA_BUF_CREATE_PAGES _IOW('b', 2, struct dma_buf_create_pages_info)
 /* tcpgpudmarxd include/ipc_gpumem_fd_metadata.h */
 struct IpcGpuMemFdMetadata { int fd; size_t size; size_t align; };
 
@@ -52,7 +56,10 @@ static void hex(const char *name, const void *p, size_t n) {
 int main(void) {
     S(cmsghdr) S(dmabuf_cmsg) S(dmabuf_token) S(devmemvec) S(devmemtoken)
     S(sock_extended_err) S(sockaddr_in) S(sockaddr_in6) S(IpcGpuMemFdMetadata)
-    S(nlmsghdr) S(genlmsghdr) S(nlattr) S(iovec) S(msghdr)
+    S(nlmsghdr) S(genlmsghdr) S(nlattr) S(iovec) S(msghdr) S(dma_buf_create_pages_info)
+    O(dma_buf_create_pages_info, pci_bdf) O(dma_buf_create_pages_info, dma_buf_fd)
+    O(dma_buf_create_pages_info, create_page_pool)
+    printf("DMA_BUF_CREATE_PAGES %lu\n", (unsigned long)DMA_BUF_CREATE_PAGES);
     O(cmsghdr, cmsg_len) O(cmsghdr, cmsg_level) O(cmsghdr, cmsg_type)
     O(dmabuf_cmsg, frag_offset) O(dmabuf_cmsg, frag_size) O(dmabuf_cmsg, frag_token)
     O(dmabuf_cmsg, dmabuf_id) O(dmabuf_cmsg, flags)
@@ -225,6 +232,21 @@ fn struct_sizes_and_offsets_match_the_c_compiler() {
     );
     assert_eq!(num(&c, "IpcGpuMemFdMetadata.size"), 8);
     assert_eq!(num(&c, "IpcGpuMemFdMetadata.align"), 16);
+    // The TCPX kernel's TX-pages ioctl.
+    use devmem::sockabi::sys::{DmaBufCreatePagesInfo, DMA_BUF_CREATE_PAGES};
+    assert_eq!(
+        num(&c, "sizeof_dma_buf_create_pages_info"),
+        std::mem::size_of::<DmaBufCreatePagesInfo>()
+    );
+    assert_eq!(
+        num(&c, "dma_buf_create_pages_info.dma_buf_fd"),
+        std::mem::offset_of!(DmaBufCreatePagesInfo, dma_buf_fd)
+    );
+    assert_eq!(
+        num(&c, "dma_buf_create_pages_info.create_page_pool"),
+        std::mem::offset_of!(DmaBufCreatePagesInfo, create_page_pool)
+    );
+    assert_eq!(num(&c, "DMA_BUF_CREATE_PAGES") as u64, DMA_BUF_CREATE_PAGES);
     // netlink framing used by bind-rx / bind-tx (devmem::netlink).
     assert_eq!(num(&c, "sizeof_nlmsghdr"), 16);
     assert_eq!(num(&c, "sizeof_genlmsghdr"), 4);

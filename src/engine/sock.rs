@@ -18,6 +18,7 @@ use nix::errno::Errno;
 use socket2::SockRef;
 
 use super::devmem_rx::{DevmemRx, Dst, Recv};
+use super::devmem_tx::{DevmemBody, DevmemTx};
 use super::placement::{CommLink, Lookup, Placement};
 use super::{Job, TxMode};
 use crate::config::ZeroCopy;
@@ -76,11 +77,13 @@ pub(super) struct Zc {
     awaiting: VecDeque<Job>,
 }
 
-/// The next send: up to two pieces (header rest, body rest).
+/// The next send: up to two pieces (header rest, body rest), or a body
+/// that leaves by devmem TX.
 pub(super) struct TxPlan {
     pub parts: [(*const u8, usize); 2],
     pub n: usize,
     pub zerocopy: bool,
+    pub devmem: Option<DevmemBody>,
 }
 
 /// The next receive: header rest and body rest.
@@ -98,6 +101,7 @@ pub(super) enum Step {
 pub(super) struct Sock {
     pub stream: TcpStream,
     devmem: Option<Box<DevmemRx>>,
+    devmem_tx: Option<Box<DevmemTx>>,
     sends: VecDeque<Job>,
     tx: Cursor,
     rx: RxCursor,
@@ -138,10 +142,26 @@ impl Sock {
             }
             None => None,
         };
+        let devmem_tx = match (!receives)
+            .then_some(mode.devmem_tx)
+            .flatten()
+            .map(|(nic, tx)| DevmemTx::new(&stream, nic, tx))
+        {
+            Some(Ok(d)) => Some(Box::new(d)),
+            Some(Err(e)) => {
+                dead.get_or_insert(e);
+                None
+            }
+            None => None,
+        };
+        // The emulated NIC counts its own zero-copy ids: host MSG_ZEROCOPY
+        // sends beside it would take the kernel's.
+        let enabled = enabled && !devmem_tx.as_ref().is_some_and(|d| d.emulated);
         let (zerocopy, min_zcopy) = (mode.zerocopy, mode.min_zcopy);
         Sock {
             stream,
             devmem,
+            devmem_tx,
             sends: VecDeque::new(),
             tx: Cursor::default(),
             rx: RxCursor {
@@ -237,6 +257,31 @@ impl Sock {
                 ..Cursor::default()
             };
         }
+        let hdr_left = CHUNK_LEN - self.tx.hdr_done;
+        if let Some(body) = self.devmem_tx.as_ref().and_then(|d| {
+            let at = job.base + off + self.tx.body_done as u64;
+            d.body(&job.region, at, len - self.tx.body_done)
+        }) {
+            // Header by a plain send (the next chunk rewrites it), then the body.
+            return Some(if hdr_left > 0 {
+                TxPlan {
+                    parts: [
+                        (self.tx.hdr[self.tx.hdr_done..].as_ptr(), hdr_left),
+                        (std::ptr::null(), 0),
+                    ],
+                    n: 1,
+                    zerocopy: false,
+                    devmem: None,
+                }
+            } else {
+                TxPlan {
+                    parts: [(std::ptr::null(), 0); 2],
+                    n: 0,
+                    zerocopy: true,
+                    devmem: Some(body),
+                }
+            });
+        }
         let src = match job.region.source(job.base + off, len) {
             Ok(p) => p,
             Err(e) => {
@@ -247,7 +292,6 @@ impl Sock {
         if starting {
             self.prefetch_next();
         }
-        let hdr_left = CHUNK_LEN - self.tx.hdr_done;
         let body = (src.wrapping_add(self.tx.body_done), len - self.tx.body_done);
         let hdr = (self.tx.hdr[self.tx.hdr_done..].as_ptr(), hdr_left);
         let zc_chunk = self.zc.enabled && len >= self.zc.min && job.region.zerocopy_ok();
@@ -256,6 +300,7 @@ impl Sock {
                 parts: [body, (std::ptr::null(), 0)],
                 n: 1,
                 zerocopy: zc_chunk,
+                devmem: None,
             }
         } else if zc_chunk {
             // With zero-copy the kernel reads the iovecs after the call returns, so the
@@ -264,12 +309,14 @@ impl Sock {
                 parts: [hdr, (std::ptr::null(), 0)],
                 n: 1,
                 zerocopy: false,
+                devmem: None,
             }
         } else {
             TxPlan {
                 parts: [hdr, body],
                 n: 2,
                 zerocopy: false,
+                devmem: None,
             }
         })
     }
@@ -535,6 +582,48 @@ impl Sock {
         self.devmem.is_some()
     }
 
+    /// One devmem send of the planned body: bytes sent and the zero-copy id.
+    pub fn send_devmem(&mut self, body: &DevmemBody, counters: &Counters) -> Result<usize, Errno> {
+        let Some(d) = self.devmem_tx.as_mut() else {
+            return Err(Errno::EINVAL);
+        };
+        let n = d
+            .send(body)
+            .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?;
+        Counters::bump(&counters.devmem_tx_sends, 1);
+        Counters::bump(&counters.devmem_tx_bytes, n as u64);
+        Ok(n)
+    }
+
+    /// Whether devmem sends wait for completions (the emulated NIC raises
+    /// no EPOLLERR: the engine polls).
+    pub fn devmem_tx_pending(&self) -> bool {
+        self.devmem_tx.is_some() && self.zc.tracker.outstanding() > 0
+    }
+
+    /// Reads the devmem socket's completions and finishes the jobs they
+    /// cover. True if any finished.
+    pub fn drain_devmem_tx(&mut self, counters: &Counters) -> Option<bool> {
+        let d = self.devmem_tx.as_mut()?;
+        let mut done = Vec::new();
+        if let Err(e) = d.completions(&mut done) {
+            self.fail(e);
+            return Some(false);
+        }
+        for z in done {
+            Counters::bump(&counters.devmem_tx_completed, z.count());
+            self.zc_completed(
+                zerocopy::Completion {
+                    lo: z.lo,
+                    hi: z.hi,
+                    copied: z.copied,
+                },
+                counters,
+            );
+        }
+        Some(self.release_zc())
+    }
+
     /// One receive through the emulated devmem NIC into the chunk being
     /// received (header and body are read separately: each read asks for at
     /// most what its part still needs); see `devmem_rx` for where the
@@ -701,6 +790,7 @@ mod tests {
                 source: PoolSource::Local(1 << 20),
                 poison: true,
             }),
+            devmem_tx: None,
             peer_timeout_ms: 0,
             quickack: false,
         };
@@ -863,6 +953,7 @@ mod tests {
             zerocopy: ZeroCopy::Off,
             min_zcopy: 0,
             devmem: None,
+            devmem_tx: None,
             peer_timeout_ms: 0,
             quickack: false,
         };
@@ -928,6 +1019,7 @@ mod tests {
             zerocopy: ZeroCopy::Off,
             min_zcopy: 0,
             devmem: None,
+            devmem_tx: None,
             peer_timeout_ms: 0,
             quickack: false,
         };
@@ -978,6 +1070,7 @@ mod tests {
                 zerocopy: ZeroCopy::Off,
                 min_zcopy: 0,
                 devmem: None,
+                devmem_tx: None,
                 peer_timeout_ms: 0,
                 quickack: on,
             };

@@ -447,6 +447,7 @@ impl UringLoop {
                             TxMode {
                                 zerocopy,
                                 devmem: None,
+                                devmem_tx: None,
                                 ..tx
                             },
                             comm,

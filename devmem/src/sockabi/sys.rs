@@ -139,6 +139,66 @@ impl DevmemSocket for KernelSocket {
     }
 }
 
+/// `struct dma_buf_create_pages_info` of Google's TCPX kernels
+/// (google/nccl-plugin-gpudirecttcpx `src/gpu/tx_pool.cu`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DmaBufCreatePagesInfo {
+    /// The NIC's PCI bus, device and function.
+    pub pci_bdf: [u64; 3],
+    /// The DMA-BUF to make TX pages of.
+    pub dma_buf_fd: i32,
+    /// 0, as the plugin passes.
+    pub create_page_pool: i32,
+}
+
+/// `DMA_BUF_CREATE_PAGES = _IOW('b', 2, struct dma_buf_create_pages_info)`.
+pub const DMA_BUF_CREATE_PAGES: u64 = (1 << 30)
+    | ((std::mem::size_of::<DmaBufCreatePagesInfo>() as u64) << 16)
+    | ((b'b' as u64) << 8)
+    | 2;
+
+/// The NIC's bus, device and function from its PCI address, read as the
+/// plugin reads it (`sscanf("0000:%hx:%hx.%hx")`: domain 0 only).
+pub fn parse_nic_bdf(pci: &str) -> Option<[u64; 3]> {
+    let rest = pci.strip_prefix("0000:")?;
+    let (bus, rest) = rest.split_once(':')?;
+    let (dev, func) = rest.split_once('.')?;
+    let h = |s: &str| u16::from_str_radix(s, 16).ok().map(u64::from);
+    Some([h(bus)?, h(dev)?, h(func)?])
+}
+
+/// TCPX kernels: the fd that devmem sends from `dmabuf` on the NIC at
+/// `nic_pci` name in their cmsg (`ioctl(dmabuf, DMA_BUF_CREATE_PAGES)`,
+/// which returns it). Other kernels answer `ENOTTY`.
+pub fn tcpx_tx_pages(dmabuf: std::os::fd::BorrowedFd<'_>, nic_pci: &str) -> io::Result<OwnedFd> {
+    let pci_bdf = parse_nic_bdf(nic_pci).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("NIC PCI address {nic_pci:?} is not 0000:bus:dev.fn"),
+        )
+    })?;
+    let mut info = DmaBufCreatePagesInfo {
+        pci_bdf,
+        dma_buf_fd: dmabuf.as_raw_fd(),
+        create_page_pool: 0,
+    };
+    // SAFETY: an ioctl on a live fd with a pointer to a live struct of the
+    // size the request number encodes.
+    let ret = unsafe {
+        libc::ioctl(
+            dmabuf.as_raw_fd(),
+            DMA_BUF_CREATE_PAGES as libc::Ioctl,
+            &mut info as *mut DmaBufCreatePagesInfo,
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a fresh fd that nothing else owns.
+    Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(ret) })
+}
+
 /// Whether the running kernel knows `abi`'s `SO_DEVMEM_DONTNEED` option:
 /// one empty token range on a fresh TCP socket. `Err` carries the kernel's
 /// answer (`ENOPROTOOPT`: the kernel lacks that ABI).
@@ -188,5 +248,24 @@ mod tests {
     #[test]
     fn msg_zerocopy_matches_libc() {
         assert_eq!(MSG_ZEROCOPY, libc::MSG_ZEROCOPY);
+    }
+
+    // tx_pool.cu: DMA_BUF_CREATE_PAGES = _IOW('b', 2, ...) = 0x40206202.
+    #[test]
+    fn tcpx_create_pages_request_and_bdf() {
+        assert_eq!(std::mem::size_of::<DmaBufCreatePagesInfo>(), 32);
+        assert_eq!(DMA_BUF_CREATE_PAGES, 0x4020_6202);
+        assert_eq!(parse_nic_bdf("0000:06:00.0"), Some([6, 0, 0]));
+        assert_eq!(parse_nic_bdf("0000:c4:1f.7"), Some([0xc4, 0x1f, 7]));
+        assert_eq!(
+            parse_nic_bdf("0001:06:00.0"),
+            None,
+            "the plugin reads domain 0 only"
+        );
+        assert_eq!(parse_nic_bdf("06:00.0"), None);
+        // Not a DMA-BUF of a TCPX kernel: the kernel's answer, typed.
+        let f = std::fs::File::open("/dev/null").unwrap();
+        let e = tcpx_tx_pages(std::os::fd::AsFd::as_fd(&f), "0000:06:00.0").unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENOTTY), "{e}");
     }
 }
