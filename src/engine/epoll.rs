@@ -282,7 +282,8 @@ fn recv_ready(s: &mut Sock, scratch: &mut Vec<u8>) -> bool {
     moved
 }
 
-/// Receives through the emulated devmem NIC until it would block. True if bytes moved.
+/// Receives through the devmem socket (the kernel's or the emulated NIC's)
+/// until it would block. True if bytes moved.
 fn recv_devmem_ready(s: &mut Sock, scratch: &mut Vec<u8>) -> bool {
     let mut moved = false;
     while s.readable {

@@ -624,7 +624,7 @@ impl Sock {
         Some(self.release_zc())
     }
 
-    /// One receive through the emulated devmem NIC into the chunk being
+    /// One receive through the devmem socket into the chunk being
     /// received (header and body are read separately: each read asks for at
     /// most what its part still needs); see `devmem_rx` for where the
     /// payload goes and when its tokens go back.

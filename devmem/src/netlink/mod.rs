@@ -26,7 +26,10 @@ pub enum NetlinkError {
     NoFamily,
     #[error("no network interface named {0:?}")]
     NoSuchInterface(String),
-    #[error("NIC {ifname} does not support devmem {dir} ({errno}{reason}): it needs header split, flow steering and the queue API (upstream devmem TCP drivers)")]
+    #[error(
+        "NIC {ifname} does not support devmem {dir} ({errno}{reason}): {}",
+        needs(dir)
+    )]
     NotSupported {
         ifname: String,
         dir: &'static str,
@@ -57,6 +60,14 @@ pub enum NetlinkError {
     TimedOut(Duration),
     #[error("netlink socket: {0}")]
     Io(#[from] crate::error::OsError),
+}
+
+/// What a NIC needs for devmem in direction `dir`.
+fn needs(dir: &str) -> &'static str {
+    match dir {
+        "TX" => "it needs a driver with netmem TX (upstream Linux >= 6.16)",
+        _ => "it needs header split, flow steering and the queue API (upstream devmem TCP drivers)",
+    }
 }
 
 impl From<std::io::Error> for NetlinkError {
@@ -383,6 +394,8 @@ mod tests {
                 NetlinkError::NotSupported { errno, .. } => {
                     assert_eq!(errno, Errno::EOPNOTSUPP, "{msg}");
                     assert!(msg.contains("lo"), "{msg}");
+                    let needs = if tx { "netmem TX" } else { "queue API" };
+                    assert!(msg.contains(needs), "{msg}");
                 }
                 NetlinkError::PermissionDenied { .. } => {}
                 other => panic!("unexpected answer: {other}"),
