@@ -193,18 +193,20 @@ class Buffer:
 
         return np.resize(((np.arange(251) + seed) % 251).astype(np.uint8), self.n)
 
-    def fill(self, seed: int):
-        self.a[:] = self.pattern(seed)
+    def fill(self, seed: int, upto: int | None = None):
+        n = self.n if upto is None else upto
+        self.a[:n] = self.pattern(seed)[:n]
 
-    def zero(self):
-        self.a[:] = 0
+    def zero(self, upto: int | None = None):
+        self.a[: self.n if upto is None else upto] = 0
 
-    def check(self, seed: int, blocks: list[tuple[int, int]]) -> str | None:
-        """None when every block holds pattern(seed) and every other byte is
-        still zero; else where the first difference is."""
+    def check(self, seed: int, blocks: list[tuple[int, int]], upto: int | None = None) -> str | None:
+        """None when every block holds pattern(seed) and every other byte
+        (below `upto`, default all) is still zero; else where the first
+        difference is."""
         want = self.pattern(seed)
         at = 0
-        for off, n in blocks + [(self.n, 0)]:
+        for off, n in blocks + [(self.n if upto is None else upto, 0)]:
             gap = self.a[at:off]
             if gap.any():
                 return f"byte {at + _first_true(gap != 0)} outside the blocks was written"
@@ -672,6 +674,363 @@ def run_one_machine(args, backends: list[str], sizes: list[int]) -> int:
     return 1 if bad else 0
 
 
+# ---------------------------------------------------------------- sweep
+
+SWEEP_BLOCKS = "4K,8K,16K,64K,256K,1M,4M"
+SWEEP_BATCHES = "1,4,16,64,128,256,1024"
+SWEEP = TAG + b"sweep "
+SWEEP_END = TAG + b"sweep end"
+SWEEP_BYE = TAG + b"sweep bye"
+# nixlbench's columns (decimal GB/s, times in µs), then ours.
+SWEEP_HEAD = (
+    f"{'op':>5} {'mem':>9} {'block':>6} {'batch':>5} {'GB/s':>8} {'avg lat':>9} {'p50 lat':>9} "
+    f"{'avg prep':>9} {'p99 prep':>9} {'avg post':>9} {'p99 post':>9} {'avg tx':>9} {'p99 tx':>9} {'us/desc':>8}"
+)
+
+
+def sweep_points(args) -> list[dict]:
+    """Every configuration of the sweep, in the order it runs: op, memory
+    kinds (initiator:target), block size, blocks per transfer; points whose
+    transfer exceeds --max-transfer are left out."""
+    try:
+        blocks = [parse_size(b) for b in args.block_sizes.split(",") if b.strip()]
+        batches = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+    except ValueError:
+        raise Failed("--block-sizes and --batch-sizes: comma lists of sizes (K/M/G) and counts")
+    mems = [m.strip().upper() for m in args.mems.split(",") if m.strip()]
+    for m in mems:
+        if not all(k in ("DRAM", "VRAM") for k in m.split(":")) or m.count(":") != 1:
+            raise Failed(f"--mems {m!r}: initiator:target, each DRAM or VRAM (DRAM:VRAM)")
+    ops = [o.strip().upper() for o in args.ops.split(",") if o.strip()]
+    if any(o not in ("WRITE", "READ") for o in ops) or not ops or not blocks or not batches:
+        raise Failed("--ops: write and/or read; --block-sizes and --batch-sizes must not be empty")
+    pts = []
+    for op in ops:
+        for mem in mems:
+            for block in blocks:
+                for batch in batches:
+                    if block * batch <= args.max_transfer and batch >= 1 and block >= 1:
+                        pts.append({"op": op, "mem": mem, "block": block, "batch": batch})
+    return pts
+
+
+def sweep_layout(block: int, batch: int) -> list[tuple[int, int]]:
+    """Blocks of one transfer: every other block of the buffer, so that no
+    two are adjacent (NIXL users' KV blocks rarely are; adjacent ones would
+    be merged into one descriptor)."""
+    return [(2 * j * block, block) for j in range(batch)]
+
+
+def sweep_span(points: list[dict]) -> int:
+    return max((2 * p["batch"] - 1) * p["block"] for p in points) if points else 0
+
+
+def sweep_iters(args, size: int) -> int:
+    """Iterations of one point: about --sweep-bytes moved, within [5, --iters]."""
+    return max(5, min(args.iters, args.sweep_bytes // max(size, 1)))
+
+
+def stats_us(samples: list[float]) -> tuple[float, float, float]:
+    """(average, median, 99th percentile) of seconds, in µs."""
+    s = sorted(samples)
+    return (
+        sum(s) / len(s) * 1e6,
+        s[len(s) // 2] * 1e6,
+        s[min(len(s) - 1, (len(s) * 99) // 100)] * 1e6,
+    )
+
+
+def sweep_buffers(agent, kinds: set[str], span: int, gpu: int) -> dict[str, Buffer]:
+    """One registered buffer per memory kind, reused by every point."""
+    bufs = {}
+    for kind in sorted(kinds):
+        b = Buffer(max(span, 1), "gpu" if kind == "VRAM" else "cpu", gpu)
+        agent.register_memory(agent.get_reg_descs([(b.addr, b.n, b.dev, "")], b.mem))
+        bufs[kind] = b
+    return bufs
+
+
+def sweep_server(args, backend: str, agent, peer) -> None:
+    """The target: for each point the client names, offers blocks of the
+    buffer of the memory kind it asks for, counts the transfers by their
+    notifications (check_remote_xfer_done) and checks a WRITE's bytes."""
+    points = sweep_points(args)
+    kinds = {p["mem"].split(":")[1] for p in points}
+    for k in kinds:
+        check_mem(agent, backend, k)
+    bufs = sweep_buffers(agent, kinds, sweep_span(points), args.local_gpu_idx)
+    print(f"[server] sweep: {len(points)} points; waiting for the client", file=sys.stderr, flush=True)
+    wait_for_client(agent, args.timeout, args.port)
+    while True:
+        msg = peer.take(SWEEP, "the next sweep point")
+        if msg == SWEEP_END:
+            peer.send(SWEEP_BYE)
+            break
+        k, op, kind, block, batch, total = msg[len(SWEEP) :].decode().split()
+        k, block, batch, total = int(k), int(block), int(batch), int(total)
+        buf, blocks = bufs[kind], sweep_layout(block, batch)
+        span = blocks[-1][0] + block
+        seed = k % 250 + 1
+        if op == "WRITE":
+            buf.zero(span)
+        else:
+            buf.fill(seed, span)
+        peer.send(TAG + b"sweep-descs %d\n" % k + agent.get_serialized_descs(buf.descs(agent, blocks)))
+        count_transfers(agent, peer, b"SWEEP %d;" % k, total, f"the transfers of sweep point {k}")
+        if op == "WRITE":
+            bad = buf.check(seed, blocks, span)
+            peer.send(TAG + b"sweep-checked %d " % k + (b"ok" if bad is None else b"WRONG " + bad.encode()))
+
+
+def sweep_client(args, backend: str, agent, peer) -> list[dict]:
+    """The initiator: runs every point, timing each transfer as nixlbench
+    does: prepare (initialize_xfer), post (transfer), transfer (from the
+    post until DONE); checks the bytes once per point (its own for READ,
+    the server's answer for WRITE)."""
+    points = sweep_points(args)
+    kinds = {p["mem"].split(":")[0] for p in points}
+    for kind in kinds:
+        check_mem(agent, backend, kind)
+    bufs = sweep_buffers(agent, kinds, sweep_span(points), args.local_gpu_idx)
+    connect_to_server(agent, args.remote_ip, args.port, args.timeout)
+    rows = []
+    for k, p in enumerate(points):
+        op, block, batch = p["op"], p["block"], p["batch"]
+        ikind, tkind = p["mem"].split(":")
+        size = block * batch
+        warmup, iters = args.warmup, sweep_iters(args, size)
+        total = warmup + iters
+        peer.send(SWEEP + b"%d %s %s %d %d %d" % (k, op.encode(), tkind.encode(), block, batch, total))
+        msg = peer.take(TAG + b"sweep-descs %d\n" % k, f"the descriptors of sweep point {k}")
+        remote = agent.deserialize_descs(msg.split(b"\n", 1)[1])
+        deadline = time.monotonic() + args.timeout
+        while not agent.check_remote_metadata("server", remote):
+            agent.fetch_remote_metadata("server", args.remote_ip, args.port)
+            peer.check(deadline, "metadata covering its descriptors")
+            time.sleep(0.05)
+        buf, blocks = bufs[ikind], sweep_layout(block, batch)
+        span = blocks[-1][0] + block
+        seed = k % 250 + 1
+        if op == "WRITE":
+            buf.fill(seed, span)
+        else:
+            buf.zero(span)
+        local = buf.descs(agent, blocks)
+        tag = b"SWEEP %d;" % k
+        prep, post, xfer = [], [], []
+        what = f"{op} of {batch} x {pretty_size(block)}"
+        for i in range(total):
+            t0 = time.perf_counter()
+            h = agent.initialize_xfer(op, local, remote, "server", tag)
+            t1 = time.perf_counter()
+            try:
+                state = agent.transfer(h)
+                t2 = time.perf_counter()
+                polls = 0
+                while state == "PROC":
+                    state = agent.check_xfer_state(h)
+                    polls += 1
+                    if polls % 4096 == 0 and time.perf_counter() - t1 > args.timeout:
+                        raise Failed(f"{what} did not complete within {args.timeout:.0f} s")
+                t3 = time.perf_counter()
+            except Failed:
+                raise
+            except Exception as e:
+                raise Failed(f"{what} failed: {type(e).__name__}: {e}")
+            finally:
+                agent.release_xfer_handle(h)
+            if state != "DONE":
+                raise Failed(f"{what} ended in {state}")
+            if i >= warmup:
+                prep.append(t1 - t0)
+                post.append(t2 - t1)
+                xfer.append(t3 - t1)
+        if op == "WRITE":
+            checked = TAG + b"sweep-checked %d " % k
+            reply = peer.take(checked, f"the byte check of sweep point {k}")[len(checked) :]
+            bad = None if reply == b"ok" else reply.decode(errors="replace")
+        else:
+            bad = buf.check(seed, blocks, span)
+        pa, _, pp = stats_us(prep)
+        sa, _, sp = stats_us(post)
+        xa, x50, xp = stats_us(xfer)
+        row = {
+            **p,
+            "backend": backend,
+            "iters": iters,
+            "gb_s": size / (xa / 1e6) / 1e9,
+            "prep_avg_us": pa,
+            "prep_p99_us": pp,
+            "post_avg_us": sa,
+            "post_p99_us": sp,
+            "tx_avg_us": xa,
+            "tx_p50_us": x50,
+            "tx_p99_us": xp,
+            "byte_exact": bad is None,
+        }
+        rows.append(row)
+        print(sweep_line(row, None), flush=True)
+        if bad is not None:
+            print(f"[client] sweep point {k}: bytes WRONG: {bad}", flush=True)
+    peer.send(SWEEP_END)
+    # Leaving before the server read that would fail its run.
+    peer.take(SWEEP_BYE, "the end of the sweep")
+    return rows
+
+
+def count_transfers(agent, peer, tag: bytes, total: int, what: str) -> None:
+    """Waits for `total` transfer notifications carrying `tag`, napping
+    between looks: the target's polls must not take the CPU from the
+    initiator it is measured against (a 2-core machine has no core to spare)."""
+    deadline = time.monotonic() + peer.timeout
+    next_check = time.monotonic() + 0.05
+    done = 0
+    while done < total:
+        if agent.check_remote_xfer_done(peer.name, tag):
+            done += 1
+            continue
+        now = time.monotonic()
+        if now >= next_check:
+            peer.check(deadline, what, ended=True, fetch=False)
+            next_check = now + 0.05
+        time.sleep(0.0005)
+
+
+def per_desc_us(row: dict, rows: list[dict]) -> float | None:
+    """µs each descriptor adds: this point's transfer time less that of one
+    block of the same total bytes (same op, memory kinds and backend), over
+    the descriptor count; None where the sweep has no such block."""
+    if row["batch"] == 1:
+        return None
+    for r in rows:
+        if (r["backend"], r["op"], r["mem"], r["block"], r["batch"]) == (
+            row["backend"], row["op"], row["mem"], row["block"] * row["batch"], 1
+        ):
+            return (row["tx_avg_us"] - r["tx_avg_us"]) / row["batch"]
+    return None
+
+
+def sweep_line(r: dict, rows: list[dict] | None) -> str:
+    d = per_desc_us(r, rows) if rows else None
+    return (
+        f"{r['op']:>5} {r['mem']:>9} {fmt_size(r['block']):>6} {r['batch']:>5} {r['gb_s']:>8.3f} "
+        f"{r['tx_avg_us']:>9.1f} {r['tx_p50_us']:>9.1f} {r['prep_avg_us']:>9.1f} {r['prep_p99_us']:>9.1f} "
+        f"{r['post_avg_us']:>9.1f} {r['post_p99_us']:>9.1f} {r['tx_avg_us']:>9.1f} {r['tx_p99_us']:>9.1f} "
+        + (f"{d:>8.2f}" if d is not None else f"{'-':>8}")
+        + ("" if r["byte_exact"] else "  WRONG")
+    )
+
+
+def run_sweep_role(args, backend: str) -> int:
+    """--sweep with --role: this side of a two-host sweep."""
+    set_env(backend_env(backend, args))
+    prog = args.progress_thread == "on" or backend == "UCX"
+    role = args.role
+    port = args.port if role == "server" else 0
+    agent = make_agent(role, backend, backend_params(backend, args.nics), prog, listen_port=port)
+    peer = Peer(agent, "client" if role == "server" else "server", args.timeout)
+    try:
+        if role == "server":
+            sweep_server(args, backend, agent, peer)
+            return 0
+        rows = sweep_client(args, backend, agent, peer)
+    except Failed as e:
+        try:
+            peer.send(ABORT + str(e).encode())
+        except Exception:
+            pass
+        print(f"[{role}] error: {e}", file=sys.stderr, flush=True)
+        return 2
+    if args.json:
+        args.json.write_text(json.dumps({"backend": backend, "results": rows}, indent=1))
+    return 0 if all(r["byte_exact"] for r in rows) else 1
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_sweep_local(args, backends: list[str]) -> int:
+    """--sweep without --role: for each backend a server and a client
+    process on this machine, through the agents' listener on loopback."""
+    import subprocess
+    import tempfile
+
+    rows = []
+    for backend in backends:
+        saved = set_env(backend_env(backend, args))
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                out = pathlib.Path(tmp) / "client.json"
+                port = free_port()
+                common = [sys.executable, __file__, "--sweep", "--backend", backend, "--port", str(port),
+                          "--nics", args.nics or "127.0.0.1", "--ops", args.ops, "--mems", args.mems,
+                          "--block-sizes", args.block_sizes, "--batch-sizes", args.batch_sizes,
+                          "--max-transfer", str(args.max_transfer), "--sweep-bytes", str(args.sweep_bytes),
+                          "--iters", str(args.iters), "--warmup", str(args.warmup), "--timeout", str(args.timeout),
+                          "--progress-thread", args.progress_thread, "--local-gpu-idx", str(args.local_gpu_idx)]
+                if args.plugin:
+                    common += ["--plugin", str(args.plugin)]
+                print(f"sweep: {backend} ...", file=sys.stderr, flush=True)
+                server = subprocess.Popen(common + ["--role", "server"], stdout=subprocess.DEVNULL)
+                client = subprocess.Popen(common + ["--role", "client", "--remote-ip", "127.0.0.1", "--json", str(out)],
+                                          stdout=sys.stderr)
+                procs = [("client", client), ("server", server)]
+                try:
+                    for _, p in procs:
+                        p.wait(timeout=args.sweep_timeout)
+                except subprocess.TimeoutExpired:
+                    raise Failed(f"{backend}: the sweep ran past --sweep-timeout ({args.sweep_timeout:.0f} s)")
+                finally:
+                    for _, p in procs:
+                        if p.poll() is None:
+                            p.kill()
+                failed = [f"{n} exited with {p.returncode}" for n, p in procs if p.returncode not in (0, 1)]
+                if failed or not out.exists():
+                    raise Failed(f"{backend}: " + ("; ".join(failed) or "no results"))
+                rows += json.loads(out.read_text())["results"]
+        finally:
+            set_env(saved)
+    print_sweep(rows, backends)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    return 0 if all(r["byte_exact"] for r in rows) else 1
+
+
+def print_sweep(rows: list[dict], backends: list[str]) -> None:
+    for b in backends:
+        print(f"\nNIXL sweep, {b}: GB/s decimal (block x batch over the average transfer time); times in us")
+        print(SWEEP_HEAD)
+        print("-" * len(SWEEP_HEAD))
+        for r in rows:
+            if r["backend"] == b:
+                print(sweep_line(r, rows))
+    if len(backends) > 1:
+        a, b = backends[0], backends[1]
+        key = lambda r: (r["op"], r["mem"], r["block"], r["batch"])
+        other = {key(r): r for r in rows if r["backend"] == b}
+        print(f"\n{a} against {b}, same points: GB/s ratio, p50 latency (us)")
+        misses = 0
+        for r in rows:
+            o = other.get(key(r)) if r["backend"] == a else None
+            if o is None:
+                continue
+            ratio = r["gb_s"] / o["gb_s"] if o["gb_s"] else float("inf")
+            lower = r["tx_p50_us"] < o["tx_p50_us"]
+            misses += not lower
+            print(
+                f"{r['op']:>5} {r['mem']:>9} {fmt_size(r['block']):>6} {r['batch']:>5} "
+                f"{ratio:>7.2f}x  p50 {r['tx_p50_us']:>9.1f} vs {o['tx_p50_us']:>9.1f}" + ("" if lower else "  (higher)")
+            )
+        print(f"points where {a}'s p50 latency is not lower: {misses}")
+    bad = [r for r in rows if not r["byte_exact"]]
+    print(f"bytes checked once per point (after its last transfer): {len(rows) - len(bad)} of {len(rows)} byte-exact")
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -701,7 +1060,11 @@ def main() -> int:
         help="NIXL operation the client (initiator) posts (default write)",
     )
     ap.add_argument("--sizes", default=DEFAULT_SIZES, help=f"comma list of bytes, K/M/G allowed (default {DEFAULT_SIZES})")
-    ap.add_argument("--iters", type=int, default=20, help="iterations per size, excluding the warm-up (default 20)")
+    ap.add_argument(
+        "--iters",
+        type=int,
+        help="iterations per size, excluding the warm-up (default 20); with --sweep the most per point (default 200)",
+    )
     ap.add_argument("--warmup", type=int, default=3, help="warm-up iterations per size (default 3)")
     ap.add_argument("--num-kvblocks", type=int, default=1, help="blocks (descriptors) per transfer (default 1)")
     ap.add_argument(
@@ -723,6 +1086,21 @@ def main() -> int:
         "off: it sleeps on its sockets. UCX always runs with it on",
     )
     ap.add_argument("--json", type=pathlib.Path, help="also write the results here")
+    sw = ap.add_argument_group(
+        "sweep (nixlbench-shaped: block size x blocks per transfer x op x memory kinds, two processes "
+        "through the agents' metadata exchange; without --role both run here, per backend of --backend)"
+    )
+    sw.add_argument("--sweep", action="store_true", help="run the sweep instead of the size list")
+    sw.add_argument("--block-sizes", default=SWEEP_BLOCKS, help=f"block sizes (default {SWEEP_BLOCKS})")
+    sw.add_argument("--batch-sizes", default=SWEEP_BATCHES, help=f"blocks per transfer (default {SWEEP_BATCHES})")
+    sw.add_argument("--ops", default="write,read", help="operations (default write,read)")
+    sw.add_argument(
+        "--mems",
+        help="initiator:target memory kinds, comma list (default DRAM:DRAM; with --device gpu all four of DRAM/VRAM)",
+    )
+    sw.add_argument("--max-transfer", default="64M", help="leave out points moving more per transfer (default 64M)")
+    sw.add_argument("--sweep-bytes", default="64M", help="bytes to move per point, within 5..--iters transfers (default 64M)")
+    sw.add_argument("--sweep-timeout", type=float, default=1800, help="seconds for one backend's whole sweep (default 1800)")
     args = ap.parse_args()
 
     try:
@@ -733,9 +1111,12 @@ def main() -> int:
         ap.error("--sizes: every size must be at least 1 byte")
     if args.num_kvblocks < 1 or args.num_kvblocks > min(sizes):
         ap.error(f"--num-kvblocks must be 1..{min(sizes)} (the smallest size in bytes)")
+    args.iters = args.iters or (200 if args.sweep else 20)
     if args.iters < 1 or args.warmup < 0:
         ap.error("--iters must be at least 1 and --warmup at least 0")
     check_device(args, ap)
+    if args.sweep:
+        return sweep_main(args, ap)
     if args.role is None:
         backends = [b.strip().upper() for b in (args.backend or "TCPX,UCX").split(",") if b.strip()]
         for b in backends:
@@ -757,6 +1138,39 @@ def main() -> int:
     except Failed as e:
         print(f"[{args.role}] error: {e}", file=sys.stderr)
         return 2
+
+
+def sweep_main(args, ap) -> int:
+    try:
+        args.max_transfer = parse_size(args.max_transfer)
+        args.sweep_bytes = parse_size(args.sweep_bytes)
+    except ValueError:
+        ap.error("--max-transfer and --sweep-bytes take byte counts (K/M/G suffixes allowed)")
+    if args.mems is None:
+        args.mems = "DRAM:DRAM,VRAM:VRAM,DRAM:VRAM,VRAM:DRAM" if args.device == "gpu" else "DRAM:DRAM"
+    if "VRAM" in args.mems.upper() and args.device != "gpu":
+        args.device = "gpu"
+        check_device(args, ap)
+    try:
+        sweep_points(args)
+    except Failed as e:
+        ap.error(str(e))
+    if args.role is None:
+        backends = [b.strip().upper() for b in (args.backend or "TCPX,UCX").split(",") if b.strip()]
+        if any(b not in ("TCPX", "UCX") for b in backends):
+            ap.error("--backend: TCPX and/or UCX")
+        args.timeout = args.timeout or 120
+        try:
+            return run_sweep_local(args, backends)
+        except Failed as e:
+            sys.exit(str(e))
+    backend = (args.backend or "tcpx").strip().upper()
+    if backend not in ("TCPX", "UCX"):
+        ap.error(f"--backend {args.backend!r}: with --role use tcpx or ucx (one backend)")
+    if args.role == "client" and not args.remote_ip:
+        ap.error("--role client needs --remote-ip (the server's address)")
+    args.timeout = args.timeout or 120
+    return run_sweep_role(args, backend)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 #   --build  (here, any x86-64 Linux with Rust): builds every CUDA test and
 #            bench binary in release and copies them into gpu-bin/.
 #   --run    (there, no Rust needed): runs them from gpu-bin/ and prints a
-#            table: test, result, figure.
+#            table: test, result, figure; then, where plugins/nixl/gpu-bundle.sh
+#            left .nixlgpu/ (the NIXL agent and our plugin), the NIXL sweep
+#            through the real agent, VRAM and DRAM (its own table).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN=${GPU_BIN:-gpu-bin}
@@ -37,7 +39,7 @@ run() {
   nvidia-smi --query-gpu=name,driver_version --format=csv,noheader || true
   for t in $TESTS; do
     log=$(mktemp)
-    if "$BIN/$t" --test-threads=1 --nocapture >"$log" 2>&1; then res=PASS; else res=FAIL; fi
+    if timeout "${GPU_TEST_TIMEOUT:-300}" "$BIN/$t" --test-threads=1 --nocapture >"$log" 2>&1; then res=PASS; else res=FAIL; fi
     cat "$log"
     while read -r line; do
       name=$(sed -E 's/^test ([^ ]+) \.\.\. .*/\1/' <<<"$line")
@@ -45,9 +47,12 @@ run() {
       rows+=("$t::$name|$r|")
     done < <(grep -E '^test .* \.\.\. (ok|FAILED|ignored)' "$log")
     rows+=("$t (binary)|$res|$(grep -E 'byte-exact|imported|DMA-BUF|bind probe' "$log" | tr '\n' ' ')")
+    while read -r line; do
+      rows+=("$t ${line#ROW }")
+    done < <(grep '^ROW ' "$log" | sed -E 's/ \| /|'"$res"'|/')
   done
   log=$(mktemp)
-  if "$BIN/tcpx-gpu-bench" >"$log" 2>&1; then res=PASS; else res=FAIL; fi
+  if timeout "${GPU_TEST_TIMEOUT:-300}" "$BIN/tcpx-gpu-bench" >"$log" 2>&1; then res=PASS; else res=FAIL; fi
   cat "$log"
   while read -r line; do
     rows+=("bench ${line#ROW }")
@@ -58,6 +63,20 @@ run() {
     IFS='|' read -r a b c <<<"$r"
     printf '%-60s | %-6s | %s\n' "$a" "$b" "$c"
   done
+  nixl_sweep
+}
+
+# The KV-cache-shaped NIXL sweep through the real agent (two processes,
+# metadata through the agents' listener), VRAM and DRAM on both sides.
+nixl_sweep() {
+  if [ ! -d .nixlgpu/site ]; then
+    echo "NIXL sweep skipped: no .nixlgpu/ (run plugins/nixl/gpu-bundle.sh on the build machine)"
+    return
+  fi
+  PYTHONPATH=$PWD/.nixlgpu/site timeout "${GPU_SWEEP_TIMEOUT:-300}" python3 python/benchmark_nixl.py --sweep \
+    --backend TCPX --device gpu --plugin .nixlgpu/plugin/libplugin_TCPX.so --mems VRAM:VRAM,DRAM:DRAM \
+    --block-sizes 8K,64K,1M --batch-sizes 1,128,256 --max-transfer 256M --iters 100 \
+    ${GPU_SWEEP_JSON:+--json "$GPU_SWEEP_JSON"} || echo "NIXL sweep FAILED (exit $?)"
 }
 
 case "${1:-}" in

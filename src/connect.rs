@@ -24,7 +24,10 @@ impl Net {
             let sock = start_connect(local, handle.addr)?;
             handle.stage = Some(Box::new(Connecting {
                 deadline: Instant::now() + self.inner.cfg.handshake_timeout,
-                stage: Stage::Ctrl { sock },
+                stage: Stage::Ctrl {
+                    sock,
+                    to: handle.addr,
+                },
             }));
         }
         let secret = handle.secret;
@@ -186,6 +189,7 @@ struct DataConn {
 enum Stage {
     Ctrl {
         sock: Socket,
+        to: SocketAddr,
     },
     Welcome {
         stream: TcpStream,
@@ -212,14 +216,10 @@ impl Connecting {
         let n_data = n_local * net.cfg.sockets_per_nic;
         loop {
             match std::mem::replace(&mut self.stage, Stage::Failed) {
-                Stage::Ctrl { sock } => {
-                    let to = sock
-                        .peer_addr()
-                        .ok()
-                        .and_then(|a| a.as_socket())
-                        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+                Stage::Ctrl { sock, to } => {
+                    // The target as asked: a refused socket has no peer address to tell.
                     if !connected(&sock, to)? {
-                        self.stage = Stage::Ctrl { sock };
+                        self.stage = Stage::Ctrl { sock, to };
                         return Ok(None);
                     }
                     let stream: TcpStream = sock.into();

@@ -221,3 +221,95 @@ fn bounce_many_in_flight_both_directions_byte_exact() {
     }
     eprintln!("bounce: {N} messages each way in flight at once, GPU->GPU byte-exact");
 }
+
+#[test]
+fn bounce_mid_size_messages_one_at_a_time_byte_exact_every_way() {
+    if !gpu() {
+        return;
+    }
+    // Defaults (CUDA chunks up to 2 MiB): one message at a time, so no
+    // chunk is prefetched and each is staged in pieces, and received ones
+    // move on to the GPU while they arrive. Sizes straddle the pieces
+    // (32 KiB, doubling) and the 64 KiB receive tail.
+    let cfg = Config::loopback(&["127.0.0.1", "127.0.0.2"]).unwrap();
+    let a = Net::init(cfg.clone()).unwrap();
+    let b = Net::init(cfg).unwrap();
+    let (send, recv) = common::pair(&a, &b);
+    const CAP: usize = 9 << 20;
+    let gsrc = tcpx::cuda_alloc(0, CAP).unwrap();
+    let gdst = tcpx::cuda_alloc(0, CAP).unwrap();
+    // SAFETY: the device buffers outlive their regions and every request.
+    let (gs, gd) = unsafe {
+        (
+            a.reg_mr_raw(gsrc.ptr() as *mut u8, CAP, PtrKind::Cuda)
+                .unwrap(),
+            b.reg_mr_raw(gdst.ptr() as *mut u8, CAP, PtrKind::Cuda)
+                .unwrap(),
+        )
+    };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(21);
+    let mut data = vec![0u8; CAP];
+    rng.fill(&mut data[..]);
+    gsrc.write(0, &data).unwrap();
+    let hs = a.reg_mr(tcpx::HostMemory::from_slice(&data).unwrap());
+    let mut hd = b.reg_mr(tcpx::HostMemory::zeroed(CAP).unwrap());
+    let sizes = [
+        (32 << 10) - 1,
+        (32 << 10) + 1,
+        (96 << 10) + 5,
+        256 << 10,
+        (256 << 10) + 3,
+        (1 << 20) + 1,
+        (3 << 20) + 7,
+        4 << 20,
+        (8 << 20) - 3,
+    ];
+    let mut moved = 0;
+    for (gpu_src, gpu_dst) in [(true, true), (true, false), (false, true)] {
+        for (i, &n) in sizes.iter().enumerate() {
+            let (soff, doff) = (rng.gen_range(0..4096usize), rng.gen_range(0..4096usize));
+            if gpu_dst {
+                gdst.fill(0xA5).unwrap();
+            } else {
+                hd.bytes_mut().unwrap().fill(0xA5);
+            }
+            let (smr, dmr) = (
+                if gpu_src { &gs } else { &hs },
+                if gpu_dst { &gd } else { &hd },
+            );
+            let bufs = [RecvBuf {
+                mr: dmr,
+                offset: doff,
+                len: CAP - doff,
+                tag: i as i32,
+            }];
+            let mut rx = recv.irecv(&bufs).unwrap().unwrap();
+            let mut tx = send.isend(smr, soff, n, i as i32).unwrap().unwrap();
+            tx.wait(T).unwrap();
+            assert_eq!(rx.wait(T).unwrap()[0] as usize, n);
+            drop(rx);
+            let got = if gpu_dst {
+                let mut v = vec![0u8; CAP];
+                gdst.read(0, &mut v).unwrap();
+                v
+            } else {
+                hd.bytes().unwrap().to_vec()
+            };
+            let what = format!("{n} B, GPU source {gpu_src}, GPU destination {gpu_dst}");
+            assert!(
+                got[doff..doff + n] == data[soff..soff + n],
+                "{what}: bytes differ"
+            );
+            assert!(
+                got[..doff].iter().all(|&v| v == 0xA5),
+                "{what}: wrote before"
+            );
+            assert!(
+                got[doff + n..].iter().all(|&v| v == 0xA5),
+                "{what}: wrote past"
+            );
+            moved += 1;
+        }
+    }
+    eprintln!("bounce: {moved} mid-size messages one at a time (GPU->GPU, GPU->host, host->GPU) byte-exact");
+}

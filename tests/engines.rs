@@ -6,20 +6,11 @@ mod common;
 
 use std::sync::Mutex;
 
-use common::{pair, pattern, three_nics, T};
+use common::{net_with, pair, pattern, T};
 use tcpx::{EngineKind, HostMemory, Net, RecvBuf, ZeroCopy};
 
 /// TCPX_URING is read by the probe: tests that touch it run alone.
 static ENV: Mutex<()> = Mutex::new(());
-
-fn net(engine: EngineKind, zerocopy: ZeroCopy) -> Net {
-    let mut c = three_nics();
-    c.engine = engine;
-    c.zerocopy = zerocopy;
-    c.min_zcopy_size = 4096;
-    c.chunk_size = 128 << 10;
-    Net::init(c).unwrap()
-}
 
 fn stream(a: &Net, b: &Net, seed: u64) {
     let (send, recv) = pair(a, b);
@@ -86,7 +77,7 @@ fn every_engine_and_zerocopy_mode_is_byte_exact() {
     let _g = ENV.lock().unwrap_or_else(|p| p.into_inner());
     for engine in [EngineKind::Epoll, EngineKind::Uring] {
         for zc in [ZeroCopy::Off, ZeroCopy::On, ZeroCopy::Auto] {
-            let (a, b) = (net(engine, zc), net(engine, zc));
+            let (a, b) = (net_with(engine, zc), net_with(engine, zc));
             if engine == EngineKind::Uring && a.engine() != EngineKind::Uring {
                 eprintln!("io_uring unavailable on this kernel: uring combinations ran on epoll");
             }
@@ -106,8 +97,8 @@ fn unavailable_io_uring_falls_back_to_epoll_with_the_same_results() {
     let _g = ENV.lock().unwrap_or_else(|p| p.into_inner());
     std::env::set_var("TCPX_URING", "unavailable");
     let (a, b) = (
-        net(EngineKind::Uring, ZeroCopy::Auto),
-        net(EngineKind::Auto, ZeroCopy::Auto),
+        net_with(EngineKind::Uring, ZeroCopy::Auto),
+        net_with(EngineKind::Auto, ZeroCopy::Auto),
     );
     std::env::remove_var("TCPX_URING");
     assert_eq!(a.engine(), EngineKind::Epoll);
@@ -118,7 +109,7 @@ fn unavailable_io_uring_falls_back_to_epoll_with_the_same_results() {
 #[test]
 fn closing_the_receiver_fails_uring_sends_in_flight() {
     let _g = ENV.lock().unwrap_or_else(|p| p.into_inner());
-    let a = net(EngineKind::Uring, ZeroCopy::Off);
+    let a = net_with(EngineKind::Uring, ZeroCopy::Off);
     let (send, recv) = pair(&a, &a);
     // Far more than loopback socket buffers can absorb, so the send must stall.
     let big = a.reg_mr(HostMemory::zeroed(64 << 20).unwrap());

@@ -25,15 +25,7 @@ fn child_entry() {
     let net = Net::init(three_nics()).unwrap();
     let mr = net.reg_mr(HostMemory::zeroed(BIG).unwrap());
     match role.as_str() {
-        "sender" => {
-            let mut h = Handle::from_bytes(&child::from_hex(&arg.unwrap())).unwrap();
-            let send = net.connect_wait(0, &mut h, T).unwrap();
-            child::say("connected");
-            loop {
-                let mut r = send.isend(&mr, 0, BIG, 0).unwrap().unwrap();
-                let _ = r.wait(Duration::from_secs(3600));
-            }
-        }
+        "sender" => child::send_forever(&net, &arg.unwrap(), BIG),
         // Sends one small message and ends the process at once: no goodbye.
         "send-and-exit" => {
             let mut h = Handle::from_bytes(&child::from_hex(&arg.unwrap())).unwrap();
@@ -231,6 +223,8 @@ fn connect_to_a_closed_listener_fails_fast() {
     let e = net.connect_wait(0, &mut h, T).unwrap_err();
     assert!(t0.elapsed() < Duration::from_secs(5));
     assert!(matches!(e, Error::ConnectionLost(_)), "{e}");
+    // The error names the address that refused, not 0.0.0.0.
+    assert!(e.to_string().contains(&h.addr().to_string()), "{e}");
 }
 
 #[test]

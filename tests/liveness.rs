@@ -45,16 +45,7 @@ fn child_entry() {
     let net = Net::init(config()).unwrap();
     match role.as_str() {
         // Sends big messages until stopped or killed.
-        "sender" => {
-            let mr = net.reg_mr(HostMemory::zeroed(BIG).unwrap());
-            let mut h = Handle::from_bytes(&child::from_hex(&arg.unwrap())).unwrap();
-            let send = net.connect_wait(0, &mut h, T).unwrap();
-            child::say("connected");
-            loop {
-                let mut r = send.isend(&mr, 0, BIG, 0).unwrap().unwrap();
-                let _ = r.wait(Duration::from_secs(3600));
-            }
-        }
+        "sender" => child::send_forever(&net, &arg.unwrap(), BIG),
         // Receives big messages until stopped or killed.
         "receiver" => {
             let mr = net.reg_mr(HostMemory::zeroed(BIG).unwrap());

@@ -8,19 +8,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::{pair, pattern, three_nics, T};
+use common::{net_with, pair, pattern, three_nics, T};
 use tcpx::{EngineKind, Error, HostMemory, MemoryRegion, Net, RecvBuf, ZeroCopy};
 
 const MARK: u8 = 0xEE;
-
-fn net(engine: EngineKind, zerocopy: ZeroCopy) -> Net {
-    let mut c = three_nics();
-    c.engine = engine;
-    c.zerocopy = zerocopy;
-    c.min_zcopy_size = 4096;
-    c.chunk_size = 128 << 10;
-    Net::init(c).unwrap()
-}
 
 fn filled(net: &Net, n: usize, seed: u64) -> (MemoryRegion, Vec<u8>) {
     let mut m = HostMemory::zeroed(n).unwrap();
@@ -143,7 +134,7 @@ fn failed_groups_then_reuse(tx: &Net, rx: &Net, rounds: usize, seed: u64) {
 fn reuse_after_a_failed_group_is_byte_exact_for_every_engine_and_zerocopy() {
     for engine in [EngineKind::Epoll, EngineKind::Uring] {
         for zc in [ZeroCopy::Off, ZeroCopy::On, ZeroCopy::Auto] {
-            let (a, b) = (net(engine, zc), net(engine, zc));
+            let (a, b) = (net_with(engine, zc), net_with(engine, zc));
             failed_groups_then_reuse(&a, &b, 200, 0x5eed ^ zc as u64);
         }
     }

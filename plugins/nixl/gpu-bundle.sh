@@ -25,6 +25,7 @@ python3 -m zipfile -e "$tmp"/nixl_cu13-*.whl "$tmp/x"
 rm -rf "$out"
 mkdir -p "$out/site/nixl_cu13.libs" "$out/plugin"
 cp -r "$tmp/x/nixl_cu13" "$tmp/x/.nixl_cu13.mesonpy.libs" "$out/site/"
+rm -rf "$out/site/.nixl_cu13.mesonpy.libs/plugins"  # NIXL_PLUGIN_DIR replaces it
 # Only the libraries the bindings load (the wheel's plugins and their
 # dependencies stay behind; NIXL_PLUGIN_DIR points at ours).
 export LD_LIBRARY_PATH="$tmp/x/.nixl_cu13.mesonpy.libs:$tmp/x/nixl_cu13.libs"

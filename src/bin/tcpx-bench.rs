@@ -49,6 +49,10 @@ struct Cli {
     /// Messages in flight.
     #[arg(long, global = true, default_value_t = 4)]
     window: usize,
+    /// Ping-pongs per size for the latency figures (default: 400 for small
+    /// messages, fewer for large ones).
+    #[arg(long, global = true)]
+    pings: Option<usize>,
     /// Receive path: `host` (kernel TCP) or `devmem-emulated` (the emulated
     /// devmem NIC, upstream ABI; `devmem-emulated-tcpx` for the TCPX kernel ABI).
     #[arg(long, global = true, default_value = "host")]
@@ -189,7 +193,7 @@ fn plan(cli: &Cli) -> BoxResult<Plan> {
     let iters = sizes.iter().map(|&s| (per / s).clamp(4, 20_000)).collect();
     let pings = sizes
         .iter()
-        .map(|&s| ((64 << 20) / s).clamp(5, 400))
+        .map(|&s| cli.pings.unwrap_or(((64 << 20) / s).clamp(5, 400)).max(1))
         .collect();
     Ok(Plan {
         sizes,

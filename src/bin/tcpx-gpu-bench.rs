@@ -1,13 +1,15 @@
 //! GPU figures for the CUDA paths, one table: pinned D2H, loopback TCP with
 //! host memory, the bounce path GPU->GPU (same loopback; in one process,
-//! and between two processes), and the unpack kernel against a
-//! device-to-device copy of the same bytes. Exits 0 with a note when no GPU
+//! and between two processes), the unpack kernel against a
+//! device-to-device copy of the same bytes, and batched copies (the NIXL
+//! plugin's pack gather) by each method. Exits 0 with a note when no GPU
 //! is present.
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use devmem::cuda::batch::{self, CopyList, Method};
 use devmem::cuda::mem::{time_on, DeviceBuffer, PinnedBuffer, Stream};
 use devmem::cuda::unpack::{Frag, Unpacker};
 use devmem::cuda::{probe, Context};
@@ -120,7 +122,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         let cfg = Config::loopback(&["127.0.0.1", "127.0.0.2"])?;
         let l = Loopback::new(cfg, &gs, &gd, &want)?;
         let (send, recv, hs, hd, ms, md) = (&l.send, &l.recv, &l.hs, &l.hd, &l.ms, &l.md);
-        for len in [256 << 10, 1 << 20, 4 << 20] {
+        for len in [256 << 10, 512 << 10, 1 << 20, 2 << 20, 4 << 20] {
             let mut ratios = Vec::new();
             let (mut host, mut bounce) = (0f64, 0f64);
             for _ in 0..ROUNDS {
@@ -242,6 +244,56 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     out.read(12345 * FRAG, &mut probe_bytes)?;
     if probe_bytes.iter().any(|&v| v != 9) {
         return Err("unpack bench: output bytes are wrong".into());
+    }
+    batched_gather(ctx, &stream, &pool, &out)
+}
+
+/// A NIXL pack's gather: `n` blocks of `len` bytes, every other one of a
+/// buffer, into one contiguous pack, queued and waited for as the plugin
+/// does; per method, the median of 200 batches.
+fn batched_gather(
+    ctx: &'static Context,
+    stream: &Stream,
+    src: &DeviceBuffer,
+    pack: &DeviceBuffer,
+) -> BoxResult<()> {
+    let mut methods = vec![Method::Kernel, Method::Each];
+    if batch::best() == Method::Driver {
+        methods.insert(0, Method::Driver);
+    }
+    let mut list = CopyList::new(ctx)?;
+    for (n, len) in [(128usize, 8usize << 10), (256, 64 << 10), (4, 1 << 20)] {
+        let mut cells = Vec::new();
+        for &how in &methods {
+            list.clear();
+            for i in 0..n {
+                list.push(
+                    pack.ptr() + (i * len) as u64,
+                    src.ptr() + (2 * i * len) as u64,
+                    len,
+                );
+            }
+            let mut t = Vec::with_capacity(200);
+            for _ in 0..200 {
+                let start = Instant::now();
+                // SAFETY: 2n blocks of len fit both 256 MiB buffers, which
+                // outlive the call; the pack's blocks do not overlap.
+                unsafe { list.run(stream, how, T)? };
+                t.push(start.elapsed().as_secs_f64() * 1e6);
+            }
+            t.sort_by(f64::total_cmp);
+            let us = t[t.len() / 2];
+            cells.push(format!(
+                "{how:?} {us:.1} us ({:.2} us/descriptor, {:.0} GB/s)",
+                us / n as f64,
+                (n * len) as f64 / us / 1e3
+            ));
+        }
+        println!(
+            "ROW batched_gather_{n}x{}KiB | {}",
+            len >> 10,
+            cells.join("; ")
+        );
     }
     Ok(())
 }

@@ -26,6 +26,7 @@ use crate::engine::{Cmd, Watch};
 use crate::error::{Error, Result};
 use crate::memory::MemoryRegion;
 use crate::net::NetInner;
+use crate::request::FdWaker;
 
 pub(crate) use recv::RecvCore;
 pub use recv::{RecvBuf, RecvComm};
@@ -124,6 +125,10 @@ struct CommBase {
     armed: AtomicU8,
     /// When the protocol's timers next need a tick (µs since `EPOCH`; 0: now).
     due_us: AtomicU64,
+    /// The control socket (owned by the comm's `Ctrl`), for sleepers to poll.
+    ctrl_fd: i32,
+    /// Wakes the comm's sleepers when a request moves.
+    waker: Arc<FdWaker>,
 }
 
 /// The clock of `CommBase::due_us`.
@@ -138,8 +143,10 @@ const ARM_READ: u8 = 1;
 const ARM_WRITE: u8 = 2;
 
 impl CommBase {
-    fn new(net: Arc<NetInner>, socks: Vec<DataSock>, watch: Watch) -> Self {
+    fn new(net: Arc<NetInner>, socks: Vec<DataSock>, watch: Watch, ctrl: &TcpStream) -> Self {
         CommBase {
+            ctrl_fd: ctrl.as_raw_fd(),
+            waker: Arc::new(FdWaker::default()),
             net,
             socks,
             inflight: AtomicUsize::new(0),
@@ -198,6 +205,11 @@ impl CommBase {
     /// The watch fired and disarmed itself.
     fn poked(&self) {
         self.armed.store(0, Ordering::Release);
+    }
+
+    /// The fd a sleeping waiter polls, while the comm can still move.
+    fn poll_fd(&self) -> Option<i32> {
+        (!self.socks_closed.load(Ordering::Acquire)).then_some(self.ctrl_fd)
     }
 
     /// A finished or dropped request frees its slot.

@@ -18,7 +18,7 @@ use crate::engine::{CommLink, Lookup, Placement, Poke};
 use crate::error::{Error, Result};
 use crate::memory::{MemoryRegion, Region, RxPath};
 use crate::net::NetInner;
-use crate::request::{FdWaker, ReqState};
+use crate::request::ReqState;
 
 /// How long a closing comm lets its last control bytes reach the peer.
 const CLOSE_PATIENCE: Duration = Duration::from_millis(200);
@@ -128,11 +128,9 @@ impl RecvLink {
 }
 
 pub(crate) struct RecvCore {
-    base: CommBase,
+    pub(super) base: CommBase,
     ctrl: Ctrl<RecvCtrl>,
     link: Arc<RecvLink>,
-    pub(super) waker: Arc<FdWaker>,
-    ctrl_fd: i32,
     /// Flow-steering rules of the data sockets; withdrawn on close.
     flows: Mutex<Vec<RuleHandle>>,
 }
@@ -161,8 +159,6 @@ impl RecvComm {
             peer_timeout: agreed.peer_timeout,
             inline_threshold: agreed.inline_threshold,
         };
-        let waker = Arc::new(FdWaker::default());
-        let ctrl_fd = std::os::fd::AsRawFd::as_raw_fd(&ctrl);
         let watch = match net.watch_ctrl(&ctrl, data.first().map_or(0, |d| d.0)) {
             Ok(w) => w,
             Err(e) => {
@@ -190,7 +186,7 @@ impl RecvComm {
             let target: Weak<dyn Poke> = me.clone();
             watch.bind(target);
             RecvCore {
-                base: CommBase::new(net.clone(), socks, watch),
+                base: CommBase::new(net.clone(), socks, watch, &ctrl),
                 ctrl: Ctrl::new(RecvCtrl {
                     stream: ctrl,
                     side: RecvSide::new(params, Instant::now()),
@@ -199,8 +195,6 @@ impl RecvComm {
                     data_lost: None,
                 }),
                 link,
-                waker,
-                ctrl_fd,
                 flows: Mutex::new(flows),
             }
         });
@@ -228,7 +222,8 @@ impl RecvComm {
         if core.base.inflight.load(Ordering::Acquire) >= core.base.net.cfg.max_requests {
             return Ok(None);
         }
-        let state = Arc::new(ReqState::new(bufs.len(), bufs.len()).with_waker(core.waker.clone()));
+        let state =
+            Arc::new(ReqState::new(bufs.len(), bufs.len()).with_waker(core.base.waker.clone()));
         let group = Group {
             state: state.clone(),
             subs: bufs
@@ -318,10 +313,6 @@ impl Drop for RecvComm {
 }
 
 impl RecvCore {
-    pub(super) fn release_slot(&self) {
-        self.base.release_slot();
-    }
-
     pub(super) fn nudge(&self) {
         self.ctrl.nudge(|c| self.progress(c, false));
     }
@@ -329,11 +320,6 @@ impl RecvCore {
     pub(super) fn drive(&self) {
         self.ctrl
             .with(|c| self.progress(c, false), |c| self.progress(c, false));
-    }
-
-    /// The fd a sleeping waiter polls, while the comm can still move.
-    pub(super) fn poll_fd(&self) -> Option<i32> {
-        (!self.base.socks_closed.load(Ordering::Acquire)).then_some(self.ctrl_fd)
     }
 
     /// Moves bytes both ways and acts on what the protocol says: inline

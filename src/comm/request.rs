@@ -35,16 +35,16 @@ impl Owner {
     /// The control socket and eventfd a sleeper polls.
     fn sleep_on(&self) -> Option<(Option<i32>, &Arc<FdWaker>)> {
         match self {
-            Owner::Send(c) => Some((c.poll_fd(), &c.waker)),
-            Owner::Recv(c) => Some((c.poll_fd(), &c.waker)),
+            Owner::Send(c) => Some((c.base.poll_fd(), &c.base.waker)),
+            Owner::Recv(c) => Some((c.base.poll_fd(), &c.base.waker)),
             Owner::None => None,
         }
     }
 
     fn release(&self) {
         match self {
-            Owner::Send(c) => c.release_slot(),
-            Owner::Recv(c) => c.release_slot(),
+            Owner::Send(c) => c.base.release_slot(),
+            Owner::Recv(c) => c.base.release_slot(),
             Owner::None => {}
         }
     }

@@ -15,7 +15,7 @@ use crate::engine::{Cmd, CommLink, Job, Poke};
 use crate::error::{Error, Result};
 use crate::memory::{MemoryRegion, PtrKind, Region, TxPath};
 use crate::net::NetInner;
-use crate::request::{FdWaker, ReqState};
+use crate::request::ReqState;
 
 /// Smallest chunk of a CUDA message cut across sockets. Measured: a 256
 /// KiB message in two 128 KiB chunks went 0.77x -> 0.89x of host TCP; more
@@ -51,12 +51,10 @@ pub(crate) struct SendCtrl {
 }
 
 pub(crate) struct SendCore {
-    base: CommBase,
+    pub(super) base: CommBase,
     ctrl: Ctrl<SendCtrl>,
     /// The first failure a data socket reported.
     failure: std::sync::Mutex<Option<Error>>,
-    pub(super) waker: Arc<FdWaker>,
-    ctrl_fd: i32,
 }
 
 /// The sending end of a connection (from `Net::connect`).
@@ -97,8 +95,6 @@ impl SendComm {
             peer_timeout: agreed.peer_timeout,
             inline_threshold: cfg.inline_threshold,
         };
-        let waker = Arc::new(FdWaker::default());
-        let ctrl_fd = std::os::fd::AsRawFd::as_raw_fd(&ctrl);
         let watch = net.watch_ctrl(&ctrl, data.first().map_or(0, |d| d.0))?;
         let core = Arc::new_cyclic(|me: &Weak<SendCore>| {
             let link: Arc<dyn CommLink> = Arc::new(SendLink(me.clone()));
@@ -109,7 +105,7 @@ impl SendComm {
             let target: Weak<dyn Poke> = me.clone();
             watch.bind(target);
             SendCore {
-                base: CommBase::new(net.clone(), socks, watch),
+                base: CommBase::new(net.clone(), socks, watch, &ctrl),
                 ctrl: Ctrl::new(SendCtrl {
                     stream: ctrl,
                     side: SendSide::new(params, Instant::now()),
@@ -119,8 +115,6 @@ impl SendComm {
                     events: Vec::new(),
                 }),
                 failure: Default::default(),
-                waker,
-                ctrl_fd,
             }
         });
         Ok(SendComm { core })
@@ -175,7 +169,7 @@ impl SendComm {
         }
         let n = core.base.socks.len();
         let inline = len <= cfg.inline_threshold || len == 0;
-        let state = Arc::new(ReqState::new(1, 1).with_waker(core.waker.clone()));
+        let state = Arc::new(ReqState::new(1, 1).with_waker(core.base.waker.clone()));
         state.set_size(0, len as u64);
         core.ctrl.with(
             |c| -> Result<()> {
@@ -187,7 +181,7 @@ impl SendComm {
                 let mut events = std::mem::take(&mut c.events);
                 let mut ev = |e| events.push(e);
                 if inline {
-                    let src = mr.inner.source(offset as u64, len)?;
+                    let (src, _) = mr.inner.source(offset as u64, len, len)?;
                     // SAFETY: TxPath hands out `len` readable bytes; `mr` holds the region for this call.
                     let body = unsafe { bytes(src, len) };
                     c.reqs.insert(
@@ -224,6 +218,15 @@ impl SendComm {
                     );
                     c.side
                         .send_chunked(token, len as u64, tag, chunk as u32, &mut ev)?;
+                    if mr.inner.kind() == PtrKind::Cuda && len <= n * chunk {
+                        // One chunk per socket: their staging copies start
+                        // now and overlap the wait for the receiver's post.
+                        for k in 0..len.div_ceil(chunk) {
+                            let at = k * chunk;
+                            mr.inner
+                                .stage_early((offset + at) as u64, chunk.min(len - at));
+                        }
+                    }
                 }
                 c.events = events;
                 if !more {
@@ -264,10 +267,6 @@ impl Drop for SendComm {
 }
 
 impl SendCore {
-    pub(super) fn release_slot(&self) {
-        self.base.release_slot();
-    }
-
     pub(super) fn nudge(&self) {
         self.ctrl.nudge(|c| self.progress(c, true));
     }
@@ -276,11 +275,6 @@ impl SendCore {
     pub(super) fn drive(&self, read: bool) {
         self.ctrl
             .with(|c| self.progress(c, read), |c| self.progress(c, true));
-    }
-
-    /// The fd a sleeping waiter polls, while the comm can still move.
-    pub(super) fn poll_fd(&self) -> Option<i32> {
-        (!self.base.socks_closed.load(Ordering::Acquire)).then_some(self.ctrl_fd)
     }
 
     /// Moves bytes both ways and acts on what the protocol says, until it

@@ -68,3 +68,16 @@ pub fn from_hex(s: &str) -> Vec<u8> {
         .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
         .collect()
 }
+
+/// A child role: connects to the parent's handle (`hex`) with `net`, says
+/// "connected", then sends `len`-byte messages until stopped or killed.
+pub fn send_forever(net: &tcpx::Net, hex: &str, len: usize) -> ! {
+    let mr = net.reg_mr(tcpx::HostMemory::zeroed(len).unwrap());
+    let mut h = tcpx::Handle::from_bytes(&from_hex(hex)).unwrap();
+    let send = net.connect_wait(0, &mut h, super::T).unwrap();
+    say("connected");
+    loop {
+        let mut r = send.isend(&mr, 0, len, 0).unwrap().unwrap();
+        let _ = r.wait(std::time::Duration::from_secs(3600));
+    }
+}

@@ -5,13 +5,23 @@ pub mod child;
 
 use std::time::Duration;
 
-use tcpx::{Config, HostMemory, Net, RecvBuf, RecvComm, SendComm};
+use tcpx::{Config, EngineKind, HostMemory, Net, RecvBuf, RecvComm, SendComm, ZeroCopy};
 
 pub const T: Duration = Duration::from_secs(20);
 
 /// Three loopback addresses stand in for three NICs.
 pub fn three_nics() -> Config {
     Config::loopback(&["127.0.0.1", "127.0.0.2", "127.0.0.3"]).unwrap()
+}
+
+/// Three NICs on `engine` with `zerocopy` (from 4 KiB), 128 KiB chunks.
+pub fn net_with(engine: EngineKind, zerocopy: ZeroCopy) -> Net {
+    let mut c = three_nics();
+    c.engine = engine;
+    c.zerocopy = zerocopy;
+    c.min_zcopy_size = 4096;
+    c.chunk_size = 128 << 10;
+    Net::init(c).unwrap()
 }
 
 /// Connects `a` (sender) to `b` (receiver) on device 0.

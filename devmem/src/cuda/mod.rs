@@ -7,7 +7,10 @@
 //!   that touches GPU memory ([`Context::make_current`]);
 //! - [`mem`]: pointer attributes, device and pinned buffers, streams, copies,
 //!   DMA-BUF export;
-//! - [`unpack`]: the NVRTC-compiled fragment gather kernel;
+//! - [`unpack`]: the NVRTC-compiled fragment gather kernel (and its
+//!   copy-list sibling);
+//! - [`batch`]: many copies as one batch (`cuMemcpyBatchAsync`, else the
+//!   copy-list kernel), finished by one event;
 //! - [`vmm`]: a GPU RX pool exported and imported as a POSIX-fd shareable
 //!   handle (tcpgpudmarxd's `cu_ipc_memfd_exporter`);
 //! - [`mirror`]: the emulated NIC's writes into such a pool.
@@ -19,6 +22,7 @@ use std::sync::{Mutex, OnceLock};
 
 pub use cudarc::driver::sys;
 
+pub mod batch;
 pub mod mem;
 pub mod mirror;
 pub mod unpack;

@@ -1,6 +1,8 @@
 //! The unpack kernel: gathers `(pool offset, destination offset, length)`
-//! fragments from an RX pool into a destination buffer, on a stream.
-//! Compiled at run time with NVRTC (no toolkit needed at build time).
+//! fragments from an RX pool into a destination buffer, on a stream; and its
+//! sibling over absolute addresses, the copy-list kernel behind
+//! [`super::batch`]. Compiled at run time with NVRTC (no toolkit needed at
+//! build time).
 
 use std::collections::HashMap;
 use std::ffi::{c_void, CString};
@@ -57,6 +59,29 @@ extern "C" __global__ void tcpx_unpack(const unsigned char* __restrict__ pool,
     for (unsigned long long i = done + threadIdx.x; i < len; i += blockDim.x) d[i] = s[i];
   }
 }
+// The same gather over absolute addresses: `rows` (readable by the device,
+// pinned host memory under unified addressing) names each copy's source and
+// destination.
+extern "C" __global__ void tcpx_copy_list(const Frag* __restrict__ rows, unsigned int n) {
+  for (unsigned int f = blockIdx.x; f < n; f += gridDim.x) {
+    const Frag fr = rows[f];
+    const unsigned char* s = (const unsigned char*)fr.src;
+    unsigned char* d = (unsigned char*)fr.dst;
+    const unsigned long long len = fr.len;
+    unsigned long long done = 0;
+    if ((((unsigned long long)s ^ (unsigned long long)d) & 15) == 0) {
+      unsigned long long head = (16 - ((unsigned long long)d & 15)) & 15;
+      if (head > len) head = len;
+      if (threadIdx.x < head) d[threadIdx.x] = s[threadIdx.x];
+      const unsigned long long nvec = (len - head) >> 4;
+      const uint4* s4 = (const uint4*)(s + head);
+      uint4* d4 = (uint4*)(d + head);
+      for (unsigned long long i = threadIdx.x; i < nvec; i += blockDim.x) d4[i] = s4[i];
+      done = head + (nvec << 4);
+    }
+    for (unsigned long long i = done + threadIdx.x; i < len; i += blockDim.x) d[i] = s[i];
+  }
+}
 "#;
 
 const THREADS: u32 = 256;
@@ -67,6 +92,7 @@ pub struct Unpacker {
     ctx: &'static Context,
     module: sys::CUmodule,
     func: sys::CUfunction,
+    copy_list: sys::CUfunction,
 }
 
 // SAFETY: module and function handles are usable from any thread with the context current.
@@ -109,7 +135,18 @@ impl Unpacker {
         ck("cuModuleGetFunction", || unsafe {
             sys::cuModuleGetFunction(&mut func, module, name.as_ptr())
         })?;
-        Ok(Unpacker { ctx, module, func })
+        let mut copy_list = std::ptr::null_mut();
+        let name = c"tcpx_copy_list";
+        // SAFETY: module is loaded; name is NUL-terminated.
+        ck("cuModuleGetFunction", || unsafe {
+            sys::cuModuleGetFunction(&mut copy_list, module, name.as_ptr())
+        })?;
+        Ok(Unpacker {
+            ctx,
+            module,
+            func,
+            copy_list,
+        })
     }
 
     /// The kernel for `ctx`, compiled on first use and kept for the
@@ -164,6 +201,43 @@ impl Unpacker {
         ck("cuLaunchKernel(tcpx_unpack)", || unsafe {
             sys::cuLaunchKernel(
                 self.func,
+                grid,
+                1,
+                1,
+                THREADS,
+                1,
+                1,
+                0,
+                stream.raw(),
+                params.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        })
+    }
+
+    /// Queues the copies of `n` rows (an array of [`Frag`] at `rows`, whose
+    /// `src` and `dst` are device addresses) on `stream`.
+    ///
+    /// # Safety
+    /// `rows` must be readable by the device (device memory, or pinned host
+    /// memory under unified addressing) and every row's ranges device memory
+    /// this GPU can access, none overlapping another's destination; all of
+    /// it must stay valid, and the rows unchanged, until the stream is synced.
+    pub unsafe fn launch_list(&self, stream: &Stream, rows: u64, n: u32) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        self.ctx.make_current()?;
+        let (mut rows, mut n_arg) = (rows, n);
+        let mut params: [*mut c_void; 2] = [
+            (&mut rows as *mut u64).cast(),
+            (&mut n_arg as *mut u32).cast(),
+        ];
+        let grid = n.min(1 << 20);
+        // SAFETY: params point at live locals matching the kernel's signature.
+        ck("cuLaunchKernel(tcpx_copy_list)", || unsafe {
+            sys::cuLaunchKernel(
+                self.copy_list,
                 grid,
                 1,
                 1,

@@ -1,8 +1,8 @@
 //! Our `#[repr(C)]` declarations of NCCL's net plugin ABI.
 //!
 //! Facts from NVIDIA/nccl at tag v2.28.7-1 (re-checked against v2.30.7-1,
-//! whose v8..v11 structs are unchanged):
-//! - `src/include/plugin/net/net_v{8,9,10,11}.h`: the tables and properties;
+//! whose v8..v11 structs are unchanged; v12 from its `net_v12.h`):
+//! - `src/include/plugin/net/net_v{8,9,10,11,12}.h`: the tables and properties;
 //! - `src/include/plugin/nccl_net.h`: `NCCL_PTR_*`, `NCCL_NET_HANDLE_MAXSIZE`,
 //!   `MAX_NET_SIZE`, `MAX_COLLNET_SIZE`, `NCCL_NET_MAX_DEVS_PER_NIC`;
 //! - `src/include/nccl_common.h`: `ncclDebugLogger_t`, log levels, subsystems,
@@ -45,6 +45,10 @@ pub const NCCL_NET_DEVICE_INVALID_VERSION: c_int = 0;
 pub const MAX_NET_SIZE: usize = 1 << 30;
 pub const MAX_COLLNET_SIZE: usize = 512 << 20;
 pub const NCCL_NET_MAX_DEVS_PER_NIC: usize = 4;
+/// `NCCL_NET_MAX_DEVS_PER_NIC_V12`: v12 virtual NICs fuse up to 8 devices.
+pub const NCCL_NET_MAX_DEVS_PER_NIC_V12: usize = 8;
+/// `NCCL_NET_ID_UNDEF`: a rail or plane id the plugin does not know.
+pub const NCCL_NET_ID_UNDEF: i16 = -1;
 
 /// `void (*)(ncclDebugLogLevel level, unsigned long flags, const char* file,
 /// int line, const char* fmt, ...)`.
@@ -69,7 +73,15 @@ pub struct ncclNetVDeviceProps {
     pub devs: [c_int; NCCL_NET_MAX_DEVS_PER_NIC],
 }
 
-/// `ncclNetCommConfig_v10_t` / `_v11_t`.
+/// `ncclNetVDeviceProps_v12_t`: 4 + 8*4 = 36 bytes, align 4.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ncclNetVDeviceProps_v12 {
+    pub ndevs: c_int,
+    pub devs: [c_int; NCCL_NET_MAX_DEVS_PER_NIC_V12],
+}
+
+/// `ncclNetCommConfig_v10_t` / `_v11_t` / `_v12_t`.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct ncclNetCommConfig {
@@ -143,6 +155,33 @@ pub struct ncclNetProperties_v11_t {
     pub maxMultiRequestSize: c_int,
 }
 
+/// `ncclNetProperties_v12_t`: v11 with 8-device vProps (64..100), so
+/// maxP2pBytes at 104, maxCollBytes 112, maxMultiRequestSize 120, then
+/// `int16_t railId` at 124 and `planeId` at 126 → 128 bytes.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct ncclNetProperties_v12_t {
+    pub name: *mut c_char,
+    pub pciPath: *mut c_char,
+    pub guid: u64,
+    pub ptrSupport: c_int,
+    pub regIsGlobal: c_int,
+    pub forceFlush: c_int,
+    pub speed: c_int,
+    pub port: c_int,
+    pub latency: c_float,
+    pub maxComms: c_int,
+    pub maxRecvs: c_int,
+    pub netDeviceType: c_int,
+    pub netDeviceVersion: c_int,
+    pub vProps: ncclNetVDeviceProps_v12,
+    pub maxP2pBytes: usize,
+    pub maxCollBytes: usize,
+    pub maxMultiRequestSize: c_int,
+    pub railId: i16,
+    pub planeId: i16,
+}
+
 type P = *mut c_void;
 type PP = *mut *mut c_void;
 /// `ncclNetDeviceHandle_vN_t**`: we never offload, so the handle is opaque.
@@ -170,6 +209,8 @@ pub type CloseFn = unsafe extern "C" fn(comm: P) -> R;
 pub type GetDeviceMrFn = unsafe extern "C" fn(comm: P, mh: P, dptr: PP) -> R;
 pub type IrecvConsumedFn = unsafe extern "C" fn(recv: P, n: c_int, req: P) -> R;
 pub type MakeVDeviceFn = unsafe extern "C" fn(d: *mut c_int, props: *mut ncclNetVDeviceProps) -> R;
+pub type MakeVDeviceV12Fn =
+    unsafe extern "C" fn(d: *mut c_int, props: *mut ncclNetVDeviceProps_v12) -> R;
 /// v9+ `listen(int dev, void* handle, void** listenComm)` (also v8).
 pub type ListenFn = unsafe extern "C" fn(dev: c_int, handle: P, listen: PP) -> R;
 
@@ -339,6 +380,45 @@ pub struct ncclNet_v11_t {
     pub setNetAttr: Option<unsafe extern "C" fn(ctx: P, attr: P) -> R>,
 }
 
+/// `ncclNet_v12_t`: v11's 22 slots (176 bytes) with v12 properties and
+/// v12 virtual-NIC props.
+#[repr(C)]
+pub struct ncclNet_v12_t {
+    pub name: *const c_char,
+    pub init: Option<
+        unsafe extern "C" fn(
+            ctx: PP,
+            comm_id: u64,
+            cfg: *mut ncclNetCommConfig,
+            log: ncclDebugLogger_t,
+            prof: ncclProfilerCallback_t,
+        ) -> R,
+    >,
+    pub devices: Option<DevicesFn>,
+    pub getProperties:
+        Option<unsafe extern "C" fn(dev: c_int, p: *mut ncclNetProperties_v12_t) -> R>,
+    pub listen: Option<unsafe extern "C" fn(ctx: P, dev: c_int, handle: P, listen: PP) -> R>,
+    pub connect:
+        Option<unsafe extern "C" fn(ctx: P, dev: c_int, handle: P, send: PP, dc: DevH) -> R>,
+    pub accept: Option<AcceptFn>,
+    pub regMr: Option<RegMrFn>,
+    pub regMrDmaBuf: Option<RegMrDmaBufFn>,
+    pub deregMr: Option<DeregMrFn>,
+    pub isend: Option<IsendV10Fn>,
+    pub irecv: Option<IrecvV10Fn>,
+    pub iflush: Option<IflushFn>,
+    pub test: Option<TestFn>,
+    pub closeSend: Option<CloseFn>,
+    pub closeRecv: Option<CloseFn>,
+    pub closeListen: Option<CloseFn>,
+    pub getDeviceMr: Option<GetDeviceMrFn>,
+    pub irecvConsumed: Option<IrecvConsumedFn>,
+    pub makeVDevice: Option<MakeVDeviceV12Fn>,
+    pub finalize: Option<unsafe extern "C" fn(ctx: P) -> R>,
+    /// `ncclResult_t (*)(void* ctx, ncclNetAttr_v12_t*)`; we leave it NULL.
+    pub setNetAttr: Option<unsafe extern "C" fn(ctx: P, attr: P) -> R>,
+}
+
 // SAFETY: the tables are immutable statics; `name` points at a 'static C
 // string literal and the rest are function pointers, all safe to share.
 unsafe impl Sync for ncclNet_v8_t {}
@@ -348,6 +428,8 @@ unsafe impl Sync for ncclNet_v9_t {}
 unsafe impl Sync for ncclNet_v10_t {}
 // SAFETY: as for ncclNet_v8_t.
 unsafe impl Sync for ncclNet_v11_t {}
+// SAFETY: as for ncclNet_v8_t.
+unsafe impl Sync for ncclNet_v12_t {}
 
 #[cfg(test)]
 mod tests {
@@ -384,6 +466,16 @@ mod tests {
         assert_eq!(offset_of!(P11, vProps), 64);
         assert_eq!(offset_of!(P11, maxP2pBytes), 88);
         assert_eq!(offset_of!(P11, maxMultiRequestSize), 104);
+
+        assert_eq!(size_of::<ncclNetVDeviceProps_v12>(), 36);
+        type P12 = ncclNetProperties_v12_t;
+        assert_eq!(size_of::<P12>(), 128);
+        assert_eq!(offset_of!(P12, vProps), 64);
+        assert_eq!(offset_of!(P12, maxP2pBytes), 104);
+        assert_eq!(offset_of!(P12, maxCollBytes), 112);
+        assert_eq!(offset_of!(P12, maxMultiRequestSize), 120);
+        assert_eq!(offset_of!(P12, railId), 124);
+        assert_eq!(offset_of!(P12, planeId), 126);
     }
 
     #[test]
@@ -405,5 +497,10 @@ mod tests {
         assert_eq!(offset_of!(ncclNet_v11_t, closeListen), 16 * 8);
         assert_eq!(offset_of!(ncclNet_v11_t, finalize), 20 * 8);
         assert_eq!(offset_of!(ncclNet_v11_t, setNetAttr), 21 * 8);
+
+        assert_eq!(size_of::<ncclNet_v12_t>(), 22 * 8);
+        assert_eq!(offset_of!(ncclNet_v12_t, getProperties), 3 * 8);
+        assert_eq!(offset_of!(ncclNet_v12_t, makeVDevice), 19 * 8);
+        assert_eq!(offset_of!(ncclNet_v12_t, finalize), 20 * 8);
     }
 }

@@ -277,6 +277,38 @@ impl Props {
             maxMultiRequestSize: 1,
         }
     }
+
+    /// v12 adds rail and plane ids: this plugin knows neither (it sees
+    /// interfaces, not the fabric's rails), so both are NCCL_NET_ID_UNDEF.
+    pub fn v12(&self) -> ncclNetProperties_v12_t {
+        let p = self.v11();
+        let mut devs = [0; NCCL_NET_MAX_DEVS_PER_NIC_V12];
+        devs[..p.vProps.devs.len()].copy_from_slice(&p.vProps.devs);
+        ncclNetProperties_v12_t {
+            name: p.name,
+            pciPath: p.pciPath,
+            guid: p.guid,
+            ptrSupport: p.ptrSupport,
+            regIsGlobal: p.regIsGlobal,
+            forceFlush: p.forceFlush,
+            speed: p.speed,
+            port: p.port,
+            latency: p.latency,
+            maxComms: p.maxComms,
+            maxRecvs: p.maxRecvs,
+            netDeviceType: p.netDeviceType,
+            netDeviceVersion: p.netDeviceVersion,
+            vProps: ncclNetVDeviceProps_v12 {
+                ndevs: p.vProps.ndevs,
+                devs,
+            },
+            maxP2pBytes: p.maxP2pBytes,
+            maxCollBytes: p.maxCollBytes,
+            maxMultiRequestSize: p.maxMultiRequestSize,
+            railId: NCCL_NET_ID_UNDEF,
+            planeId: NCCL_NET_ID_UNDEF,
+        }
+    }
 }
 
 fn handle_buf<'a>(handle: *mut c_void) -> Result<&'a mut [u8; HANDLE_SIZE], Error> {

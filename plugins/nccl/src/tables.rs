@@ -317,15 +317,26 @@ extern "C" fn init_v11(
     logger: ncclDebugLogger_t,
     _prof: ncclProfilerCallback_t,
 ) -> ncclResult_t {
+    init_ctx("ncclNet v11", ctx, comm_id, cfg, logger)
+}
+
+/// v11+ init: starts the plugin and makes the per-communicator context.
+fn init_ctx(
+    table: &'static str,
+    ctx: PP,
+    comm_id: u64,
+    cfg: *mut ncclNetCommConfig,
+    logger: ncclDebugLogger_t,
+) -> ncclResult_t {
     guard("init", || {
-        start("ncclNet v11", logger)?;
+        start(table, logger)?;
         // SAFETY: NCCL passes NULL or a config valid for this call.
         let tc = unsafe { cfg.as_ref() }.map_or(-1, |c| c.trafficClass);
         let ctx_obj = Ctx {
             _comm_id: comm_id,
             _traffic_class: tc,
         };
-        // SAFETY: NCCL passes NULL or a writable out pointer (net_v11.h).
+        // SAFETY: NCCL passes NULL or a writable out pointer (net_v11.h, net_v12.h).
         unsafe { put_obj(ctx, Some(ctx_obj)) }
     })
 }
@@ -355,7 +366,7 @@ extern "C" fn connect_v11(_ctx: P, dev: c_int, handle: P, send: PP, dc: PP) -> n
     connect(dev, handle, send, dc)
 }
 
-/// The newest table NCCL 2.28 and 2.29 know (2.30 tries `_v12` first, then this).
+/// The newest table NCCL 2.28 and 2.29 know (2.30 and later try `_v12` first).
 #[no_mangle]
 pub static ncclNetPlugin_v11: ncclNet_v11_t = ncclNet_v11_t {
     name: plugin::NAME.as_ptr(),
@@ -381,6 +392,54 @@ pub static ncclNetPlugin_v11: ncclNet_v11_t = ncclNet_v11_t {
     // NCCL calls finalize unconditionally (src/plugin/net.cc), so it is set.
     finalize: Some(finalize_v11),
     // NULL: NCCL checks before calling (src/transport/net.cc setNetAttrs).
+    setNetAttr: None,
+};
+
+// ------------------------------------------------------------------ v12
+
+extern "C" fn init_v12(
+    ctx: PP,
+    comm_id: u64,
+    cfg: *mut ncclNetCommConfig,
+    logger: ncclDebugLogger_t,
+    _prof: ncclProfilerCallback_t,
+) -> ncclResult_t {
+    init_ctx("ncclNet v12", ctx, comm_id, cfg, logger)
+}
+
+extern "C" fn get_properties_v12(dev: c_int, p: *mut ncclNetProperties_v12_t) -> ncclResult_t {
+    guard("getProperties", || {
+        let props = plugin::props(dev)?.v12();
+        // SAFETY: NCCL passes NULL or a writable properties struct (net_vN.h).
+        *unsafe { ffiguard::out(p, "props") }? = props;
+        Ok(())
+    })
+}
+
+/// The newest table (NCCL 2.30 and later; still the newest in 2.32).
+#[no_mangle]
+pub static ncclNetPlugin_v12: ncclNet_v12_t = ncclNet_v12_t {
+    name: plugin::NAME.as_ptr(),
+    init: Some(init_v12),
+    devices: Some(devices),
+    getProperties: Some(get_properties_v12),
+    listen: Some(listen_v11),
+    connect: Some(connect_v11),
+    accept: Some(accept),
+    regMr: Some(reg_mr),
+    regMrDmaBuf: Some(reg_mr_dmabuf),
+    deregMr: Some(dereg_mr),
+    isend: Some(isend_v10),
+    irecv: Some(irecv_v10),
+    iflush: Some(iflush),
+    test: Some(test),
+    closeSend: Some(close_send),
+    closeRecv: Some(close_recv),
+    closeListen: Some(close_listen),
+    getDeviceMr: None,
+    irecvConsumed: None,
+    makeVDevice: None,
+    finalize: Some(finalize_v11),
     setNetAttr: None,
 };
 

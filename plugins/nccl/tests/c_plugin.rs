@@ -1,5 +1,5 @@
 //! NCCL's view of the plugin: a C program compiled with the system `cc`
-//! dlopens the .so under NCCL's file name, checks the ncclNetPlugin_v8..v11
+//! dlopens the .so under NCCL's file name, checks the ncclNetPlugin_v8..v12
 //! tables and moves host memory through each table's entries only.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on failure
 
@@ -66,7 +66,7 @@ fn nccl_loads_the_tables_and_moves_bytes_through_them() {
     let text =
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "C program failed:\n{text}");
-    for v in ["v11", "v10", "v9", "v8"] {
+    for v in ["v12", "v11", "v10", "v9", "v8"] {
         assert!(
             text.contains(&format!("nccl-plugin: {v} transfers")),
             "{text}"

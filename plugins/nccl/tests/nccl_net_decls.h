@@ -1,4 +1,4 @@
-/* Test-only C declarations of NCCL's net plugin ABI (v8..v11), written
+/* Test-only C declarations of NCCL's net plugin ABI (v8..v12), written
  * from the facts in NVIDIA/nccl v2.28.7-1 src/include/plugin/net/net_v*.h,
  * src/include/plugin/nccl_net.h, src/include/nccl_common.h and
  * src/nccl.h.in. Independent of the Rust declarations (src/abi.rs); the
@@ -50,6 +50,21 @@ typedef struct {
   size_t maxP2pBytes, maxCollBytes;
   int maxMultiRequestSize;
 } ncclNetProperties_v11_t;
+
+typedef struct {
+  int ndevs;
+  int devs[8];
+} ncclNetVDeviceProps_v12_t;
+
+typedef struct {
+  char* name; char* pciPath; uint64_t guid;
+  int ptrSupport, regIsGlobal, forceFlush, speed, port; float latency;
+  int maxComms, maxRecvs, netDeviceType, netDeviceVersion;
+  ncclNetVDeviceProps_v12_t vProps;
+  size_t maxP2pBytes, maxCollBytes;
+  int maxMultiRequestSize;
+  int16_t railId, planeId;
+} ncclNetProperties_v12_t;
 
 typedef void* devh_t; /* ncclNetDeviceHandle_vN_t*, unused by host plugins */
 
@@ -135,6 +150,25 @@ typedef struct {
   ncclResult_t (*setNetAttr)(void* ctx, void* netAttr);
 } ncclNet_v11_t;
 
+typedef struct {
+  const char* name;
+  ncclResult_t (*init)(void** ctx, uint64_t commId, ncclNetCommConfig_t* config,
+                       ncclDebugLogger_t logFunction, ncclProfilerCallback_t profFunction);
+  ncclResult_t (*devices)(int* ndev);
+  ncclResult_t (*getProperties)(int dev, ncclNetProperties_v12_t* props);
+  ncclResult_t (*listen)(void* ctx, int dev, void* handle, void** listenComm);
+  ncclResult_t (*connect)(void* ctx, int dev, void* handle, void** sendComm, devh_t* sendDevComm);
+  NCCL_NET_COMMON_TAIL
+  ncclResult_t (*isend)(void* sendComm, void* data, size_t size, int tag, void* mhandle,
+                        void* phandle, void** request);
+  ncclResult_t (*irecv)(void* recvComm, int n, void** data, size_t* sizes, int* tags,
+                        void** mhandles, void** phandles, void** request);
+  NCCL_NET_TEST_CLOSE
+  ncclResult_t (*makeVDevice)(int* d, ncclNetVDeviceProps_v12_t* props);
+  ncclResult_t (*finalize)(void* ctx);
+  ncclResult_t (*setNetAttr)(void* ctx, void* netAttr);
+} ncclNet_v12_t;
+
 _Static_assert(sizeof(ncclNetProperties_v8_t) == 64, "v8 props");
 _Static_assert(sizeof(ncclNetProperties_v9_t) == 104, "v9 props");
 _Static_assert(offsetof(ncclNetProperties_v9_t, maxP2pBytes) == 88, "v9 maxP2pBytes");
@@ -145,5 +179,12 @@ _Static_assert(sizeof(ncclNet_v9_t) == 20 * 8, "v9 table");
 _Static_assert(sizeof(ncclNet_v10_t) == 20 * 8, "v10 table");
 _Static_assert(sizeof(ncclNet_v11_t) == 22 * 8, "v11 table");
 _Static_assert(offsetof(ncclNet_v11_t, finalize) == 20 * 8, "v11 finalize");
+_Static_assert(sizeof(ncclNetVDeviceProps_v12_t) == 36, "v12 vprops");
+_Static_assert(sizeof(ncclNetProperties_v12_t) == 128, "v12 props");
+_Static_assert(offsetof(ncclNetProperties_v12_t, maxP2pBytes) == 104, "v12 maxP2pBytes");
+_Static_assert(offsetof(ncclNetProperties_v12_t, railId) == 124, "v12 railId");
+_Static_assert(offsetof(ncclNetProperties_v12_t, planeId) == 126, "v12 planeId");
+_Static_assert(sizeof(ncclNet_v12_t) == 22 * 8, "v12 table");
+_Static_assert(offsetof(ncclNet_v12_t, finalize) == 20 * 8, "v12 finalize");
 
 #endif

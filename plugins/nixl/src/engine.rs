@@ -15,7 +15,8 @@ use crate::error::{status, Error, Result};
 use crate::handshake;
 use crate::inbox;
 use crate::options::{Options, Progress};
-use crate::outbox::Item;
+use crate::outbox::{payloads, Item};
+use crate::pack::{self, Piece};
 use crate::proto::{Desc, Msg, MAX_DESCS, MAX_NOTIF};
 use crate::registry::{self, Mem, Registry, RemoteRegion};
 use crate::state::{lock, Inner, Pending, XferState};
@@ -70,6 +71,7 @@ impl Engine {
             stop: AtomicBool::new(false),
             next_id: AtomicU64::new(1),
             threads: Mutex::new(Vec::new()),
+            packs: Default::default(),
         });
         let i = inner.clone();
         inner.spawn("tcpx-nixl-accept".into(), move || {
@@ -188,8 +190,10 @@ impl Engine {
                 "notification longer than {MAX_NOTIF} bytes"
             )));
         }
+        let descs = coalesce(descs);
+        let descs = &descs[..];
         // Resolve and check everything before anything is sent.
-        let mut local = Vec::with_capacity(descs.len());
+        let mut local: Vec<Piece> = Vec::with_capacity(descs.len());
         // The target checks every range against its registrations of this kind.
         let mut remote_kind = None;
         {
@@ -247,6 +251,10 @@ impl Engine {
                     len: d.len,
                 })
                 .collect();
+            let lens: Vec<u64> = ds.iter().map(|d| d.len).collect();
+            let kinds: Vec<Mem> = ls.iter().map(|(r, _, _)| r.kind).collect();
+            let remote = remote_kind.unwrap_or(Mem::Dram);
+            let layout = pack::plan(&lens, &kinds, remote, self.inner.opts.pack_dram);
             let sinks = if op == Op::Read {
                 ls.to_vec()
             } else {
@@ -259,6 +267,7 @@ impl Engine {
                     peer: agent.to_string(),
                     xfer: xfer.clone(),
                     sinks,
+                    layout: layout.clone(),
                 },
             );
             let items = match op {
@@ -267,6 +276,7 @@ impl Engine {
                         id,
                         mem,
                         descs: wire,
+                        layout: layout.clone(),
                         notif: if i == last {
                             notif.map(|n| n.to_vec())
                         } else {
@@ -274,10 +284,7 @@ impl Engine {
                         },
                     };
                     let mut items = vec![Item::Msg(hdr.encode())];
-                    items.extend(
-                        ls.iter()
-                            .map(|(r, off, len)| Item::Data(r.clone(), *off, *len)),
-                    );
+                    items.extend(payloads(ls.to_vec(), &layout));
                     items
                 }
                 Op::Read => vec![Item::Msg(
@@ -285,6 +292,7 @@ impl Engine {
                         id,
                         mem,
                         descs: wire,
+                        layout,
                     }
                     .encode(),
                 )],
@@ -349,6 +357,30 @@ impl Drop for Engine {
             let _ = t.join();
         }
     }
+}
+
+/// Merges neighbours that are adjacent on both sides (same registrations):
+/// one descriptor instead of several, moved alike.
+fn coalesce(descs: &[XferDesc]) -> Vec<XferDesc> {
+    let mut out: Vec<XferDesc> = Vec::with_capacity(descs.len());
+    for d in descs {
+        if let Some(p) = out.last_mut() {
+            let next_to = |a: u64, b: u64| a.checked_add(p.len) == Some(b);
+            let merged = p.len.checked_add(d.len);
+            if p.local_md == d.local_md
+                && p.remote_md == d.remote_md
+                && next_to(p.local_addr, d.local_addr)
+                && next_to(p.remote_addr, d.remote_addr)
+            {
+                if let Some(len) = merged {
+                    p.len = len;
+                    continue;
+                }
+            }
+        }
+        out.push(*d);
+    }
+    out
 }
 
 /// Status of a transfer as a `nixl_status_t`.

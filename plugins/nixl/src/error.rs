@@ -48,6 +48,8 @@ pub enum Error {
     ShuttingDown,
     #[error("the caller's buffer could not take the data (out of memory)")]
     SinkFailed,
+    #[error("CUDA gather or scatter of packed descriptors failed: {0}; check that the GPU is healthy (nvidia-smi) and that the registered VRAM is still allocated")]
+    Cuda(String),
 }
 
 impl From<ffiguard::ArgError> for Error {
@@ -68,9 +70,11 @@ impl Error {
             Error::UnknownPeer(_) | Error::NotFound(_) => ERR_NOT_FOUND,
             Error::Refused { .. } => ERR_NOT_ALLOWED,
             Error::PeerLost { .. } | Error::Timeout { .. } => ERR_REMOTE_DISCONNECT,
-            Error::Transport(_) | Error::Protocol(_) | Error::ShuttingDown | Error::SinkFailed => {
-                ERR_BACKEND
-            }
+            Error::Transport(_)
+            | Error::Protocol(_)
+            | Error::ShuttingDown
+            | Error::SinkFailed
+            | Error::Cuda(_) => ERR_BACKEND,
         }
     }
 }

@@ -372,6 +372,7 @@ pub extern "C" fn tnx_option(
         (c"sockets_per_nic", c""),
         (c"chunk_size", c""),
         (c"timeout_ms", c"10000"),
+        (c"pack_dram", c"0"),
     ];
     const _: () = assert!(OPTS.len() == crate::options::OPTIONS.len());
     ffiguard::catch::<Nixl, _>("tnx_option", 0, || {

@@ -15,9 +15,10 @@ use tcpx::{HostMemory, MemoryRegion, RecvBuf, RecvComm, Request, Sizes, Waiter};
 
 use crate::error::{status, Error, Result};
 use crate::options::Progress;
-use crate::outbox::Item;
+use crate::outbox::{payloads, Item};
+use crate::pack::{self, Dir, PackBuf, Piece};
 use crate::proto::{Desc, Msg, MAX_MSG, TAG_DATA, TAG_HDR};
-use crate::registry::{LocalRegion, Mem};
+use crate::registry::Mem;
 use crate::state::{lock, Inner, Link, Serve, SLICE};
 
 /// Receives posted ahead of the data (tcpx allows 8 buffers per receive).
@@ -25,10 +26,14 @@ const RECVS_AHEAD: usize = 4;
 /// Largest payload drained (received and dropped) from a refused WRITE;
 /// a peer announcing more is cut off instead.
 const MAX_DRAIN: u64 = 1 << 30;
-/// A comm a caller polled within this long is left to the callers.
-const CALLER_GRACE: Duration = Duration::from_millis(2);
+/// A comm a caller polled within this long is left to the callers: long
+/// enough to tell a caller polling in a loop, short enough that one that
+/// polls now and then (a target waiting for notifications) does not hold
+/// up what arrives meanwhile (a 2 ms grace made such a target answer each
+/// WRITE up to a millisecond late).
+const CALLER_GRACE: Duration = Duration::from_micros(100);
 /// How long a background thread naps while callers poll.
-const NAP: Duration = Duration::from_millis(1);
+const NAP: Duration = Duration::from_micros(100);
 /// How long the receiver thread backs off when no receive slot was free.
 pub(crate) const NO_SLOT_BACKOFF: Duration = Duration::from_micros(200);
 
@@ -64,59 +69,110 @@ enum Step {
 }
 
 struct Payloads {
-    sinks: Sinks,
-    /// First sink not yet posted.
+    /// One per payload message, in order.
+    msgs: Vec<Sink>,
+    /// Where drained payloads land (refused WRITEs).
+    scratch: Option<MemoryRegion>,
+    /// First message not yet posted.
     next: usize,
-    /// Posted receives, oldest first, with the sinks they cover.
+    /// Posted receives, oldest first, with the messages they cover.
     ahead: VecDeque<(Request, Range<usize>)>,
     /// What happens once every payload landed.
     then: Then,
 }
 
-enum Sinks {
-    /// Registered memory: region, offset, length.
-    Regions(Vec<(Arc<LocalRegion>, usize, usize)>),
-    /// A refused WRITE's payloads, each received into one scratch buffer and dropped.
-    Drain(MemoryRegion, Vec<usize>),
+/// Where one payload message goes.
+enum Sink {
+    /// Registered memory: one descriptor.
+    Direct(Piece),
+    /// Several descriptors: received into a pack buffer (taken when the
+    /// receive is posted), then scattered to them.
+    Pack(Vec<Piece>, Option<PackBuf>),
+    /// A refused WRITE's payload of this many bytes, received and dropped.
+    Drain(usize),
 }
 
-impl Sinks {
-    fn len(&self) -> usize {
+impl Sink {
+    fn want(&self) -> usize {
         match self {
-            Sinks::Regions(v) => v.len(),
-            Sinks::Drain(_, v) => v.len(),
+            Sink::Direct((_, _, len)) | Sink::Drain(len) => *len,
+            Sink::Pack(pieces, _) => pieces.iter().map(|p| p.2).sum(),
         }
+    }
+}
+
+impl Payloads {
+    /// The step that lands `msgs`, then does `then`.
+    fn step(msgs: Vec<Sink>, scratch: Option<MemoryRegion>, then: Then) -> Step {
+        Step::Payloads(Payloads {
+            msgs,
+            scratch,
+            next: 0,
+            ahead: VecDeque::new(),
+            then,
+        })
     }
 
-    fn want(&self, i: usize) -> usize {
-        match self {
-            Sinks::Regions(v) => v[i].2,
-            Sinks::Drain(_, v) => v[i],
+    /// Takes pack buffers for messages `from..to` until one is missing;
+    /// returns the end of the run that has what it needs.
+    fn ready(&mut self, inner: &Inner, from: usize, to: usize) -> Result<usize> {
+        for i in from..to {
+            if let Sink::Pack(pieces, buf @ None) = &mut self.msgs[i] {
+                match inner.packs.take(&inner.net, Dir::Recv, pieces)? {
+                    Some(mut b) => {
+                        b.expect(pieces)?;
+                        *buf = Some(b);
+                    }
+                    None => return Ok(i),
+                }
+            }
         }
+        Ok(to)
     }
 
-    fn bufs(&self, r: Range<usize>) -> Vec<RecvBuf<'_>> {
-        match self {
-            Sinks::Regions(v) => v[r]
-                .iter()
-                .map(|(reg, off, len)| RecvBuf {
-                    mr: &reg.mr,
-                    offset: *off,
-                    len: *len,
+    fn bufs(&self, r: Range<usize>) -> Result<Vec<RecvBuf<'_>>> {
+        self.msgs[r]
+            .iter()
+            .map(|m| {
+                let (mr, offset, len) = match m {
+                    Sink::Direct((reg, off, len)) => (&reg.mr, *off, *len),
+                    Sink::Pack(_, Some(b)) => (b.mr().ok_or(Error::SinkFailed)?, 0, b.len()),
+                    Sink::Pack(_, None) => return Err(Error::SinkFailed),
+                    Sink::Drain(len) => (self.scratch.as_ref().ok_or(Error::SinkFailed)?, 0, *len),
+                };
+                Ok(RecvBuf {
+                    mr,
+                    offset,
+                    len,
                     tag: TAG_DATA,
                 })
-                .collect(),
-            Sinks::Drain(scratch, v) => v[r]
-                .iter()
-                .map(|len| RecvBuf {
-                    mr: scratch,
-                    offset: 0,
-                    len: *len,
-                    tag: TAG_DATA,
-                })
-                .collect(),
-        }
+            })
+            .collect()
     }
+
+    /// Scatters the packs of messages `r`, which have landed, and gives
+    /// their buffers back.
+    fn unpack(&mut self, r: Range<usize>) -> Result<()> {
+        for m in &mut self.msgs[r] {
+            if let Sink::Pack(pieces, buf) = m {
+                if let Some(mut b) = buf.take() {
+                    b.scatter(pieces)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The payload messages of descriptors `pieces` sent by `layout`.
+fn sinks(pieces: Vec<Piece>, layout: &[u32]) -> Vec<Sink> {
+    pack::split(pieces, layout)
+        .into_iter()
+        .map(|mut run| match run.len() {
+            1 => Sink::Direct(run.remove(0)),
+            _ => Sink::Pack(run, None),
+        })
+        .collect()
 }
 
 enum Then {
@@ -205,9 +261,14 @@ impl Inbox {
                     }
                 }
                 Step::Payloads(mut p) => {
-                    while p.ahead.len() < RECVS_AHEAD && p.next < p.sinks.len() {
-                        let end = (p.next + tcpx::ffi::TCPX_MAX_RECVS).min(p.sinks.len());
-                        match self.comm.irecv(&p.sinks.bufs(p.next..end))? {
+                    while p.ahead.len() < RECVS_AHEAD && p.next < p.msgs.len() {
+                        let end = (p.next + tcpx::ffi::TCPX_MAX_RECVS).min(p.msgs.len());
+                        // A pack waits for a free pack buffer.
+                        let end = p.ready(inner, p.next, end)?;
+                        if end == p.next {
+                            break;
+                        }
+                        match self.comm.irecv(&p.bufs(p.next..end)?)? {
                             Some(r) => {
                                 p.ahead.push_back((r, p.next..end));
                                 p.next = end;
@@ -216,7 +277,7 @@ impl Inbox {
                         }
                     }
                     let Some((r, range)) = p.ahead.front_mut() else {
-                        if p.next < p.sinks.len() {
+                        if p.next < p.msgs.len() {
                             st.step = Step::Payloads(p);
                             return Ok(Next::Retry);
                         }
@@ -230,8 +291,10 @@ impl Inbox {
                             return Ok(Next::Wait(w));
                         }
                         Some(sizes) => {
-                            check_sizes(&sizes, &p.sinks, range.clone())?;
+                            let range = range.clone();
+                            check_sizes(&sizes, &p.msgs, range.clone())?;
                             p.ahead.pop_front();
+                            p.unpack(range)?;
                             st.step = Step::Payloads(p);
                         }
                     }
@@ -243,25 +306,28 @@ impl Inbox {
     /// Acts on one protocol message; returns what comes next on the comm.
     fn on_msg(&self, inner: &Inner, msg: Msg) -> Result<Step> {
         let peer = &self.link.peer;
-        let payloads = |sinks, then| {
-            Step::Payloads(Payloads {
-                sinks,
-                next: 0,
-                ahead: VecDeque::new(),
-                then,
-            })
-        };
         Ok(match msg {
             Msg::Write {
                 id,
                 mem,
                 descs,
+                layout,
                 notif,
             } => match check_access(inner, peer, mem, &descs) {
-                Ok(targets) => payloads(Sinks::Regions(targets), Then::Written { id, notif }),
-                Err(text) => payloads(drain_sinks(inner, &descs)?, Then::Refused { id, text }),
+                Ok(targets) => {
+                    Payloads::step(sinks(targets, &layout), None, Then::Written { id, notif })
+                }
+                Err(text) => {
+                    let (msgs, scratch) = drain_sinks(inner, &descs, &layout)?;
+                    Payloads::step(msgs, Some(scratch), Then::Refused { id, text })
+                }
             },
-            Msg::Read { id, mem, descs } => {
+            Msg::Read {
+                id,
+                mem,
+                descs,
+                layout,
+            } => {
                 let unit = match check_access(inner, peer, mem, &descs) {
                     Ok(sources) => {
                         let ok = Msg::ReadResp {
@@ -270,7 +336,7 @@ impl Inbox {
                             text: String::new(),
                         };
                         let mut unit = vec![Item::Msg(ok.encode())];
-                        unit.extend(sources.into_iter().map(|(r, o, l)| Item::Data(r, o, l)));
+                        unit.extend(payloads(sources, &layout));
                         unit
                     }
                     Err(text) => {
@@ -306,7 +372,8 @@ impl Inbox {
                 if status == status::SUCCESS {
                     // The batch stays pending until its data landed, so a
                     // broken link fails it.
-                    payloads(Sinks::Regions(p.sinks.clone()), Then::ReadDone { id })
+                    let msgs = sinks(p.sinks.clone(), &p.layout);
+                    Payloads::step(msgs, None, Then::ReadDone { id })
                 } else {
                     if let Some(p) = pending.remove(&id) {
                         p.xfer.fail(Error::Refused {
@@ -444,7 +511,7 @@ fn check_access(
     peer: &str,
     mem: u32,
     descs: &[Desc],
-) -> std::result::Result<Vec<(Arc<LocalRegion>, usize, usize)>, String> {
+) -> std::result::Result<Vec<Piece>, String> {
     let refuse = |text: String| {
         tracing::warn!("tcpx-nixl: refused an access by {peer:?}: {text}");
         text
@@ -466,19 +533,25 @@ fn check_access(
         .collect()
 }
 
-/// Where a refused WRITE's payloads are received and dropped: one scratch
-/// buffer as large as the largest, if that is small enough to drain.
-fn drain_sinks(inner: &Inner, descs: &[Desc]) -> Result<Sinks> {
-    let max = descs.iter().map(|d| d.len).max().unwrap_or(0);
+/// Where a refused WRITE's payload messages (by `layout`) are received and
+/// dropped: one scratch buffer as large as the largest, if that is small
+/// enough to drain.
+fn drain_sinks(inner: &Inner, descs: &[Desc], layout: &[u32]) -> Result<(Vec<Sink>, MemoryRegion)> {
+    let mut lens = Vec::with_capacity(layout.len());
+    let mut it = descs.iter();
+    for &k in layout {
+        lens.push(it.by_ref().take(k as usize).map(|d| d.len).sum::<u64>());
+    }
+    let max = lens.iter().copied().max().unwrap_or(0);
     if max > MAX_DRAIN {
         return Err(Error::Protocol(format!(
             "refused WRITE announces a {max}-byte payload; closing the link instead of draining it"
         )));
     }
     let scratch = inner.net.reg_mr(HostMemory::zeroed(max as usize)?);
-    Ok(Sinks::Drain(
+    Ok((
+        lens.into_iter().map(|l| Sink::Drain(l as usize)).collect(),
         scratch,
-        descs.iter().map(|d| d.len as usize).collect(),
     ))
 }
 
@@ -492,9 +565,9 @@ pub(crate) fn header_buf(hdr: &MemoryRegion) -> RecvBuf<'_> {
     }
 }
 
-fn check_sizes(sizes: &Sizes, sinks: &Sinks, range: Range<usize>) -> Result<()> {
+fn check_sizes(sizes: &Sizes, msgs: &[Sink], range: Range<usize>) -> Result<()> {
     for (got, i) in sizes.iter().zip(range) {
-        let want = sinks.want(i);
+        let want = msgs[i].want();
         if *got != want as u64 {
             return Err(Error::Protocol(format!(
                 "payload of {got} bytes where {want} were announced"

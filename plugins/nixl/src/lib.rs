@@ -36,6 +36,7 @@ mod inbox;
 mod log;
 mod options;
 mod outbox;
+mod pack;
 pub mod proto;
 mod registry;
 mod state;

@@ -14,6 +14,7 @@ pub const OPTIONS: &[(&str, &str)] = &[
     ("sockets_per_nic", ""),
     ("chunk_size", ""),
     ("timeout_ms", "10000"),
+    ("pack_dram", "0"),
 ];
 
 /// How the engine serves what peers send while no caller polls.
@@ -38,6 +39,9 @@ pub struct Options {
     pub timeout: Duration,
     /// Set by the host (NIXL's agent configuration), not by backend options.
     pub progress: Progress,
+    /// Pack small descriptors between DRAM and DRAM too (off: measured
+    /// slower on loopback than sending them inline, see `pack::plan`).
+    pub pack_dram: bool,
 }
 
 impl Options {
@@ -46,6 +50,7 @@ impl Options {
     pub fn parse<'a>(kv: impl IntoIterator<Item = (&'a str, &'a str)>) -> Result<Self> {
         let mut cfg = Config::from_env()?;
         let mut timeout = Duration::from_millis(10_000);
+        let mut pack_dram = false;
         for (k, v) in kv {
             let bad = |why: String| Error::BadOption {
                 key: k.into(),
@@ -73,6 +78,13 @@ impl Options {
                     cfg.chunk_size = tcpx::config::parse_size(v).map_err(|e| bad(e.to_string()))?
                 }
                 "timeout_ms" => timeout = Duration::from_millis(num()?.max(1)),
+                "pack_dram" => {
+                    pack_dram = match v.trim() {
+                        "1" | "true" | "yes" => true,
+                        "0" | "false" | "no" => false,
+                        _ => return Err(bad("use 0 or 1".into())),
+                    }
+                }
                 _ => {
                     return Err(Error::UnknownOption {
                         key: k.into(),
@@ -90,6 +102,7 @@ impl Options {
             cfg,
             timeout,
             progress: Progress::default(),
+            pack_dram,
         })
     }
 }

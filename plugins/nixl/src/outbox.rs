@@ -1,6 +1,6 @@
 //! The outgoing comm to one peer and what is queued on it: posted by the
 //! thread that sends (no hand-off for small transfers); what finds every
-//! request slot busy waits in order in the backlog.
+//! request slot (or every pack buffer) busy waits in order in the backlog.
 #![forbid(unsafe_code)]
 
 use std::collections::VecDeque;
@@ -9,6 +9,7 @@ use std::sync::Arc;
 use tcpx::{HostMemory, MemoryRegion, Net, Request, SendComm, Waiter};
 
 use crate::error::Result;
+use crate::pack::{Dir, PackBuf, Packs, Piece};
 use crate::proto::{MAX_MSG, TAG_DATA, TAG_HDR};
 use crate::registry::LocalRegion;
 
@@ -18,11 +19,16 @@ pub enum Item {
     Msg(Vec<u8>),
     /// A payload from registered memory: region, offset, length (tag `TAG_DATA`).
     Data(Arc<LocalRegion>, usize, usize),
+    /// Several descriptors' bytes in one payload (tag `TAG_DATA`), gathered
+    /// into a pack buffer when it is posted (kept if the post must wait).
+    Pack(Vec<Piece>, Option<PackBuf>),
 }
 
 struct InFlight {
     req: Request,
+    /// What the send reads, held until it completes.
     _hdr: Option<MemoryRegion>,
+    _pack: Option<PackBuf>,
 }
 
 /// The outgoing comm and what is queued on it.
@@ -36,16 +42,18 @@ pub(crate) struct Outbox {
     /// Items that found every request slot busy, in order; nothing newer
     /// is posted before them, so units never interleave on the wire.
     backlog: VecDeque<Item>,
+    packs: Arc<Packs>,
 }
 
 impl Outbox {
-    pub fn new(net: &Net, comm: SendComm) -> Result<Self> {
+    pub fn new(net: &Net, comm: SendComm, packs: Arc<Packs>) -> Result<Self> {
         let inline = net.config().inline_threshold.min(MAX_MSG);
         Ok(Outbox {
             comm,
             inflight: VecDeque::new(),
             scratch: net.reg_mr(HostMemory::zeroed(inline)?),
             backlog: VecDeque::new(),
+            packs,
         })
     }
 
@@ -85,38 +93,72 @@ impl Outbox {
     }
 
     /// Posts one item (`more`: another follows at once); hands it back
-    /// when every request slot is busy.
+    /// when every request slot, or every pack buffer, is busy.
     fn post(&mut self, net: &Net, it: Item, more: bool) -> Result<Option<Item>> {
-        let send = |comm: &SendComm, mr: &MemoryRegion, off, len, tag| {
-            if more {
-                comm.isend_more(mr, off, len, tag)
-            } else {
-                comm.isend(mr, off, len, tag)
-            }
-        };
-        let posted = match &it {
+        let (req, hdr) = match &it {
+            Item::Pack(..) => return self.post_pack(net, it, more),
             Item::Msg(b) if b.len() <= self.scratch.len() => {
                 // No request holds the scratch region: inline sends copy at once.
                 self.scratch.bytes_mut()?[..b.len()].copy_from_slice(b);
-                send(&self.comm, &self.scratch, 0, b.len(), TAG_HDR)?
-                    .map(|req| InFlight { req, _hdr: None })
+                (
+                    isend(&self.comm, &self.scratch, b.len(), 0, TAG_HDR, more)?,
+                    None,
+                )
             }
             Item::Msg(b) => {
                 let mr = net.reg_mr(HostMemory::from_slice(b)?);
-                send(&self.comm, &mr, 0, mr.len(), TAG_HDR)?.map(|req| InFlight {
-                    req,
-                    _hdr: Some(mr),
-                })
+                (
+                    isend(&self.comm, &mr, mr.len(), 0, TAG_HDR, more)?,
+                    Some(mr),
+                )
             }
-            Item::Data(r, off, len) => send(&self.comm, &r.mr, *off, *len, TAG_DATA)?
-                .map(|req| InFlight { req, _hdr: None }),
+            Item::Data(r, off, len) => {
+                (isend(&self.comm, &r.mr, *len, *off, TAG_DATA, more)?, None)
+            }
         };
-        Ok(match posted {
-            Some(f) => {
-                self.inflight.push_back(f);
+        Ok(match req {
+            Some(req) => {
+                self.inflight.push_back(InFlight {
+                    req,
+                    _hdr: hdr,
+                    _pack: None,
+                });
                 None
             }
             None => Some(it),
+        })
+    }
+
+    /// Gathers a pack into a free pack buffer (once) and posts it.
+    fn post_pack(&mut self, net: &Net, it: Item, more: bool) -> Result<Option<Item>> {
+        let Item::Pack(pieces, buf) = it else {
+            return Ok(Some(it));
+        };
+        let buf = match buf {
+            Some(b) => b,
+            None => match self.packs.take(net, Dir::Send, &pieces)? {
+                Some(mut b) => {
+                    b.gather(&pieces)?;
+                    b
+                }
+                None => return Ok(Some(Item::Pack(pieces, None))),
+            },
+        };
+        let req = match buf.mr() {
+            Some(mr) => isend(&self.comm, mr, buf.len(), 0, TAG_DATA, more)?,
+            None => None,
+        };
+        Ok(match req {
+            Some(req) => {
+                self.inflight.push_back(InFlight {
+                    req,
+                    _hdr: None,
+                    _pack: Some(buf),
+                });
+                None
+            }
+            // Gathered already: kept with the item for the next try.
+            None => Some(Item::Pack(pieces, Some(buf))),
         })
     }
 
@@ -132,4 +174,34 @@ impl Outbox {
         }
         Ok(())
     }
+}
+
+/// `len` bytes of `mr` from `off` (`more`: another send follows at once).
+fn isend(
+    comm: &SendComm,
+    mr: &MemoryRegion,
+    len: usize,
+    off: usize,
+    tag: i32,
+    more: bool,
+) -> tcpx::Result<Option<Request>> {
+    if more {
+        comm.isend_more(mr, off, len, tag)
+    } else {
+        comm.isend(mr, off, len, tag)
+    }
+}
+
+/// The payload items of descriptors `pieces` sent by `layout`: one
+/// descriptor alone as it is, several as a pack.
+pub(crate) fn payloads(pieces: Vec<Piece>, layout: &[u32]) -> impl Iterator<Item = Item> {
+    crate::pack::split(pieces, layout)
+        .into_iter()
+        .map(|mut run| match run.len() {
+            1 => {
+                let (r, off, len) = run.remove(0);
+                Item::Data(r, off, len)
+            }
+            _ => Item::Pack(run, None),
+        })
 }

@@ -10,13 +10,16 @@ use crate::error::{Error, Result};
 
 /// "TXNX", little-endian on the wire.
 pub const MAGIC: u32 = 0x584e_5854;
-pub const VERSION: u16 = 1;
+/// 2: Write and Read carry a layout (packed descriptors).
+pub const VERSION: u16 = 2;
 /// magic u32, version u16, kind u8, flags u8, body length u32, reserved u32.
 pub const HDR_LEN: usize = 16;
 /// Receive buffer for one header message; every encoded message fits.
 pub const MAX_MSG: usize = 256 * 1024;
 /// Descriptors per WRITE/READ message; larger transfers are split into batches.
 pub const MAX_DESCS: usize = 8192;
+/// Largest pack: the bytes of several descriptors in one payload message.
+pub const MAX_PACK: usize = 4 << 20;
 /// Largest notification message (bytes).
 pub const MAX_NOTIF: usize = 64 * 1024;
 /// Largest agent name or error text on the wire.
@@ -57,11 +60,14 @@ pub enum Msg {
         pair: u64,
         agent: String,
     },
-    /// Followed by one payload message per descriptor, in order.
+    /// Followed by one payload message per entry of `layout`, in order:
+    /// entry `k` is how many consecutive descriptors message `k` carries
+    /// (several: their bytes back to back, a pack of at most [`MAX_PACK`]).
     Write {
         id: u64,
         mem: u32,
         descs: Vec<Desc>,
+        layout: Vec<u32>,
         notif: Option<Vec<u8>>,
     },
     /// Sent by the target after every payload of `id` is in place (status 0)
@@ -71,12 +77,14 @@ pub enum Msg {
         status: i32,
         text: String,
     },
+    /// The payloads of the answer follow `layout`, as a Write's do.
     Read {
         id: u64,
         mem: u32,
         descs: Vec<Desc>,
+        layout: Vec<u32>,
     },
-    /// Status 0: followed by one payload message per requested descriptor.
+    /// Status 0: followed by the payload messages of the Read's layout.
     ReadResp {
         id: u64,
         status: i32,
@@ -153,6 +161,48 @@ impl<'a> R<'a> {
         let b = self.bytes(MAX_TEXT, what)?;
         String::from_utf8(b.to_vec()).map_err(|_| Error::Protocol(format!("{what} is not UTF-8")))
     }
+    /// A layout for `descs`: entries of at least 1 that add up to their
+    /// count, packs within [`MAX_PACK`].
+    fn layout(&mut self, descs: &[Desc]) -> Result<Vec<u32>> {
+        let n = self.u32("layout length")? as usize;
+        if n > descs.len() {
+            return Err(Error::Protocol(format!(
+                "a layout of {n} messages for {} descriptors",
+                descs.len()
+            )));
+        }
+        let layout = (0..n)
+            .map(|_| self.u32("layout entry"))
+            .collect::<Result<Vec<_>>>()?;
+        let mut at = 0usize;
+        for &k in &layout {
+            let k = k as usize;
+            let run = descs.get(at..at.saturating_add(k)).filter(|_| k > 0);
+            let run = run.ok_or_else(|| {
+                Error::Protocol(format!(
+                    "layout entry {k} at descriptor {at} of {}",
+                    descs.len()
+                ))
+            })?;
+            if k > 1 {
+                let bytes = run.iter().try_fold(0u64, |a, d| a.checked_add(d.len));
+                if bytes.is_none_or(|b| b > MAX_PACK as u64) {
+                    return Err(Error::Protocol(format!(
+                        "a pack of {k} descriptors exceeds {MAX_PACK} bytes"
+                    )));
+                }
+            }
+            at += k;
+        }
+        if at != descs.len() {
+            return Err(Error::Protocol(format!(
+                "a layout of {at} descriptors for {}",
+                descs.len()
+            )));
+        }
+        Ok(layout)
+    }
+
     fn descs(&mut self) -> Result<Vec<Desc>> {
         let n = self.u32("descriptor count")? as usize;
         if n > MAX_DESCS {
@@ -204,11 +254,13 @@ impl Msg {
                 id,
                 mem,
                 descs,
+                layout,
                 notif,
             } => {
                 w.u64(*id);
                 w.u32(*mem);
                 put_descs(&mut w, descs);
+                put_layout(&mut w, layout);
                 w.bytes(notif.as_deref().unwrap_or_default());
                 (K_WRITE, if notif.is_some() { F_NOTIF } else { 0 })
             }
@@ -218,10 +270,16 @@ impl Msg {
                 w.bytes(clip(text).as_bytes());
                 (K_WRITE_DONE, 0)
             }
-            Msg::Read { id, mem, descs } => {
+            Msg::Read {
+                id,
+                mem,
+                descs,
+                layout,
+            } => {
                 w.u64(*id);
                 w.u32(*mem);
                 put_descs(&mut w, descs);
+                put_layout(&mut w, layout);
                 (K_READ, 0)
             }
             Msg::ReadResp { id, status, text } => {
@@ -283,11 +341,13 @@ impl Msg {
                 let id = r.u64("request id")?;
                 let mem = r.u32("memory kind")?;
                 let descs = r.descs()?;
+                let layout = r.layout(&descs)?;
                 let notif = r.bytes(MAX_NOTIF, "notification")?;
                 Msg::Write {
                     id,
                     mem,
                     descs,
+                    layout,
                     notif: (flags & F_NOTIF != 0).then(|| notif.to_vec()),
                 }
             }
@@ -296,11 +356,18 @@ impl Msg {
                 status: r.i32("status")?,
                 text: r.text("error text")?,
             },
-            K_READ => Msg::Read {
-                id: r.u64("request id")?,
-                mem: r.u32("memory kind")?,
-                descs: r.descs()?,
-            },
+            K_READ => {
+                let id = r.u64("request id")?;
+                let mem = r.u32("memory kind")?;
+                let descs = r.descs()?;
+                let layout = r.layout(&descs)?;
+                Msg::Read {
+                    id,
+                    mem,
+                    descs,
+                    layout,
+                }
+            }
             K_READ_RESP => Msg::ReadResp {
                 id: r.u64("request id")?,
                 status: r.i32("status")?,
@@ -330,6 +397,13 @@ impl Msg {
             Msg::ReadResp { .. } => "ReadResp",
             Msg::Notif { .. } => "Notif",
         }
+    }
+}
+
+fn put_layout(w: &mut W, layout: &[u32]) {
+    w.u32(layout.len() as u32);
+    for &k in layout {
+        w.u32(k);
     }
 }
 
@@ -366,18 +440,21 @@ mod tests {
                     };
                     3
                 ],
+                layout: vec![1, 2],
                 notif: Some(b"n".to_vec()),
             },
             Msg::Write {
                 id: 1,
                 mem: 0,
                 descs: vec![],
+                layout: vec![],
                 notif: Some(vec![]),
             },
             Msg::Write {
                 id: 1,
                 mem: 0,
                 descs: vec![],
+                layout: vec![],
                 notif: None,
             },
             Msg::WriteDone {
@@ -389,6 +466,7 @@ mod tests {
                 id: 3,
                 mem: 0,
                 descs: vec![Desc { addr: 1, len: 2 }],
+                layout: vec![1],
             },
             Msg::ReadResp {
                 id: 3,
@@ -396,11 +474,21 @@ mod tests {
                 text: String::new(),
             },
             Msg::Notif { msg: vec![0, 1, 2] },
+            Msg::Read {
+                id: 4,
+                mem: 1,
+                descs: vec![
+                    Desc { addr: 0, len: 3 },
+                    Desc { addr: 8, len: 8192 },
+                    Desc { addr: 9000, len: 1 },
+                ],
+                layout: vec![3],
+            },
         ]
     }
 
     /// The fuzz target's seeds (fuzz/seeds/nixl_proto), one per message of `all()`.
-    const SEEDS: [&str; 9] = [
+    const SEEDS: [&str; 10] = [
         "hello",
         "hello_back",
         "write_notif",
@@ -410,6 +498,7 @@ mod tests {
         "read",
         "read_resp",
         "notif",
+        "read_packed",
     ];
 
     #[test]
@@ -436,6 +525,7 @@ mod tests {
             id: 1,
             mem: 0,
             descs: vec![],
+            layout: vec![],
             notif: Some(vec![]),
         };
         let Msg::Write { notif, .. } = Msg::decode(&with.encode()).unwrap() else {
@@ -448,7 +538,7 @@ mod tests {
     fn header_layout_is_pinned() {
         let b = Msg::Notif { msg: vec![9] }.encode();
         assert_eq!(&b[..4], b"TXNX");
-        assert_eq!(&b[4..6], &[1, 0]);
+        assert_eq!(&b[4..6], &[2, 0]);
         assert_eq!(b[6], K_NOTIF);
         assert_eq!(&b[8..12], &5u32.to_le_bytes());
         assert_eq!(b.len(), HDR_LEN + 5);
@@ -490,6 +580,7 @@ mod tests {
             id: 1,
             mem: 0,
             descs: vec![],
+            layout: vec![],
         }
         .encode();
         let at = HDR_LEN + 12;
@@ -503,8 +594,39 @@ mod tests {
             id: u64::MAX,
             mem: 0,
             descs: vec![Desc { addr: 0, len: 0 }; MAX_DESCS],
+            layout: vec![1; MAX_DESCS],
             notif: Some(vec![0; MAX_NOTIF]),
         };
         assert!(m.encode().len() <= MAX_MSG);
+    }
+
+    #[test]
+    fn layouts_that_do_not_cover_the_descriptors_are_refused() {
+        let d = |len| Desc { addr: 0, len };
+        let read = |descs: Vec<Desc>, layout: Vec<u32>| {
+            Msg::Read {
+                id: 1,
+                mem: 0,
+                descs,
+                layout,
+            }
+            .encode()
+        };
+        let ok = read(vec![d(1); 4], vec![1, 3]);
+        assert!(Msg::decode(&ok).is_ok());
+        let bad = [
+            read(vec![d(1); 4], vec![1, 2]),        // too few
+            read(vec![d(1); 4], vec![1, 4]),        // too many
+            read(vec![d(1); 4], vec![0, 4]),        // an empty message
+            read(vec![d(1); 2], vec![1, 1, 1]),     // longer than the list
+            read(vec![d(1); 2], vec![]),            // none
+            read(vec![d(3 << 20); 2], vec![2]),     // a pack over MAX_PACK
+            read(vec![d(u64::MAX), d(2)], vec![2]), // lengths that wrap
+        ];
+        for b in bad {
+            assert!(matches!(Msg::decode(&b), Err(Error::Protocol(_))));
+        }
+        // One descriptor alone may be of any length.
+        assert!(Msg::decode(&read(vec![d(1 << 40)], vec![1])).is_ok());
     }
 }

@@ -85,6 +85,8 @@ pub struct LocalRegion {
     pub len: u64,
     pub kind: Mem,
     pub mr: MemoryRegion,
+    /// The GPU of a VRAM registration.
+    pub gpu: Option<i32>,
     /// Where `addr` lies inside `mr` (nonzero only for VRAM rounded down).
     shift: u64,
 }
@@ -96,6 +98,34 @@ impl LocalRegion {
         let end = addr.checked_add(len)?;
         (addr >= self.addr && end <= self.addr + self.len)
             .then(|| (addr - self.addr + self.shift) as usize)
+    }
+
+    /// The address of `[off, off+len)` of `mr`, checked to lie inside it.
+    fn addr_of(&self, off: usize, len: usize) -> Result<u64> {
+        let end = off.checked_add(len);
+        if end.is_none_or(|e| e > self.mr.len()) {
+            return Err(Error::InvalidArgument(format!(
+                "bytes {off}+{len} outside a {}-byte registration",
+                self.mr.len()
+            )));
+        }
+        Ok(self.addr - self.shift + off as u64)
+    }
+
+    /// Host pointer to `[off, off+len)` of a DRAM registration's `mr`.
+    pub fn host_bytes(&self, off: usize, len: usize) -> Result<*mut u8> {
+        match self.kind {
+            Mem::Dram => Ok(self.addr_of(off, len)? as *mut u8),
+            Mem::Vram => Err(Error::InvalidArgument("VRAM has no host address".into())),
+        }
+    }
+
+    /// Device address of `[off, off+len)` of a VRAM registration's `mr`.
+    pub fn device_addr(&self, off: usize, len: usize) -> Result<u64> {
+        match self.kind {
+            Mem::Vram => self.addr_of(off, len),
+            Mem::Dram => Err(Error::InvalidArgument("DRAM has no device address".into())),
+        }
     }
 }
 
@@ -192,6 +222,7 @@ impl Registry {
                 addr,
                 len,
                 kind,
+                gpu: mr.cuda_ordinal(),
                 mr,
                 shift,
             }),

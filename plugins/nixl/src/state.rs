@@ -15,11 +15,15 @@ use tcpx::{Net, SendComm, HANDLE_SIZE};
 use crate::error::{Error, Result};
 use crate::options::Options;
 use crate::outbox::{Item, Outbox};
+use crate::pack::{Packs, Piece};
 use crate::proto::Msg;
-use crate::registry::{LocalRegion, Registry};
+use crate::registry::Registry;
 
 /// How often blocked threads look at the stop flags.
 pub const SLICE: Duration = Duration::from_millis(100);
+/// How long the flusher naps when its next pack waits for a buffer that
+/// another link's send holds.
+const PACK_BACKOFF: Duration = Duration::from_micros(200);
 
 /// What the link and the polling thread need of a peer's comm to us.
 pub(crate) trait Serve: Send + Sync {
@@ -99,14 +103,17 @@ impl XferState {
 pub(crate) struct Pending {
     pub peer: String,
     pub xfer: Arc<XferState>,
-    /// READ: where the response payloads land, in order.
-    pub sinks: Vec<(Arc<LocalRegion>, usize, usize)>,
+    /// READ: where the response payloads land, in order, and how they travel.
+    pub sinks: Vec<Piece>,
+    pub layout: Vec<u32>,
 }
 
 /// A link we opened and the channel its connect waits on.
 pub(crate) type OpenPair = (Arc<Link>, crossbeam_channel::Sender<Arc<Link>>);
 
 pub(crate) struct Inner {
+    /// Declared first: its workers stop before the pack buffers they may
+    /// still use are freed.
     pub net: Net,
     pub agent: String,
     pub opts: Options,
@@ -125,6 +132,8 @@ pub(crate) struct Inner {
     pub stop: AtomicBool,
     pub next_id: AtomicU64,
     pub threads: Mutex<Vec<JoinHandle<()>>>,
+    /// Buffers that packed descriptors cross the wire in.
+    pub packs: Arc<Packs>,
 }
 
 impl Inner {
@@ -178,7 +187,7 @@ impl Link {
         let link = Arc::new(Link {
             peer: peer.to_string(),
             inner: Arc::downgrade(inner),
-            out: Mutex::new(Some(Outbox::new(&inner.net, comm)?)),
+            out: Mutex::new(Some(Outbox::new(&inner.net, comm, inner.packs.clone())?)),
             kick: Condvar::new(),
             broken: Mutex::new(None),
             closed: AtomicBool::new(false),
@@ -255,6 +264,8 @@ impl Link {
 
     /// Records the first failure, forgets the link and fails its transfers.
     pub fn broke(&self, inner: &Inner, e: Error) {
+        // A peer that closed on purpose (its agent went away) is no failure to warn about.
+        let closed = matches!(e, Error::Transport(tcpx::Error::PeerClosed));
         let e = match e {
             Error::Transport(t) => Error::PeerLost {
                 peer: self.peer.clone(),
@@ -269,7 +280,9 @@ impl Link {
             }
             *b = Some(e.clone());
         }
-        if !inner.stop.load(Ordering::Acquire) && e != Error::ShuttingDown {
+        if closed {
+            tracing::debug!("tcpx-nixl: {:?} closed its link", self.peer);
+        } else if !inner.stop.load(Ordering::Acquire) && e != Error::ShuttingDown {
             tracing::warn!("tcpx-nixl: link to {:?} failed: {e}", self.peer);
         }
         self.close();
@@ -310,8 +323,10 @@ fn flush_loop(inner: Arc<Inner>, link: Arc<Link>) {
         let oldest = ob.oldest();
         // Sleep outside the lock, so callers keep posting meanwhile.
         drop(out);
-        if let Some(w) = oldest {
-            w.wait(Duration::from_millis(1));
+        match oldest {
+            Some(w) => w.wait(Duration::from_millis(1)),
+            // Waiting for pack buffers that other links' sends hold.
+            None => std::thread::sleep(PACK_BACKOFF),
         }
         out = lock(&link.out);
     }

@@ -6,7 +6,14 @@ use std::time::{Duration, Instant};
 use plugin_TCPX::{Engine, Error, Mem, Op, Options, Progress, XferDesc, XferState};
 
 fn engine_with(name: &str, progress: Progress) -> Engine {
-    let mut opts = Options::parse([("nics", "127.0.0.1")]).unwrap();
+    engine_packing(name, progress, false)
+}
+
+/// `pack_dram`: small DRAM descriptors travel packed too, as they do when
+/// one side is VRAM (the only way to test packs without a GPU).
+fn engine_packing(name: &str, progress: Progress, pack_dram: bool) -> Engine {
+    let pack = if pack_dram { "1" } else { "0" };
+    let mut opts = Options::parse([("nics", "127.0.0.1"), ("pack_dram", pack)]).unwrap();
     opts.progress = progress;
     Engine::new(name, opts).unwrap()
 }
@@ -35,7 +42,14 @@ fn setup(n: usize) -> Setup {
 }
 
 fn setup_with(n: usize, progress: Progress) -> Setup {
-    let (a, b) = (engine_with("A", progress), engine_with("B", progress));
+    setup_packing(n, progress, false)
+}
+
+fn setup_packing(n: usize, progress: Progress, pack_dram: bool) -> Setup {
+    let (a, b) = (
+        engine_packing("A", progress, pack_dram),
+        engine_packing("B", progress, pack_dram),
+    );
     a.load_conn_info("B", &b.conn_info()).unwrap();
     b.load_conn_info("A", &a.conn_info()).unwrap();
     let mut src: Vec<u8> = (0..n).map(|i| (i * 31 + 7) as u8).collect();
@@ -147,6 +161,7 @@ fn unknown_options_are_refused_with_the_list() {
         "{e}"
     );
     assert!(Options::parse([("timeout_ms", "x")]).is_err());
+    assert!(Options::parse([("pack_dram", "maybe")]).is_err());
 }
 
 /// Random bytes from a seed (xorshift64).
@@ -298,7 +313,14 @@ fn many_descriptors_from_several_threads_both_ways(progress: Progress) {
 
 #[test]
 fn a_refused_many_descriptor_write_leaves_the_link_usable() {
-    let mut s = setup(1 << 20);
+    // Drained message by message, and drained as packs.
+    for pack in [false, true] {
+        refused_many_descriptor_write(pack);
+    }
+}
+
+fn refused_many_descriptor_write(pack: bool) {
+    let mut s = setup_packing(1 << 20, Progress::OnEvents, pack);
     let outside = XferDesc {
         remote_addr: s.dst.as_ptr() as u64 + (1 << 20) - 10,
         len: 11,
@@ -322,4 +344,126 @@ fn a_refused_many_descriptor_write_leaves_the_link_usable() {
     }
     assert_eq!(s.b.take_notifs(), vec![("A".to_string(), b"yes".to_vec())]);
     s.src.fill(0);
+}
+
+/// `n` descriptors of 1..=`max_len` bytes at odd offsets on both sides,
+/// none overlapping another's destination, in a shuffled order on the
+/// remote side; every fourth follows its predecessor on both sides (so
+/// adjacent ones merge). Returns (local offset, remote offset, length) and
+/// the buffer length both sides need.
+fn odd_descriptors(n: usize, max_len: usize, seed: u64) -> (Vec<(usize, usize, usize)>, usize) {
+    let r = random_bytes(n * 16, seed);
+    let word = |i: usize| u64::from_le_bytes(r[i * 8..i * 8 + 8].try_into().unwrap()) as usize;
+    let lens: Vec<usize> = (0..n).map(|i| 1 + word(2 * i) % max_len).collect();
+    let gap = |i: usize| {
+        if i % 4 == 3 {
+            0
+        } else {
+            1 + word(2 * i + 1) % 61
+        }
+    };
+    // Local: in order with odd gaps. Remote: the same runs, shuffled.
+    let mut local = Vec::with_capacity(n);
+    let mut at = 3;
+    for (i, &len) in lens.iter().enumerate() {
+        at += gap(i);
+        local.push(at);
+        at += len;
+    }
+    let mut order: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        if i % 4 != 3 {
+            order.swap(i, word(2 * i + 1) % (i + 1));
+        }
+    }
+    let mut remote = vec![0; n];
+    let mut rat = 5;
+    for &i in &order {
+        rat += gap(i);
+        remote[i] = rat;
+        rat += lens[i];
+    }
+    let descs = (0..n).map(|i| (local[i], remote[i], lens[i])).collect();
+    (descs, at.max(rat) + 64)
+}
+
+/// WRITE then READ of `odd_descriptors(n, max_len)`, each checked against a
+/// model of the whole destination (stray bytes fail too); `pack`: small
+/// descriptors travel packed.
+fn round_trip(n: usize, max_len: usize, seed: u64, pack: bool) {
+    let (layout, span) = odd_descriptors(n, max_len, seed);
+    let mut s = setup_packing(span, Progress::OnEvents, pack);
+    let descs: Vec<XferDesc> = layout
+        .iter()
+        .map(|&(l, r, len)| XferDesc {
+            local_addr: s.src.as_ptr() as u64 + l as u64,
+            remote_addr: s.dst.as_ptr() as u64 + r as u64,
+            len: len as u64,
+            local_md: s.a_md,
+            remote_md: s.b_md,
+        })
+        .collect();
+    s.src.copy_from_slice(&random_bytes(span, seed ^ 0x55));
+    s.dst.fill(0);
+    let mut model = vec![0u8; span];
+    for &(l, r, len) in &layout {
+        model[r..r + len].copy_from_slice(&s.src[l..l + len]);
+    }
+    wait(&s.a.post(Op::Write, "B", &descs, Some(b"w")).unwrap()).unwrap();
+    if let Some(i) = (0..span).find(|&i| s.dst[i] != model[i]) {
+        panic!("WRITE of {n} descriptors up to {max_len} B: first wrong byte at {i}");
+    }
+    s.dst.copy_from_slice(&random_bytes(span, seed ^ 0xAA));
+    s.src.fill(0);
+    let mut model = vec![0u8; span];
+    for &(l, r, len) in &layout {
+        model[l..l + len].copy_from_slice(&s.dst[r..r + len]);
+    }
+    wait(&s.a.post(Op::Read, "B", &descs, Some(b"r")).unwrap()).unwrap();
+    if let Some(i) = (0..span).find(|&i| s.src[i] != model[i]) {
+        panic!("READ of {n} descriptors up to {max_len} B: first wrong byte at {i}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut notes = s.b.take_notifs();
+    while notes.len() < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+        notes.extend(s.b.take_notifs());
+    }
+    let want: Vec<_> = [b"w", b"r"]
+        .iter()
+        .map(|m| ("A".to_string(), m.to_vec()))
+        .collect();
+    assert_eq!(notes, want);
+}
+
+#[test]
+fn many_odd_descriptors_land_byte_exact_both_ways_packed_or_not() {
+    // 1 to 1024 descriptors per transfer, from 1 B to above the 64 KiB a
+    // pack takes between DRAM and anything (so packs and lone descriptors
+    // mix in one transfer); each inline and chunked alone, and packed.
+    let cases = [
+        (1, 70_000),
+        (2, 100),
+        (7, 5000),
+        (64, 70_000),
+        (333, 1),
+        (1024, 9000),
+        (1024, 70_000),
+    ];
+    for (seed, (n, max_len)) in cases.into_iter().enumerate() {
+        for pack in [false, true] {
+            round_trip(n, max_len, 0x1000 + seed as u64, pack);
+        }
+    }
+}
+
+#[test]
+fn a_transfer_larger_than_the_pack_buffers_runs_in_rounds() {
+    // 1024 descriptors of up to 64 KiB (32 MiB): about 32 packs of 1 MiB
+    // each way, against 8 pack buffers per direction per engine, so packs
+    // wait for buffers that earlier packs free; and 9000 descriptors, more
+    // than one Write carries (8192), so the transfer goes in two batches.
+    round_trip(1024, 64 << 10, 0x2000, true);
+    round_trip(9000, 3000, 0x2001, true);
+    round_trip(9000, 3000, 0x2002, false);
 }

@@ -69,7 +69,7 @@ def test_plugin_is_listed_with_its_options_and_honest_memory_kinds():
 
     a = nixl_agent("solo", nixl_agent_config(backends=[]))
     assert "TCPX" in a.get_plugin_list()
-    assert set(a.get_plugin_params("TCPX")) == {"nics", "sockets_per_nic", "chunk_size", "timeout_ms"}
+    assert set(a.get_plugin_params("TCPX")) == {"nics", "sockets_per_nic", "chunk_size", "timeout_ms", "pack_dram"}
     expected = ["DRAM_SEG", "VRAM_SEG"] if cuda_usable() else ["DRAM_SEG"]
     assert a.get_plugin_mem_types("TCPX") == expected
     a.create_backend("TCPX", OPTS)
@@ -100,7 +100,7 @@ def test_unknown_option_is_rejected_with_a_message(capfd):
         a.create_backend("TCPX", {"nics": "127.0.0.1", "sockets_per_nick": "2"})
     err = capfd.readouterr().err
     assert "unknown TCPX backend option \"sockets_per_nick\"" in err
-    assert "known options: nics, sockets_per_nic, chunk_size, timeout_ms" in err
+    assert "known options: nics, sockets_per_nic, chunk_size, timeout_ms, pack_dram" in err
     with pytest.raises(Exception):
         a.create_backend("TCPX", {"timeout_ms": "soon"})
     assert "bad value \"soon\" for TCPX backend option \"timeout_ms\"" in capfd.readouterr().err

@@ -78,24 +78,29 @@ static ncclNet_v8_t* n8;
 static ncclNet_v9_t* n9;
 static ncclNet_v10_t* n10;
 static ncclNet_v11_t* n11;
+static ncclNet_v12_t* n12;
 static void* ctx11;
+static void* ctx12;
 static ncclNetCommConfig_t cfg10 = {-1};
 
 static ncclResult_t l8(int d, void* h, void** l) { return n8->listen(d, h, l); }
 static ncclResult_t l9(int d, void* h, void** l) { return n9->listen(d, h, l); }
 static ncclResult_t l10(int d, void* h, void** l) { return n10->listen(d, h, l); }
 static ncclResult_t l11(int d, void* h, void** l) { return n11->listen(ctx11, d, h, l); }
+static ncclResult_t l12(int d, void* h, void** l) { return n12->listen(ctx12, d, h, l); }
 
 static devh_t devh; /* NCCL passes a pointer to its device-handle slot */
 static ncclResult_t c8(int d, void* h, void** s) { return n8->connect(d, h, s, &devh); }
 static ncclResult_t c9(int d, void* h, void** s) { return n9->connect(d, h, s, &devh); }
 static ncclResult_t c10(int d, void* h, void** s) { return n10->connect(d, &cfg10, h, s, &devh); }
 static ncclResult_t c11(int d, void* h, void** s) { return n11->connect(ctx11, d, h, s, &devh); }
+static ncclResult_t c12(int d, void* h, void** s) { return n12->connect(ctx12, d, h, s, &devh); }
 
 static ncclResult_t a8(void* l, void** r) { return n8->accept(l, r, &devh); }
 static ncclResult_t a9(void* l, void** r) { return n9->accept(l, r, &devh); }
 static ncclResult_t a10(void* l, void** r) { return n10->accept(l, r, &devh); }
 static ncclResult_t a11(void* l, void** r) { return n11->accept(l, r, &devh); }
+static ncclResult_t a12(void* l, void** r) { return n12->accept(l, r, &devh); }
 
 /* v8 takes int sizes. */
 static ncclResult_t s8(void* s, void* d, size_t n, int tag, void* mh, void** req) {
@@ -126,6 +131,13 @@ static ncclResult_t s11(void* s, void* d, size_t n, int tag, void* mh, void** re
 static ncclResult_t r11(void* r, int n, void** d, size_t* sizes, int* tags, void** mhs, void** req) {
   void* ph[8] = {0};
   return n11->irecv(r, n, d, sizes, tags, mhs, ph, req);
+}
+static ncclResult_t s12(void* s, void* d, size_t n, int tag, void* mh, void** req) {
+  return n12->isend(s, d, n, tag, mh, &phandle, req);
+}
+static ncclResult_t r12(void* r, int n, void** d, size_t* sizes, int* tags, void** mhs, void** req) {
+  void* ph[8] = {0};
+  return n12->irecv(r, n, d, sizes, tags, mhs, ph, req);
 }
 
 #define COMMON(t)                                                                              \
@@ -292,10 +304,13 @@ int main(int argc, char** argv) {
   if (!lib) fprintf(stderr, "dlopen: %s\n", dlerror());
   CHECK(lib != NULL);
 
+  n12 = (ncclNet_v12_t*)dlsym(lib, "ncclNetPlugin_v12");
   n11 = (ncclNet_v11_t*)dlsym(lib, "ncclNetPlugin_v11");
   n10 = (ncclNet_v10_t*)dlsym(lib, "ncclNetPlugin_v10");
   n9 = (ncclNet_v9_t*)dlsym(lib, "ncclNetPlugin_v9");
   n8 = (ncclNet_v8_t*)dlsym(lib, "ncclNetPlugin_v8");
+  CHECK_TABLE(n12);
+  CHECK(n12->finalize != NULL && n12->setNetAttr == NULL && n12->makeVDevice == NULL);
   CHECK_TABLE(n11);
   CHECK(n11->finalize != NULL && n11->setNetAttr == NULL && n11->makeVDevice == NULL);
   CHECK_TABLE(n10);
@@ -336,6 +351,18 @@ int main(int argc, char** argv) {
   CHECK(strcmp(p[0].name, p[1].name) != 0); /* NCCL keys its topology by name */
   CHECK(n11->getProperties(7, &p[0]) == ncclInvalidArgument);
 
+  /* v12: the same context, rail and plane ids unknown, 8-device vProps. */
+  OK(n12->init(&ctx12, 43, &cfg, logger, NULL));
+  ncclNetProperties_v12_t p12;
+  memset(&p12, 0x5a, sizeof p12);
+  OK(n12->getProperties(1, &p12));
+  CHECK(p12.ptrSupport == NCCL_PTR_HOST && p12.maxRecvs == 8 && p12.guid == 1);
+  CHECK(p12.vProps.ndevs == 1 && p12.vProps.devs[0] == 1);
+  for (int i = 1; i < 8; i++) CHECK(p12.vProps.devs[i] == 0);
+  CHECK(p12.maxP2pBytes == (size_t)1 << 30 && p12.maxMultiRequestSize == 1);
+  CHECK(p12.railId == -1 && p12.planeId == -1);
+  CHECK(strcmp(p12.name, p[1].name) == 0);
+
   ncclNetProperties_v8_t p8;
   OK(n8->init(logger));
   OK(n8->getProperties(1, &p8));
@@ -346,6 +373,8 @@ int main(int argc, char** argv) {
   CHECK(p9.maxP2pBytes == (size_t)1 << 30 && p9.vProps.ndevs == 1);
   OK(n10->init(logger, NULL));
 
+  struct ops o12 = {.ver = "v12", .listen = l12, .connect = c12, .accept = a12,
+                    .isend = s12, .irecv = r12, COMMON(n12)};
   struct ops o11 = {.ver = "v11", .listen = l11, .connect = c11, .accept = a11,
                     .isend = s11, .irecv = r11, COMMON(n11)};
   struct ops o10 = {.ver = "v10", .listen = l10, .connect = c10, .accept = a10,
@@ -354,11 +383,13 @@ int main(int argc, char** argv) {
                    .isend = s9, .irecv = r9, COMMON(n9)};
   struct ops o8 = {.ver = "v8", .listen = l8, .connect = c8, .accept = a8,
                    .isend = s8, .irecv = r8, COMMON(n8)};
+  transfer(&o12, 1);
   transfer(&o11, 0);
   transfer(&o10, 1);
   transfer(&o9, 0);
   transfer(&o8, 1);
 
+  OK(n12->finalize(ctx12));
   OK(n11->finalize(ctx11));
   if (getenv("NET_PLUGIN_DUMP_LOG")) dump_log();
   printf("nccl-plugin: ok (%d log lines)\n", n_lines);
