@@ -109,21 +109,14 @@ impl PtrKind {
 
 /// Where bytes of a region come from when sending.
 pub(crate) trait TxPath: Send + Sync {
-    /// Host-addressable bytes `[off, off+len)` of the region, and how many
-    /// of their leading bytes are ready to send: at least `need` (at most
-    /// `len`), waiting for them if needed. Staging paths copy a chunk in
-    /// pieces, so its send can start before the whole chunk is staged.
-    fn source(&self, off: u64, len: usize, need: usize) -> Result<(*const u8, usize)>;
+    /// Host-addressable bytes `[off, off+len)` of the region, ready to send.
+    fn source(&self, off: u64, len: usize) -> Result<*const u8>;
     /// The kernel holds no reference to the chunk's bytes any more (copying
     /// sends): staging paths may reuse what `source` handed out.
     fn sent(&self, _off: u64, _len: usize) {}
     /// Bytes `[off, off+len)` will be asked for soon: staging paths start
     /// copying them now, so the copy overlaps the send before it.
     fn prefetch(&self, _off: u64, _len: usize) {}
-    /// Bytes `[off, off+len)` are a chunk of a message just posted: staging
-    /// paths may start copying them now, while the receiver's go-ahead and
-    /// a socket are awaited, for whichever socket sends them.
-    fn stage_early(&self, _off: u64, _len: usize) {}
     /// False when `source` hands out reusable staging, which MSG_ZEROCOPY
     /// would keep referenced past `sent`.
     fn zerocopy_ok(&self) -> bool {
@@ -135,11 +128,6 @@ pub(crate) trait TxPath: Send + Sync {
 pub(crate) trait RxPath: Send + Sync {
     /// Host-addressable memory for bytes `[off, off+len)` of the region.
     fn sink(&self, off: u64, len: usize) -> Result<*mut u8>;
-    /// The first `done` bytes of the `len`-byte chunk at `off` are in its
-    /// sink, more to come: staging paths may start copying them onward.
-    fn arrived(&self, _off: u64, _len: usize, _done: usize) -> Result<()> {
-        Ok(())
-    }
     /// Bytes `[off, off+len)` are now in the sink (staging paths copy onward here).
     fn landed(&self, off: u64, len: usize) -> Result<()>;
     /// Every byte this thread saw land is in place (staging paths copy
@@ -227,12 +215,12 @@ impl Region {
 }
 
 impl TxPath for Region {
-    fn source(&self, off: u64, len: usize, need: usize) -> Result<(*const u8, usize)> {
+    fn source(&self, off: u64, len: usize) -> Result<*const u8> {
         let off = self.check(off, len)?;
         match self.kind {
             // SAFETY: off+len is inside the region (checked above).
-            PtrKind::Host => Ok((unsafe { self.ptr.add(off) }, len)),
-            PtrKind::Cuda => self.cuda()?.source(off as u64, len, need.min(len)),
+            PtrKind::Host => Ok(unsafe { self.ptr.add(off) }),
+            PtrKind::Cuda => self.cuda()?.source(off as u64, len),
         }
     }
     fn sent(&self, off: u64, len: usize) {
@@ -248,14 +236,6 @@ impl TxPath for Region {
             b.prefetch(off, len);
         }
     }
-    fn stage_early(&self, off: u64, len: usize) {
-        if self.devmem_tx_only() {
-            return;
-        }
-        if let (Some(b), Ok(_)) = (&self.bounce, self.check(off, len)) {
-            b.stage_early(off, len);
-        }
-    }
     fn zerocopy_ok(&self) -> bool {
         self.bounce.is_none()
     }
@@ -268,12 +248,6 @@ impl RxPath for Region {
             // SAFETY: off+len is inside the region (checked above).
             PtrKind::Host => Ok(unsafe { self.ptr.add(off) }),
             PtrKind::Cuda => self.cuda()?.sink(off as u64, len),
-        }
-    }
-    fn arrived(&self, off: u64, len: usize, done: usize) -> Result<()> {
-        match &self.bounce {
-            Some(b) => b.arrived(off, len, done),
-            None => Ok(()),
         }
     }
     fn landed(&self, off: u64, len: usize) -> Result<()> {
@@ -459,7 +433,7 @@ mod tests {
     #[test]
     fn out_of_range_access_is_refused() {
         let mr = MemoryRegion::owned(HostMemory::zeroed(10).unwrap());
-        assert!(mr.inner.source(8, 3, 3).is_err());
+        assert!(mr.inner.source(8, 3).is_err());
         assert!(mr.inner.sink(u64::MAX, 1).is_err());
         assert!(mr.inner.sink(10, 0).is_ok());
     }

@@ -282,8 +282,7 @@ impl Sock {
                 }
             });
         }
-        let need = (self.tx.body_done + 1).min(len);
-        let (src, ready) = match job.region.source(job.base + off, len, need) {
+        let src = match job.region.source(job.base + off, len) {
             Ok(p) => p,
             Err(e) => {
                 self.fail(e);
@@ -293,11 +292,7 @@ impl Sock {
         if starting {
             self.prefetch_next();
         }
-        // Staged chunks may be ready only in part: send what is.
-        let body = (
-            src.wrapping_add(self.tx.body_done),
-            ready - self.tx.body_done,
-        );
+        let body = (src.wrapping_add(self.tx.body_done), len - self.tx.body_done);
         let hdr = (self.tx.hdr[self.tx.hdr_done..].as_ptr(), hdr_left);
         let zc_chunk = self.zc.enabled && len >= self.zc.min && job.region.zerocopy_ok();
         Some(if hdr_left == 0 {
@@ -472,11 +467,6 @@ impl Sock {
             rest -= took;
             if b.done == b.len {
                 self.finish_body();
-            } else if let (Some(p), false) = (&b.dst, b.direct) {
-                // Staging paths move what arrived onward while the rest comes.
-                if let Err(e) = p.region.arrived(p.base + b.off, b.len, b.done) {
-                    return self.fail(e);
-                }
             }
         }
         self.rx.hdr_done = (self.rx.hdr_done + rest).min(CHUNK_LEN);
