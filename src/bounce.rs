@@ -273,6 +273,10 @@ impl CudaBounce {
         self.dmabuf.is_some()
     }
 
+    pub(crate) fn dmabuf(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.dmabuf.as_ref().map(std::os::fd::AsFd::as_fd)
+    }
+
     /// Queues the device-to-host copy of `[off, off+len)` into fresh staging.
     fn stage_tx(&self, off: u64, len: usize) -> Result<Staged> {
         let slot = self.pool.take(len)?;

@@ -149,6 +149,9 @@ pub(crate) struct Region {
     _owned: Option<HostMemory>,
     /// Staging for `PtrKind::Cuda` (the bounce path).
     bounce: Option<crate::bounce::CudaBounce>,
+    /// How each devmem TX NIC names the region (index: NIC); empty when
+    /// none does (`region_tx::attach`).
+    devmem_tx: Vec<Option<crate::region_tx::RegionTx>>,
 }
 
 // SAFETY: the region is a (pointer, length) pair; exclusivity of access is
@@ -160,6 +163,16 @@ unsafe impl Sync for Region {}
 impl Region {
     pub(crate) fn kind(&self) -> PtrKind {
         self.kind
+    }
+
+    /// How devmem TX NIC `nic` names the region, if it does.
+    pub(crate) fn devmem_tx(&self, nic: usize) -> Option<&crate::region_tx::RegionTx> {
+        self.devmem_tx.get(nic).and_then(Option::as_ref)
+    }
+
+    /// Every NIC sends the region by devmem TX: it is never staged.
+    fn devmem_tx_only(&self) -> bool {
+        !self.devmem_tx.is_empty() && self.devmem_tx.iter().all(Option::is_some)
     }
 
     /// The GPU a CUDA region is on; `None` for host memory.
@@ -216,6 +229,9 @@ impl TxPath for Region {
         }
     }
     fn prefetch(&self, off: u64, len: usize) {
+        if self.devmem_tx_only() {
+            return;
+        }
         if let (Some(b), Ok(_)) = (&self.bounce, self.check(off, len)) {
             b.prefetch(off, len);
         }
@@ -266,6 +282,7 @@ impl MemoryRegion {
                 kind: PtrKind::Host,
                 _owned: Some(mem),
                 bounce: None,
+                devmem_tx: Vec::new(),
             }),
         }
     }
@@ -282,6 +299,7 @@ impl MemoryRegion {
                 kind,
                 _owned: None,
                 bounce: None,
+                devmem_tx: Vec::new(),
             }),
         }
     }
@@ -296,6 +314,7 @@ impl MemoryRegion {
                 kind: PtrKind::Cuda,
                 _owned: None,
                 bounce: Some(bounce),
+                devmem_tx: Vec::new(),
             }),
         }
     }
@@ -303,6 +322,19 @@ impl MemoryRegion {
     /// True when a CUDA region also has a DMA-BUF fd (for the devmem TX path).
     pub fn has_dmabuf(&self) -> bool {
         self.inner.bounce.as_ref().is_some_and(|b| b.has_dmabuf())
+    }
+
+    /// The DMA-BUF of a CUDA region.
+    pub(crate) fn dmabuf(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.inner.bounce.as_ref().and_then(|b| b.dmabuf())
+    }
+
+    /// Sets how the devmem TX NICs name the region; only at registration,
+    /// while no request holds it.
+    pub(crate) fn set_devmem_tx(&mut self, names: Vec<Option<crate::region_tx::RegionTx>>) {
+        if let Some(r) = Arc::get_mut(&mut self.inner) {
+            r.devmem_tx = names;
+        }
     }
 
     pub fn len(&self) -> usize {

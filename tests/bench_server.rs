@@ -16,6 +16,8 @@ const SETUP: Duration = Duration::from_secs(5);
 struct Server {
     child: Child,
     lines: Receiver<String>,
+    /// Lines read but not yet asked for.
+    seen: Vec<String>,
 }
 
 impl Server {
@@ -37,7 +39,11 @@ impl Server {
                 }
             }
         });
-        let mut s = Server { child, lines };
+        let mut s = Server {
+            child,
+            lines,
+            seen: Vec::new(),
+        };
         let first = s.line(Duration::from_secs(20));
         let addr = first
             .strip_prefix("tcpx-bench server: waiting on ")
@@ -53,14 +59,20 @@ impl Server {
             .unwrap_or_else(|e| panic!("no line from the server within {within:?}: {e}"))
     }
 
-    /// The server's line about the client at `peer`.
+    /// The server's line about the client at `peer` (clients' lines come in
+    /// any order: those about others are kept for later).
     fn about(&mut self, peer: SocketAddr, within: Duration) -> String {
+        let mine = format!("client {peer}:");
+        if let Some(i) = self.seen.iter().position(|l| l.starts_with(&mine)) {
+            return self.seen.remove(i);
+        }
         let t0 = Instant::now();
         loop {
             let l = self.line(within.saturating_sub(t0.elapsed()));
-            if l.starts_with(&format!("client {peer}:")) {
+            if l.starts_with(&mine) {
                 return l;
             }
+            self.seen.push(l);
         }
     }
 }
