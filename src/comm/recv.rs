@@ -340,9 +340,7 @@ impl RecvCore {
             side.placed(seq);
         }
         while side.broken().is_none() {
-            let space = side.inbox_space();
-            let room = space.len();
-            let n = match read_ctrl(stream, space) {
+            let n = match read_ctrl(stream, side.inbox_space()) {
                 Ok(Some(n)) => n,
                 Ok(None) => break,
                 Err(e) => {
@@ -362,11 +360,6 @@ impl RecvCore {
             link.announced.store(side.announced(), Ordering::Release);
             if n == 0 {
                 break; // the peer closed its side: nothing more to read
-            }
-            if n < room {
-                // A short read emptied the socket: another recv would only
-                // say so, on the path of every small message's delivery.
-                break;
             }
         }
         // After the reads: a peer's Bye explains the data sockets' EOF.

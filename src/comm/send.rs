@@ -280,13 +280,10 @@ impl SendCore {
         loop {
             if read && c.side.broken().is_none() {
                 loop {
-                    let space = c.side.inbox_space();
-                    let room = space.len();
-                    match read_ctrl(&c.stream, space) {
+                    match read_ctrl(&c.stream, c.side.inbox_space()) {
                         Ok(Some(n)) => {
                             c.side.received(n, now, &mut |e| events.push(e));
-                            // EOF, or a short read that emptied the socket.
-                            if n == 0 || n < room {
+                            if n == 0 {
                                 break;
                             }
                         }
