@@ -49,7 +49,9 @@ fn loopback() -> Config {
 struct Cuda(MemoryRegion, DeviceBuffer);
 
 fn cuda_region(net: &Net, len: usize) -> Cuda {
-    let buf = tcpx::cuda_alloc(0, len).unwrap();
+    // Small allocations share pages; TCPX registration needs a 4 KiB-aligned
+    // base, which allocations of whole 2 MiB granules have.
+    let buf = tcpx::cuda_alloc(0, len.next_multiple_of(2 << 20)).unwrap();
     // SAFETY: buf outlives the region (field order) and every request.
     let mr = unsafe { net.reg_mr_raw(buf.ptr() as *mut u8, len, PtrKind::Cuda) }.unwrap();
     Cuda(mr, buf)

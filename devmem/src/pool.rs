@@ -503,8 +503,12 @@ impl RxPool {
             }
         }
         if let Backing::Gpu(m) = &mut self.backing {
-            for &(offset, len) in &sorted {
-                m.mark(offset, len)?;
+            // Marked before the read fills them: one span, so no range is
+            // flushed before its bytes land.
+            if let (Some(first), Some(end)) =
+                (sorted.first(), sorted.iter().map(|r| r.0 + r.1).max())
+            {
+                m.mark_ahead(first.0, end)?;
             }
         }
         let base = self.ptr.as_ptr();
