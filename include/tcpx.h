@@ -293,6 +293,17 @@ int tcpx_iflush(struct tcpx_recv_comm *comm, struct tcpx_request **req);
  * Polls a request; `*done` is set to 1 when it completed. `sizes` (may be
  * NULL) receives one size per buffer.
  *
+ * A request reports done, or an error, only once the transport no longer
+ * reads or writes its buffers: they may be reused or deregistered at once.
+ * TCPX_ETRUNCATED and TCPX_ETAGMISMATCH fail that request alone: the receive
+ * consumed the one message that failed it (its buffers' bytes are then
+ * unspecified), the comm goes on. TCPX_EPEERCLOSED (the peer closed),
+ * TCPX_ECONNLOST (its process died), TCPX_EPEER (nothing heard for the peer
+ * timeout), TCPX_EPROTOCOL, TCPX_EIO and TCPX_ETIMEDOUT fail the comm: each
+ * of its requests and each later isend/irecv on it return the error; close
+ * it. A successful chunked send was placed by the receiver; a send failed
+ * by the comm may still have been delivered. docs/PROTOCOL.md, Completion.
+ *
  * The request is freed when `*done` becomes 1 and when it failed (any error
  * but these two): TCPX_EINVAL (`req` or `done` is NULL) touches no request,
  * which stays valid; TCPX_EINTERNAL (a bug) leaves it allocated.

@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 BIN=${GPU_BIN:-gpu-bin}
 TARGET=${CARGO_TARGET_DIR:-target}
 # package:test pairs whose test binaries run on the GPU machine
-PAIRS="tcpx:cuda_bounce tcpx:cuda_devmem devmem:cuda_gpu devmem:emu_cuda_unpack devmem:emu_gpu_pool tcpx-nixl:vram"
+PAIRS="tcpx:cuda_bounce tcpx:cuda_devmem tcpx:devmem_gpu devmem:cuda_gpu devmem:emu_cuda_unpack devmem:emu_gpu_pool tcpx-nixl:vram"
 TESTS=$(for pt in $PAIRS; do printf '%s ' "${pt#*:}"; done)
 
 build() {
@@ -46,7 +46,7 @@ run() {
       r=$(sed -E 's/.* \.\.\. //' <<<"$line")
       rows+=("$t::$name|$r|")
     done < <(grep -E '^test .* \.\.\. (ok|FAILED|ignored)' "$log")
-    rows+=("$t (binary)|$res|$(grep -E 'byte-exact|imported|DMA-BUF' "$log" | tr '\n' ' ')")
+    rows+=("$t (binary)|$res|$(grep -E 'byte-exact|imported|DMA-BUF|bind probe' "$log" | tr '\n' ' ')")
     while read -r line; do
       rows+=("$t ${line#ROW }")
     done < <(grep '^ROW ' "$log" | sed -E 's/ \| /|'"$res"'|/')

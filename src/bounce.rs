@@ -1,17 +1,12 @@
 //! CUDA memory without a devmem NIC: every chunk passes through pinned host
 //! staging, and the copies overlap the wire. TX: when a socket starts a
 //! chunk, the device-to-host copy of its next chunk is queued
-//! (`prefetch`), so the copy runs while the current one is sent. The
-//! chunks of a message of one chunk per socket start staging when it is
-//! posted (`stage_early`), while the receiver's go-ahead is awaited. A chunk
-//! copied otherwise is copied in pieces that double in size, each with its
-//! event, and its send starts once the first piece is in staging. RX: as a chunk arrives, what has
-//! landed moves on to the GPU in pieces that halve in size towards the end
-//! of the chunk (`arrived`), so only a short tail is copied after its last
-//! byte (`landed`); the socket goes on receiving meanwhile, and `settle`
-//! waits for the copies of a socket's share of a message before it counts as
-//! done. A receive is therefore complete only when its data is visible on
-//! the GPU, which is what NCCL's `iflush` asks for.
+//! (`prefetch`), so the copy runs while the current one is sent. RX: a
+//! received chunk's host-to-device copy is queued in `landed` and the socket
+//! goes on receiving; `settle` waits for the copies of a socket's share of a
+//! message before it counts as done. A receive is therefore complete only
+//! when its data is visible on the GPU, which is what NCCL's `iflush` asks
+//! for.
 //!
 //! Staging is a pool of pinned slots, each as large as the largest chunk,
 //! shared by every CUDA region of the process, sized by
@@ -25,7 +20,7 @@ use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use devmem::cuda::mem::{self, Event, MemKind, PinnedBuffer, Stream};
 use devmem::cuda::{self, Context, CudaError};
@@ -39,18 +34,6 @@ pub(crate) const CUDA_REG_ALIGN: usize = 4096;
 /// How long a staging copy may take before the transfer fails: a chunk's
 /// copy takes microseconds, so only a hung or blocked GPU gets near it.
 const COPY_DEADLINE: Duration = Duration::from_secs(10);
-
-/// First piece of a chunk copied to staging in pieces: its copy (a few µs)
-/// is all the wire waits for. Each later piece doubles, so the copies, at
-/// tens of GB/s, stay ahead of a socket's few GB/s.
-const FIRST_PIECE: usize = 32 << 10;
-/// Events per staging slot: the most pieces a chunk is copied in (the last
-/// takes the rest of the chunk).
-const PIECES: usize = 8;
-/// Received bytes move on to the GPU once at least this many wait, and as
-/// many as are still to come: the copy left after a chunk's last byte is
-/// about this long.
-const RX_TAIL: usize = 64 << 10;
 
 pub(crate) fn cuda_error(e: CudaError) -> Error {
     match e {
@@ -79,21 +62,18 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// A pinned staging buffer and the events of its copies (made once:
-/// recording is cheaper than creating an event per chunk). The last event
-/// marks the end of the slot's last copy; the others, pieces before it.
+/// A pinned staging buffer and the event that marks the end of its last
+/// copy (made once: recording is cheaper than creating an event per chunk).
 struct Slot {
     buf: PinnedBuffer,
-    events: Vec<Event>,
+    copied: Event,
 }
 
 impl Slot {
     fn alloc(ctx: &'static Context, len: usize) -> Result<Self> {
         Ok(Slot {
             buf: PinnedBuffer::alloc(ctx, len).map_err(cuda_error)?,
-            events: (0..PIECES)
-                .map(|_| Event::new(ctx).map_err(cuda_error))
-                .collect::<Result<_>>()?,
+            copied: Event::new(ctx).map_err(cuda_error)?,
         })
     }
 
@@ -101,18 +81,9 @@ impl Slot {
         self.buf.as_ptr()
     }
 
-    /// The event of piece `i` of `n`; the last piece's is the slot's last.
-    fn event(&self, i: usize, n: usize) -> &Event {
-        &self.events[if i + 1 >= n { PIECES - 1 } else { i }]
-    }
-
-    fn last(&self) -> &Event {
-        &self.events[PIECES - 1]
-    }
-
     /// Waits for the slot's last queued copy, within `COPY_DEADLINE`.
     fn wait(&self) -> cuda::Result<()> {
-        self.last().wait("CUDA staging copy", COPY_DEADLINE)
+        self.copied.wait("CUDA staging copy", COPY_DEADLINE)
     }
 }
 
@@ -175,15 +146,6 @@ impl StagingPool {
         Slot::alloc(self.ctx, self.slot_len)
     }
 
-    /// A free slot, only while at least half of the pool is free: for
-    /// copies that merely start early, which must not crowd out the data path.
-    fn take_spare(&self, len: usize) -> Option<Slot> {
-        let mut g = lock(&self.free);
-        (len <= self.slot_len && g.0.len() > self.max_slots / 2)
-            .then(|| g.0.pop())
-            .flatten()
-    }
-
     fn give(&self, b: Slot) {
         lock(&self.free).0.push(b);
     }
@@ -231,89 +193,12 @@ fn with_stream<T>(ctx: &'static Context, f: impl FnOnce(&Stream) -> cuda::Result
 struct Staged {
     len: usize,
     slot: Slot,
-    /// A copy from or into the slot was queued and not yet waited for.
+    /// A device-to-host copy into the slot was queued and not yet waited for.
     copying: bool,
-    /// TX: ends of the pieces the chunk is copied in, `pieces` of them.
-    ends: [usize; PIECES],
-    pieces: usize,
-    /// TX: pieces known to be in staging.
-    ready: usize,
-    /// RX: bytes already queued onward to the GPU.
-    onward: usize,
-}
-
-impl Staged {
-    fn new(len: usize, slot: Slot) -> Self {
-        Staged {
-            len,
-            slot,
-            copying: false,
-            ends: [len; PIECES],
-            pieces: 1,
-            ready: 0,
-            onward: 0,
-        }
-    }
-
-    /// Leading bytes known to be in staging (TX).
-    fn ready_bytes(&self) -> usize {
-        match self.ready {
-            0 => 0,
-            k => self.ends[k - 1],
-        }
-    }
-
-    /// Learns which pieces are in staging, waiting until at least `need`
-    /// bytes are; returns how many leading bytes are (TX).
-    fn advance(&mut self, need: usize) -> cuda::Result<usize> {
-        while self.copying {
-            let ev = self.slot.event(self.ready, self.pieces);
-            if self.ready_bytes() >= need {
-                if !ev.done()? {
-                    break;
-                }
-            } else {
-                ev.wait("CUDA staging copy", COPY_DEADLINE)?;
-            }
-            self.ready += 1;
-            self.copying = self.ready < self.pieces;
-        }
-        Ok(if self.copying {
-            self.ready_bytes()
-        } else {
-            self.len
-        })
-    }
-}
-
-/// Piece ends of a chunk of `len` bytes copied in pieces: FIRST_PIECE,
-/// then doubling, the last taking the rest.
-fn piece_ends(len: usize) -> ([usize; PIECES], usize) {
-    let mut ends = [len; PIECES];
-    let (mut at, mut piece, mut n) = (0, FIRST_PIECE, 0);
-    while n + 1 < PIECES && at + piece < len {
-        at += piece;
-        ends[n] = at;
-        piece *= 2;
-        n += 1;
-    }
-    ends[n] = len;
-    (ends, n + 1)
 }
 
 /// Slots whose host-to-device copies run on one thread's stream, oldest first.
 type Copies = VecDeque<Slot>;
-
-/// Chunks staged when their message was posted, before any socket took
-/// them: (region offset, staging, when). A socket that starts such a chunk
-/// takes its staging instead of copying it again.
-type Early = VecDeque<(u64, Staged, Instant)>;
-
-/// Chunks staged early per region, at most (the oldest is let go).
-const EARLY_MAX: usize = 16;
-/// An early chunk no socket took within this long is let go (its message
-/// was refused, or its chunks went otherwise).
-const EARLY_TTL: Duration = Duration::from_millis(100);
 
 /// The TX/RX seam for one registered CUDA region.
 pub(crate) struct CudaBounce {
@@ -325,7 +210,6 @@ pub(crate) struct CudaBounce {
     rx: Mutex<BTreeMap<(u64, u64), Staged>>,
     /// thread -> its received chunks still being copied to the GPU.
     rx_copies: Mutex<HashMap<u64, Copies>>,
-    early: Mutex<Early>,
     /// DMA-BUF of the region, for the devmem TX path; closed on dereg.
     dmabuf: Option<OwnedFd>,
 }
@@ -376,7 +260,6 @@ impl CudaBounce {
             tx: Mutex::new(BTreeMap::new()),
             rx: Mutex::new(BTreeMap::new()),
             rx_copies: Mutex::new(HashMap::new()),
-            early: Mutex::new(VecDeque::new()),
             dmabuf,
         })
     }
@@ -390,61 +273,33 @@ impl CudaBounce {
         self.dmabuf.is_some()
     }
 
-    /// Queues the device-to-host copy of `[off, off+len)` into fresh
-    /// staging, in pieces (`split`) or whole.
-    fn stage_tx(&self, off: u64, len: usize, split: bool) -> Result<Staged> {
-        self.copy_tx(off, Staged::new(len, self.pool.take(len)?), split)
+    pub(crate) fn dmabuf(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.dmabuf.as_ref().map(std::os::fd::AsFd::as_fd)
     }
 
-    /// Queues the device-to-host copy of `[off, off+s.len)` into `s`.
-    fn copy_tx(&self, off: u64, mut s: Staged, split: bool) -> Result<Staged> {
-        let len = s.len;
-        if split {
-            (s.ends, s.pieces) = piece_ends(len);
-        }
+    /// Queues the device-to-host copy of `[off, off+len)` into fresh staging.
+    fn stage_tx(&self, off: u64, len: usize) -> Result<Staged> {
+        let slot = self.pool.take(len)?;
         let queued = with_stream(self.ctx, |st| {
-            let mut start = 0;
-            let mut queue = || -> cuda::Result<()> {
-                for i in 0..s.pieces {
-                    let end = s.ends[i];
-                    // SAFETY: the slot holds slot_len >= len pinned bytes; the
-                    // device range is inside the region (checked by Region);
-                    // the slot is not read or reused before its events say
-                    // the copies are done.
-                    unsafe {
-                        st.dtoh(
-                            s.slot.ptr().add(start),
-                            self.base + off + start as u64,
-                            end - start,
-                        )?
-                    };
-                    s.slot.event(i, s.pieces).record(st)?;
-                    start = end;
-                }
-                Ok(())
-            };
-            // Copies queued before a failure must end before the slot goes back.
-            queue().or_else(|e| st.sync().and(Err(e)))
+            // SAFETY: the slot holds slot_len >= len pinned bytes; the device
+            // range is inside the region (checked by Region); the slot is
+            // not read or reused before its event says the copy is done.
+            unsafe { st.dtoh(slot.ptr(), self.base + off, len)? };
+            // If the event cannot be recorded, the queued copy must still end
+            // before the slot goes back.
+            slot.copied.record(st).or_else(|e| st.sync().and(Err(e)))
         });
         match queued {
-            Ok(()) => {
-                s.copying = true;
-                Ok(s)
-            }
+            Ok(()) => Ok(Staged {
+                len,
+                slot,
+                copying: true,
+            }),
             Err(e) => {
-                self.pool.give(s.slot);
+                self.pool.give(slot);
                 Err(e)
             }
         }
-    }
-
-    /// The chunk at `off` staged early, if it is there.
-    fn take_early(&self, off: u64, len: usize) -> Option<Staged> {
-        let mut early = lock(&self.early);
-        let i = early
-            .iter()
-            .position(|(o, s, _)| *o == off && s.len == len)?;
-        early.remove(i).map(|(_, s, _)| s)
     }
 
     /// Gives staging back once no copy uses it any more.
@@ -475,7 +330,7 @@ impl CudaBounce {
     fn reclaim(&self, copies: &mut Copies) {
         while copies
             .front()
-            .is_some_and(|s| s.last().done().unwrap_or(false))
+            .is_some_and(|s| s.copied.done().unwrap_or(false))
         {
             if let Some(s) = copies.pop_front() {
                 self.pool.give(s);
@@ -485,7 +340,7 @@ impl CudaBounce {
 }
 
 impl TxPath for CudaBounce {
-    fn source(&self, off: u64, len: usize, need: usize) -> Result<(*const u8, usize)> {
+    fn source(&self, off: u64, len: usize) -> Result<*const u8> {
         let key = (tid(), off);
         // Waits happen outside the map's lock: other workers use it too.
         let staged = lock(&self.tx).remove(&key);
@@ -496,23 +351,19 @@ impl TxPath for CudaBounce {
                 if let Some(old) = other {
                     self.release(old);
                 }
-                match self.take_early(off, len) {
-                    Some(s) => s,
-                    // Not staged yet: the wire waits for the first piece only.
-                    None => self.stage_tx(off, len, need < len)?,
-                }
+                self.stage_tx(off, len)?
             }
         };
-        let ready = match s.advance(need) {
-            Ok(r) => r,
-            Err(err) => {
+        if s.copying {
+            if let Err(err) = s.slot.wait() {
                 self.pool.give_after(s.slot, &err);
                 return Err(cuda_error(err));
             }
-        };
+            s.copying = false;
+        }
         let p = s.slot.ptr();
         lock(&self.tx).insert(key, s);
-        Ok((p, ready))
+        Ok(p)
     }
 
     fn prefetch(&self, off: u64, len: usize) {
@@ -520,45 +371,11 @@ impl TxPath for CudaBounce {
         if lock(&self.tx).contains_key(&key) {
             return;
         }
-        // A failed prefetch is retried, and reported, by `source`. Whole:
-        // it has the send before it to finish in.
-        let staged = match self.take_early(off, len) {
-            Some(s) => Ok(s),
-            None => self.stage_tx(off, len, false),
-        };
-        if let Ok(s) = staged {
+        // A failed prefetch is retried, and reported, by `source`.
+        if let Ok(s) = self.stage_tx(off, len) {
             if let Some(old) = lock(&self.tx).insert(key, s) {
                 self.release(old);
             }
-        }
-    }
-
-    fn stage_early(&self, off: u64, len: usize) {
-        let now = Instant::now();
-        let mut gone = Vec::new();
-        let present = {
-            let mut early = lock(&self.early);
-            while early
-                .front()
-                .is_some_and(|(_, _, t)| early.len() >= EARLY_MAX || now - *t > EARLY_TTL)
-            {
-                gone.extend(early.pop_front().map(|(_, s, _)| s));
-            }
-            early.iter().any(|(o, s, _)| *o == off && s.len == len)
-        };
-        // Outside the lock: their copies may still run.
-        for s in gone {
-            self.release(s);
-        }
-        if present {
-            return;
-        }
-        let Some(slot) = self.pool.take_spare(len) else {
-            return;
-        };
-        // A failed early copy is retried, and reported, by `source`.
-        if let Ok(s) = self.copy_tx(off, Staged::new(len, slot), true) {
-            lock(&self.early).push_back((off, s, now));
         }
     }
 
@@ -577,7 +394,7 @@ impl TxPath for CudaBounce {
 impl RxPath for CudaBounce {
     fn sink(&self, off: u64, len: usize) -> Result<*mut u8> {
         let tid = tid();
-        let rx = lock(&self.rx);
+        let mut rx = lock(&self.rx);
         if let Some((&(_, start), s)) = rx.range((tid, 0)..=(tid, off)).next_back() {
             if off < start + s.len as u64 {
                 // The rest of a chunk already being received.
@@ -589,47 +406,16 @@ impl RxPath for CudaBounce {
         drop(rx);
         let slot = self.pool.take(len)?;
         let p = slot.ptr();
-        let old = lock(&self.rx).insert((tid, off), Staged::new(len, slot));
-        if let Some(old) = old {
-            self.release(old);
+        rx = lock(&self.rx);
+        let staged = Staged {
+            len,
+            slot,
+            copying: false,
+        };
+        if let Some(old) = rx.insert((tid, off), staged) {
+            self.pool.give(old.slot);
         }
         Ok(p)
-    }
-
-    fn arrived(&self, off: u64, len: usize, done: usize) -> Result<()> {
-        let key = (tid(), off);
-        let pending = match lock(&self.rx).get(&key) {
-            Some(s) => done.min(s.len).saturating_sub(s.onward),
-            None => return Ok(()),
-        };
-        if pending < len.saturating_sub(done).max(RX_TAIL) {
-            return Ok(());
-        }
-        // Copies are queued outside the map's lock: other workers use it too.
-        let Some(mut s) = lock(&self.rx).remove(&key) else {
-            return Ok(());
-        };
-        let from = s.onward;
-        let queued = with_stream(self.ctx, |st| {
-            // SAFETY: the slot holds `done` received bytes; the device range
-            // is inside the region; the slot is not reused before its last
-            // event (recorded here, and again at `landed`) says the copies
-            // are done.
-            unsafe {
-                st.htod(
-                    self.base + off + from as u64,
-                    s.slot.ptr().add(from),
-                    pending,
-                )?
-            };
-            s.copying = true;
-            s.slot.last().record(st).or_else(|e| st.sync().and(Err(e)))
-        });
-        if queued.is_ok() {
-            s.onward = from + pending;
-        }
-        lock(&self.rx).insert(key, s);
-        queued
     }
 
     fn landed(&self, off: u64, len: usize) -> Result<()> {
@@ -646,19 +432,12 @@ impl RxPath for CudaBounce {
         };
         // Queued, not waited for: the socket receives its next chunk while
         // this one crosses to the GPU; `settle` waits before completion.
-        let (from, to) = (s.onward, len.min(s.len));
         let queued = with_stream(self.ctx, |st| {
             // SAFETY: the slot holds len received bytes; the device range is
             // inside the region; the slot stays out of the pool until its
-            // last event says the copies are done.
-            unsafe {
-                st.htod(
-                    self.base + off + from as u64,
-                    s.slot.ptr().add(from),
-                    to.saturating_sub(from),
-                )?
-            };
-            s.slot.last().record(st).or_else(|e| st.sync().and(Err(e)))
+            // event says the copy is done.
+            unsafe { st.htod(self.base + off, s.slot.ptr(), len.min(s.len))? };
+            s.slot.copied.record(st).or_else(|e| st.sync().and(Err(e)))
         });
         match queued {
             Ok(()) => {
@@ -669,27 +448,15 @@ impl RxPath for CudaBounce {
                 Ok(())
             }
             Err(e) => {
-                // Earlier pieces may still read the slot.
-                self.release(s);
+                self.pool.give(s.slot);
                 Err(e)
             }
         }
     }
 
     fn settle(&self) -> Result<()> {
-        let tid = tid();
-        let copies = lock(&self.rx_copies).remove(&tid);
-        let mut settled = copies.map_or(Ok(()), |q| self.finish_copies(q));
-        // Pieces of chunks still arriving: a failing socket settles before
-        // it lets go of their placements, and nothing may write them after.
-        let mut rx = lock(&self.rx);
-        for (_, s) in rx.range_mut((tid, 0)..=(tid, u64::MAX)) {
-            if s.copying && settled.is_ok() {
-                settled = s.slot.wait().map_err(cuda_error);
-                s.copying = settled.is_err();
-            }
-        }
-        settled
+        let copies = lock(&self.rx_copies).remove(&tid());
+        copies.map_or(Ok(()), |q| self.finish_copies(q))
     }
 }
 
@@ -700,10 +467,6 @@ impl Drop for CudaBounce {
         for s in tx.into_values() {
             self.release(s);
         }
-        let early = std::mem::take(&mut *lock(&self.early));
-        for (_, s, _) in early {
-            self.release(s);
-        }
         let copies = std::mem::take(&mut *lock(&self.rx_copies));
         for q in copies.into_values() {
             // A failed copy drops its slots rather than reuse them.
@@ -711,7 +474,7 @@ impl Drop for CudaBounce {
         }
         let rx = std::mem::take(&mut *lock(&self.rx));
         for s in rx.into_values() {
-            self.release(s);
+            self.pool.give(s.slot);
         }
     }
 }

@@ -152,6 +152,24 @@ pub struct Config {
     pub devmem_emulated: Option<devmem::sockabi::KernelAbi>,
     /// RX pool bytes per data socket of the emulated devmem NIC.
     pub emu_pool_bytes: usize,
+    /// The emulated devmem NIC fills pages as their tokens come back, so a
+    /// fragment read after its token went back shows as wrong bytes
+    /// (`TCPX_EMU_POISON`; tests).
+    pub emu_poison: bool,
+    /// The emulated devmem NIC also sends host regions, as if they were
+    /// DMA-BUFs, so the devmem TX path runs where there is no CUDA
+    /// (`TCPX_EMU_TX_HOST`; tests).
+    pub emu_tx_host: bool,
+    /// Upstream devmem RX without gpumemd: the RX queues of each data NIC
+    /// that a DMA-BUF is bound to (`bind-rx`) and its flows steered to
+    /// (`TCPX_DEVMEM_QUEUES`, e.g. `8-15`); empty = no upstream binding.
+    pub devmem_queues: Vec<u32>,
+    /// Bytes of the DMA-BUF bound per NIC for upstream devmem RX
+    /// (`TCPX_DEVMEM_POOL_BYTES`).
+    pub devmem_pool_bytes: usize,
+    /// Folder of the legacy pool handle file `nvdma-<pci>`
+    /// (`TCPX_RXMEM_LEGACY_DIR`; the original's fixed `/tmp`).
+    pub rxmem_legacy_dir: PathBuf,
     pub zerocopy: ZeroCopy,
     /// Smallest chunk payload sent with MSG_ZEROCOPY.
     pub min_zcopy_size: usize,
@@ -163,8 +181,8 @@ pub struct Config {
     /// `NCCL_GPUDIRECTTCPX_FORCE_ACK`: as the original, set TCP_QUICKACK on
     /// a data socket each time a received chunk completes there.
     pub force_ack: bool,
-    /// How the devmem receive path will import gpumemd's RX pool; recorded
-    /// until that path exists (reported at init).
+    /// How the devmem receive path imports gpumemd's RX pool
+    /// (`NCCL_TCPX_RXMEM_IMPORT_USE_GPU_PCI_CLIENT`).
     pub rxmem_import: RxmemImport,
     /// What each variable of the TCPX deployment's environment block that
     /// was set does here; `Net::init` logs it once (`log_env`).
@@ -232,6 +250,11 @@ impl Default for Config {
             engine: EngineKind::Epoll,
             devmem_emulated: None,
             emu_pool_bytes: 2 << 20,
+            emu_poison: false,
+            emu_tx_host: false,
+            devmem_queues: Vec::new(),
+            devmem_pool_bytes: 256 << 20,
+            rxmem_legacy_dir: PathBuf::from(devmem::gpumemd::legacy::LEGACY_DIR),
             zerocopy: ZeroCopy::Auto,
             min_zcopy_size: 32 * 1024,
             staging_bytes: 64 << 20,
@@ -399,6 +422,21 @@ impl Config {
         if let Some((k, v)) = first(&["TCPX_EMU_POOL_BYTES"]) {
             c.emu_pool_bytes = parse_num(k, &v)?;
         }
+        if let Some((k, v)) = first(&["TCPX_EMU_POISON"]) {
+            c.emu_poison = parse_flag(k, &v)?;
+        }
+        if let Some((k, v)) = first(&["TCPX_EMU_TX_HOST"]) {
+            c.emu_tx_host = parse_flag(k, &v)?;
+        }
+        if let Some((k, v)) = first(&["TCPX_DEVMEM_QUEUES"]) {
+            c.devmem_queues = parse_queues(k, &v)?;
+        }
+        if let Some((k, v)) = first(&["TCPX_DEVMEM_POOL_BYTES"]) {
+            c.devmem_pool_bytes = parse_num(k, &v)?;
+        }
+        if let Some((_, v)) = first(&["TCPX_RXMEM_LEGACY_DIR"]) {
+            c.rxmem_legacy_dir = PathBuf::from(v);
+        }
         if let Some((k, v)) = first(&["TCPX_ZEROCOPY"]) {
             c.zerocopy = match v.trim() {
                 "off" | "0" => ZeroCopy::Off,
@@ -509,8 +547,17 @@ impl Config {
                 "a gpumemd prefix is set but TCPX_GPU_PCI (the GPU's PCI address) is not".into(),
             );
         }
-        if self.devmem == DevmemMode::Require && self.gpumemd_prefix.is_none() {
-            return bad("TCPX_DEVMEM=require needs NCCL_GPUDIRECTTCPX_UNIX_CLIENT_PREFIX (gpumemd's socket folder)".into());
+        if self.devmem == DevmemMode::Require
+            && self.gpumemd_prefix.is_none()
+            && self.devmem_queues.is_empty()
+        {
+            return bad("TCPX_DEVMEM=require needs NCCL_GPUDIRECTTCPX_UNIX_CLIENT_PREFIX (gpumemd's socket folder, TCPX kernels) or TCPX_DEVMEM_QUEUES (the RX queues to bind, upstream kernels)".into());
+        }
+        if self.devmem_pool_bytes == 0 || self.devmem_pool_bytes % 4096 != 0 {
+            return bad(format!(
+                "TCPX_DEVMEM_POOL_BYTES must be a non-zero multiple of 4096, got {}",
+                self.devmem_pool_bytes
+            ));
         }
         if self.notsent_lowat > i32::MAX as usize {
             return bad(format!(
@@ -532,6 +579,27 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// RX queue ids: a comma list of ids and `lo-hi` ranges (`8-15,20`).
+fn parse_queues(key: &str, v: &str) -> Result<Vec<u32>> {
+    let bad = || Error::Config(format!("{key}={v:?}: list queue ids or ranges, as 8-15,20"));
+    let mut out = Vec::new();
+    for part in v.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (lo, hi) = match part.split_once('-') {
+            Some((a, b)) => (a.trim(), b.trim()),
+            None => (part, part),
+        };
+        let (lo, hi) = (
+            lo.parse::<u32>().map_err(|_| bad())?,
+            hi.parse::<u32>().map_err(|_| bad())?,
+        );
+        if lo > hi || hi - lo >= 1024 {
+            return Err(bad());
+        }
+        out.extend(lo..=hi);
+    }
+    Ok(out)
 }
 
 /// 0 or 1, as the original accepts for its switches.
@@ -660,6 +728,21 @@ mod tests {
             cfg(&[("TCPX_NOTSENT_LOWAT", "4G")]),
             Err(Error::Config(_))
         ));
+    }
+
+    #[test]
+    fn devmem_queue_lists_and_ranges_parse() {
+        let c = cfg(&[
+            ("TCPX_DEVMEM_QUEUES", "8-11, 20"),
+            ("TCPX_DEVMEM", "require"),
+        ])
+        .unwrap();
+        assert_eq!(c.devmem_queues, vec![8, 9, 10, 11, 20]);
+        assert_eq!(c.devmem, DevmemMode::Require);
+        for bad in ["x", "5-3", "1-", "0-5000"] {
+            assert!(cfg(&[("TCPX_DEVMEM_QUEUES", bad)]).is_err(), "{bad}");
+        }
+        assert!(cfg(&[("TCPX_DEVMEM_POOL_BYTES", "1000")]).is_err());
     }
 
     #[test]

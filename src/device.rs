@@ -23,7 +23,8 @@ bitflags::bitflags! {
 pub enum DataPath {
     /// Kernel TCP, host memory, copies on both sides.
     Host,
-    /// gpumemd answers: flows are steered to the GPU's RX queues (devmem control plane).
+    /// Payload received by the kernel's devmem socket (gpumemd's pool on
+    /// TCPX kernels, or a DMA-BUF bound with `bind-rx` upstream).
     Devmem,
     /// Payload received through the emulated devmem NIC (RX pool, fragments, tokens).
     DevmemEmulated,
@@ -118,8 +119,9 @@ pub(crate) fn resolve(spec: &NicSpec) -> Result<(String, IpAddr)> {
     }
 }
 
-/// The configured data NICs, or every up non-loopback interface, or loopback.
-pub(crate) fn discover(cfg: &Config, path: DataPath) -> Result<Vec<Device>> {
+/// The configured data NICs, or every up non-loopback interface, or
+/// loopback; their path is `Host` until `path::Paths::decide` says.
+pub(crate) fn discover(cfg: &Config) -> Result<Vec<Device>> {
     let picked: Vec<(String, IpAddr)> = if cfg.data_nics.is_empty() {
         let ifs = interfaces()?;
         let mut v: Vec<_> = ifs
@@ -152,7 +154,7 @@ pub(crate) fn discover(cfg: &Config, path: DataPath) -> Result<Vec<Device>> {
                 PtrKinds::HOST
             },
             max_comms: MAX_COMMS,
-            path,
+            path: DataPath::Host,
         })
         .collect())
 }

@@ -1,6 +1,8 @@
 //! The devmem control plane through gpumemd: probe the daemon at init,
-//! optionally register, and steer each accepted data socket's flow to one of
-//! the GPU's RX queues for the comm's lifetime.
+//! import its RX pool (the `get_gpu_fd_<pci>` socket, or the legacy
+//! `nvdma-<pci>` IPC handle file), optionally register, and steer each
+//! accepted data socket's flow to one of the GPU's RX queues for the comm's
+//! lifetime.
 #![forbid(unsafe_code)]
 
 use std::collections::VecDeque;
@@ -11,15 +13,17 @@ use std::time::{Duration, Instant};
 
 use devmem::cuda::vmm::{self, MappedRange, Mapping};
 use devmem::cuda::Context;
-use devmem::gpumemd::PoolMetadata;
-use devmem::pool::RxPool;
+use devmem::gpumemd::{legacy, PoolMetadata};
+use devmem::pool::{PoolError, RxPool};
+use devmem::sockabi::KernelAbi;
 
 use devmem::gpumemd::{GpumemdClient, GpumemdError, Registration, DEFAULT_DEADLINE};
 use flowsteer::gpumemd::GpumemdSteering;
 use flowsteer::{FlowTuple, RuleHandle};
 
-use crate::config::{Config, DevmemMode};
+use crate::config::{Config, DevmemMode, RxmemImport};
 use crate::error::{Error, Result};
+use crate::path::DevmemSpec;
 
 /// Where an emulated devmem socket's RX pool comes from.
 #[derive(Clone)]
@@ -38,44 +42,77 @@ pub(crate) struct SharedPool {
     used: Mutex<Vec<bool>>,
 }
 
-/// What gpumemd's pool fd is.
+/// What gpumemd's pool is.
 enum PoolMemory {
     /// A memory file (the mock on machines without a GPU): parts are mapped.
     Host(OwnedFd),
-    /// A CUDA shareable handle, imported once into the GPU's context (as
-    /// tcpgpudmarxd hands out); parts are ranges of that mapping.
+    /// GPU memory imported once into the GPU's context (a CUDA shareable
+    /// handle, as tcpgpudmarxd hands out, or a legacy IPC handle); parts
+    /// are ranges of that mapping.
     Gpu(Arc<Mapping>),
 }
 
+/// The GPU context of `pci`, its CUDA errors typed as the pool's.
+fn gpu_context(pci: &str) -> std::result::Result<&'static Context, PoolError> {
+    Context::by_pci(pci).map_err(PoolError::Device)
+}
+
 impl PoolMemory {
-    /// A regular file is host memory; anything else that passed
+    /// gpumemd's pool by the configured import style. A regular file from
+    /// `get_gpu_fd` is host memory (the mock); anything else that passed
     /// `check_pool_fd` is taken for a CUDA handle of GPU `pci`.
-    fn import(fd: OwnedFd, md: &PoolMetadata, pci: &str) -> Result<Self> {
-        let st = nix::sys::stat::fstat(fd.as_raw_fd()).map_err(|e| {
-            Error::devmem(GpumemdError::BadPoolFd {
-                detail: format!("fstat failed: {e}"),
-            })
-        })?;
-        if st.st_mode & libc::S_IFMT == libc::S_IFREG {
-            return Ok(PoolMemory::Host(fd));
-        }
-        let gpu = |e: devmem::cuda::CudaError| {
-            Error::Unsupported(format!(
-                "gpumemd's RX pool for GPU {pci} is GPU memory, which this process cannot import ({e}); \
-                 run where CUDA sees that GPU, or unset TCPX_DEVMEM_EMULATED"
-            ))
+    fn import(cfg: &Config, client: &GpumemdClient, pci: &str) -> Result<(Self, PoolMetadata)> {
+        let (memory, md) = match cfg.rxmem_import {
+            RxmemImport::LegacyFile => {
+                let handle = legacy::read_legacy_handle(&cfg.rxmem_legacy_dir, pci)
+                    .map_err(Error::devmem)?;
+                let ctx = gpu_context(pci).map_err(Error::devmem)?;
+                let mapping = Mapping::ipc_open(ctx, &handle)
+                    .map_err(|e| Error::devmem(PoolError::Device(e)))?;
+                let md = PoolMetadata {
+                    daemon_fd: -1,
+                    size: mapping.size() as u64,
+                    align: vmm::granularity(ctx).map_err(|e| Error::devmem(PoolError::Device(e)))?
+                        as u64,
+                };
+                (PoolMemory::Gpu(Arc::new(mapping)), md)
+            }
+            RxmemImport::GpuPciClient => {
+                let p = client.rx_pool(pci).map_err(Error::devmem)?;
+                let st = nix::sys::stat::fstat(p.fd.as_raw_fd()).map_err(|e| {
+                    Error::devmem(GpumemdError::BadPoolFd {
+                        detail: format!("fstat failed: {e}"),
+                    })
+                })?;
+                if st.st_mode & libc::S_IFMT == libc::S_IFREG {
+                    (PoolMemory::Host(p.fd), p.metadata)
+                } else {
+                    let ctx = gpu_context(pci).map_err(Error::devmem)?;
+                    let (size, align) = (p.metadata.size as usize, p.metadata.align as usize);
+                    let mapping = vmm::import_pool(ctx, p.fd.as_fd(), size, align)
+                        .map_err(|e| Error::devmem(PoolError::Device(e)))?;
+                    (PoolMemory::Gpu(Arc::new(mapping)), p.metadata)
+                }
+            }
         };
-        let ctx = Context::by_pci(pci).map_err(gpu)?;
-        let (size, align) = (md.size as usize, md.align as usize);
-        let mapping = vmm::import_pool(ctx, fd.as_fd(), size, align).map_err(gpu)?;
-        // Compiled once per GPU here, so that a missing NVRTC shows at init.
-        devmem::cuda::unpack::Unpacker::shared(ctx).map_err(|e| {
-            Error::Unsupported(format!(
-                "gpumemd's RX pool for GPU {pci} is GPU memory, but the unpack kernel does not build ({e})"
-            ))
-        })?;
-        tracing::info!(gpu = %pci, bytes = size, "gpumemd's RX pool is GPU memory: received fragments are unpacked by a CUDA kernel");
-        Ok(PoolMemory::Gpu(Arc::new(mapping)))
+        if let PoolMemory::Gpu(m) = &memory {
+            // Compiled once per GPU here, so that a missing NVRTC shows at init.
+            devmem::cuda::unpack::Unpacker::shared(m.context())
+                .map_err(|e| Error::devmem(PoolError::Device(e)))?;
+            tracing::info!(gpu = %pci, bytes = md.size, "gpumemd's RX pool is GPU memory: received fragments are unpacked by a CUDA kernel");
+        }
+        Ok((memory, md))
+    }
+
+    /// The whole pool, for kernel devmem sockets (the NIC writes it).
+    fn whole(&self, md: &PoolMetadata) -> Result<RxPool> {
+        match self {
+            PoolMemory::Host(fd) => RxPool::map(fd.as_fd(), md),
+            PoolMemory::Gpu(m) => MappedRange::new(m.clone(), 0, m.size())
+                .map_err(PoolError::from)
+                .and_then(RxPool::device_only),
+        }
+        .map_err(Error::devmem)
     }
 }
 
@@ -121,9 +158,16 @@ impl Drop for PoolPart {
     }
 }
 
+/// gpumemd's pool as this process receives into it.
+enum Pool {
+    /// Cut into parts for emulated devmem sockets.
+    Shared(Arc<SharedPool>),
+    /// Whole, for kernel devmem sockets, in the kernel's ABI.
+    Kernel(KernelAbi, Arc<RxPool>),
+}
+
 pub(crate) struct Gpumemd {
-    /// The daemon's RX pool, when the emulated devmem NIC receives into it.
-    pub pool: Option<Arc<SharedPool>>,
+    pool: Pool,
     steering: GpumemdSteering,
     queue_ids: Vec<i32>,
     mode: DevmemMode,
@@ -131,7 +175,8 @@ pub(crate) struct Gpumemd {
 }
 
 impl Gpumemd {
-    /// The daemon when configured and answering; `None` means the host path.
+    /// The daemon when configured, answering, and its pool importable;
+    /// `None` means the host path (logged; under `require`, an error).
     pub fn connect(cfg: &Config) -> Result<Option<Self>> {
         let (Some(prefix), Some(pci)) = (&cfg.gpumemd_prefix, &cfg.gpu_pci) else {
             return Ok(None);
@@ -148,34 +193,18 @@ impl Gpumemd {
                 let detail = format!("no RX queues for GPU {pci}");
                 return fallback(
                     cfg,
-                    GpumemdError::InvalidReply {
+                    Error::devmem(GpumemdError::InvalidReply {
                         op: "queue ids",
                         path,
                         detail,
-                    },
+                    }),
                 );
             }
-            Err(e) => return fallback(cfg, e),
+            Err(e) => return fallback(cfg, Error::devmem(e)),
         };
-        let pool = match cfg.devmem_emulated {
-            Some(_) => {
-                let p = client.rx_pool(pci).map_err(Error::devmem)?;
-                let part = (cfg.emu_pool_bytes as u64).next_multiple_of(p.metadata.align.max(4096));
-                let parts = (p.metadata.size / part) as usize;
-                if parts == 0 {
-                    return Err(Error::Config(format!(
-                        "the RX pool ({} bytes) is smaller than one {part}-byte part (TCPX_EMU_POOL_BYTES)",
-                        p.metadata.size
-                    )));
-                }
-                Some(Arc::new(SharedPool {
-                    memory: PoolMemory::import(p.fd, &p.metadata, pci)?,
-                    md: p.metadata,
-                    part,
-                    used: Mutex::new(vec![false; parts]),
-                }))
-            }
-            None => None,
+        let pool = match Self::pool(cfg, &client, pci) {
+            Ok(p) => p,
+            Err(e) => return fallback(cfg, e),
         };
         let registration = if cfg.gpumemd_register {
             Some(client.register().map_err(Error::devmem)?)
@@ -192,6 +221,60 @@ impl Gpumemd {
         }))
     }
 
+    /// Imports the pool, and for the kernel's devmem sockets finds the ABI
+    /// this kernel speaks.
+    fn pool(cfg: &Config, client: &GpumemdClient, pci: &str) -> Result<Pool> {
+        let abi = match cfg.devmem_emulated {
+            Some(_) => None,
+            None => Some(devmem::sockabi::kernel_abi().map_err(Error::devmem)?),
+        };
+        let (memory, md) = PoolMemory::import(cfg, client, pci)?;
+        let Some(abi) = abi else {
+            let part = (cfg.emu_pool_bytes as u64).next_multiple_of(md.align.max(4096));
+            let parts = (md.size / part) as usize;
+            if parts == 0 {
+                return Err(Error::Config(format!(
+                    "the RX pool ({} bytes) is smaller than one {part}-byte part (TCPX_EMU_POOL_BYTES)",
+                    md.size
+                )));
+            }
+            return Ok(Pool::Shared(Arc::new(SharedPool {
+                memory,
+                md,
+                part,
+                used: Mutex::new(vec![false; parts]),
+            })));
+        };
+        if abi == KernelAbi::Upstream {
+            tracing::warn!("gpumemd is configured but this kernel speaks the upstream devmem ABI (SO_DEVMEM_DONTNEED=97 unknown): data sockets receive with MSG_SOCK_DEVMEM and upstream cmsgs; gpumemd's queues deliver devmem fragments on TCPX kernels, so expect linear bytes here");
+        }
+        Ok(Pool::Kernel(abi, Arc::new(memory.whole(&md)?)))
+    }
+
+    /// The pool's parts for emulated devmem sockets.
+    pub fn shared_pool(&self) -> Option<Arc<SharedPool>> {
+        match &self.pool {
+            Pool::Shared(p) => Some(p.clone()),
+            Pool::Kernel(..) => None,
+        }
+    }
+
+    /// How kernel devmem sockets receive into the daemon's pool.
+    pub fn kernel_spec(&self) -> Option<DevmemSpec> {
+        match &self.pool {
+            Pool::Kernel(abi, memory) => Some(DevmemSpec::Kernel {
+                abi: *abi,
+                memory: memory.clone(),
+                dmabuf_id: None,
+            }),
+            Pool::Shared(_) => None,
+        }
+    }
+
+    /// The GPU's RX queues the daemon reported.
+    pub fn queue_ids(&self) -> &[i32] {
+        &self.queue_ids
+    }
     /// Steers the flows of accepted data sockets, one rule each, round-robin
     /// over the queues, all within one client deadline in total: a slow or
     /// hung daemon costs an accept at most that. Under `prefer`, a refused
@@ -397,13 +480,13 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// The host path under `prefer`; the daemon's error under `require`.
-fn fallback(cfg: &Config, why: GpumemdError) -> Result<Option<Gpumemd>> {
+/// The host path under `prefer`; the error under `require`.
+fn fallback(cfg: &Config, why: Error) -> Result<Option<Gpumemd>> {
     if cfg.devmem == DevmemMode::Require {
-        tracing::error!("gpumemd unavailable and TCPX_DEVMEM=require: {why}");
-        return Err(Error::devmem(why));
+        tracing::error!("gpumemd unavailable for devmem and TCPX_DEVMEM=require: {why}");
+        return Err(why);
     }
-    tracing::warn!("gpumemd unavailable ({why}); using the host path");
+    tracing::warn!("gpumemd unavailable for devmem ({why}); using the host path");
     Ok(None)
 }
 

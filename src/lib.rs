@@ -48,8 +48,11 @@ mod gpumemd;
 mod handle;
 mod memory;
 mod net;
+mod path;
+mod region_tx;
 mod request;
 mod stats;
+mod upstream;
 pub mod wire;
 mod zerocopy;
 

@@ -109,21 +109,14 @@ impl PtrKind {
 
 /// Where bytes of a region come from when sending.
 pub(crate) trait TxPath: Send + Sync {
-    /// Host-addressable bytes `[off, off+len)` of the region, and how many
-    /// of their leading bytes are ready to send: at least `need` (at most
-    /// `len`), waiting for them if needed. Staging paths copy a chunk in
-    /// pieces, so its send can start before the whole chunk is staged.
-    fn source(&self, off: u64, len: usize, need: usize) -> Result<(*const u8, usize)>;
+    /// Host-addressable bytes `[off, off+len)` of the region, ready to send.
+    fn source(&self, off: u64, len: usize) -> Result<*const u8>;
     /// The kernel holds no reference to the chunk's bytes any more (copying
     /// sends): staging paths may reuse what `source` handed out.
     fn sent(&self, _off: u64, _len: usize) {}
     /// Bytes `[off, off+len)` will be asked for soon: staging paths start
     /// copying them now, so the copy overlaps the send before it.
     fn prefetch(&self, _off: u64, _len: usize) {}
-    /// Bytes `[off, off+len)` are a chunk of a message just posted: staging
-    /// paths may start copying them now, while the receiver's go-ahead and
-    /// a socket are awaited, for whichever socket sends them.
-    fn stage_early(&self, _off: u64, _len: usize) {}
     /// False when `source` hands out reusable staging, which MSG_ZEROCOPY
     /// would keep referenced past `sent`.
     fn zerocopy_ok(&self) -> bool {
@@ -140,11 +133,6 @@ pub(crate) trait TxPath: Send + Sync {
 pub(crate) trait RxPath: Send + Sync {
     /// Host-addressable memory for bytes `[off, off+len)` of the region.
     fn sink(&self, off: u64, len: usize) -> Result<*mut u8>;
-    /// The first `done` bytes of the `len`-byte chunk at `off` are in its
-    /// sink, more to come: staging paths may start copying them onward.
-    fn arrived(&self, _off: u64, _len: usize, _done: usize) -> Result<()> {
-        Ok(())
-    }
     /// Bytes `[off, off+len)` are now in the sink (staging paths copy onward here).
     fn landed(&self, off: u64, len: usize) -> Result<()>;
     /// Every byte this thread saw land is in place (staging paths copy
@@ -166,6 +154,9 @@ pub(crate) struct Region {
     _owned: Option<HostMemory>,
     /// Staging for `PtrKind::Cuda` (the bounce path).
     bounce: Option<crate::bounce::CudaBounce>,
+    /// How each devmem TX NIC names the region (index: NIC); empty when
+    /// none does (`region_tx::attach`).
+    devmem_tx: Vec<Option<crate::region_tx::RegionTx>>,
 }
 
 // SAFETY: the region is a (pointer, length) pair; exclusivity of access is
@@ -177,6 +168,16 @@ unsafe impl Sync for Region {}
 impl Region {
     pub(crate) fn kind(&self) -> PtrKind {
         self.kind
+    }
+
+    /// How devmem TX NIC `nic` names the region, if it does.
+    pub(crate) fn devmem_tx(&self, nic: usize) -> Option<&crate::region_tx::RegionTx> {
+        self.devmem_tx.get(nic).and_then(Option::as_ref)
+    }
+
+    /// Every NIC sends the region by devmem TX: it is never staged.
+    fn devmem_tx_only(&self) -> bool {
+        !self.devmem_tx.is_empty() && self.devmem_tx.iter().all(Option::is_some)
     }
 
     /// The GPU a CUDA region is on; `None` for host memory.
@@ -219,12 +220,12 @@ impl Region {
 }
 
 impl TxPath for Region {
-    fn source(&self, off: u64, len: usize, need: usize) -> Result<(*const u8, usize)> {
+    fn source(&self, off: u64, len: usize) -> Result<*const u8> {
         let off = self.check(off, len)?;
         match self.kind {
             // SAFETY: off+len is inside the region (checked above).
-            PtrKind::Host => Ok((unsafe { self.ptr.add(off) }, len)),
-            PtrKind::Cuda => self.cuda()?.source(off as u64, len, need.min(len)),
+            PtrKind::Host => Ok(unsafe { self.ptr.add(off) }),
+            PtrKind::Cuda => self.cuda()?.source(off as u64, len),
         }
     }
     fn sent(&self, off: u64, len: usize) {
@@ -233,20 +234,18 @@ impl TxPath for Region {
         }
     }
     fn prefetch(&self, off: u64, len: usize) {
+        if self.devmem_tx_only() {
+            return;
+        }
         if let (Some(b), Ok(_)) = (&self.bounce, self.check(off, len)) {
             b.prefetch(off, len);
-        }
-    }
-    fn stage_early(&self, off: u64, len: usize) {
-        if let (Some(b), Ok(_)) = (&self.bounce, self.check(off, len)) {
-            b.stage_early(off, len);
         }
     }
     fn zerocopy_ok(&self) -> bool {
         self.bounce.is_none()
     }
     fn prefetches(&self) -> bool {
-        self.bounce.is_some()
+        self.bounce.is_some() && !self.devmem_tx_only()
     }
 }
 
@@ -257,12 +256,6 @@ impl RxPath for Region {
             // SAFETY: off+len is inside the region (checked above).
             PtrKind::Host => Ok(unsafe { self.ptr.add(off) }),
             PtrKind::Cuda => self.cuda()?.sink(off as u64, len),
-        }
-    }
-    fn arrived(&self, off: u64, len: usize, done: usize) -> Result<()> {
-        match &self.bounce {
-            Some(b) => b.arrived(off, len, done),
-            None => Ok(()),
         }
     }
     fn landed(&self, off: u64, len: usize) -> Result<()> {
@@ -297,6 +290,7 @@ impl MemoryRegion {
                 kind: PtrKind::Host,
                 _owned: Some(mem),
                 bounce: None,
+                devmem_tx: Vec::new(),
             }),
         }
     }
@@ -313,6 +307,7 @@ impl MemoryRegion {
                 kind,
                 _owned: None,
                 bounce: None,
+                devmem_tx: Vec::new(),
             }),
         }
     }
@@ -327,6 +322,7 @@ impl MemoryRegion {
                 kind: PtrKind::Cuda,
                 _owned: None,
                 bounce: Some(bounce),
+                devmem_tx: Vec::new(),
             }),
         }
     }
@@ -334,6 +330,19 @@ impl MemoryRegion {
     /// True when a CUDA region also has a DMA-BUF fd (for the devmem TX path).
     pub fn has_dmabuf(&self) -> bool {
         self.inner.bounce.as_ref().is_some_and(|b| b.has_dmabuf())
+    }
+
+    /// The DMA-BUF of a CUDA region.
+    pub(crate) fn dmabuf(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.inner.bounce.as_ref().and_then(|b| b.dmabuf())
+    }
+
+    /// Sets how the devmem TX NICs name the region; only at registration,
+    /// while no request holds it.
+    pub(crate) fn set_devmem_tx(&mut self, names: Vec<Option<crate::region_tx::RegionTx>>) {
+        if let Some(r) = Arc::get_mut(&mut self.inner) {
+            r.devmem_tx = names;
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -432,7 +441,7 @@ mod tests {
     #[test]
     fn out_of_range_access_is_refused() {
         let mr = MemoryRegion::owned(HostMemory::zeroed(10).unwrap());
-        assert!(mr.inner.source(8, 3, 3).is_err());
+        assert!(mr.inner.source(8, 3).is_err());
         assert!(mr.inner.sink(u64::MAX, 1).is_err());
         assert!(mr.inner.sink(10, 0).is_ok());
     }

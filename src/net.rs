@@ -14,11 +14,11 @@ use socket2::SockRef;
 
 use crate::comm::{Agreed, DataSock};
 use crate::config::{Config, EngineKind};
-use crate::device::{self, DataPath, Device};
+use crate::device::{self, Device};
 use crate::engine::{Cmd, CommLink, SockId, TxMode, Watch, Worker};
 use crate::error::{Error, Result};
-use crate::gpumemd::{Gpumemd, PoolSource};
 use crate::memory::{HostMemory, MemoryRegion, PtrKind};
+use crate::path::Paths;
 use crate::stats::{Counters, NicStats, SockCounters, Stats, Tally};
 
 pub(crate) use crate::connect::Connecting;
@@ -29,7 +29,8 @@ pub(crate) struct NetInner {
     pub cfg: Config,
     /// The engine the workers run (`cfg.engine` resolved by the probe).
     engine: EngineKind,
-    pub(crate) gpumemd: Option<Gpumemd>,
+    /// Every NIC's data path, and what keeps devmem working (gpumemd, bindings).
+    pub(crate) paths: Paths,
     pub devices: Vec<Device>,
     pub ctrl_ip: Option<IpAddr>,
     /// `cfg.workers_per_nic` progress workers per device: device `d`'s are
@@ -63,14 +64,13 @@ impl NetInner {
         let tx = TxMode {
             zerocopy: self.cfg.zerocopy,
             min_zcopy: self.cfg.min_zcopy_size,
-            devmem_emulated: self.cfg.devmem_emulated.map(|abi| {
-                let shared = self.gpumemd.as_ref().and_then(|g| g.pool.clone());
-                let source = shared.map_or(
-                    PoolSource::Local(self.cfg.emu_pool_bytes),
-                    PoolSource::Shared,
-                );
-                (abi, source)
-            }),
+            devmem: self.paths.nics.get(nic).and_then(|n| n.rx.clone()),
+            devmem_tx: self
+                .paths
+                .nics
+                .get(nic)
+                .and_then(|n| n.tx)
+                .map(|t| (nic, t)),
             peer_timeout_ms: self.cfg.peer_timeout.map_or(0, |t| t.as_millis() as u64),
             notsent_lowat: self.cfg.notsent_lowat as u32,
             quickack: self.cfg.force_ack,
@@ -148,15 +148,11 @@ impl Net {
         cfg.validate()?;
         // Once per Net: what the TCPX environment block does here.
         cfg.log_env();
-        let gpumemd = Gpumemd::connect(&cfg)?;
-        let path = if cfg.devmem_emulated.is_some() {
-            DataPath::DevmemEmulated
-        } else if gpumemd.is_some() {
-            DataPath::Devmem
-        } else {
-            DataPath::Host
-        };
-        let devices = device::discover(&cfg, path)?;
+        let mut devices = device::discover(&cfg)?;
+        let paths = Paths::decide(&cfg, &devices)?;
+        for (d, n) in devices.iter_mut().zip(&paths.nics) {
+            d.path = n.reported;
+        }
         let ctrl_ip = cfg
             .ctrl_nic
             .as_ref()
@@ -165,8 +161,8 @@ impl Net {
             .map(|(_, ip)| ip);
         let engine = match cfg.engine {
             EngineKind::Epoll => EngineKind::Epoll,
-            _ if cfg.devmem_emulated.is_some() => {
-                tracing::info!("the emulated devmem NIC runs on the epoll engine");
+            _ if paths.any_devmem() => {
+                tracing::info!("devmem sockets run on the epoll engine");
                 EngineKind::Epoll
             }
             wanted => match crate::engine::probe_uring() {
@@ -195,21 +191,6 @@ impl Net {
                 Worker::spawn(name, engine, counters.clone(), cfg.tick())
             })
             .collect::<Result<Vec<_>>>()?;
-        for (i, d) in devices.iter().enumerate() {
-            tracing::info!(
-                dev = i,
-                nic = %d.name,
-                addr = %d.addr,
-                speed_mbps = d.speed_mbps,
-                path = %d.path,
-                "{}",
-                match d.path {
-                    DataPath::Devmem => "tcpx device: flows steered by gpumemd; payload still received by kernel TCP (no devmem RX in this build)",
-                    DataPath::Host => "tcpx device: kernel TCP with host memory (no gpumemd configured or answering)",
-                    DataPath::DevmemEmulated => "tcpx device: receiving through the emulated devmem NIC (RX pool, fragments, token return)",
-                }
-            );
-        }
         let nic_tallies = devices.iter().map(|_| Arc::default()).collect();
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         Ok(Net {
@@ -217,7 +198,7 @@ impl Net {
                 id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
                 engine,
                 cfg,
-                gpumemd,
+                paths,
                 devices,
                 ctrl_ip,
                 workers,
@@ -271,7 +252,9 @@ impl Net {
 
     /// Registers memory the transport owns for the region's lifetime.
     pub fn reg_mr(&self, mem: HostMemory) -> MemoryRegion {
-        MemoryRegion::owned(mem)
+        let mut mr = MemoryRegion::owned(mem);
+        crate::region_tx::attach(&self.inner.paths, &self.inner.cfg, &mut mr);
+        mr
     }
 
     /// Registers caller-owned memory.
@@ -300,11 +283,15 @@ impl Net {
                 cfg.staging_bytes,
             )?;
             // SAFETY: forwarded to the caller's contract.
-            return Ok(unsafe { MemoryRegion::cuda(ptr, len, b) });
+            let mut mr = unsafe { MemoryRegion::cuda(ptr, len, b) };
+            crate::region_tx::attach(&self.inner.paths, cfg, &mut mr);
+            return Ok(mr);
         }
         crate::bounce::refuse_device_as_host(ptr)?;
         // SAFETY: forwarded to the caller's contract.
-        Ok(unsafe { MemoryRegion::foreign(ptr, len, kind) })
+        let mut mr = unsafe { MemoryRegion::foreign(ptr, len, kind) };
+        crate::region_tx::attach(&self.inner.paths, &self.inner.cfg, &mut mr);
+        Ok(mr)
     }
 
     /// Deregisters; returns owned memory. `Error::Busy` while requests use the

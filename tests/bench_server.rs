@@ -16,9 +16,8 @@ const SETUP: Duration = Duration::from_secs(5);
 struct Server {
     child: Child,
     lines: Receiver<String>,
-    /// Lines read while looking for another client's (clients are served
-    /// in parallel: their lines come in any order).
-    skipped: Vec<String>,
+    /// Lines read but not yet asked for.
+    seen: Vec<String>,
 }
 
 impl Server {
@@ -43,7 +42,7 @@ impl Server {
         let mut s = Server {
             child,
             lines,
-            skipped: Vec::new(),
+            seen: Vec::new(),
         };
         let first = s.line(Duration::from_secs(20));
         let addr = first
@@ -60,11 +59,12 @@ impl Server {
             .unwrap_or_else(|e| panic!("no line from the server within {within:?}: {e}"))
     }
 
-    /// The server's line about the client at `peer`.
+    /// The server's line about the client at `peer` (clients' lines come in
+    /// any order: those about others are kept for later).
     fn about(&mut self, peer: SocketAddr, within: Duration) -> String {
         let mine = format!("client {peer}:");
-        if let Some(i) = self.skipped.iter().position(|l| l.starts_with(&mine)) {
-            return self.skipped.remove(i);
+        if let Some(i) = self.seen.iter().position(|l| l.starts_with(&mine)) {
+            return self.seen.remove(i);
         }
         let t0 = Instant::now();
         loop {
@@ -72,7 +72,7 @@ impl Server {
             if l.starts_with(&mine) {
                 return l;
             }
-            self.skipped.push(l);
+            self.seen.push(l);
         }
     }
 }

@@ -172,6 +172,12 @@ fn devmem_child() {
     let [pa, pb, pci] = v[..] else {
         panic!("bad {CHILD_ENV}: {spec}")
     };
+    // The baseline of the issue's figure, same run: host TCP, host memory
+    // into host memory, no devmem at all.
+    let plain =
+        [0, 1].map(|_| Net::init(Config::loopback(&["127.0.0.1", "127.0.0.2"]).unwrap()).unwrap());
+    let (_, tcp_gbps) = flow(&plain[0], &plain[1], false, 0xD00D);
+    drop(plain);
     for abi in [KernelAbi::Upstream, KernelAbi::Tcpx] {
         let gpu = [pa, pb].map(|p| Net::init(config(p, pci, abi)).unwrap());
         assert!(gpu[0]
@@ -207,9 +213,11 @@ fn devmem_child() {
             "byte-exact {}: {bytes} bytes, {} odd-sized messages ({N} in flight per direction, \
              both directions, odd offsets), emulated devmem RX from a GPU pool imported from the \
              mock gpumemd, CUDA kernel into CUDA regions: {gbps:.2} GB/s (same flow, host pool \
-             into host memory: {hgbps:.2} GB/s)",
+             into host memory: {hgbps:.2} GB/s; host TCP into host memory: {tcp_gbps:.2} GB/s; \
+             GPU pool / host TCP = {:.2}x)",
             abi.name(),
             2 * ROUNDS * N,
+            gbps / tcp_gbps,
         );
     }
 }

@@ -57,3 +57,28 @@ fn every_header_size_in_protocol_md_is_the_code_s() {
         wire::MAX_PLACED_BYTES
     )));
 }
+
+/// docs/DEVMEM.md lists exactly the devmem counters of `Net::stats()`.
+#[test]
+fn devmem_md_names_every_devmem_counter() {
+    let doc =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/DEVMEM.md")).unwrap();
+    let at = doc
+        .find("`Net::stats()`:")
+        .expect("DEVMEM.md lists the counters");
+    let para = &doc[at..doc[at..].find("\n\n").map_or(doc.len(), |e| at + e)];
+    let mut listed: Vec<&str> = para
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .filter(|w| w.starts_with("devmem_"))
+        .collect();
+    let fields = format!("{:?}", tcpx::Stats::default());
+    let mut counters: Vec<&str> = fields
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("devmem_"))
+        .collect();
+    listed.sort_unstable();
+    counters.sort_unstable();
+    assert_eq!(listed, counters);
+}

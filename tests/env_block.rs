@@ -127,7 +127,7 @@ fn the_whole_block_is_reported_once_at_init_with_its_effect() {
     has(
         "NCCL_TCPX_RXMEM_IMPORT_USE_GPU_PCI_CLIENT",
         "INFO",
-        "no effect until devmem RX",
+        "the RX pool comes from gpumemd's get_gpu_fd_<pci>",
     );
     has(
         "NCCL_GPUDIRECTTCPX_UNIX_CLIENT_PREFIX",

@@ -103,9 +103,10 @@ fn gpumemd_cause(e: &GpumemdError) -> Cause {
 fn pool_cause(e: &PoolError) -> Cause {
     match e {
         PoolError::Full { .. } => Cause::PoolFull,
-        PoolError::BadSize { .. } | PoolError::TooLarge { .. } | PoolError::Map { .. } => {
-            Cause::PoolFdBad
-        }
+        PoolError::BadSize { .. }
+        | PoolError::TooLarge { .. }
+        | PoolError::Map { .. }
+        | PoolError::LegacyHandle { .. } => Cause::PoolFdBad,
         PoolError::Device(c) => cuda_cause(c),
         _ => Cause::InvalidArgument,
     }
@@ -114,6 +115,7 @@ fn pool_cause(e: &PoolError) -> Cause {
 fn abi_cause(e: &AbiError) -> Cause {
     match e {
         AbiError::DontNeed { .. } => Cause::Kernel,
+        AbiError::NoDevmemAbi { .. } => Cause::NicUnsupported,
         AbiError::NotRepresentable { .. } | AbiError::BadTokenBytes { .. } => {
             Cause::InvalidArgument
         }

@@ -83,6 +83,20 @@ pub enum PoolError {
     /// The copy into a GPU pool (or setting up its mirror) failed.
     #[error("GPU RX pool: {0}")]
     Device(#[from] CudaError),
+    /// The legacy pool handle file is missing or unreadable.
+    #[error("legacy RX pool import: {}: {reason}", path.display())]
+    LegacyHandle {
+        /// `<dir>/nvdma-<pci>`.
+        path: std::path::PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The pool is written by a real NIC, never through [`RxPool::land`].
+    #[error(
+        "this RX pool is GPU memory a devmem NIC writes itself; only the \
+         emulated NIC lands bytes, into pools built with RxPool::gpu"
+    )]
+    NicOwned,
     /// `mmap` of the pool fd failed.
     #[error(
         "mmap of the RX pool fd ({size} bytes) failed: {source}; the fd must \
@@ -271,6 +285,8 @@ enum Backing {
     Local,
     /// GPU memory; `ptr` is its host mirror, which owns itself.
     Gpu(Box<GpuMirror>),
+    /// GPU memory a real NIC writes (no mirror; `ptr` is unused).
+    Device(MappedRange),
 }
 
 /// RX pool memory plus its page bookkeeping.
@@ -286,7 +302,10 @@ impl std::fmt::Debug for RxPool {
         f.debug_struct("RxPool")
             .field("len", &self.len)
             .field("mapped", &matches!(self.backing, Backing::Mapped))
-            .field("gpu", &matches!(self.backing, Backing::Gpu(_)))
+            .field(
+                "gpu",
+                &matches!(self.backing, Backing::Gpu(_) | Backing::Device(_)),
+            )
             .field("free_pages", &self.pages.free_pages())
             .finish()
     }
@@ -397,6 +416,20 @@ impl RxPool {
         })
     }
 
+    /// GPU memory a kernel devmem socket receives into (gpumemd's pool, or
+    /// a DMA-BUF bound with `bind-rx`): the NIC writes it, unpack reads
+    /// [`RxPool::device`]; no host mirror is made.
+    pub fn device_only(mapping: impl Into<MappedRange>) -> Result<Self, PoolError> {
+        let mapping = mapping.into();
+        let len = check_size(mapping.size() as u64, PAGE_SIZE as u64)?;
+        Ok(RxPool {
+            ptr: NonNull::dangling(),
+            len,
+            backing: Backing::Device(mapping),
+            pages: PageAllocator::new(len / PAGE_SIZE),
+        })
+    }
+
     /// Pool bytes.
     pub fn len(&self) -> usize {
         self.len
@@ -409,7 +442,7 @@ impl RxPool {
 
     /// The pool's memory, for a CPU unpack; `None` for a GPU pool.
     pub fn host(&self) -> Option<&[u8]> {
-        if matches!(self.backing, Backing::Gpu(_)) {
+        if matches!(self.backing, Backing::Gpu(_) | Backing::Device(_)) {
             return None;
         }
         // SAFETY: ptr/len describe memory this pool owns (box or mapping)
@@ -422,6 +455,7 @@ impl RxPool {
     pub fn device(&self) -> Option<&MappedRange> {
         match &self.backing {
             Backing::Gpu(m) => Some(m.mapping()),
+            Backing::Device(m) => Some(m),
             _ => None,
         }
     }
@@ -430,6 +464,9 @@ impl RxPool {
     /// lent out. Readers see them after [`RxPool::commit`].
     pub fn land(&mut self, offset: usize, bytes: &[u8]) -> Result<(), PoolError> {
         let len = bytes.len();
+        if matches!(self.backing, Backing::Device(_)) {
+            return Err(PoolError::NicOwned);
+        }
         if len == 0 {
             return Ok(());
         }
@@ -444,6 +481,48 @@ impl RxPool {
             m.mark(offset, len)?;
         }
         Ok(())
+    }
+
+    /// The NIC's DMA without a copy in between: writable views of the
+    /// `(offset, len)` ranges, each inside pages lent out, pairwise
+    /// disjoint, for one `readv`. Readers see the bytes after
+    /// [`RxPool::commit`] (a GPU pool copies every range whole).
+    pub fn landing(
+        &mut self,
+        ranges: &[(usize, usize)],
+    ) -> Result<Vec<std::io::IoSliceMut<'_>>, PoolError> {
+        if matches!(self.backing, Backing::Device(_)) {
+            return Err(PoolError::NicOwned);
+        }
+        let mut sorted: Vec<(usize, usize)> = ranges.iter().copied().filter(|r| r.1 > 0).collect();
+        sorted.sort_unstable();
+        for (i, &(offset, len)) in sorted.iter().enumerate() {
+            let overlaps = sorted.get(i + 1).is_some_and(|next| offset + len > next.0);
+            if !self.pages.lent(offset, len) || overlaps {
+                return Err(PoolError::NotLent { offset, len });
+            }
+        }
+        if let Backing::Gpu(m) = &mut self.backing {
+            // Marked before the read fills them: one span, so no range is
+            // flushed before its bytes land.
+            if let (Some(first), Some(end)) =
+                (sorted.first(), sorted.iter().map(|r| r.0 + r.1).max())
+            {
+                m.mark_ahead(first.0, end)?;
+            }
+        }
+        let base = self.ptr.as_ptr();
+        Ok(ranges
+            .iter()
+            .filter(|r| r.1 > 0)
+            .map(|&(offset, len)| {
+                // SAFETY: each range lies in lent pages of the pool (checked
+                // above), the ranges are pairwise disjoint, and `&mut self`
+                // keeps every other access out while the views live.
+                let b = unsafe { std::slice::from_raw_parts_mut(base.add(offset), len) };
+                std::io::IoSliceMut::new(b)
+            })
+            .collect())
     }
 
     /// Makes landed bytes visible to unpack: a GPU pool copies them to the
@@ -497,7 +576,7 @@ impl Drop for RxPool {
                 // SAFETY: raw is exactly the Box::into_raw of local(), freed once.
                 drop(unsafe { Box::from_raw(raw) });
             }
-            Backing::Gpu(_) => {}
+            Backing::Gpu(_) | Backing::Device(_) => {}
         }
     }
 }
@@ -505,6 +584,27 @@ impl Drop for RxPool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn landing_views_only_lent_disjoint_ranges() {
+        let mut p = RxPool::local(4 * PAGE_SIZE).unwrap();
+        let a = p.alloc(1).unwrap();
+        let b = p.alloc(1).unwrap();
+        {
+            let mut v = p
+                .landing(&[(b.offset as usize + 10, 5), (a.offset as usize, 3)])
+                .unwrap();
+            v[0].copy_from_slice(b"hello");
+            v[1].copy_from_slice(b"abc");
+        }
+        let h = p.host().unwrap();
+        assert_eq!(&h[b.offset as usize + 10..][..5], b"hello");
+        assert_eq!(&h[a.offset as usize..][..3], b"abc");
+        // Not lent, overlapping, or past the pool: refused.
+        assert!(p.landing(&[(2 * PAGE_SIZE, 1)]).is_err());
+        assert!(p.landing(&[(0, 10), (5, 10)]).is_err());
+        assert!(p.landing(&[(PAGE_SIZE, PAGE_SIZE + 1)]).is_err());
+    }
 
     #[test]
     fn fills_then_refuses_instead_of_overwriting() {

@@ -29,7 +29,7 @@ use devmem::cuda::{probe, vmm, Context};
 use devmem::emu::{EmuConfig, EmuDevmemSocket};
 use devmem::gpumemd::GpumemdClient;
 use devmem::pool::{RxPool, PAGE_SIZE};
-use devmem::sockabi::{control_buffer_len, parse_rx, KernelAbi};
+use devmem::sockabi::{control_buffer_len, parse_rx, release_tokens, DevmemSocket, KernelAbi};
 use devmem::unpack::{
     plan, CpuUnpack, CudaUnpack, GatherPlan, HostToDeviceUnpack, Unpack, MAX_BATCH,
 };
@@ -154,7 +154,7 @@ fn receive(abi: KernelAbi, pool: RxPool, sink: &mut dyn Sink, seed: u64) -> Flow
     let (sizes, data) = messages(seed);
     let (rx, tx) = stream(data.clone());
     let mut emu = EmuDevmemSocket::new(rx, pool, EmuConfig::new(abi).with_seed(seed)).unwrap();
-    let mut linear = vec![0u8; 256];
+    let mut linear = vec![0u8; 256 << 10];
     let mut control = vec![0u8; control_buffer_len(64)];
     let mut gp = GatherPlan::default();
     let (mut start, mut busy) = (0usize, Duration::ZERO);
@@ -163,7 +163,8 @@ fn receive(abi: KernelAbi, pool: RxPool, sink: &mut dyn Sink, seed: u64) -> Flow
         let t = Instant::now();
         let mut at = 0u64;
         while (at as usize) < len {
-            let o = match emu.recv_devmem_up_to(&mut linear, &mut control, len - at as usize) {
+            let lim = (len - at as usize).min(linear.len());
+            let o = match emu.recv_devmem(&mut linear[..lim], &mut control) {
                 Ok(o) => o,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) => panic!("{abi:?} recv: {e}"),
@@ -171,9 +172,9 @@ fn receive(abi: KernelAbi, pool: RxPool, sink: &mut dyn Sink, seed: u64) -> Flow
             assert!(o.bytes > 0, "stream ended inside message {index}");
             let frags = parse_rx(abi, &control[..o.control_len], o.bytes, o.msg_flags).unwrap();
             gp.clear();
-            at = plan(&frags, linear.len(), at, len, &mut gp).unwrap();
+            at = plan(&frags, lim, at, len, &mut gp).unwrap();
             sink.unpack(emu.pool(), &linear, &gp);
-            emu.release_tokens(&gp.tokens).unwrap();
+            release_tokens(&mut emu, &gp.tokens).unwrap();
         }
         busy += t.elapsed();
         sink.check(&data[start..start + len], index);

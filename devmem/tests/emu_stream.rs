@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 use devmem::emu::{EmuConfig, EmuDevmemSocket};
 use devmem::gpumemd::mock::{MockConfig, MockGpumemd};
 use devmem::pool::{RxPool, PAGE_SIZE};
-use devmem::sockabi::{control_buffer_len, parse_rx, Fragment, KernelAbi};
+use devmem::sockabi::{
+    control_buffer_len, parse_rx, release_tokens, DevmemSocket, Fragment, KernelAbi,
+};
 use devmem::unpack::{plan, CpuUnpack, GatherPlan, Unpack};
 
 fn splitmix(s: &mut u64) -> u64 {
@@ -73,14 +75,15 @@ fn receive(emu: &mut EmuDevmemSocket, seed: u64) -> Outcome {
     let mut dst = Vec::new();
     let mut want = Vec::new();
     loop {
-        // Random linear and control sizes per call, as callers vary.
-        let mut linear = vec![0u8; (splitmix(&mut rng) % 300) as usize];
+        // Random read and control sizes per call, as callers vary (the
+        // linear buffer is the iov: its length bounds the read).
+        let mut linear = vec![0u8; 1 + (splitmix(&mut rng) % 65_536) as usize];
         let mut control = vec![0u8; control_buffer_len(1 + (splitmix(&mut rng) % 40) as usize)];
         let o = match emu.recv_devmem(&mut linear, &mut control) {
             Ok(o) => o,
             Err(e) if e.kind() == ErrorKind::WouldBlock => {
                 assert!(!held.is_empty(), "stalled with no tokens held");
-                let r = emu.release_tokens(&held).unwrap();
+                let r = release_tokens(emu, &held).unwrap();
                 out.release_calls += r.calls;
                 out.released += r.requested;
                 held.clear();
@@ -137,14 +140,14 @@ fn receive(emu: &mut EmuDevmemSocket, seed: u64) -> Outcome {
         out.tokens += gp.tokens.len() as u64;
         held.extend_from_slice(&gp.tokens);
         if held.len() >= hold_limit {
-            let r = emu.release_tokens(&held).unwrap();
+            let r = release_tokens(emu, &held).unwrap();
             out.release_calls += r.calls;
             out.released += r.requested;
             held.clear();
             hold_limit = 1 + (splitmix(&mut rng) % 64) as usize;
         }
     }
-    let r = emu.release_tokens(&held).unwrap();
+    let r = release_tokens(emu, &held).unwrap();
     out.release_calls += r.calls;
     out.released += r.requested;
     out.stalls = emu.stats().stalls;

@@ -33,4 +33,7 @@ for so in "$tmp"/x/nixl_cu13/*.so; do ldd "$so"; done | awk '{print $3}' |
   grep '/nixl_cu13.libs/' | sort -u | xargs -I{} cp {} "$out/site/nixl_cu13.libs/"
 cp "$root/target/release/libplugin_TCPX.so" "$out/plugin/"
 strip --strip-debug "$out/plugin/libplugin_TCPX.so"
+# The wheel's libraries keep symbol tables they do not link by: without
+# them the bundle fits beside gpu-bin/ in one device call (64 MiB).
+find "$out/site" -name '*.so*' -type f -exec strip --strip-unneeded {} +
 du -sh "$out"

@@ -302,8 +302,8 @@ impl ListenComm {
                     match self.on_hello(f) {
                         Ok(Some(comm)) => return Ok(Some(comm)),
                         Ok(None) => {}
-                        // Our own side failed (gpumemd under `require`): the caller must know.
-                        Err(e @ Error::Gpumemd(_)) => return Err(e),
+                        // Our own side failed (flow steering under `require`): the caller must know.
+                        Err(e @ (Error::Gpumemd(_) | Error::Unsupported(_))) => return Err(e),
                         Err(e) => self.complaints.warn(now, Complaint::Refused, || {
                             format!("listener: refused a connection: {e}")
                         }),
@@ -387,10 +387,7 @@ impl ListenComm {
                 for (_, stream) in &data {
                     self.net.tune(stream, true)?;
                 }
-                let flows = match &self.net.gpumemd {
-                    Some(g) => g.steer(&data.iter().map(|(_, s)| s).collect::<Vec<_>>())?,
-                    None => Vec::new(),
-                };
+                let flows = self.net.paths.steer(&data)?;
                 let agreed = self
                     .net
                     .agreed(p.hello.peer_timeout_ms, p.hello.inline_threshold as usize);

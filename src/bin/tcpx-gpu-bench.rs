@@ -258,7 +258,7 @@ fn batched_gather(
     pack: &DeviceBuffer,
 ) -> BoxResult<()> {
     let mut methods = vec![Method::Kernel, Method::Each];
-    if batch::best() == Method::Driver {
+    if batch::driver_available() {
         methods.insert(0, Method::Driver);
     }
     let mut list = CopyList::new(ctx)?;

@@ -292,7 +292,7 @@ impl SendComm {
                 let mut events = std::mem::take(&mut c.events);
                 let mut ev = |e| events.push(e);
                 if inline {
-                    let (src, _) = mr.inner.source(offset as u64, len, len)?;
+                    let src = mr.inner.source(offset as u64, len)?;
                     // SAFETY: TxPath hands out `len` readable bytes; `mr` holds the region for this call.
                     let body = unsafe { bytes(src, len) };
                     c.reqs.insert(
@@ -331,15 +331,6 @@ impl SendComm {
                     );
                     c.side
                         .send_chunked(token, len as u64, tag, chunk as u32, &mut ev)?;
-                    if mr.inner.kind() == PtrKind::Cuda && len <= n * chunk {
-                        // One chunk per socket: their staging copies start
-                        // now and overlap the wait for the receiver's post.
-                        for k in 0..len.div_ceil(chunk) {
-                            let at = k * chunk;
-                            mr.inner
-                                .stage_early((offset + at) as u64, chunk.min(len - at));
-                        }
-                    }
                 }
                 c.events = events;
                 if !more {

@@ -147,17 +147,15 @@ fn effect(var: &'static str, get: &dyn Fn(&str) -> Option<String>, c: &Config) -
         ),
         "NCCL_TCPX_RXMEM_IMPORT_USE_GPU_PCI_CLIENT" => {
             let style = match c.rxmem_import {
-                RxmemImport::GpuPciClient => "RX pool from gpumemd's get_gpu_fd_<pci> socket",
-                RxmemImport::LegacyFile => "legacy RX pool import from /tmp/nvdma-<pci>",
-            };
-            (
-                format!(
-                    "recorded ({style}); no effect until devmem RX: this build receives the payload \
-                     by kernel TCP and imports no RX pool for it (the emulated devmem NIC's pool \
-                     always comes through the get_gpu_fd socket)"
+                RxmemImport::GpuPciClient => {
+                    "the RX pool comes from gpumemd's get_gpu_fd_<pci> and get_gpu_metadata_<pci> sockets".to_string()
+                }
+                RxmemImport::LegacyFile => format!(
+                    "legacy RX pool import: the CUDA IPC handle in {} (cuIpcOpenMemHandle)",
+                    devmem::gpumemd::legacy::legacy_path(&c.rxmem_legacy_dir, "<pci>").display()
                 ),
-                false,
-            )
+            };
+            (style, false)
         }
         "NCCL_GPUDIRECTTCPX_UNIX_CLIENT_PREFIX" => {
             let what = match (&c.gpumemd_prefix, c.devmem, &c.gpu_pci) {

@@ -1,7 +1,9 @@
-//! The receive side of an emulated devmem NIC on one data socket: payload
-//! lands in the socket's RX pool, each receive's fragments are gathered into
-//! its destination by a [`Gather`] backend, and the pool pages go back to
-//! the NIC (token return) only once the gather that reads them has finished.
+//! The devmem receive side of one data socket, over the [`DevmemSocket`]
+//! seam (the kernel's devmem socket or the emulated NIC: the same code
+//! above it): payload lands in the NIC's RX pool, each receive's fragments
+//! are gathered into its destination by a [`Gather`] backend, and the pool
+//! pages go back to the NIC (token return) only once the gather that reads
+//! them has finished.
 //!
 //! Paths, by pool and destination:
 //! - host pool, host memory (or a CUDA region's bounce staging): CPU gather,
@@ -10,16 +12,22 @@
 //!   on the socket's own stream; the socket receives on while it runs;
 //! - GPU pool, host memory (chunk headers, host regions, discarded bytes):
 //!   one synchronous device-to-host copy per fragment: correct, slow for
-//!   bulk data (the socket logs it once).
+//!   bulk data (logged once).
 //!
 //! The ordering that matters: a queued kernel still reads its pool pages, so
 //! their tokens are held until its event fires. Returned earlier, the NIC
 //! could land new payload in pages the kernel has not read yet. A request
 //! completes only after [`DevmemRx::settle`], which waits for every kernel.
+//!
+//! Every token the NIC lends is entered in a [`Ledger`] and leaves it once,
+//! when it goes back: on the error paths (a receive that does not parse or
+//! fit) as on the normal one, and on close for whatever is still held, so
+//! a token is returned exactly once and never one the socket does not hold.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::net::TcpStream;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,16 +36,22 @@ use devmem::cuda::unpack::Unpacker as Kernel;
 use devmem::cuda::Context;
 use devmem::emu::{EmuConfig, EmuDevmemSocket};
 use devmem::pool::RxPool;
-use devmem::sockabi::{control_buffer_len_for, parse_rx_into, Fragment, KernelAbi};
+use devmem::sockabi::{
+    control_buffer_len_for, parse_rx_into, release_tokens, salvage_tokens, AbiError, DevmemSocket,
+    Fragment, KernelSocket,
+};
 use devmem::unpack::{self, CpuUnpack, DeviceToHostUnpack, Frag, GatherPlan, Unpack};
 
 use crate::bounce::cuda_error;
 use crate::error::{Error, Result};
 use crate::gpumemd::{PoolPart, PoolSource};
+use crate::path::DevmemSpec;
 use crate::stats::Counters;
 
 /// Linear (header-split miss) bytes one receive may carry.
 const LINEAR_MAX: usize = 256;
+/// Most bytes one receive asks for (its iov, which linear bytes land in).
+const READ_MAX: usize = 256 << 10;
 /// Most fragments one receive carries (its control buffer holds no more).
 const MAX_FRAGS_PER_READ: usize = 64;
 /// Gathers in flight per socket; the next receive waits for the oldest.
@@ -97,11 +111,60 @@ pub(super) enum Recv {
     Interrupted,
 }
 
-/// The emulated devmem NIC on one socket, its pool and its gathers.
+/// Tokens the NIC lent this socket and it has not given back: a multiset
+/// (a kernel may lend one token for two fragments of a page).
+#[derive(Default)]
+struct Ledger {
+    held: HashMap<u32, u32>,
+}
+
+impl Ledger {
+    fn lend(&mut self, tokens: impl IntoIterator<Item = u32>) -> u64 {
+        let mut n = 0;
+        for t in tokens {
+            *self.held.entry(t).or_default() += 1;
+            n += 1;
+        }
+        n
+    }
+
+    /// Takes `tokens` out; those it does not hold (already returned) are
+    /// dropped from `tokens` and counted.
+    fn give_back(&mut self, tokens: &mut Vec<u32>) -> u64 {
+        let before = tokens.len();
+        tokens.retain(|t| match self.held.get_mut(t) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                true
+            }
+            Some(_) => {
+                self.held.remove(t);
+                true
+            }
+            None => false,
+        });
+        (before - tokens.len()) as u64
+    }
+
+    fn take_all(&mut self) -> Vec<u32> {
+        self.held
+            .drain()
+            .flat_map(|(t, n)| std::iter::repeat_n(t, n as usize))
+            .collect()
+    }
+}
+
+/// The process logs once that a devmem socket receives linear bytes only.
+static ALL_LINEAR_LOGGED: AtomicBool = AtomicBool::new(false);
+
+/// One data socket's devmem receive: its socket (kernel or emulated), pool
+/// and gathers.
 pub(super) struct DevmemRx {
-    emu: EmuDevmemSocket<TcpStream>,
+    sock: Box<dyn DevmemSocket>,
     /// The part of gpumemd's pool this socket receives into, if shared.
     _part: Option<PoolPart>,
+    /// Upstream: the binding id every pool fragment must carry.
+    dmabuf_id: Option<u32>,
     linear: Vec<u8>,
     control: Vec<u8>,
     frags: Vec<Fragment>,
@@ -111,6 +174,7 @@ pub(super) struct DevmemRx {
     /// pages they read.
     inflight: VecDeque<(usize, Vec<u32>)>,
     spare: Vec<Vec<u32>>,
+    ledger: Ledger,
     counters: Arc<Counters>,
     deadline: Duration,
     /// A gather timed out: the GPU is stuck and later waits fail at once.
@@ -118,30 +182,52 @@ pub(super) struct DevmemRx {
 }
 
 impl DevmemRx {
-    pub fn new(
-        stream: &TcpStream,
-        abi: KernelAbi,
-        source: PoolSource,
-        counters: Arc<Counters>,
-    ) -> Result<Self> {
+    pub fn new(stream: &TcpStream, spec: DevmemSpec, counters: Arc<Counters>) -> Result<Self> {
         let dup = stream
             .try_clone()
             .map_err(|e| Error::io("dup data socket", e))?;
-        let (pool, part) = match source {
-            PoolSource::Local(bytes) => (RxPool::local(bytes).map_err(Error::devmem)?, None),
-            PoolSource::Shared(shared) => {
-                let (pool, part) = shared.take()?;
-                (pool, Some(part))
+        let abi = spec.abi();
+        let (sock, part, dmabuf_id): (Box<dyn DevmemSocket>, _, _) = match spec {
+            DevmemSpec::Kernel {
+                abi,
+                memory,
+                dmabuf_id,
+            } => (
+                Box::new(KernelSocket::new(OwnedFd::from(dup), abi, Some(memory))),
+                None,
+                dmabuf_id,
+            ),
+            DevmemSpec::Emulated {
+                abi,
+                source,
+                poison,
+            } => {
+                let (pool, part) = match source {
+                    PoolSource::Local(bytes) => {
+                        (RxPool::local(bytes).map_err(Error::devmem)?, None)
+                    }
+                    PoolSource::Shared(shared) => {
+                        let (pool, part) = shared.take()?;
+                        (pool, Some(part))
+                    }
+                };
+                let mut cfg = EmuConfig::new(abi).with_seed(stream.as_raw_fd() as u64);
+                cfg.ipv6 = stream.local_addr().is_ok_and(|a| a.is_ipv6());
+                cfg.poison = poison.then_some(0xDB);
+                let emu = EmuDevmemSocket::new(dup, pool, cfg).map_err(Error::devmem)?;
+                let id = (abi == devmem::sockabi::KernelAbi::Upstream).then_some(cfg.dmabuf_id);
+                (Box::new(emu), part, id)
             }
         };
-        let gather = Box::new(PoolGather::new(&pool)?);
-        let seed = stream.as_raw_fd() as u64;
-        let emu = EmuDevmemSocket::new(dup, pool, EmuConfig::new(abi).with_seed(seed))
-            .map_err(Error::devmem)?;
+        let pool = sock
+            .rx_memory()
+            .ok_or_else(|| Error::InvalidArgument("a devmem receive without a pool".into()))?;
+        let gather = Box::new(PoolGather::new(pool)?);
         Ok(DevmemRx {
-            emu,
+            sock,
             _part: part,
-            linear: vec![0; LINEAR_MAX],
+            dmabuf_id,
+            linear: vec![0; READ_MAX],
             // Sized for this ABI's cmsgs: a receive then never carries more
             // fragments than a GPU gather slot holds.
             control: vec![0; control_buffer_len_for(abi, MAX_FRAGS_PER_READ)],
@@ -150,32 +236,42 @@ impl DevmemRx {
             gather,
             inflight: VecDeque::new(),
             spare: Vec::new(),
+            ledger: Ledger::default(),
             counters,
             deadline: GATHER_DEADLINE,
             hung: false,
         })
     }
 
+    fn pool(&self) -> Result<&RxPool> {
+        self.sock
+            .rx_memory()
+            .ok_or_else(|| Error::InvalidArgument("a devmem receive without a pool".into()))
+    }
+
     /// The GPU of a GPU pool; `None` for host pools.
     pub fn gpu_ordinal(&self) -> Option<i32> {
-        self.emu.pool().device().map(|m| m.context().ordinal())
+        let pool = self.sock.rx_memory()?;
+        pool.device().map(|m| m.context().ordinal())
     }
 
     /// One receive of at most `dst.len()` bytes into `dst`: parses the
     /// control bytes, starts the gather, and gives back the tokens of every
-    /// gather that has finished. Accounting errors fail the socket.
+    /// gather that has finished. Accounting errors fail the socket (after
+    /// the receive's tokens went back).
     pub fn recv(&mut self, dst: Dst<'_>) -> Result<Recv> {
         self.reap()?;
         // A full pool (or every gather slot busy) frees up only as running
         // gathers finish: wait for the oldest rather than stall on the NIC.
         while !self.inflight.is_empty()
-            && (self.emu.pool().free_pages() == 0 || self.inflight.len() >= MAX_INFLIGHT)
+            && (self.pool()?.free_pages() == 0 || self.inflight.len() >= MAX_INFLIGHT)
         {
             self.wait_oldest()?;
         }
+        let lim = dst.len().min(self.linear.len());
         let out = match self
-            .emu
-            .recv_devmem_up_to(&mut self.linear, &mut self.control, dst.len())
+            .sock
+            .recv_devmem(&mut self.linear[..lim], &mut self.control)
         {
             Ok(out) => out,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(Recv::WouldBlock),
@@ -185,28 +281,62 @@ impl DevmemRx {
         if out.bytes == 0 {
             return Ok(Recv::Closed);
         }
+        let control = &self.control[..out.control_len];
         self.frags.clear();
-        parse_rx_into(
-            self.emu.config().abi,
-            &self.control[..out.control_len],
+        if let Err(e) = parse_rx_into(
+            self.sock.abi(),
+            control,
             out.bytes,
             out.msg_flags,
             &mut self.frags,
-        )
-        .map_err(Error::devmem)?;
+        ) {
+            // The kernel lent these pages whatever went wrong: give them back.
+            let mut lent = salvage_tokens(self.sock.abi(), control);
+            self.lend(lent.iter().copied());
+            let _ = self.release(&mut lent);
+            return Err(Error::devmem(e));
+        }
+        let tokens = self.frags.iter().filter_map(Fragment::token);
+        Counters::bump(
+            &self.counters.devmem_tokens_received,
+            self.ledger.lend(tokens),
+        );
+        if out.control_len == 0
+            && out.bytes >= 4096
+            && !ALL_LINEAR_LOGGED.swap(true, Ordering::Relaxed)
+        {
+            tracing::warn!(bytes = out.bytes, "devmem receive: the kernel returned the payload as linear bytes (no devmem fragments): the flow is not steered to a devmem RX queue, or the NIC does not split headers; the transfer stays correct but pays a copy (logged once; see devmem_linear_bytes in Net::stats)");
+        }
         self.plan.clear();
-        unpack::plan(&self.frags, self.linear.len(), 0, dst.len(), &mut self.plan)
-            .map_err(Error::devmem)?;
-        let fence = self
-            .gather
-            .gather(self.emu.pool(), &self.linear, &self.plan, dst)?;
+        let planned = self.check_dmabuf().and_then(|()| {
+            unpack::plan(&self.frags, lim, 0, dst.len(), &mut self.plan).map_err(Error::devmem)
+        });
+        let fence = match planned {
+            Ok(_) => {
+                let pool = self.sock.rx_memory().ok_or_else(|| {
+                    Error::InvalidArgument("a devmem receive without a pool".into())
+                })?;
+                self.gather
+                    .gather(pool, &self.linear[..lim], &self.plan, dst)
+            }
+            Err(e) => Err(e),
+        };
+        let fence = match fence {
+            Ok(f) => f,
+            Err(e) => {
+                // Nothing reads these pages now: they go back before the socket fails.
+                let mut lent: Vec<u32> = self.frags.iter().filter_map(Fragment::token).collect();
+                let _ = self.release(&mut lent);
+                return Err(e);
+            }
+        };
         Counters::bump(&self.counters.devmem_frags, self.plan.pool.len() as u64);
         let linear: u64 = self.plan.linear.iter().map(|f| u64::from(f.len)).sum();
         Counters::bump(&self.counters.devmem_linear_bytes, linear);
         match fence {
             Fence::Done => {
-                let tokens = std::mem::take(&mut self.plan.tokens);
-                let r = self.release(&tokens);
+                let mut tokens = std::mem::take(&mut self.plan.tokens);
+                let r = self.release(&mut tokens);
                 self.plan.tokens = tokens;
                 r?;
             }
@@ -219,6 +349,33 @@ impl DevmemRx {
             }
         }
         Ok(Recv::Bytes(out.bytes))
+    }
+
+    /// Upstream fragments name their binding: one of another binding means
+    /// the flow reached a queue this socket's pool is not bound to.
+    fn check_dmabuf(&self) -> Result<()> {
+        let Some(expected) = self.dmabuf_id else {
+            return Ok(());
+        };
+        for f in &self.frags {
+            if let Fragment::Pool {
+                dmabuf_id: Some(found),
+                ..
+            } = *f
+            {
+                if found != expected {
+                    return Err(Error::devmem(AbiError::ForeignDmabuf { expected, found }));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn lend(&mut self, tokens: impl IntoIterator<Item = u32>) {
+        Counters::bump(
+            &self.counters.devmem_tokens_received,
+            self.ledger.lend(tokens),
+        );
     }
 
     /// Waits for every running gather and gives its tokens back: afterwards
@@ -269,18 +426,28 @@ impl DevmemRx {
 
     /// The oldest gather finished: only now may its pages go back to the NIC.
     fn retire(&mut self) -> Result<()> {
-        let Some((_, tokens)) = self.inflight.pop_front() else {
+        let Some((_, mut tokens)) = self.inflight.pop_front() else {
             return Ok(());
         };
-        let r = self.release(&tokens);
+        let r = self.release(&mut tokens);
         self.spare.push(tokens);
         r
     }
 
-    fn release(&mut self, tokens: &[u32]) -> Result<()> {
-        let report = self.emu.release_tokens(tokens).map_err(Error::devmem)?;
+    /// Gives `tokens` back through the seam, each the ledger holds once.
+    fn release(&mut self, tokens: &mut Vec<u32>) -> Result<()> {
+        let unknown = self.ledger.give_back(tokens);
+        Counters::bump(&self.counters.devmem_token_double_returns, unknown);
+        let report = release_tokens(&mut *self.sock, tokens).map_err(Error::devmem)?;
         Counters::bump(&self.counters.devmem_tokens_returned, report.requested);
         Counters::bump(&self.counters.devmem_dontneed_calls, report.calls as u64);
+        if let Some(freed) = report.freed {
+            // Upstream counts what it freed: fewer means tokens it did not hold.
+            Counters::bump(
+                &self.counters.devmem_tokens_unfreed,
+                report.requested.saturating_sub(freed),
+            );
+        }
         Ok(())
     }
 
@@ -291,8 +458,8 @@ impl DevmemRx {
     }
 
     #[cfg(test)]
-    pub(super) fn pool(&self) -> &RxPool {
-        self.emu.pool()
+    pub(super) fn rx_pool(&self) -> &RxPool {
+        self.sock.rx_memory().expect("a pool")
     }
 }
 
@@ -300,6 +467,27 @@ impl Drop for DevmemRx {
     fn drop(&mut self) {
         // The pool (and the destinations) must outlive every running gather.
         self.quiesce();
+        if self.hung {
+            // A stuck kernel may still read its pages: keep them from the
+            // NIC; closing the socket frees them in the kernel.
+            return;
+        }
+        // Close gives back whatever is still lent, once each.
+        let mut left = self.ledger.take_all();
+        if left.is_empty() {
+            return;
+        }
+        match release_tokens(&mut *self.sock, &left) {
+            Ok(r) => {
+                Counters::bump(&self.counters.devmem_tokens_returned, r.requested);
+                Counters::bump(&self.counters.devmem_dontneed_calls, r.calls as u64);
+            }
+            Err(e) => tracing::warn!(
+                tokens = left.len(),
+                "devmem tokens not returned on close ({e}); the kernel frees them with the socket"
+            ),
+        }
+        left.clear();
     }
 }
 
@@ -431,8 +619,12 @@ impl GpuGather {
         dst: &DeviceSpan,
     ) -> Result<usize> {
         unpack::check(&plan.pool, pool.device_len(), dst.device_len()).map_err(Error::devmem)?;
-        unpack::check(&plan.linear, linear.len().min(LINEAR_MAX), dst.device_len())
-            .map_err(Error::devmem)?;
+        unpack::check(&plan.linear, linear.len(), dst.device_len()).map_err(Error::devmem)?;
+        // Header-split misses fit the slot's pinned bytes; a flow the kernel
+        // copies whole (not steered to a devmem queue) is copied from the
+        // linear buffer itself.
+        let lin_len: usize = plan.linear.iter().map(|r| r.len as usize).sum();
+        let pinned_linear = lin_len <= LINEAR_MAX;
         if plan.pool.len() > MAX_FRAGS_PER_READ {
             return Err(Error::Protocol(format!(
                 "devmem unpack: {} pool fragments in one receive, at most {MAX_FRAGS_PER_READ}",
@@ -443,14 +635,14 @@ impl GpuGather {
         let i = self.take_slot()?;
         let slot = &self.slots[i];
         let rows_len = std::mem::size_of_val(plan.pool.as_slice());
-        let lin_len = linear.len().min(LINEAR_MAX);
+        let copied = if pinned_linear { lin_len } else { 0 };
         // SAFETY: the slot is free, so no queued copy reads its pinned
         // memory; rows (at most ROWS_BYTES) and linear bytes (at most
-        // LINEAR_MAX) fit it; Frag is plain repr(C) data.
+        // LINEAR_MAX, rows packed from 0) fit it; Frag is plain repr(C) data.
         unsafe {
             let h = slot.host.as_ptr();
             std::ptr::copy_nonoverlapping(plan.pool.as_ptr().cast::<u8>(), h, rows_len);
-            std::ptr::copy_nonoverlapping(linear.as_ptr(), h.add(ROWS_BYTES), lin_len);
+            std::ptr::copy_nonoverlapping(linear.as_ptr(), h.add(ROWS_BYTES), copied);
         }
         let queued = (|| {
             let h = slot.host.as_ptr();
@@ -473,14 +665,20 @@ impl GpuGather {
                 )?
             };
             for r in &plan.linear {
-                // SAFETY: the row lies inside the slot's linear bytes and the
-                // destination (checked above); both live until the event.
+                let src = if pinned_linear {
+                    // SAFETY: the row lies inside the slot's linear bytes.
+                    unsafe { h.add(ROWS_BYTES + r.src as usize) }
+                } else {
+                    // SAFETY: the row lies inside `linear` (checked above).
+                    // From pageable memory the copy is staged before the
+                    // call returns, so `linear` may be reused after it.
+                    unsafe { linear.as_ptr().add(r.src as usize) }
+                };
+                // SAFETY: the row lies inside its source and the destination
+                // (checked above); both live until the event.
                 unsafe {
-                    self.stream.htod(
-                        dst.device_ptr() + r.dst,
-                        h.add(ROWS_BYTES + r.src as usize),
-                        r.len as usize,
-                    )?
+                    self.stream
+                        .htod(dst.device_ptr() + r.dst, src, r.len as usize)?
                 };
             }
             slot.done.record(&self.stream)
@@ -601,13 +799,12 @@ pub(super) mod tests {
 
     fn rx(stream: &TcpStream, pages: usize, gather: &Manual, deadline: Duration) -> DevmemRx {
         let counters = Arc::new(Counters::default());
-        let mut d = DevmemRx::new(
-            stream,
-            KernelAbi::Upstream,
-            PoolSource::Local(pages * PAGE_SIZE),
-            counters,
-        )
-        .unwrap();
+        let spec = DevmemSpec::Emulated {
+            abi: devmem::sockabi::KernelAbi::Upstream,
+            source: PoolSource::Local(pages * PAGE_SIZE),
+            poison: true,
+        };
+        let mut d = DevmemRx::new(stream, spec, counters).unwrap();
         d.set_gather(Box::new(gather.clone()), deadline);
         d
     }
@@ -629,19 +826,19 @@ pub(super) mod tests {
         let mut d = rx(&stream, 64, &m, Duration::from_secs(5));
         let mut got = vec![0u8; data.len()];
         let n1 = recv_into(&mut d, &mut got).unwrap();
-        let first = d.pool().outstanding();
+        let first = d.rx_pool().outstanding();
         assert!(!first.is_empty(), "a receive lent pool pages");
         assert_eq!(d.counters.devmem_tokens_returned.load(Ordering::SeqCst), 0);
         // The first gather still runs: a second receive keeps its tokens out.
         let n2 = recv_into(&mut d, &mut got[n1..]).unwrap();
-        let both = d.pool().outstanding();
+        let both = d.rx_pool().outstanding();
         assert!(first.iter().all(|t| both.contains(t)), "held while running");
         assert!(both.len() > first.len());
         // Once it finished, the next receive gives back exactly its tokens.
         m.finished.store(1, Ordering::SeqCst);
         let mut at = n1 + n2;
         at += recv_into(&mut d, &mut got[at..]).unwrap();
-        let now = d.pool().outstanding();
+        let now = d.rx_pool().outstanding();
         assert!(first.iter().all(|t| !now.contains(t)), "returned once done");
         assert!(both
             .iter()
@@ -653,13 +850,95 @@ pub(super) mod tests {
             at += recv_into(&mut d, &mut got[at..]).unwrap();
         }
         d.settle().unwrap();
-        assert!(d.pool().outstanding().is_empty());
+        assert!(d.rx_pool().outstanding().is_empty());
         let c = &d.counters;
         assert_eq!(
             c.devmem_tokens_returned.load(Ordering::SeqCst),
             c.devmem_frags.load(Ordering::SeqCst)
         );
         assert!(got == data, "bytes differ");
+    }
+
+    /// A gather that fails at once, as a CUDA launch can.
+    struct Failing;
+
+    impl Gather for Failing {
+        fn gather(&mut self, _: &RxPool, _: &[u8], _: &GatherPlan, _: Dst<'_>) -> Result<Fence> {
+            Err(Error::Unsupported("test gather fails".into()))
+        }
+        fn done(&mut self, _: usize) -> Result<bool> {
+            Ok(true)
+        }
+        fn wait(&mut self, _: usize, _: Duration) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    fn balanced(c: &Counters) -> (u64, u64) {
+        (
+            c.devmem_tokens_received.load(Ordering::SeqCst),
+            c.devmem_tokens_returned.load(Ordering::SeqCst),
+        )
+    }
+
+    #[test]
+    fn a_failed_gather_gives_its_tokens_back_before_the_socket_fails() {
+        let data = pattern(20 << 10);
+        let (stream, _peer) = loaded(&data);
+        let mut d = rx(&stream, 16, &Manual::default(), Duration::from_secs(5));
+        d.set_gather(Box::new(Failing), Duration::from_secs(5));
+        let mut got = vec![0u8; data.len()];
+        assert!(recv_into(&mut d, &mut got).is_err());
+        let (lent, back) = balanced(&d.counters);
+        assert!(lent > 0);
+        assert_eq!(lent, back, "every token of the failed receive went back");
+        assert!(d.rx_pool().outstanding().is_empty());
+    }
+
+    #[test]
+    fn close_waits_for_running_gathers_and_returns_every_token_once() {
+        let data = pattern(40 << 10);
+        let (stream, _peer) = loaded(&data);
+        let m = Manual::default();
+        let mut d = rx(&stream, 64, &m, Duration::from_secs(5));
+        let counters = d.counters.clone();
+        let mut got = vec![0u8; data.len()];
+        let mut at = 0;
+        while at < data.len() {
+            at += recv_into(&mut d, &mut got[at..]).unwrap();
+        }
+        let (lent, back) = balanced(&counters);
+        assert!(lent > 0 && back == 0, "all still held by running gathers");
+        let m2 = m.clone();
+        let finisher = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(30));
+            m2.finish_all();
+        });
+        drop(d);
+        finisher.join().unwrap();
+        assert_eq!(balanced(&counters), (lent, lent));
+        assert_eq!(
+            counters.devmem_token_double_returns.load(Ordering::SeqCst),
+            0
+        );
+        assert!(got == data);
+    }
+
+    #[test]
+    fn the_ledger_returns_each_token_once() {
+        let mut l = Ledger::default();
+        assert_eq!(l.lend([1, 2, 2, 3]), 4);
+        let mut back = vec![2, 2, 2, 9];
+        assert_eq!(
+            l.give_back(&mut back),
+            2,
+            "one 2 too many and a 9 never lent"
+        );
+        assert_eq!(back, vec![2, 2]);
+        let mut left = l.take_all();
+        left.sort_unstable();
+        assert_eq!(left, vec![1, 3]);
+        assert!(l.take_all().is_empty());
     }
 
     #[test]
@@ -672,13 +951,13 @@ pub(super) mod tests {
         let mut d = rx(&stream, 2, &m, Duration::from_millis(50));
         let mut got = vec![0u8; data.len()];
         let mut at = 0;
-        while d.pool().free_pages() > 0 {
+        while d.rx_pool().free_pages() > 0 {
             at += recv_into(&mut d, &mut got[at..]).unwrap();
         }
-        let held = d.pool().outstanding();
+        let held = d.rx_pool().outstanding();
         let e = recv_into(&mut d, &mut got[at..]).unwrap_err();
         assert!(matches!(e, Error::Timeout { .. }), "{e:?}");
-        assert_eq!(d.pool().outstanding(), held, "no token went back early");
+        assert_eq!(d.rx_pool().outstanding(), held, "no token went back early");
         assert!(d.settle().is_err(), "a stuck gather stays stuck");
         std::mem::forget(d); // its gather never ends: dropping would wait again
 
@@ -695,7 +974,7 @@ pub(super) mod tests {
         });
         let mut at = 0;
         while at < data.len() {
-            let full = d.pool().free_pages() == 0;
+            let full = d.rx_pool().free_pages() == 0;
             at += recv_into(&mut d, &mut got[at..]).unwrap();
             assert!(
                 !full || done.load(Ordering::SeqCst),

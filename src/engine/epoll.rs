@@ -81,10 +81,16 @@ impl EpollLoop {
             let mut moved = false;
             for id in std::mem::take(&mut self.errq) {
                 if let Some(s) = self.socks.get_mut(&id) {
-                    moved |= drain_errqueue(s, &self.counters);
+                    moved |= match s.drain_devmem_tx(&self.counters) {
+                        Some(m) => m,
+                        None => drain_errqueue(s, &self.counters),
+                    };
                 }
             }
             for s in self.socks.values_mut() {
+                if s.devmem_tx_pending() {
+                    moved |= s.drain_devmem_tx(&self.counters).unwrap_or(false);
+                }
                 moved |= send_ready(s, &self.counters);
                 moved |= if s.is_devmem() {
                     recv_devmem_ready(s, &mut self.scratch)
@@ -229,7 +235,12 @@ fn send_ready(s: &mut Sock, counters: &Counters) -> bool {
         let plain = MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT;
         let fd = s.stream.as_raw_fd();
         let mut zc_id = None;
-        let sent = if plan.zerocopy {
+        let sent = if let Some(body) = &plan.devmem {
+            // Devmem sends are MSG_ZEROCOPY: each one takes the next id.
+            s.send_devmem(body, counters).inspect(|_| {
+                zc_id = Some(s.tx.zc.tracker.sent());
+            })
+        } else if plan.zerocopy {
             match nix::sys::socket::sendmsg::<()>(
                 fd,
                 iov,
@@ -298,7 +309,8 @@ fn recv_ready(s: &mut Sock, scratch: &mut Vec<u8>) -> bool {
     moved
 }
 
-/// Receives through the emulated devmem NIC until it would block. True if bytes moved.
+/// Receives through the devmem socket (the kernel's or the emulated NIC's)
+/// until it would block. True if bytes moved.
 fn recv_devmem_ready(s: &mut Sock, scratch: &mut Vec<u8>) -> bool {
     let mut moved = false;
     while s.readable {

@@ -7,6 +7,7 @@
 //! io_uring submissions, SEND_ZC for zero-copy).
 
 mod devmem_rx;
+mod devmem_tx;
 mod epoll;
 mod link;
 pub(crate) mod placement;
@@ -48,8 +49,10 @@ pub(crate) struct TxMode {
     pub zerocopy: ZeroCopy,
     /// Smallest payload sent with MSG_ZEROCOPY.
     pub min_zcopy: usize,
-    /// Receive through an emulated devmem NIC of this ABI with a pool of this size.
-    pub devmem_emulated: Option<(devmem::sockabi::KernelAbi, crate::gpumemd::PoolSource)>,
+    /// Receive through a devmem socket (the kernel's or the emulated NIC's).
+    pub devmem: Option<crate::path::DevmemSpec>,
+    /// Send by devmem TX: the socket's NIC and how it sends.
+    pub devmem_tx: Option<(usize, crate::path::TxDevmem)>,
     /// TCP_USER_TIMEOUT of the socket (its ETIMEDOUT means an unresponsive peer).
     pub peer_timeout_ms: u64,
     /// TCP_NOTSENT_LOWAT of sending sockets (0: the kernel's default).

@@ -22,9 +22,8 @@ use std::time::Instant;
 use nix::errno::Errno;
 use socket2::SockRef;
 
-use devmem::cuda::mem::DeviceSpan;
-
 use super::devmem_rx::{DevmemRx, Dst, Recv};
+use super::devmem_tx::{DevmemBody, DevmemTx};
 use super::link::{CommLink, Lookup};
 use super::placement::{Claim, Placement};
 pub(super) use super::tx::TxPlan;
@@ -33,6 +32,7 @@ use super::TxMode;
 use crate::config::ZeroCopy;
 use crate::error::Error;
 use crate::memory::RxPath;
+use crate::path::{rx_route, RxRoute};
 use crate::stats::{Counters, SockCounters};
 use crate::wire::{Chunk, CHUNK_LEN};
 use crate::zerocopy;
@@ -78,15 +78,10 @@ pub(super) enum Step {
     Idle,
 }
 
-/// Where the next devmem receive of a socket goes.
-enum Target {
-    Host(*mut u8, usize),
-    Device(DeviceSpan),
-}
-
 pub(super) struct Sock {
     pub stream: TcpStream,
     devmem: Option<Box<DevmemRx>>,
+    devmem_tx: Option<Box<DevmemTx>>,
     pub tx: TxSide,
     rx: RxCursor,
     /// Chunks landed whose copies may still run, oldest first.
@@ -103,9 +98,6 @@ pub(super) struct Sock {
 
 /// The process logs the kernel's copying of zero-copy sends once.
 static COPY_LOGGED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-/// The process logs bulk copies out of a GPU pool into host memory once.
-static GPU_TO_HOST_LOGGED: std::sync::atomic::AtomicBool =
-    std::sync::atomic::AtomicBool::new(false);
 
 impl Sock {
     #[allow(clippy::too_many_arguments)]
@@ -120,10 +112,10 @@ impl Sock {
         sock_counters: Arc<SockCounters>,
     ) -> Self {
         let enabled = mode.zerocopy != ZeroCopy::Off && !receives && enable_zerocopy(&stream);
-        let devmem = match mode
-            .devmem_emulated
-            .filter(|_| receives)
-            .map(|(abi, source)| DevmemRx::new(&stream, abi, source, counters.clone()))
+        let devmem = match receives
+            .then_some(mode.devmem)
+            .flatten()
+            .map(|spec| DevmemRx::new(&stream, spec, counters.clone()))
         {
             Some(Ok(d)) => Some(Box::new(d)),
             Some(Err(e)) => {
@@ -132,6 +124,21 @@ impl Sock {
             }
             None => None,
         };
+        let devmem_tx = match (!receives)
+            .then_some(mode.devmem_tx)
+            .flatten()
+            .map(|(nic, tx)| DevmemTx::new(&stream, nic, tx))
+        {
+            Some(Ok(d)) => Some(Box::new(d)),
+            Some(Err(e)) => {
+                dead.get_or_insert(e);
+                None
+            }
+            None => None,
+        };
+        // The emulated NIC counts its own zero-copy ids: host MSG_ZEROCOPY
+        // sends beside it would take the kernel's.
+        let enabled = enabled && !devmem_tx.as_ref().is_some_and(|d| d.emulated);
         if !receives && mode.notsent_lowat > 0 {
             if let Err(e) = set_notsent_lowat(&stream, mode.notsent_lowat) {
                 dead.get_or_insert(e);
@@ -140,6 +147,7 @@ impl Sock {
         Sock {
             stream,
             devmem,
+            devmem_tx,
             tx: TxSide::new(id, Zc::new(enabled, mode.zerocopy, mode.min_zcopy)),
             rx: RxCursor {
                 hdr: [0; CHUNK_LEN],
@@ -237,7 +245,10 @@ impl Sock {
         if !self.wants_tx() {
             return None;
         }
-        match self.tx.plan(&self.stream, &self.comm) {
+        match self
+            .tx
+            .plan(&self.stream, &self.comm, self.devmem_tx.as_deref())
+        {
             Ok(p) => p,
             Err(e) => {
                 self.fail(e);
@@ -400,11 +411,6 @@ impl Sock {
             rest -= took;
             if b.done == b.len {
                 self.finish_body();
-            } else if let (Some(p), false) = (&b.dst, b.direct) {
-                // Staging paths move what arrived onward while the rest comes.
-                if let Err(e) = p.region.arrived(p.base + b.off, b.len, b.done) {
-                    return self.fail(e);
-                }
             }
         }
         self.rx.hdr_done = (self.rx.hdr_done + rest).min(CHUNK_LEN);
@@ -510,7 +516,49 @@ impl Sock {
         self.devmem.is_some()
     }
 
-    /// One receive through the emulated devmem NIC into the chunk being
+    /// One devmem send of the planned body: bytes sent and the zero-copy id.
+    pub fn send_devmem(&mut self, body: &DevmemBody, counters: &Counters) -> Result<usize, Errno> {
+        let Some(d) = self.devmem_tx.as_mut() else {
+            return Err(Errno::EINVAL);
+        };
+        let n = d
+            .send(body)
+            .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?;
+        Counters::bump(&counters.devmem_tx_sends, 1);
+        Counters::bump(&counters.devmem_tx_bytes, n as u64);
+        Ok(n)
+    }
+
+    /// Whether devmem sends wait for completions (the emulated NIC raises
+    /// no EPOLLERR: the engine polls).
+    pub fn devmem_tx_pending(&self) -> bool {
+        self.devmem_tx.is_some() && self.tx.zc.tracker.outstanding() > 0
+    }
+
+    /// Reads the devmem socket's completions and finishes the jobs they
+    /// cover. True if any finished.
+    pub fn drain_devmem_tx(&mut self, counters: &Counters) -> Option<bool> {
+        let d = self.devmem_tx.as_mut()?;
+        let mut done = Vec::new();
+        if let Err(e) = d.completions(&mut done) {
+            self.fail(e);
+            return Some(false);
+        }
+        for z in done {
+            Counters::bump(&counters.devmem_tx_completed, z.count());
+            self.zc_completed(
+                zerocopy::Completion {
+                    lo: z.lo,
+                    hi: z.hi,
+                    copied: z.copied,
+                },
+                counters,
+            );
+        }
+        Some(self.release_zc())
+    }
+
+    /// One receive through the devmem socket into the chunk being
     /// received (header and body are read separately: each read asks for at
     /// most what its part still needs); see `devmem_rx` for where the
     /// payload goes and when its tokens go back.
@@ -523,8 +571,8 @@ impl Sock {
         };
         let dst = match target {
             // SAFETY: the target is valid for writes while its placement holds the region.
-            Target::Host(p, len) => Dst::Host(unsafe { super::bytes_mut(p, len) }),
-            Target::Device(span) => Dst::Device(span),
+            RxRoute::Host(p, len) => Dst::Host(unsafe { super::bytes_mut(p, len) }),
+            RxRoute::Device(span) => Dst::Device(span),
         };
         match d.recv(dst) {
             Ok(Recv::Bytes(n)) => self.rx_done(n),
@@ -547,46 +595,26 @@ impl Sock {
     /// Where the next devmem receive goes: the rest of the chunk header,
     /// else the rest of the body: device memory when the pool and the region
     /// are on the same GPU, else host-addressable memory.
-    fn rx_target(&mut self, scratch: &mut Vec<u8>) -> Option<Target> {
+    fn rx_target(&mut self, scratch: &mut Vec<u8>) -> Option<RxRoute> {
         if !self.rx_ready() {
             return None;
         }
         let pool_gpu = self.devmem.as_ref().and_then(|d| d.gpu_ordinal());
         let Some(b) = self.rx.body.as_mut() else {
             let h = self.rx.hdr_done;
-            return Some(Target::Host(self.rx.hdr[h..].as_mut_ptr(), CHUNK_LEN - h));
+            return Some(RxRoute::Host(self.rx.hdr[h..].as_mut_ptr(), CHUNK_LEN - h));
         };
         let want = b.len - b.done;
-        let target = match (b.dst.as_ref(), pool_gpu) {
-            (None, _) => {
+        let target = match b.dst.as_ref() {
+            None => {
                 if scratch.is_empty() {
                     scratch.resize(SCRATCH_LEN, 0);
                 }
-                Ok(Target::Host(scratch.as_mut_ptr(), want.min(scratch.len())))
+                Ok(RxRoute::Host(scratch.as_mut_ptr(), want.min(scratch.len())))
             }
-            (Some(p), Some(gpu)) => {
-                let at = p.base + b.off + b.done as u64;
-                match p.region.cuda_ordinal() {
-                    Some(o) if o == gpu => p.region.device_span(at, want).map(Target::Device),
-                    Some(o) => Err(Error::Unsupported(format!(
-                        "the receive buffer is memory of GPU {o} but the devmem RX pool is on GPU {gpu}; \
-                         receive into memory of GPU {gpu} (the GPU named by TCPX_GPU_PCI)"
-                    ))),
-                    None => {
-                        if !GPU_TO_HOST_LOGGED.swap(true, std::sync::atomic::Ordering::Relaxed) {
-                            tracing::warn!("host memory receives from a GPU devmem pool by one device-to-host copy per fragment (slow); register CUDA memory for devmem receives (logged once)");
-                        }
-                        p.region.sink(at, want).map(|ptr| Target::Host(ptr, want))
-                    }
-                }
-            }
-            // A host pool: host memory, or a CUDA region's bounce staging.
-            (Some(p), None) => {
-                let at = p.base + b.off + b.done as u64;
-                p.region.sink(at, want).map(|ptr| Target::Host(ptr, want))
-            }
+            Some(p) => rx_route(pool_gpu, &p.region, p.base + b.off + b.done as u64, want),
         };
-        b.direct = matches!(target, Ok(Target::Device(_)));
+        b.direct = matches!(target, Ok(RxRoute::Device(_)));
         match target {
             Ok(t) => Some(t),
             Err(e) => {
@@ -646,6 +674,7 @@ mod tests {
     use crate::engine::devmem_rx::tests::{loaded, pattern, Manual};
     use crate::gpumemd::PoolSource;
     use crate::memory::{HostMemory, MemoryRegion};
+    use crate::path::DevmemSpec;
     use crate::request::ReqState;
     use crate::stats::SockCounters;
     use devmem::sockabi::KernelAbi;
@@ -696,7 +725,12 @@ mod tests {
         let mode = TxMode {
             zerocopy: ZeroCopy::Off,
             min_zcopy: 0,
-            devmem_emulated: Some((KernelAbi::Tcpx, PoolSource::Local(1 << 20))),
+            devmem: Some(DevmemSpec::Emulated {
+                abi: KernelAbi::Tcpx,
+                source: PoolSource::Local(1 << 20),
+                poison: true,
+            }),
+            devmem_tx: None,
             peer_timeout_ms: 0,
             notsent_lowat: 0,
             quickack: false,
@@ -861,7 +895,8 @@ mod tests {
         let mode = TxMode {
             zerocopy: ZeroCopy::Off,
             min_zcopy: 0,
-            devmem_emulated: None,
+            devmem: None,
+            devmem_tx: None,
             peer_timeout_ms: 0,
             notsent_lowat: 0,
             quickack: false,
@@ -929,7 +964,8 @@ mod tests {
         let mode = TxMode {
             zerocopy: ZeroCopy::Off,
             min_zcopy: 0,
-            devmem_emulated: None,
+            devmem: None,
+            devmem_tx: None,
             peer_timeout_ms: 0,
             notsent_lowat: 0,
             quickack: false,
@@ -982,7 +1018,8 @@ mod tests {
         let mode = TxMode {
             zerocopy: ZeroCopy::Off,
             min_zcopy: 0,
-            devmem_emulated: None,
+            devmem: None,
+            devmem_tx: None,
             peer_timeout_ms: 0,
             notsent_lowat: 0,
             quickack: false,
@@ -1056,7 +1093,8 @@ mod tests {
             let mode = TxMode {
                 zerocopy: ZeroCopy::Off,
                 min_zcopy: 0,
-                devmem_emulated: None,
+                devmem: None,
+                devmem_tx: None,
                 peer_timeout_ms: 0,
                 notsent_lowat: 0,
                 quickack: on,

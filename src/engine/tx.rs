@@ -7,7 +7,8 @@
 //! zero-copy completion came. A message's request piece completes when
 //! the last holder lets go. Once the receiver has the whole message, a
 //! copy still being written needs none of its bytes: the rest of it goes
-//! out as zeros (the receiver drops it) and the memory is let go at once.
+//! out as zeros (the receiver drops it) and the memory is let go at once,
+//! unless a zero-copy send of it (MSG_ZEROCOPY, devmem TX) may still read it.
 
 use std::collections::VecDeque;
 use std::net::TcpStream;
@@ -16,6 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::devmem_tx::{DevmemBody, DevmemTx};
 use super::link::CommLink;
 use crate::config::ZeroCopy;
 use crate::error::{Error, Result};
@@ -135,11 +137,13 @@ impl Zc {
     }
 }
 
-/// The next send: up to two pieces (header rest, body rest).
+/// The next send: up to two pieces (header rest, body rest), or a body
+/// that leaves by devmem TX.
 pub(super) struct TxPlan {
     pub parts: [(*const u8, usize); 2],
     pub n: usize,
     pub zerocopy: bool,
+    pub devmem: Option<DevmemBody>,
 }
 
 /// Progress of the chunk being sent.
@@ -223,8 +227,14 @@ impl TxSide {
         }
     }
 
-    /// What to send next; `Ok(None)` when the comm has nothing for it.
-    pub fn plan(&mut self, stream: &TcpStream, comm: &Arc<dyn CommLink>) -> Result<Option<TxPlan>> {
+    /// What to send next (a body by devmem TX where `devmem` names the
+    /// region); `Ok(None)` when the comm has nothing for it.
+    pub fn plan(
+        &mut self,
+        stream: &TcpStream,
+        comm: &Arc<dyn CommLink>,
+        devmem: Option<&DevmemTx>,
+    ) -> Result<Option<TxPlan>> {
         loop {
             if self.queue.is_empty() && !self.pull(stream, comm) {
                 return Ok(None);
@@ -241,7 +251,7 @@ impl TxSide {
         let Some(c) = self.queue.front_mut() else {
             return Ok(None);
         };
-        if c.in_place() {
+        if c.in_place() && c.zc_last.is_none() {
             blank(c);
         }
         let starting = !self.cur.active;
@@ -258,13 +268,33 @@ impl TxSide {
             };
         }
         let done = self.cur.body_done;
+        let hdr_left = CHUNK_LEN - self.cur.hdr_done;
+        let hdr = (self.cur.hdr[self.cur.hdr_done..].as_ptr(), hdr_left);
+        if let Some(body) = c.msg.as_ref().and_then(|m| {
+            devmem.and_then(|d| d.body(&m.region, m.base + c.off + done as u64, c.len - done))
+        }) {
+            // Header by a plain send (the next chunk rewrites it), then the body.
+            return Ok(Some(if hdr_left > 0 {
+                TxPlan {
+                    parts: [hdr, (std::ptr::null(), 0)],
+                    n: 1,
+                    zerocopy: false,
+                    devmem: None,
+                }
+            } else {
+                TxPlan {
+                    parts: [(std::ptr::null(), 0); 2],
+                    n: 0,
+                    zerocopy: true,
+                    devmem: Some(body),
+                }
+            }));
+        }
         let (body, zc_ok, prefetch) = match &c.msg {
             Some(m) => {
-                // Staged chunks may be ready only in part: send what is.
-                let need = (done + 1).min(c.len);
-                let (src, ready) = m.region.source(m.base + c.off, c.len, need)?;
+                let src = m.region.source(m.base + c.off, c.len)?;
                 (
-                    (src.wrapping_add(done), ready - done),
+                    (src.wrapping_add(done), c.len - done),
                     m.region.zerocopy_ok(),
                     starting && m.region.prefetches(),
                 )
@@ -287,14 +317,13 @@ impl TxSide {
                 }
             }
         }
-        let hdr_left = CHUNK_LEN - self.cur.hdr_done;
-        let hdr = (self.cur.hdr[self.cur.hdr_done..].as_ptr(), hdr_left);
         let zc_chunk = self.zc.enabled && len >= self.zc.min && zc_ok;
         Ok(Some(if hdr_left == 0 {
             TxPlan {
                 parts: [body, (std::ptr::null(), 0)],
                 n: 1,
                 zerocopy: zc_chunk,
+                devmem: None,
             }
         } else if zc_chunk {
             // With zero-copy the kernel reads the iovecs after the call returns, so the
@@ -303,12 +332,14 @@ impl TxSide {
                 parts: [hdr, (std::ptr::null(), 0)],
                 n: 1,
                 zerocopy: false,
+                devmem: None,
             }
         } else {
             TxPlan {
                 parts: [hdr, body],
                 n: 2,
                 zerocopy: false,
+                devmem: None,
             }
         }))
     }
@@ -356,7 +387,7 @@ impl TxSide {
         // Copies of a stuck tail come with time: look again.
         self.idle_at = None;
         if let Some(c) = self.queue.front_mut() {
-            if self.cur.active && c.in_place() {
+            if self.cur.active && c.in_place() && c.zc_last.is_none() {
                 blank(c);
             }
         }
@@ -488,7 +519,7 @@ mod tests {
         let comm: Arc<dyn CommLink> = Arc::new(deal);
         let mut tx = side();
         let counters = SockCounters::default();
-        let p = tx.plan(&stream, &comm).unwrap().unwrap();
+        let p = tx.plan(&stream, &comm, None).unwrap().unwrap();
         let first = bytes_of(&p);
         assert_eq!(first.len(), CHUNK_LEN + 4096);
         assert!(first[CHUNK_LEN..].iter().all(|&b| b == 0xAB));
@@ -497,7 +528,7 @@ mod tests {
         tx.done(CHUNK_LEN + 100, None, &counters, &stream, &comm);
         m.acked.store(true, Ordering::Release);
         drop(m);
-        let p = tx.plan(&stream, &comm).unwrap().unwrap();
+        let p = tx.plan(&stream, &comm, None).unwrap().unwrap();
         let rest = bytes_of(&p);
         assert_eq!(
             rest.len(),
@@ -512,7 +543,7 @@ mod tests {
         assert!(mr.bytes().is_ok(), "and the region is free");
         tx.done(rest.len(), None, &counters, &stream, &comm);
         assert_eq!(counters.snapshot().resent_chunks, 1);
-        assert!(tx.plan(&stream, &comm).unwrap().is_none());
+        assert!(tx.plan(&stream, &comm, None).unwrap().is_none());
     }
 
     #[test]
@@ -532,7 +563,7 @@ mod tests {
             .push_back(TxChunk::new(live_msg, 0, false));
         let comm: Arc<dyn CommLink> = Arc::new(deal);
         let mut tx = side();
-        let p = tx.plan(&stream, &comm).unwrap().unwrap();
+        let p = tx.plan(&stream, &comm, None).unwrap().unwrap();
         let b = bytes_of(&p);
         assert!(
             b[CHUNK_LEN..].iter().all(|&x| x == 0xAB),

@@ -453,7 +453,8 @@ impl UringLoop {
                             stream,
                             TxMode {
                                 zerocopy,
-                                devmem_emulated: None,
+                                devmem: None,
+                                devmem_tx: None,
                                 ..tx
                             },
                             comm,

@@ -87,6 +87,23 @@ impl GpuMirror {
         Ok(())
     }
 
+    /// Records that `offset..end` of the mirror is about to be written (by
+    /// one read into several ranges of it), as one span whatever lies
+    /// between: marking the ranges one by one could flush an earlier one
+    /// before the read filled it.
+    pub fn mark_ahead(&mut self, offset: usize, end: usize) -> Result<()> {
+        if end <= offset {
+            return Ok(());
+        }
+        if let Some((lo, hi)) = self.dirty {
+            if offset > hi.saturating_add(MERGE_GAP) || end.saturating_add(MERGE_GAP) < lo {
+                // Only bytes written already are flushed here.
+                self.flush()?;
+            }
+        }
+        self.mark(offset, end - offset)
+    }
+
     /// Copies the dirty span to the GPU and waits: afterwards kernels on
     /// any stream see the landed bytes.
     pub fn flush(&mut self) -> Result<()> {

@@ -3,6 +3,11 @@
 //! location, POSIX-fd handle type) at the allocation granularity, exported
 //! with `cuMemExportToShareableHandle`, mapped with reserve/map/set-access.
 //! The importer does `cuMemImportFromShareableHandle` and the same mapping.
+//!
+//! The same [`Mapping`] type also holds the two other pool memories: the
+//! legacy import (a `CUipcMemHandle` opened with `cuIpcOpenMemHandle`, as
+//! the TCPX plugin does with `/tmp/nvdma-<pci>`) and plain `cuMemAlloc`
+//! memory, which upstream devmem binds to RX queues as a DMA-BUF.
 
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
@@ -36,14 +41,28 @@ pub fn granularity(ctx: &'static Context) -> Result<usize> {
     Ok(g.max(1))
 }
 
-/// A mapping of a physical allocation into this process.
+/// Device memory of a pool mapped into this process.
 #[derive(Debug)]
 pub struct Mapping {
     ctx: &'static Context,
-    handle: sys::CUmemGenericAllocationHandle,
+    kind: Kind,
     ptr: u64,
     size: usize,
 }
+
+/// How the memory came, and so how it goes.
+#[derive(Debug)]
+enum Kind {
+    /// A VMM allocation: unmap, release, free the address range.
+    Vmm(sys::CUmemGenericAllocationHandle),
+    /// Another process's allocation opened by IPC handle: close it.
+    Ipc,
+    /// `cuMemAlloc` memory: free it.
+    Alloc,
+}
+
+/// Bytes of a `CUipcMemHandle` (the legacy pool file holds exactly these).
+pub const IPC_HANDLE_LEN: usize = 64;
 
 impl Mapping {
     fn map(
@@ -64,7 +83,7 @@ impl Mapping {
         }
         let m = Mapping {
             ctx,
-            handle,
+            kind: Kind::Vmm(handle),
             ptr,
             size,
         };
@@ -83,6 +102,79 @@ impl Mapping {
         Ok(m)
     }
 
+    /// Opens another process's allocation from its IPC handle, as the TCPX
+    /// plugin's legacy import does (`cuIpcOpenMemHandle` with
+    /// `CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS`); the size is the allocation's
+    /// (`cuMemGetAddressRange`), which the handle does not carry.
+    pub fn ipc_open(ctx: &'static Context, handle: &[u8; IPC_HANDLE_LEN]) -> Result<Self> {
+        ctx.make_current()?;
+        let mut h = sys::CUipcMemHandle {
+            reserved: [0; IPC_HANDLE_LEN],
+        };
+        for (d, s) in h.reserved.iter_mut().zip(handle) {
+            *d = *s as std::ffi::c_char;
+        }
+        let mut ptr = 0;
+        // SAFETY: writes one device pointer; the handle is passed by value.
+        ck("cuIpcOpenMemHandle", || unsafe {
+            sys::cuIpcOpenMemHandle_v2(
+                &mut ptr,
+                h,
+                sys::CUipcMem_flags::CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS as u32,
+            )
+        })?;
+        // Closed on drop if the size query fails.
+        let mut m = Mapping {
+            ctx,
+            kind: Kind::Ipc,
+            ptr,
+            size: 0,
+        };
+        let (mut base, mut size) = (0, 0usize);
+        // SAFETY: writes one base and one size for a pointer we just opened.
+        ck("cuMemGetAddressRange", || unsafe {
+            sys::cuMemGetAddressRange_v2(&mut base, &mut size, ptr)
+        })?;
+        m.size = size.saturating_sub((ptr - base) as usize);
+        Ok(m)
+    }
+
+    /// `size` bytes of `cuMemAlloc` memory (4 KiB aligned, as DMA-BUF
+    /// export needs).
+    pub fn alloc(ctx: &'static Context, size: usize) -> Result<Self> {
+        ctx.make_current()?;
+        let mut ptr = 0;
+        // SAFETY: writes one device pointer.
+        ck("cuMemAlloc", || unsafe {
+            sys::cuMemAlloc_v2(&mut ptr, size.max(1))
+        })?;
+        Ok(Mapping {
+            ctx,
+            kind: Kind::Alloc,
+            ptr,
+            size,
+        })
+    }
+
+    /// The IPC handle of `cuMemAlloc` memory, for another process to open
+    /// (the mock daemon's legacy pool file).
+    pub fn ipc_handle(&self) -> Result<[u8; IPC_HANDLE_LEN]> {
+        if !matches!(self.kind, Kind::Alloc) {
+            return Err(CudaError::InvalidArgument(
+                "only cuMemAlloc memory has a CUDA IPC handle".into(),
+            ));
+        }
+        self.ctx.make_current()?;
+        let mut h = sys::CUipcMemHandle {
+            reserved: [0; IPC_HANDLE_LEN],
+        };
+        // SAFETY: writes one handle for memory this mapping owns.
+        ck("cuIpcGetMemHandle", || unsafe {
+            sys::cuIpcGetMemHandle(&mut h, self.ptr)
+        })?;
+        Ok(h.reserved.map(|b| b as u8))
+    }
+
     pub fn ptr(&self) -> u64 {
         self.ptr
     }
@@ -99,13 +191,24 @@ impl Mapping {
 
 impl Drop for Mapping {
     fn drop(&mut self) {
-        if self.ctx.make_current().is_ok() {
+        if self.ctx.make_current().is_err() {
+            return;
+        }
+        match self.kind {
             // SAFETY: tear down in reverse; an unmap of a never-mapped range fails harmlessly.
-            unsafe {
+            Kind::Vmm(handle) => unsafe {
                 let _ = sys::cuMemUnmap(self.ptr, self.size);
-                let _ = sys::cuMemRelease(self.handle);
+                let _ = sys::cuMemRelease(handle);
                 let _ = sys::cuMemAddressFree(self.ptr, self.size);
-            }
+            },
+            // SAFETY: the pointer came from cuIpcOpenMemHandle, closed once.
+            Kind::Ipc => unsafe {
+                let _ = sys::cuIpcCloseMemHandle(self.ptr);
+            },
+            // SAFETY: the pointer came from cuMemAlloc, freed once.
+            Kind::Alloc => unsafe {
+                let _ = sys::cuMemFree_v2(self.ptr);
+            },
         }
     }
 }

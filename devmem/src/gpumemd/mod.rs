@@ -7,7 +7,8 @@
 //! - [`proto`]: the proto2 messages; [`frame`]: the length framing and the
 //!   pool metadata struct (sans-I/O, fuzzed);
 //! - [`client::GpumemdClient`]: the calls, each bounded by a deadline;
-//! - [`mock::MockGpumemd`]: a daemon for tests, with fault injection.
+//! - [`mock::MockGpumemd`]: a daemon for tests, with fault injection;
+//! - [`legacy`]: the plugin's other import style, a CUDA IPC handle in a file.
 //!
 //! ```no_run
 //! use std::time::Duration;
@@ -29,6 +30,7 @@ pub mod conn;
 pub mod error;
 pub mod frame;
 pub mod gpu_pool;
+pub mod legacy;
 pub mod mock;
 pub mod proto;
 

@@ -79,6 +79,29 @@ pub enum AbiError {
         /// recvmsg's return value.
         returned: u64,
     },
+    /// The kernel knows neither ABI's `SO_DEVMEM_DONTNEED`.
+    #[error(
+        "this kernel has no devmem receive: SO_DEVMEM_DONTNEED is unknown in both \
+         ABIs (TCPX 97: {tcpx}; upstream 80: {upstream}); devmem needs Google's TCPX \
+         kernel or Linux >= 6.12 built with CONFIG_NET_DEVMEM"
+    )]
+    NoDevmemAbi {
+        /// The kernel's answer to option 97.
+        tcpx: crate::error::OsError,
+        /// Its answer to option 80.
+        upstream: crate::error::OsError,
+    },
+    /// An upstream fragment of a binding other than the socket's.
+    #[error(
+        "a devmem fragment of dmabuf {found} arrived on a socket whose pool is \
+         dmabuf {expected}; its flow is steered to a queue of another binding"
+    )]
+    ForeignDmabuf {
+        /// The socket's binding id.
+        expected: u32,
+        /// The fragment's.
+        found: u32,
+    },
     /// A fragment cannot be expressed in the target ABI.
     #[error("{abi} cannot encode this fragment: {reason}")]
     NotRepresentable {

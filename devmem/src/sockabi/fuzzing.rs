@@ -5,7 +5,8 @@
 #![allow(clippy::expect_used)]
 
 use super::{
-    batch_ranges, coalesce_tokens, encode_rx, parse_rx, salvage_tokens, Fragment, KernelAbi,
+    batch_ranges, coalesce_tokens, encode_rx, encode_zerocopy, parse_errqueue, parse_rx,
+    salvage_tokens, ErrRecord, Fragment, KernelAbi,
 };
 
 /// Feeds arbitrary bytes to the RX parser of `abi`.
@@ -42,4 +43,22 @@ pub fn fuzz_rx(abi: KernelAbi, data: &[u8]) {
     );
     let total: u64 = batches.iter().flatten().map(|r| u64::from(r.count)).sum();
     assert_eq!(total, tokens.len() as u64);
+}
+
+/// Feeds arbitrary bytes to the error-queue parser. Checks: no panic; every
+/// zero-copy record re-encodes to bytes that parse to the same record.
+pub fn fuzz_errqueue(data: &[u8]) {
+    let Ok(records) = parse_errqueue(data) else {
+        return;
+    };
+    for r in records {
+        if let ErrRecord::Zerocopy(z) = r {
+            for v6 in [false, true] {
+                let mut again = Vec::new();
+                encode_zerocopy(z, v6, &mut again);
+                let back = parse_errqueue(&again).expect("an encoded record parses");
+                assert_eq!(back, [ErrRecord::Zerocopy(z)]);
+            }
+        }
+    }
 }

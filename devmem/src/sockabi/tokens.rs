@@ -1,13 +1,13 @@
-//! Giving fragment tokens back: coalescing, batching, serialising, the syscall.
+//! Giving fragment tokens back: coalescing, batching, serialising.
 //!
 //! Both ABIs take an array of `{ u32 token_start; u32 token_count; }`:
 //! TCPX `struct devmemtoken` (plugin `src/devcomm/unpack_defs1.h`), upstream
-//! `struct dmabuf_token` (`include/uapi/linux/uio.h`).
+//! `struct dmabuf_token` (`include/uapi/linux/uio.h`). The call itself goes
+//! through the [`DevmemSocket`] seam, kernel or emulator alike.
+#![forbid(unsafe_code)]
 
-use std::os::fd::{AsRawFd, BorrowedFd};
-
-use super::abi::{KernelAbi, SOL_SOCKET};
 use super::cmsg::array;
+use super::socket::DevmemSocket;
 use super::AbiError;
 
 /// `{ u32 token_start; u32 token_count; }`, laid out as the kernel reads it.
@@ -109,16 +109,16 @@ pub struct DontNeedOutcome {
     pub freed: Option<u64>,
 }
 
-/// One `setsockopt(fd, SOL_SOCKET, SO_DEVMEM_DONTNEED, ranges, len)`.
+/// One `SO_DEVMEM_DONTNEED` call through `sock` with `ranges`.
 ///
-/// Keep a batch within [`KernelAbi::max_dontneed_ranges`] and
-/// [`KernelAbi::max_dontneed_tokens`] (see [`batch_ranges`]); upstream
+/// Keep a batch within [`super::KernelAbi::max_dontneed_ranges`] and
+/// [`super::KernelAbi::max_dontneed_tokens`] (see [`batch_ranges`]); upstream
 /// refuses more ranges with `EINVAL` and frees at most 1024 tokens.
 pub fn return_token_batch(
-    fd: BorrowedFd<'_>,
-    abi: KernelAbi,
+    sock: &mut (impl DevmemSocket + ?Sized),
     ranges: &[TokenRange],
 ) -> Result<DontNeedOutcome, AbiError> {
+    let abi = sock.abi();
     let requested = ranges.iter().map(|r| u64::from(r.count)).sum();
     if ranges.is_empty() {
         return Ok(DontNeedOutcome {
@@ -126,31 +126,16 @@ pub fn return_token_batch(
             freed: abi.dontneed_reports_count().then_some(0),
         });
     }
-    let optname = abi.so_devmem_dontneed();
-    let err = |source: std::io::Error| AbiError::DontNeed {
+    let mut bytes = Vec::with_capacity(ranges.len() * TOKEN_RANGE_LEN);
+    encode_token_ranges(ranges, &mut bytes);
+    let ret = sock.dontneed(&bytes).map_err(|source| AbiError::DontNeed {
         abi,
-        optname,
+        optname: abi.so_devmem_dontneed(),
         source: source.into(),
-    };
-    let len = libc::socklen_t::try_from(std::mem::size_of_val(ranges))
-        .map_err(|_| err(std::io::Error::from_raw_os_error(libc::EINVAL)))?;
-    // SAFETY: `ranges` is a live slice of repr(C) {u32, u32}, exactly the
-    // array the kernel reads, `len` bytes long; the kernel only reads it.
-    let ret = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            SOL_SOCKET,
-            optname,
-            ranges.as_ptr().cast::<libc::c_void>(),
-            len,
-        )
-    };
-    if ret < 0 {
-        return Err(err(std::io::Error::last_os_error()));
-    }
+    })?;
     Ok(DontNeedOutcome {
         requested,
-        freed: abi.dontneed_reports_count().then_some(ret as u64),
+        freed: abi.dontneed_reports_count().then_some(u64::from(ret)),
     })
 }
 
@@ -167,12 +152,12 @@ pub struct ReleaseReport {
 }
 
 /// Coalesces `tokens`, batches them within the ABI's limits and gives them
-/// back; stops at the first failing call.
+/// back through `sock`; stops at the first failing call.
 pub fn release_tokens(
-    fd: BorrowedFd<'_>,
-    abi: KernelAbi,
+    sock: &mut (impl DevmemSocket + ?Sized),
     tokens: &[u32],
 ) -> Result<ReleaseReport, AbiError> {
+    let abi = sock.abi();
     let ranges = coalesce_tokens(tokens);
     let mut report = ReleaseReport {
         freed: abi.dontneed_reports_count().then_some(0),
@@ -183,7 +168,7 @@ pub fn release_tokens(
         abi.max_dontneed_ranges(),
         abi.max_dontneed_tokens(),
     ) {
-        let o = return_token_batch(fd, abi, &batch)?;
+        let o = return_token_batch(sock, &batch)?;
         report.calls += 1;
         report.requested += o.requested;
         report.freed = report.freed.zip(o.freed).map(|(a, b)| a + b);

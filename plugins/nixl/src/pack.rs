@@ -285,7 +285,11 @@ impl PackBuf {
             }
             at += *len as u64;
         }
-        let how = if one_gpu { batch::best() } else { Method::Each };
+        let how = if one_gpu {
+            batch::best(g.ctx)
+        } else {
+            Method::Each
+        };
         // SAFETY: every piece lies inside a VRAM registration that stays
         // valid while the transfer holds it; the pack range lies inside
         // `dev` (total checked against MAX_PACK); no request uses the pack
