@@ -137,11 +137,11 @@ PY
 
 echo
 echo "failover: 2 NICs at 2 Gbit/s, NIC 1 cut after 2 s; stall timeout $STALL_MS ms"
-printf '| build | NIC 0 alone (GB/s) | after the cut (GB/s) | after / alone | cut to first retirement (ms) | cut to first re-sent chunk (ms) |\n|---|---|---|---|---|---|\n'
+printf '| build | NIC 0 alone (GB/s) | after the cut (GB/s) | after / alone | cut to first retirement (ms) | cut to first re-send or copy (ms) | cut to 0.9x alone again (ms) |\n|---|---|---|---|---|---|---|\n'
 setup 2000 2000
 for bin in "${BINS[@]}"; do
   if [ "$bin" != "$B" ]; then
-    echo "| base | (no failover: a lost data socket fails the comm) | | | | |"
+    echo "| base | (no failover: a lost data socket fails the comm) | | | | | |"
     continue
   fi
   alone=$(best "$bin" 0 "$BYTES")
@@ -158,15 +158,30 @@ import json, sys
 d = json.load(open(sys.argv[1])); cut = float(sys.argv[2]) * 1e3; alone = float(sys.argv[3])
 tl = d.get("timeline") or []
 if not tl:
-    print(f"| {sys.argv[4]} | {alone:.3f} | failed: the client ended without results | | | |")
+    print(f"| {sys.argv[4]} | {alone:.3f} | failed: the client ended without results | | | | |")
     sys.exit()
 def first(key):
     base = next((s[key] for s in tl if s["unix_ms"] >= cut), None)
     t = next((s["unix_ms"] for s in tl if s["unix_ms"] >= cut and s[key] > base), None)
     return f"{t - cut:.0f}" if t is not None else "none"
+def rate(a, b):
+    return (b["bytes_sent"] - a["bytes_sent"]) / ((b["unix_ms"] - a["unix_ms"]) / 1e3) / 1e9
 # Steady state: from 1 s after the cut to the end of the throughput phase.
 after = [s for s in tl if s["unix_ms"] >= cut + 1000]
-rate = (after[-1]["bytes_sent"] - after[0]["bytes_sent"]) / ((after[-1]["unix_ms"] - after[0]["unix_ms"]) / 1e3) / 1e9 if len(after) > 1 else 0
-print(f"| {sys.argv[4]} | {alone:.3f} | {rate:.3f} | {rate / alone if alone else 0:.2f}x | {first('retired')} | {first('resent_chunks')} |")
+steady = rate(after[0], after[-1]) if len(after) > 1 else 0
+# Recovered: after the rate (over 200 ms) dipped below 0.9x the NIC
+# alone, the first such window at 0.9x again; its end, from the cut.
+back, dipped = "no dip", False
+for i, a in enumerate(tl):
+    b = next((s for s in tl[i:] if s["unix_ms"] >= a["unix_ms"] + 200), None)
+    if a["unix_ms"] < cut or b is None:
+        continue
+    ok = rate(a, b) >= 0.9 * alone
+    if not ok and not dipped:
+        dipped, back = True, "never"
+    elif ok and dipped:
+        back = f"{b['unix_ms'] - cut:.0f}"
+        break
+print(f"| {sys.argv[4]} | {alone:.3f} | {steady:.3f} | {steady / alone if alone else 0:.2f}x | {first('retired')} | {first('resent_chunks')} | {back} |")
 PY
 done
