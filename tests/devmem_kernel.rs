@@ -64,17 +64,7 @@ fn with_mock(mock: &MockGpumemd, mode: DevmemMode) -> Config {
 }
 
 fn sizes(seed: u64) -> Vec<usize> {
-    let mut x = seed;
-    let mut v: Vec<usize> = (0..25)
-        .map(|_| {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (x >> 33) as usize % 3_000_000
-        })
-        .collect();
-    v.extend([0, 1, 65_537, 4096 * 3 + 1, 32 << 20]);
-    v
+    common::odd_sizes(seed, 25, 32 << 20)
 }
 
 #[test]

@@ -58,6 +58,9 @@ pub(crate) struct SendSide {
     unresolved: VecDeque<Announced>,
     /// Eager cost of the inline messages in `unresolved`.
     uncovered: usize,
+    /// Chunked messages in `unresolved` (counted: `unresolved` holds up to
+    /// half the eager window of inline ones, too many to scan per isend).
+    unresolved_chunked: usize,
     awaiting_ack: HashMap<u64, Token>,
     /// The receiver's posted receives.
     posts: Matcher<()>,
@@ -77,6 +80,7 @@ impl SendSide {
             queued: VecDeque::new(),
             unresolved: VecDeque::new(),
             uncovered: 0,
+            unresolved_chunked: 0,
             awaiting_ack: HashMap::new(),
             posts: Matcher::new(),
             next_post: 0,
@@ -210,6 +214,7 @@ impl SendSide {
                     flags: 0,
                 };
                 self.out.put(&msg.encode());
+                self.unresolved_chunked += 1;
                 self.unresolved.push_back(Announced {
                     seq,
                     size,
@@ -244,6 +249,7 @@ impl SendSide {
                     self.uncovered -= eager_cost(a.size);
                     continue;
                 }
+                self.unresolved_chunked -= 1;
                 match out.verdict {
                     Verdict::Accept => {
                         self.awaiting_ack.insert(a.seq, a.token);
@@ -434,12 +440,18 @@ impl SendSide {
         }
     }
 
+    /// The chunked-message count agrees with what `unresolved` holds.
+    #[cfg(test)]
+    pub fn counts_agree(&self) -> bool {
+        self.unresolved_chunked == self.unresolved.iter().filter(|a| !a.inline).count()
+    }
+
     /// Whether control bytes from the receiver are awaited now: a chunked
     /// message needs its receive, an acknowledgement, or the window room.
     pub fn awaits_peer(&self) -> bool {
         !self.awaiting_ack.is_empty()
             || !self.queued.is_empty()
-            || self.unresolved.iter().any(|a| !a.inline)
+            || self.unresolved_chunked > 0
             || self.uncovered >= EAGER_WINDOW / 2
     }
 }

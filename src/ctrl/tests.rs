@@ -144,6 +144,7 @@ impl Pair {
             self.s.received(n, self.now, &mut |e| se.push(e));
             moved = true;
         }
+        assert!(self.s.counts_agree());
         moved
     }
 

@@ -74,3 +74,19 @@ pub fn exchange(a: &Net, b: &Net, send: &SendComm, recv: &RecvComm, n: usize, se
     drop(rx);
     assert!(dst.bytes().unwrap() == &expect[..], "{n} bytes differ");
 }
+
+/// `n` pseudo-random sizes below 3 MB from `seed`, then the edges: empty,
+/// one byte, just past 64 KiB, three pages and a byte, and `largest`.
+pub fn odd_sizes(seed: u64, n: usize, largest: usize) -> Vec<usize> {
+    let mut x = seed;
+    let mut v: Vec<usize> = (0..n)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (x >> 33) as usize % 3_000_000
+        })
+        .collect();
+    v.extend([0, 1, 65_537, 4096 * 3 + 1, largest]);
+    v
+}
