@@ -144,7 +144,9 @@ fn a_stopped_sender_fails_the_receiver_within_the_timeout() {
     }];
     recv.irecv(&bufs).unwrap().unwrap().wait(T).unwrap();
     let mut r = recv.irecv(&bufs).unwrap().unwrap();
-    std::thread::sleep(Duration::from_millis(10)); // mid-message
+    // Mid-message: 64 MiB take over 10 ms here, and at 10 ms an idle box
+    // had sometimes received them all before the stop.
+    std::thread::sleep(Duration::from_millis(2));
     child::signal(&kid.0, Signal::SIGSTOP);
     let after = expect_unresponsive(&mut r, Instant::now());
     eprintln!("stopped sender detected after {after:?}");
