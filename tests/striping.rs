@@ -164,10 +164,9 @@ fn send_window(net: &Net, send: &SendComm, n: usize, size: usize) {
     }
 }
 
-/// 512 MiB over two NICs limited to 2 Gbit/s each: about a second before
-/// the cut, then the rest on one NIC (the 1 GiB takes twice as
-/// long on this path, with the same outcome).
-const BIG: usize = 512 << 20;
+/// 1 GiB over two NICs limited to 2 Gbit/s each: 0.4 s before the cut,
+/// then the rest (about 3.5 s) on the NIC that is left.
+const BIG: usize = 1 << 30;
 
 #[test]
 fn a_nic_cut_in_the_middle_of_a_large_message_is_survived_byte_exact() {
@@ -300,7 +299,8 @@ fn a_flapping_nic_loses_and_duplicates_nothing() {
         eprintln!("skipped: {why}");
         return;
     }
-    const N: usize = 300;
+    // 25 ms apart: the stream spans the 10 s of flapping.
+    const N: usize = 400;
     const MAX: usize = 4 << 20;
     let sizes: Vec<usize> = {
         let mut x = 0x9e37_79b9_7f4a_7c15u64;
@@ -333,7 +333,8 @@ fn a_flapping_nic_loses_and_duplicates_nothing() {
         std::thread::spawn(move || {
             let mut cuts = 0;
             let t0 = Instant::now();
-            while t0.elapsed() < Duration::from_secs(6)
+            // Down for a second, up for a second, for 10 s.
+            while t0.elapsed() < Duration::from_secs(10)
                 && !stop.load(std::sync::atomic::Ordering::SeqCst)
             {
                 std::thread::sleep(Duration::from_millis(500));
@@ -421,7 +422,7 @@ fn a_flapping_nic_loses_and_duplicates_nothing() {
     let (socks, nics) = rx.recv().unwrap();
     eprintln!("{cuts} cuts; sender sockets: {socks:#?}\nsender NICs: {nics:#?}\nreceiver sockets: {recv_stats:#?}");
     let flapped: Vec<_> = socks.iter().filter(|s| s.nic == 1).collect();
-    assert!(cuts >= 2);
+    assert!(cuts >= 4, "{cuts} cuts");
     assert!(
         flapped
             .iter()
