@@ -14,6 +14,12 @@ PINGS=${PINGS:-5000}
 NICS=${NICS:-127.0.0.1,127.0.0.2}
 pin=()
 [ -n "${CPUS:-}" ] && pin=(taskset -c "$CPUS")
+# The same ping count for the other build, where it takes one (older builds
+# ping a fixed 400 times).
+base_pings=()
+if [ -n "${BASE:-}" ] && "$BASE" --help | grep -q -- --pings; then
+  base_pings=(--pings "$PINGS")
+fi
 json() { python3 -c 'import json,sys; r=json.load(sys.stdin); r=r.get("results",[r])[0]; print(r["p50_us"], r["p99_us"])'; }
 printf '%-4s %-10s %-10s %-10s %-10s %-8s %-8s %s\n' run raw_p50 raw_p99 p50 p99 p50/raw p99/p50 ok
 fails=0
@@ -22,7 +28,7 @@ for i in $(seq "$RUNS"); do
   read -r p50 p99 < <("${pin[@]}" "$B" --nics "$NICS" --min-size "$SIZE" --max-size "$SIZE" --bytes-per-size 64K --pings "$PINGS" --json | json)
   base=""
   if [ -n "${BASE:-}" ]; then
-    read -r b50 b99 < <("${pin[@]}" "$BASE" --nics "$NICS" --min-size "$SIZE" --max-size "$SIZE" --bytes-per-size 64K --json | json)
+    read -r b50 b99 < <("${pin[@]}" "$BASE" --nics "$NICS" --min-size "$SIZE" --max-size "$SIZE" --bytes-per-size 64K "${base_pings[@]}" --json | json)
     base=" base: p50 $b50 p99 $b99"
   fi
   ok=$(python3 -c "print('yes' if $p50 <= 1.2*$rp50 and $p99 <= 3*$p50 else 'NO')")
