@@ -813,6 +813,31 @@ mod tests {
         err: Mutex<Option<Error>>,
     }
 
+    impl Late {
+        fn new(known: bool) -> Arc<Late> {
+            Arc::new(Late {
+                placement: Mutex::new(None),
+                known: AtomicBool::new(known),
+                waits: Default::default(),
+                kicks: Default::default(),
+                err: Mutex::new(None),
+            })
+        }
+    }
+
+    /// Plain sends: no zero-copy, no devmem, no socket options.
+    fn plain_mode() -> TxMode {
+        TxMode {
+            zerocopy: ZeroCopy::Off,
+            min_zcopy: 0,
+            devmem: None,
+            devmem_tx: None,
+            peer_timeout_ms: 0,
+            notsent_lowat: 0,
+            quickack: false,
+        }
+    }
+
     impl CommLink for Late {
         fn failed(&self, e: Error) {
             self.err.lock().unwrap().get_or_insert(e);
@@ -885,22 +910,8 @@ mod tests {
         wire.extend(chunk(3, 0, &data[..4096]));
         let (stream, _peer) = loaded(&wire);
         stream.set_nonblocking(true).unwrap();
-        let comm = Arc::new(Late {
-            placement: Mutex::new(None),
-            known: AtomicBool::new(false),
-            waits: Default::default(),
-            kicks: Default::default(),
-            err: Mutex::new(None),
-        });
-        let mode = TxMode {
-            zerocopy: ZeroCopy::Off,
-            min_zcopy: 0,
-            devmem: None,
-            devmem_tx: None,
-            peer_timeout_ms: 0,
-            notsent_lowat: 0,
-            quickack: false,
-        };
+        let comm = Late::new(false);
+        let mode = plain_mode();
         let mut s = Sock::new(
             stream,
             mode,
@@ -954,22 +965,8 @@ mod tests {
     fn a_chunk_off_the_message_geometry_fails_the_comm() {
         let (stream, _peer) = loaded(&chunk(3, 100, &[1; 50]));
         stream.set_nonblocking(true).unwrap();
-        let comm = Arc::new(Late {
-            placement: Mutex::new(None),
-            known: AtomicBool::new(true),
-            waits: Default::default(),
-            kicks: Default::default(),
-            err: Mutex::new(None),
-        });
-        let mode = TxMode {
-            zerocopy: ZeroCopy::Off,
-            min_zcopy: 0,
-            devmem: None,
-            devmem_tx: None,
-            peer_timeout_ms: 0,
-            notsent_lowat: 0,
-            quickack: false,
-        };
+        let comm = Late::new(true);
+        let mode = plain_mode();
         let mut s = Sock::new(
             stream,
             mode,
@@ -1008,22 +1005,8 @@ mod tests {
         wire.extend(chunk(3, 0, &[0xEE; 4096])); // a late copy: dropped
         let (stream, _peer) = loaded(&wire);
         stream.set_nonblocking(true).unwrap();
-        let comm = Arc::new(Late {
-            placement: Mutex::new(None),
-            known: AtomicBool::new(true),
-            waits: Default::default(),
-            kicks: Default::default(),
-            err: Mutex::new(None),
-        });
-        let mode = TxMode {
-            zerocopy: ZeroCopy::Off,
-            min_zcopy: 0,
-            devmem: None,
-            devmem_tx: None,
-            peer_timeout_ms: 0,
-            notsent_lowat: 0,
-            quickack: false,
-        };
+        let comm = Late::new(true);
+        let mode = plain_mode();
         let counters = Arc::new(SockCounters::default());
         let mut s = Sock::new(
             stream,
