@@ -146,6 +146,19 @@ pub(super) struct TxPlan {
     pub devmem: Option<DevmemBody>,
 }
 
+impl TxPlan {
+    /// The rest of a chunk's header by itself, in a copying send: the next
+    /// chunk rewrites the header, so no zero-copy send may keep it.
+    fn header_alone(hdr: (*const u8, usize)) -> Self {
+        TxPlan {
+            parts: [hdr, (std::ptr::null(), 0)],
+            n: 1,
+            zerocopy: false,
+            devmem: None,
+        }
+    }
+}
+
 /// Progress of the chunk being sent.
 #[derive(Default)]
 struct Cursor {
@@ -275,12 +288,7 @@ impl TxSide {
         }) {
             // Header by a plain send (the next chunk rewrites it), then the body.
             return Ok(Some(if hdr_left > 0 {
-                TxPlan {
-                    parts: [hdr, (std::ptr::null(), 0)],
-                    n: 1,
-                    zerocopy: false,
-                    devmem: None,
-                }
+                TxPlan::header_alone(hdr)
             } else {
                 TxPlan {
                     parts: [(std::ptr::null(), 0); 2],
@@ -328,12 +336,7 @@ impl TxSide {
         } else if zc_chunk {
             // With zero-copy the kernel reads the iovecs after the call returns, so the
             // header (which the next chunk overwrites) goes first in a copying send.
-            TxPlan {
-                parts: [hdr, (std::ptr::null(), 0)],
-                n: 1,
-                zerocopy: false,
-                devmem: None,
-            }
+            TxPlan::header_alone(hdr)
         } else {
             TxPlan {
                 parts: [hdr, body],
