@@ -32,7 +32,7 @@ impl Net {
     pub fn listen(&self, dev: usize) -> Result<(Handle, ListenComm)> {
         crate::connect::sweep_abandoned();
         let d = self.device(dev)?;
-        let backlog = self.inner.cfg.max_half_open;
+        let backlog = kernel_queue(self.inner.cfg.max_half_open);
         let mut listeners = Vec::new();
         for (nic, dv) in self.inner.devices.iter().enumerate() {
             listeners.push((bind_listener(dv.addr, backlog)?, Some(nic)));
@@ -85,9 +85,16 @@ fn random_secret() -> [u8; 16] {
     }
 }
 
-/// A listening socket whose kernel queue holds `backlog` connections: a
-/// flood waits there to be shed rather than dropping everyone's SYNs (a
-/// dropped SYN costs a peer a 1 s retransmission).
+/// The kernel's accept queue for a listener that holds `max_half_open`
+/// connections itself: several times that, so that a flood waits in the queue
+/// to be shed rather than filling it, which drops everyone's SYNs (a dropped
+/// SYN costs a peer a 1 s retransmission). The kernel clamps it to
+/// `net.core.somaxconn`.
+fn kernel_queue(max_half_open: usize) -> usize {
+    max_half_open.saturating_mul(4).max(1024)
+}
+
+/// A listening socket whose kernel queue holds `backlog` connections.
 pub(crate) fn bind_listener(ip: IpAddr, backlog: usize) -> Result<TcpListener> {
     let addr = SocketAddr::new(ip, 0);
     let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
