@@ -281,7 +281,8 @@ impl RecvComm {
                 if let Some(e) = bad {
                     side.fail(e);
                 }
-                core.progress(c, false);
+                // What already came is read by the next test of a request.
+                core.progress_reading(c, false, false);
                 Ok(())
             },
             |c| core.progress(c, false),
@@ -351,6 +352,13 @@ impl RecvCore {
     /// messages are copied into their buffers here, chunked ones become
     /// placements for the data sockets. `tick`: the periodic call.
     fn progress(&self, c: &mut RecvCtrl, tick: bool) {
+        self.progress_reading(c, tick, true);
+    }
+
+    /// `progress`; `read`: also read the control socket (a post needs no
+    /// answer now, and a read that finds nothing costs a system call on
+    /// the way to the caller's next send).
+    fn progress_reading(&self, c: &mut RecvCtrl, tick: bool, read: bool) {
         let now = Instant::now();
         let link = &self.link;
         let before = link.announced.load(Ordering::Acquire);
@@ -368,8 +376,10 @@ impl RecvCore {
             side.placed(seq);
         }
         let mut retired = Vec::new();
-        while side.broken().is_none() {
-            let n = match read_ctrl(stream, side.inbox_space()) {
+        while read && side.broken().is_none() {
+            let space = side.inbox_space();
+            let room = space.len();
+            let n = match read_ctrl(stream, space) {
                 Ok(Some(n)) => n,
                 Ok(None) => break,
                 Err(e) => {
@@ -392,6 +402,11 @@ impl RecvCore {
             if n == 0 {
                 break; // the peer closed its side: nothing more to read
             }
+            if n < room {
+                // Drained, most likely: what comes later wakes the watch
+                // or the next poll; a read that finds nothing only costs.
+                break;
+            }
         }
         // After the reads: a peer's Bye explains the data sockets' EOF.
         if let Some(e) = side.peer_gone() {
@@ -402,7 +417,7 @@ impl RecvCore {
                 side.fail(e);
             }
         }
-        if side.broken().is_none() {
+        if side.broken().is_none() && !offers.idle() {
             let as_link: Arc<dyn CommLink> = link.clone();
             offers.poll(&self.base, &as_link, now, &mut |d| side.dial(d));
         }
@@ -414,13 +429,15 @@ impl RecvCore {
                 .map(|(id, e)| (id, e, now + PEER_END_GRACE)),
         );
         let gone = side.peer_gone().is_some();
-        let (judged, later): (Vec<_>, Vec<_>) = std::mem::take(losses)
-            .into_iter()
-            .partition(|(_, _, at)| gone || *at <= now);
-        *losses = later;
-        for (id, e, _) in judged {
-            if side.broken().is_none() && self.note_loss(id, &e, gone) {
-                ended.insert((id.index as usize, id.gen));
+        if !losses.is_empty() {
+            let (judged, later): (Vec<_>, Vec<_>) = std::mem::take(losses)
+                .into_iter()
+                .partition(|(_, _, at)| gone || *at <= now);
+            *losses = later;
+            for (id, e, _) in judged {
+                if side.broken().is_none() && self.note_loss(id, &e, gone) {
+                    ended.insert((id.index as usize, id.gen));
+                }
             }
         }
         let mut draining = None;

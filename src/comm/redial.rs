@@ -67,6 +67,11 @@ impl Offers {
         }
     }
 
+    /// No invitation pending or open.
+    pub fn idle(&self) -> bool {
+        self.slots.iter().all(|s| matches!(s, Offer::None))
+    }
+
     /// Socket `index` was retired: invite a reconnect after the first wait.
     pub fn retired(&mut self, index: usize, now: Instant) {
         if let (Some(wait), Some(s)) = (self.first, self.slots.get_mut(index)) {

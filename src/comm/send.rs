@@ -394,10 +394,14 @@ impl SendCore {
         loop {
             if read && c.side.broken().is_none() {
                 loop {
-                    match read_ctrl(&c.stream, c.side.inbox_space()) {
+                    let space = c.side.inbox_space();
+                    let room = space.len();
+                    match read_ctrl(&c.stream, space) {
                         Ok(Some(n)) => {
                             c.side.received(n, now, &mut |e| events.push(e));
-                            if n == 0 {
+                            // A short read drained the socket, most likely
+                            // (see `RecvCore::progress_reading`).
+                            if n == 0 || n < room {
                                 break;
                             }
                         }
