@@ -167,16 +167,21 @@ impl Context {
     /// need one): keeps the caller's, else device 0's primary context. A
     /// process that drives one GPU thus never opens a context on another.
     pub fn ensure_any_current() -> Result<()> {
+        if !Context::any_current()? {
+            Context::get(0)?;
+        }
+        Ok(())
+    }
+
+    /// True when some context is current on the calling thread.
+    pub fn any_current() -> Result<bool> {
         probe()?;
         let mut cur = std::ptr::null_mut();
         // SAFETY: writes one handle.
         ck("cuCtxGetCurrent", || unsafe {
             sys::cuCtxGetCurrent(&mut cur)
         })?;
-        if cur.is_null() {
-            Context::get(0)?;
-        }
-        Ok(())
+        Ok(!cur.is_null())
     }
 
     /// The primary context of the GPU at PCI address `pci` (as gpumemd
