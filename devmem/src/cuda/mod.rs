@@ -13,7 +13,8 @@
 //!   copy-list kernel), finished by one event;
 //! - [`vmm`]: a GPU RX pool exported and imported as a POSIX-fd shareable
 //!   handle (tcpgpudmarxd's `cu_ipc_memfd_exporter`);
-//! - [`mirror`]: the emulated NIC's writes into such a pool.
+//! - [`mirror`]: the emulated NIC's writes into such a pool;
+//! - [`spin`]: a kernel that waits for a word, as NCCL's wait for data (tests).
 
 use std::collections::HashMap;
 use std::ffi::CStr;
@@ -25,6 +26,7 @@ pub use cudarc::driver::sys;
 pub mod batch;
 pub mod mem;
 pub mod mirror;
+pub mod spin;
 pub mod unpack;
 pub mod vmm;
 
