@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 BIN=${GPU_BIN:-gpu-bin}
 TARGET=${CARGO_TARGET_DIR:-target}
 # package:test pairs whose test binaries run on the GPU machine
-PAIRS="tcpx:cuda_bounce tcpx:cuda_devmem tcpx:devmem_gpu devmem:cuda_gpu devmem:emu_cuda_unpack devmem:emu_gpu_pool tcpx-nixl:vram"
+PAIRS="tcpx:cuda_bounce tcpx:cuda_devmem tcpx:devmem_gpu devmem:cuda_gpu devmem:emu_cuda_unpack devmem:emu_gpu_pool tcpx-nixl:vram tcpx-nccl-net:gdr_pattern"
 TESTS=$(for pt in $PAIRS; do printf '%s ' "${pt#*:}"; done)
 
 build() {
@@ -28,8 +28,11 @@ for l in sys.stdin:
   done
   cargo build --release --bin tcpx-gpu-bench
   cp "$TARGET/release/tcpx-gpu-bench" "$BIN/"
+  # gdr_pattern dlopens the NCCL plugin from beside itself.
+  cargo build --release -p tcpx-nccl-net --lib
+  cp "$TARGET/release/libnccl_net_tcpx.so" "$BIN/libnccl-net-tcpx.so"
   # Debug info would push the folder past what the device tool carries (64 MiB).
-  for t in $TESTS tcpx-gpu-bench; do strip --strip-debug "$BIN/$t"; done
+  for t in $TESTS tcpx-gpu-bench libnccl-net-tcpx.so; do strip --strip-debug "$BIN/$t"; done
   ls -la "$BIN"
 }
 

@@ -315,7 +315,7 @@ impl Drop for PinnedBuffer {
     }
 }
 
-/// A non-blocking stream, destroyed on drop.
+/// A stream (non-blocking unless made by [`Stream::blocking`]), destroyed on drop.
 #[derive(Debug)]
 pub struct Stream {
     ctx: &'static Context,
@@ -336,8 +336,29 @@ impl Stream {
         Ok(Stream { ctx, s })
     }
 
+    /// A blocking stream (flags 0): one that work on the legacy default
+    /// stream waits for, as the streams of most CUDA applications are.
+    pub fn blocking(ctx: &'static Context) -> Result<Self> {
+        ctx.make_current()?;
+        let mut s = std::ptr::null_mut();
+        // SAFETY: writes one handle.
+        ck("cuStreamCreate", || unsafe {
+            sys::cuStreamCreate(&mut s, sys::CUstream_flags::CU_STREAM_DEFAULT as u32)
+        })?;
+        Ok(Stream { ctx, s })
+    }
+
     pub fn raw(&self) -> sys::CUstream {
         self.s
+    }
+
+    /// Queues a wait for `e`: later work on this stream starts after the
+    /// work `e` marks.
+    pub fn wait_event(&self, e: &Event) -> Result<()> {
+        // SAFETY: a live stream and event.
+        ck("cuStreamWaitEvent", || unsafe {
+            sys::cuStreamWaitEvent(self.s, e.e, 0)
+        })
     }
 
     pub fn context(&self) -> &'static Context {

@@ -13,7 +13,8 @@
 //!   copy-list kernel), finished by one event;
 //! - [`vmm`]: a GPU RX pool exported and imported as a POSIX-fd shareable
 //!   handle (tcpgpudmarxd's `cu_ipc_memfd_exporter`);
-//! - [`mirror`]: the emulated NIC's writes into such a pool.
+//! - [`mirror`]: the emulated NIC's writes into such a pool;
+//! - [`spin`]: a kernel that waits for a word, as NCCL's wait for data (tests).
 
 use std::collections::HashMap;
 use std::ffi::CStr;
@@ -25,6 +26,7 @@ pub use cudarc::driver::sys;
 pub mod batch;
 pub mod mem;
 pub mod mirror;
+pub mod spin;
 pub mod unpack;
 pub mod vmm;
 
@@ -167,16 +169,21 @@ impl Context {
     /// need one): keeps the caller's, else device 0's primary context. A
     /// process that drives one GPU thus never opens a context on another.
     pub fn ensure_any_current() -> Result<()> {
+        if !Context::any_current()? {
+            Context::get(0)?;
+        }
+        Ok(())
+    }
+
+    /// True when some context is current on the calling thread.
+    pub fn any_current() -> Result<bool> {
         probe()?;
         let mut cur = std::ptr::null_mut();
         // SAFETY: writes one handle.
         ck("cuCtxGetCurrent", || unsafe {
             sys::cuCtxGetCurrent(&mut cur)
         })?;
-        if cur.is_null() {
-            Context::get(0)?;
-        }
-        Ok(())
+        Ok(!cur.is_null())
     }
 
     /// The primary context of the GPU at PCI address `pci` (as gpumemd

@@ -86,6 +86,51 @@ extern "C" __global__ void tcpx_copy_list(const Frag* __restrict__ rows, unsigne
 
 const THREADS: u32 = 256;
 
+/// Compiles CUDA C `source` with NVRTC for `ctx`'s device and loads it
+/// there (`what` names it in errors); the caller unloads it.
+pub(crate) fn load_module(
+    ctx: &'static Context,
+    source: &str,
+    what: &str,
+) -> Result<sys::CUmodule> {
+    // SAFETY: dlopen probe only.
+    let present = std::panic::catch_unwind(|| unsafe { cudarc::nvrtc::sys::is_culib_present() })
+        .unwrap_or(false);
+    if !present {
+        return Err(CudaError::Nvrtc("libnvrtc.so not found by dlopen".into()));
+    }
+    let major =
+        ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
+    let minor =
+        ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
+    let opts = cudarc::nvrtc::CompileOptions {
+        options: vec![format!("--gpu-architecture=compute_{major}{minor}")],
+        ..Default::default()
+    };
+    let ptx = std::panic::catch_unwind(|| cudarc::nvrtc::compile_ptx_with_opts(source, opts))
+        .map_err(|_| CudaError::Nvrtc("NVRTC symbols missing".into()))?
+        .map_err(|e| CudaError::Nvrtc(format!("compiling {what}: {e:?}")))?;
+    let src = CString::new(ptx.to_src())
+        .map_err(|_| CudaError::Nvrtc("PTX contains a NUL byte".into()))?;
+    ctx.make_current()?;
+    let mut module = std::ptr::null_mut();
+    // SAFETY: src is NUL-terminated PTX text alive for the call.
+    ck("cuModuleLoadData", || unsafe {
+        sys::cuModuleLoadData(&mut module, src.as_ptr().cast())
+    })?;
+    Ok(module)
+}
+
+/// The kernel `name` of a loaded module.
+pub(crate) fn function(module: sys::CUmodule, name: &std::ffi::CStr) -> Result<sys::CUfunction> {
+    let mut func = std::ptr::null_mut();
+    // SAFETY: module is loaded; name is NUL-terminated.
+    ck("cuModuleGetFunction", || unsafe {
+        sys::cuModuleGetFunction(&mut func, module, name.as_ptr())
+    })?;
+    Ok(func)
+}
+
 /// The compiled kernel, loaded in a context.
 #[derive(Debug)]
 pub struct Unpacker {
@@ -103,49 +148,12 @@ unsafe impl Sync for Unpacker {}
 impl Unpacker {
     /// Compiles the kernel with NVRTC for the device's architecture and loads it.
     pub fn new(ctx: &'static Context) -> Result<Self> {
-        // SAFETY: dlopen probe only.
-        let present =
-            std::panic::catch_unwind(|| unsafe { cudarc::nvrtc::sys::is_culib_present() })
-                .unwrap_or(false);
-        if !present {
-            return Err(CudaError::Nvrtc("libnvrtc.so not found by dlopen".into()));
-        }
-        let major =
-            ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
-        let minor =
-            ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
-        let opts = cudarc::nvrtc::CompileOptions {
-            options: vec![format!("--gpu-architecture=compute_{major}{minor}")],
-            ..Default::default()
-        };
-        let ptx = std::panic::catch_unwind(|| cudarc::nvrtc::compile_ptx_with_opts(SOURCE, opts))
-            .map_err(|_| CudaError::Nvrtc("NVRTC symbols missing".into()))?
-            .map_err(|e| CudaError::Nvrtc(format!("compiling the unpack kernel: {e:?}")))?;
-        let src = CString::new(ptx.to_src())
-            .map_err(|_| CudaError::Nvrtc("PTX contains a NUL byte".into()))?;
-        ctx.make_current()?;
-        let mut module = std::ptr::null_mut();
-        // SAFETY: src is NUL-terminated PTX text alive for the call.
-        ck("cuModuleLoadData", || unsafe {
-            sys::cuModuleLoadData(&mut module, src.as_ptr().cast())
-        })?;
-        let mut func = std::ptr::null_mut();
-        let name = c"tcpx_unpack";
-        // SAFETY: module is loaded; name is NUL-terminated.
-        ck("cuModuleGetFunction", || unsafe {
-            sys::cuModuleGetFunction(&mut func, module, name.as_ptr())
-        })?;
-        let mut copy_list = std::ptr::null_mut();
-        let name = c"tcpx_copy_list";
-        // SAFETY: module is loaded; name is NUL-terminated.
-        ck("cuModuleGetFunction", || unsafe {
-            sys::cuModuleGetFunction(&mut copy_list, module, name.as_ptr())
-        })?;
+        let module = load_module(ctx, SOURCE, "the unpack kernel")?;
         Ok(Unpacker {
             ctx,
             module,
-            func,
-            copy_list,
+            func: function(module, c"tcpx_unpack")?,
+            copy_list: function(module, c"tcpx_copy_list")?,
         })
     }
 

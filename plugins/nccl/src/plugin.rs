@@ -8,12 +8,12 @@ use std::sync::{Mutex, OnceLock};
 use devmem::Cause;
 use ffiguard::{obj, out, put, slice, slice_mut, take};
 
-use tcpx::{Config, Error, ListenComm, MemoryRegion, Net, PtrKind, RecvBuf, RecvComm, Request};
-use tcpx::{SendComm, HANDLE_SIZE};
+use tcpx::{Config, Error, ListenComm, MemoryRegion, Net, PtrKind, PtrKinds, RecvBuf, RecvComm};
+use tcpx::{Request, SendComm, HANDLE_SIZE};
 
 use crate::abi::*;
-use crate::log;
-use crate::nlog;
+use crate::trace;
+use crate::{log, nlog, ntrace};
 
 /// The name NCCL shows and matches NCCL_NET against.
 pub const NAME: &std::ffi::CStr = c"TCPX-rs";
@@ -26,7 +26,15 @@ pub struct State {
     /// and the PCI path in /sys (NULL for virtual NICs such as `lo`).
     names: Vec<CString>,
     pci: Vec<Option<CString>>,
+    /// GDR mode: NCCL may hand us CUDA buffers, which the transport moves
+    /// through its bounce path (`TCPX_NCCL_GDR=1` and CUDA usable here).
+    gdr: bool,
 }
+
+/// GDR mode switch: `1` offers `NCCL_PTR_CUDA` where the transport can take
+/// CUDA memory; unset or `0` keeps NCCL's own host staging (the default: it
+/// is the mode proven on two GPUs; see README, "GDR mode").
+pub const GDR_ENV: &str = "TCPX_NCCL_GDR";
 
 static STATE: OnceLock<State> = OnceLock::new();
 static INIT_LOCK: Mutex<()> = Mutex::new(());
@@ -111,7 +119,17 @@ pub struct Listen(Mutex<ListenComm>);
 pub struct Send(SendComm);
 pub struct Recv(RecvComm);
 pub struct Mr(MemoryRegion);
-pub struct Req(Request);
+pub struct Req {
+    r: Request,
+    /// A pending test was traced (later ones are not: NCCL polls thousands).
+    traced: bool,
+}
+
+impl Req {
+    fn new(r: Request) -> Self {
+        Req { r, traced: false }
+    }
+}
 
 /// NCCL's interface variables allow `^` (exclude) and `=` (exact) prefixes
 /// and name prefixes; the transport wants names or addresses. Exact names
@@ -142,6 +160,28 @@ pub fn init(version: &str) -> Result<(), Error> {
     let cfg = Config::from_lookup(env_for_transport)?;
     let net = Net::init(cfg)?;
     let devs = net.devices();
+    let gdr_wanted = match std::env::var(GDR_ENV).as_deref() {
+        Ok("1") => true,
+        Ok("0") | Ok("") | Err(_) => false,
+        Ok(v) => {
+            return Err(Error::Config(format!(
+                "{GDR_ENV}={v}: use 1 (offer CUDA pointers) or 0 (host pointers only)"
+            )))
+        }
+    };
+    let gdr = gdr_wanted && devs.iter().all(|d| d.ptr_kinds.contains(PtrKinds::CUDA));
+    if gdr_wanted && !gdr {
+        nlog!(
+            NCCL_LOG_WARN,
+            NCCL_INIT | NCCL_NET,
+            "NET/TCPX-rs : {GDR_ENV}=1 but CUDA memory cannot be registered here (no driver or device); reporting host pointers only"
+        );
+    }
+    let pointers = if gdr {
+        "host and CUDA (GDR mode: CUDA buffers through pinned bounce staging)"
+    } else {
+        "host only; CUDA buffers use NCCL's host staging"
+    };
     let mut names = Vec::with_capacity(devs.len());
     let mut pci = Vec::with_capacity(devs.len());
     for (i, d) in devs.iter().enumerate() {
@@ -156,7 +196,7 @@ pub fn init(version: &str) -> Result<(), Error> {
         nlog!(
             NCCL_LOG_INFO,
             NCCL_INIT | NCCL_NET,
-            "NET/TCPX-rs : dev {i} {} addr {} speed {} Mbps data path {} (pointers: host only; CUDA buffers use NCCL's host staging)",
+            "NET/TCPX-rs : dev {i} {} addr {} speed {} Mbps data path {} (pointers: {pointers})",
             d.name,
             d.addr,
             d.speed_mbps,
@@ -170,7 +210,20 @@ pub fn init(version: &str) -> Result<(), Error> {
         devs.len(),
         net.engine()
     );
-    let _ = STATE.set(State { net, names, pci });
+    if trace::on() {
+        nlog!(
+            NCCL_LOG_INFO,
+            NCCL_INIT | NCCL_NET,
+            "NET/TCPX-rs : {}=1: tracing every call",
+            trace::ENV
+        );
+    }
+    let _ = STATE.set(State {
+        net,
+        names,
+        pci,
+        gdr,
+    });
     Ok(())
 }
 
@@ -189,6 +242,8 @@ pub struct Props {
     pub speed: c_int,
     pub max_comms: c_int,
     pub dev: c_int,
+    /// `NCCL_PTR_*` bits.
+    pub ptr_support: c_int,
 }
 
 pub fn props(dev: c_int) -> Result<Props, Error> {
@@ -208,6 +263,11 @@ pub fn props(dev: c_int) -> Result<Props, Error> {
         speed: c_int::try_from(d.speed_mbps).unwrap_or(c_int::MAX),
         max_comms: c_int::try_from(d.max_comms).unwrap_or(c_int::MAX),
         dev,
+        ptr_support: if s.gdr {
+            NCCL_PTR_HOST | NCCL_PTR_CUDA
+        } else {
+            NCCL_PTR_HOST
+        },
     })
 }
 
@@ -217,7 +277,7 @@ impl Props {
             name: self.name,
             pciPath: self.pci_path,
             guid: self.guid,
-            ptrSupport: NCCL_PTR_HOST,
+            ptrSupport: self.ptr_support,
             regIsGlobal: 0,
             speed: self.speed,
             port: 0,
@@ -356,7 +416,10 @@ pub fn accept(listen: *mut c_void, recv: *mut *mut c_void) -> Result<(), Error> 
     unsafe { put_obj(recv, c.map(Recv)) }
 }
 
+/// `entry` names the caller in the trace (`regMr` or `regMrDmaBuf`).
 pub fn reg_mr(
+    entry: &str,
+    comm: *mut c_void,
     data: *mut c_void,
     size: usize,
     ty: c_int,
@@ -364,23 +427,49 @@ pub fn reg_mr(
 ) -> Result<(), Error> {
     // SAFETY: NCCL's out pointer (see above).
     unsafe { put_obj::<Mr>(mh, None) }?;
-    match ty {
-        NCCL_PTR_HOST => {}
+    ntrace!(
+        "{entry} comm {comm:p} data {data:p} size {size} type {} kind {}",
+        ptr_type(ty),
+        trace::mem_kind(data)
+    );
+    let s = state()?;
+    let kind = match ty {
+        NCCL_PTR_HOST => PtrKind::Host,
+        NCCL_PTR_CUDA if s.gdr => PtrKind::Cuda,
         NCCL_PTR_CUDA => {
-            return Err(Error::Unsupported(
-                "CUDA pointers: this plugin reports NCCL_PTR_HOST only; let NCCL stage through host memory".into(),
-            ))
+            return Err(Error::Unsupported(format!(
+                "CUDA pointers: this plugin reports NCCL_PTR_HOST only ({GDR_ENV} is not 1); let NCCL stage through host memory"
+            )))
         }
         t => return Err(Error::InvalidArgument(format!("unknown pointer type {t}"))),
-    }
+    };
     // SAFETY: NCCL keeps the buffer valid and registered until deregMr, and
     // frees it only after the requests using it completed (net_vN.h contract).
-    let mr = unsafe { state()?.net.reg_mr_raw(data.cast(), size, PtrKind::Host)? };
+    let mr = unsafe { s.net.reg_mr_raw(data.cast(), size, kind)? };
     // SAFETY: as above.
-    unsafe { put_obj(mh, Some(Mr(mr))) }
+    unsafe { put_obj(mh, Some(Mr(mr))) }?;
+    // SAFETY: NCCL's out pointer, just written.
+    ntrace!("{entry} done mh {:p}", unsafe { *mh });
+    Ok(())
+}
+
+fn ptr_type(ty: c_int) -> &'static str {
+    match ty {
+        NCCL_PTR_HOST => "HOST",
+        NCCL_PTR_CUDA => "CUDA",
+        _ => "?",
+    }
+}
+
+fn kind_name(mr: &MemoryRegion) -> String {
+    match mr.cuda_ordinal() {
+        Some(o) => format!("cuda:{o}"),
+        None => "host".into(),
+    }
 }
 
 pub fn dereg_mr(mh: *mut c_void) -> Result<(), Error> {
+    ntrace!("deregMr mh {mh:p}");
     // SAFETY: our Mr, which NCCL does not use after deregMr (see above).
     let mr = unsafe { take(mh.cast::<Mr>()) }.ok_or(ffiguard::ArgError::Null("mhandle"))?;
     match state()?.net.dereg_mr(mr.0) {
@@ -413,7 +502,14 @@ pub fn isend(
     };
     let r = c.0.isend(mr, offset_in(mr, data, size)?, size, tag)?;
     // SAFETY: as above.
-    unsafe { put_obj(req, r.map(Req)) }
+    unsafe { put_obj(req, r.map(Req::new)) }?;
+    ntrace!(
+        "isend comm {send:p} data {data:p} size {size} tag {tag} mh {mh:p} ({}) -> req {:p}",
+        kind_name(mr),
+        // SAFETY: NCCL's out pointer, just written.
+        unsafe { *req }
+    );
+    Ok(())
 }
 
 /// `sizes(i)` gives buffer i's size in whichever C type the version uses.
@@ -453,19 +549,45 @@ pub fn irecv(
     }
     let r = c.0.irecv(&bufs)?;
     // SAFETY: as above.
-    unsafe { put_obj(req, r.map(Req)) }
+    unsafe { put_obj(req, r.map(Req::new)) }?;
+    if trace::on() {
+        let each: Vec<String> = bufs
+            .iter()
+            .zip(data)
+            .zip(mhs)
+            .map(|((b, d), m)| {
+                format!(
+                    "{d:p}+{} tag {} mh {m:p} ({})",
+                    b.len,
+                    b.tag,
+                    kind_name(b.mr)
+                )
+            })
+            .collect();
+        ntrace!(
+            "irecv comm {recv:p} n {n} [{}] -> req {:p}",
+            each.join(", "),
+            // SAFETY: NCCL's out pointer, just written.
+            unsafe { *req }
+        );
+    }
+    Ok(())
 }
 
-/// Host memory needs no flush: a request that is done at once.
-pub fn iflush(recv: *mut c_void, req: *mut *mut c_void) -> Result<(), Error> {
+/// Nothing to flush: a receive into host memory is visible when test()
+/// says done, and so is one into CUDA memory (the bounce path's copies to
+/// the GPU finished before it completed). `*request = NULL` is NCCL's "no
+/// flush needed": it then skips the test (src/transport/net.cc,
+/// recvProxyProgress: `if (request) test(...)`, else done).
+pub fn iflush(recv: *mut c_void, n: c_int, req: *mut *mut c_void) -> Result<(), Error> {
     // SAFETY: NCCL's out pointer and our Recv (see above).
     let c = unsafe {
         put_obj::<Req>(req, None)?;
         obj(recv.cast::<Recv>(), "recv comm")?
     };
-    let r = c.0.iflush(&[])?;
-    // SAFETY: as above.
-    unsafe { put_obj(req, r.map(Req)) }
+    c.0.iflush(&[])?;
+    ntrace!("iflush comm {recv:p} n {n} -> req NULL (nothing to flush)");
+    Ok(())
 }
 
 /// Polls; the request is freed when done or failed (NCCL never tests it again).
@@ -474,7 +596,22 @@ pub fn test(req: *mut c_void, done: *mut c_int, sizes: *mut c_int) -> Result<(),
     // this comm tests it, so the &mut is exclusive (see above).
     let (d, r) = unsafe { (out(done, "done")?, out(req.cast::<Req>(), "request")?) };
     *d = 0;
-    let res = r.0.test();
+    let res = r.r.test();
+    if trace::on() {
+        match &res {
+            // NCCL polls thousands of times: only the first pending test of each request.
+            Ok(None) if !r.traced => {
+                r.traced = true;
+                ntrace!("test req {req:p} pending (its later pending tests are not logged)");
+            }
+            Ok(None) => {}
+            Ok(Some(s)) => ntrace!(
+                "test req {req:p} done sizes {:?}",
+                s.iter().collect::<Vec<_>>()
+            ),
+            Err(e) => ntrace!("test req {req:p} failed: {e}"),
+        }
+    }
     if !matches!(res, Ok(None)) {
         // SAFETY: our Req; NCCL does not test it again (see above).
         unsafe { free::<Req>(req) };

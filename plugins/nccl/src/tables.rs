@@ -8,8 +8,8 @@ use std::ffi::{c_int, c_void};
 use tcpx::Error;
 
 use crate::abi::*;
-use crate::log;
 use crate::plugin::{self, guard, put_obj, Listen, Recv, Send};
+use crate::{log, ntrace};
 
 type P = *mut c_void;
 type PP = *mut *mut c_void;
@@ -39,25 +39,28 @@ extern "C" fn accept(l: P, recv: PP, _dc: PP) -> ncclResult_t {
     guard("accept", || plugin::accept(l, recv))
 }
 
-extern "C" fn reg_mr(_comm: P, data: P, size: usize, ty: c_int, mh: PP) -> ncclResult_t {
-    guard("regMr", || plugin::reg_mr(data, size, ty, mh))
+extern "C" fn reg_mr(comm: P, data: P, size: usize, ty: c_int, mh: PP) -> ncclResult_t {
+    guard("regMr", || {
+        plugin::reg_mr("regMr", comm, data, size, ty, mh)
+    })
 }
 
+/// The bounce path reads and writes device memory by address, so the
+/// DMA-BUF fd is not needed (NCCL closes it after the call): the buffer is
+/// registered as by regMr. We do not advertise NCCL_PTR_DMABUF, so NCCL
+/// only calls this when another plugin's habits lead it to.
 extern "C" fn reg_mr_dmabuf(
-    _comm: P,
-    _data: P,
-    _size: usize,
-    _ty: c_int,
-    _offset: u64,
-    _fd: c_int,
+    comm: P,
+    data: P,
+    size: usize,
+    ty: c_int,
+    offset: u64,
+    fd: c_int,
     mh: PP,
 ) -> ncclResult_t {
     guard("regMrDmaBuf", || {
-        // SAFETY: NCCL passes NULL or a writable out pointer (net_vN.h).
-        unsafe { put_obj::<()>(mh, None) }?;
-        Err(Error::Unsupported(
-            "DMA-BUF registration: ptrSupport lacks NCCL_PTR_DMABUF, so NCCL should not ask".into(),
-        ))
+        ntrace!("regMrDmaBuf fd {fd} offset {offset} (registered by address)");
+        plugin::reg_mr("regMrDmaBuf", comm, data, size, ty, mh)
     })
 }
 
@@ -67,13 +70,13 @@ extern "C" fn dereg_mr(_comm: P, mh: P) -> ncclResult_t {
 
 extern "C" fn iflush(
     recv: P,
-    _n: c_int,
+    n: c_int,
     _data: PP,
     _sizes: *mut c_int,
     _mhs: PP,
     req: PP,
 ) -> ncclResult_t {
-    guard("iflush", || plugin::iflush(recv, req))
+    guard("iflush", || plugin::iflush(recv, n, req))
 }
 
 extern "C" fn test(req: P, done: *mut c_int, sizes: *mut c_int) -> ncclResult_t {
@@ -82,6 +85,7 @@ extern "C" fn test(req: P, done: *mut c_int, sizes: *mut c_int) -> ncclResult_t 
 
 extern "C" fn close_send(c: P) -> ncclResult_t {
     guard("closeSend", || {
+        ntrace!("closeSend comm {c:p}");
         // SAFETY: NULL or our Send, not used after closeSend (net_vN.h).
         unsafe { plugin::free::<Send>(c) };
         Ok(())
@@ -90,6 +94,7 @@ extern "C" fn close_send(c: P) -> ncclResult_t {
 
 extern "C" fn close_recv(c: P) -> ncclResult_t {
     guard("closeRecv", || {
+        ntrace!("closeRecv comm {c:p}");
         // SAFETY: NULL or our Recv, not used after closeRecv (net_vN.h).
         unsafe { plugin::free::<Recv>(c) };
         Ok(())
@@ -98,6 +103,7 @@ extern "C" fn close_recv(c: P) -> ncclResult_t {
 
 extern "C" fn close_listen(c: P) -> ncclResult_t {
     guard("closeListen", || {
+        ntrace!("closeListen comm {c:p}");
         // SAFETY: NULL or our Listen, not used after closeListen (net_vN.h).
         unsafe { plugin::free::<Listen>(c) };
         Ok(())

@@ -24,7 +24,7 @@
 
 /* ------------------------------------------------------------ the logger */
 #define MAX_LINES 4096
-static char log_lines[MAX_LINES][256];
+static char log_lines[MAX_LINES][512];
 static int log_level[MAX_LINES];
 static unsigned long log_flags[MAX_LINES];
 static int n_lines;
@@ -53,6 +53,9 @@ static int find_log(int from, int level, const char* needle) {
     if (log_level[i] == level && strstr(log_lines[i], needle)) return i;
   return -1;
 }
+
+/* Whether the plugin offers CUDA pointers (TCPX_NCCL_GDR=1 and CUDA here). */
+static int gdr;
 
 /* ------------------------------------------------- one shape for all versions */
 struct ops {
@@ -204,10 +207,12 @@ static void transfer(const struct ops* o, int dev) {
   OK(o->regMr(rc, dst, BUF, NCCL_PTR_HOST, &rmh));
   CHECK(smh && rmh);
 
-  /* Unsupported memory kinds fail with a code and a WARN line, never abort. */
+  /* Host memory registered as CUDA fails with a code and a WARN line, never
+     aborts: unsupported without GDR mode, a bad argument in it. */
   void* bad = (void*)0x1;
   int before = n_lines;
-  CHECK(o->regMr(rc, dst, BUF, NCCL_PTR_CUDA, &bad) == ncclInvalidUsage);
+  CHECK(o->regMr(rc, dst, BUF, NCCL_PTR_CUDA, &bad) ==
+        (gdr ? ncclInvalidArgument : ncclInvalidUsage));
   CHECK(bad == NULL);
   CHECK(find_log(before, NCCL_LOG_WARN, "CUDA") >= 0);
   CHECK(o->regMrDmaBuf(rc, dst, BUF, NCCL_PTR_CUDA, 0, 3, &bad) != ncclSuccess);
@@ -275,15 +280,14 @@ static void transfer(const struct ops* o, int dev) {
     }
   }
 
-  /* iflush hands back a request that completes. */
+  /* iflush: nothing to flush, so NULL (NCCL then skips the test). */
   {
     void* fd[1] = {dst};
     int fs[1] = {1};
     void* fm[1] = {rmh};
-    void* freq = NULL;
+    void* freq = (void*)0x1;
     OK(o->iflush(rc, 1, fd, fs, fm, &freq));
-    CHECK(freq != NULL);
-    wait_req(o, freq, NULL);
+    CHECK(freq == NULL);
   }
 
   OK(o->deregMr(sc, smh));
@@ -330,6 +334,12 @@ int main(int argc, char** argv) {
   CHECK(find_log(0, NCCL_LOG_INFO, "data path") >= 0);
   int l = find_log(0, NCCL_LOG_INFO, "data path");
   CHECK((log_flags[l] & 0x1) && (log_flags[l] & 0x10)); /* NCCL_INIT|NCCL_NET */
+  const char* gdr_env = getenv("TCPX_NCCL_GDR");
+  if (gdr_env && strcmp(gdr_env, "1") == 0) {
+    /* Offered only where CUDA memory can be registered; said so otherwise. */
+    gdr = find_log(0, NCCL_LOG_WARN, "TCPX_NCCL_GDR=1 but") < 0;
+    CHECK(find_log(0, NCCL_LOG_INFO, gdr ? "pointers: host and CUDA" : "pointers: host only") >= 0);
+  }
   OK(n11->devices(&ndev));
   CHECK(ndev == 2);
 
@@ -338,7 +348,7 @@ int main(int argc, char** argv) {
     memset(&p[d], 0x5a, sizeof p[d]);
     OK(n11->getProperties(d, &p[d]));
     CHECK(p[d].name != NULL);
-    CHECK(p[d].ptrSupport == NCCL_PTR_HOST);
+    CHECK(p[d].ptrSupport == (gdr ? NCCL_PTR_HOST | NCCL_PTR_CUDA : NCCL_PTR_HOST));
     CHECK(p[d].regIsGlobal == 0 && p[d].forceFlush == 0);
     CHECK(p[d].speed > 0 && p[d].maxComms > 0);
     CHECK(p[d].maxRecvs == 8);
@@ -356,7 +366,7 @@ int main(int argc, char** argv) {
   ncclNetProperties_v12_t p12;
   memset(&p12, 0x5a, sizeof p12);
   OK(n12->getProperties(1, &p12));
-  CHECK(p12.ptrSupport == NCCL_PTR_HOST && p12.maxRecvs == 8 && p12.guid == 1);
+  CHECK((p12.ptrSupport & ~NCCL_PTR_CUDA) == NCCL_PTR_HOST && p12.maxRecvs == 8 && p12.guid == 1);
   CHECK(p12.vProps.ndevs == 1 && p12.vProps.devs[0] == 1);
   for (int i = 1; i < 8; i++) CHECK(p12.vProps.devs[i] == 0);
   CHECK(p12.maxP2pBytes == (size_t)1 << 30 && p12.maxMultiRequestSize == 1);
@@ -366,7 +376,7 @@ int main(int argc, char** argv) {
   ncclNetProperties_v8_t p8;
   OK(n8->init(logger));
   OK(n8->getProperties(1, &p8));
-  CHECK(p8.ptrSupport == NCCL_PTR_HOST && p8.maxRecvs == 8 && p8.speed > 0);
+  CHECK((p8.ptrSupport & ~NCCL_PTR_CUDA) == NCCL_PTR_HOST && p8.maxRecvs == 8 && p8.speed > 0);
   ncclNetProperties_v9_t p9;
   OK(n9->init(logger));
   OK(n9->getProperties(0, &p9));
@@ -388,6 +398,29 @@ int main(int argc, char** argv) {
   transfer(&o10, 1);
   transfer(&o9, 0);
   transfer(&o8, 1);
+
+  /* TCPX_NCCL_TRACE=1: one INFO/NET line per call; otherwise none. */
+  const char* tr = getenv("TCPX_NCCL_TRACE");
+  static const char* traced[] = {"trace regMr comm", "trace regMr done mh", "trace isend comm",
+                                 "trace irecv comm", "trace test req", "trace iflush comm",
+                                 "trace deregMr mh", "trace closeSend", "trace closeRecv",
+                                 "trace closeListen"};
+  for (size_t i = 0; i < sizeof traced / sizeof traced[0]; i++) {
+    int at = find_log(0, NCCL_LOG_INFO, traced[i]);
+    if (tr && strcmp(tr, "1") == 0) {
+      CHECK(at >= 0);
+      CHECK(log_flags[at] == 0x10); /* NCCL_NET */
+    } else {
+      CHECK(at < 0);
+    }
+  }
+  if (tr && strcmp(tr, "1") == 0) {
+    /* The grouped receive names each buffer's size and tag; a done test its sizes. */
+    CHECK(find_log(0, NCCL_LOG_INFO, "n 3 [") >= 0);
+    CHECK(find_log(0, NCCL_LOG_INFO, "+778 tag 22 mh") >= 0);
+    CHECK(find_log(0, NCCL_LOG_INFO, "done sizes [1, 777, 100003]") >= 0);
+    CHECK(find_log(0, NCCL_LOG_INFO, "type CUDA kind") >= 0);
+  }
 
   OK(n12->finalize(ctx12));
   OK(n11->finalize(ctx11));

@@ -1,0 +1,66 @@
+//! Per-call trace: with `TCPX_NCCL_TRACE=1`, every data-path entry logs one
+//! INFO line (subsystem NET) through NCCL's logger, so `NCCL_DEBUG=INFO
+//! NCCL_DEBUG_SUBSYS=NET` shows the plugin's calls between NCCL's own.
+//! INFO rather than TRACE: NCCL prints TRACE lines only in its debug builds'
+//! sense of `NCCL_DEBUG=TRACE`, which floods the log with NCCL's own.
+//! Off, each entry pays one relaxed load.
+
+use std::ffi::c_void;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use devmem::cuda::mem::{pointer_kind, MemKind};
+
+/// The switch, read once.
+pub const ENV: &str = "TCPX_NCCL_TRACE";
+
+const UNREAD: u8 = 0;
+const OFF: u8 = 1;
+const ON: u8 = 2;
+static STATE: AtomicU8 = AtomicU8::new(UNREAD);
+
+/// True when `TCPX_NCCL_TRACE=1`.
+pub fn on() -> bool {
+    match STATE.load(Ordering::Relaxed) {
+        UNREAD => {
+            let on = std::env::var(ENV).is_ok_and(|v| v == "1");
+            STATE.store(if on { ON } else { OFF }, Ordering::Relaxed);
+            on
+        }
+        s => s == ON,
+    }
+}
+
+/// Logs one trace line (only call when [`on`]).
+#[macro_export]
+macro_rules! ntrace {
+    ($($arg:tt)*) => {
+        if $crate::trace::on() {
+            $crate::nlog!(
+                $crate::abi::NCCL_LOG_INFO,
+                $crate::abi::NCCL_NET,
+                "NET/TCPX-rs : trace {}",
+                format_args!($($arg)*)
+            )
+        }
+    };
+}
+
+/// What CUDA says `ptr` is: `cuda:<gpu>`, `pinned`, `host`, or why it
+/// cannot say. Asks only where a context is current on this thread (NCCL's
+/// proxy threads have one), so tracing never creates a context.
+pub fn mem_kind(ptr: *const c_void) -> String {
+    if !devmem::cuda::available() {
+        return "host (no CUDA)".into();
+    }
+    match devmem::cuda::Context::any_current() {
+        Ok(true) => {}
+        Ok(false) => return "unknown (no CUDA context on this thread)".into(),
+        Err(e) => return format!("unknown ({e})"),
+    }
+    match pointer_kind(ptr as u64) {
+        Ok(MemKind::Device { ordinal }) => format!("cuda:{ordinal}"),
+        Ok(MemKind::PinnedHost) => "pinned".into(),
+        Ok(MemKind::Unknown) => "host".into(),
+        Err(e) => format!("unknown ({e})"),
+    }
+}
