@@ -469,6 +469,10 @@ fn lines(c: &mut Child, who: &'static str) -> mpsc::Receiver<String> {
     let out = c.stdout.take().unwrap();
     std::thread::spawn(move || {
         for l in BufReader::new(out).lines().map_while(Result::ok) {
+            // libtest prints "test child_entry ... " before the child's first line.
+            let l = l
+                .strip_prefix("test child_entry ... ")
+                .map_or(l.clone(), str::to_string);
             // ROW lines go to scripts/gpu-check.sh's table as they are.
             if l.starts_with("ROW ") {
                 println!("{l}");
