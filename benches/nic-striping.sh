@@ -85,18 +85,24 @@ run() {
 
 gbps() { python3 -c 'import json,sys; d=json.load(sys.stdin); print(d["results"][0]["gbytes_per_s"] if d.get("results") else 0)'; }
 
-# best of REPEAT runs
+# best of REPEAT runs (its JSON kept in $LOGS/best.json)
 best() {
   local b=0 g
   for _ in $(seq "$REPEAT"); do
-    g=$(run "$@" | gbps)
+    run "$@" >"$LOGS/run.json"
+    g=$(gbps <"$LOGS/run.json")
+    python3 -c "import sys; sys.exit(not $g > $b)" && cp "$LOGS/run.json" "$LOGS/best.json"
     b=$(python3 -c "print(max($b, $g))")
   done
   echo "$b"
 }
 
+# Bytes the client's NICs sent (chunk headers, re-sends and tail copies
+# included) over the payload it sent, from a run's JSON.
+sent() { python3 -c 'import json,sys; d=json.load(sys.stdin); r=d.get("results") or [{}]; r=r[0]; p=r.get("size",0)*(r.get("iters",0)+1); s=sum(n["bytes_sent"] for n in d.get("nic_stats",[])); print(f"{s/1e6:.0f} MB / {p/1e6:.0f} MB = {s/p if p else 0:.2f}x")'; }
+
 echo "machine: $(nproc) CPUs; messages of $SIZE, window 4, $BYTES per run (4x for an unlimited NIC), best of $REPEAT"
-printf '| case | build | NICs alone (GB/s) | sum | together | together / sum |\n|---|---|---|---|---|---|\n'
+printf '| case | build | NICs alone (GB/s) | sum | together | together / sum | sent / payload, together |\n|---|---|---|---|---|---|---|\n'
 # case_run NAME RATE...
 case_run() {
   local name=$1; shift
@@ -107,17 +113,18 @@ case_run() {
   for bin in "${BINS[@]}"; do
     local singles=() sum=0
     for i in $(seq 0 $((n - 1))); do
-      local g; g=$(best "$bin" "$i" "$bytes")
+      local g; g=$(best "$bin" "$i" "$bytes" --pings 1)
       singles+=("$g"); sum=$(python3 -c "print($sum + $g)")
     done
-    local tog; tog=$(best "$bin" "$all" "$bytes")
+    local tog; tog=$(best "$bin" "$all" "$bytes" --pings 1)
+    local sent; sent=$(sent <"$LOGS/best.json")
     local label=this; [ "$bin" = "$B" ] || label=base
     [ "$label" = this ] && { FIRST[$name]=${singles[0]}; TOGETHER[$name]=$tog; }
-    python3 - "$name" "$label" "$sum" "$tog" "${singles[@]}" <<'PY'
+    python3 - "$name" "$label" "$sum" "$tog" "$sent" "${singles[@]}" <<'PY'
 import sys
-name, label, s, t, *singles = sys.argv[1:]
+name, label, s, t, sent, *singles = sys.argv[1:]
 s, t = float(s), float(t)
-print(f"| {name} | {label} | {' + '.join(f'{float(x):.3f}' for x in singles)} | {s:.3f} | {t:.3f} | {t / s if s else 0:.2f}x |")
+print(f"| {name} | {label} | {' + '.join(f'{float(x):.3f}' for x in singles)} | {s:.3f} | {t:.3f} | {t / s if s else 0:.2f}x | {sent} |")
 PY
   done
 }

@@ -423,3 +423,95 @@ fn a_flapping_nic_loses_and_duplicates_nothing() {
         "and connected again"
     );
 }
+
+/// Two NICs at 2 Gbit/s carry a 1 GiB message; 300 ms in, both are cut
+/// (no FIN or RST can pass: the data sockets stay open, silent, each
+/// mid-chunk), then one end closes its comm; its Bye reaches the other
+/// end on the control NIC. Neither end gives up on a silent peer (peer
+/// timeout off): the other end's request must still end, with
+/// `PeerClosed`, within about the stall timeout of the Bye (it waited
+/// for ever before). `rx_goes`: the receiver is the end that goes.
+fn gone_while_data_is_silent(rx_goes: bool) {
+    let lab = Lab::new(2).expect("namespaces");
+    lab.rate_exact(0, 2000);
+    lab.rate_exact(1, 2000);
+    let stall = Duration::from_millis(500);
+    // No heartbeats: a ping meeting the closed control socket's reset
+    // would end the comm by chance.
+    let mut rx_cfg = lab.config(true, T, stall);
+    let mut tx_cfg = lab.config(false, T, stall);
+    rx_cfg.peer_timeout = None;
+    tx_cfg.peer_timeout = None;
+    let (cut_tx, cut_rx) = mpsc::channel::<()>();
+    // When the receiver's Bye left (to the sender), and the sender's (to the receiver).
+    let (rx_bye, rx_bye_at) = mpsc::channel::<Instant>();
+    let (tx_bye, tx_bye_at) = mpsc::channel::<Instant>();
+    let (res, after) = over(
+        &lab,
+        rx_cfg,
+        tx_cfg,
+        move |net, recv| {
+            let dst = net.reg_mr(HostMemory::zeroed(BIG).unwrap());
+            let b = RecvBuf {
+                mr: &dst,
+                offset: 0,
+                len: BIG,
+                tag: 1,
+            };
+            let mut r = recv.irecv(&[b]).unwrap().unwrap();
+            if rx_goes {
+                cut_rx.recv().unwrap();
+                assert!(r.test().unwrap().is_none(), "done before the cut");
+                drop(r);
+                drop(recv);
+                rx_bye.send(Instant::now()).unwrap();
+                return (Ok(()), Duration::ZERO);
+            }
+            let res = r.wait(T).map(drop);
+            (res, tx_bye_at.recv().unwrap().elapsed())
+        },
+        |net, send| {
+            let src = filled(net, BIG, 1);
+            let mut r = send.isend(&src, 0, BIG, 1).unwrap().unwrap();
+            std::thread::sleep(Duration::from_millis(300));
+            lab.down(0);
+            lab.down(1);
+            if rx_goes {
+                cut_tx.send(()).unwrap();
+                let res = r.wait(T).map(drop);
+                let after = rx_bye_at.recv().unwrap().elapsed();
+                eprintln!("sender: {res:?}, {after:?} after the receiver's Bye");
+                assert!(matches!(res, Err(Error::PeerClosed)), "{res:?}");
+                assert!(after < 4 * stall, "{after:?}");
+                return;
+            }
+            assert!(r.test().unwrap().is_none(), "done before the cut");
+            drop(r);
+            drop(send);
+            tx_bye.send(Instant::now()).unwrap();
+        },
+    );
+    if !rx_goes {
+        eprintln!("receiver: {res:?}, {after:?} after the sender's Bye");
+        assert!(matches!(res, Err(Error::PeerClosed)), "{res:?}");
+        assert!(after < 4 * stall, "{after:?}");
+    }
+}
+
+#[test]
+fn a_sender_gone_while_its_data_sockets_are_silent_fails_the_receive() {
+    if let Some(why) = lab::unavailable(true) {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    gone_while_data_is_silent(false);
+}
+
+#[test]
+fn a_receiver_gone_while_a_chunk_is_half_sent_fails_the_send() {
+    if let Some(why) = lab::unavailable(true) {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    gone_while_data_is_silent(true);
+}

@@ -79,9 +79,11 @@ pub(crate) struct RecvLink {
     losses: Mutex<Vec<(SockId, Error)>>,
     /// The first failure of the comm (a data socket's, or close).
     failure: Mutex<Option<Error>>,
-    /// The sender said Bye or closed its control socket: data that did not
-    /// arrive will not; placements fail with this.
-    peer_gone: Mutex<Option<Error>>,
+    /// The sender said Bye or closed its control socket (and when): data
+    /// that did not arrive will not; placements fail with this.
+    peer_gone: Mutex<Option<(Error, Instant)>>,
+    /// How long a data socket may stay silent once the sender is gone.
+    patience: Duration,
 }
 
 impl CommLink for RecvLink {
@@ -108,7 +110,8 @@ impl CommLink for RecvLink {
         if let Some(p) = lock(&self.placements).get(&seq) {
             return Lookup::Place(p.clone());
         }
-        if seq < self.announced.load(Ordering::Acquire) {
+        // Once the sender is gone, nothing more is announced.
+        if seq < self.announced.load(Ordering::Acquire) || lock(&self.peer_gone).is_some() {
             Lookup::Discard
         } else {
             Lookup::Unknown
@@ -131,10 +134,16 @@ impl CommLink for RecvLink {
     }
 
     fn failure(&self) -> Error {
-        if let Some(e) = lock(&self.peer_gone).clone() {
+        if let Some((e, _)) = lock(&self.peer_gone).clone() {
             return e;
         }
         lock(&self.failure).clone().unwrap_or(Error::Closed)
+    }
+
+    fn sender_gone(&self) -> Option<(Instant, Duration)> {
+        lock(&self.peer_gone)
+            .as_ref()
+            .map(|(_, at)| (*at, self.patience))
     }
 }
 
@@ -198,6 +207,11 @@ impl RecvComm {
                 losses: Mutex::new(Vec::new()),
                 failure: Mutex::new(None),
                 peer_gone: Mutex::new(None),
+                patience: net
+                    .cfg
+                    .stall_timeout
+                    .or(net.cfg.peer_timeout)
+                    .unwrap_or(crate::config::DEFAULT_STALL_TIMEOUT),
             });
             let as_link: Arc<dyn CommLink> = link.clone();
             let target: Weak<dyn Poke> = me.clone();
@@ -410,7 +424,7 @@ impl RecvCore {
         }
         // After the reads: a peer's Bye explains the data sockets' EOF.
         if let Some(e) = side.peer_gone() {
-            lock(&link.peer_gone).get_or_insert_with(|| e.clone());
+            lock(&link.peer_gone).get_or_insert_with(|| (e.clone(), now));
         }
         if !retired.is_empty() {
             if let Err(e) = self.retire(side, offers, ended, &retired, now) {

@@ -1,7 +1,7 @@
 //! How a data socket talks to its comm.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::placement::Placement;
 use super::tx::{SockId, TxChunk};
@@ -41,6 +41,13 @@ pub(crate) trait CommLink: Send + Sync {
     /// The error a placement reports if the comm failed before it completed.
     fn failure(&self) -> Error {
         Error::Closed
+    }
+    /// Once the sender is gone (its Bye, or its control socket's end):
+    /// since when, and how long a receiving socket may then go without a
+    /// byte (waiting for bytes, not for another socket) before it counts as
+    /// ended: nobody will retire a socket whose path died with its bytes.
+    fn sender_gone(&self) -> Option<(Instant, Duration)> {
+        None
     }
     /// A chunk another socket waited for was placed or let go: sockets
     /// that wait for one look again.

@@ -86,6 +86,10 @@ pub(super) struct Sock {
     rx: RxCursor,
     /// Chunks landed whose copies may still run, oldest first.
     unsettled: Vec<(Arc<Placement>, u64)>,
+    /// Bytes received, and that count when a tick last saw it move (see
+    /// `CommLink::sender_gone`).
+    rx_bytes: u64,
+    rx_moved: (u64, Instant),
     comm: Arc<dyn CommLink>,
     receives: bool,
     peer_timeout_ms: u64,
@@ -156,6 +160,8 @@ impl Sock {
                 parked: None,
             },
             unsettled: Vec::new(),
+            rx_bytes: 0,
+            rx_moved: (0, Instant::now()),
             comm,
             receives,
             peer_timeout_ms: mode.peer_timeout_ms,
@@ -264,10 +270,26 @@ impl Sock {
     }
 
     /// The periodic look (every worker tick): a sending socket tells its
-    /// comm how far the peer acknowledged its stream.
+    /// comm how far the peer acknowledged its stream; a receiving one left
+    /// silent by a sender that is gone ends.
     pub fn tick(&mut self, now: Instant) {
         if self.wants_tx() {
             self.tx.tick(&self.stream, &self.comm, now);
+        }
+        if !self.wants_rx() {
+            return;
+        }
+        // A parked socket waits for another one, not for its own bytes.
+        if self.rx_moved.0 != self.rx_bytes || self.rx.parked.is_some() {
+            self.rx_moved = (self.rx_bytes, now);
+        }
+        if let Some((at, patience)) = self.comm.sender_gone() {
+            if now.saturating_duration_since(self.rx_moved.1.max(at)) >= patience {
+                self.lose(Error::ConnectionLost(format!(
+                    "no byte on a data socket for {} ms after the sender went",
+                    patience.as_millis()
+                )));
+            }
         }
     }
 
@@ -398,6 +420,7 @@ impl Sock {
 
     /// `n` bytes arrived for the last plan (0 = the peer closed).
     pub fn rx_done(&mut self, n: usize) {
+        self.rx_bytes += n as u64;
         if n == 0 {
             self.lose(Error::ConnectionLost(
                 "the peer closed a data socket".into(),
@@ -811,6 +834,9 @@ mod tests {
         waits: std::sync::atomic::AtomicUsize,
         kicks: std::sync::atomic::AtomicU64,
         err: Mutex<Option<Error>>,
+        /// What `sender_gone` says.
+        gone: Mutex<Option<(Instant, Duration)>>,
+        lost: std::sync::atomic::AtomicUsize,
     }
 
     impl Late {
@@ -821,6 +847,8 @@ mod tests {
                 waits: Default::default(),
                 kicks: Default::default(),
                 err: Mutex::new(None),
+                gone: Mutex::new(None),
+                lost: Default::default(),
             })
         }
     }
@@ -862,6 +890,12 @@ mod tests {
         }
         fn completed(&self, _: u64) {
             self.placement.lock().unwrap().take();
+        }
+        fn lost(&self, _: SockId, _: Error) {
+            self.lost.fetch_add(1, Ordering::SeqCst);
+        }
+        fn sender_gone(&self) -> Option<(Instant, Duration)> {
+            *self.gone.lock().unwrap()
         }
     }
 
@@ -1060,19 +1094,82 @@ mod tests {
     }
 
     #[test]
+    fn a_socket_left_silent_by_a_gone_sender_ends_but_a_copy_waiting_on_it_does_not() {
+        let data = pattern(4096);
+        // Socket 0 got half of chunk 0 when its path died; socket 1 has a copy.
+        let (half, _p0) = loaded(&chunk(3, 0, &data)[..CHUNK_LEN + 2000]);
+        let (copy, _p1) = loaded(&chunk(3, 0, &data));
+        let comm = Late::new(true);
+        let sock = |stream: std::net::TcpStream, index| {
+            stream.set_nonblocking(true).unwrap();
+            let id = SockId { index, gen: 0 };
+            let counters = &Arc::new(Counters::default());
+            Sock::new(
+                stream,
+                plain_mode(),
+                comm.clone(),
+                true,
+                None,
+                counters,
+                id,
+                Arc::default(),
+            )
+        };
+        let (mut a, mut b) = (sock(half, 0), sock(copy, 1));
+        let mut mr = MemoryRegion::owned(HostMemory::zeroed(4096).unwrap());
+        let req = Arc::new(ReqState::new(1, 1));
+        let p = Placement::new(
+            3,
+            mr.inner.clone(),
+            0,
+            4096,
+            4096,
+            req.clone(),
+            comm.clone(),
+        );
+        *comm.placement.lock().unwrap() = Some(Arc::new(p));
+        let mut scratch = Vec::new();
+        std::thread::sleep(Duration::from_millis(20));
+        pump(&mut a, &mut scratch);
+        pump(&mut b, &mut scratch);
+        assert!(
+            b.rx_plan(&mut scratch).is_none(),
+            "the copy waits for socket 0"
+        );
+        let t0 = Instant::now();
+        for s in [&mut a, &mut b] {
+            s.tick(t0);
+        }
+        let patience = Duration::from_millis(100);
+        *comm.gone.lock().unwrap() = Some((t0, patience));
+        for s in [&mut a, &mut b] {
+            s.tick(t0 + patience / 2);
+        }
+        assert_eq!(comm.lost.load(Ordering::SeqCst), 0, "within its patience");
+        for s in [&mut a, &mut b] {
+            s.tick(t0 + patience * 2);
+        }
+        assert!(
+            a.dead.is_some() && b.dead.is_none(),
+            "only the silent one ends"
+        );
+        assert_eq!(comm.lost.load(Ordering::SeqCst), 1);
+        // It let go of the chunk: the copy takes it.
+        while !req.is_done() {
+            assert!(pump(&mut b, &mut scratch), "stalled");
+        }
+        assert_eq!(req.error(), None);
+        assert!(mr.bytes().unwrap() == &data[..]);
+    }
+
+    #[test]
     fn force_ack_sets_quick_ack_after_each_chunk() {
         for on in [false, true] {
             let (stream, _peer) = loaded(&chunk(3, 0, &pattern(6000)[..4096]));
             stream.set_nonblocking(true).unwrap();
             // Delayed-ACK mode, as the kernel has it after a while.
             SockRef::from(&stream).set_quickack(false).unwrap();
-            let comm = Arc::new(Late {
-                placement: Mutex::new(None),
-                known: AtomicBool::new(true),
-                waits: Default::default(),
-                kicks: Default::default(),
-                err: Mutex::new(None),
-            });
+            let comm = Late::new(true);
             let mode = TxMode {
                 zerocopy: ZeroCopy::Off,
                 min_zcopy: 0,
