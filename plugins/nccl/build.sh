@@ -18,7 +18,7 @@ dst="$target/release/libnccl-net-tcpx.so"
 [ -f "$src" ] || { echo "build.sh: $src missing after the build" >&2; exit 1; }
 cp -f "$src" "$dst.tmp"
 mv -f "$dst.tmp" "$dst"
-command -v nm >/dev/null && for v in 11 10 9 8; do
+command -v nm >/dev/null && for v in 12 11 10 9 8; do
   nm -D --defined-only "$dst" | grep -q " ncclNetPlugin_v$v\$" \
     || { echo "build.sh: $dst does not export ncclNetPlugin_v$v" >&2; exit 1; }
 done
