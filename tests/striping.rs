@@ -11,7 +11,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::lab::{self, Lab};
-use common::pattern;
+use common::{child, pattern};
 use tcpx::{Config, Error, Handle, HostMemory, MemoryRegion, Net, RecvBuf, RecvComm, SendComm};
 
 const T: Duration = Duration::from_secs(30);
@@ -496,6 +496,86 @@ fn gone_while_data_is_silent(rx_goes: bool) {
         assert!(matches!(res, Err(Error::PeerClosed)), "{res:?}");
         assert!(after < 4 * stall, "{after:?}");
     }
+}
+
+/// Runs in a child process (see `child::spawn`), in the lab's sending
+/// namespace: connects to the handle in its argument and sends one 1 GiB
+/// message over two NICs, until killed.
+#[test]
+fn child_entry() {
+    let Some((role, arg)) = child::role() else {
+        return;
+    };
+    assert_eq!(role, "silent_sender");
+    let mut cfg = lab::config(2, false, T, KILL_STALL);
+    cfg.peer_timeout = None;
+    let net = Net::init(cfg).unwrap();
+    let mut h = Handle::from_bytes(&child::from_hex(&arg.unwrap())).unwrap();
+    let send = net.connect_wait(0, &mut h, T).unwrap();
+    let src = filled(&net, BIG, 1);
+    let mut r = send.isend(&src, 0, BIG, 1).unwrap().unwrap();
+    child::say("sending");
+    let _ = r.wait(Duration::from_secs(3600));
+    std::thread::sleep(Duration::from_secs(3600));
+}
+
+const KILL_STALL: Duration = Duration::from_millis(500);
+
+/// As `gone_while_data_is_silent`, but the sender dies (SIGKILL) instead
+/// of closing its comm: no Bye, only its kernel's FIN on the control NIC.
+#[test]
+fn a_sender_killed_while_its_data_sockets_are_silent_fails_the_receive() {
+    if let Some(why) = lab::unavailable(true) {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let lab = Lab::new(2).expect("namespaces");
+    lab.rate_exact(0, 2000);
+    lab.rate_exact(1, 2000);
+    let mut rx_cfg = lab.config(true, T, KILL_STALL);
+    rx_cfg.peer_timeout = None;
+    let ns = lab.rx.clone();
+    let (res, after) = std::thread::scope(|s| {
+        s.spawn(|| {
+            Lab::enter(&ns);
+            let net = Net::init(rx_cfg).unwrap();
+            let (h, mut l) = net.listen(0).unwrap();
+            let hex = child::to_hex(&h.to_bytes());
+            // A child inherits the namespace of the thread that forks it.
+            let txns = lab.tx.clone();
+            let mut kid = std::thread::spawn(move || {
+                Lab::enter(&txns);
+                child::spawn("child_entry", "silent_sender", Some(&hex))
+            })
+            .join()
+            .unwrap();
+            let recv = l.accept_wait(T).unwrap();
+            let dst = net.reg_mr(HostMemory::zeroed(BIG).unwrap());
+            let b = RecvBuf {
+                mr: &dst,
+                offset: 0,
+                len: BIG,
+                tag: 1,
+            };
+            let mut r = recv.irecv(&[b]).unwrap().unwrap();
+            assert_eq!(child::line(&mut kid), "sending");
+            std::thread::sleep(Duration::from_millis(300));
+            lab.down(0);
+            lab.down(1);
+            assert!(r.test().unwrap().is_none(), "done before the cut");
+            kid.kill().unwrap();
+            let killed = Instant::now();
+            let _ = kid.wait();
+            let res = r.wait(T).map(drop);
+            (res, killed.elapsed())
+        })
+        .join()
+        .unwrap()
+    });
+    eprintln!("receiver: {res:?}, {after:?} after the sender was killed");
+    // No Bye came: the control connection's end without one.
+    assert!(matches!(res, Err(Error::ConnectionLost(_))), "{res:?}");
+    assert!(after < 4 * KILL_STALL, "{after:?}");
 }
 
 #[test]

@@ -165,16 +165,22 @@ impl Lab {
     /// A config for one side: its data NICs, control on its own NIC, one
     /// progress thread per NIC (2-core CI), the given timeouts.
     pub fn config(&self, rx: bool, peer: Duration, stall: Duration) -> Config {
-        let addr = |i| if rx { rx_addr(i) } else { tx_addr(i) };
-        let nics: Vec<String> = (0..self.nics).map(addr).collect();
-        let refs: Vec<&str> = nics.iter().map(String::as_str).collect();
-        let mut c = Config::loopback(&refs).unwrap();
-        c.ctrl_nic = Some(NicSpec::parse(&addr(CTRL)).unwrap());
-        c.workers_per_nic = 1;
-        c.peer_timeout = Some(peer);
-        c.stall_timeout = Some(stall);
-        c
+        config(self.nics, rx, peer, stall)
     }
+}
+
+/// [`Lab::config`] for a lab of `nics` data NICs, where no `Lab` is at
+/// hand (a child process in one of its namespaces).
+pub fn config(nics: usize, rx: bool, peer: Duration, stall: Duration) -> Config {
+    let addr = |i| if rx { rx_addr(i) } else { tx_addr(i) };
+    let nics: Vec<String> = (0..nics).map(addr).collect();
+    let refs: Vec<&str> = nics.iter().map(String::as_str).collect();
+    let mut c = Config::loopback(&refs).unwrap();
+    c.ctrl_nic = Some(NicSpec::parse(&addr(CTRL)).unwrap());
+    c.workers_per_nic = 1;
+    c.peer_timeout = Some(peer);
+    c.stall_timeout = Some(stall);
+    c
 }
 
 impl Drop for Lab {
