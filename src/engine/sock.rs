@@ -866,6 +866,25 @@ mod tests {
         }
     }
 
+    /// A receiving data socket with plain sends, socket `index` of `comm`.
+    fn plain_rx(
+        stream: std::net::TcpStream,
+        comm: Arc<dyn CommLink>,
+        index: u16,
+        counters: Arc<SockCounters>,
+    ) -> Sock {
+        Sock::new(
+            stream,
+            plain_mode(),
+            comm,
+            true,
+            None,
+            &Arc::new(Counters::default()),
+            SockId { index, gen: 0 },
+            counters,
+        )
+    }
+
     impl CommLink for Late {
         fn failed(&self, e: Error) {
             self.err.lock().unwrap().get_or_insert(e);
@@ -945,17 +964,7 @@ mod tests {
         let (stream, _peer) = loaded(&wire);
         stream.set_nonblocking(true).unwrap();
         let comm = Late::new(false);
-        let mode = plain_mode();
-        let mut s = Sock::new(
-            stream,
-            mode,
-            comm.clone(),
-            true,
-            None,
-            &Arc::new(Counters::default()),
-            SockId { index: 0, gen: 0 },
-            Arc::default(),
-        );
+        let mut s = plain_rx(stream, comm.clone(), 0, Arc::default());
         let mut mr = MemoryRegion::owned(HostMemory::zeroed(6000).unwrap());
         let req = Arc::new(ReqState::new(1, 1));
         let p = Placement::new(
@@ -1000,17 +1009,7 @@ mod tests {
         let (stream, _peer) = loaded(&chunk(3, 100, &[1; 50]));
         stream.set_nonblocking(true).unwrap();
         let comm = Late::new(true);
-        let mode = plain_mode();
-        let mut s = Sock::new(
-            stream,
-            mode,
-            comm.clone(),
-            true,
-            None,
-            &Arc::new(Counters::default()),
-            SockId { index: 0, gen: 0 },
-            Arc::default(),
-        );
+        let mut s = plain_rx(stream, comm.clone(), 0, Arc::default());
         let mr = MemoryRegion::owned(HostMemory::zeroed(6000).unwrap());
         let req = Arc::new(ReqState::new(1, 1));
         let p = Placement::new(
@@ -1040,18 +1039,8 @@ mod tests {
         let (stream, _peer) = loaded(&wire);
         stream.set_nonblocking(true).unwrap();
         let comm = Late::new(true);
-        let mode = plain_mode();
         let counters = Arc::new(SockCounters::default());
-        let mut s = Sock::new(
-            stream,
-            mode,
-            comm.clone(),
-            true,
-            None,
-            &Arc::new(Counters::default()),
-            SockId { index: 1, gen: 0 },
-            counters.clone(),
-        );
+        let mut s = plain_rx(stream, comm.clone(), 1, counters.clone());
         let mut mr = MemoryRegion::owned(HostMemory::zeroed(8192).unwrap());
         let req = Arc::new(ReqState::new(1, 1));
         let p = Arc::new(Placement::new(
@@ -1102,18 +1091,7 @@ mod tests {
         let comm = Late::new(true);
         let sock = |stream: std::net::TcpStream, index| {
             stream.set_nonblocking(true).unwrap();
-            let id = SockId { index, gen: 0 };
-            let counters = &Arc::new(Counters::default());
-            Sock::new(
-                stream,
-                plain_mode(),
-                comm.clone(),
-                true,
-                None,
-                counters,
-                id,
-                Arc::default(),
-            )
+            plain_rx(stream, comm.clone(), index, Arc::default())
         };
         let (mut a, mut b) = (sock(half, 0), sock(copy, 1));
         let mut mr = MemoryRegion::owned(HostMemory::zeroed(4096).unwrap());
