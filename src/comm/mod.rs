@@ -396,12 +396,28 @@ fn open_slot(
     }
 }
 
-/// Reads what the control socket has into `space` (non-blocking): the
-/// byte count (0 = the peer closed), `None` when nothing is there.
-fn read_ctrl(stream: &TcpStream, space: &mut [u8]) -> Result<Option<usize>> {
+/// What one read of the control socket got.
+struct CtrlRead {
+    /// Bytes read (0: the peer closed its side).
+    n: usize,
+    /// The read filled its space, so more may be waiting. A short read has
+    /// drained the socket, most likely: what comes later wakes the watch
+    /// or the next poll, and a read that finds nothing only costs a
+    /// system call (on the way to the caller's next send).
+    more: bool,
+}
+
+/// Reads what the control socket has into `space` (non-blocking); `None`
+/// when nothing is there.
+fn read_ctrl(stream: &TcpStream, space: &mut [u8]) -> Result<Option<CtrlRead>> {
     loop {
         match nix::sys::socket::recv(stream.as_raw_fd(), space, MsgFlags::MSG_DONTWAIT) {
-            Ok(n) => return Ok(Some(n)),
+            Ok(n) => {
+                return Ok(Some(CtrlRead {
+                    n,
+                    more: n > 0 && n == space.len(),
+                }))
+            }
             Err(Errno::EAGAIN) => return Ok(None),
             Err(Errno::EINTR) => {}
             Err(e) => return Err(ctrl_error("recv control", e)),

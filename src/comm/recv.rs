@@ -11,7 +11,8 @@ use flowsteer::RuleHandle;
 use super::redial::Offers;
 use super::request::{Owner, Request, Waiter};
 use super::{
-    check_range, close_ctrl, lock, read_ctrl, write_ctrl, Agreed, CommBase, Ctrl, PEER_END_GRACE,
+    check_range, close_ctrl, lock, read_ctrl, write_ctrl, Agreed, CommBase, Ctrl, CtrlRead,
+    PEER_END_GRACE,
 };
 use crate::config::MAX_RECVS;
 use crate::ctrl::{Params, RecvEvent, RecvSide, Token};
@@ -391,10 +392,8 @@ impl RecvCore {
         }
         let mut retired = Vec::new();
         while read && side.broken().is_none() {
-            let space = side.inbox_space();
-            let room = space.len();
-            let n = match read_ctrl(stream, space) {
-                Ok(Some(n)) => n,
+            let CtrlRead { n, more } = match read_ctrl(stream, side.inbox_space()) {
+                Ok(Some(r)) => r,
                 Ok(None) => break,
                 Err(e) => {
                     side.fail(e);
@@ -413,12 +412,7 @@ impl RecvCore {
                 side.fail(e);
             }
             link.announced.store(side.announced(), Ordering::Release);
-            if n == 0 {
-                break; // the peer closed its side: nothing more to read
-            }
-            if n < room {
-                // Drained, most likely: what comes later wakes the watch
-                // or the next poll; a read that finds nothing only costs.
+            if !more {
                 break;
             }
         }

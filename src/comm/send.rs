@@ -394,14 +394,10 @@ impl SendCore {
         loop {
             if read && c.side.broken().is_none() {
                 loop {
-                    let space = c.side.inbox_space();
-                    let room = space.len();
-                    match read_ctrl(&c.stream, space) {
-                        Ok(Some(n)) => {
-                            c.side.received(n, now, &mut |e| events.push(e));
-                            // A short read drained the socket, most likely
-                            // (see `RecvCore::progress_reading`).
-                            if n == 0 || n < room {
+                    match read_ctrl(&c.stream, c.side.inbox_space()) {
+                        Ok(Some(r)) => {
+                            c.side.received(r.n, now, &mut |e| events.push(e));
+                            if !r.more {
                                 break;
                             }
                         }
