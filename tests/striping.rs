@@ -157,15 +157,22 @@ fn send_window(net: &Net, send: &SendComm, n: usize, size: usize) {
 /// then the rest (about 3.5 s) on the NIC that is left.
 const BIG: usize = 1 << 30;
 
+/// Two data NICs limited to exactly 2 Gbit/s each: a 1 GiB message takes
+/// seconds, long enough to cut or kill something in the middle of it.
+fn two_nics_at_2_gbit() -> Lab {
+    let lab = Lab::new(2).expect("namespaces");
+    lab.rate_exact(0, 2000);
+    lab.rate_exact(1, 2000);
+    lab
+}
+
 #[test]
 fn a_nic_cut_in_the_middle_of_a_large_message_is_survived_byte_exact() {
     if let Some(why) = lab::unavailable(true) {
         eprintln!("skipped: {why}");
         return;
     }
-    let lab = Lab::new(2).expect("namespaces");
-    lab.rate_exact(0, 2000);
-    lab.rate_exact(1, 2000);
+    let lab = two_nics_at_2_gbit();
     let peer = Duration::from_secs(5);
     let stall = Duration::from_millis(500);
     let (tx, rx) = mpsc::channel();
@@ -432,9 +439,7 @@ fn a_flapping_nic_loses_and_duplicates_nothing() {
 /// `PeerClosed`, within about the stall timeout of the Bye (it waited
 /// for ever before). `rx_goes`: the receiver is the end that goes.
 fn gone_while_data_is_silent(rx_goes: bool) {
-    let lab = Lab::new(2).expect("namespaces");
-    lab.rate_exact(0, 2000);
-    lab.rate_exact(1, 2000);
+    let lab = two_nics_at_2_gbit();
     let stall = Duration::from_millis(500);
     // No heartbeats: a ping meeting the closed control socket's reset
     // would end the comm by chance.
@@ -529,9 +534,7 @@ fn a_sender_killed_while_its_data_sockets_are_silent_fails_the_receive() {
         eprintln!("skipped: {why}");
         return;
     }
-    let lab = Lab::new(2).expect("namespaces");
-    lab.rate_exact(0, 2000);
-    lab.rate_exact(1, 2000);
+    let lab = two_nics_at_2_gbit();
     let mut rx_cfg = lab.config(true, T, KILL_STALL);
     rx_cfg.peer_timeout = None;
     let ns = lab.rx.clone();
