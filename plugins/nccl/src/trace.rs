@@ -3,31 +3,20 @@
 //! NCCL_DEBUG_SUBSYS=NET` shows the plugin's calls between NCCL's own.
 //! INFO rather than TRACE: NCCL prints TRACE lines only in its debug builds'
 //! sense of `NCCL_DEBUG=TRACE`, which floods the log with NCCL's own.
-//! Off, each entry pays one relaxed load.
+//! Off, each entry pays one atomic load.
 
 use std::ffi::c_void;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::OnceLock;
 
 use devmem::cuda::mem::{pointer_kind, MemKind};
 
 /// The switch, read once.
 pub const ENV: &str = "TCPX_NCCL_TRACE";
 
-const UNREAD: u8 = 0;
-const OFF: u8 = 1;
-const ON: u8 = 2;
-static STATE: AtomicU8 = AtomicU8::new(UNREAD);
-
 /// True when `TCPX_NCCL_TRACE=1`.
 pub fn on() -> bool {
-    match STATE.load(Ordering::Relaxed) {
-        UNREAD => {
-            let on = std::env::var(ENV).is_ok_and(|v| v == "1");
-            STATE.store(if on { ON } else { OFF }, Ordering::Relaxed);
-            on
-        }
-        s => s == ON,
-    }
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var(ENV).is_ok_and(|v| v == "1"))
 }
 
 /// Logs one trace line (only call when [`on`]).
