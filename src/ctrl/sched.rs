@@ -653,9 +653,10 @@ fn tail_copy<M>(
     for (j, h) in t.homes.iter().enumerate() {
         if h.left() > 0 {
             let s = &slots[j];
-            floor = floor.max(match s.live {
-                true => (s.backlog() as f64 + h.left() as f64 * c) / rates[j],
-                false => f64::INFINITY,
+            floor = floor.max(if s.live {
+                (s.backlog() as f64 + h.left() as f64 * c) / rates[j]
+            } else {
+                f64::INFINITY
             });
         }
     }
@@ -676,9 +677,10 @@ fn tail_copy<M>(
             let due = (o.end - s.acked.min(o.end)) as f64 / rates[j];
             let overtakable =
                 s.nic != me.nic && o.start >= s.acked && 2.0 * rates[j] < rates[index];
-            match overtakable {
-                true => late.push((due, o.k)),
-                false => floor = floor.max(due),
+            if overtakable {
+                late.push((due, o.k));
+            } else {
+                floor = floor.max(due);
             }
         }
     }
