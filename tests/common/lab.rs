@@ -7,6 +7,7 @@
 use std::os::fd::AsFd;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use tcpx::{Config, NicSpec};
@@ -15,7 +16,12 @@ pub struct Lab {
     pub rx: String,
     pub tx: String,
     pub nics: usize,
+    /// One lab at a time per test binary: the tests measure rates and
+    /// deadlines, which veth pairs of other labs sharing two vCPUs skew.
+    _alone: MutexGuard<'static, ()>,
 }
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 fn run(cmd: &str, args: &[&str]) -> bool {
     Command::new(cmd)
@@ -75,6 +81,7 @@ impl Lab {
             rx: format!("tcpx-lr-{id}"),
             tx: format!("tcpx-lt-{id}"),
             nics,
+            _alone: ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner()),
         };
         let mut ok = ip(&["netns", "add", &lab.rx]) && ip(&["netns", "add", &lab.tx]);
         for i in (0..nics).chain([CTRL]) {
