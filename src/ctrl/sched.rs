@@ -14,11 +14,11 @@
 //! same time. A socket takes its own chunks, oldest message first; with
 //! none left it takes the last chunk of a socket that would finish much
 //! later than itself (a dead one first), so misjudged rates cost little. Last,
-//! with nothing of its own in any message, it copies a chunk that another
-//! socket holds and has not begun to deliver, if that makes the message
-//! whole sooner (a message's tail behind a slow path's backlog), within a
-//! budget per message; the receiver keeps the first copy and the slow
-//! socket skips its own if the message is in place before it begins.
+//! it copies a chunk that another socket holds and has not begun to
+//! deliver, if it would deliver it in under half the time (a message's
+//! tail behind a slow path's backlog); the receiver keeps the first copy
+//! and the slow socket skips its own if the message is in place before it
+//! begins.
 //!
 //! A socket stalls when it has bytes outstanding and no acknowledgement for
 //! the stall timeout, and another socket advanced meanwhile and is not
@@ -424,8 +424,11 @@ impl<M: Clone> Sched<M> {
     /// For socket `index`, oldest message first: a re-send; else its own
     /// next chunk; else the last chunk of the socket that would finish its
     /// own latest, if in over twice the time this one would and over
-    /// `SLOW` (a gone socket's first). Only when no message has any of
-    /// those: a copy of a message's tail ([`tail_copy`]).
+    /// `SLOW` (a gone socket's first);
+    /// else a copy of a chunk a socket of another NIC at under half this
+    /// one's rate holds, not begun to arrive, that this one would deliver
+    /// in under half the time, if that socket would take over `COPY_LATER`
+    /// (or that a stalled-looking socket holds).
     fn next_chunk(&mut self, index: usize, now: Instant) -> Option<(Assign<M>, u64)> {
         // Without rates, times are unknown: no socket counts as slow.
         let rates: Vec<f64> = (0..self.slots.len())
@@ -433,8 +436,7 @@ impl<M: Clone> Sched<M> {
             .collect();
         let half = self.stall.map(|s| s / 2);
         let Sched { msgs, slots, .. } = self;
-        let mut found = None;
-        for (m, t) in msgs.iter_mut().enumerate() {
+        for t in msgs.iter_mut() {
             let c = t.chunk_size as f64;
             let mine = (slots[index].backlog() as f64 + c) / rates[index];
             let mut pick = t.again.pop_front().map(|k| (k, true));
@@ -469,36 +471,56 @@ impl<M: Clone> Sched<M> {
                     pick = Some((h.chunks[h.back] as u64, false));
                 }
             }
+            if pick.is_none() && t.copyable {
+                let mut best: Option<(f64, u64)> = None;
+                for (j, s) in slots.iter().enumerate() {
+                    if j == index || !s.live {
+                        continue;
+                    }
+                    let stuck = half.is_some_and(|h| now.saturating_duration_since(s.since) >= h);
+                    let other_nic = s.nic != slots[index].nic;
+                    for o in s
+                        .out
+                        .iter()
+                        .filter(|o| o.seq == t.seq && !t.copied.contains(&o.k))
+                    {
+                        let left = if stuck {
+                            f64::INFINITY
+                        } else if other_nic && o.start >= s.acked {
+                            (o.end - s.acked) as f64 / rates[j]
+                        } else {
+                            continue;
+                        };
+                        // A clearly slower path, a chunk long to come.
+                        let slower = stuck || 2.0 * rates[j] < rates[index];
+                        let worth = slower && left > 2.0 * mine && left > COPY_LATER.as_secs_f64();
+                        if worth && best.is_none_or(|(b, _)| left > b) {
+                            best = Some((left, o.k));
+                        }
+                    }
+                }
+                if let Some((_, k)) = best {
+                    t.copied.insert(k);
+                    pick = Some((k, true));
+                }
+            }
             if let Some((k, again)) = pick {
-                found = Some((m, k, again, false));
-                break;
+                if !again {
+                    t.take(k);
+                }
+                let len = t.len(k);
+                return Some((
+                    Assign {
+                        m: t.m.clone(),
+                        seq: t.seq,
+                        k,
+                        again,
+                    },
+                    len,
+                ));
             }
         }
-        // A copy only from a socket with nothing else to do: it takes its
-        // NIC's bandwidth from the messages after.
-        if found.is_none() {
-            found = msgs.iter().enumerate().find_map(|(m, t)| {
-                let k = tail_copy(t, slots, &rates, index, now, half)?;
-                Some((m, k, true, true))
-            });
-        }
-        let (m, k, again, copy) = found?;
-        let t = &mut msgs[m];
-        if copy {
-            t.copied.insert(k);
-        } else if !again {
-            t.take(k);
-        }
-        let len = t.len(k);
-        Some((
-            Assign {
-                m: t.m.clone(),
-                seq: t.seq,
-                k,
-                again,
-            },
-            len,
-        ))
+        None
     }
 
     /// What socket `index` (of `gen`) last published about its stream
@@ -621,83 +643,6 @@ impl<M: Clone> Sched<M> {
             s.out.clear();
         }
     }
-}
-
-/// A chunk of message `t` that idle socket `index` should copy, if any:
-/// one a socket without progress for `half` (half the stall timeout)
-/// holds; else the one due last of those that sockets of other NICs at
-/// under half this one's rate hold and have not begun to deliver, if this
-/// one would deliver it in under half the time and copying it (and maybe
-/// the next ones due, within the message's copy budget) makes the whole
-/// message arrive over `COPY_LATER` sooner. A copy that cannot beat the
-/// message's other late chunks only takes bandwidth from the next message.
-fn tail_copy<M>(
-    t: &TxState<M>,
-    slots: &[Slot],
-    rates: &[f64],
-    index: usize,
-    now: Instant,
-    half: Option<Duration>,
-) -> Option<u64> {
-    if !t.copyable {
-        return None;
-    }
-    let c = t.chunk_size as f64;
-    let me = &slots[index];
-    // When this socket would deliver `m` more chunks.
-    let mine = |m: usize| (me.backlog() as f64 + m as f64 * c) / rates[index];
-    // When the message is whole without copies: not before its chunks not
-    // sent yet, nor those on the way that no copy could overtake (`floor`);
-    // `late`: those a copy could.
-    let mut floor = 0.0f64;
-    for (j, h) in t.homes.iter().enumerate() {
-        if h.left() > 0 {
-            let s = &slots[j];
-            floor = floor.max(if s.live {
-                (s.backlog() as f64 + h.left() as f64 * c) / rates[j]
-            } else {
-                f64::INFINITY
-            });
-        }
-    }
-    let mut late: Vec<(f64, u64)> = Vec::new();
-    for (j, s) in slots.iter().enumerate() {
-        if j == index || !s.live {
-            continue;
-        }
-        let stuck = half.is_some_and(|h| now.saturating_duration_since(s.since) >= h);
-        for o in s
-            .out
-            .iter()
-            .filter(|o| o.seq == t.seq && !t.copied.contains(&o.k))
-        {
-            if stuck {
-                return Some(o.k);
-            }
-            let due = (o.end - s.acked.min(o.end)) as f64 / rates[j];
-            let overtakable =
-                s.nic != me.nic && o.start >= s.acked && 2.0 * rates[j] < rates[index];
-            if overtakable {
-                late.push((due, o.k));
-            } else {
-                floor = floor.max(due);
-            }
-        }
-    }
-    late.sort_by(|a, b| b.0.total_cmp(&a.0));
-    let &(last, k) = late.first()?;
-    if last <= 2.0 * mine(1) {
-        return None;
-    }
-    let whole = last.max(floor);
-    let budget = (t.n_chunks() as usize / 8)
-        .max(1)
-        .saturating_sub(t.copied.len());
-    let pays = (1..=budget.min(late.len())).any(|m| {
-        let rest = late.get(m).map_or(0.0, |l| l.0);
-        whole - floor.max(rest).max(mine(m)) > COPY_LATER.as_secs_f64()
-    });
-    pays.then_some(k)
 }
 
 #[cfg(test)]
@@ -1002,44 +947,6 @@ mod tests {
         assert_eq!(pull(&mut e, &mut k, 1, t0), Some((0, 1, false)));
         k[1].acked = k[1].end;
         assert_eq!(pull(&mut e, &mut k, 1, t0), None);
-    }
-
-    /// Three sockets on three NICs share `chunks` chunks in turn and send
-    /// them all; in 2 ms socket 0 delivers all but a byte, socket 1 only
-    /// 100 bytes, socket 2 `acked2` bytes.
-    fn fast_and_slow(chunks: u64, acked2: Option<u64>) -> (Sched<u32>, [Sock; 3], Instant) {
-        let t0 = Instant::now();
-        let mut s = Sched::new(&[0, 1, 2], None, t0);
-        s.start(0, 0, chunks * 4096, 4096, true);
-        let mut k = [Sock::default(); 3];
-        for i in 0..3 {
-            while pull(&mut s, &mut k, i, t0).is_some() {}
-        }
-        let t1 = t0 + 2 * MS;
-        k[0].acked = k[0].end - 1;
-        k[1].acked = 100;
-        k[2].acked = acked2.unwrap_or(k[2].end - 1);
-        for (i, sock) in k.iter().enumerate() {
-            s.sample(i, 0, sock.acked, sock.end, t1);
-        }
-        (s, k, t1)
-    }
-
-    #[test]
-    fn a_tail_copy_is_made_only_where_it_makes_the_message_whole_sooner() {
-        // Socket 1 alone is late: its last chunk (7) is copied, and no
-        // more (the copy budget of an 8-chunk message is one chunk).
-        let (mut s, mut k, t1) = fast_and_slow(8, None);
-        assert_eq!(pull(&mut s, &mut k, 0, t1), Some((0, 7, true)));
-        assert_eq!(pull(&mut s, &mut k, 0, t1), None);
-        // Sockets 1 and 2 are as late as each other: a copy of either's
-        // last chunk leaves the message waiting for the other's.
-        let (mut s, mut k, t1) = fast_and_slow(9, Some(100));
-        assert_eq!(pull(&mut s, &mut k, 0, t1), None);
-        // A socket with work of its own does it before any copy.
-        let (mut s, mut k, t1) = fast_and_slow(8, None);
-        s.start(1, 1, 3 * 4096, 4096, true);
-        assert!(matches!(pull(&mut s, &mut k, 0, t1), Some((1, _, false))));
     }
 
     #[test]
