@@ -103,6 +103,11 @@ enum Mode {
         /// Spin on non-blocking reads instead of sleeping in recv().
         #[arg(long)]
         spin: bool,
+        /// One connection per direction, as a comm pair has: each message's
+        /// receiver then acknowledges it with a bare ACK, where one
+        /// connection carries the ACK on the reply.
+        #[arg(long)]
+        socket_per_direction: bool,
     },
 }
 
@@ -610,29 +615,46 @@ fn read_full(s: &mut TcpStream, b: &mut [u8], spin: bool) -> std::io::Result<()>
     Ok(())
 }
 
-fn tcp_pingpong(size: usize, iters: usize, spin: bool, json: bool) -> BoxResult<()> {
+fn tcp_pingpong(
+    size: usize,
+    iters: usize,
+    spin: bool,
+    per_direction: bool,
+    json: bool,
+) -> BoxResult<()> {
     let l = TcpListener::bind("127.0.0.1:0")?;
     let addr = l.local_addr()?;
+    let dial = || -> std::io::Result<(TcpStream, TcpStream)> {
+        let c = TcpStream::connect(addr)?;
+        let (s, _) = l.accept()?;
+        for x in [&c, &s] {
+            x.set_nodelay(true)?;
+            x.set_nonblocking(spin)?;
+        }
+        Ok((c, s))
+    };
+    // (pinger's out, echo's in) and (echo's out, pinger's in).
+    let (mut ping_out, mut echo_in) = dial()?;
+    let (mut echo_out, mut ping_in) = if per_direction {
+        let (c, s) = dial()?;
+        (c, s)
+    } else {
+        (echo_in.try_clone()?, ping_out.try_clone()?)
+    };
     let echo = std::thread::spawn(move || -> std::io::Result<()> {
-        let (mut s, _) = l.accept()?;
-        s.set_nodelay(true)?;
-        s.set_nonblocking(spin)?;
         let mut b = vec![0u8; size];
         for _ in 0..iters {
-            read_full(&mut s, &mut b, spin)?;
-            s.write_all(&b)?;
+            read_full(&mut echo_in, &mut b, spin)?;
+            echo_out.write_all(&b)?;
         }
         Ok(())
     });
-    let mut c = TcpStream::connect(addr)?;
-    c.set_nodelay(true)?;
-    c.set_nonblocking(spin)?;
     let mut b = vec![1u8; size];
     let mut lat = Vec::with_capacity(iters);
     for _ in 0..iters {
         let t = Instant::now();
-        c.write_all(&b)?;
-        read_full(&mut c, &mut b, spin)?;
+        ping_out.write_all(&b)?;
+        read_full(&mut ping_in, &mut b, spin)?;
         lat.push(t.elapsed().as_secs_f64() * 1e6 / 2.0);
     }
     echo.join().map_err(|_| "echo thread panicked")??;
@@ -641,11 +663,19 @@ fn tcp_pingpong(size: usize, iters: usize, spin: bool, json: bool) -> BoxResult<
     if json {
         println!(
             "{}",
-            serde_json::json!({"size": size, "iters": iters, "spin": spin, "p50_us": p50, "p99_us": p99})
+            serde_json::json!({"size": size, "iters": iters, "spin": spin,
+                "socket_per_direction": per_direction, "p50_us": p50, "p99_us": p99})
         );
     } else {
         let how = if spin { "spinning" } else { "blocking" };
-        println!("raw TCP ping-pong {size} B ({how}): p50 {p50:.1} us, p99 {p99:.1} us (one way)");
+        let conns = if per_direction {
+            "a connection per direction"
+        } else {
+            "one connection"
+        };
+        println!(
+            "raw TCP ping-pong {size} B ({how}, {conns}): p50 {p50:.1} us, p99 {p99:.1} us (one way)"
+        );
     }
     Ok(())
 }
@@ -716,9 +746,12 @@ fn main() -> BoxResult<()> {
         .init();
     match &cli.mode {
         Some(Mode::IdleCost { pairs, seconds }) => idle_cost(&cli, *pairs, *seconds),
-        Some(Mode::TcpPingpong { size, iters, spin }) => {
-            tcp_pingpong(*size, *iters, *spin, cli.json)
-        }
+        Some(Mode::TcpPingpong {
+            size,
+            iters,
+            spin,
+            socket_per_direction,
+        }) => tcp_pingpong(*size, *iters, *spin, *socket_per_direction, cli.json),
         Some(Mode::Server {
             bind,
             setup_timeout_ms,
