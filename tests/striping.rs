@@ -12,7 +12,10 @@ use std::time::{Duration, Instant};
 
 use common::lab::{self, Lab};
 use common::{child, pattern};
-use tcpx::{Config, Error, Handle, HostMemory, MemoryRegion, Net, RecvBuf, RecvComm, SendComm};
+use tcpx::{
+    Config, EngineKind, Error, Handle, HostMemory, MemoryRegion, Net, RecvBuf, RecvComm, SendComm,
+    ZeroCopy,
+};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -168,6 +171,17 @@ fn two_nics_at_2_gbit() -> Lab {
 
 #[test]
 fn a_nic_cut_in_the_middle_of_a_large_message_is_survived_byte_exact() {
+    nic_cut_in_a_large_message(EngineKind::Epoll, ZeroCopy::Auto);
+}
+
+/// The other engine, and zero-copy sends whose pages the kernel may still
+/// hold when their socket is taken out.
+#[test]
+fn a_nic_cut_is_survived_under_io_uring_with_zero_copy_sends() {
+    nic_cut_in_a_large_message(EngineKind::Uring, ZeroCopy::On);
+}
+
+fn nic_cut_in_a_large_message(engine: EngineKind, zerocopy: ZeroCopy) {
     if let Some(why) = lab::unavailable(true) {
         eprintln!("skipped: {why}");
         return;
@@ -175,11 +189,16 @@ fn a_nic_cut_in_the_middle_of_a_large_message_is_survived_byte_exact() {
     let lab = two_nics_at_2_gbit();
     let peer = Duration::from_secs(5);
     let stall = Duration::from_millis(500);
+    let with = |mut c: Config| {
+        c.engine = engine;
+        c.zerocopy = zerocopy;
+        c
+    };
     let (tx, rx) = mpsc::channel();
     let recv_stats = over(
         &lab,
-        lab.config(true, peer, stall),
-        lab.config(false, peer, stall),
+        with(lab.config(true, peer, stall)),
+        with(lab.config(false, peer, stall)),
         |net, recv| {
             receive_exact(net, &recv, BIG, 1, 1).unwrap();
             for i in 0..3 {
