@@ -279,3 +279,60 @@ fn a_receiver_that_posts_30_s_late_completes_byte_exact() {
         assert!(d.bytes().unwrap() == &want[..]);
     }
 }
+
+/// Requests in flight while neither application polls: the comms' workers
+/// move the data and keep both ends alive, and nothing is declared dead.
+#[test]
+fn ends_that_post_and_then_do_not_poll_for_3x_the_timeout_complete_byte_exact() {
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let (a, b) = (Net::init(config()).unwrap(), Net::init(config()).unwrap());
+    let (send, recv) = pair(&a, &b);
+    let lens = [BIG + 3, 4097, 0, 3 << 20];
+    let mut wants = Vec::new();
+    let srcs: Vec<_> = lens
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| {
+            let mut m = HostMemory::zeroed(n).unwrap();
+            pattern(70 + i as u64, &mut m);
+            wants.push(m.to_vec());
+            a.reg_mr(m)
+        })
+        .collect();
+    let mut dsts: Vec<_> = lens
+        .iter()
+        .map(|&n| b.reg_mr(HostMemory::zeroed(n).unwrap()))
+        .collect();
+    let mut recvs: Vec<_> = dsts
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let bufs = [RecvBuf {
+                mr: d,
+                offset: 0,
+                len: d.len(),
+                tag: i as i32,
+            }];
+            recv.irecv(&bufs).unwrap().unwrap()
+        })
+        .collect();
+    let mut sends: Vec<_> = srcs
+        .iter()
+        .enumerate()
+        .map(|(i, m)| send.isend(m, 0, lens[i], i as i32).unwrap().unwrap())
+        .collect();
+    std::thread::sleep(3 * TIMEOUT);
+    // Polled at last: the workers moved the chunked messages meanwhile,
+    // and inline ones wait in the control socket for this first test.
+    for (i, r) in recvs.iter_mut().enumerate() {
+        let done = r.test().unwrap();
+        assert_eq!(done.map(|s| s[0]), Some(lens[i] as u64), "receive {i}");
+    }
+    for s in &mut sends {
+        s.wait(T).unwrap();
+    }
+    drop(recvs);
+    for (d, want) in dsts.iter_mut().zip(&wants) {
+        assert!(d.bytes().unwrap() == &want[..]);
+    }
+}
