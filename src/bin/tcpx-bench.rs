@@ -94,6 +94,16 @@ enum Mode {
         #[arg(long, default_value_t = 10)]
         seconds: u64,
     },
+    /// CPU time of one round trip with both ends on this thread (loopback
+    /// delivers inside `send`, so nothing waits): tcpx comms against raw
+    /// TCP of the same shape, a connection per direction. Immune to the
+    /// scheduling noise of ping-pong timing: what our own work costs.
+    CpuPerRoundTrip {
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        #[arg(long, default_value_t = 20000)]
+        iters: usize,
+    },
     /// Raw TCP ping-pong latency over loopback (the baseline).
     TcpPingpong {
         #[arg(long, default_value_t = 64)]
@@ -680,6 +690,91 @@ fn tcp_pingpong(
     Ok(())
 }
 
+/// Nanoseconds of CPU this thread has used.
+fn thread_cpu_ns() -> u64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid clock id and out pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+}
+
+fn cpu_per_round_trip(cli: &Cli, size: usize, iters: usize) -> BoxResult<()> {
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    let dial = || -> std::io::Result<(TcpStream, TcpStream)> {
+        let c = TcpStream::connect(l.local_addr()?)?;
+        let (s, _) = l.accept()?;
+        for x in [&c, &s] {
+            x.set_nodelay(true)?;
+            x.set_nonblocking(true)?;
+        }
+        Ok((c, s))
+    };
+    let (mut x_out, mut x_in) = dial()?;
+    let (mut y_out, mut y_in) = dial()?;
+    let mut b = vec![1u8; size];
+    let mut raw = |b: &mut Vec<u8>| -> BoxResult<f64> {
+        let t = thread_cpu_ns();
+        for _ in 0..iters {
+            x_out.write_all(b)?;
+            read_full(&mut x_in, b, true)?;
+            y_out.write_all(b)?;
+            read_full(&mut y_in, b, true)?;
+        }
+        Ok((thread_cpu_ns() - t) as f64 / iters as f64)
+    };
+    let net = Net::init(config(cli)?)?;
+    let (ping_tx, ping_rx) = comm_pair(&net)?;
+    let (pong_tx, pong_rx) = comm_pair(&net)?;
+    let m = |n| -> BoxResult<MemoryRegion> { Ok(net.reg_mr(HostMemory::zeroed(n)?)) };
+    let (a_src, a_dst, b_src, b_dst) = (m(size)?, m(size)?, m(size)?, m(size)?);
+    let ours = || -> BoxResult<f64> {
+        let t = thread_cpu_ns();
+        for _ in 0..iters {
+            let mut back = recv_msg(&pong_rx, &a_dst, size)?;
+            send_msg(&ping_tx, &a_src, size)?.wait(T)?;
+            recv_msg(&ping_rx, &b_dst, size)?.wait(T)?;
+            send_msg(&pong_tx, &b_src, size)?.wait(T)?;
+            back.wait(T)?;
+        }
+        Ok((thread_cpu_ns() - t) as f64 / iters as f64)
+    };
+    // Alternated, best of three: the least disturbed run of each.
+    let (mut best_raw, mut best_ours) = (f64::MAX, f64::MAX);
+    for _ in 0..3 {
+        best_raw = best_raw.min(raw(&mut b)?);
+        best_ours = best_ours.min(ours()?);
+    }
+    let extra = (best_ours - best_raw) / 2.0;
+    if cli.json {
+        println!(
+            "{}",
+            serde_json::json!({"size": size, "iters": iters, "raw_ns": best_raw,
+                "tcpx_ns": best_ours, "ratio": best_ours / best_raw, "extra_ns_per_message": extra})
+        );
+    } else {
+        println!(
+            "CPU per {size} B round trip: tcpx {best_ours:.0} ns, raw TCP (a connection per direction) {best_raw:.0} ns: {:.2}x, {extra:.0} ns more per message",
+            best_ours / best_raw
+        );
+    }
+    Ok(())
+}
+
+/// A send comm and the receive comm it connects to, both of `net`.
+fn comm_pair(net: &Net) -> BoxResult<(SendComm, RecvComm)> {
+    let (h, mut l) = net.listen(0)?;
+    let mut h = Handle::from_bytes(&h.to_bytes())?;
+    std::thread::scope(|s| -> BoxResult<(SendComm, RecvComm)> {
+        let acc = s.spawn(move || l.accept_wait(T));
+        let send = net.connect_wait(0, &mut h, T)?;
+        let recv = acc.join().map_err(|_| "accept thread panicked")??;
+        Ok((send, recv))
+    })
+}
+
 /// Percent of one core this process used over `secs` seconds of sleep.
 fn cpu_percent_over(secs: u64) -> f64 {
     let c0 = cpu_seconds();
@@ -698,15 +793,7 @@ fn idle_cost(cli: &Cli, pairs: usize, secs: u64) -> BoxResult<()> {
     let bar = progress(cli, pairs);
     bar.set_message("connecting");
     for _ in 0..pairs {
-        let (h, mut l) = net.listen(0)?;
-        let mut h = Handle::from_bytes(&h.to_bytes())?;
-        let pair = std::thread::scope(|s| -> BoxResult<(SendComm, RecvComm)> {
-            let acc = s.spawn(move || l.accept_wait(T));
-            let send = net.connect_wait(0, &mut h, T)?;
-            let recv = acc.join().map_err(|_| "accept thread panicked")??;
-            Ok((send, recv))
-        })?;
-        comms.push(pair);
+        comms.push(comm_pair(&net)?);
         bar.inc(1);
     }
     bar.finish_and_clear();
@@ -746,6 +833,7 @@ fn main() -> BoxResult<()> {
         .init();
     match &cli.mode {
         Some(Mode::IdleCost { pairs, seconds }) => idle_cost(&cli, *pairs, *seconds),
+        Some(Mode::CpuPerRoundTrip { size, iters }) => cpu_per_round_trip(&cli, *size, *iters),
         Some(Mode::TcpPingpong {
             size,
             iters,
