@@ -6,7 +6,7 @@
 //! in the transport still uses the request's memory when it is.
 #![forbid(unsafe_code)]
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use nix::sys::eventfd::{EfdFlags, EventFd};
@@ -17,6 +17,8 @@ use crate::error::Error;
 pub(crate) struct ReqState {
     pending: AtomicUsize,
     error: Mutex<Option<Error>>,
+    /// `error` holds one: a successful outcome takes no lock.
+    failed: AtomicBool,
     sizes: [AtomicU64; MAX_RECVS],
     n: usize,
     /// Bumped on every completion or error, so a waiter cannot miss one.
@@ -82,6 +84,7 @@ impl ReqState {
         ReqState {
             pending: AtomicUsize::new(pending),
             error: Mutex::new(None),
+            failed: AtomicBool::new(false),
             sizes: Default::default(),
             n,
             generation: AtomicU64::new(0),
@@ -115,6 +118,7 @@ impl ReqState {
         let mut slot = self.error.lock().unwrap_or_else(|p| p.into_inner());
         if slot.is_none() {
             *slot = Some(e);
+            self.failed.store(true, Ordering::Release);
         }
     }
 
@@ -145,6 +149,9 @@ impl ReqState {
     }
 
     pub fn error(&self) -> Option<Error> {
+        if !self.failed.load(Ordering::Acquire) {
+            return None;
+        }
         self.error.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 

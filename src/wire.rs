@@ -526,17 +526,26 @@ impl Chunk {
 impl Post {
     /// Header and payload (the buffers) in one buffer.
     pub fn encode(&self) -> Vec<u8> {
-        let n = self.bufs.len();
-        let mut b = vec![0u8; POST_LEN + n * POST_BUF_LEN];
-        put_prefix(&mut b, Kind::Post, (n * POST_BUF_LEN) as u32);
-        b[12..20].copy_from_slice(&self.post_seq.to_le_bytes());
+        let mut b = Vec::new();
+        Self::encode_into(self.post_seq, &self.bufs, &mut b);
+        b
+    }
+
+    /// [`Post::encode`] appended to `out`, from borrowed buffers (a
+    /// receive's post allocates nothing).
+    pub fn encode_into(post_seq: u64, bufs: &[(u64, i32)], out: &mut Vec<u8>) {
+        let n = bufs.len();
+        let start = out.len();
+        out.resize(start + POST_LEN + n * POST_BUF_LEN, 0);
+        let b = &mut out[start..];
+        put_prefix(b, Kind::Post, (n * POST_BUF_LEN) as u32);
+        b[12..20].copy_from_slice(&post_seq.to_le_bytes());
         b[20..22].copy_from_slice(&(n as u16).to_le_bytes());
-        for (i, (len, tag)) in self.bufs.iter().enumerate() {
+        for (i, (len, tag)) in bufs.iter().enumerate() {
             let at = POST_LEN + i * POST_BUF_LEN;
             b[at..at + 8].copy_from_slice(&len.to_le_bytes());
             b[at + 8..at + 12].copy_from_slice(&tag.to_le_bytes());
         }
-        b
     }
 
     /// Number of buffers the header announces (its payload is `n * POST_BUF_LEN`).

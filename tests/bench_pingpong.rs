@@ -41,3 +41,31 @@ fn every_shape_of_the_raw_ping_pong_reports_its_latency() {
         }
     }
 }
+
+#[test]
+fn the_cpu_per_round_trip_compares_tcpx_with_raw_tcp_of_its_shape() {
+    let out = Command::new(BIN)
+        .args([
+            "--json",
+            "cpu-per-round-trip",
+            "--size",
+            "100",
+            "--iters",
+            "200",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "cpu-per-round-trip failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (raw, ours) = (
+        r["raw_ns"].as_f64().unwrap(),
+        r["tcpx_ns"].as_f64().unwrap(),
+    );
+    assert!(raw > 0.0 && ours > 0.0, "{r}");
+    let ratio = r["ratio"].as_f64().unwrap();
+    assert!((ratio - ours / raw).abs() < 1e-9, "{r}");
+}

@@ -75,6 +75,40 @@ fn try_lock<T>(m: &Mutex<T>) -> Option<MutexGuard<'_, T>> {
     }
 }
 
+/// Items data workers hand to a comm's protocol thread. Taking from an
+/// empty one costs one atomic load, not a lock: the protocol looks on
+/// every progress, and there is rarely anything.
+pub(crate) struct Mailbox<T> {
+    items: Mutex<Vec<T>>,
+    /// Set after each push; cleared by the taker before it takes.
+    posted: AtomicBool,
+}
+
+impl<T> Default for Mailbox<T> {
+    fn default() -> Self {
+        Mailbox {
+            items: Mutex::new(Vec::new()),
+            posted: AtomicBool::new(false),
+        }
+    }
+}
+
+impl<T> Mailbox<T> {
+    pub fn push(&self, t: T) {
+        lock(&self.items).push(t);
+        self.posted.store(true, Ordering::Release);
+    }
+
+    /// Everything pushed so far (a push racing with the take is seen by
+    /// this take or flags the next one).
+    pub fn take(&self) -> Vec<T> {
+        if !self.posted.load(Ordering::Acquire) || !self.posted.swap(false, Ordering::AcqRel) {
+            return Vec::new();
+        }
+        std::mem::take(&mut *lock(&self.items))
+    }
+}
+
 /// The control stream's lock and the note that someone has news for it.
 struct Ctrl<T> {
     state: Mutex<T>,
@@ -129,6 +163,11 @@ impl<T> Ctrl<T> {
 struct CommBase {
     net: Arc<NetInner>,
     slots: Mutex<Vec<Slot>>,
+    /// Slots, fixed at the handshake.
+    n_data: usize,
+    /// Slots in use, kept with their `live` flags (under the slots' lock)
+    /// and read without it.
+    live: AtomicUsize,
     inflight: AtomicUsize,
     closed: AtomicBool,
     /// The data sockets were told to close (once).
@@ -174,12 +213,14 @@ impl CommBase {
         watch: Watch,
         ctrl: &TcpStream,
     ) -> Self {
-        let slots = data
+        let slots: Vec<Slot> = data
             .into_iter()
             .enumerate()
             .map(|(i, (nic, s))| open_slot(&net, nic, s, link, receives, i, 0))
             .collect();
         CommBase {
+            n_data: slots.len(),
+            live: AtomicUsize::new(slots.len()),
             ctrl_fd: ctrl.as_raw_fd(),
             waker: Arc::new(FdWaker::default()),
             net,
@@ -246,6 +287,7 @@ impl CommBase {
         let mut slots = lock(&self.slots);
         let s = slots.get_mut(index).filter(|s| s.live && s.gen == gen)?;
         s.live = false;
+        self.live.fetch_sub(1, Ordering::AcqRel);
         self.net.workers[s.sock.worker].submit(Cmd::Close { id: s.sock.id });
         Some(s.nic)
     }
@@ -297,6 +339,7 @@ impl CommBase {
         );
         s.gen = gen;
         s.live = true;
+        self.live.fetch_add(1, Ordering::AcqRel);
         s.counters.reconnected();
         true
     }
@@ -313,11 +356,11 @@ impl CommBase {
 
     /// Data sockets in use.
     fn live(&self) -> usize {
-        lock(&self.slots).iter().filter(|s| s.live).count()
+        self.live.load(Ordering::Acquire)
     }
 
     fn n_data(&self) -> usize {
-        lock(&self.slots).len()
+        self.n_data
     }
 
     fn stats(&self) -> Vec<SocketStats> {

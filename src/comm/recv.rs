@@ -3,7 +3,7 @@
 use std::collections::{HashMap, HashSet};
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use flowsteer::RuleHandle;
@@ -12,7 +12,7 @@ use super::redial::Offers;
 use super::request::{Owner, Request, Waiter};
 use super::{
     check_range, close_ctrl, lock, read_ctrl, write_ctrl, Agreed, CommBase, Ctrl, CtrlRead,
-    PEER_END_GRACE,
+    Mailbox, PEER_END_GRACE,
 };
 use crate::config::MAX_RECVS;
 use crate::ctrl::{Params, RecvEvent, RecvSide, Token};
@@ -75,21 +75,21 @@ pub(crate) struct RecvLink {
     /// Kicks so far (see `CommLink::kicks`).
     kicks: AtomicU64,
     /// Messages in place, to acknowledge.
-    acks: Mutex<Vec<u64>>,
+    acks: Mailbox<u64>,
     /// Data sockets whose path failed, to log.
-    losses: Mutex<Vec<(SockId, Error)>>,
+    losses: Mailbox<(SockId, Error)>,
     /// The first failure of the comm (a data socket's, or close).
-    failure: Mutex<Option<Error>>,
+    failure: OnceLock<Error>,
     /// The sender said Bye or closed its control socket (and when): data
     /// that did not arrive will not; placements fail with this.
-    peer_gone: Mutex<Option<(Error, Instant)>>,
+    peer_gone: OnceLock<(Error, Instant)>,
     /// How long a data socket may stay silent once the sender is gone.
     patience: Duration,
 }
 
 impl CommLink for RecvLink {
     fn failed(&self, e: Error) {
-        lock(&self.failure).get_or_insert(e);
+        let _ = self.failure.set(e);
         self.nudge();
     }
 
@@ -97,7 +97,7 @@ impl CommLink for RecvLink {
     /// re-sends what they lost): this end logs and counts, once the
     /// control socket had time to say whether the peer is gone.
     fn lost(&self, id: SockId, e: Error) {
-        lock(&self.losses).push((id, e));
+        self.losses.push((id, e));
         self.nudge();
     }
 
@@ -112,7 +112,7 @@ impl CommLink for RecvLink {
             return Lookup::Place(p.clone());
         }
         // Once the sender is gone, nothing more is announced.
-        if seq < self.announced.load(Ordering::Acquire) || lock(&self.peer_gone).is_some() {
+        if seq < self.announced.load(Ordering::Acquire) || self.peer_gone.get().is_some() {
             Lookup::Discard
         } else {
             Lookup::Unknown
@@ -130,21 +130,19 @@ impl CommLink for RecvLink {
 
     fn completed(&self, seq: u64) {
         lock(&self.placements).remove(&seq);
-        lock(&self.acks).push(seq);
+        self.acks.push(seq);
         self.nudge();
     }
 
     fn failure(&self) -> Error {
-        if let Some((e, _)) = lock(&self.peer_gone).clone() {
-            return e;
+        if let Some((e, _)) = self.peer_gone.get() {
+            return e.clone();
         }
-        lock(&self.failure).clone().unwrap_or(Error::Closed)
+        self.failure.get().cloned().unwrap_or(Error::Closed)
     }
 
     fn sender_gone(&self) -> Option<(Instant, Duration)> {
-        lock(&self.peer_gone)
-            .as_ref()
-            .map(|(_, at)| (*at, self.patience))
+        self.peer_gone.get().map(|(_, at)| (*at, self.patience))
     }
 }
 
@@ -204,10 +202,10 @@ impl RecvComm {
                 announced: AtomicU64::new(0),
                 waiting: AtomicBool::new(false),
                 kicks: AtomicU64::new(0),
-                acks: Mutex::new(Vec::new()),
-                losses: Mutex::new(Vec::new()),
-                failure: Mutex::new(None),
-                peer_gone: Mutex::new(None),
+                acks: Mailbox::default(),
+                losses: Mailbox::default(),
+                failure: OnceLock::new(),
+                peer_gone: OnceLock::new(),
                 patience: net
                     .cfg
                     .stall_timeout
@@ -276,7 +274,11 @@ impl RecvComm {
                 })
                 .collect(),
         };
-        let specs: Vec<(u64, i32)> = bufs.iter().map(|b| (b.len as u64, b.tag)).collect();
+        let mut specs = [(0u64, 0i32); MAX_RECVS];
+        for (s, b) in specs.iter_mut().zip(bufs) {
+            *s = (b.len as u64, b.tag);
+        }
+        let specs = &specs[..bufs.len()];
         core.ctrl.with(
             |c| -> Result<()> {
                 let token = c.next_token;
@@ -284,7 +286,7 @@ impl RecvComm {
                 c.groups.insert(token, group);
                 let RecvCtrl { side, groups, .. } = &mut *c;
                 let mut bad = None;
-                let posted = side.post(token, &specs, &mut |e| {
+                let posted = side.post(token, specs, &mut |e| {
                     if let Err(err) = core.act(groups, e) {
                         bad.get_or_insert(err);
                     }
@@ -341,7 +343,7 @@ impl Drop for RecvComm {
             |c| {
                 c.side.bye();
                 core.progress(c, false);
-                lock(&core.link.failure).get_or_insert(Error::Closed);
+                let _ = core.link.failure.set(Error::Closed);
                 c.side.fail(Error::Closed);
                 core.progress(c, false);
                 close_ctrl(&c.stream, CLOSE_PATIENCE);
@@ -387,7 +389,7 @@ impl RecvCore {
             losses,
             ..
         } = &mut *c;
-        for seq in std::mem::take(&mut *lock(&link.acks)) {
+        for seq in link.acks.take() {
             side.placed(seq);
         }
         let mut retired = Vec::new();
@@ -418,7 +420,9 @@ impl RecvCore {
         }
         // After the reads: a peer's Bye explains the data sockets' EOF.
         if let Some(e) = side.peer_gone() {
-            lock(&link.peer_gone).get_or_insert_with(|| (e.clone(), now));
+            if link.peer_gone.get().is_none() {
+                let _ = link.peer_gone.set((e.clone(), now));
+            }
         }
         if !retired.is_empty() {
             if let Err(e) = self.retire(side, offers, ended, &retired, now) {
@@ -432,7 +436,8 @@ impl RecvCore {
         // A data socket's end is judged once the control socket had time
         // to say the peer is gone (then it is no path's failure).
         losses.extend(
-            std::mem::take(&mut *lock(&link.losses))
+            link.losses
+                .take()
                 .into_iter()
                 .map(|(id, e)| (id, e, now + PEER_END_GRACE)),
         );
@@ -449,7 +454,7 @@ impl RecvCore {
             }
         }
         let mut draining = None;
-        if let Some(e) = lock(&link.failure).clone() {
+        if let Some(e) = link.failure.get().cloned() {
             if side.peer_gone().is_some() {
                 self.cut_data();
             } else {
@@ -577,7 +582,7 @@ impl RecvCore {
     /// Fails every request of a broken comm. Placements fail as the data
     /// sockets, closed now, let go of them.
     fn fail_all(&self, c: &mut RecvCtrl, e: Error) {
-        lock(&self.link.failure).get_or_insert(e.clone());
+        let _ = self.link.failure.set(e.clone());
         for (_, g) in c.groups.drain() {
             for _ in g.subs.into_iter().flatten() {
                 g.state.fail(e.clone());

@@ -3,8 +3,8 @@
 use std::collections::HashMap;
 use std::net::TcpStream;
 use std::sync::atomic::Ordering;
-use std::sync::atomic::{AtomicU32, AtomicU64};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use super::redial::Dials;
@@ -88,16 +88,53 @@ struct View {
 struct SendLink {
     core: Weak<SendCore>,
     sched: Mutex<Sched<Arc<TxMsg>>>,
+    /// The scheduler may hold retirements (see `SendLink::sched`).
+    retired: AtomicBool,
     /// Bumped whenever the scheduler may have a chunk for a socket that
     /// found none (see `CommLink::epoch`).
     epoch: AtomicU64,
     /// Per data socket: what it last published about its stream.
     views: Vec<View>,
     /// The first failure a data socket reported that fails the comm.
-    failure: Mutex<Option<Error>>,
+    failure: OnceLock<Error>,
+}
+
+/// The scheduler, locked; flags its retirements when let go, so that the
+/// protocol looks for them without taking the lock on every progress.
+struct SchedGuard<'a> {
+    s: MutexGuard<'a, Sched<Arc<TxMsg>>>,
+    retired: &'a AtomicBool,
+}
+
+impl std::ops::Deref for SchedGuard<'_> {
+    type Target = Sched<Arc<TxMsg>>;
+    fn deref(&self) -> &Self::Target {
+        &self.s
+    }
+}
+
+impl std::ops::DerefMut for SchedGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.s
+    }
+}
+
+impl Drop for SchedGuard<'_> {
+    fn drop(&mut self) {
+        if self.s.has_retired() {
+            self.retired.store(true, Ordering::Release);
+        }
+    }
 }
 
 impl SendLink {
+    fn sched(&self) -> SchedGuard<'_> {
+        SchedGuard {
+            s: lock(&self.sched),
+            retired: &self.retired,
+        }
+    }
+
     /// The scheduler may have work for sockets that found none: they ask
     /// again (their workers are woken).
     fn news(&self, s: &mut Sched<Arc<TxMsg>>) {
@@ -119,12 +156,12 @@ impl SendLink {
 
 impl CommLink for SendLink {
     fn failed(&self, e: Error) {
-        lock(&self.failure).get_or_insert(e);
+        let _ = self.failure.set(e);
         self.nudge();
     }
 
     fn lost(&self, id: SockId, e: Error) {
-        let mut s = lock(&self.sched);
+        let mut s = self.sched();
         if s.retire(id.index as usize, id.gen, Why::Failed(e)) {
             self.news(&mut s);
             drop(s);
@@ -136,7 +173,7 @@ impl CommLink for SendLink {
         // Views are never older than what the scheduler was told: a stale
         // one would make a busy socket look idle (and never stall).
         self.publish(id, acked, end);
-        let mut s = lock(&self.sched);
+        let mut s = self.sched();
         for (j, v) in self.views.iter().enumerate() {
             if j != id.index as usize {
                 let gen = v.gen.load(Ordering::Acquire);
@@ -169,7 +206,7 @@ impl CommLink for SendLink {
 
     fn sample(&self, id: SockId, acked: u64, end: u64, now: Instant) {
         self.publish(id, acked, end);
-        let mut s = lock(&self.sched);
+        let mut s = self.sched();
         s.sample(id.index as usize, id.gen, acked, end, now);
         if s.has_retired() {
             self.news(&mut s);
@@ -202,9 +239,10 @@ impl SendComm {
             let link = Arc::new(SendLink {
                 core: me.clone(),
                 sched: Mutex::new(Sched::new(&nics, cfg.stall_timeout, now)),
+                retired: AtomicBool::new(false),
                 epoch: AtomicU64::new(0),
                 views: (0..data.len()).map(|_| View::default()).collect(),
-                failure: Mutex::new(None),
+                failure: OnceLock::new(),
             });
             let as_link: Arc<dyn CommLink> = link.clone();
             let target: Weak<dyn Poke> = me.clone();
@@ -387,7 +425,7 @@ impl SendCore {
     fn progress(&self, c: &mut SendCtrl, read: bool) {
         let now = Instant::now();
         let mut events = std::mem::take(&mut c.events);
-        let failure = lock(&self.link.failure).clone();
+        let failure = self.link.failure.get().cloned();
         // A peer's Bye explains its data sockets' EOF: read before failing.
         let read = read || failure.is_some();
         let mut gone = None;
@@ -437,13 +475,15 @@ impl SendCore {
             for (_, p) in c.reqs.drain() {
                 p.state.fail(e.clone());
             }
-            lock(&self.link.sched).clear();
+            self.link.sched().clear();
             self.base.close_data();
             return;
         }
-        let as_link: Arc<dyn CommLink> = self.link.clone();
-        for (index, gen) in c.dials.poll(&self.base, &as_link, now) {
-            lock(&self.link.sched).revive(index, gen, now);
+        if c.dials.pending() {
+            let as_link: Arc<dyn CommLink> = self.link.clone();
+            for (index, gen) in c.dials.poll(&self.base, &as_link, now) {
+                self.link.sched().revive(index, gen, now);
+            }
         }
         // A retired socket may be invited back at any time; a socket the
         // peer closed waits for what the control socket says.
@@ -465,10 +505,18 @@ impl SendCore {
     /// socket read meanwhile: the end of a peer that closes its comm (its
     /// Bye) or dies is no socket failure.
     fn retirements(&self, c: &mut SendCtrl, now: Instant) -> Option<Error> {
-        for r in lock(&self.link.sched).take_retired() {
-            let wait = matches!(r.why, Why::Failed(Error::ConnectionLost(_)));
-            c.retired
-                .push((r, if wait { now + PEER_END_GRACE } else { now }));
+        // A load first: the swap's write would cost on every progress.
+        if self.link.retired.load(Ordering::Acquire)
+            && self.link.retired.swap(false, Ordering::AcqRel)
+        {
+            for r in self.link.sched().take_retired() {
+                let wait = matches!(r.why, Why::Failed(Error::ConnectionLost(_)));
+                c.retired
+                    .push((r, if wait { now + PEER_END_GRACE } else { now }));
+            }
+        }
+        if c.retired.is_empty() {
+            return None;
         }
         if self.base.closed.load(Ordering::Acquire) || c.side.broken().is_some() {
             c.retired.clear();
@@ -544,7 +592,7 @@ impl SendCore {
             SendEvent::Acked(t) => {
                 let Some(p) = c.reqs.remove(&t) else { return };
                 if let Some(seq) = p.seq {
-                    let done = lock(&self.link.sched).acked(seq);
+                    let done = self.link.sched().acked(seq);
                     if let Some(m) = done {
                         m.acked.store(true, Ordering::Release);
                     }
@@ -574,13 +622,13 @@ impl SendCore {
                     m.chunk_size,
                     p.state.clone(),
                 ));
-                let mut s = lock(&self.link.sched);
+                let mut s = self.link.sched();
                 s.start(seq, msg, m.len, m.chunk_size, copyable);
                 // Sockets with nothing to do are woken.
                 self.link.news(&mut s);
             }
             SendEvent::Placed(p) => {
-                let mut s = lock(&self.link.sched);
+                let mut s = self.link.sched();
                 let again = s.placed(p.seq, p.first, &p.bits);
                 if again > 0 {
                     self.link.news(&mut s);

@@ -119,13 +119,7 @@ impl RecvSide {
         let post_seq = s.next_post;
         s.next_post += 1;
         s.groups.push((token, post_seq), bufs);
-        s.deferred.extend(
-            Post {
-                post_seq,
-                bufs: bufs.to_vec(),
-            }
-            .encode(),
-        );
+        Post::encode_into(post_seq, bufs, &mut s.deferred);
         s.deferred_n += 1;
         // A receive that may take a chunked message is announced at once.
         if bufs.iter().any(|&(len, _)| len > s.peer_inline) || s.deferred_n >= DEFER_MAX {
