@@ -15,7 +15,7 @@ use super::{
     Mailbox, PEER_END_GRACE,
 };
 use crate::config::MAX_RECVS;
-use crate::ctrl::{Params, RecvEvent, RecvSide, Token};
+use crate::ctrl::{OwnMap, Params, RecvEvent, RecvSide, Token};
 use crate::engine::{CommLink, Lookup, Placement, Poke, SockId};
 use crate::error::{Error, Result};
 use crate::memory::{MemoryRegion, Region, RxPath};
@@ -50,7 +50,7 @@ struct Group {
 pub(crate) struct RecvCtrl {
     stream: TcpStream,
     side: RecvSide,
-    groups: HashMap<Token, Group>,
+    groups: OwnMap<Group>,
     next_token: Token,
     /// Invitations to reconnect retired sockets.
     offers: Offers,
@@ -220,7 +220,7 @@ impl RecvComm {
                 ctrl: Ctrl::new(RecvCtrl {
                     stream: ctrl,
                     side: RecvSide::new(params, Instant::now()),
-                    groups: HashMap::new(),
+                    groups: OwnMap::default(),
                     next_token: 0,
                     offers: Offers::new(n_data, net.cfg.reconnect),
                     ended: HashSet::new(),
@@ -594,7 +594,7 @@ impl RecvCore {
     }
 
     /// Carries out one protocol event.
-    fn act(&self, groups: &mut HashMap<Token, Group>, e: RecvEvent<'_>) -> Result<()> {
+    fn act(&self, groups: &mut OwnMap<Group>, e: RecvEvent<'_>) -> Result<()> {
         let token = match &e {
             RecvEvent::Deliver { token, .. }
             | RecvEvent::Place { token, .. }

@@ -94,6 +94,10 @@ impl Request {
     /// stays in flight), sleeping in poll(2) on the comm's control socket
     /// and eventfd between polls.
     pub fn wait(&mut self, timeout: Duration) -> Result<Sizes> {
+        // Most small requests are done at the first look: no clock for them.
+        if let Some(s) = self.test()? {
+            return Ok(s);
+        }
         let start = Instant::now();
         let deadline = start + timeout;
         loop {

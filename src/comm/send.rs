@@ -1,6 +1,5 @@
 //! The sending end of a comm.
 
-use std::collections::HashMap;
 use std::net::TcpStream;
 use std::sync::atomic::Ordering;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64};
@@ -14,7 +13,7 @@ use super::{
     PEER_END_GRACE,
 };
 use crate::ctrl::sched::{Retired, Sched, Why};
-use crate::ctrl::{Params, SendEvent, SendSide, Token};
+use crate::ctrl::{OwnMap, Params, SendEvent, SendSide, Token};
 use crate::engine::{CommLink, Poke, SockId, TxChunk, TxMsg};
 use crate::error::{Error, Result};
 use crate::memory::{MemoryRegion, PtrKind, Region, TxPath};
@@ -50,7 +49,7 @@ pub(crate) struct SendCtrl {
     stream: TcpStream,
     side: SendSide,
     /// Requests whose protocol piece (write, refusal or acknowledgement) is open.
-    reqs: HashMap<Token, Pending>,
+    reqs: OwnMap<Pending>,
     next_token: Token,
     events: Vec<SendEvent>,
     /// Retired sockets being connected again.
@@ -252,7 +251,7 @@ impl SendComm {
                 ctrl: Ctrl::new(SendCtrl {
                     stream: ctrl,
                     side: SendSide::new(params, now),
-                    reqs: HashMap::new(),
+                    reqs: OwnMap::default(),
                     next_token: 0,
                     events: Vec::new(),
                     dials: Dials::new(n_data),

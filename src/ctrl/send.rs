@@ -1,12 +1,12 @@
 //! The sending end of a comm's control protocol.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::time::Instant;
 
 use super::frame::{Frame, Inbox, Outbox};
 use super::liveness::Liveness;
 use super::matcher::{Matcher, Verdict};
-use super::{eager_cost, Params, Token, EAGER_WINDOW, MAX_OPEN_POSTS};
+use super::{eager_cost, OwnMap, Params, Token, EAGER_WINDOW, MAX_OPEN_POSTS};
 use crate::error::{Error, Result};
 use crate::wire::{Bye, Dial, Kind, Msg, Ping, Placed, Retire, MAX_PLACED_BYTES, MSG_INLINE};
 
@@ -61,7 +61,7 @@ pub(crate) struct SendSide {
     /// Chunked messages in `unresolved` (counted: `unresolved` holds up to
     /// half the eager window of inline ones, too many to scan per isend).
     unresolved_chunked: usize,
-    awaiting_ack: HashMap<u64, Token>,
+    awaiting_ack: OwnMap<Token>,
     /// The receiver's posted receives.
     posts: Matcher<()>,
     next_post: u64,
@@ -81,7 +81,7 @@ impl SendSide {
             unresolved: VecDeque::new(),
             uncovered: 0,
             unresolved_chunked: 0,
-            awaiting_ack: HashMap::new(),
+            awaiting_ack: OwnMap::default(),
             posts: Matcher::new(),
             next_post: 0,
             writing: VecDeque::new(),

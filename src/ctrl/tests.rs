@@ -823,3 +823,21 @@ fn after_a_goodbye_what_was_sent_can_still_be_received() {
     r.s.bye();
     assert!(r.s.output().is_empty());
 }
+
+#[test]
+fn own_maps_spread_sequential_numbers_over_the_control_bytes() {
+    use std::hash::BuildHasher;
+    // hashbrown matches on the top 7 bits first: tokens 0, 1, 2, ... must
+    // not all share them, or every lookup compares every key.
+    let b = BuildOwnHasher::default();
+    let tags: std::collections::HashSet<u64> = (0..1024u64).map(|t| b.hash_one(t) >> 57).collect();
+    assert!(tags.len() >= 120, "{} distinct tags of 128", tags.len());
+    let mut m: OwnMap<u64> = OwnMap::default();
+    for t in 0..10_000 {
+        m.insert(t, t * 3);
+    }
+    for t in (0..10_000).step_by(7) {
+        assert_eq!(m.remove(&t), Some(t * 3));
+    }
+    assert_eq!(m.len(), 10_000 - 10_000usize.div_ceil(7));
+}
