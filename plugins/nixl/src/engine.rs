@@ -18,7 +18,7 @@ use crate::options::{Options, Progress};
 use crate::outbox::{payloads, Item};
 use crate::pack::{self, Piece};
 use crate::proto::{Desc, Msg, MAX_DESCS, MAX_NOTIF};
-use crate::registry::{self, Mem, Registry, RemoteRegion};
+use crate::registry::{self, LocalRegion, Mem, Registry, RemoteRegion};
 use crate::state::{lock, Inner, Pending, XferState};
 
 /// Connection info: "TXCI", version u16, then the 128-byte listen handle.
@@ -192,33 +192,43 @@ impl Engine {
         }
         let descs = coalesce(descs);
         let descs = &descs[..];
-        // Resolve and check everything before anything is sent.
+        // Resolve and check everything before anything is sent: under one
+        // lock, each registration looked up once per run of descriptors
+        // that share it (typically once per transfer).
         let mut local: Vec<Piece> = Vec::with_capacity(descs.len());
         // The target checks every range against its registrations of this kind.
         let mut remote_kind = None;
         {
             let reg = lock(&self.inner.reg);
+            let mut last_local: Option<(u64, Arc<LocalRegion>)> = None;
+            let mut last_remote = None;
             for d in descs {
-                let l = reg.local(d.local_md)?;
+                let l = match &last_local {
+                    Some((id, l)) if *id == d.local_md => l,
+                    _ => &last_local.insert((d.local_md, reg.local(d.local_md)?)).1,
+                };
                 let off = l.offset_of(d.local_addr, d.len).ok_or_else(|| {
                     Error::InvalidArgument(format!(
                         "local range {:#x}+{} is outside its registration",
                         d.local_addr, d.len
                     ))
                 })?;
-                let r: RemoteRegion = reg.remote(d.remote_md)?;
-                if r.agent != agent {
-                    return Err(Error::InvalidArgument(format!(
-                        "remote descriptor belongs to {:?}, not {agent:?}",
-                        r.agent
-                    )));
+                if last_remote != Some(d.remote_md) {
+                    let r: &RemoteRegion = reg.remote(d.remote_md)?;
+                    if r.agent != agent {
+                        return Err(Error::InvalidArgument(format!(
+                            "remote descriptor belongs to {:?}, not {agent:?}",
+                            r.agent
+                        )));
+                    }
+                    if *remote_kind.get_or_insert(r.kind) != r.kind {
+                        return Err(Error::InvalidArgument(
+                            "remote descriptors of one transfer must all be one memory kind".into(),
+                        ));
+                    }
+                    last_remote = Some(d.remote_md);
                 }
-                if *remote_kind.get_or_insert(r.kind) != r.kind {
-                    return Err(Error::InvalidArgument(
-                        "remote descriptors of one transfer must all be one memory kind".into(),
-                    ));
-                }
-                local.push((l, off, d.len as usize));
+                local.push((l.clone(), off, d.len as usize));
             }
         }
         let mem = remote_kind.unwrap_or(Mem::Dram).nixl();
@@ -251,10 +261,9 @@ impl Engine {
                     len: d.len,
                 })
                 .collect();
-            let lens: Vec<u64> = ds.iter().map(|d| d.len).collect();
-            let kinds: Vec<Mem> = ls.iter().map(|(r, _, _)| r.kind).collect();
             let remote = remote_kind.unwrap_or(Mem::Dram);
-            let layout = pack::plan(&lens, &kinds, remote, self.inner.opts.pack_dram);
+            let shapes = ls.iter().map(|(r, _, len)| (*len as u64, r.kind));
+            let layout = pack::plan(shapes, remote, self.inner.opts.pack_dram);
             let sinks = if op == Op::Read {
                 ls.to_vec()
             } else {

@@ -167,10 +167,9 @@ impl Payloads {
 /// The payload messages of descriptors `pieces` sent by `layout`.
 fn sinks(pieces: Vec<Piece>, layout: &[u32]) -> Vec<Sink> {
     pack::split(pieces, layout)
-        .into_iter()
-        .map(|mut run| match run.len() {
-            1 => Sink::Direct(run.remove(0)),
-            _ => Sink::Pack(run, None),
+        .map(|run| match run {
+            pack::Run::One(p) => Sink::Direct(p),
+            pack::Run::Pack(ps) => Sink::Pack(ps, None),
         })
         .collect()
 }
@@ -367,12 +366,13 @@ impl Inbox {
             Msg::ReadResp { id, status, text } => {
                 let mut pending = lock(&inner.pending);
                 let p = pending
-                    .get(&id)
+                    .get_mut(&id)
                     .ok_or_else(|| Error::Protocol(format!("ReadResp for unknown request {id}")))?;
                 if status == status::SUCCESS {
                     // The batch stays pending until its data landed, so a
                     // broken link fails it.
-                    let msgs = sinks(p.sinks.clone(), &p.layout);
+                    // Taken: nothing else reads them, and a failure needs only the batch.
+                    let msgs = sinks(std::mem::take(&mut p.sinks), &p.layout);
                     Payloads::step(msgs, None, Then::ReadDone { id })
                 } else {
                     if let Some(p) = pending.remove(&id) {
@@ -518,19 +518,26 @@ fn check_access(
     };
     let kind = Mem::from_nixl(mem).map_err(|e| refuse(e.to_string()))?;
     let reg = lock(&inner.reg);
-    descs
-        .iter()
-        .map(|d| {
-            reg.covering(d.addr, d.len, kind)
-                .map(|(r, off)| (r, off, d.len as usize))
-                .ok_or_else(|| {
-                    refuse(format!(
-                        "{kind} range {:#x}+{} is not inside a registration of agent {:?}",
-                        d.addr, d.len, inner.agent
-                    ))
-                })
-        })
-        .collect()
+    let mut out: Vec<Piece> = Vec::with_capacity(descs.len());
+    for d in descs {
+        // A transfer's descriptors mostly lie in one region: try the last
+        // one's before searching them all (found under this same lock).
+        let last = out.last().and_then(|(r, _, _)| {
+            r.offset_of(d.addr, d.len)
+                .map(|off| (r.clone(), off))
+                .filter(|_| r.kind == kind)
+        });
+        let (r, off) = last
+            .or_else(|| reg.covering(d.addr, d.len, kind))
+            .ok_or_else(|| {
+                refuse(format!(
+                    "{kind} range {:#x}+{} is not inside a registration of agent {:?}",
+                    d.addr, d.len, inner.agent
+                ))
+            })?;
+        out.push((r, off, d.len as usize));
+    }
+    Ok(out)
 }
 
 /// Where a refused WRITE's payload messages (by `layout`) are received and

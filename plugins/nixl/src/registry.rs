@@ -266,10 +266,9 @@ impl Registry {
             .ok_or_else(|| Error::NotFound(format!("remote descriptor {id}")))
     }
 
-    pub fn remote(&self, id: u64) -> Result<RemoteRegion> {
+    pub fn remote(&self, id: u64) -> Result<&RemoteRegion> {
         self.remote
             .get(&id)
-            .cloned()
             .ok_or_else(|| Error::NotFound(format!("remote descriptor {id}")))
     }
 }
