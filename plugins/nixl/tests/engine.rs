@@ -391,16 +391,53 @@ fn odd_descriptors(n: usize, max_len: usize, seed: u64) -> (Vec<(usize, usize, u
 /// model of the whole destination (stray bytes fail too); `pack`: small
 /// descriptors travel packed.
 fn round_trip(n: usize, max_len: usize, seed: u64, pack: bool) {
+    round_trip_over(n, max_len, seed, pack, false)
+}
+
+/// `round_trip`; `several`: each side also registers half of its buffer
+/// again, and the descriptors name whole-buffer and half registrations in
+/// turn (runs of each, and changes between neighbours).
+fn round_trip_over(n: usize, max_len: usize, seed: u64, pack: bool, several: bool) {
     let (layout, span) = odd_descriptors(n, max_len, seed);
     let mut s = setup_packing(span, Progress::OnEvents, pack);
+    let half = span / 2;
+    let (a_half, b_half) = if several {
+        // SAFETY: both halves lie inside the Setup's buffers, which outlive
+        // the engines' use of them.
+        let (a_half, b_half) = unsafe {
+            (
+                s.a.register(s.src.as_mut_ptr() as u64, half as u64, Mem::Dram)
+                    .unwrap(),
+                s.b.register(
+                    s.dst.as_mut_ptr() as u64 + half as u64,
+                    (span - half) as u64,
+                    Mem::Dram,
+                )
+                .unwrap(),
+            )
+        };
+        let b_blob = s.b.public_data(b_half).unwrap();
+        (a_half, s.a.load_remote_md("B", &b_blob, Mem::Dram).unwrap())
+    } else {
+        (s.a_md, s.b_md)
+    };
     let descs: Vec<XferDesc> = layout
         .iter()
-        .map(|&(l, r, len)| XferDesc {
+        .enumerate()
+        .map(|(i, &(l, r, len))| XferDesc {
             local_addr: s.src.as_ptr() as u64 + l as u64,
             remote_addr: s.dst.as_ptr() as u64 + r as u64,
             len: len as u64,
-            local_md: s.a_md,
-            remote_md: s.b_md,
+            local_md: if l + len <= half && i % 7 < 4 {
+                a_half
+            } else {
+                s.a_md
+            },
+            remote_md: if r >= half && i % 5 < 3 {
+                b_half
+            } else {
+                s.b_md
+            },
         })
         .collect();
     s.src.copy_from_slice(&random_bytes(span, seed ^ 0x55));
@@ -453,6 +490,22 @@ fn many_odd_descriptors_land_byte_exact_both_ways_packed_or_not() {
     for (seed, (n, max_len)) in cases.into_iter().enumerate() {
         for pack in [false, true] {
             round_trip(n, max_len, 0x1000 + seed as u64, pack);
+        }
+    }
+}
+
+#[test]
+fn descriptors_over_several_registrations_land_byte_exact_both_ways() {
+    // Each side resolves a registration once per run of descriptors that
+    // share it, and the target tries the last one hit before searching:
+    // descriptors switching between overlapping registrations on both
+    // sides, 1 to 1024 per transfer, packed or not.
+    for (seed, (n, max_len)) in [(1, 5000), (5, 70_000), (333, 3000), (1024, 9000)]
+        .into_iter()
+        .enumerate()
+    {
+        for pack in [false, true] {
+            round_trip_over(n, max_len, 0x3000 + seed as u64, pack, true);
         }
     }
 }
