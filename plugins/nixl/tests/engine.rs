@@ -105,6 +105,38 @@ fn write_then_read_back_is_byte_exact_and_notifies_once() {
 }
 
 #[test]
+fn a_prepared_transfer_posts_fresh_data_each_time_until_a_registration_goes() {
+    let mut s = setup(1 << 20);
+    // Every other 8 KiB block (none merge), prepared once.
+    let descs: Vec<_> = (0..64).map(|i| desc(&s, 2 * i * 8192 + 3, 8191)).collect();
+    let p = s.a.prepare(Op::Write, "B", descs.iter().copied()).unwrap();
+    for round in 1..=3u8 {
+        s.src.fill(round);
+        wait(&s.a.post_prepared(&p, None).unwrap()).unwrap();
+        for d in &descs {
+            let o = (d.remote_addr - s.dst.as_ptr() as u64) as usize;
+            assert!(
+                s.dst[o..o + 8191].iter().all(|&b| b == round),
+                "round {round}"
+            );
+        }
+    }
+    // A registration made meanwhile changes nothing; one that went is refused
+    // at the next post, before anything is sent.
+    let mut other = vec![0u8; 4096];
+    // SAFETY: `other` outlives the registration, which is removed below.
+    let id = unsafe { s.a.register(other.as_mut_ptr() as u64, 4096, Mem::Dram) }.unwrap();
+    wait(&s.a.post_prepared(&p, None).unwrap()).unwrap();
+    s.a.deregister(id).unwrap();
+    wait(&s.a.post_prepared(&p, None).unwrap()).unwrap();
+    s.a.deregister(s.a_md).unwrap();
+    let e = s.a.post_prepared(&p, None).err();
+    assert!(matches!(e, Some(Error::NotFound(_))), "{e:?}");
+    let p = s.a.prepare(Op::Read, "B", descs.iter().copied());
+    assert!(matches!(p, Err(Error::NotFound(_))));
+}
+
+#[test]
 fn target_refuses_access_after_deregistration() {
     let s = setup(1 << 16);
     s.b.deregister(s.b_id).unwrap();
