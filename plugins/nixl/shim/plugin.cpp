@@ -7,6 +7,7 @@
 
 #include <cstdio>
 #include <exception>
+#include <memory>
 #include <new>
 
 namespace {
@@ -68,7 +69,11 @@ public:
 
 class TcpxReqH : public nixlBackendReqH {
 public:
-    ~TcpxReqH() override { tnx_xfer_free(xfer); }
+    ~TcpxReqH() override {
+        tnx_xfer_free(xfer);
+        tnx_prep_free(prep);
+    }
+    tnx_prep *prep = nullptr;
     tnx_xfer *xfer = nullptr;
 };
 
@@ -128,28 +133,16 @@ public:
         return status("unloadMD", rc);
     }
 
+    // The descriptors are resolved here, once for every post of the handle.
     nixl_status_t prepXfer(const nixl_xfer_op_t &op, const nixl_meta_dlist_t &local,
-                           const nixl_meta_dlist_t &remote, const std::string &,
+                           const nixl_meta_dlist_t &remote, const std::string &agent,
                            nixlBackendReqH *&handle, const nixl_opt_b_args_t *) const override try {
         if (op != NIXL_READ && op != NIXL_WRITE) return NIXL_ERR_INVALID_PARAM;
-        if (local.descCount() != remote.descCount()) return NIXL_ERR_MISMATCH;
+        const int n = local.descCount();
+        if (n != remote.descCount()) return NIXL_ERR_MISMATCH;
         int rc = tnx_check_xfer_mems(static_cast<uint32_t>(local.getType()),
                                      static_cast<uint32_t>(remote.getType()));
         if (rc != 0) return status("prepXfer", rc);
-        handle = new TcpxReqH();
-        return NIXL_SUCCESS;
-    } catch (...) {
-        return NIXL_ERR_UNKNOWN;
-    }
-
-    nixl_status_t postXfer(const nixl_xfer_op_t &op, const nixl_meta_dlist_t &local,
-                           const nixl_meta_dlist_t &remote, const std::string &agent,
-                           nixlBackendReqH *&handle,
-                           const nixl_opt_b_args_t *opt) const override try {
-        auto *h = static_cast<TcpxReqH *>(handle);
-        if (!h) return NIXL_ERR_INVALID_PARAM;
-        const int n = local.descCount();
-        if (n != remote.descCount()) return NIXL_ERR_MISMATCH;
         std::vector<tnx_desc> ds(static_cast<size_t>(n));
         for (int i = 0; i < n; ++i) {
             const nixlMetaDesc &l = local[i];
@@ -157,11 +150,28 @@ public:
             if (l.len != r.len) return NIXL_ERR_MISMATCH;
             ds[i] = tnx_desc{l.addr, r.addr, l.len, mdId(l.metadataP), mdId(r.metadataP)};
         }
+        auto h = std::make_unique<TcpxReqH>();
+        rc = tnx_xfer_prep(e_, op == NIXL_WRITE ? 1 : 0, agent.c_str(), ds.data(), ds.size(),
+                           &h->prep);
+        if (rc != 0) return status("prepXfer", rc);
+        handle = h.release();
+        return NIXL_SUCCESS;
+    } catch (...) {
+        return NIXL_ERR_UNKNOWN;
+    }
+
+    // NIXL posts a handle with the lists it was prepared with.
+    nixl_status_t postXfer(const nixl_xfer_op_t &, const nixl_meta_dlist_t &,
+                           const nixl_meta_dlist_t &, const std::string &,
+                           nixlBackendReqH *&handle,
+                           const nixl_opt_b_args_t *opt) const override try {
+        auto *h = static_cast<TcpxReqH *>(handle);
+        if (!h || !h->prep) return NIXL_ERR_INVALID_PARAM;
         const bool has = opt && opt->hasNotif;
         const std::string *msg = has ? &opt->notifMsg : nullptr;
         tnx_xfer_free(h->xfer);  // a repost replaces the finished transfer
         h->xfer = nullptr;
-        int rc = tnx_xfer_post(e_, op == NIXL_WRITE ? 1 : 0, agent.c_str(), ds.data(), ds.size(),
+        int rc = tnx_xfer_post(e_, h->prep,
                                has ? reinterpret_cast<const uint8_t *>(msg->data()) : nullptr,
                                has ? msg->size() : 0, has ? 1 : 0, &h->xfer);
         return status("postXfer", rc);

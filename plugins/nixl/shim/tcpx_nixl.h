@@ -14,6 +14,7 @@ extern "C" {
 
 typedef struct tnx_engine tnx_engine;
 typedef struct tnx_xfer tnx_xfer;
+typedef struct tnx_prep tnx_prep;
 
 typedef struct tnx_desc {
     uint64_t local_addr;
@@ -53,9 +54,15 @@ int tnx_disconnect(const tnx_engine *e, const char *agent);
 size_t tnx_supported_mems(uint32_t *out, size_t cap);
 // NIXL_SUCCESS when a transfer between these nixl_mem_t kinds can be prepared here.
 int tnx_check_xfer_mems(uint32_t local, uint32_t remote);
-// op: 0 READ, 1 WRITE. Returns NIXL_IN_PROG/NIXL_SUCCESS with *out set, or an error.
-int tnx_xfer_post(const tnx_engine *e, int op, const char *agent, const tnx_desc *descs, size_t n,
-                  const uint8_t *notif, size_t notif_len, int has_notif, tnx_xfer **out);
+// op: 0 READ, 1 WRITE. Merges, resolves and checks the descriptors once;
+// *out is set on success; free with tnx_prep_free (posts in flight go on).
+int tnx_xfer_prep(const tnx_engine *e, int op, const char *agent, const tnx_desc *descs, size_t n,
+                  tnx_prep **out);
+void tnx_prep_free(tnx_prep *p);
+// Posts a prepared transfer (again, once the last post finished). Returns
+// NIXL_IN_PROG/NIXL_SUCCESS with *out set, or an error.
+int tnx_xfer_post(const tnx_engine *e, const tnx_prep *p, const uint8_t *notif, size_t notif_len,
+                  int has_notif, tnx_xfer **out);
 int tnx_xfer_check(const tnx_xfer *x);
 void tnx_xfer_free(tnx_xfer *x);
 // Hands each queued notification to sink once; one the sink refuses stays

@@ -18,7 +18,7 @@ use crate::options::{Options, Progress};
 use crate::outbox::{payloads, Item};
 use crate::pack::{self, Piece};
 use crate::proto::{Desc, Msg, MAX_DESCS, MAX_NOTIF};
-use crate::registry::{self, Mem, Registry, RemoteRegion};
+use crate::registry::{self, LocalRegion, Mem, Registry, RemoteRegion};
 use crate::state::{lock, Inner, Pending, XferState};
 
 /// Connection info: "TXCI", version u16, then the 128-byte listen handle.
@@ -185,28 +185,50 @@ impl Engine {
         descs: &[XferDesc],
         notif: Option<&[u8]>,
     ) -> Result<Arc<XferState>> {
-        if notif.is_some_and(|n| n.len() > MAX_NOTIF) {
-            return Err(Error::InvalidArgument(format!(
-                "notification longer than {MAX_NOTIF} bytes"
-            )));
-        }
+        self.post_prepared(&self.prepare(op, agent, descs.iter().copied())?, notif)
+    }
+
+    /// Resolves and checks a transfer once (NIXL's prepXfer) for any number
+    /// of posts: neighbours merged, registrations looked up, layouts planned.
+    pub fn prepare(
+        &self,
+        op: Op,
+        agent: &str,
+        descs: impl IntoIterator<Item = XferDesc>,
+    ) -> Result<Prepared> {
         let descs = coalesce(descs);
-        let descs = &descs[..];
-        // Resolve and check everything before anything is sent.
+        let resolved = self.resolve(agent, &descs)?;
+        Ok(Prepared {
+            op,
+            agent: agent.to_string(),
+            descs,
+            resolved,
+        })
+    }
+
+    /// Every descriptor's registrations, checked, under one lock; each
+    /// looked up once per run of descriptors that share it (typically once
+    /// per transfer).
+    fn resolve(&self, agent: &str, descs: &[XferDesc]) -> Result<Resolved> {
         let mut local: Vec<Piece> = Vec::with_capacity(descs.len());
         // The target checks every range against its registrations of this kind.
         let mut remote_kind = None;
-        {
-            let reg = lock(&self.inner.reg);
-            for d in descs {
-                let l = reg.local(d.local_md)?;
-                let off = l.offset_of(d.local_addr, d.len).ok_or_else(|| {
-                    Error::InvalidArgument(format!(
-                        "local range {:#x}+{} is outside its registration",
-                        d.local_addr, d.len
-                    ))
-                })?;
-                let r: RemoteRegion = reg.remote(d.remote_md)?;
+        let reg = lock(&self.inner.reg);
+        let mut last_local: Option<(u64, Arc<LocalRegion>)> = None;
+        let mut last_remote = None;
+        for d in descs {
+            let l = match &last_local {
+                Some((id, l)) if *id == d.local_md => l,
+                _ => &last_local.insert((d.local_md, reg.local(d.local_md)?)).1,
+            };
+            let off = l.offset_of(d.local_addr, d.len).ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "local range {:#x}+{} is outside its registration",
+                    d.local_addr, d.len
+                ))
+            })?;
+            if last_remote != Some(d.remote_md) {
+                let r: &RemoteRegion = reg.remote(d.remote_md)?;
                 if r.agent != agent {
                     return Err(Error::InvalidArgument(format!(
                         "remote descriptor belongs to {:?}, not {agent:?}",
@@ -218,17 +240,58 @@ impl Engine {
                         "remote descriptors of one transfer must all be one memory kind".into(),
                     ));
                 }
-                local.push((l, off, d.len as usize));
+                last_remote = Some(d.remote_md);
             }
+            local.push((l.clone(), off, d.len as usize));
         }
-        let mem = remote_kind.unwrap_or(Mem::Dram).nixl();
-        let link = handshake::ensure(&self.inner, agent)?;
-        let chunks: Vec<_> = descs
+        let generation = reg.generation();
+        drop(reg);
+        let remote = remote_kind.unwrap_or(Mem::Dram);
+        let mut pieces = local.into_iter();
+        let batches = descs
             .chunks(MAX_DESCS)
-            .zip(local.chunks(MAX_DESCS))
+            .map(|ds| {
+                let pieces: Vec<Piece> = pieces.by_ref().take(ds.len()).collect();
+                let shapes = pieces.iter().map(|(r, _, len)| (*len as u64, r.kind));
+                Batch {
+                    layout: pack::plan(shapes, remote, self.inner.opts.pack_dram),
+                    wire: ds
+                        .iter()
+                        .map(|d| Desc {
+                            addr: d.remote_addr,
+                            len: d.len,
+                        })
+                        .collect(),
+                    pieces,
+                }
+            })
             .collect();
-        let xfer = Arc::new(XferState::new(link.clone(), chunks.len()));
-        if chunks.is_empty() {
+        Ok(Resolved {
+            generation,
+            remote,
+            batches,
+        })
+    }
+
+    /// Posts a prepared transfer (again: NIXL reposts finished handles).
+    pub fn post_prepared(&self, p: &Prepared, notif: Option<&[u8]>) -> Result<Arc<XferState>> {
+        if notif.is_some_and(|n| n.len() > MAX_NOTIF) {
+            return Err(Error::InvalidArgument(format!(
+                "notification longer than {MAX_NOTIF} bytes"
+            )));
+        }
+        // A registration that went since the prepare is refused, as at the prepare.
+        let fresh;
+        let r = if lock(&self.inner.reg).generation() == p.resolved.generation {
+            &p.resolved
+        } else {
+            fresh = self.resolve(&p.agent, &p.descs)?;
+            &fresh
+        };
+        let (op, agent, mem) = (p.op, p.agent.as_str(), r.remote.nixl());
+        let link = handshake::ensure(&self.inner, agent)?;
+        let xfer = Arc::new(XferState::new(link.clone(), r.batches.len()));
+        if r.batches.is_empty() {
             // Nothing to move; a notification still travels.
             if let Some(n) = notif {
                 link.send(vec![Item::Msg(Msg::Notif { msg: n.to_vec() }.encode())])?;
@@ -241,22 +304,11 @@ impl Engine {
                 xfer.notify_after(link.clone(), n.to_vec());
             }
         }
-        let last = chunks.len() - 1;
-        for (i, (ds, ls)) in chunks.into_iter().enumerate() {
+        let last = r.batches.len() - 1;
+        for (i, b) in r.batches.iter().enumerate() {
             let id = self.inner.id();
-            let wire: Vec<Desc> = ds
-                .iter()
-                .map(|d| Desc {
-                    addr: d.remote_addr,
-                    len: d.len,
-                })
-                .collect();
-            let lens: Vec<u64> = ds.iter().map(|d| d.len).collect();
-            let kinds: Vec<Mem> = ls.iter().map(|(r, _, _)| r.kind).collect();
-            let remote = remote_kind.unwrap_or(Mem::Dram);
-            let layout = pack::plan(&lens, &kinds, remote, self.inner.opts.pack_dram);
             let sinks = if op == Op::Read {
-                ls.to_vec()
+                b.pieces.clone()
             } else {
                 Vec::new()
             };
@@ -267,7 +319,7 @@ impl Engine {
                     peer: agent.to_string(),
                     xfer: xfer.clone(),
                     sinks,
-                    layout: layout.clone(),
+                    layout: b.layout.clone(),
                 },
             );
             let items = match op {
@@ -275,24 +327,25 @@ impl Engine {
                     let hdr = Msg::Write {
                         id,
                         mem,
-                        descs: wire,
-                        layout: layout.clone(),
+                        descs: b.wire.clone(),
+                        layout: b.layout.clone(),
                         notif: if i == last {
                             notif.map(|n| n.to_vec())
                         } else {
                             None
                         },
                     };
-                    let mut items = vec![Item::Msg(hdr.encode())];
-                    items.extend(payloads(ls.to_vec(), &layout));
+                    let mut items = Vec::with_capacity(1 + b.layout.len());
+                    items.push(Item::Msg(hdr.encode()));
+                    items.extend(payloads(b.pieces.clone(), &b.layout));
                     items
                 }
                 Op::Read => vec![Item::Msg(
                     Msg::Read {
                         id,
                         mem,
-                        descs: wire,
-                        layout,
+                        descs: b.wire.clone(),
+                        layout: b.layout.clone(),
                     }
                     .encode(),
                 )],
@@ -359,10 +412,38 @@ impl Drop for Engine {
     }
 }
 
+/// A transfer prepared once ([`Engine::prepare`]) and posted any number of
+/// times.
+pub struct Prepared {
+    op: Op,
+    agent: String,
+    /// Merged descriptors, resolved again when a registration went since.
+    descs: Vec<XferDesc>,
+    resolved: Resolved,
+}
+
+/// What a post sends, valid while no registration went.
+struct Resolved {
+    /// [`Registry::generation`] when resolved.
+    generation: u64,
+    /// Memory kind of the remote descriptors.
+    remote: Mem,
+    /// At most [`MAX_DESCS`] descriptors each.
+    batches: Vec<Batch>,
+}
+
+/// One Write or Read message's worth of a transfer.
+struct Batch {
+    wire: Vec<Desc>,
+    pieces: Vec<Piece>,
+    layout: Vec<u32>,
+}
+
 /// Merges neighbours that are adjacent on both sides (same registrations):
 /// one descriptor instead of several, moved alike.
-fn coalesce(descs: &[XferDesc]) -> Vec<XferDesc> {
-    let mut out: Vec<XferDesc> = Vec::with_capacity(descs.len());
+fn coalesce(descs: impl IntoIterator<Item = XferDesc>) -> Vec<XferDesc> {
+    let descs = descs.into_iter();
+    let mut out: Vec<XferDesc> = Vec::with_capacity(descs.size_hint().0);
     for d in descs {
         if let Some(p) = out.last_mut() {
             let next_to = |a: u64, b: u64| a.checked_add(p.len) == Some(b);
@@ -378,7 +459,7 @@ fn coalesce(descs: &[XferDesc]) -> Vec<XferDesc> {
                 }
             }
         }
-        out.push(*d);
+        out.push(d);
     }
     out
 }

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use ffiguard::{cstr, obj, out, put, slice, slice_mut, take};
 
-use crate::engine::{xfer_status, Engine, Op, XferDesc};
+use crate::engine::{xfer_status, Engine, Op, Prepared, XferDesc};
 use crate::error::{status, Error, Result};
 use crate::options::{Options, Progress};
 use crate::registry::Mem;
@@ -21,6 +21,7 @@ use crate::state::XferState;
 
 pub struct tnx_engine(Engine);
 pub struct tnx_xfer(Arc<XferState>);
+pub struct tnx_prep(Prepared);
 
 /// One local/remote pair of a transfer (`local_md`/`remote_md`: ids from
 /// `tnx_register`/`tnx_load_remote_md`).
@@ -258,22 +259,19 @@ pub extern "C" fn tnx_check_xfer_mems(local: u32, remote: u32) -> c_int {
     })
 }
 
-/// Posts a transfer. `op`: 0 = READ, 1 = WRITE (`nixl_xfer_op_t`).
-/// `has_notif` != 0 sends `notif` (possibly empty) to the peer after the data.
-#[allow(clippy::too_many_arguments)]
+/// Prepares a transfer (NIXL's prepXfer): its descriptors merged, resolved
+/// and checked once for every post of it. `op`: 0 = READ, 1 = WRITE
+/// (`nixl_xfer_op_t`).
 #[no_mangle]
-pub extern "C" fn tnx_xfer_post(
+pub extern "C" fn tnx_xfer_prep(
     e: *const tnx_engine,
     op: c_int,
     agent: *const c_char,
     descs: *const tnx_desc,
     n: usize,
-    notif: *const u8,
-    notif_len: usize,
-    has_notif: c_int,
-    out_xfer: *mut *mut tnx_xfer,
+    out_prep: *mut *mut tnx_prep,
 ) -> c_int {
-    guard("tnx_xfer_post", || {
+    guard("tnx_xfer_prep", || {
         let op = match op {
             0 => Op::Read,
             1 => Op::Write,
@@ -281,23 +279,50 @@ pub extern "C" fn tnx_xfer_post(
         };
         // SAFETY: descs holds n elements, agent is a C string (header contract).
         let (ds, agent) = unsafe { (slice(descs, n, "descriptors")?, cstr(agent, "agent name")?) };
-        let ds: Vec<XferDesc> = ds
-            .iter()
-            .map(|d| XferDesc {
-                local_addr: d.local_addr,
-                remote_addr: d.remote_addr,
-                len: d.len,
-                local_md: d.local_md,
-                remote_md: d.remote_md,
-            })
-            .collect();
+        let ds = ds.iter().map(|d| XferDesc {
+            local_addr: d.local_addr,
+            remote_addr: d.remote_addr,
+            len: d.len,
+            local_md: d.local_md,
+            remote_md: d.remote_md,
+        });
+        let p = engine(e)?.prepare(op, agent, ds)?;
+        // SAFETY: out_prep is NULL or writable (header contract).
+        unsafe { put(out_prep, Some(tnx_prep(p))) }?;
+        Ok(status::SUCCESS)
+    })
+}
+
+/// Frees a prepared transfer (its posts in flight go on). NULL is ignored.
+#[no_mangle]
+pub extern "C" fn tnx_prep_free(p: *mut tnx_prep) {
+    ffiguard::catch::<Nixl, _>("tnx_prep_free", (), || {
+        // SAFETY: NULL or from tnx_xfer_prep, freed once (header contract).
+        drop(unsafe { take(p) });
+    });
+}
+
+/// Posts a prepared transfer. `has_notif` != 0 sends `notif` (possibly
+/// empty) to the peer after the data.
+#[no_mangle]
+pub extern "C" fn tnx_xfer_post(
+    e: *const tnx_engine,
+    prep: *const tnx_prep,
+    notif: *const u8,
+    notif_len: usize,
+    has_notif: c_int,
+    out_xfer: *mut *mut tnx_xfer,
+) -> c_int {
+    guard("tnx_xfer_post", || {
+        // SAFETY: NULL or a live prepared transfer from tnx_xfer_prep (header contract).
+        let prep = unsafe { obj(prep, "prepared transfer") }?;
         let notif = if has_notif != 0 {
             // SAFETY: notif holds notif_len bytes (header contract).
             Some(unsafe { slice(notif, notif_len, "notification") }?)
         } else {
             None
         };
-        let x = engine(e)?.post(op, agent, &ds, notif)?;
+        let x = engine(e)?.post_prepared(&prep.0, notif)?;
         let (code, _) = xfer_status(&x);
         // SAFETY: out_xfer is NULL or writable (header contract).
         unsafe { put(out_xfer, Some(tnx_xfer(x))) }?;

@@ -26,11 +26,12 @@ const RECVS_AHEAD: usize = 4;
 /// Largest payload drained (received and dropped) from a refused WRITE;
 /// a peer announcing more is cut off instead.
 const MAX_DRAIN: u64 = 1 << 30;
-/// A comm a caller polled within this long is left to the callers: long
-/// enough to tell a caller polling in a loop, short enough that one that
-/// polls now and then (a target waiting for notifications) does not hold
-/// up what arrives meanwhile (a 2 ms grace made such a target answer each
-/// WRITE up to a millisecond late).
+/// A comm whose callers poll it in a loop (their last two polls at most
+/// this far apart, the last one within it) is left to the callers. One
+/// that polls now and then (a target napping between looks for
+/// notifications) does not hold up what arrives meanwhile: a grace after
+/// each of its polls left the comm unserved for that long every time (2 ms
+/// made such a target answer each WRITE up to a millisecond late).
 const CALLER_GRACE: Duration = Duration::from_micros(100);
 /// How long a background thread naps while callers poll.
 const NAP: Duration = Duration::from_micros(100);
@@ -46,9 +47,42 @@ pub(crate) struct Inbox {
     /// Where answers go.
     link: Arc<Link>,
     st: Mutex<InState>,
-    /// When a caller last polled this comm, in µs since `born` (0: never).
-    helped_at: AtomicU64,
+    /// When callers polled this comm, in µs since `born`.
+    polls: CallerPolls,
     born: Instant,
+}
+
+/// When callers last polled a comm, and how far apart their last two polls
+/// were, in µs of some clock (0: never).
+struct CallerPolls {
+    at: AtomicU64,
+    /// `u64::MAX`: fewer than two polls.
+    gap: AtomicU64,
+}
+
+impl CallerPolls {
+    fn new() -> Self {
+        CallerPolls {
+            at: AtomicU64::new(0),
+            gap: AtomicU64::new(u64::MAX),
+        }
+    }
+
+    fn polled(&self, now: u64) {
+        let before = self.at.swap(now, Ordering::Relaxed);
+        let gap = match before {
+            0 => u64::MAX,
+            b => now.saturating_sub(b),
+        };
+        self.gap.store(gap, Ordering::Relaxed);
+    }
+
+    /// Whether callers poll in a loop: the last poll and the gap before it
+    /// both within `grace`.
+    fn in_a_loop(&self, now: u64, grace: u64) -> bool {
+        let t = self.at.load(Ordering::Relaxed);
+        t != 0 && now.saturating_sub(t) < grace && self.gap.load(Ordering::Relaxed) < grace
+    }
 }
 
 struct InState {
@@ -167,10 +201,9 @@ impl Payloads {
 /// The payload messages of descriptors `pieces` sent by `layout`.
 fn sinks(pieces: Vec<Piece>, layout: &[u32]) -> Vec<Sink> {
     pack::split(pieces, layout)
-        .into_iter()
-        .map(|mut run| match run.len() {
-            1 => Sink::Direct(run.remove(0)),
-            _ => Sink::Pack(run, None),
+        .map(|run| match run {
+            pack::Run::One(p) => Sink::Direct(p),
+            pack::Run::Pack(ps) => Sink::Pack(ps, None),
         })
         .collect()
 }
@@ -196,7 +229,7 @@ enum Next {
 
 impl Serve for Inbox {
     fn help(&self, inner: &Inner) {
-        self.helped_at.store(self.now_us(), Ordering::Relaxed);
+        self.polls.polled(self.now_us());
         self.try_pump(inner);
     }
 
@@ -206,11 +239,11 @@ impl Serve for Inbox {
         }
     }
 
-    /// The background threads leave a comm that callers poll to them (on a
-    /// small machine their wake-ups would compete for the CPU).
+    /// The background threads leave a comm that callers poll in a loop to
+    /// them (on a small machine their wake-ups would compete for the CPU).
     fn helped_recently(&self) -> bool {
-        let t = self.helped_at.load(Ordering::Relaxed);
-        t != 0 && self.now_us() - t < CALLER_GRACE.as_micros() as u64
+        self.polls
+            .in_a_loop(self.now_us(), CALLER_GRACE.as_micros() as u64)
     }
 
     fn link(&self) -> &Arc<Link> {
@@ -367,12 +400,13 @@ impl Inbox {
             Msg::ReadResp { id, status, text } => {
                 let mut pending = lock(&inner.pending);
                 let p = pending
-                    .get(&id)
+                    .get_mut(&id)
                     .ok_or_else(|| Error::Protocol(format!("ReadResp for unknown request {id}")))?;
                 if status == status::SUCCESS {
                     // The batch stays pending until its data landed, so a
                     // broken link fails it.
-                    let msgs = sinks(p.sinks.clone(), &p.layout);
+                    // Taken: nothing else reads them, and a failure needs only the batch.
+                    let msgs = sinks(std::mem::take(&mut p.sinks), &p.layout);
                     Payloads::step(msgs, None, Then::ReadDone { id })
                 } else {
                     if let Some(p) = pending.remove(&id) {
@@ -436,7 +470,7 @@ pub(crate) fn serve(
             hdr,
             step: Step::Idle,
         }),
-        helped_at: AtomicU64::new(0),
+        polls: CallerPolls::new(),
         born: Instant::now(),
     });
     if let Err(e) = inbox.comm.take_over_progress() {
@@ -518,19 +552,26 @@ fn check_access(
     };
     let kind = Mem::from_nixl(mem).map_err(|e| refuse(e.to_string()))?;
     let reg = lock(&inner.reg);
-    descs
-        .iter()
-        .map(|d| {
-            reg.covering(d.addr, d.len, kind)
-                .map(|(r, off)| (r, off, d.len as usize))
-                .ok_or_else(|| {
-                    refuse(format!(
-                        "{kind} range {:#x}+{} is not inside a registration of agent {:?}",
-                        d.addr, d.len, inner.agent
-                    ))
-                })
-        })
-        .collect()
+    let mut out: Vec<Piece> = Vec::with_capacity(descs.len());
+    for d in descs {
+        // A transfer's descriptors mostly lie in one region: try the last
+        // one's before searching them all (found under this same lock).
+        let last = out.last().and_then(|(r, _, _)| {
+            r.offset_of(d.addr, d.len)
+                .map(|off| (r.clone(), off))
+                .filter(|_| r.kind == kind)
+        });
+        let (r, off) = last
+            .or_else(|| reg.covering(d.addr, d.len, kind))
+            .ok_or_else(|| {
+                refuse(format!(
+                    "{kind} range {:#x}+{} is not inside a registration of agent {:?}",
+                    d.addr, d.len, inner.agent
+                ))
+            })?;
+        out.push((r, off, d.len as usize));
+    }
+    Ok(out)
 }
 
 /// Where a refused WRITE's payload messages (by `layout`) are received and
@@ -575,4 +616,24 @@ fn check_sizes(sizes: &Sizes, msgs: &[Sink], range: Range<usize>) -> Result<()> 
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_callers_polling_in_a_loop_keep_the_background_away() {
+        let p = CallerPolls::new();
+        assert!(!p.in_a_loop(1000, 100));
+        // One poll, or polls 500 µs apart (a napping target): served.
+        p.polled(1000);
+        assert!(!p.in_a_loop(1010, 100));
+        p.polled(1500);
+        assert!(!p.in_a_loop(1510, 100));
+        // Polls 5 µs apart: left to the caller until it stops for the grace.
+        p.polled(1505);
+        assert!(p.in_a_loop(1510, 100));
+        assert!(!p.in_a_loop(1605, 100));
+    }
 }

@@ -41,7 +41,7 @@ pub mod proto;
 mod registry;
 mod state;
 
-pub use engine::{Engine, Op, XferDesc};
+pub use engine::{Engine, Op, Prepared, XferDesc};
 pub use error::{status, Error, Result};
 pub use options::{Options, Progress, OPTIONS};
 pub use registry::Mem;

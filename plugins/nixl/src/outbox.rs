@@ -9,7 +9,7 @@ use std::sync::Arc;
 use tcpx::{HostMemory, MemoryRegion, Net, Request, SendComm, Waiter};
 
 use crate::error::Result;
-use crate::pack::{Dir, PackBuf, Packs, Piece};
+use crate::pack::{Dir, PackBuf, Packs, Piece, Run};
 use crate::proto::{MAX_MSG, TAG_DATA, TAG_HDR};
 use crate::registry::LocalRegion;
 
@@ -162,17 +162,17 @@ impl Outbox {
         })
     }
 
-    /// Drops finished sends, in any order.
+    /// Drops finished sends, in any order, in one pass.
     fn reap(&mut self) -> Result<()> {
-        let mut i = 0;
-        while i < self.inflight.len() {
-            if self.inflight[i].req.test()?.is_some() {
-                self.inflight.remove(i);
-            } else {
-                i += 1;
+        let mut failed = None;
+        self.inflight.retain_mut(|f| match f.req.test() {
+            Ok(done) => done.is_none(),
+            Err(e) => {
+                failed.get_or_insert(e);
+                true
             }
-        }
-        Ok(())
+        });
+        failed.map_or(Ok(()), |e| Err(e.into()))
     }
 }
 
@@ -194,14 +194,9 @@ fn isend(
 
 /// The payload items of descriptors `pieces` sent by `layout`: one
 /// descriptor alone as it is, several as a pack.
-pub(crate) fn payloads(pieces: Vec<Piece>, layout: &[u32]) -> impl Iterator<Item = Item> {
-    crate::pack::split(pieces, layout)
-        .into_iter()
-        .map(|mut run| match run.len() {
-            1 => {
-                let (r, off, len) = run.remove(0);
-                Item::Data(r, off, len)
-            }
-            _ => Item::Pack(run, None),
-        })
+pub(crate) fn payloads(pieces: Vec<Piece>, layout: &[u32]) -> impl Iterator<Item = Item> + '_ {
+    crate::pack::split(pieces, layout).map(|run| match run {
+        Run::One((r, off, len)) => Item::Data(r, off, len),
+        Run::Pack(ps) => Item::Pack(ps, None),
+    })
 }

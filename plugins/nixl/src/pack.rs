@@ -46,8 +46,8 @@ const COPY_DEADLINE: Duration = Duration::from_secs(10);
 pub(crate) type Piece = (Arc<LocalRegion>, usize, usize);
 
 /// The layout of a transfer (see PROTOCOL.md, "Packs"): how many
-/// consecutive descriptors each payload message carries, for descriptors of
-/// lengths `lens` whose local memory kinds are `kinds`, moving to or from
+/// consecutive descriptors each payload message carries, for descriptors
+/// `descs` (length, local memory kind), moving to or from
 /// remote memory of kind `remote`. Where VRAM is involved (or `pack_dram`,
 /// the backend option), a run of
 /// descriptors small enough to pack, of one local kind, fills a pack up to
@@ -56,10 +56,14 @@ pub(crate) type Piece = (Arc<LocalRegion>, usize, usize);
 /// each way, and a pack's copies and its round trip for the receiver's post
 /// cost more (measured: 64 KiB descriptors at half the GB/s, 4-8 KiB ones
 /// no faster), unless `pack_dram` asks for it.
-pub(crate) fn plan(lens: &[u64], kinds: &[Mem], remote: Mem, pack_dram: bool) -> Vec<u32> {
+pub(crate) fn plan(
+    descs: impl IntoIterator<Item = (u64, Mem)>,
+    remote: Mem,
+    pack_dram: bool,
+) -> Vec<u32> {
     let mut out = Vec::new();
     let (mut n, mut bytes, mut kind) = (0u32, 0u64, None);
-    for (&len, &k) in lens.iter().zip(kinds) {
+    for (len, k) in descs {
         let (max_desc, pack) = match (k, remote) {
             (Mem::Vram, Mem::Vram) => (VRAM_MAX_DESC, MAX_PACK as u64),
             (Mem::Dram, Mem::Dram) if !pack_dram => (0, 0),
@@ -320,15 +324,21 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// One payload message of a layout: a descriptor alone, or a pack.
+pub(crate) enum Run {
+    One(Piece),
+    Pack(Vec<Piece>),
+}
+
 /// Splits `pieces` into payload messages by `layout` (entries adding up
-/// to their count, as the protocol checks).
-pub(crate) fn split(pieces: Vec<Piece>, layout: &[u32]) -> Vec<Vec<Piece>> {
-    let mut out = Vec::with_capacity(layout.len());
+/// to their count, as the protocol checks); a lone descriptor costs no
+/// allocation.
+pub(crate) fn split(pieces: Vec<Piece>, layout: &[u32]) -> impl Iterator<Item = Run> + '_ {
     let mut it = pieces.into_iter();
-    for &k in layout {
-        out.push(it.by_ref().take(k as usize).collect());
-    }
-    out
+    layout.iter().filter_map(move |&k| match k {
+        1 => it.next().map(Run::One),
+        k => Some(Run::Pack(it.by_ref().take(k as usize).collect())),
+    })
 }
 
 /// Bytes of a pack of `pieces`, which must fit a pack buffer.
@@ -346,6 +356,14 @@ pub(crate) fn total(pieces: &[Piece]) -> Result<usize> {
 mod tests {
     use super::*;
 
+    fn plan_of(lens: &[u64], kinds: &[Mem], remote: Mem, pack_dram: bool) -> Vec<u32> {
+        plan(
+            lens.iter().copied().zip(kinds.iter().copied()),
+            remote,
+            pack_dram,
+        )
+    }
+
     fn lens_of(plan: &[u32]) -> usize {
         plan.iter().map(|&n| n as usize).sum()
     }
@@ -353,27 +371,30 @@ mod tests {
     #[test]
     fn small_descriptors_fill_packs_and_large_ones_go_alone() {
         let (d, v) = (Mem::Dram, Mem::Vram);
-        assert_eq!(plan(&[], &[], d, false), Vec::<u32>::new());
+        assert_eq!(plan_of(&[], &[], d, false), Vec::<u32>::new());
         // DRAM to DRAM: packed only when asked (the backend option pack_dram).
-        assert_eq!(plan(&[8 << 10; 128], &[d; 128], d, false), vec![1; 128]);
-        assert_eq!(plan(&[8 << 10; 128], &[d; 128], d, true), vec![128]);
+        assert_eq!(plan_of(&[8 << 10; 128], &[d; 128], d, false), vec![1; 128]);
+        assert_eq!(plan_of(&[8 << 10; 128], &[d; 128], d, true), vec![128]);
         // VRAM and DRAM: up to 64 KiB in 1 MiB packs, 16 of 64 KiB each.
-        assert_eq!(plan(&[8 << 10; 128], &[d; 128], v, false), vec![128]);
-        assert_eq!(plan(&[64 << 10; 40], &[v; 40], d, false), vec![16, 16, 8]);
+        assert_eq!(plan_of(&[8 << 10; 128], &[d; 128], v, false), vec![128]);
+        assert_eq!(
+            plan_of(&[64 << 10; 40], &[v; 40], d, false),
+            vec![16, 16, 8]
+        );
         let lens = [4096, 4096, 1 << 20, 4096, (64 << 10) + 1, 7];
-        assert_eq!(plan(&lens, &[d; 6], v, false), vec![2, 1, 1, 1, 1]);
+        assert_eq!(plan_of(&lens, &[d; 6], v, false), vec![2, 1, 1, 1, 1]);
         // VRAM on both sides: up to 1 MiB descriptors, 4 MiB packs.
-        assert_eq!(plan(&[1 << 20; 9], &[v; 9], v, false), vec![4, 4, 1]);
-        assert_eq!(plan(&[1 << 20; 9], &[v; 9], d, false), vec![1; 9]);
+        assert_eq!(plan_of(&[1 << 20; 9], &[v; 9], v, false), vec![4, 4, 1]);
+        assert_eq!(plan_of(&[1 << 20; 9], &[v; 9], d, false), vec![1; 9]);
         // A change of local memory kind ends a pack.
         assert_eq!(
-            plan(&[10, 10, 10, 10], &[d, v, v, d], v, false),
+            plan_of(&[10, 10, 10, 10], &[d, v, v, d], v, false),
             vec![1, 2, 1]
         );
         for n in [1, 5, 1000, 8192] {
             let lens: Vec<u64> = (0..n).map(|i| (i % 7) * 9000 + 1).collect();
             for remote in [d, v] {
-                let p = plan(&lens, &vec![d; n as usize], remote, false);
+                let p = plan_of(&lens, &vec![d; n as usize], remote, false);
                 assert_eq!(lens_of(&p), n as usize);
                 assert!(p.iter().all(|&k| k >= 1));
             }

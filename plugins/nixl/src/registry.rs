@@ -179,6 +179,8 @@ pub fn decode_public(agent: &str, b: &[u8]) -> Result<RemoteRegion> {
 pub struct Registry {
     local: HashMap<u64, Arc<LocalRegion>>,
     remote: HashMap<u64, RemoteRegion>,
+    /// Counts removals: what was resolved under an equal count is still valid.
+    generation: u64,
 }
 
 impl Registry {
@@ -233,6 +235,7 @@ impl Registry {
     pub fn deregister(&mut self, id: u64) -> Result<()> {
         // Transfers in flight keep their own reference; the region is gone
         // for every later access.
+        self.generation += 1;
         self.local
             .remove(&id)
             .map(drop)
@@ -260,16 +263,21 @@ impl Registry {
     }
 
     pub fn unload_remote(&mut self, id: u64) -> Result<()> {
+        self.generation += 1;
         self.remote
             .remove(&id)
             .map(drop)
             .ok_or_else(|| Error::NotFound(format!("remote descriptor {id}")))
     }
 
-    pub fn remote(&self, id: u64) -> Result<RemoteRegion> {
+    /// Changes whenever a registration or remote descriptor goes.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    pub fn remote(&self, id: u64) -> Result<&RemoteRegion> {
         self.remote
             .get(&id)
-            .cloned()
             .ok_or_else(|| Error::NotFound(format!("remote descriptor {id}")))
     }
 }

@@ -105,6 +105,38 @@ fn write_then_read_back_is_byte_exact_and_notifies_once() {
 }
 
 #[test]
+fn a_prepared_transfer_posts_fresh_data_each_time_until_a_registration_goes() {
+    let mut s = setup(1 << 20);
+    // Every other 8 KiB block (none merge), prepared once.
+    let descs: Vec<_> = (0..64).map(|i| desc(&s, 2 * i * 8192 + 3, 8191)).collect();
+    let p = s.a.prepare(Op::Write, "B", descs.iter().copied()).unwrap();
+    for round in 1..=3u8 {
+        s.src.fill(round);
+        wait(&s.a.post_prepared(&p, None).unwrap()).unwrap();
+        for d in &descs {
+            let o = (d.remote_addr - s.dst.as_ptr() as u64) as usize;
+            assert!(
+                s.dst[o..o + 8191].iter().all(|&b| b == round),
+                "round {round}"
+            );
+        }
+    }
+    // A registration made meanwhile changes nothing; one that went is refused
+    // at the next post, before anything is sent.
+    let mut other = vec![0u8; 4096];
+    // SAFETY: `other` outlives the registration, which is removed below.
+    let id = unsafe { s.a.register(other.as_mut_ptr() as u64, 4096, Mem::Dram) }.unwrap();
+    wait(&s.a.post_prepared(&p, None).unwrap()).unwrap();
+    s.a.deregister(id).unwrap();
+    wait(&s.a.post_prepared(&p, None).unwrap()).unwrap();
+    s.a.deregister(s.a_md).unwrap();
+    let e = s.a.post_prepared(&p, None).err();
+    assert!(matches!(e, Some(Error::NotFound(_))), "{e:?}");
+    let p = s.a.prepare(Op::Read, "B", descs.iter().copied());
+    assert!(matches!(p, Err(Error::NotFound(_))));
+}
+
+#[test]
 fn target_refuses_access_after_deregistration() {
     let s = setup(1 << 16);
     s.b.deregister(s.b_id).unwrap();
@@ -391,16 +423,53 @@ fn odd_descriptors(n: usize, max_len: usize, seed: u64) -> (Vec<(usize, usize, u
 /// model of the whole destination (stray bytes fail too); `pack`: small
 /// descriptors travel packed.
 fn round_trip(n: usize, max_len: usize, seed: u64, pack: bool) {
+    round_trip_over(n, max_len, seed, pack, false)
+}
+
+/// `round_trip`; `several`: each side also registers half of its buffer
+/// again, and the descriptors name whole-buffer and half registrations in
+/// turn (runs of each, and changes between neighbours).
+fn round_trip_over(n: usize, max_len: usize, seed: u64, pack: bool, several: bool) {
     let (layout, span) = odd_descriptors(n, max_len, seed);
     let mut s = setup_packing(span, Progress::OnEvents, pack);
+    let half = span / 2;
+    let (a_half, b_half) = if several {
+        // SAFETY: both halves lie inside the Setup's buffers, which outlive
+        // the engines' use of them.
+        let (a_half, b_half) = unsafe {
+            (
+                s.a.register(s.src.as_mut_ptr() as u64, half as u64, Mem::Dram)
+                    .unwrap(),
+                s.b.register(
+                    s.dst.as_mut_ptr() as u64 + half as u64,
+                    (span - half) as u64,
+                    Mem::Dram,
+                )
+                .unwrap(),
+            )
+        };
+        let b_blob = s.b.public_data(b_half).unwrap();
+        (a_half, s.a.load_remote_md("B", &b_blob, Mem::Dram).unwrap())
+    } else {
+        (s.a_md, s.b_md)
+    };
     let descs: Vec<XferDesc> = layout
         .iter()
-        .map(|&(l, r, len)| XferDesc {
+        .enumerate()
+        .map(|(i, &(l, r, len))| XferDesc {
             local_addr: s.src.as_ptr() as u64 + l as u64,
             remote_addr: s.dst.as_ptr() as u64 + r as u64,
             len: len as u64,
-            local_md: s.a_md,
-            remote_md: s.b_md,
+            local_md: if l + len <= half && i % 7 < 4 {
+                a_half
+            } else {
+                s.a_md
+            },
+            remote_md: if r >= half && i % 5 < 3 {
+                b_half
+            } else {
+                s.b_md
+            },
         })
         .collect();
     s.src.copy_from_slice(&random_bytes(span, seed ^ 0x55));
@@ -453,6 +522,22 @@ fn many_odd_descriptors_land_byte_exact_both_ways_packed_or_not() {
     for (seed, (n, max_len)) in cases.into_iter().enumerate() {
         for pack in [false, true] {
             round_trip(n, max_len, 0x1000 + seed as u64, pack);
+        }
+    }
+}
+
+#[test]
+fn descriptors_over_several_registrations_land_byte_exact_both_ways() {
+    // Each side resolves a registration once per run of descriptors that
+    // share it, and the target tries the last one hit before searching:
+    // descriptors switching between overlapping registrations on both
+    // sides, 1 to 1024 per transfer, packed or not.
+    for (seed, (n, max_len)) in [(1, 5000), (5, 70_000), (333, 3000), (1024, 9000)]
+        .into_iter()
+        .enumerate()
+    {
+        for pack in [false, true] {
+            round_trip_over(n, max_len, 0x3000 + seed as u64, pack, true);
         }
     }
 }
