@@ -4,21 +4,25 @@
 //! (the kernel has room under its TCP_NOTSENT_LOWAT), so a fast socket
 //! carries more than a slow one. Each socket reports how far the peer's
 //! TCP acknowledged its byte stream; from that the scheduler learns each
-//! socket's delivery rate (while it has bytes outstanding) and which of
-//! its chunks are still on the way.
+//! NIC's delivery rate (while one of its sockets has bytes outstanding; a
+//! socket's rate is an even share of its NIC's) and which of a socket's
+//! chunks are still on the way.
 //!
 //! When a message starts, its chunks are dealt to home sockets in
 //! proportion to their rates (smooth weighted round robin, so equal
 //! sockets alternate as static striping would, and the receiver's threads
 //! share the work); a message is then due on every socket at about the
-//! same time. A socket takes its own chunks, oldest message first; with
-//! none left it takes the last chunk of a socket that would finish much
-//! later than itself (a dead one first), so misjudged rates cost little. Last,
-//! it copies a chunk that another socket holds and has not begun to
-//! deliver, if it would deliver it in under half the time (a message's
-//! tail behind a slow path's backlog); the receiver keeps the first copy
-//! and the slow socket skips its own if the message is in place before it
-//! begins.
+//! same time. A socket takes its own chunks, oldest message first, but
+//! one that another socket would deliver (after its backlog and its own
+//! chunks so far) in under half the time becomes that one's: a slow
+//! socket does not hoard a message's tail, and is left the later
+//! messages' chunks. With none left a socket takes the last chunk of a
+//! socket that would finish much later than itself (a dead one first), so
+//! misjudged rates cost little. Last, it copies a chunk that another
+//! socket holds and has not begun to deliver, if it would deliver it in
+//! under half the time (a message's tail behind a slow path's backlog);
+//! the receiver keeps the first copy and the slow socket skips its own if
+//! the message is in place before it begins.
 //!
 //! A socket stalls when it has bytes outstanding and no acknowledgement for
 //! the stall timeout, and another socket advanced meanwhile and is not
@@ -78,8 +82,10 @@ const COPY_LATER: Duration = Duration::from_millis(5);
 /// Sockets within this fraction of the best rate get chunks evenly.
 const EVEN: f64 = 0.7;
 
-/// Shortest interval a rate is measured over.
-const RATE_WINDOW: Duration = Duration::from_millis(1);
+/// Shortest interval a rate is measured over: a rate-limited path
+/// delivers in bursts, so 1 ms samples swing several-fold (and longer
+/// ones miss the short busy spells of one message at a time).
+const RATE_WINDOW: Duration = Duration::from_millis(10);
 
 struct TxState<M> {
     seq: u64,
@@ -88,27 +94,14 @@ struct TxState<M> {
     chunk_size: u64,
     /// Chunks that went out at least once (one bit each).
     taken: Vec<u64>,
-    /// Per socket: its home chunks in order, and how many it (or a thief
-    /// from its end) took from the front and the back.
-    homes: Vec<Homes>,
+    /// Per socket: its home chunks not taken yet, in order (it takes from
+    /// the front, a thief from the back).
+    homes: Vec<VecDeque<u32>>,
     again: VecDeque<u64>,
     /// Chunks copied by an idle socket (one copy each at most).
     copied: HashSet<u64>,
     /// Copies allowed (no per-thread staging behind the message's memory).
     copyable: bool,
-}
-
-#[derive(Default)]
-struct Homes {
-    chunks: Vec<u32>,
-    front: usize,
-    back: usize,
-}
-
-impl Homes {
-    fn left(&self) -> usize {
-        self.back - self.front
-    }
 }
 
 impl<M> TxState<M> {
@@ -161,10 +154,6 @@ struct Slot {
     since: Instant,
     /// When `acked` last advanced.
     advanced: Option<Instant>,
-    /// Delivery rate (bytes/s) measured while busy; `None` until known.
-    rate: Option<f64>,
-    /// Start of the busy interval being measured: (time, acked).
-    mark: Option<(Instant, u64)>,
     /// Weight of the smooth weighted round robin that deals chunks.
     deal: f64,
 }
@@ -180,8 +169,6 @@ impl Slot {
             out: VecDeque::new(),
             since: now,
             advanced: None,
-            rate: None,
-            mark: None,
             deal: 0.0,
         }
     }
@@ -194,19 +181,48 @@ impl Slot {
         self.end - self.acked
     }
 
-    /// The socket's stream end and acknowledged bytes, at `now`.
-    fn note(&mut self, acked: u64, end: u64, now: Instant) {
+    /// The socket's stream end and acknowledged bytes, at `now`; returns
+    /// how far `acked` advanced.
+    fn note(&mut self, acked: u64, end: u64, now: Instant) -> u64 {
         let was_busy = self.busy();
-        if acked > self.acked {
+        let advanced = acked.saturating_sub(self.acked);
+        if advanced > 0 {
             self.acked = acked;
             self.since = now;
             self.advanced = Some(now);
         }
         self.end = end.max(self.acked);
-        // A rate counts only time the socket had bytes outstanding: one that
+        if !was_busy && self.busy() {
+            self.since = now;
+        }
+        while self.out.front().is_some_and(|o| o.end <= self.acked) {
+            self.out.pop_front();
+        }
+        advanced
+    }
+}
+
+/// A NIC's delivery rate. Its sockets share its bandwidth, and how TCP
+/// splits it between them changes all the time: measured per socket, rates
+/// swing several-fold (and a rate-limited path delivers in bursts), so
+/// chunks would follow noise.
+#[derive(Debug, Default)]
+struct Nic {
+    /// Bytes its sockets' peers acknowledged.
+    acked: u64,
+    /// Bytes/s measured while one of its sockets was busy; `None` until known.
+    rate: Option<f64>,
+    /// Start of the busy interval being measured: (time, acked).
+    mark: Option<(Instant, u64)>,
+}
+
+impl Nic {
+    fn note(&mut self, advanced: u64, busy: bool, now: Instant) {
+        self.acked += advanced;
+        // A rate counts only time the NIC had bytes outstanding: one that
         // went idle meanwhile (when, is unknown) gives no sample.
         match self.mark {
-            Some(_) if !self.busy() => self.mark = None,
+            Some(_) if !busy => self.mark = None,
             Some((t, a)) => {
                 let dt = now.saturating_duration_since(t);
                 if dt >= RATE_WINDOW {
@@ -215,14 +231,8 @@ impl Slot {
                     self.mark = Some((now, self.acked));
                 }
             }
-            None if self.busy() => self.mark = Some((now, self.acked)),
+            None if busy => self.mark = Some((now, self.acked)),
             None => {}
-        }
-        if !was_busy && self.busy() {
-            self.since = now;
-        }
-        while self.out.front().is_some_and(|o| o.end <= self.acked) {
-            self.out.pop_front();
         }
     }
 }
@@ -231,6 +241,8 @@ pub(crate) struct Sched<M> {
     /// Started and not yet acknowledged, oldest first.
     msgs: VecDeque<TxState<M>>,
     slots: Vec<Slot>,
+    /// Indexed by the sockets' `nic`.
+    nics: Vec<Nic>,
     stall: Option<Duration>,
     retired: Vec<Retired>,
     /// Sockets that asked and got nothing since: woken when work comes.
@@ -246,6 +258,9 @@ impl<M: Clone> Sched<M> {
         Sched {
             msgs: VecDeque::new(),
             slots: nics.iter().map(|&nic| Slot::fresh(0, nic, now)).collect(),
+            nics: (0..=nics.iter().copied().max().unwrap_or(0))
+                .map(|_| Nic::default())
+                .collect(),
             stall,
             retired: Vec::new(),
             // Sockets begin waiting for work.
@@ -254,27 +269,43 @@ impl<M: Clone> Sched<M> {
         }
     }
 
-    /// A socket's rate, or the best known (an unmeasured socket is
-    /// assumed as good as the best: it is measured once it carries some).
-    /// `None` while no socket's rate is known: then none is taken for
-    /// slow, and chunks are dealt evenly.
-    fn rate(&self, i: usize) -> Option<f64> {
-        let best = self.slots.iter().filter_map(|s| s.rate).fold(0.0, f64::max);
-        match self.slots[i].rate {
-            Some(r) if r > 0.0 => Some(r),
-            _ if best > 0.0 => Some(best),
-            _ => None,
+    /// Per socket: its share of its NIC's rate (an even split among the
+    /// NIC's live sockets), if the NIC's rate is known; and the best share.
+    fn shares(&self) -> (Vec<Option<f64>>, f64) {
+        let mut live = vec![0usize; self.nics.len()];
+        for s in self.slots.iter().filter(|s| s.live) {
+            live[s.nic] += 1;
         }
+        let shares: Vec<Option<f64>> = self
+            .slots
+            .iter()
+            .map(|s| self.nics[s.nic].rate.map(|r| r / live[s.nic].max(1) as f64))
+            .collect();
+        let best = shares.iter().flatten().fold(0.0, |a, &b| f64::max(a, b));
+        (shares, best)
+    }
+
+    /// Per socket: its rate (its share), or the best known (an unmeasured
+    /// NIC is assumed as good as the best: it is measured once it carries
+    /// some). `None` while no rate is known: then none is taken for slow,
+    /// and chunks are dealt evenly.
+    fn rates(&self) -> Vec<Option<f64>> {
+        let (shares, best) = self.shares();
+        shares
+            .into_iter()
+            .map(|s| match s {
+                Some(r) if r > 0.0 => Some(r),
+                _ if best > 0.0 => Some(best),
+                _ => None,
+            })
+            .collect()
     }
 
     /// A socket's share of dealt chunks: its rate, if below `EVEN` of the
     /// best; else even with the best (rates of sockets that keep up vary
     /// with load, and dealing should not follow that noise).
-    fn weight(&self, i: usize) -> f64 {
-        let best = (0..self.slots.len())
-            .filter_map(|j| self.slots[j].rate)
-            .fold(0.0, f64::max);
-        match self.slots[i].rate {
+    fn weight((shares, best): &(Vec<Option<f64>>, f64), i: usize) -> f64 {
+        match shares[i] {
             Some(r) if r < EVEN * best => r / best,
             _ => 1.0,
         }
@@ -288,9 +319,10 @@ impl<M: Clone> Sched<M> {
         let live: Vec<usize> = (0..self.slots.len())
             .filter(|&i| self.slots[i].live)
             .collect();
-        let weights: Vec<f64> = live.iter().map(|&i| self.weight(i)).collect();
+        let shares = self.shares();
+        let weights: Vec<f64> = live.iter().map(|&i| Self::weight(&shares, i)).collect();
         let total: f64 = weights.iter().sum();
-        let mut homes: Vec<Homes> = (0..self.slots.len()).map(|_| Homes::default()).collect();
+        let mut homes: Vec<VecDeque<u32>> = vec![VecDeque::new(); self.slots.len()];
         for k in 0..n {
             // Smooth weighted round robin: each socket gains its weight, the
             // most ahead takes the chunk and pays the total.
@@ -304,15 +336,11 @@ impl<M: Clone> Sched<M> {
             }
             let Some((_, i)) = best else { break };
             self.slots[i].deal -= total;
-            homes[i].chunks.push(k as u32);
+            homes[i].push_back(k as u32);
         }
-        for h in &mut homes {
-            h.back = h.chunks.len();
-        }
-        let has_home: Vec<bool> = homes.iter().map(|h| !h.chunks.is_empty()).collect();
+        let has_home: Vec<bool> = homes.iter().map(|h| !h.is_empty()).collect();
         let slow = (0..self.slots.len()).any(|j| {
-            has_home[j]
-                && self.eta(j, homes[j].chunks.len() as u64 * chunk_size) > SLOW.as_secs_f64()
+            has_home[j] && self.eta(j, homes[j].len() as u64 * chunk_size) > SLOW.as_secs_f64()
         });
         self.wake(|i| has_home[i] || slow);
         self.msgs.push_back(TxState {
@@ -375,10 +403,21 @@ impl<M: Clone> Sched<M> {
         std::mem::take(&mut self.woken)
     }
 
+    /// Socket `i`'s stream end and acknowledged bytes, at `now`, and so
+    /// its NIC's.
+    fn note(&mut self, i: usize, acked: u64, end: u64, now: Instant) {
+        let advanced = self.slots[i].note(acked, end, now);
+        let nic = self.slots[i].nic;
+        let busy = self
+            .slots
+            .iter()
+            .any(|s| s.live && s.nic == nic && s.busy());
+        self.nics[nic].note(advanced, busy, now);
+    }
+
     /// How long socket `i` would take to deliver `bytes` more.
     fn eta(&self, i: usize, bytes: u64) -> f64 {
-        self.rate(i)
-            .map_or(0.0, |r| (self.slots[i].backlog() + bytes) as f64 / r)
+        self.rates()[i].map_or(0.0, |r| (self.slots[i].backlog() + bytes) as f64 / r)
     }
 
     /// What socket `index` (of `gen`) sends next; its stream ends at
@@ -395,7 +434,7 @@ impl<M: Clone> Sched<M> {
         if !self.is_live(index, gen) {
             return None;
         }
-        self.slots[index].note(acked, end, now);
+        self.note(index, acked, end, now);
         let Some((a, len)) = self.next_chunk(index, now) else {
             self.hungry[index] = true;
             return None;
@@ -410,7 +449,8 @@ impl<M: Clone> Sched<M> {
             start,
             end: stop,
         });
-        s.note(s.acked, stop, now);
+        let acked = s.acked;
+        self.note(index, acked, stop, now);
         // A slow socket took it: sockets of other NICs with nothing to do
         // look whether they should take over or copy.
         if self.eta(index, 0) > SLOW.as_secs_f64() {
@@ -422,7 +462,9 @@ impl<M: Clone> Sched<M> {
     }
 
     /// For socket `index`, oldest message first: a re-send; else its own
-    /// next chunk; else the last chunk of the socket that would finish its
+    /// next chunk, unless a live socket would deliver it in under half the
+    /// time and over `SLOW` sooner (then it is that one's, woken if
+    /// hungry); else the last chunk of the socket that would finish its
     /// own latest, if in over twice the time this one would and over
     /// `SLOW` (a gone socket's first);
     /// else a copy of a chunk a socket of another NIC at under half this
@@ -431,30 +473,69 @@ impl<M: Clone> Sched<M> {
     /// (or that a stalled-looking socket holds).
     fn next_chunk(&mut self, index: usize, now: Instant) -> Option<(Assign<M>, u64)> {
         // Without rates, times are unknown: no socket counts as slow.
-        let rates: Vec<f64> = (0..self.slots.len())
-            .map(|i| self.rate(i).unwrap_or(f64::INFINITY))
+        let rates: Vec<f64> = self
+            .rates()
+            .into_iter()
+            .map(|r| r.unwrap_or(f64::INFINITY))
             .collect();
         let half = self.stall.map(|s| s / 2);
-        let Sched { msgs, slots, .. } = self;
+        let Sched {
+            msgs,
+            slots,
+            hungry,
+            woken,
+            ..
+        } = self;
+        // Per socket: bytes of its own chunks left in the messages so far,
+        // which it carries before it could take another's.
+        let mut ahead = vec![0u64; slots.len()];
         for t in msgs.iter_mut() {
+            for (j, h) in t.homes.iter().enumerate() {
+                ahead[j] += h.len() as u64 * t.chunk_size;
+            }
             let c = t.chunk_size as f64;
             let mine = (slots[index].backlog() as f64 + c) / rates[index];
             let mut pick = t.again.pop_front().map(|k| (k, true));
-            if pick.is_none() {
-                let own = &mut t.homes[index];
-                if own.left() > 0 {
-                    own.front += 1;
-                    pick = Some((own.chunks[own.front - 1] as u64, false));
+            // Earliest completion: a chunk another socket would deliver
+            // (after its backlog and own chunks so far) in under half the
+            // time and over `SLOW` sooner is that one's instead, so no slow
+            // socket hoards a message's tail.
+            while pick.is_none() && !t.homes[index].is_empty() {
+                let sooner = (0..slots.len())
+                    .filter(|&j| j != index && slots[j].live)
+                    .map(|j| {
+                        let at = (slots[j].backlog() + ahead[j]) as f64 + c;
+                        (at / rates[j], j)
+                    })
+                    .filter(|&(at, _)| 2.0 * at < mine && at + SLOW.as_secs_f64() < mine)
+                    .min_by(|a, b| a.0.total_cmp(&b.0));
+                let Some(k) = t.homes[index].pop_front() else {
+                    break;
+                };
+                match sooner {
+                    Some((_, j)) => {
+                        t.homes[j].push_back(k);
+                        ahead[index] -= t.chunk_size;
+                        ahead[j] += t.chunk_size;
+                        if hungry[j] {
+                            hungry[j] = false;
+                            woken.push(j);
+                        }
+                    }
+                    None => {
+                        ahead[index] -= t.chunk_size;
+                        pick = Some((k as u64, false));
+                    }
                 }
             }
             if pick.is_none() {
                 let mut best: Option<(f64, usize)> = None;
                 for (j, h) in t.homes.iter().enumerate() {
-                    if h.left() == 0 || j == index {
+                    if h.is_empty() || j == index {
                         continue;
                     }
                     let finish = if slots[j].live {
-                        (slots[j].backlog() as f64 + h.left() as f64 * c) / rates[j]
+                        (slots[j].backlog() as f64 + h.len() as f64 * c) / rates[j]
                     } else {
                         f64::INFINITY
                     };
@@ -466,9 +547,8 @@ impl<M: Clone> Sched<M> {
                     }
                 }
                 if let Some((_, j)) = best {
-                    let h = &mut t.homes[j];
-                    h.back -= 1;
-                    pick = Some((h.chunks[h.back] as u64, false));
+                    pick = t.homes[j].pop_back().map(|k| (k as u64, false));
+                    ahead[j] -= t.chunk_size;
                 }
             }
             if pick.is_none() && t.copyable {
@@ -527,7 +607,7 @@ impl<M: Clone> Sched<M> {
     /// (as `pull`'s arguments), so choices see every socket as it is now.
     pub fn view(&mut self, index: usize, gen: u32, acked: u64, end: u64, now: Instant) {
         if self.is_live(index, gen) {
-            self.slots[index].note(acked, end, now);
+            self.note(index, acked, end, now);
         }
     }
 
@@ -535,7 +615,7 @@ impl<M: Clone> Sched<M> {
     /// stalled while another advanced.
     pub fn sample(&mut self, index: usize, gen: u32, acked: u64, end: u64, now: Instant) {
         if self.is_live(index, gen) {
-            self.slots[index].note(acked, end, now);
+            self.note(index, acked, end, now);
         }
         let Some(stall) = self.stall else { return };
         let stalled: Vec<usize> = (0..self.slots.len())
@@ -763,15 +843,15 @@ mod tests {
         let mut k = [Sock::default(); 2];
         pull(&mut s, &mut k, 0, t0);
         pull(&mut s, &mut k, 1, t0);
-        // In 2 ms socket 0 delivered its chunk (but a byte), socket 1 a
+        // In 10 ms socket 0 delivered its chunk (but a byte), socket 1 a
         // tenth of it.
         k[0].acked = k[0].end - 1;
         k[1].acked = k[1].end / 10;
-        s.sample(0, 0, k[0].acked, k[0].end, t0 + 2 * MS);
-        s.sample(1, 0, k[1].acked, k[1].end, t0 + 2 * MS);
+        s.sample(0, 0, k[0].acked, k[0].end, t0 + 10 * MS);
+        s.sample(1, 0, k[1].acked, k[1].end, t0 + 10 * MS);
         s.acked(0);
         s.start(1, 1, 110 * 4096, 4096, true);
-        let homes: Vec<usize> = s.msgs[0].homes.iter().map(|h| h.chunks.len()).collect();
+        let homes: Vec<usize> = s.msgs[0].homes.iter().map(|h| h.len()).collect();
         assert_eq!(homes, vec![100, 10]);
         // Equal sockets alternate, whatever the message size.
         let mut e = Sched::new(&[0, 1, 2], None, t0);
@@ -781,9 +861,103 @@ mod tests {
         let first: Vec<usize> = e
             .msgs
             .iter()
-            .map(|t| t.homes.iter().position(|h| !h.chunks.is_empty()).unwrap())
+            .map(|t| t.homes.iter().position(|h| !h.is_empty()).unwrap())
             .collect();
         assert_eq!(first, vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn sockets_of_one_nic_share_its_rate_however_tcp_splits_it() {
+        let t0 = Instant::now();
+        let mut s = Sched::new(&[0, 0, 1], None, t0);
+        s.start(0, 0, 6 * 4096, 4096, true);
+        let mut k = [Sock::default(); 3];
+        for i in [0, 0, 1, 1, 2, 2] {
+            pull(&mut s, &mut k, i, t0);
+        }
+        // In 10 ms NIC 0 delivered two chunks (but a byte), all on socket
+        // 0, and NIC 1 one: per socket, socket 1 would look dead.
+        let t1 = t0 + 10 * MS;
+        k[0].acked = k[0].end - 1;
+        k[2].acked = k[2].end / 2;
+        for (i, sock) in k.iter().enumerate() {
+            s.sample(i, 0, sock.acked, sock.end, t1);
+        }
+        s.acked(0);
+        s.start(1, 1, 30 * 4096, 4096, true);
+        let homes: Vec<usize> = s.msgs[0].homes.iter().map(|h| h.len()).collect();
+        assert_eq!(homes, vec![10, 10, 10]);
+    }
+
+    #[test]
+    fn a_slow_socket_leaves_its_chunk_to_one_that_would_deliver_it_much_sooner() {
+        const C: u64 = 4096;
+        // Socket 0 delivers a chunk in 10 ms, socket 1 in about 100 ms; of
+        // an 11-chunk message socket 1 gets one. Socket 0 takes `took` of
+        // its own first; then, with `fast` and `slow` bytes on the way on
+        // sockets 0 and 1, socket 1 asks: it keeps its chunk unless socket
+        // 0 would deliver it (after its backlog and its own chunks left) in
+        // under half the time.
+        for (took, fast, slow, keeps) in [
+            // 0: 10 ahead, 110 ms; 1: 100 ms.
+            (0, 0, 0, true),
+            // 0: 60 ms, sooner but not in half the time.
+            (5, 0, 0, true),
+            // 0: idle, 10 ms.
+            (10, 0, 0, false),
+            // 0: 40 ms of backlog, 50 ms.
+            (10, 4 * C, 0, true),
+            (10, 3 * C, 0, false),
+            // 0: 110 ms; 1: one chunk on the way, 200 ms: not half.
+            (0, 0, C, true),
+            // 1: two on the way, 300 ms.
+            (0, 0, 2 * C, false),
+        ] {
+            let t0 = Instant::now();
+            let mut s = Sched::new(&[0, 1], None, t0);
+            s.start(0, 0, 2 * C, C, true);
+            let mut k = [Sock::default(); 2];
+            pull(&mut s, &mut k, 0, t0);
+            pull(&mut s, &mut k, 1, t0);
+            let t1 = t0 + 10 * MS;
+            k[0].acked = C;
+            k[1].acked = 410;
+            for (i, sock) in k.iter().enumerate() {
+                s.sample(i, 0, sock.acked, sock.end, t1);
+            }
+            s.acked(0);
+            s.start(1, 1, 11 * C, C, true);
+            let homes: Vec<usize> = s.msgs[0].homes.iter().map(|h| h.len()).collect();
+            assert_eq!(homes, vec![10, 1]);
+            let its = s.msgs[0].homes[1][0] as u64;
+            for _ in 0..took {
+                assert!(pull(&mut s, &mut k, 0, t1).is_some_and(|(_, k, _)| k != its));
+            }
+            for (i, backlog) in [(0, fast), (1, slow)] {
+                k[i].acked = k[i].end;
+                k[i].end += backlog;
+                s.view(i, 0, k[i].acked, k[i].end, t1);
+            }
+            let row = (took, fast, slow);
+            if keeps {
+                assert_eq!(
+                    pull(&mut s, &mut k, 1, t1),
+                    Some((1, its, false)),
+                    "{row:?}"
+                );
+            } else {
+                assert_eq!(pull(&mut s, &mut k, 1, t1), None, "{row:?}");
+                let got: Vec<_> = (0..11)
+                    .filter_map(|_| pull(&mut s, &mut k, 0, t1))
+                    .collect();
+                assert_eq!(got.len(), 11 - took, "{row:?}");
+                assert_eq!(
+                    got.last(),
+                    Some(&(1, its, false)),
+                    "{row:?}: socket 0's now"
+                );
+            }
+        }
     }
 
     #[test]
@@ -912,8 +1086,8 @@ mod tests {
         for i in [0, 0, 0, 1, 1, 2, 2] {
             pull(&mut s, &mut k, i, t0);
         }
-        // Sockets 1 and 2 delivered theirs (but a byte) in 2 ms.
-        let t1 = t0 + 2 * MS;
+        // Sockets 1 and 2 delivered theirs (but a byte) in 10 ms.
+        let t1 = t0 + 10 * MS;
         for (i, sock) in k.iter_mut().enumerate().skip(1) {
             sock.acked = sock.end - 1;
             s.sample(i, 0, sock.acked, sock.end, t1);
