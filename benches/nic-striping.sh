@@ -16,6 +16,7 @@
 #   sudo benches/nic-striping.sh                 # this build
 #   BASE=/tmp/main-target/release/tcpx-bench sudo -E benches/nic-striping.sh
 #                                                # and another build, same namespaces
+#   TCPX_BENCH=gpu-bin/tcpx-bench benches/nic-striping.sh   # a prebuilt binary
 #
 # Rates: veth and tbf on a small machine are CPU-bound, so in the ratio
 # cases every NIC is limited (the fast one too) to keep the rate limit, not
@@ -36,8 +37,13 @@ command -v ip >/dev/null && command -v tc >/dev/null || skip "needs iproute2 (ip
 ip netns add "$RX" 2>/dev/null || skip "ip netns add failed (no CAP_SYS_ADMIN, or a container without netns)"
 ip netns del "$RX"
 
-cargo build --release --quiet --bin tcpx-bench
-B=$PWD/target/release/tcpx-bench
+# TCPX_BENCH: a prebuilt binary (a machine without Rust, e.g. the GPU one).
+if [ -n "${TCPX_BENCH:-}" ]; then
+  B=$(realpath "$TCPX_BENCH")
+else
+  cargo build --release --quiet --bin tcpx-bench
+  B=$PWD/target/release/tcpx-bench
+fi
 BINS=("$B")
 [ -n "${BASE:-}" ] && BINS+=("$BASE")
 LOGS=$(mktemp -d)
