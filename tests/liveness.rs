@@ -225,21 +225,8 @@ fn a_receiver_that_posts_30_s_late_completes_byte_exact() {
     let (a, b) = (Net::init(config()).unwrap(), Net::init(config()).unwrap());
     let (send, recv) = pair(&a, &b);
     let lens = [BIG + 7, 100, 0, 5 << 20];
-    let msgs: Vec<(tcpx::MemoryRegion, Vec<u8>)> = lens
-        .iter()
-        .enumerate()
-        .map(|(i, &n)| {
-            let mut m = HostMemory::zeroed(n).unwrap();
-            pattern(50 + i as u64, &mut m);
-            let v = m.to_vec();
-            (a.reg_mr(m), v)
-        })
-        .collect();
-    let mut sends: Vec<_> = msgs
-        .iter()
-        .enumerate()
-        .map(|(i, (m, v))| send.isend(m, 0, v.len(), i as i32).unwrap().unwrap())
-        .collect();
+    let msgs = messages(&a, &lens, 50);
+    let mut sends = send_all(&send, &msgs);
     let t0 = Instant::now();
     while t0.elapsed() < Duration::from_secs(30) {
         for s in &mut sends {
@@ -250,24 +237,8 @@ fn a_receiver_that_posts_30_s_late_completes_byte_exact() {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    let mut dsts: Vec<_> = lens
-        .iter()
-        .map(|&n| b.reg_mr(HostMemory::zeroed(n).unwrap()))
-        .collect();
-    let mut recvs: Vec<_> = dsts
-        .iter()
-        .enumerate()
-        .map(|(i, d)| {
-            recv.irecv(&[RecvBuf {
-                mr: d,
-                offset: 0,
-                len: d.len(),
-                tag: i as i32,
-            }])
-            .unwrap()
-            .unwrap()
-        })
-        .collect();
+    let mut dsts = buffers(&b, &lens);
+    let mut recvs = receive_all(&recv, &dsts);
     for (i, r) in recvs.iter_mut().enumerate() {
         assert_eq!(r.wait(T).unwrap()[0], lens[i] as u64);
     }
@@ -280,31 +251,36 @@ fn a_receiver_that_posts_30_s_late_completes_byte_exact() {
     }
 }
 
-/// Requests in flight while neither application polls: the comms' workers
-/// move the data and keep both ends alive, and nothing is declared dead.
-#[test]
-fn ends_that_post_and_then_do_not_poll_for_3x_the_timeout_complete_byte_exact() {
-    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let (a, b) = (Net::init(config()).unwrap(), Net::init(config()).unwrap());
-    let (send, recv) = pair(&a, &b);
-    let lens = [BIG + 3, 4097, 0, 3 << 20];
-    let mut wants = Vec::new();
-    let srcs: Vec<_> = lens
-        .iter()
+/// Registered messages of `lens` bytes (seeded from `seed`) and their bytes.
+fn messages(net: &Net, lens: &[usize], seed: u64) -> Vec<(tcpx::MemoryRegion, Vec<u8>)> {
+    lens.iter()
         .enumerate()
         .map(|(i, &n)| {
             let mut m = HostMemory::zeroed(n).unwrap();
-            pattern(70 + i as u64, &mut m);
-            wants.push(m.to_vec());
-            a.reg_mr(m)
+            pattern(seed + i as u64, &mut m);
+            let v = m.to_vec();
+            (net.reg_mr(m), v)
         })
-        .collect();
-    let mut dsts: Vec<_> = lens
-        .iter()
-        .map(|&n| b.reg_mr(HostMemory::zeroed(n).unwrap()))
-        .collect();
-    let mut recvs: Vec<_> = dsts
-        .iter()
+        .collect()
+}
+
+/// Message `i` goes with tag `i`.
+fn send_all(send: &tcpx::SendComm, msgs: &[(tcpx::MemoryRegion, Vec<u8>)]) -> Vec<tcpx::Request> {
+    msgs.iter()
+        .enumerate()
+        .map(|(i, (m, v))| send.isend(m, 0, v.len(), i as i32).unwrap().unwrap())
+        .collect()
+}
+
+fn buffers(net: &Net, lens: &[usize]) -> Vec<tcpx::MemoryRegion> {
+    lens.iter()
+        .map(|&n| net.reg_mr(HostMemory::zeroed(n).unwrap()))
+        .collect()
+}
+
+/// A receive of tag `i` into the whole of buffer `i`.
+fn receive_all(recv: &tcpx::RecvComm, dsts: &[tcpx::MemoryRegion]) -> Vec<tcpx::Request> {
+    dsts.iter()
         .enumerate()
         .map(|(i, d)| {
             let bufs = [RecvBuf {
@@ -315,12 +291,21 @@ fn ends_that_post_and_then_do_not_poll_for_3x_the_timeout_complete_byte_exact() 
             }];
             recv.irecv(&bufs).unwrap().unwrap()
         })
-        .collect();
-    let mut sends: Vec<_> = srcs
-        .iter()
-        .enumerate()
-        .map(|(i, m)| send.isend(m, 0, lens[i], i as i32).unwrap().unwrap())
-        .collect();
+        .collect()
+}
+
+/// Requests in flight while neither application polls: the comms' workers
+/// move the data and keep both ends alive, and nothing is declared dead.
+#[test]
+fn ends_that_post_and_then_do_not_poll_for_3x_the_timeout_complete_byte_exact() {
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let (a, b) = (Net::init(config()).unwrap(), Net::init(config()).unwrap());
+    let (send, recv) = pair(&a, &b);
+    let lens = [BIG + 3, 4097, 0, 3 << 20];
+    let msgs = messages(&a, &lens, 70);
+    let mut dsts = buffers(&b, &lens);
+    let mut recvs = receive_all(&recv, &dsts);
+    let mut sends = send_all(&send, &msgs);
     std::thread::sleep(3 * TIMEOUT);
     // Polled at last: the workers moved the chunked messages meanwhile,
     // and inline ones wait in the control socket for this first test.
@@ -332,7 +317,7 @@ fn ends_that_post_and_then_do_not_poll_for_3x_the_timeout_complete_byte_exact() 
         s.wait(T).unwrap();
     }
     drop(recvs);
-    for (d, want) in dsts.iter_mut().zip(&wants) {
+    for (d, (_, want)) in dsts.iter_mut().zip(&msgs) {
         assert!(d.bytes().unwrap() == &want[..]);
     }
 }

@@ -633,21 +633,10 @@ fn tcp_pingpong(
     json: bool,
 ) -> BoxResult<()> {
     let l = TcpListener::bind("127.0.0.1:0")?;
-    let addr = l.local_addr()?;
-    let dial = || -> std::io::Result<(TcpStream, TcpStream)> {
-        let c = TcpStream::connect(addr)?;
-        let (s, _) = l.accept()?;
-        for x in [&c, &s] {
-            x.set_nodelay(true)?;
-            x.set_nonblocking(spin)?;
-        }
-        Ok((c, s))
-    };
     // (pinger's out, echo's in) and (echo's out, pinger's in).
-    let (mut ping_out, mut echo_in) = dial()?;
+    let (mut ping_out, mut echo_in) = loopback_pair(&l, spin)?;
     let (mut echo_out, mut ping_in) = if per_direction {
-        let (c, s) = dial()?;
-        (c, s)
+        loopback_pair(&l, spin)?
     } else {
         (echo_in.try_clone()?, ping_out.try_clone()?)
     };
@@ -690,6 +679,17 @@ fn tcp_pingpong(
     Ok(())
 }
 
+/// A connection to `l` (this process listens): both ends, TCP_NODELAY.
+fn loopback_pair(l: &TcpListener, nonblocking: bool) -> std::io::Result<(TcpStream, TcpStream)> {
+    let c = TcpStream::connect(l.local_addr()?)?;
+    let (s, _) = l.accept()?;
+    for x in [&c, &s] {
+        x.set_nodelay(true)?;
+        x.set_nonblocking(nonblocking)?;
+    }
+    Ok((c, s))
+}
+
 /// This thread's CPU so far: (user, user + system) nanoseconds.
 fn thread_cpu_ns() -> (u64, u64) {
     let mut t = libc::timespec {
@@ -719,17 +719,8 @@ fn cpu_per(iters: usize, mut f: impl FnMut() -> BoxResult<()>) -> BoxResult<(f64
 
 fn cpu_per_round_trip(cli: &Cli, size: usize, iters: usize) -> BoxResult<()> {
     let l = TcpListener::bind("127.0.0.1:0")?;
-    let dial = || -> std::io::Result<(TcpStream, TcpStream)> {
-        let c = TcpStream::connect(l.local_addr()?)?;
-        let (s, _) = l.accept()?;
-        for x in [&c, &s] {
-            x.set_nodelay(true)?;
-            x.set_nonblocking(true)?;
-        }
-        Ok((c, s))
-    };
-    let (mut x_out, mut x_in) = dial()?;
-    let (mut y_out, mut y_in) = dial()?;
+    let (mut x_out, mut x_in) = loopback_pair(&l, true)?;
+    let (mut y_out, mut y_in) = loopback_pair(&l, true)?;
     let mut b = vec![1u8; size];
     let mut raw = || {
         cpu_per(iters, || {
