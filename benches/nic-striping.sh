@@ -179,8 +179,11 @@ def first(key):
     return f"{t - cut:.0f}" if t is not None else "none"
 def rate(a, b):
     return (b["bytes_sent"] - a["bytes_sent"]) / ((b["unix_ms"] - a["unix_ms"]) / 1e3) / 1e9
-# Steady state: from 1 s after the cut to the end of the throughput phase.
-after = [s for s in tl if s["unix_ms"] >= cut + 1000]
+# Steady state: from 1 s after the cut to the end of the throughput phase,
+# the first sample with the run's last byte count (the timeline goes on
+# through the ping and the teardown, when no byte moves).
+end = next(s["unix_ms"] for s in tl if s["bytes_sent"] == tl[-1]["bytes_sent"])
+after = [s for s in tl if cut + 1000 <= s["unix_ms"] <= end]
 steady = rate(after[0], after[-1]) if len(after) > 1 else 0
 # Recovered: after the rate (over 200 ms) dipped below 0.9x the NIC
 # alone, the first such window at 0.9x again; its end, from the cut.
