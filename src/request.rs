@@ -6,8 +6,8 @@
 //! in the transport still uses the request's memory when it is.
 #![forbid(unsafe_code)]
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
@@ -16,9 +16,8 @@ use crate::error::Error;
 
 pub(crate) struct ReqState {
     pending: AtomicUsize,
-    error: Mutex<Option<Error>>,
-    /// `error` holds one: a successful outcome takes no lock.
-    failed: AtomicBool,
+    /// The first error: a successful outcome reads it with one load.
+    error: OnceLock<Error>,
     sizes: [AtomicU64; MAX_RECVS],
     n: usize,
     /// Bumped on every completion or error, so a waiter cannot miss one.
@@ -83,8 +82,7 @@ impl ReqState {
     pub fn new(n: usize, pending: usize) -> Self {
         ReqState {
             pending: AtomicUsize::new(pending),
-            error: Mutex::new(None),
-            failed: AtomicBool::new(false),
+            error: OnceLock::new(),
             sizes: Default::default(),
             n,
             generation: AtomicU64::new(0),
@@ -115,11 +113,7 @@ impl ReqState {
 
     /// Records an error (the first one wins) without finishing a piece.
     pub fn set_error(&self, e: Error) {
-        let mut slot = self.error.lock().unwrap_or_else(|p| p.into_inner());
-        if slot.is_none() {
-            *slot = Some(e);
-            self.failed.store(true, Ordering::Release);
-        }
+        let _ = self.error.set(e);
     }
 
     fn notify(&self) {
@@ -149,10 +143,7 @@ impl ReqState {
     }
 
     pub fn error(&self) -> Option<Error> {
-        if !self.failed.load(Ordering::Acquire) {
-            return None;
-        }
-        self.error.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.error.get().cloned()
     }
 
     pub fn is_done(&self) -> bool {

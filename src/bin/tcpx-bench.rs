@@ -473,12 +473,18 @@ fn run_receiver(net: &Net, tx: &SendComm, rx: &RecvComm) -> BoxResult<()> {
 
 /// User + system CPU time of this process so far.
 fn cpu_seconds() -> f64 {
-    // SAFETY: getrusage fills the struct we pass; all-zero is a valid rusage.
-    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: RUSAGE_SELF with a valid out pointer.
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
+    let u = rusage(libc::RUSAGE_SELF);
     let t = |v: libc::timeval| v.tv_sec as f64 + v.tv_usec as f64 * 1e-6;
     t(u.ru_utime) + t(u.ru_stime)
+}
+
+/// getrusage(2) for `who` (RUSAGE_SELF, RUSAGE_THREAD).
+fn rusage(who: libc::c_int) -> libc::rusage {
+    // SAFETY: getrusage fills the struct we pass; all-zero is a valid rusage.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid `who` with a valid out pointer.
+    unsafe { libc::getrusage(who, &mut u) };
+    u
 }
 
 fn human(n: usize) -> String {
@@ -698,10 +704,7 @@ fn thread_cpu_ns() -> (u64, u64) {
     };
     // SAFETY: a valid clock id and out pointer.
     unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
-    // SAFETY: all-zero is a valid rusage; RUSAGE_THREAD with a valid out pointer.
-    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut u) };
+    let u = rusage(libc::RUSAGE_THREAD);
     let user = u.ru_utime.tv_sec as u64 * 1_000_000_000 + u.ru_utime.tv_usec as u64 * 1000;
     (user, t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64)
 }

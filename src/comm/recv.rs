@@ -420,9 +420,7 @@ impl RecvCore {
         }
         // After the reads: a peer's Bye explains the data sockets' EOF.
         if let Some(e) = side.peer_gone() {
-            if link.peer_gone.get().is_none() {
-                let _ = link.peer_gone.set((e.clone(), now));
-            }
+            link.peer_gone.get_or_init(|| (e.clone(), now));
         }
         if !retired.is_empty() {
             if let Err(e) = self.retire(side, offers, ended, &retired, now) {
