@@ -168,6 +168,6 @@ impl TxMemory for DeviceBytes {
 
     fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
         let row = [Frag::new(offset, 0, out.len() as u32)];
-        read_rows(self.ctx, &self.span, out, &row).map_err(std::io::Error::other)
+        read_rows(self.ctx, None, &self.span, out, &row).map_err(std::io::Error::other)
     }
 }

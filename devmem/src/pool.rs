@@ -4,8 +4,9 @@
 //! Memory is mapped from an fd (the mock gpumemd's memfd on CPU machines:
 //! `mmap(MAP_SHARED)` of the size in its [`PoolMetadata`]), allocated
 //! locally, or GPU memory imported from the daemon ([`RxPool::gpu`]). The
-//! NIC writes through [`RxPool::land`] and [`RxPool::commit`] whatever the
-//! memory: only where the bytes go differs.
+//! NIC writes through [`RxPool::land`] and [`RxPool::landing`] whatever the
+//! memory: only where the bytes go differs (GPU readers order after them
+//! with [`RxPool::readers_stream`]).
 //!
 //! Pages are 4 KiB; an allocation is a run of whole pages
 //! named by a token until the token comes back. The pool never grows: when
@@ -15,7 +16,9 @@
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::ptr::NonNull;
 
+use crate::cuda::mem::Stream;
 use crate::cuda::mirror::GpuMirror;
+use crate::cuda::unpack::Frag;
 use crate::cuda::vmm::MappedRange;
 use crate::cuda::CudaError;
 use crate::gpumemd::PoolMetadata;
@@ -398,8 +401,9 @@ impl RxPool {
     }
 
     /// A pool in imported GPU memory (`cuda::vmm::import_pool` of the
-    /// daemon's fd, or a part of it). Landed bytes reach the GPU at
-    /// [`RxPool::commit`]; unpack reads [`RxPool::device`] with a GPU kernel.
+    /// daemon's fd, or a part of it). Landed bytes reach the GPU on
+    /// [`RxPool::readers_stream`], where unpack reads [`RxPool::device`]
+    /// with a GPU kernel.
     pub fn gpu(mapping: impl Into<MappedRange>) -> Result<Self, PoolError> {
         let mapping = mapping.into();
         let len = check_size(mapping.size() as u64, PAGE_SIZE as u64)?;
@@ -461,7 +465,8 @@ impl RxPool {
     }
 
     /// The NIC's DMA: writes `bytes` at `offset`, in pages that must be
-    /// lent out. Readers see them after [`RxPool::commit`].
+    /// lent out. Readers of a GPU pool see them through
+    /// [`RxPool::readers_stream`].
     pub fn land(&mut self, offset: usize, bytes: &[u8]) -> Result<(), PoolError> {
         let len = bytes.len();
         if matches!(self.backing, Backing::Device(_)) {
@@ -485,8 +490,8 @@ impl RxPool {
 
     /// The NIC's DMA without a copy in between: writable views of the
     /// `(offset, len)` ranges, each inside pages lent out, pairwise
-    /// disjoint, for one `readv`. Readers see the bytes after
-    /// [`RxPool::commit`] (a GPU pool copies every range whole).
+    /// disjoint, for one `readv`. Readers of a GPU pool see the bytes
+    /// through [`RxPool::readers_stream`] (the copy takes every range whole).
     pub fn landing(
         &mut self,
         ranges: &[(usize, usize)],
@@ -525,13 +530,35 @@ impl RxPool {
             .collect())
     }
 
-    /// Makes landed bytes visible to unpack: a GPU pool copies them to the
-    /// GPU and waits; host pools have nothing to do.
+    /// Queues the copy of the bytes landed so far to a GPU pool now,
+    /// rather than when a reader asks ([`RxPool::readers_stream`]); host
+    /// pools have nothing to do.
     pub fn commit(&mut self) -> Result<(), PoolError> {
-        if let Backing::Gpu(m) = &mut self.backing {
+        if let Backing::Gpu(m) = &self.backing {
             m.flush()?;
         }
         Ok(())
+    }
+
+    /// For readers of a GPU pool the emulated NIC writes: the stream on
+    /// which work queued next sees every byte landed so far (their copy is
+    /// queued first). `None` for pools a NIC writes, whose receive returns
+    /// once the bytes landed, and for host pools.
+    pub fn readers_stream(&self) -> Result<Option<&Stream>, PoolError> {
+        match &self.backing {
+            Backing::Gpu(m) => Ok(Some(m.readers_stream()?)),
+            _ => Ok(None),
+        }
+    }
+
+    /// As [`RxPool::readers_stream`] for a reader of only the source ranges
+    /// of `rows` who waits for them at once (a chunk header): a stream on
+    /// which they landed first, not queued behind the pool's other work.
+    pub fn rows_stream(&self, rows: &[Frag]) -> Result<Option<&Stream>, PoolError> {
+        match &self.backing {
+            Backing::Gpu(m) => Ok(Some(m.rows_stream(rows)?)),
+            _ => Ok(None),
+        }
     }
 
     /// The page bookkeeping.
@@ -673,7 +700,6 @@ mod tests {
         let g = p.alloc(2 * PAGE_SIZE).unwrap();
         let at = g.offset as usize;
         p.land(at + PAGE_SIZE - 1, b"ab").unwrap();
-        p.commit().unwrap();
         assert_eq!(&p.host().unwrap()[at + PAGE_SIZE - 1..][..2], b"ab");
         for (offset, len) in [(at + 2 * PAGE_SIZE - 1, 2), (at + 2 * PAGE_SIZE, 1)] {
             assert!(matches!(
@@ -720,7 +746,6 @@ mod tests {
         assert_eq!(p.pages().pages(), 8);
         let g = p.alloc(10).unwrap();
         p.land(g.offset as usize, b"hello").unwrap();
-        p.commit().unwrap();
         let mut f = std::fs::File::from(fd);
         f.seek(SeekFrom::Start(g.offset)).unwrap();
         let mut buf = [0u8; 5];

@@ -291,12 +291,15 @@ impl Unpack for HostToDeviceUnpack<'_> {
 /// fragments of a GPU-pool receive whose destination is in host memory
 /// (chunk headers; few and small).
 #[derive(Debug)]
-pub struct DeviceToHostUnpack {
+pub struct DeviceToHostUnpack<'a> {
     /// The context of the source memory.
     pub ctx: &'static crate::cuda::Context,
+    /// The stream the source's bytes land on, if they are still landing
+    /// ([`crate::pool::RxPool::readers_stream`]).
+    pub after: Option<&'a crate::cuda::mem::Stream>,
 }
 
-impl Unpack for DeviceToHostUnpack {
+impl Unpack for DeviceToHostUnpack<'_> {
     type Src = dyn crate::cuda::mem::DeviceMem;
     type Dst = [u8];
 
@@ -307,7 +310,7 @@ impl Unpack for DeviceToHostUnpack {
         frags: &[Frag],
     ) -> Result<(), UnpackError> {
         check(frags, src.device_len(), dst.len())?;
-        crate::cuda::mem::read_rows(self.ctx, src, dst, frags)
+        crate::cuda::mem::read_rows(self.ctx, self.after, src, dst, frags)
             .map_err(|e| UnpackError::Device(e.to_string()))
     }
 }

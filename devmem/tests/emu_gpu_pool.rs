@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use devmem::cuda::mem::{pointer_kind, DeviceBuffer, MemKind, Stream};
+use devmem::cuda::mem::{pointer_kind, DeviceBuffer, MemKind};
 use devmem::cuda::unpack::{Frag, Unpacker};
 use devmem::cuda::{probe, vmm, Context};
 use devmem::emu::{EmuConfig, EmuDevmemSocket};
@@ -77,7 +77,6 @@ trait Sink {
 
 struct GpuSink<'a> {
     unpacker: &'a Unpacker,
-    stream: &'a Stream,
     scratch: &'a DeviceBuffer,
     dst: DeviceBuffer,
     got: Vec<u8>,
@@ -90,17 +89,20 @@ impl Sink for GpuSink<'_> {
 
     fn unpack(&mut self, pool: &RxPool, linear: &[u8], plan: &GatherPlan) {
         let gpu_pool = pool.device().expect("a GPU pool");
+        // The emulated NIC's bytes reach the GPU on the pool's stream.
+        let stream = pool
+            .readers_stream()
+            .unwrap()
+            .expect("an emulated GPU pool");
         let mut cu = CudaUnpack {
             unpacker: self.unpacker,
-            stream: self.stream,
+            stream,
             scratch: self.scratch,
         };
         cu.unpack(gpu_pool, &mut self.dst, &plan.pool).unwrap();
-        HostToDeviceUnpack {
-            stream: self.stream,
-        }
-        .unpack(linear, &mut self.dst, &plan.linear)
-        .unwrap();
+        HostToDeviceUnpack { stream }
+            .unpack(linear, &mut self.dst, &plan.linear)
+            .unwrap();
     }
 
     fn check(&mut self, want: &[u8], index: usize) {
@@ -207,11 +209,9 @@ fn importer_child() {
     let ctx = Context::get(0).unwrap();
     let client = GpumemdClient::new(prefix, Duration::from_secs(5));
     let unpacker = Unpacker::new(ctx).unwrap();
-    let stream = Stream::new(ctx).unwrap();
     let scratch = DeviceBuffer::alloc(ctx, MAX_BATCH * std::mem::size_of::<Frag>()).unwrap();
     let mut gpu = GpuSink {
         unpacker: &unpacker,
-        stream: &stream,
         scratch: &scratch,
         dst: DeviceBuffer::alloc(ctx, MAX_MSG).unwrap(),
         got: Vec::new(),

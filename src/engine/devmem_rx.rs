@@ -8,8 +8,13 @@
 //! Paths, by pool and destination:
 //! - host pool, host memory (or a CUDA region's bounce staging): CPU gather,
 //!   finished when it returns, tokens back at once;
-//! - GPU pool, CUDA region on the pool's GPU: the CUDA unpack kernel, queued
-//!   on the socket's own stream; the socket receives on while it runs;
+//! - GPU pool, CUDA region on the pool's GPU: rows staged in an open batch
+//!   (absolute source and destination, in pinned memory the kernel reads)
+//!   and gathered by one copy-list kernel per batch on the socket's stream
+//!   (an emulated pool's readers' stream), launched when the next rows do
+//!   not fit, the socket would block or waits, the pool runs out, or a
+//!   request settles; the socket receives on while it runs: a launch per
+//!   receive cost more than the receive;
 //! - GPU pool, host memory (chunk headers, host regions, discarded bytes):
 //!   one synchronous device-to-host copy per fragment: correct, slow for
 //!   bulk data (logged once).
@@ -31,7 +36,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use devmem::cuda::mem::{DeviceBuffer, DeviceMem, DeviceSpan, Event, PinnedBuffer, Stream};
+use devmem::cuda::mem::{DeviceMem, DeviceSpan, Event, PinnedBuffer, Stream};
 use devmem::cuda::unpack::Unpacker as Kernel;
 use devmem::cuda::Context;
 use devmem::emu::{EmuConfig, EmuDevmemSocket};
@@ -56,6 +61,10 @@ const READ_MAX: usize = 256 << 10;
 const MAX_FRAGS_PER_READ: usize = 64;
 /// Gathers in flight per socket; the next receive waits for the oldest.
 const MAX_INFLIGHT: usize = 16;
+/// Most rows one GPU batch gathers (4 KiB pages: 4 MiB); see [`batch_rows`].
+const BATCH_ROWS: usize = 1024;
+/// Linear bytes one GPU batch carries in its pinned memory.
+const BATCH_LINEAR: usize = 16 << 10;
 /// How long one gather may take: microseconds normally, so only a hung GPU
 /// gets near it.
 const GATHER_DEADLINE: Duration = Duration::from_secs(10);
@@ -75,12 +84,12 @@ impl Dst<'_> {
     }
 }
 
-/// A gather that finished during the call, or one still running in slot `n`
-/// of its backend.
+/// A gather that finished during the call, or one staged in the backend's
+/// open batch, which runs once launched ([`Gather::launch`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Fence {
     Done,
-    Pending(usize),
+    Batched,
 }
 
 /// Copies a receive's fragments into its destination, maybe asynchronously.
@@ -95,6 +104,11 @@ pub(super) trait Gather: Send {
         plan: &GatherPlan,
         dst: Dst<'_>,
     ) -> Result<Fence>;
+    /// Whether `plan` fits the open batch; when it does not, the caller
+    /// launches the batch before gathering `plan`.
+    fn has_room(&self, plan: &GatherPlan) -> bool;
+    /// Launches the open batch: the slot it runs in, `None` if none was open.
+    fn launch(&mut self, pool: &RxPool) -> Result<Option<usize>>;
     /// Whether the gather in `slot` finished; a finished slot is reused.
     fn done(&mut self, slot: usize) -> Result<bool>;
     /// Waits at most `limit` for the gather in `slot` (`Error::Timeout`
@@ -173,6 +187,8 @@ pub(super) struct DevmemRx {
     /// Gathers still running, oldest first, with the tokens of the pool
     /// pages they read.
     inflight: VecDeque<(usize, Vec<u32>)>,
+    /// Tokens of the pages the open batch reads.
+    open: Vec<u32>,
     spare: Vec<Vec<u32>>,
     ledger: Ledger,
     counters: Arc<Counters>,
@@ -235,6 +251,7 @@ impl DevmemRx {
             plan: GatherPlan::default(),
             gather,
             inflight: VecDeque::new(),
+            open: Vec::new(),
             spare: Vec::new(),
             ledger: Ledger::default(),
             counters,
@@ -261,6 +278,9 @@ impl DevmemRx {
     /// the receive's tokens went back).
     pub fn recv(&mut self, dst: Dst<'_>) -> Result<Recv> {
         self.reap()?;
+        if !self.open.is_empty() && self.pool()?.free_pages() == 0 {
+            self.launch_open()?;
+        }
         // A full pool (or every gather slot busy) frees up only as running
         // gathers finish: wait for the oldest rather than stall on the NIC.
         while !self.inflight.is_empty()
@@ -311,16 +331,18 @@ impl DevmemRx {
         let planned = self.check_dmabuf().and_then(|()| {
             unpack::plan(&self.frags, lim, 0, dst.len(), &mut self.plan).map_err(Error::devmem)
         });
-        let fence = match planned {
-            Ok(_) => {
+        let fence = planned
+            .and_then(|_| match self.gather.has_room(&self.plan) {
+                true => Ok(()),
+                false => self.launch_open(),
+            })
+            .and_then(|()| {
                 let pool = self.sock.rx_memory().ok_or_else(|| {
                     Error::InvalidArgument("a devmem receive without a pool".into())
                 })?;
                 self.gather
                     .gather(pool, &self.linear[..lim], &self.plan, dst)
-            }
-            Err(e) => Err(e),
-        };
+            });
         let fence = match fence {
             Ok(f) => f,
             Err(e) => {
@@ -340,15 +362,50 @@ impl DevmemRx {
                 self.plan.tokens = tokens;
                 r?;
             }
-            Fence::Pending(slot) => {
-                Counters::bump(&self.counters.devmem_kernels, 1);
-                let mut tokens = self.spare.pop().unwrap_or_default();
-                tokens.clear();
-                tokens.extend_from_slice(&self.plan.tokens);
-                self.inflight.push_back((slot, tokens));
-            }
+            Fence::Batched => self.open.extend_from_slice(&self.plan.tokens),
         }
         Ok(Recv::Bytes(out.bytes))
+    }
+
+    /// A gather runs in `slot`, reading the pages of `tokens`.
+    fn run(&mut self, slot: usize, tokens: Vec<u32>) {
+        Counters::bump(&self.counters.devmem_kernels, 1);
+        self.inflight.push_back((slot, tokens));
+    }
+
+    fn take_open(&mut self) -> Vec<u32> {
+        let mut spare = self.spare.pop().unwrap_or_default();
+        spare.clear();
+        std::mem::replace(&mut self.open, spare)
+    }
+
+    /// Launches the open batch, if any: the socket would block or waits, so
+    /// nothing more joins it soon.
+    pub fn launch_open(&mut self) -> Result<()> {
+        let pool = self
+            .sock
+            .rx_memory()
+            .ok_or_else(|| Error::InvalidArgument("a devmem receive without a pool".into()))?;
+        match self.gather.launch(pool) {
+            Ok(Some(slot)) => {
+                let tokens = self.take_open();
+                self.run(slot, tokens);
+                Ok(())
+            }
+            Ok(None) => {
+                // Nothing staged reads these pages.
+                let mut tokens = self.take_open();
+                let r = self.release(&mut tokens);
+                self.spare.push(tokens);
+                r
+            }
+            Err(e) => {
+                // Nothing was queued: the pages go back before the socket fails.
+                let mut tokens = self.take_open();
+                let _ = self.release(&mut tokens);
+                Err(e)
+            }
+        }
     }
 
     /// Upstream fragments name their binding: one of another binding means
@@ -378,13 +435,16 @@ impl DevmemRx {
         );
     }
 
-    /// Waits for every running gather and gives its tokens back: afterwards
-    /// every byte received so far is in its destination.
+    /// Launches the open batch, waits for every running gather and gives
+    /// its tokens back: afterwards every byte received so far is in its
+    /// destination.
     pub fn settle(&mut self) -> Result<()> {
+        // Those already running are waited for even if the launch failed.
+        let launched = self.launch_open();
         while !self.inflight.is_empty() {
             self.wait_oldest()?;
         }
-        Ok(())
+        launched
     }
 
     /// Settles before the pool and destinations go (drop).
@@ -491,8 +551,8 @@ impl Drop for DevmemRx {
     }
 }
 
-/// The backend the transport uses: CPU gathers for host pools, the CUDA
-/// kernel (and device-to-host copies) for GPU pools.
+/// The backend the transport uses: CPU gathers for host pools, batched
+/// copy-list kernels (and device-to-host copies) for GPU pools.
 struct PoolGather {
     gpu: Option<GpuGather>,
 }
@@ -500,11 +560,20 @@ struct PoolGather {
 impl PoolGather {
     fn new(pool: &RxPool) -> Result<Self> {
         let gpu = match pool.device() {
-            Some(m) => Some(GpuGather::new(m.context())?),
+            Some(m) => Some(GpuGather::new(
+                m.context(),
+                batch_rows(pool.pages().pages()),
+            )?),
             None => None,
         };
         Ok(PoolGather { gpu })
     }
+}
+
+/// Rows per GPU batch for a pool of `pages`: a quarter of the pool at most,
+/// so that running batches leave pages to receive into.
+fn batch_rows(pages: usize) -> usize {
+    (pages / 4).clamp(MAX_FRAGS_PER_READ, BATCH_ROWS)
 }
 
 impl Gather for PoolGather {
@@ -519,9 +588,11 @@ impl Gather for PoolGather {
             (Dst::Host(d), host, dev, g) => {
                 let rows = match (host, dev, g) {
                     (Some(host), _, _) => CpuUnpack.unpack(host, &mut *d, &plan.pool),
-                    (None, Some(dev), Some(g)) => {
-                        DeviceToHostUnpack { ctx: g.ctx }.unpack(dev, &mut *d, &plan.pool)
+                    (None, Some(dev), Some(g)) => DeviceToHostUnpack {
+                        ctx: g.ctx,
+                        after: pool.rows_stream(&plan.pool).map_err(Error::devmem)?,
                     }
+                    .unpack(dev, &mut *d, &plan.pool),
                     _ => {
                         return Err(Error::Unsupported(
                             "a GPU RX pool needs CUDA in this process".into(),
@@ -533,13 +604,24 @@ impl Gather for PoolGather {
                 Ok(Fence::Done)
             }
             (Dst::Device(span), None, Some(dev), Some(g)) => {
-                g.launch(dev, linear, plan, &span).map(Fence::Pending)
+                g.stage(pool, dev, linear, plan, &span)
             }
             _ => Err(Error::Unsupported(
                 "a host RX pool is not gathered into device memory directly; CUDA regions \
                  receive it through bounce staging"
                     .into(),
             )),
+        }
+    }
+
+    fn has_room(&self, plan: &GatherPlan) -> bool {
+        self.gpu.as_ref().is_none_or(|g| g.has_room(plan))
+    }
+
+    fn launch(&mut self, pool: &RxPool) -> Result<Option<usize>> {
+        match self.gpu.as_mut() {
+            Some(g) => g.launch(pool),
+            None => Ok(None),
         }
     }
 
@@ -559,149 +641,236 @@ impl Gather for PoolGather {
 }
 
 /// Bytes of a slot's row list.
-const ROWS_BYTES: usize = MAX_FRAGS_PER_READ * std::mem::size_of::<Frag>();
+const ROWS_BYTES: usize = BATCH_ROWS * std::mem::size_of::<Frag>();
+/// Bytes of a slot's pinned memory: rows, then linear bytes.
+const SLOT_BYTES: usize = ROWS_BYTES + BATCH_LINEAR;
+/// Every running gather plus the open batch.
+const SLOTS: usize = MAX_INFLIGHT + 1;
 
-/// What one queued kernel needs until it finishes: its row list (pinned,
-/// then on the device), the linear bytes it copies, and its event.
-struct Slot {
-    /// Rows, then linear bytes.
-    host: PinnedBuffer,
-    rows: DeviceBuffer,
-    done: Event,
+/// The batch being filled: its slot, rows and linear bytes so far.
+#[derive(Clone, Copy)]
+struct Open {
+    slot: usize,
+    rows: usize,
+    linear: usize,
 }
 
 /// The CUDA side of a GPU pool's socket: the context's kernel, compiled
-/// once per process, and a stream of the socket's own.
+/// once per process, a stream of the socket's own, and its batch slots,
+/// made up front (pinned allocations take milliseconds): each a part of
+/// `pinned` (rows with absolute addresses, then the linear bytes they copy,
+/// both read by the kernel through unified addressing) and an event
+/// marking its end.
 struct GpuGather {
     ctx: &'static Context,
     kernel: &'static Kernel,
     stream: Stream,
-    slots: Vec<Slot>,
+    pinned: PinnedBuffer,
+    events: Vec<Event>,
     free: Vec<usize>,
+    open: Option<Open>,
+    /// Rows a batch takes before it is launched.
+    max_rows: usize,
 }
 
 impl GpuGather {
-    fn new(ctx: &'static Context) -> Result<Self> {
+    fn new(ctx: &'static Context, max_rows: usize) -> Result<Self> {
+        let c = |e| cuda_error(e);
         Ok(GpuGather {
             ctx,
-            kernel: Kernel::shared(ctx).map_err(cuda_error)?,
-            stream: Stream::new(ctx).map_err(cuda_error)?,
-            slots: Vec::new(),
-            free: Vec::new(),
+            kernel: Kernel::shared(ctx).map_err(c)?,
+            stream: Stream::new(ctx).map_err(c)?,
+            pinned: PinnedBuffer::alloc(ctx, SLOTS * SLOT_BYTES).map_err(c)?,
+            events: (0..SLOTS)
+                .map(|_| Event::new(ctx))
+                .collect::<std::result::Result<_, _>>()
+                .map_err(c)?,
+            free: (0..SLOTS).rev().collect(),
+            open: None,
+            max_rows: max_rows.min(BATCH_ROWS),
         })
     }
 
     fn take_slot(&mut self) -> Result<usize> {
-        if let Some(i) = self.free.pop() {
-            return Ok(i);
-        }
-        if self.slots.len() >= MAX_INFLIGHT {
-            return Err(Error::InvalidArgument(format!(
+        self.free.pop().ok_or_else(|| {
+            Error::InvalidArgument(format!(
                 "more than {MAX_INFLIGHT} devmem unpacks in flight on one socket"
-            )));
-        }
-        let c = |e| cuda_error(e);
-        self.slots.push(Slot {
-            host: PinnedBuffer::alloc(self.ctx, ROWS_BYTES + LINEAR_MAX).map_err(c)?,
-            rows: DeviceBuffer::alloc(self.ctx, ROWS_BYTES).map_err(c)?,
-            done: Event::new(self.ctx).map_err(c)?,
-        });
-        Ok(self.slots.len() - 1)
+            ))
+        })
     }
 
-    /// Queues the kernel for the pool rows and copies for the linear rows;
-    /// returns the slot whose event marks their end.
-    fn launch(
+    /// The first byte of `slot`'s pinned memory.
+    fn slot_mem(&self, slot: usize) -> *mut u8 {
+        debug_assert!(slot < SLOTS);
+        // SAFETY: slot < SLOTS, so the offset lies inside `pinned`.
+        unsafe { self.pinned.as_ptr().add(slot * SLOT_BYTES) }
+    }
+
+    /// What `plan` takes of a batch: rows, pinned linear bytes, and whether
+    /// its linear bytes fit the pinned memory (else they are copied from
+    /// the linear buffer). Header-split misses travel in the batch; a flow
+    /// the kernel copies whole (not steered to a devmem queue) does not.
+    fn needs(plan: &GatherPlan) -> (usize, usize, bool) {
+        let lin_end = plan
+            .linear
+            .iter()
+            .map(|r| (r.src + u64::from(r.len)) as usize)
+            .max()
+            .unwrap_or(0);
+        match lin_end <= LINEAR_MAX {
+            true => (plan.pool.len() + plan.linear.len(), lin_end, true),
+            false => (plan.pool.len(), 0, false),
+        }
+    }
+
+    fn has_room(&self, plan: &GatherPlan) -> bool {
+        let (rows, lin, _) = Self::needs(plan);
+        self.open
+            .is_none_or(|o| o.rows + rows <= self.max_rows && o.linear + lin <= BATCH_LINEAR)
+    }
+
+    /// Adds a receive's rows to the open batch, which must have room for
+    /// them ([`GpuGather::has_room`]); linear bytes too many for the
+    /// batch's pinned memory are copied from `linear` on the batch's
+    /// stream right away.
+    fn stage(
         &mut self,
-        pool: &(impl DeviceMem + ?Sized),
+        pool: &RxPool,
+        dev: &(impl DeviceMem + ?Sized),
         linear: &[u8],
         plan: &GatherPlan,
         dst: &DeviceSpan,
-    ) -> Result<usize> {
-        unpack::check(&plan.pool, pool.device_len(), dst.device_len()).map_err(Error::devmem)?;
+    ) -> Result<Fence> {
+        unpack::check(&plan.pool, dev.device_len(), dst.device_len()).map_err(Error::devmem)?;
         unpack::check(&plan.linear, linear.len(), dst.device_len()).map_err(Error::devmem)?;
-        // Header-split misses fit the slot's pinned bytes; a flow the kernel
-        // copies whole (not steered to a devmem queue) is copied from the
-        // linear buffer itself.
-        let lin_len: usize = plan.linear.iter().map(|r| r.len as usize).sum();
-        let pinned_linear = lin_len <= LINEAR_MAX;
         if plan.pool.len() > MAX_FRAGS_PER_READ {
             return Err(Error::Protocol(format!(
                 "devmem unpack: {} pool fragments in one receive, at most {MAX_FRAGS_PER_READ}",
                 plan.pool.len()
             )));
         }
-        self.ctx.make_current().map_err(cuda_error)?;
-        let i = self.take_slot()?;
-        let slot = &self.slots[i];
-        let rows_len = std::mem::size_of_val(plan.pool.as_slice());
-        let copied = if pinned_linear { lin_len } else { 0 };
-        // SAFETY: the slot is free, so no queued copy reads its pinned
-        // memory; rows (at most ROWS_BYTES) and linear bytes (at most
-        // LINEAR_MAX, rows packed from 0) fit it; Frag is plain repr(C) data.
-        unsafe {
-            let h = slot.host.as_ptr();
-            std::ptr::copy_nonoverlapping(plan.pool.as_ptr().cast::<u8>(), h, rows_len);
-            std::ptr::copy_nonoverlapping(linear.as_ptr(), h.add(ROWS_BYTES), copied);
+        let (rows, lin, pinned) = Self::needs(plan);
+        if rows == 0 && plan.linear.is_empty() {
+            return Ok(Fence::Done);
         }
-        let queued = (|| {
-            let h = slot.host.as_ptr();
-            if rows_len > 0 {
-                // SAFETY: both ranges lie in the slot's buffers, which stay
-                // untouched until the slot's event has fired.
-                unsafe { self.stream.htod(slot.rows.ptr(), h, rows_len)? };
+        if !self.has_room(plan) {
+            return Err(Error::InvalidArgument(
+                "devmem unpack: a receive staged into a full batch".into(),
+            ));
+        }
+        let mut o = match self.open {
+            Some(o) => o,
+            None => Open {
+                slot: self.take_slot()?,
+                rows: 0,
+                linear: 0,
+            },
+        };
+        let host = self.slot_mem(o.slot);
+        let (src_base, dst_base) = (dev.device_ptr(), dst.device_ptr());
+        // SAFETY: the open slot is not launched, so nothing reads its pinned
+        // memory; rows (o.rows + rows <= max_rows <= BATCH_ROWS) and linear
+        // bytes (o.linear + lin <= BATCH_LINEAR) fit it, and the buffer is
+        // page-aligned and SLOT_BYTES a multiple of 8, so every Frag is aligned.
+        unsafe {
+            let at = host.cast::<Frag>().add(o.rows);
+            let lin_at = host.add(ROWS_BYTES + o.linear);
+            for (i, r) in plan.pool.iter().enumerate() {
+                at.add(i)
+                    .write(Frag::new(src_base + r.src, dst_base + r.dst, r.len));
             }
-            // SAFETY: every row lies inside the pool and the destination
-            // (checked above); the pool outlives the socket's gathers
-            // (DevmemRx settles before it drops) and the destination's
-            // request holds its region until settled.
-            unsafe {
-                self.kernel.launch(
-                    &self.stream,
-                    pool.device_ptr(),
-                    dst.device_ptr(),
-                    slot.rows.ptr(),
-                    plan.pool.len() as u32,
-                )?
-            };
+            if pinned {
+                std::ptr::copy_nonoverlapping(linear.as_ptr(), lin_at, lin);
+                for (i, r) in plan.linear.iter().enumerate() {
+                    let src = lin_at as u64 + r.src;
+                    at.add(plan.pool.len() + i)
+                        .write(Frag::new(src, dst_base + r.dst, r.len));
+                }
+            }
+        }
+        o.rows += rows;
+        o.linear += lin;
+        self.open = Some(o);
+        if !pinned {
+            self.ctx.make_current().map_err(cuda_error)?;
+            let stream = self.stream_for(pool)?;
             for r in &plan.linear {
-                let src = if pinned_linear {
-                    // SAFETY: the row lies inside the slot's linear bytes.
-                    unsafe { h.add(ROWS_BYTES + r.src as usize) }
-                } else {
-                    // SAFETY: the row lies inside `linear` (checked above).
-                    // From pageable memory the copy is staged before the
-                    // call returns, so `linear` may be reused after it.
-                    unsafe { linear.as_ptr().add(r.src as usize) }
-                };
-                // SAFETY: the row lies inside its source and the destination
-                // (checked above); both live until the event.
+                // SAFETY: the row lies inside `linear` and the destination
+                // (checked above); from pageable memory the copy is staged
+                // before the call returns, so `linear` may be reused, and
+                // the batch's event, recorded later on this stream, marks
+                // its end.
                 unsafe {
-                    self.stream
-                        .htod(dst.device_ptr() + r.dst, src, r.len as usize)?
+                    stream
+                        .htod(
+                            dst_base + r.dst,
+                            linear.as_ptr().add(r.src as usize),
+                            r.len as usize,
+                        )
+                        .map_err(cuda_error)?
                 };
             }
-            slot.done.record(&self.stream)
+        }
+        Ok(Fence::Batched)
+    }
+
+    /// The stream a batch's work goes on: an emulated GPU pool's landed
+    /// bytes reach it on the pool's readers' stream, else the socket's own.
+    fn stream_for<'a>(&'a self, pool: &'a RxPool) -> Result<&'a Stream> {
+        Ok(pool
+            .readers_stream()
+            .map_err(Error::devmem)?
+            .unwrap_or(&self.stream))
+    }
+
+    /// Queues the open batch's kernel after the pool's landing; returns the
+    /// slot whose event marks its end.
+    fn launch(&mut self, pool: &RxPool) -> Result<Option<usize>> {
+        let Some(o) = self.open.take() else {
+            return Ok(None);
+        };
+        let rows = self.slot_mem(o.slot) as u64;
+        // An emulated GPU pool's landed bytes reach it on the pool's stream.
+        let stream = match self.stream_for(pool) {
+            Ok(s) => s,
+            Err(e) => {
+                self.free.push(o.slot);
+                return Err(e);
+            }
+        };
+        let queued = (|| {
+            self.ctx.make_current().map_err(cuda_error)?;
+            // SAFETY: every row was checked against the pool and its
+            // destination when staged; the pool outlives the socket's
+            // gathers (DevmemRx settles before it drops), each destination's
+            // request holds its region until settled, and the rows stay
+            // untouched until the slot's event fired.
+            unsafe {
+                self.kernel
+                    .launch_list(stream, rows, o.rows as u32)
+                    .map_err(cuda_error)?
+            };
+            self.events[o.slot].record(stream).map_err(cuda_error)
         })();
         match queued {
-            Ok(()) => Ok(i),
+            Ok(()) => Ok(Some(o.slot)),
             Err(e) => {
                 // Nothing queued may outlive the slot's reuse.
-                let _ = self.stream.sync();
-                self.free.push(i);
-                Err(cuda_error(e))
+                let _ = stream.sync();
+                self.free.push(o.slot);
+                Err(e)
             }
         }
     }
 
-    fn slot(&self, slot: usize) -> Result<&Slot> {
-        self.slots
+    fn event(&self, slot: usize) -> Result<&Event> {
+        self.events
             .get(slot)
             .ok_or_else(|| Error::InvalidArgument(format!("no devmem unpack slot {slot}")))
     }
 
     fn done(&mut self, slot: usize) -> Result<bool> {
-        let done = self.slot(slot)?.done.done().map_err(cuda_error)?;
+        let done = self.event(slot)?.done().map_err(cuda_error)?;
         if done {
             self.free.push(slot);
         }
@@ -710,8 +879,7 @@ impl GpuGather {
 
     fn wait(&mut self, slot: usize, limit: Duration) -> Result<()> {
         self.ctx.make_current().map_err(cuda_error)?;
-        self.slot(slot)?
-            .done
+        self.event(slot)?
             .wait("devmem unpack kernel", limit)
             .map_err(cuda_error)?;
         self.free.push(slot);
@@ -726,19 +894,38 @@ pub(super) mod tests {
     use std::io::Write;
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-    /// A gather that copies on the CPU at once but reports its fences done
+    /// A gather that copies on the CPU at once but reports its batches done
     /// only once the test allows: a kernel still running, under the test's
-    /// control.
+    /// control. Each receive is a batch of its own, launched by the next
+    /// receive (or a launch); with `one_batch`, every receive joins the open
+    /// batch until a launch.
     #[derive(Clone, Default)]
     pub(in crate::engine) struct Manual {
-        /// Gathers `0..finished` have finished.
+        /// Batches `0..finished` have finished.
         pub finished: Arc<AtomicUsize>,
-        started: usize,
+        /// Batches launched so far.
+        pub launched: Arc<AtomicUsize>,
+        one_batch: bool,
+        staged: bool,
     }
 
     impl Manual {
+        pub fn one_batch() -> Manual {
+            Manual {
+                one_batch: true,
+                ..Manual::default()
+            }
+        }
+
         pub fn finish_all(&self) {
             self.finished.store(usize::MAX, Ordering::SeqCst);
+        }
+
+        fn launch_staged(&mut self) -> Option<usize> {
+            if !std::mem::take(&mut self.staged) {
+                return None;
+            }
+            Some(self.launched.fetch_add(1, Ordering::SeqCst))
         }
     }
 
@@ -758,8 +945,16 @@ pub(super) mod tests {
             let host = pool.host().expect("a host pool");
             CpuUnpack.unpack(host, d, &plan.pool).unwrap();
             CpuUnpack.unpack(linear, d, &plan.linear).unwrap();
-            self.started += 1;
-            Ok(Fence::Pending(self.started - 1))
+            self.staged = true;
+            Ok(Fence::Batched)
+        }
+
+        fn has_room(&self, _: &GatherPlan) -> bool {
+            self.one_batch || !self.staged
+        }
+
+        fn launch(&mut self, _: &RxPool) -> Result<Option<usize>> {
+            Ok(self.launch_staged())
         }
 
         fn done(&mut self, slot: usize) -> Result<bool> {
@@ -865,6 +1060,12 @@ pub(super) mod tests {
     impl Gather for Failing {
         fn gather(&mut self, _: &RxPool, _: &[u8], _: &GatherPlan, _: Dst<'_>) -> Result<Fence> {
             Err(Error::Unsupported("test gather fails".into()))
+        }
+        fn has_room(&self, _: &GatherPlan) -> bool {
+            true
+        }
+        fn launch(&mut self, _: &RxPool) -> Result<Option<usize>> {
+            Ok(None)
         }
         fn done(&mut self, _: usize) -> Result<bool> {
             Ok(true)
@@ -983,6 +1184,86 @@ pub(super) mod tests {
         }
         finisher.join().unwrap();
         d.settle().unwrap();
+        assert!(got == data);
+    }
+
+    #[test]
+    fn a_pool_filled_by_the_open_batch_launches_it_and_waits_instead_of_stalling() {
+        let data = pattern(64 << 10);
+        let (stream, _peer) = loaded(&data);
+        let m = Manual::one_batch();
+        let mut d = rx(&stream, 4, &m, Duration::from_secs(5));
+        let mut got = vec![0u8; data.len()];
+        let mut at = 0;
+        while d.rx_pool().free_pages() > 0 {
+            at += recv_into(&mut d, &mut got[at..]).unwrap();
+        }
+        assert_eq!(
+            m.launched.load(Ordering::SeqCst),
+            0,
+            "all in the open batch"
+        );
+        let held = d.rx_pool().outstanding();
+        let (m2, launched) = (m.clone(), m.launched.clone());
+        let finisher = std::thread::spawn(move || {
+            // The receive below must have launched the batch to wait on it.
+            while launched.load(Ordering::SeqCst) == 0 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+            m2.finish_all();
+        });
+        assert_eq!(balanced(&d.counters).1, 0);
+        at += recv_into(&mut d, &mut got[at..]).unwrap();
+        finisher.join().unwrap();
+        assert_eq!(
+            balanced(&d.counters).1,
+            held.len() as u64,
+            "the batch's pages came back, and it received into them"
+        );
+        while at < data.len() {
+            at += recv_into(&mut d, &mut got[at..]).unwrap();
+        }
+        d.settle().unwrap();
+        assert!(d.rx_pool().outstanding().is_empty());
+        assert!(got == data, "bytes differ");
+    }
+
+    #[test]
+    fn settle_launches_the_open_batch_and_returns_its_tokens_only_once_it_finished() {
+        let data = pattern(24 << 10);
+        let (stream, _peer) = loaded(&data);
+        let m = Manual::one_batch();
+        let mut d = rx(&stream, 64, &m, Duration::from_millis(50));
+        let mut got = vec![0u8; data.len()];
+        let mut at = 0;
+        while at < data.len() {
+            at += recv_into(&mut d, &mut got[at..]).unwrap();
+        }
+        let held = d.rx_pool().outstanding();
+        assert!(!held.is_empty());
+        // Launched but never finished: settling fails and keeps the pages.
+        assert!(matches!(d.settle(), Err(Error::Timeout { .. })));
+        assert_eq!(
+            m.launched.load(Ordering::SeqCst),
+            1,
+            "one batch for every receive"
+        );
+        assert_eq!(d.rx_pool().outstanding(), held);
+        std::mem::forget(d); // its gather never ends: dropping would wait again
+
+        let (stream, _peer) = loaded(&data);
+        let m = Manual::one_batch();
+        let mut d = rx(&stream, 64, &m, Duration::from_secs(5));
+        let mut at = 0;
+        while at < data.len() {
+            at += recv_into(&mut d, &mut got[at..]).unwrap();
+        }
+        m.finish_all();
+        d.settle().unwrap();
+        assert!(d.rx_pool().outstanding().is_empty());
+        let (lent, back) = balanced(&d.counters);
+        assert_eq!(lent, back);
         assert!(got == data);
     }
 }

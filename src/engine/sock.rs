@@ -587,6 +587,7 @@ impl Sock {
     /// payload goes and when its tokens go back.
     pub fn rx_devmem(&mut self, scratch: &mut Vec<u8>) -> Step {
         let Some(target) = self.rx_target(scratch) else {
+            self.launch_devmem();
             return Step::Idle;
         };
         let Some(d) = self.devmem.as_mut() else {
@@ -600,7 +601,10 @@ impl Sock {
         match d.recv(dst) {
             Ok(Recv::Bytes(n)) => self.rx_done(n),
             Ok(Recv::Closed) => self.rx_done(0),
-            Ok(Recv::WouldBlock) => return Step::WouldBlock,
+            Ok(Recv::WouldBlock) => {
+                self.launch_devmem();
+                return Step::WouldBlock;
+            }
             Ok(Recv::Interrupted) => {}
             // A reset is the path's (or the peer's) end, as on a plain socket.
             Err(e @ Error::ConnectionLost(_)) => {
@@ -613,6 +617,14 @@ impl Sock {
             }
         }
         Step::Moved
+    }
+
+    /// Starts the gathers staged so far: the socket pauses, so no more
+    /// rows join them soon.
+    fn launch_devmem(&mut self) {
+        if let Some(Err(e)) = self.devmem.as_mut().map(|d| d.launch_open()) {
+            self.fail(e);
+        }
     }
 
     /// Where the next devmem receive goes: the rest of the chunk header,
@@ -732,8 +744,15 @@ mod tests {
     }
 
     /// Receives one `n`-byte chunk through an emulated devmem socket whose
-    /// gathers finish when `gather` says; returns the request and its memory.
-    fn receive(gather: &Manual, deadline: Duration, n: usize) -> (Arc<ReqState>, MemoryRegion) {
+    /// gathers finish when `gather` says, calling `blocked` each time the
+    /// socket would block (before it settles); returns the request and its
+    /// memory.
+    fn receive(
+        gather: &Manual,
+        deadline: Duration,
+        n: usize,
+        blocked: impl Fn(&ReqState),
+    ) -> (Arc<ReqState>, MemoryRegion) {
         let mut wire = Chunk {
             seq: 7,
             offset: 0,
@@ -789,6 +808,7 @@ mod tests {
             match s.rx_devmem(&mut scratch) {
                 Step::Moved => {}
                 Step::WouldBlock | Step::Idle => {
+                    blocked(&req);
                     assert!(s.settle(), "stalled before the request was done")
                 }
             }
@@ -800,7 +820,12 @@ mod tests {
     fn a_devmem_receive_is_done_only_once_its_unpack_finished() {
         // An unpack that never finishes: the request fails (typed), it
         // never reports success with bytes still in flight.
-        let (req, _) = receive(&Manual::default(), Duration::from_millis(100), 600_001);
+        let (req, _) = receive(
+            &Manual::default(),
+            Duration::from_millis(100),
+            600_001,
+            |_| {},
+        );
         assert!(
             matches!(req.error(), Some(Error::Timeout { .. })),
             "{:?}",
@@ -816,7 +841,7 @@ mod tests {
             f2.store(true, Ordering::SeqCst);
             m2.finish_all();
         });
-        let (req, mut mr) = receive(&m, Duration::from_secs(5), 600_001);
+        let (req, mut mr) = receive(&m, Duration::from_secs(5), 600_001, |_| {});
         assert!(
             finished.load(Ordering::SeqCst),
             "done before the unpack finished"
@@ -824,6 +849,22 @@ mod tests {
         assert_eq!(req.error(), None);
         finisher.join().unwrap();
         assert!(mr.bytes().unwrap() == &pattern(600_001)[..]);
+    }
+
+    #[test]
+    fn a_devmem_socket_that_would_block_launches_its_open_batch() {
+        let m = Manual::one_batch();
+        m.finish_all();
+        let launched = m.launched.clone();
+        let (req, mut mr) = receive(&m, Duration::from_secs(5), 300_001, |req| {
+            assert!(!req.is_done());
+            assert!(
+                launched.load(Ordering::SeqCst) > 0,
+                "the staged gathers wait for a settle"
+            );
+        });
+        assert_eq!(req.error(), None);
+        assert!(mr.bytes().unwrap() == &pattern(300_001)[..]);
     }
 
     /// A receive comm for the plain path: message 3 (two chunks of 4096 in

@@ -237,12 +237,14 @@ impl Drop for DeviceBuffer {
     }
 }
 
-/// Copies each row of `rows` from device `src` to host `dst`, one
-/// synchronous `cuMemcpyDtoH` each (it orders after no non-blocking
-/// stream): the few pool fragments of a GPU-pool receive that belong in
-/// host memory, such as chunk headers. `ctx` must own `src`.
+/// Copies each row of `rows` from device `src` to host `dst` and waits:
+/// the few pool fragments of a GPU-pool receive that belong in host memory,
+/// such as chunk headers. Queued on `after` when the bytes are still landing
+/// there, else one synchronous `cuMemcpyDtoH` each (it orders after no
+/// non-blocking stream). `ctx` must own `src`.
 pub fn read_rows(
     ctx: &'static Context,
+    after: Option<&Stream>,
     src: &(impl DeviceMem + ?Sized),
     dst: &mut [u8],
     rows: &[super::unpack::Frag],
@@ -250,17 +252,25 @@ pub fn read_rows(
     super::unpack::Unpacker::check(rows, src.device_len(), dst.len())?;
     ctx.make_current()?;
     for r in rows {
-        // SAFETY: the row lies inside src and dst (checked above); the copy
-        // is finished when the call returns.
-        ck("cuMemcpyDtoH", || unsafe {
-            sys::cuMemcpyDtoH_v2(
-                dst.as_mut_ptr().add(r.dst as usize).cast(),
-                src.device_ptr() + r.src,
-                r.len as usize,
-            )
-        })?;
+        let (to, from) = (
+            // SAFETY: the row lies inside dst (checked above).
+            unsafe { dst.as_mut_ptr().add(r.dst as usize) },
+            src.device_ptr() + r.src,
+        );
+        match after {
+            // SAFETY: the row lies inside src and dst (checked above); dst
+            // stays borrowed until the stream's sync below.
+            Some(s) => unsafe { s.dtoh(to, from, r.len as usize)? },
+            // SAFETY: as above; the copy is finished when the call returns.
+            None => ck("cuMemcpyDtoH", || unsafe {
+                sys::cuMemcpyDtoH_v2(to.cast(), from, r.len as usize)
+            })?,
+        }
     }
-    Ok(())
+    match after {
+        Some(s) => s.sync(),
+        None => Ok(()),
+    }
 }
 
 /// Page-locked host memory (`cuMemHostAlloc`, portable), freed on drop.

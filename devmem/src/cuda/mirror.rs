@@ -1,14 +1,24 @@
 //! A GPU RX pool as the emulated NIC writes it. A real NIC DMAs payload
 //! into GPU memory; the software NIC lands it in a pinned host mirror of the
-//! pool and copies the dirty span to the GPU when a receive completes.
+//! pool, and the dirty span is copied to the GPU when a reader asks for the
+//! landed bytes ([`GpuMirror::readers_stream`]): the copy is queued on the
+//! mirror's stream, which the reader queues its own work on, so nobody
+//! waits for it on the CPU and several receives share one copy.
 //!
 //! The mirror starts as a copy of the GPU pool and every write to the pool
 //! goes through it, so mirror and GPU agree outside the dirty span: a span
 //! may be copied whole, gaps included, without clobbering anything. That
 //! holds while this mirror is the only writer of the pool (the daemon
-//! exports the pool and never writes it).
+//! exports the pool and never writes it). A page's mirror bytes are
+//! rewritten only once its token came back, that is after the work that
+//! read the page finished, and that work was queued after the page's copy:
+//! so no queued copy still reads bytes the NIC overwrites, except those of
+//! gaps, whose late copy the next flush redoes before anyone reads them.
+
+use std::sync::Mutex;
 
 use super::mem::{PinnedBuffer, Stream};
+use super::unpack::Frag;
 use super::vmm::MappedRange;
 use super::{CudaError, Result};
 
@@ -22,7 +32,12 @@ pub struct GpuMirror {
     mapping: MappedRange,
     host: PinnedBuffer,
     stream: Stream,
-    dirty: Option<(usize, usize)>,
+    /// Copies of a few ranges for a host reader, who waits for them: they
+    /// do not queue behind the span copies and kernels on `stream`.
+    side: Stream,
+    /// Written and not yet copied: one span (lazily flushed by readers
+    /// holding `&self`).
+    dirty: Mutex<Option<(usize, usize)>>,
 }
 
 impl GpuMirror {
@@ -38,8 +53,9 @@ impl GpuMirror {
         Ok(GpuMirror {
             mapping,
             host,
+            side: Stream::new(ctx)?,
             stream,
-            dirty: None,
+            dirty: Mutex::new(None),
         })
     }
 
@@ -75,12 +91,11 @@ impl GpuMirror {
                     self.len()
                 ))
             })?;
-        if let Some((lo, hi)) = self.dirty {
-            if offset > hi.saturating_add(MERGE_GAP) || end.saturating_add(MERGE_GAP) < lo {
-                self.flush()?;
-            }
+        if self.far_from_dirty(offset, end) {
+            self.flush()?;
         }
-        self.dirty = Some(match self.dirty {
+        let dirty = self.dirty.get_mut().unwrap_or_else(|p| p.into_inner());
+        *dirty = Some(match *dirty {
             Some((lo, hi)) => (lo.min(offset), hi.max(end)),
             None => (offset, end),
         });
@@ -95,31 +110,85 @@ impl GpuMirror {
         if end <= offset {
             return Ok(());
         }
-        if let Some((lo, hi)) = self.dirty {
-            if offset > hi.saturating_add(MERGE_GAP) || end.saturating_add(MERGE_GAP) < lo {
-                // Only bytes written already are flushed here.
-                self.flush()?;
-            }
+        if self.far_from_dirty(offset, end) {
+            // Only bytes written already are flushed here.
+            self.flush()?;
         }
         self.mark(offset, end - offset)
     }
 
-    /// Copies the dirty span to the GPU and waits: afterwards kernels on
-    /// any stream see the landed bytes.
-    pub fn flush(&mut self) -> Result<()> {
-        let Some((lo, hi)) = self.dirty.take() else {
+    fn far_from_dirty(&mut self, offset: usize, end: usize) -> bool {
+        let dirty = self.dirty.get_mut().unwrap_or_else(|p| p.into_inner());
+        dirty.is_some_and(|(lo, hi)| {
+            offset > hi.saturating_add(MERGE_GAP) || end.saturating_add(MERGE_GAP) < lo
+        })
+    }
+
+    /// Queues the copy of the dirty span to the GPU on the mirror's stream.
+    pub fn flush(&self) -> Result<()> {
+        let mut dirty = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
+        let Some((lo, hi)) = dirty.take() else {
             return Ok(());
         };
         self.stream.context().make_current()?;
         // SAFETY: lo..hi lies in both the mirror and the mapping (checked in
-        // mark); &mut self keeps the mirror unwritten until the sync.
-        unsafe {
+        // mark); its pages are not rewritten before the work reading them,
+        // queued after this copy, finished (module docs).
+        let queued = unsafe {
             self.stream.htod(
                 self.mapping.ptr() + lo as u64,
                 self.host.as_ptr().add(lo),
                 hi - lo,
-            )?
+            )
         };
-        self.stream.sync()
+        if queued.is_err() {
+            *dirty = Some((lo, hi));
+        }
+        queued
+    }
+
+    /// Copies the source ranges of `rows` to the GPU on a stream of their
+    /// own and returns it: work queued next on it sees those bytes, without
+    /// waiting for the span copies and kernels queued on the readers'
+    /// stream. The ranges stay dirty (a later span copy repeats them).
+    pub fn rows_stream(&self, rows: &[Frag]) -> Result<&Stream> {
+        self.side.context().make_current()?;
+        for r in rows {
+            let end = r.src.checked_add(u64::from(r.len));
+            if end.is_none_or(|e| e > self.len() as u64) {
+                return Err(CudaError::InvalidArgument(format!(
+                    "row {r:?} outside the {}-byte GPU pool",
+                    self.len()
+                )));
+            }
+            // SAFETY: the range lies in both the mirror and the mapping
+            // (checked above); the reader waits on `side` before the pages
+            // can go back to the NIC (module docs).
+            unsafe {
+                self.side.htod(
+                    self.mapping.ptr() + r.src,
+                    self.host.as_ptr().add(r.src as usize),
+                    r.len as usize,
+                )?
+            };
+        }
+        Ok(&self.side)
+    }
+
+    /// Flushes, then returns the stream on which work queued next sees
+    /// every byte landed so far.
+    pub fn readers_stream(&self) -> Result<&Stream> {
+        self.flush()?;
+        Ok(&self.stream)
+    }
+}
+
+impl Drop for GpuMirror {
+    fn drop(&mut self) {
+        // A queued copy still reads the mirror and writes the mapping.
+        if self.stream.context().make_current().is_ok() {
+            let _ = self.stream.sync();
+            let _ = self.side.sync();
+        }
     }
 }
