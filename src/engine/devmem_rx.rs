@@ -753,10 +753,10 @@ impl GpuGather {
         if rows == 0 && plan.linear.is_empty() {
             return Ok(Fence::Done);
         }
-        if !self.has_room(plan) {
-            return Err(Error::InvalidArgument(
-                "devmem unpack: a receive staged into a full batch".into(),
-            ));
+        if !self.has_room(plan) || rows > BATCH_ROWS {
+            return Err(Error::InvalidArgument(format!(
+                "devmem unpack: {rows} rows staged into a batch without room for them"
+            )));
         }
         let mut o = match self.open {
             Some(o) => o,
@@ -769,7 +769,8 @@ impl GpuGather {
         let host = self.slot_mem(o.slot);
         let (src_base, dst_base) = (dev.device_ptr(), dst.device_ptr());
         // SAFETY: the open slot is not launched, so nothing reads its pinned
-        // memory; rows (o.rows + rows <= max_rows <= BATCH_ROWS) and linear
+        // memory; rows (o.rows + rows <= max_rows <= BATCH_ROWS, or an empty
+        // batch's rows <= BATCH_ROWS) and linear
         // bytes (o.linear + lin <= BATCH_LINEAR) fit it, and the buffer is
         // page-aligned and SLOT_BYTES a multiple of 8, so every Frag is aligned.
         unsafe {
@@ -1013,6 +1014,15 @@ pub(super) mod tests {
         }
     }
 
+    /// Receives until the pool is full; returns the bytes received.
+    fn fill_pool(d: &mut DevmemRx, got: &mut [u8]) -> usize {
+        let mut at = 0;
+        while d.rx_pool().free_pages() > 0 {
+            at += recv_into(d, &mut got[at..]).unwrap();
+        }
+        at
+    }
+
     #[test]
     fn tokens_go_back_only_after_the_gather_reading_their_pages_finished() {
         let data = pattern(40 << 10);
@@ -1151,10 +1161,7 @@ pub(super) mod tests {
         let m = Manual::default();
         let mut d = rx(&stream, 2, &m, Duration::from_millis(50));
         let mut got = vec![0u8; data.len()];
-        let mut at = 0;
-        while d.rx_pool().free_pages() > 0 {
-            at += recv_into(&mut d, &mut got[at..]).unwrap();
-        }
+        let mut at = fill_pool(&mut d, &mut got);
         let held = d.rx_pool().outstanding();
         let e = recv_into(&mut d, &mut got[at..]).unwrap_err();
         assert!(matches!(e, Error::Timeout { .. }), "{e:?}");
@@ -1194,10 +1201,7 @@ pub(super) mod tests {
         let m = Manual::one_batch();
         let mut d = rx(&stream, 4, &m, Duration::from_secs(5));
         let mut got = vec![0u8; data.len()];
-        let mut at = 0;
-        while d.rx_pool().free_pages() > 0 {
-            at += recv_into(&mut d, &mut got[at..]).unwrap();
-        }
+        let mut at = fill_pool(&mut d, &mut got);
         assert_eq!(
             m.launched.load(Ordering::SeqCst),
             0,
