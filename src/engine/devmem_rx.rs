@@ -1161,7 +1161,7 @@ pub(super) mod tests {
         let m = Manual::default();
         let mut d = rx(&stream, 2, &m, Duration::from_millis(50));
         let mut got = vec![0u8; data.len()];
-        let mut at = fill_pool(&mut d, &mut got);
+        let at = fill_pool(&mut d, &mut got);
         let held = d.rx_pool().outstanding();
         let e = recv_into(&mut d, &mut got[at..]).unwrap_err();
         assert!(matches!(e, Error::Timeout { .. }), "{e:?}");
