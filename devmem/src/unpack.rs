@@ -295,7 +295,7 @@ pub struct DeviceToHostUnpack<'a> {
     /// The context of the source memory.
     pub ctx: &'static crate::cuda::Context,
     /// The stream the source's bytes land on, if they are still landing
-    /// ([`crate::pool::RxPool::readers_stream`]).
+    /// ([`crate::pool::RxPool::rows_stream`]).
     pub after: Option<&'a crate::cuda::mem::Stream>,
 }
 

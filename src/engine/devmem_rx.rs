@@ -235,10 +235,7 @@ impl DevmemRx {
                 (Box::new(emu), part, id)
             }
         };
-        let pool = sock
-            .rx_memory()
-            .ok_or_else(|| Error::InvalidArgument("a devmem receive without a pool".into()))?;
-        let gather = Box::new(PoolGather::new(pool)?);
+        let gather = Box::new(PoolGather::new(pool_of(&*sock)?)?);
         Ok(DevmemRx {
             sock,
             _part: part,
@@ -261,9 +258,7 @@ impl DevmemRx {
     }
 
     fn pool(&self) -> Result<&RxPool> {
-        self.sock
-            .rx_memory()
-            .ok_or_else(|| Error::InvalidArgument("a devmem receive without a pool".into()))
+        pool_of(&*self.sock)
     }
 
     /// The GPU of a GPU pool; `None` for host pools.
@@ -337,9 +332,7 @@ impl DevmemRx {
                 false => self.launch_open(),
             })
             .and_then(|()| {
-                let pool = self.sock.rx_memory().ok_or_else(|| {
-                    Error::InvalidArgument("a devmem receive without a pool".into())
-                })?;
+                let pool = pool_of(&*self.sock)?;
                 self.gather
                     .gather(pool, &self.linear[..lim], &self.plan, dst)
             });
@@ -382,28 +375,19 @@ impl DevmemRx {
     /// Launches the open batch, if any: the socket would block or waits, so
     /// nothing more joins it soon.
     pub fn launch_open(&mut self) -> Result<()> {
-        let pool = self
-            .sock
-            .rx_memory()
-            .ok_or_else(|| Error::InvalidArgument("a devmem receive without a pool".into()))?;
-        match self.gather.launch(pool) {
+        let launched = self.gather.launch(pool_of(&*self.sock)?);
+        let mut tokens = self.take_open();
+        match launched {
             Ok(Some(slot)) => {
-                let tokens = self.take_open();
                 self.run(slot, tokens);
                 Ok(())
             }
-            Ok(None) => {
-                // Nothing staged reads these pages.
-                let mut tokens = self.take_open();
-                let r = self.release(&mut tokens);
+            // Nothing staged (or nothing queued) reads these pages: they go
+            // back, before the socket fails if the launch did.
+            other => {
+                let released = self.release(&mut tokens);
                 self.spare.push(tokens);
-                r
-            }
-            Err(e) => {
-                // Nothing was queued: the pages go back before the socket fails.
-                let mut tokens = self.take_open();
-                let _ = self.release(&mut tokens);
-                Err(e)
+                other.and(released)
             }
         }
     }
@@ -521,6 +505,12 @@ impl DevmemRx {
     pub(super) fn rx_pool(&self) -> &RxPool {
         self.sock.rx_memory().expect("a pool")
     }
+}
+
+/// The pool a devmem socket receives into.
+fn pool_of(sock: &dyn DevmemSocket) -> Result<&RxPool> {
+    sock.rx_memory()
+        .ok_or_else(|| Error::InvalidArgument("a devmem receive without a pool".into()))
 }
 
 impl Drop for DevmemRx {
@@ -770,9 +760,9 @@ impl GpuGather {
         let (src_base, dst_base) = (dev.device_ptr(), dst.device_ptr());
         // SAFETY: the open slot is not launched, so nothing reads its pinned
         // memory; rows (o.rows + rows <= max_rows <= BATCH_ROWS, or an empty
-        // batch's rows <= BATCH_ROWS) and linear
-        // bytes (o.linear + lin <= BATCH_LINEAR) fit it, and the buffer is
-        // page-aligned and SLOT_BYTES a multiple of 8, so every Frag is aligned.
+        // batch's rows <= BATCH_ROWS) and linear bytes (o.linear + lin <=
+        // BATCH_LINEAR) fit it, and the buffer is page-aligned and
+        // SLOT_BYTES a multiple of 8, so every Frag is aligned.
         unsafe {
             let at = host.cast::<Frag>().add(o.rows);
             let lin_at = host.add(ROWS_BYTES + o.linear);
@@ -831,7 +821,6 @@ impl GpuGather {
             return Ok(None);
         };
         let rows = self.slot_mem(o.slot) as u64;
-        // An emulated GPU pool's landed bytes reach it on the pool's stream.
         let stream = match self.stream_for(pool) {
             Ok(s) => s,
             Err(e) => {

@@ -82,15 +82,7 @@ impl GpuMirror {
 
     /// Records that `offset..offset + len` of the mirror was written.
     pub fn mark(&mut self, offset: usize, len: usize) -> Result<()> {
-        let end = offset
-            .checked_add(len)
-            .filter(|&e| e <= self.len())
-            .ok_or_else(|| {
-                CudaError::InvalidArgument(format!(
-                    "bytes {offset}+{len} outside the {}-byte GPU pool",
-                    self.len()
-                ))
-            })?;
+        let end = self.end_of(offset, len)?;
         if self.far_from_dirty(offset, end) {
             self.flush()?;
         }
@@ -115,6 +107,19 @@ impl GpuMirror {
             self.flush()?;
         }
         self.mark(offset, end - offset)
+    }
+
+    /// The end of `offset..offset + len`, which must lie in the pool.
+    fn end_of(&self, offset: usize, len: usize) -> Result<usize> {
+        offset
+            .checked_add(len)
+            .filter(|&e| e <= self.len())
+            .ok_or_else(|| {
+                CudaError::InvalidArgument(format!(
+                    "bytes {offset}+{len} outside the {}-byte GPU pool",
+                    self.len()
+                ))
+            })
     }
 
     fn far_from_dirty(&mut self, offset: usize, end: usize) -> bool {
@@ -154,13 +159,7 @@ impl GpuMirror {
     pub fn rows_stream(&self, rows: &[Frag]) -> Result<&Stream> {
         self.side.context().make_current()?;
         for r in rows {
-            let end = r.src.checked_add(u64::from(r.len));
-            if end.is_none_or(|e| e > self.len() as u64) {
-                return Err(CudaError::InvalidArgument(format!(
-                    "row {r:?} outside the {}-byte GPU pool",
-                    self.len()
-                )));
-            }
+            self.end_of(r.src as usize, r.len as usize)?;
             // SAFETY: the range lies in both the mirror and the mapping
             // (checked above); the reader waits on `side` before the pages
             // can go back to the NIC (module docs).
