@@ -26,7 +26,7 @@ use devmem::cuda::mem::{self, Event, MemKind, PinnedBuffer, Stream};
 use devmem::cuda::{self, Context, CudaError};
 
 use crate::error::{Error, Result};
-use crate::memory::{RxPath, TxPath};
+use crate::memory::{Lane, RxPath, TxPath};
 
 /// Registration rule of the TCPX plugin (`tcpxRegMr`: `data % PAGE_SIZE`).
 pub(crate) const CUDA_REG_ALIGN: usize = 4096;
@@ -163,7 +163,7 @@ impl StagingPool {
 }
 
 thread_local! {
-    /// Small per-thread id: a chunk's repeated calls come from its socket's worker.
+    /// Small per-thread id, naming the thread's copy stream.
     static TID: u64 = {
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
@@ -205,9 +205,9 @@ pub(crate) struct CudaBounce {
     ctx: &'static Context,
     base: u64,
     pool: Arc<StagingPool>,
-    /// (thread, region offset of the chunk) -> its staging.
-    tx: Mutex<BTreeMap<(u64, u64), Staged>>,
-    rx: Mutex<BTreeMap<(u64, u64), Staged>>,
+    /// (lane, region offset of the chunk) -> its staging.
+    tx: Mutex<BTreeMap<(Lane, u64), Staged>>,
+    rx: Mutex<BTreeMap<(Lane, u64), Staged>>,
     /// thread -> its received chunks still being copied to the GPU.
     rx_copies: Mutex<HashMap<u64, Copies>>,
     /// DMA-BUF of the region, for the devmem TX path; closed on dereg.
@@ -340,8 +340,8 @@ impl CudaBounce {
 }
 
 impl TxPath for CudaBounce {
-    fn source(&self, off: u64, len: usize) -> Result<*const u8> {
-        let key = (tid(), off);
+    fn source(&self, lane: Lane, off: u64, len: usize) -> Result<*const u8> {
+        let key = (lane, off);
         // Waits happen outside the map's lock: other workers use it too.
         let staged = lock(&self.tx).remove(&key);
         let mut s = match staged {
@@ -366,8 +366,8 @@ impl TxPath for CudaBounce {
         Ok(p)
     }
 
-    fn prefetch(&self, off: u64, len: usize) {
-        let key = (tid(), off);
+    fn prefetch(&self, lane: Lane, off: u64, len: usize) {
+        let key = (lane, off);
         if lock(&self.tx).contains_key(&key) {
             return;
         }
@@ -379,8 +379,8 @@ impl TxPath for CudaBounce {
         }
     }
 
-    fn sent(&self, off: u64, _len: usize) {
-        let staged = lock(&self.tx).remove(&(tid(), off));
+    fn sent(&self, lane: Lane, off: u64, _len: usize) {
+        let staged = lock(&self.tx).remove(&(lane, off));
         if let Some(s) = staged {
             self.release(s);
         }
@@ -392,10 +392,9 @@ impl TxPath for CudaBounce {
 }
 
 impl RxPath for CudaBounce {
-    fn sink(&self, off: u64, len: usize) -> Result<*mut u8> {
-        let tid = tid();
+    fn sink(&self, lane: Lane, off: u64, len: usize) -> Result<*mut u8> {
         let mut rx = lock(&self.rx);
-        if let Some((&(_, start), s)) = rx.range((tid, 0)..=(tid, off)).next_back() {
+        if let Some((&(_, start), s)) = rx.range((lane, 0)..=(lane, off)).next_back() {
             if off < start + s.len as u64 {
                 // The rest of a chunk already being received.
                 let at = (off - start) as usize;
@@ -412,15 +411,15 @@ impl RxPath for CudaBounce {
             slot,
             copying: false,
         };
-        if let Some(old) = rx.insert((tid, off), staged) {
+        if let Some(old) = rx.insert((lane, off), staged) {
             self.pool.give(old.slot);
         }
         Ok(p)
     }
 
-    fn landed(&self, off: u64, len: usize) -> Result<()> {
+    fn landed(&self, lane: Lane, off: u64, len: usize) -> Result<()> {
         let tid = tid();
-        let staged = lock(&self.rx).remove(&(tid, off));
+        let staged = lock(&self.rx).remove(&(lane, off));
         let Some(s) = staged else {
             return if len == 0 {
                 Ok(())
@@ -451,6 +450,14 @@ impl RxPath for CudaBounce {
                 self.pool.give(s.slot);
                 Err(e)
             }
+        }
+    }
+
+    fn abandon(&self, lane: Lane, off: u64) {
+        let staged = lock(&self.rx).remove(&(lane, off));
+        if let Some(s) = staged {
+            // No copy was queued from it: receiving wrote it, nothing else.
+            self.pool.give(s.slot);
         }
     }
 

@@ -7,6 +7,7 @@
 //! wire protocol and the API do not change when they arrive.
 
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use devmem::cuda::mem::DeviceSpan;
@@ -107,16 +108,41 @@ impl PtrKind {
     }
 }
 
-/// Where bytes of a region come from when sending.
+/// Who stages a region's bytes: every data socket is a lane of its own,
+/// and so is every caller thread (inline messages, staged and let go within
+/// one call). Chunks at the same region offset in flight at once on
+/// different sockets, of one buffer sent twice or received into twice,
+/// never share staging, whichever threads serve those sockets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) struct Lane(u64);
+
+impl Lane {
+    /// A lane no one else uses (a new data socket's).
+    pub fn fresh() -> Lane {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        Lane(NEXT.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// The calling thread's lane.
+    pub fn caller() -> Lane {
+        thread_local! {
+            static LANE: Lane = Lane::fresh();
+        }
+        LANE.with(|l| *l)
+    }
+}
+
+/// Where bytes of a region come from when sending. A lane asks for one
+/// chunk at a time, and may prefetch the one after it.
 pub(crate) trait TxPath: Send + Sync {
     /// Host-addressable bytes `[off, off+len)` of the region, ready to send.
-    fn source(&self, off: u64, len: usize) -> Result<*const u8>;
+    fn source(&self, lane: Lane, off: u64, len: usize) -> Result<*const u8>;
     /// The kernel holds no reference to the chunk's bytes any more (copying
     /// sends): staging paths may reuse what `source` handed out.
-    fn sent(&self, _off: u64, _len: usize) {}
+    fn sent(&self, _lane: Lane, _off: u64, _len: usize) {}
     /// Bytes `[off, off+len)` will be asked for soon: staging paths start
     /// copying them now, so the copy overlaps the send before it.
-    fn prefetch(&self, _off: u64, _len: usize) {}
+    fn prefetch(&self, _lane: Lane, _off: u64, _len: usize) {}
     /// False when `source` hands out reusable staging, which MSG_ZEROCOPY
     /// would keep referenced past `sent`.
     fn zerocopy_ok(&self) -> bool {
@@ -129,12 +155,16 @@ pub(crate) trait TxPath: Send + Sync {
     }
 }
 
-/// Where received bytes of a region go.
+/// Where received bytes of a region go. A lane receives one chunk at a
+/// time: `sink` for its first bytes and again for the rest, then `landed`,
+/// or `abandon` when the chunk is cut short.
 pub(crate) trait RxPath: Send + Sync {
     /// Host-addressable memory for bytes `[off, off+len)` of the region.
-    fn sink(&self, off: u64, len: usize) -> Result<*mut u8>;
+    fn sink(&self, lane: Lane, off: u64, len: usize) -> Result<*mut u8>;
     /// Bytes `[off, off+len)` are now in the sink (staging paths copy onward here).
-    fn landed(&self, off: u64, len: usize) -> Result<()>;
+    fn landed(&self, lane: Lane, off: u64, len: usize) -> Result<()>;
+    /// The chunk starting at `off` will not land: its staging goes back.
+    fn abandon(&self, _lane: Lane, _off: u64) {}
     /// Every byte this thread saw land is in place (staging paths copy
     /// asynchronously in `landed`); called before a receive counts as done.
     fn settle(&self) -> Result<()> {
@@ -220,25 +250,25 @@ impl Region {
 }
 
 impl TxPath for Region {
-    fn source(&self, off: u64, len: usize) -> Result<*const u8> {
+    fn source(&self, lane: Lane, off: u64, len: usize) -> Result<*const u8> {
         let off = self.check(off, len)?;
         match self.kind {
             // SAFETY: off+len is inside the region (checked above).
             PtrKind::Host => Ok(unsafe { self.ptr.add(off) }),
-            PtrKind::Cuda => self.cuda()?.source(off as u64, len),
+            PtrKind::Cuda => self.cuda()?.source(lane, off as u64, len),
         }
     }
-    fn sent(&self, off: u64, len: usize) {
+    fn sent(&self, lane: Lane, off: u64, len: usize) {
         if let Some(b) = &self.bounce {
-            b.sent(off, len);
+            b.sent(lane, off, len);
         }
     }
-    fn prefetch(&self, off: u64, len: usize) {
+    fn prefetch(&self, lane: Lane, off: u64, len: usize) {
         if self.devmem_tx_only() {
             return;
         }
         if let (Some(b), Ok(_)) = (&self.bounce, self.check(off, len)) {
-            b.prefetch(off, len);
+            b.prefetch(lane, off, len);
         }
     }
     fn zerocopy_ok(&self) -> bool {
@@ -250,18 +280,23 @@ impl TxPath for Region {
 }
 
 impl RxPath for Region {
-    fn sink(&self, off: u64, len: usize) -> Result<*mut u8> {
+    fn sink(&self, lane: Lane, off: u64, len: usize) -> Result<*mut u8> {
         let off = self.check(off, len)?;
         match self.kind {
             // SAFETY: off+len is inside the region (checked above).
             PtrKind::Host => Ok(unsafe { self.ptr.add(off) }),
-            PtrKind::Cuda => self.cuda()?.sink(off as u64, len),
+            PtrKind::Cuda => self.cuda()?.sink(lane, off as u64, len),
         }
     }
-    fn landed(&self, off: u64, len: usize) -> Result<()> {
+    fn landed(&self, lane: Lane, off: u64, len: usize) -> Result<()> {
         match &self.bounce {
-            Some(b) => b.landed(off, len),
+            Some(b) => b.landed(lane, off, len),
             None => Ok(()),
+        }
+    }
+    fn abandon(&self, lane: Lane, off: u64) {
+        if let Some(b) = &self.bounce {
+            b.abandon(lane, off);
         }
     }
     fn settle(&self) -> Result<()> {
@@ -441,8 +476,8 @@ mod tests {
     #[test]
     fn out_of_range_access_is_refused() {
         let mr = MemoryRegion::owned(HostMemory::zeroed(10).unwrap());
-        assert!(mr.inner.source(8, 3).is_err());
-        assert!(mr.inner.sink(u64::MAX, 1).is_err());
-        assert!(mr.inner.sink(10, 0).is_ok());
+        assert!(mr.inner.source(Lane::caller(), 8, 3).is_err());
+        assert!(mr.inner.sink(Lane::caller(), u64::MAX, 1).is_err());
+        assert!(mr.inner.sink(Lane::caller(), 10, 0).is_ok());
     }
 }

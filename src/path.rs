@@ -28,7 +28,7 @@ use crate::config::{Config, DevmemMode};
 use crate::device::{DataPath, Device};
 use crate::error::{Error, Result};
 use crate::gpumemd::{Gpumemd, PoolSource};
-use crate::memory::Region;
+use crate::memory::{Lane, Region};
 use crate::upstream::UpstreamRx;
 
 /// How a data socket of a devmem NIC receives.
@@ -286,12 +286,13 @@ static GPU_TO_HOST_LOGGED: AtomicBool = AtomicBool::new(false);
 pub(crate) fn rx_route(
     pool_gpu: Option<i32>,
     region: &Region,
+    lane: Lane,
     at: u64,
     want: usize,
 ) -> Result<RxRoute> {
     use crate::memory::RxPath;
     let Some(gpu) = pool_gpu else {
-        return region.sink(at, want).map(|p| RxRoute::Host(p, want));
+        return region.sink(lane, at, want).map(|p| RxRoute::Host(p, want));
     };
     match region.cuda_ordinal() {
         Some(o) if o == gpu => region.device_span(at, want).map(RxRoute::Device),
@@ -303,7 +304,7 @@ pub(crate) fn rx_route(
             if !GPU_TO_HOST_LOGGED.swap(true, Ordering::Relaxed) {
                 tracing::warn!("host memory receives from a GPU devmem pool by one device-to-host copy per fragment (slow); register CUDA memory for devmem receives (logged once)");
             }
-            region.sink(at, want).map(|p| RxRoute::Host(p, want))
+            region.sink(lane, at, want).map(|p| RxRoute::Host(p, want))
         }
     }
 }

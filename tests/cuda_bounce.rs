@@ -7,12 +7,17 @@ mod common;
 
 use std::time::Duration;
 
+use common::child;
+
 use rand::{Rng, SeedableRng};
 use tcpx::{Config, Error, Net, PtrKind, PtrKinds, RecvBuf};
 
 const T: Duration = Duration::from_secs(30);
 
 fn gpu() -> bool {
+    if child::role().is_some() {
+        return false; // a child runs only its role
+    }
     match devmem::cuda::probe() {
         Ok(_) => true,
         Err(e) => {
@@ -222,6 +227,92 @@ fn bounce_many_in_flight_both_directions_byte_exact() {
     eprintln!("bounce: {N} messages each way in flight at once, GPU->GPU byte-exact");
 }
 
+/// Chunks at the same region offset in flight on several sockets at once,
+/// two of them on each worker thread: one buffer sent many times at once
+/// (beside another whose bytes differ), and many receives into one buffer
+/// at once. Staging follows the socket, so no chunk is sent from, or
+/// lands through, another socket's staging (keyed by thread, it was: the
+/// two-process bench's receiver failed with "landed without staging").
+#[test]
+fn one_buffer_sent_and_received_many_times_at_once_shares_no_staging() {
+    if !gpu() {
+        return;
+    }
+    let mut cfg = Config::loopback(&["127.0.0.1", "127.0.0.2"]).unwrap();
+    cfg.chunk_size = 128 * 1024;
+    cfg.cuda_chunk_size = 256 * 1024;
+    cfg.workers_per_nic = 1;
+    let a = Net::init(cfg.clone()).unwrap();
+    let b = Net::init(cfg).unwrap();
+    let (send, recv) = common::pair(&a, &b);
+    const L: usize = (2 << 20) + 4097;
+    const HALF: usize = 3 << 20;
+    const N: usize = 16;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(23);
+    let src = tcpx::cuda_alloc(0, 2 * HALF).unwrap();
+    let mut data = vec![0u8; 2 * HALF];
+    rng.fill(&mut data[..]);
+    src.write(0, &data).unwrap();
+    let dst = tcpx::cuda_alloc(0, N * L).unwrap();
+    // SAFETY: src outlives the region and every request.
+    let smr = unsafe { a.reg_mr_raw(src.ptr() as *mut u8, 2 * HALF, PtrKind::Cuda) }.unwrap();
+    // SAFETY: dst outlives the region and every request.
+    let dmr = unsafe { b.reg_mr_raw(dst.ptr() as *mut u8, N * L, PtrKind::Cuda) }.unwrap();
+    let from = |i: usize| if i % 2 == 0 { 0 } else { HALF };
+    for round in 0..4 {
+        // Each message into a slot of its own; half of them from one buffer.
+        dst.fill(0x5A).unwrap();
+        let mut reqs = Vec::new();
+        for i in 0..N {
+            let bufs = [RecvBuf {
+                mr: &dmr,
+                offset: i * L,
+                len: L,
+                tag: i as i32,
+            }];
+            reqs.push(recv.irecv(&bufs).unwrap().unwrap());
+            reqs.push(send.isend(&smr, from(i), L, i as i32).unwrap().unwrap());
+        }
+        for mut r in reqs {
+            assert_eq!(r.wait(T).unwrap()[0] as usize, L, "round {round}");
+        }
+        let mut got = vec![0u8; N * L];
+        dst.read(0, &mut got).unwrap();
+        for i in 0..N {
+            assert!(
+                got[i * L..(i + 1) * L] == data[from(i)..from(i) + L],
+                "round {round}: message {i} differs from its source"
+            );
+        }
+        // Every message into the same bytes at once.
+        dst.fill(0x5A).unwrap();
+        let mut reqs = Vec::new();
+        for i in 0..N / 2 {
+            let bufs = [RecvBuf {
+                mr: &dmr,
+                offset: 0,
+                len: L,
+                tag: 100 + i as i32,
+            }];
+            reqs.push(recv.irecv(&bufs).unwrap().unwrap());
+            reqs.push(send.isend(&smr, 0, L, 100 + i as i32).unwrap().unwrap());
+        }
+        for mut r in reqs {
+            assert_eq!(r.wait(T).unwrap()[0] as usize, L, "round {round}");
+        }
+        let mut got = vec![0u8; L];
+        dst.read(0, &mut got).unwrap();
+        assert!(
+            got == data[..L],
+            "round {round}: overlapping receives left other bytes"
+        );
+    }
+    eprintln!(
+        "bounce: one buffer sent {N}x at once and received into {}x at once, byte-exact",
+        N / 2
+    );
+}
+
 #[test]
 fn bounce_mid_size_messages_one_at_a_time_byte_exact_every_way() {
     if !gpu() {
@@ -312,4 +403,118 @@ fn bounce_mid_size_messages_one_at_a_time_byte_exact_every_way() {
         }
     }
     eprintln!("bounce: {moved} mid-size messages one at a time (GPU->GPU, GPU->host, host->GPU) byte-exact");
+}
+
+/// The shape of `tcpx-gpu-bench`'s two-process run, where the receiver
+/// failed with "landed without staging": 64 MiB messages from one CUDA
+/// buffer, four in flight, into one CUDA buffer of another process, four
+/// receives in flight, default config.
+const TWO_PROC_MSG: usize = 64 << 20;
+const TWO_PROC_BATCH: usize = 12;
+const TWO_PROC_ROUNDS: usize = 3;
+const TWO_PROC_WINDOW: usize = 4;
+
+/// The receiving process: says its handle, then per round takes the
+/// batch into one buffer and says whether the bytes are the sender's.
+#[test]
+fn bounce_receiver_child() {
+    let Some((role, _)) = child::role() else {
+        return;
+    };
+    assert_eq!(role, "bounce-receiver");
+    let net = Net::init(Config::loopback(&["127.0.0.1", "127.0.0.2"]).unwrap()).unwrap();
+    let (h, mut l) = net.listen(0).unwrap();
+    child::say(&child::to_hex(&h.to_bytes()));
+    let recv = l.accept_wait(T).unwrap();
+    let dst = tcpx::cuda_alloc(0, TWO_PROC_MSG).unwrap();
+    // SAFETY: dst outlives the region and every request.
+    let dmr = unsafe { net.reg_mr_raw(dst.ptr() as *mut u8, TWO_PROC_MSG, PtrKind::Cuda) }.unwrap();
+    let mut want = vec![0u8; TWO_PROC_MSG];
+    common::pattern(41, &mut want);
+    let bufs = [RecvBuf {
+        mr: &dmr,
+        offset: 0,
+        len: TWO_PROC_MSG,
+        tag: 1,
+    }];
+    for round in 0..TWO_PROC_ROUNDS {
+        dst.fill(0).unwrap();
+        let mut window = std::collections::VecDeque::new();
+        let mut failed = None;
+        for _ in 0..TWO_PROC_BATCH {
+            if window.len() == TWO_PROC_WINDOW {
+                let mut r: tcpx::Request = window.pop_front().unwrap();
+                if let Err(e) = r.wait(T) {
+                    failed.get_or_insert(e);
+                }
+            }
+            match recv.irecv(&bufs) {
+                Ok(r) => window.push_back(r.expect("a free request slot")),
+                Err(e) => {
+                    failed.get_or_insert(e);
+                    break;
+                }
+            }
+        }
+        for mut r in window {
+            if let Err(e) = r.wait(T) {
+                failed.get_or_insert(e);
+            }
+        }
+        if let Some(e) = failed {
+            child::say(&format!("round {round} failed: {e}"));
+            return;
+        }
+        let mut got = vec![0u8; TWO_PROC_MSG];
+        dst.read(0, &mut got).unwrap();
+        child::say(&format!(
+            "round {round} {}",
+            if got == want { "exact" } else { "WRONG BYTES" }
+        ));
+    }
+}
+
+#[test]
+fn many_messages_from_one_cuda_buffer_into_one_in_another_process_at_once() {
+    if !gpu() {
+        return;
+    }
+    let mut rx = child::spawn("bounce_receiver_child", "bounce-receiver", None);
+    let mut h = tcpx::Handle::from_bytes(&child::from_hex(&child::line(&mut rx))).unwrap();
+    let net = Net::init(Config::loopback(&["127.0.0.1", "127.0.0.2"]).unwrap()).unwrap();
+    let send = net.connect_wait(0, &mut h, T).unwrap();
+    let src = tcpx::cuda_alloc(0, TWO_PROC_MSG).unwrap();
+    let mut data = vec![0u8; TWO_PROC_MSG];
+    common::pattern(41, &mut data);
+    src.write(0, &data).unwrap();
+    // SAFETY: src outlives the region and every request.
+    let smr = unsafe { net.reg_mr_raw(src.ptr() as *mut u8, TWO_PROC_MSG, PtrKind::Cuda) }.unwrap();
+    for round in 0..TWO_PROC_ROUNDS {
+        let mut window = std::collections::VecDeque::new();
+        for _ in 0..TWO_PROC_BATCH {
+            if window.len() == TWO_PROC_WINDOW {
+                let mut r: tcpx::Request = window.pop_front().unwrap();
+                r.wait(T).unwrap_or_else(|e| {
+                    panic!(
+                        "round {round}: {e}; the receiver said {:?}",
+                        child::line(&mut rx)
+                    )
+                });
+            }
+            window.push_back(send.isend(&smr, 0, TWO_PROC_MSG, 1).unwrap().unwrap());
+        }
+        for mut r in window {
+            r.wait(T).unwrap_or_else(|e| {
+                panic!(
+                    "round {round}: {e}; the receiver said {:?}",
+                    child::line(&mut rx)
+                )
+            });
+        }
+        assert_eq!(child::line(&mut rx), format!("round {round} exact"));
+    }
+    assert!(rx.wait().unwrap().success());
+    eprintln!(
+        "bounce: {TWO_PROC_ROUNDS} rounds of {TWO_PROC_BATCH} x 64 MiB, {TWO_PROC_WINDOW} in flight, one CUDA buffer to one in another process, byte-exact"
+    );
 }

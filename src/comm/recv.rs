@@ -18,7 +18,7 @@ use crate::config::MAX_RECVS;
 use crate::ctrl::{OwnMap, Params, RecvEvent, RecvSide, Token};
 use crate::engine::{CommLink, Lookup, Placement, Poke, SockId};
 use crate::error::{Error, Result};
-use crate::memory::{MemoryRegion, Region, RxPath};
+use crate::memory::{Lane, MemoryRegion, Region, RxPath};
 use crate::net::NetInner;
 use crate::request::ReqState;
 use crate::stats::SocketStats;
@@ -658,10 +658,11 @@ fn deliver(sub: &Sub, payload: &[u8]) -> Result<()> {
     if len == 0 {
         return Ok(());
     }
-    let dst = sub.region.sink(sub.offset, len)?;
+    let lane = Lane::caller();
+    let dst = sub.region.sink(lane, sub.offset, len)?;
     // SAFETY: the sink is valid for `len` bytes and only this receive writes it.
     unsafe { std::ptr::copy_nonoverlapping(payload.as_ptr(), dst, len) };
-    sub.region.landed(sub.offset, len)?;
+    sub.region.landed(lane, sub.offset, len)?;
     sub.region.settle()
 }
 

@@ -16,7 +16,7 @@ use crate::ctrl::sched::{Retired, Sched, Why};
 use crate::ctrl::{OwnMap, Params, SendEvent, SendSide, Token};
 use crate::engine::{CommLink, Poke, SockId, TxChunk, TxMsg};
 use crate::error::{Error, Result};
-use crate::memory::{MemoryRegion, PtrKind, Region, TxPath};
+use crate::memory::{Lane, MemoryRegion, PtrKind, Region, TxPath};
 use crate::net::NetInner;
 use crate::request::ReqState;
 use crate::stats::SocketStats;
@@ -329,7 +329,8 @@ impl SendComm {
                 let mut events = std::mem::take(&mut c.events);
                 let mut ev = |e| events.push(e);
                 if inline {
-                    let src = mr.inner.source(offset as u64, len)?;
+                    let lane = Lane::caller();
+                    let src = mr.inner.source(lane, offset as u64, len)?;
                     // SAFETY: TxPath hands out `len` readable bytes; `mr` holds the region for this call.
                     let body = unsafe { bytes(src, len) };
                     c.reqs.insert(
@@ -340,9 +341,10 @@ impl SendComm {
                             seq: None,
                         },
                     );
-                    c.side.send_inline(token, tag, body, &mut ev)?;
-                    // The bytes were copied: staging may be reused.
-                    mr.inner.sent(offset as u64, len);
+                    let queued = c.side.send_inline(token, tag, body, &mut ev);
+                    // The bytes were copied, or will never be: staging may be reused.
+                    mr.inner.sent(lane, offset as u64, len);
+                    queued?;
                 } else {
                     let chunk = match mr.inner.kind() {
                         PtrKind::Host => cfg.chunk_size,

@@ -31,7 +31,7 @@ use super::tx::{set_notsent_lowat, SockId, TxSide, Zc};
 use super::TxMode;
 use crate::config::ZeroCopy;
 use crate::error::Error;
-use crate::memory::RxPath;
+use crate::memory::{Lane, RxPath};
 use crate::path::{rx_route, RxRoute};
 use crate::stats::{Counters, SockCounters};
 use crate::wire::{Chunk, CHUNK_LEN};
@@ -84,6 +84,8 @@ pub(super) struct Sock {
     devmem_tx: Option<Box<DevmemTx>>,
     pub tx: TxSide,
     rx: RxCursor,
+    /// Whose staging this socket's chunks use.
+    lane: Lane,
     /// Chunks landed whose copies may still run, oldest first.
     unsettled: Vec<(Arc<Placement>, u64)>,
     /// Bytes received, and that count when a tick last saw it move (see
@@ -116,6 +118,7 @@ impl Sock {
         sock_counters: Arc<SockCounters>,
     ) -> Self {
         let enabled = mode.zerocopy != ZeroCopy::Off && !receives && enable_zerocopy(&stream);
+        let lane = Lane::fresh();
         let devmem = match receives
             .then_some(mode.devmem)
             .flatten()
@@ -152,13 +155,14 @@ impl Sock {
             stream,
             devmem,
             devmem_tx,
-            tx: TxSide::new(id, Zc::new(enabled, mode.zerocopy, mode.min_zcopy)),
+            tx: TxSide::new(id, lane, Zc::new(enabled, mode.zerocopy, mode.min_zcopy)),
             rx: RxCursor {
                 hdr: [0; CHUNK_LEN],
                 hdr_done: 0,
                 body: None,
                 parked: None,
             },
+            lane,
             unsettled: Vec::new(),
             rx_bytes: 0,
             rx_moved: (0, Instant::now()),
@@ -188,9 +192,15 @@ impl Sock {
             }
         }
         if let Some(Body {
-            dst: Some(p), off, ..
+            dst: Some(p),
+            off,
+            direct,
+            ..
         }) = self.rx.body.take()
         {
+            if !direct {
+                p.region.abandon(self.lane, p.base + off);
+            }
             p.unclaim(off);
         }
         let landed: Vec<(Arc<Placement>, u64)> = self.unsettled.drain(..).collect();
@@ -393,7 +403,10 @@ impl Sock {
         };
         let want = b.len - b.done;
         let body = match &b.dst {
-            Some(p) => match p.region.sink(p.base + b.off + b.done as u64, want) {
+            Some(p) => match p
+                .region
+                .sink(self.lane, p.base + b.off + b.done as u64, want)
+            {
                 Ok(ptr) => (ptr, want),
                 Err(e) => {
                     self.fail(e);
@@ -456,7 +469,7 @@ impl Sock {
             return;
         };
         if !b.direct {
-            if let Err(e) = p.region.landed(p.base + b.off, b.len) {
+            if let Err(e) = p.region.landed(self.lane, p.base + b.off, b.len) {
                 p.unclaim(b.off);
                 return self.fail(e);
             }
@@ -647,7 +660,13 @@ impl Sock {
                 }
                 Ok(RxRoute::Host(scratch.as_mut_ptr(), want.min(scratch.len())))
             }
-            Some(p) => rx_route(pool_gpu, &p.region, p.base + b.off + b.done as u64, want),
+            Some(p) => rx_route(
+                pool_gpu,
+                &p.region,
+                self.lane,
+                p.base + b.off + b.done as u64,
+                want,
+            ),
         };
         b.direct = matches!(target, Ok(RxRoute::Device(_)));
         match target {

@@ -21,7 +21,7 @@ use super::devmem_tx::{DevmemBody, DevmemTx};
 use super::link::CommLink;
 use crate::config::ZeroCopy;
 use crate::error::{Error, Result};
-use crate::memory::{Region, TxPath};
+use crate::memory::{Lane, Region, TxPath};
 use crate::request::ReqState;
 use crate::stats::SockCounters;
 use crate::wire::{Chunk, CHUNK_LEN};
@@ -177,6 +177,8 @@ pub(crate) struct SockId {
 
 pub(super) struct TxSide {
     pub id: SockId,
+    /// Whose staging this socket's chunks use.
+    lane: Lane,
     /// The chunk being sent first; a prefetched one may follow.
     queue: VecDeque<TxChunk>,
     cur: Cursor,
@@ -188,9 +190,10 @@ pub(super) struct TxSide {
 }
 
 impl TxSide {
-    pub fn new(id: SockId, zc: Zc) -> Self {
+    pub fn new(id: SockId, lane: Lane, zc: Zc) -> Self {
         TxSide {
             id,
+            lane,
             queue: VecDeque::new(),
             cur: Cursor::default(),
             written: 0,
@@ -255,7 +258,7 @@ impl TxSide {
             // A chunk not begun whose message is in place needs no sending.
             if !self.cur.active && self.queue.front().is_some_and(TxChunk::in_place) {
                 if let Some(mut c) = self.queue.pop_front() {
-                    blank(&mut c);
+                    blank(&mut c, self.lane);
                 }
                 continue;
             }
@@ -265,7 +268,7 @@ impl TxSide {
             return Ok(None);
         };
         if c.in_place() && c.zc_last.is_none() {
-            blank(c);
+            blank(c, self.lane);
         }
         let starting = !self.cur.active;
         if starting {
@@ -300,7 +303,7 @@ impl TxSide {
         }
         let (body, zc_ok, prefetch) = match &c.msg {
             Some(m) => {
-                let src = m.region.source(m.base + c.off, c.len)?;
+                let src = m.region.source(self.lane, m.base + c.off, c.len)?;
                 (
                     (src.wrapping_add(done), c.len - done),
                     m.region.zerocopy_ok(),
@@ -321,7 +324,7 @@ impl TxSide {
             }
             if let Some(n) = self.queue.get(1) {
                 if let Some(m) = &n.msg {
-                    m.region.prefetch(m.base + n.off, n.len);
+                    m.region.prefetch(self.lane, m.base + n.off, n.len);
                 }
             }
         }
@@ -371,7 +374,7 @@ impl TxSide {
         }
         self.cur.active = false;
         if let Some(m) = &c.msg {
-            m.region.sent(m.base + c.off, c.len);
+            m.region.sent(self.lane, m.base + c.off, c.len);
         }
         counters.sent(c.len as u64, c.again);
         if let Some(done) = self.queue.pop_front() {
@@ -391,7 +394,7 @@ impl TxSide {
         self.idle_at = None;
         if let Some(c) = self.queue.front_mut() {
             if self.cur.active && c.in_place() && c.zc_last.is_none() {
-                blank(c);
+                blank(c, self.lane);
             }
         }
         comm.sample(self.id, self.acked(stream), self.end(), now);
@@ -416,7 +419,7 @@ impl TxSide {
     /// one being sent, or of one staged ahead, go back first.
     pub fn clear(&mut self) {
         for mut c in self.queue.drain(..) {
-            blank(&mut c);
+            blank(&mut c, self.lane);
         }
         self.cur.active = false;
         self.zc.awaiting.clear();
@@ -425,9 +428,9 @@ impl TxSide {
 
 /// Lets go of a chunk's memory (its staging too, if any): the rest of it
 /// goes out as zeros, if at all.
-fn blank(c: &mut TxChunk) {
+fn blank(c: &mut TxChunk, lane: Lane) {
     if let Some(m) = c.msg.take() {
-        m.region.sent(m.base + c.off, c.len);
+        m.region.sent(lane, m.base + c.off, c.len);
     }
 }
 
@@ -497,6 +500,7 @@ mod tests {
     fn side() -> TxSide {
         TxSide::new(
             SockId { index: 0, gen: 0 },
+            Lane::fresh(),
             Zc::new(false, ZeroCopy::Off, 0),
         )
     }
