@@ -40,6 +40,8 @@ pub(crate) struct NetInner {
     /// Per device: what its data sockets did.
     nic_tallies: Vec<Arc<Tally>>,
     next_sock_id: AtomicU64,
+    /// Per NIC: data sockets dealt to its workers so far.
+    dealt: Vec<AtomicU64>,
 }
 
 impl NetInner {
@@ -75,8 +77,7 @@ impl NetInner {
             notsent_lowat: self.cfg.notsent_lowat as u32,
             quickack: self.cfg.force_ack,
         };
-        let per = self.cfg.workers_per_nic;
-        let worker = nic * per + (id % per as u64) as usize;
+        let worker = self.deal(nic);
         self.workers[worker].submit(Cmd::Add {
             id,
             stream,
@@ -87,6 +88,18 @@ impl NetInner {
             counters,
         });
         DataSock { worker, id }
+    }
+
+    /// The worker of `nic` that takes its next data socket: a NIC's sockets
+    /// go to its workers in turn, so a comm with as many sockets per NIC
+    /// as workers gives each socket a thread of its own.
+    fn deal(&self, nic: usize) -> usize {
+        let per = self.cfg.workers_per_nic.max(1);
+        let turn = self
+            .dealt
+            .get(nic)
+            .map_or(0, |d| d.fetch_add(1, Ordering::Relaxed));
+        (nic * per + (turn % per as u64) as usize).min(self.workers.len().saturating_sub(1))
     }
 
     /// Registers a comm's control socket with the first worker of `nic`.
@@ -178,6 +191,7 @@ impl Net {
             },
         };
         let counters = Arc::new(Counters::default());
+        let n_nics = devices.len();
         let per = cfg.workers_per_nic;
         let workers = devices
             .iter()
@@ -205,6 +219,7 @@ impl Net {
                 counters,
                 nic_tallies,
                 next_sock_id: AtomicU64::new(1),
+                dealt: (0..n_nics).map(|_| AtomicU64::new(0)).collect(),
             }),
         })
     }
@@ -338,4 +353,30 @@ pub(crate) fn read_some(mut s: &TcpStream, buf: &mut Vec<u8>, want: usize) -> Re
         }
     }
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_nics_sockets_go_to_its_workers_in_turn() {
+        let mut cfg = Config::loopback(&["127.0.0.1", "127.0.0.2"]).unwrap();
+        cfg.workers_per_nic = 2;
+        let net = Net::init(cfg).unwrap();
+        // Data socket i of a comm is on NIC i mod 2, as connect opens them.
+        let first: Vec<usize> = (0..4).map(|i| net.inner.deal(i % 2)).collect();
+        assert_eq!(
+            first,
+            [0, 2, 1, 3],
+            "each socket of the comm on a thread of its own"
+        );
+        let second: Vec<usize> = (0..4).map(|i| net.inner.deal(i % 2)).collect();
+        assert_eq!(second, [0, 2, 1, 3], "the next comm's too");
+        let mut cfg = Config::loopback(&["127.0.0.1"]).unwrap();
+        cfg.workers_per_nic = 3;
+        let net = Net::init(cfg).unwrap();
+        let turns: Vec<usize> = (0..7).map(|_| net.inner.deal(0)).collect();
+        assert_eq!(turns, [0, 1, 2, 0, 1, 2, 0]);
+    }
 }
