@@ -349,11 +349,19 @@ fn two_processes(gs: &DeviceBuffer, want: &[u8]) -> BoxResult<()> {
         .stdout(Stdio::piped())
         .spawn()?;
     let outcome = drive_receiver(&mut child, gs, want);
-    if outcome.is_err() {
+    if let Err(e) = outcome {
+        // The receiver may have died first: say how, it is the cause.
+        std::thread::sleep(Duration::from_millis(200));
+        let ended = child.try_wait().ok().flatten();
         let _ = child.kill();
+        let _ = child.wait();
+        return Err(match ended {
+            Some(status) => format!("{e} (the receiver process had ended: {status})").into(),
+            None => e,
+        });
     }
     let _ = child.wait();
-    outcome
+    Ok(())
 }
 
 fn drive_receiver(
