@@ -230,9 +230,9 @@ fn bounce_many_in_flight_both_directions_byte_exact() {
 /// Chunks at the same region offset in flight on several sockets at once,
 /// two of them on each worker thread: one buffer sent many times at once
 /// (beside another whose bytes differ), and many receives into one buffer
-/// at once. Staging follows the socket, so no chunk is sent from, or
-/// lands through, another socket's staging (keyed by thread, it was: the
-/// two-process bench's receiver failed with "landed without staging").
+/// at once, byte-exact. In one process the interleavings that shared a
+/// thread's staging are rare (this passed with staging keyed by thread);
+/// the two-process test below is the one that caught it.
 #[test]
 fn one_buffer_sent_and_received_many_times_at_once_shares_no_staging() {
     if !gpu() {
