@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 BIN=${GPU_BIN:-gpu-bin}
 TARGET=${CARGO_TARGET_DIR:-target}
 # package:test pairs whose test binaries run on the GPU machine
-PAIRS="tcpx:cuda_bounce tcpx:cuda_devmem tcpx:devmem_gpu devmem:cuda_gpu devmem:emu_cuda_unpack devmem:emu_gpu_pool tcpx-nixl:vram tcpx-nccl-net:gdr_pattern"
+PAIRS="tcpx:cuda_bounce tcpx:cuda_devmem tcpx:devmem_gpu tcpx:devmem_require devmem:cuda_gpu devmem:emu_cuda_unpack devmem:emu_gpu_pool tcpx-nixl:vram tcpx-nccl-net:gdr_pattern"
 TESTS=$(for pt in $PAIRS; do printf '%s ' "${pt#*:}"; done)
 
 build() {

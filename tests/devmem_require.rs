@@ -143,24 +143,34 @@ fn bind_rx_refused_without_cap_net_admin() {
 #[test]
 fn no_cuda_for_a_gpu_pool() {
     let not_a_file = std::fs::File::open("/dev/null").unwrap();
+    // On a GPU machine the pool names this machine's GPU, so that the
+    // import itself is what CUDA refuses (not the lookup of a GPU that
+    // is not here).
+    let gpu = devmem::cuda::available()
+        .then(|| {
+            devmem::cuda::Context::get(0)
+                .and_then(|c| c.pci_bus_id())
+                .ok()
+        })
+        .flatten();
+    let gpu_pci = gpu.clone().unwrap_or(MockConfig::default().gpu_pci);
     let mock = MockGpumemd::start_temp_with_pool(
         MockConfig {
             pool_size: 4 << 20,
+            gpu_pci: gpu_pci.clone(),
             ..MockConfig::default()
         },
         not_a_file.into(),
     )
     .unwrap();
-    let cause = if devmem::cuda::available() {
+    let cause = if gpu.is_some() {
         Cause::CudaFailed
     } else {
         Cause::CudaUnavailable
     };
-    let msg = refused(
-        gpumemd_at(mock.prefix(), DevmemMode::Require),
-        cause,
-        &["GPU RX pool"],
-    );
+    let mut cfg = gpumemd_at(mock.prefix(), DevmemMode::Require);
+    cfg.gpu_pci = Some(gpu_pci);
+    let msg = refused(cfg, cause, &["GPU RX pool"]);
     eprintln!("{msg}");
 }
 

@@ -280,6 +280,18 @@ fn a_peer_that_closes_is_told_apart_from_one_that_died() {
     assert_eq!(r.wait(T).unwrap_err(), Error::PeerClosed);
 }
 
+/// Returns once every data socket has placed a chunk (10 s at most).
+fn every_socket_moved(stats: impl Fn() -> Vec<tcpx::SocketStats>) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !stats().iter().all(|s| s.counts.chunks_received > 0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a data socket never moved"
+        );
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
 /// No data socket of either end counts as failed or stalled: its socket
 /// counters after the ends had time to judge (`PEER_END_GRACE`).
 fn no_socket_failed(stats: impl Fn() -> Vec<tcpx::SocketStats>, who: &str) {
@@ -293,7 +305,10 @@ fn no_socket_failed(stats: impl Fn() -> Vec<tcpx::SocketStats>, who: &str) {
 #[test]
 fn a_peer_that_closes_mid_transfer_fails_none_of_its_sockets() {
     let net = Net::init(three_nics()).unwrap();
-    let n = 64 << 20;
+    // Large enough to be under way on every socket when an end closes, on
+    // a machine that moves 16 GB/s (64 MiB once finished within a 20 ms
+    // nap there); untouched memory costs nothing to send.
+    let n = 1 << 30;
     let src = net.reg_mr(HostMemory::zeroed(n).unwrap());
     let dst = net.reg_mr(HostMemory::zeroed(n).unwrap());
     let buf = || {
@@ -309,7 +324,7 @@ fn a_peer_that_closes_mid_transfer_fails_none_of_its_sockets() {
     let (send, recv) = pair(&net, &net);
     let mut r = recv.irecv(&buf()).unwrap().unwrap();
     let mut s = send.isend(&src, 0, n, 0).unwrap().unwrap();
-    std::thread::sleep(Duration::from_millis(20));
+    every_socket_moved(|| recv.socket_stats());
     drop(recv);
     assert_eq!(r.wait(T).unwrap_err(), Error::Closed);
     assert_eq!(s.wait(T).unwrap_err(), Error::PeerClosed);
@@ -318,7 +333,7 @@ fn a_peer_that_closes_mid_transfer_fails_none_of_its_sockets() {
     let (send, recv) = pair(&net, &net);
     let mut r = recv.irecv(&buf()).unwrap().unwrap();
     let mut s = send.isend(&src, 0, n, 0).unwrap().unwrap();
-    std::thread::sleep(Duration::from_millis(20));
+    every_socket_moved(|| recv.socket_stats());
     drop(send);
     assert_eq!(s.wait(T).unwrap_err(), Error::Closed);
     assert_eq!(r.wait(T).unwrap_err(), Error::PeerClosed);
