@@ -84,8 +84,6 @@ pub(super) struct Sock {
     devmem_tx: Option<Box<DevmemTx>>,
     pub tx: TxSide,
     rx: RxCursor,
-    /// Whose staging this socket's chunks use.
-    lane: Lane,
     /// Chunks landed whose copies may still run, oldest first.
     unsettled: Vec<(Arc<Placement>, u64)>,
     /// Bytes received, and that count when a tick last saw it move (see
@@ -118,7 +116,6 @@ impl Sock {
         sock_counters: Arc<SockCounters>,
     ) -> Self {
         let enabled = mode.zerocopy != ZeroCopy::Off && !receives && enable_zerocopy(&stream);
-        let lane = Lane::fresh();
         let devmem = match receives
             .then_some(mode.devmem)
             .flatten()
@@ -155,14 +152,17 @@ impl Sock {
             stream,
             devmem,
             devmem_tx,
-            tx: TxSide::new(id, lane, Zc::new(enabled, mode.zerocopy, mode.min_zcopy)),
+            tx: TxSide::new(
+                id,
+                Lane::fresh(),
+                Zc::new(enabled, mode.zerocopy, mode.min_zcopy),
+            ),
             rx: RxCursor {
                 hdr: [0; CHUNK_LEN],
                 hdr_done: 0,
                 body: None,
                 parked: None,
             },
-            lane,
             unsettled: Vec::new(),
             rx_bytes: 0,
             rx_moved: (0, Instant::now()),
@@ -199,7 +199,7 @@ impl Sock {
         }) = self.rx.body.take()
         {
             if !direct {
-                p.region.abandon(self.lane, p.base + off);
+                p.region.abandon(self.tx.lane, p.base + off);
             }
             p.unclaim(off);
         }
@@ -405,7 +405,7 @@ impl Sock {
         let body = match &b.dst {
             Some(p) => match p
                 .region
-                .sink(self.lane, p.base + b.off + b.done as u64, want)
+                .sink(self.tx.lane, p.base + b.off + b.done as u64, want)
             {
                 Ok(ptr) => (ptr, want),
                 Err(e) => {
@@ -469,7 +469,7 @@ impl Sock {
             return;
         };
         if !b.direct {
-            if let Err(e) = p.region.landed(self.lane, p.base + b.off, b.len) {
+            if let Err(e) = p.region.landed(self.tx.lane, p.base + b.off, b.len) {
                 p.unclaim(b.off);
                 return self.fail(e);
             }
@@ -663,7 +663,7 @@ impl Sock {
             Some(p) => rx_route(
                 pool_gpu,
                 &p.region,
-                self.lane,
+                self.tx.lane,
                 p.base + b.off + b.done as u64,
                 want,
             ),

@@ -177,8 +177,8 @@ pub(crate) struct SockId {
 
 pub(super) struct TxSide {
     pub id: SockId,
-    /// Whose staging this socket's chunks use.
-    lane: Lane,
+    /// Whose staging this socket's chunks use, sent and received.
+    pub lane: Lane,
     /// The chunk being sent first; a prefetched one may follow.
     queue: VecDeque<TxChunk>,
     cur: Cursor,
