@@ -280,14 +280,13 @@ fn a_peer_that_closes_is_told_apart_from_one_that_died() {
     assert_eq!(r.wait(T).unwrap_err(), Error::PeerClosed);
 }
 
-/// Returns once every data socket has placed a chunk (10 s at most).
-fn every_socket_moved(stats: impl Fn() -> Vec<tcpx::SocketStats>) {
+/// Returns once the transfer is under way: a chunk placed on some data
+/// socket (10 s at most). Not every socket: the scheduler may keep a slow
+/// one idle for a while on a loaded machine.
+fn transfer_under_way(stats: impl Fn() -> Vec<tcpx::SocketStats>) {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !stats().iter().all(|s| s.counts.chunks_received > 0) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "a data socket never moved"
-        );
+    while !stats().iter().any(|s| s.counts.chunks_received > 0) {
+        assert!(std::time::Instant::now() < deadline, "no data socket moved");
         std::thread::sleep(Duration::from_micros(200));
     }
 }
@@ -305,9 +304,9 @@ fn no_socket_failed(stats: impl Fn() -> Vec<tcpx::SocketStats>, who: &str) {
 #[test]
 fn a_peer_that_closes_mid_transfer_fails_none_of_its_sockets() {
     let net = Net::init(three_nics()).unwrap();
-    // Large enough to be under way on every socket when an end closes, on
-    // a machine that moves 16 GB/s (64 MiB once finished within a 20 ms
-    // nap there); untouched memory costs nothing to send.
+    // Large enough to be still under way when an end closes, on a machine
+    // that moves 16 GB/s (64 MiB once finished within a 20 ms nap there);
+    // untouched memory costs nothing to send.
     let n = 1 << 30;
     let src = net.reg_mr(HostMemory::zeroed(n).unwrap());
     let dst = net.reg_mr(HostMemory::zeroed(n).unwrap());
@@ -319,12 +318,12 @@ fn a_peer_that_closes_mid_transfer_fails_none_of_its_sockets() {
             tag: 0,
         }]
     };
-    // The receiver closes while chunks are on every socket: the sender's
+    // The receiver closes while chunks are in flight: the sender's
     // data sockets are reset, and the Bye explains it.
     let (send, recv) = pair(&net, &net);
     let mut r = recv.irecv(&buf()).unwrap().unwrap();
     let mut s = send.isend(&src, 0, n, 0).unwrap().unwrap();
-    every_socket_moved(|| recv.socket_stats());
+    transfer_under_way(|| recv.socket_stats());
     drop(recv);
     assert_eq!(r.wait(T).unwrap_err(), Error::Closed);
     assert_eq!(s.wait(T).unwrap_err(), Error::PeerClosed);
@@ -333,7 +332,7 @@ fn a_peer_that_closes_mid_transfer_fails_none_of_its_sockets() {
     let (send, recv) = pair(&net, &net);
     let mut r = recv.irecv(&buf()).unwrap().unwrap();
     let mut s = send.isend(&src, 0, n, 0).unwrap().unwrap();
-    every_socket_moved(|| recv.socket_stats());
+    transfer_under_way(|| recv.socket_stats());
     drop(send);
     assert_eq!(s.wait(T).unwrap_err(), Error::Closed);
     assert_eq!(r.wait(T).unwrap_err(), Error::PeerClosed);
