@@ -72,6 +72,8 @@ pub(crate) struct RecvLink {
     announced: AtomicU64,
     /// A data socket waits for an announcement.
     waiting: AtomicBool,
+    /// Which ones (data socket indices): only their workers are kicked.
+    waiters: Mutex<Vec<usize>>,
     /// Kicks so far (see `CommLink::kicks`).
     kicks: AtomicU64,
     /// Messages in place, to acknowledge.
@@ -119,7 +121,8 @@ impl CommLink for RecvLink {
         }
     }
 
-    fn wait_for(&self, _seq: u64) {
+    fn wait_for(&self, _seq: u64, id: SockId) {
+        lock(&self.waiters).push(id.index as usize);
         self.waiting.store(true, Ordering::SeqCst);
         self.nudge();
     }
@@ -201,6 +204,7 @@ impl RecvComm {
                 placements: Mutex::new(HashMap::new()),
                 announced: AtomicU64::new(0),
                 waiting: AtomicBool::new(false),
+                waiters: Mutex::new(Vec::new()),
                 kicks: AtomicU64::new(0),
                 acks: Mailbox::default(),
                 losses: Mailbox::default(),
@@ -486,7 +490,13 @@ impl RecvCore {
             && link.waiting.swap(false, Ordering::SeqCst)
         {
             link.kicks.fetch_add(1, Ordering::AcqRel);
-            self.base.kick();
+            let waiters = std::mem::take(&mut *lock(&link.waiters));
+            // Empty when a racing take got them: then everyone looks again.
+            if waiters.is_empty() {
+                self.base.kick();
+            } else {
+                self.base.kick_slots(&waiters);
+            }
         }
         self.base.arm(
             link.waiting.load(Ordering::SeqCst) || draining.is_some() || !c.losses.is_empty(),

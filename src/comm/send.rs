@@ -136,8 +136,11 @@ impl SendLink {
 
     /// The scheduler may have work for sockets that found none: they ask
     /// again (their workers are woken).
-    fn news(&self, s: &mut Sched<Arc<TxMsg>>) {
+    /// Lets go of the scheduler first, so that a woken worker does not
+    /// wake only to wait for its lock.
+    fn news(&self, mut s: SchedGuard<'_>) {
         let woken = s.take_woken();
+        drop(s);
         if !woken.is_empty() {
             self.epoch.fetch_add(1, Ordering::AcqRel);
             if let Some(core) = self.core.upgrade() {
@@ -162,8 +165,7 @@ impl CommLink for SendLink {
     fn lost(&self, id: SockId, e: Error) {
         let mut s = self.sched();
         if s.retire(id.index as usize, id.gen, Why::Failed(e)) {
-            self.news(&mut s);
-            drop(s);
+            self.news(s);
             self.nudge();
         }
     }
@@ -186,7 +188,7 @@ impl CommLink for SendLink {
             }
         }
         let a = s.pull(id.index as usize, id.gen, acked, end, now)?;
-        self.news(&mut s);
+        self.news(s);
         Some(TxChunk::new(a.m, a.k, a.again))
     }
 
@@ -208,8 +210,7 @@ impl CommLink for SendLink {
         let mut s = self.sched();
         s.sample(id.index as usize, id.gen, acked, end, now);
         if s.has_retired() {
-            self.news(&mut s);
-            drop(s);
+            self.news(s);
             self.nudge();
         }
     }
@@ -626,13 +627,13 @@ impl SendCore {
                 let mut s = self.link.sched();
                 s.start(seq, msg, m.len, m.chunk_size, copyable);
                 // Sockets with nothing to do are woken.
-                self.link.news(&mut s);
+                self.link.news(s);
             }
             SendEvent::Placed(p) => {
                 let mut s = self.link.sched();
                 let again = s.placed(p.seq, p.first, &p.bits);
                 if again > 0 {
-                    self.link.news(&mut s);
+                    self.link.news(s);
                     tracing::debug!(seq = p.seq, "{again} chunks the receiver lacks go again");
                 }
             }

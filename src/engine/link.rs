@@ -28,9 +28,9 @@ pub(crate) trait CommLink: Send + Sync {
     fn lookup(&self, _seq: u64) -> Lookup {
         Lookup::Discard
     }
-    /// A socket waits for message `seq`: read the control socket, and kick
-    /// the comm's workers once more messages are known.
-    fn wait_for(&self, _seq: u64) {}
+    /// Socket `id` waits for message `seq`: read the control socket, and
+    /// kick the worker of each waiting socket once more messages are known.
+    fn wait_for(&self, _seq: u64, _id: SockId) {}
     /// How many times the comm kicked its workers: a waiting socket asks
     /// again (`wait_for`) only after a kick that did not bring its message.
     fn kicks(&self) -> u64 {

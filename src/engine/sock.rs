@@ -342,7 +342,7 @@ impl Sock {
                     Ok(Claim::Held) => {
                         if !asked {
                             self.rx.parked = Some(kicks);
-                            self.comm.wait_for(c.seq);
+                            self.comm.wait_for(c.seq, self.tx.id);
                         }
                         return;
                     }
@@ -357,7 +357,7 @@ impl Sock {
                 Lookup::Unknown if !asked => {
                     self.rx.parked = Some(kicks);
                     asked = true;
-                    self.comm.wait_for(c.seq);
+                    self.comm.wait_for(c.seq, self.tx.id);
                 }
                 Lookup::Unknown => return,
             }
@@ -961,7 +961,7 @@ mod tests {
                 _ => Lookup::Discard,
             }
         }
-        fn wait_for(&self, _: u64) {
+        fn wait_for(&self, _: u64, _: SockId) {
             self.waits.fetch_add(1, Ordering::SeqCst);
         }
         fn kicks(&self) -> u64 {
