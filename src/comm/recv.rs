@@ -73,6 +73,8 @@ pub(crate) struct RecvLink {
     /// A data socket waits for an announcement.
     waiting: AtomicBool,
     /// Which ones (data socket indices): only their workers are kicked.
+    /// Not a `Mailbox`: the flag above stays SeqCst, as its pairing with
+    /// `announced` needs, and a take that finds the list empty kicks all.
     waiters: Mutex<Vec<usize>>,
     /// Kicks so far (see `CommLink::kicks`).
     kicks: AtomicU64,
