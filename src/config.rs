@@ -108,6 +108,13 @@ pub struct Config {
     pub cuda_chunk_size: usize,
     /// Messages up to this size travel inline on the control socket (lowest latency).
     pub inline_threshold: usize,
+    /// A message up to this size also travels inline when its comm has no
+    /// other request in flight: a lone mid-size message then costs one
+    /// write, not a receive's round trip before its chunks may leave. As
+    /// the receiving end, the largest inline message a comm accepts
+    /// (announced in Welcome); a comm uses the smaller of both ends'
+    /// (`TCPX_INLINE_IDLE_MAX`; at or below `inline_threshold`: off).
+    pub inline_idle_max: usize,
     /// Requests in flight per comm.
     pub max_requests: usize,
     /// Deadline for connect/accept handshakes to finish once started.
@@ -210,8 +217,12 @@ pub const MAX_NICS: usize = 16;
 pub const MAX_RECVS: usize = 8;
 /// Upper bound of `Config::max_half_open`.
 pub const MAX_HALF_OPEN: usize = 65536;
-/// Inline payloads are staged whole in the control buffers; keep them small.
+/// Upper bound of `Config::inline_threshold`: messages this small may come
+/// inline at any time, up to the eager window (1 MiB) of them.
 pub const MAX_INLINE: usize = 64 * 1024;
+/// Upper bound of `Config::inline_idle_max`: inline payloads are staged
+/// whole in the control buffers (a receiving comm holds two of them).
+pub const MAX_INLINE_IDLE: usize = 256 * 1024;
 
 /// Two progress threads per NIC where the CPUs allow it: on the 32-core GPU
 /// machine they lifted NCCL's busbw through the plugin 1.7x over one; on a
@@ -234,6 +245,7 @@ impl Default for Config {
             chunk_size: 512 * 1024,
             cuda_chunk_size: 2 << 20,
             inline_threshold: 64 * 1024,
+            inline_idle_max: MAX_INLINE_IDLE,
             max_requests: 32,
             handshake_timeout: Duration::from_secs(30),
             max_half_open: 256,
@@ -345,6 +357,9 @@ impl Config {
         }
         if let Some((k, v)) = first(&["TCPX_INLINE_THRESHOLD"]) {
             c.inline_threshold = parse_num(k, &v)?;
+        }
+        if let Some((k, v)) = first(&["TCPX_INLINE_IDLE_MAX"]) {
+            c.inline_idle_max = parse_num(k, &v)?;
         }
         if let Some((k, v)) = first(&["TCPX_MAX_REQUESTS"]) {
             c.max_requests = parse_num(k, &v)?;
@@ -539,6 +554,12 @@ impl Config {
             return bad(format!(
                 "inline threshold must be <= {MAX_INLINE}, got {}",
                 self.inline_threshold
+            ));
+        }
+        if self.inline_idle_max > MAX_INLINE_IDLE {
+            return bad(format!(
+                "inline idle max must be <= {MAX_INLINE_IDLE}, got {}",
+                self.inline_idle_max
             ));
         }
         if self.gpumemd_prefix.is_some() && self.devmem != DevmemMode::Off && self.gpu_pci.is_none()
@@ -751,6 +772,16 @@ mod tests {
             cfg(&[("TCPX_CHUNK_SIZE", "lots")]),
             Err(Error::Config(_))
         ));
+        assert!(matches!(
+            cfg(&[("TCPX_INLINE_IDLE_MAX", "257K")]),
+            Err(Error::Config(_))
+        ));
+        assert_eq!(
+            cfg(&[("TCPX_INLINE_IDLE_MAX", "128K")])
+                .unwrap()
+                .inline_idle_max,
+            128 << 10
+        );
         assert!(matches!(
             cfg(&[("TCPX_SOCKETS_PER_NIC", "0")]),
             Err(Error::Config(_))

@@ -199,6 +199,8 @@ enum Stage {
         ctrl: TcpStream,
         comm_id: u64,
         peer_timeout_ms: u32,
+        /// The largest inline message of the comm (both ends' limit).
+        inline_max: usize,
         conns: Vec<DataConn>,
     },
     Failed,
@@ -272,6 +274,7 @@ impl Connecting {
                         ctrl: stream,
                         comm_id: w.comm_id,
                         peer_timeout_ms: w.peer_timeout_ms,
+                        inline_max: (w.inline_kib as usize * 1024).min(net.cfg.inline_idle_max),
                         conns,
                     };
                 }
@@ -279,6 +282,7 @@ impl Connecting {
                     ctrl,
                     comm_id,
                     peer_timeout_ms,
+                    inline_max,
                     mut conns,
                 } => {
                     let mut all = true;
@@ -303,6 +307,7 @@ impl Connecting {
                             ctrl,
                             comm_id,
                             peer_timeout_ms,
+                            inline_max,
                             conns,
                         };
                         return Ok(None);
@@ -313,7 +318,7 @@ impl Connecting {
                         net.tune(&stream, true)?;
                         data.push((c.nic, stream));
                     }
-                    let agreed = net.agreed(peer_timeout_ms, net.cfg.inline_threshold);
+                    let agreed = net.agreed(peer_timeout_ms, net.cfg.inline_threshold, inline_max);
                     return SendComm::new(net.clone(), ctrl, data, agreed).map(Some);
                 }
                 Stage::Failed => {

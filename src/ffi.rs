@@ -424,8 +424,12 @@ pub extern "C" fn tcpx_iflush(comm: *mut tcpx_recv_comm, req: *mut *mut tcpx_req
 /// TCPX_ECONNLOST (its process died), TCPX_EPEER (nothing heard for the peer
 /// timeout), TCPX_EPROTOCOL, TCPX_EIO and TCPX_ETIMEDOUT fail the comm: each
 /// of its requests and each later isend/irecv on it return the error; close
-/// it. A successful chunked send was placed by the receiver; a send failed
-/// by the comm may still have been delivered. docs/PROTOCOL.md, Completion.
+/// it. A send up to TCPX_INLINE_THRESHOLD is done once the kernel has its
+/// bytes (a refusal is the receive's to report); a larger one waits for the
+/// receive that takes it and fails with its TCPX_ETRUNCATED or
+/// TCPX_ETAGMISMATCH; a successful chunked send was placed by the receiver.
+/// A send failed by the comm may still have been delivered.
+/// docs/PROTOCOL.md, Completion.
 ///
 /// The request is freed when `*done` becomes 1 and when it failed (any error
 /// but these two): TCPX_EINVAL (`req` or `done` is NULL) touches no request,

@@ -109,12 +109,32 @@ impl NetInner {
     }
 
     /// The peer's timeout from a handshake field (0 = none).
-    pub(crate) fn agreed(&self, peer_timeout_ms: u32, inline_threshold: usize) -> Agreed {
+    pub(crate) fn agreed(
+        &self,
+        peer_timeout_ms: u32,
+        inline_threshold: usize,
+        inline_max: usize,
+    ) -> Agreed {
         Agreed {
             peer_timeout: (peer_timeout_ms > 0)
                 .then(|| Duration::from_millis(peer_timeout_ms as u64)),
             inline_threshold,
+            inline_max,
         }
+    }
+
+    /// The largest inline message we accept as a receiver, as Welcome
+    /// announces it (KiB; never below what any sender may send inline).
+    /// Devmem receivers take mid-size payload on their data sockets, into
+    /// device memory.
+    pub(crate) fn inline_kib(&self) -> u16 {
+        if self.paths.any_devmem_rx() {
+            return crate::wire::MIN_INLINE_KIB;
+        }
+        (self.cfg.inline_idle_max / 1024).clamp(
+            crate::wire::MIN_INLINE_KIB.into(),
+            crate::wire::MAX_INLINE_KIB.into(),
+        ) as u16
     }
 
     /// Our peer timeout as the handshake carries it.

@@ -171,6 +171,11 @@ impl Paths {
         self.nics.iter().any(|n| n.rx.is_some() || n.tx.is_some())
     }
 
+    /// Whether any NIC receives through a devmem socket.
+    pub fn any_devmem_rx(&self) -> bool {
+        self.nics.iter().any(|n| n.rx.is_some())
+    }
+
     /// The one line `decide` logs for NIC `i`.
     fn describe(&self, i: usize) -> String {
         let n = &self.nics[i];

@@ -125,9 +125,16 @@ pub struct Hello {
 pub struct Welcome {
     pub comm_id: u64,
     pub n_nics: u16,
+    /// The largest inline message the server (the receiver) accepts, in
+    /// KiB: 64 ..= 256 (0 on the wire reads as 64).
+    pub inline_kib: u16,
     /// The server's peer timeout in ms, 0 = none.
     pub peer_timeout_ms: u32,
 }
+
+/// `Welcome::inline_kib` bounds: what every receiver accepts, and the most.
+pub const MIN_INLINE_KIB: u16 = (crate::config::MAX_INLINE / 1024) as u16;
+pub const MAX_INLINE_KIB: u16 = (crate::config::MAX_INLINE_IDLE / 1024) as u16;
 
 pub const MSG_INLINE: u16 = 1;
 
@@ -395,6 +402,7 @@ impl Welcome {
         put_prefix(&mut b, Kind::Welcome, self.n_nics as u32 * ADDR_LEN as u32);
         b[12..20].copy_from_slice(&self.comm_id.to_le_bytes());
         b[20..22].copy_from_slice(&self.n_nics.to_le_bytes());
+        b[22..24].copy_from_slice(&self.inline_kib.to_le_bytes());
         b[24..28].copy_from_slice(&self.peer_timeout_ms.to_le_bytes());
         b
     }
@@ -419,10 +427,18 @@ impl Welcome {
         let (p, mut r) = expect(b, Kind::Welcome)?;
         let comm_id = r.u64()?;
         let n_nics = r.u16()?;
-        r.zero::<2>("Welcome")?;
+        let inline_kib = match r.u16()? {
+            0 => MIN_INLINE_KIB,
+            k => k,
+        };
         let peer_timeout_ms = r.u32()?;
         if n_nics == 0 || n_nics as usize > crate::config::MAX_NICS {
             return Err(Error::Protocol(format!("Welcome lists {n_nics} NICs")));
+        }
+        if !(MIN_INLINE_KIB..=MAX_INLINE_KIB).contains(&inline_kib) {
+            return Err(Error::Protocol(format!(
+                "Welcome accepts inline messages up to {inline_kib} KiB, not {MIN_INLINE_KIB}..={MAX_INLINE_KIB}"
+            )));
         }
         if p.payload_len as usize != n_nics as usize * ADDR_LEN {
             return Err(Error::Protocol(format!(
@@ -433,6 +449,7 @@ impl Welcome {
         Ok(Welcome {
             comm_id,
             n_nics,
+            inline_kib,
             peer_timeout_ms,
         })
     }
@@ -486,7 +503,7 @@ impl Msg {
             )));
         }
         if m.is_inline() {
-            if m.size > crate::config::MAX_INLINE as u64 || p.payload_len as u64 != m.size {
+            if m.size > crate::config::MAX_INLINE_IDLE as u64 || p.payload_len as u64 != m.size {
                 return Err(Error::Protocol(format!(
                     "inline message of {} bytes with payload length {}",
                     m.size, p.payload_len
@@ -970,13 +987,23 @@ mod tests {
         let w = Welcome {
             comm_id: 5,
             n_nics: 1,
+            inline_kib: 200,
             peer_timeout_ms: 7,
         };
         let addr: SocketAddr = "10.0.0.1:99".parse().unwrap();
-        let wb = w.encode(&[addr]);
+        let mut wb = w.encode(&[addr]);
         assert_eq!(wb.len(), 28 + 20, "Welcome is 28 bytes plus 20 per NIC");
+        assert_eq!(&wb[22..24], &200u16.to_le_bytes());
         assert_eq!(&wb[24..28], &7u32.to_le_bytes());
         assert_eq!(Welcome::decode(&wb).unwrap(), w);
+        // A receiver that announces nothing accepts what every one does.
+        wb[22..24].fill(0);
+        assert_eq!(Welcome::decode(&wb).unwrap().inline_kib, 64);
+        for kib in [1u16, 63, 257, u16::MAX] {
+            wb[22..24].copy_from_slice(&kib.to_le_bytes());
+            let e = Welcome::decode(&wb).unwrap_err().to_string();
+            assert!(e.contains("inline messages up to"), "{e}");
+        }
     }
 
     #[test]
@@ -1123,13 +1150,20 @@ mod tests {
                 })
             ),
             Just(Header::Bye(Bye)),
-            (any::<u64>(), 1u16..=16, any::<u32>()).prop_map(|(comm_id, n_nics, to)| {
-                Header::Welcome(Welcome {
-                    comm_id,
-                    n_nics,
-                    peer_timeout_ms: to,
-                })
-            }),
+            (
+                any::<u64>(),
+                1u16..=16,
+                MIN_INLINE_KIB..=MAX_INLINE_KIB,
+                any::<u32>()
+            )
+                .prop_map(|(comm_id, n_nics, inline_kib, to)| {
+                    Header::Welcome(Welcome {
+                        comm_id,
+                        n_nics,
+                        inline_kib,
+                        peer_timeout_ms: to,
+                    })
+                }),
         ]
     }
 
@@ -1160,8 +1194,13 @@ mod tests {
         }
 
         #[test]
-        fn welcome_round_trips(comm_id: u64, to: u32, nics in proptest::collection::vec(addr(), 1..16)) {
-            let w = Welcome { comm_id, n_nics: nics.len() as u16, peer_timeout_ms: to };
+        fn welcome_round_trips(
+            comm_id: u64,
+            to: u32,
+            inline_kib in MIN_INLINE_KIB..=MAX_INLINE_KIB,
+            nics in proptest::collection::vec(addr(), 1..16),
+        ) {
+            let w = Welcome { comm_id, n_nics: nics.len() as u16, inline_kib, peer_timeout_ms: to };
             let b = w.encode(&nics);
             prop_assert_eq!(Welcome::decode(&b).unwrap(), w);
             prop_assert_eq!(Welcome::decode_addrs(&b[WELCOME_LEN..]).unwrap(), nics);

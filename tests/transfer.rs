@@ -5,8 +5,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::{exchange, pair, pattern, three_nics, T};
-use tcpx::{Config, Error, HostMemory, Net, RecvBuf};
+use common::{exchange, net_with, pair, pattern, three_nics, T};
+use tcpx::{Config, EngineKind, Error, HostMemory, Net, RecvBuf, SendComm, ZeroCopy};
 
 fn send_recv(net: &Net, sizes: &[usize]) {
     let (send, recv) = pair(net, net);
@@ -62,6 +62,7 @@ fn small_chunks_spread_over_many_sockets() {
     cfg.chunk_size = 4096;
     cfg.sockets_per_nic = 3;
     cfg.inline_threshold = 0;
+    cfg.inline_idle_max = 0;
     let net = Net::init(cfg).unwrap();
     send_recv(&net, &[0, 1, 4096, 4097, 65_537, 1_000_001]);
 }
@@ -73,10 +74,127 @@ fn sockets_dealt_to_several_workers_per_nic() {
     cfg.sockets_per_nic = 3;
     cfg.workers_per_nic = 2;
     cfg.inline_threshold = 0;
+    cfg.inline_idle_max = 0;
     let net = Net::init(cfg).unwrap();
     // Two comms, so sockets of both parities land on both workers.
     send_recv(&net, &[1, 4097, 65_537, 1_000_001]);
     send_recv(&net, &[0, 8191, 3_000_017]);
+}
+
+fn chunks_sent(send: &SendComm) -> u64 {
+    send.socket_stats()
+        .iter()
+        .map(|s| s.counts.chunks_sent)
+        .sum()
+}
+
+/// Window-1 mid-size messages (lone), a late receiver's, and four at once.
+fn lone_messages(a: &Net, b: &Net, seed: u64) {
+    let (send, recv) = pair(a, b);
+    let lone = [65_537, 100_003, 131_072, 200_001, 262_143, 262_144];
+    for (i, &n) in lone.iter().enumerate() {
+        exchange(a, b, &send, &recv, n, seed * 100 + i as u64);
+    }
+    assert_eq!(
+        chunks_sent(&send),
+        0,
+        "lone messages up to 256 KiB go inline"
+    );
+    // Sent before its receive is posted: it waits in the receiver.
+    let n = 199_999;
+    let mut m = HostMemory::zeroed(n).unwrap();
+    pattern(seed, &mut m);
+    let expect = m.to_vec();
+    let src = a.reg_mr(m);
+    let mut tx = send.isend(&src, 0, n, 9).unwrap().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    // Like a chunked one, it is done once placed.
+    assert!(tx.test().unwrap().is_none(), "done before its receive");
+    let mut dst = b.reg_mr(HostMemory::zeroed(n + 5).unwrap());
+    let mut rx = recv
+        .irecv(&[RecvBuf {
+            mr: &dst,
+            offset: 5,
+            len: n,
+            tag: 9,
+        }])
+        .unwrap()
+        .unwrap();
+    assert_eq!(rx.wait(T).unwrap().as_slice(), &[n as u64]);
+    assert_eq!(tx.wait(T).unwrap().as_slice(), &[n as u64]);
+    drop(rx);
+    assert!(dst.bytes().unwrap()[5..] == expect[..]);
+    assert_eq!(chunks_sent(&send), 0);
+    exchange(a, b, &send, &recv, 262_145, seed + 7);
+    let before = chunks_sent(&send);
+    assert!(before > 0, "above 256 KiB a message is chunked");
+    // Four at once: behind the first, the others stripe.
+    let sizes = [150_001, 150_002, 65_537, 262_144];
+    let mut flights = Vec::new();
+    for (i, &n) in sizes.iter().enumerate() {
+        let mut m = HostMemory::zeroed(n).unwrap();
+        pattern(seed + 10 + i as u64, &mut m);
+        let expect = m.to_vec();
+        let src = a.reg_mr(m);
+        let dst = b.reg_mr(HostMemory::zeroed(n).unwrap());
+        let rx = recv
+            .irecv(&[RecvBuf {
+                mr: &dst,
+                offset: 0,
+                len: n,
+                tag: i as i32,
+            }])
+            .unwrap()
+            .unwrap();
+        let tx = send.isend(&src, 0, n, i as i32).unwrap().unwrap();
+        flights.push((tx, rx, src, dst, expect));
+    }
+    for (mut tx, mut rx, _src, mut dst, expect) in flights {
+        tx.wait(T).unwrap();
+        assert_eq!(rx.wait(T).unwrap()[0], expect.len() as u64);
+        drop(rx);
+        assert!(dst.bytes().unwrap() == &expect[..]);
+    }
+    assert!(
+        chunks_sent(&send) >= before + 3,
+        "messages behind a large one are chunked"
+    );
+}
+
+#[test]
+fn lone_mid_size_messages_travel_inline_with_every_engine() {
+    for engine in [EngineKind::Epoll, EngineKind::Uring] {
+        for zc in [ZeroCopy::Off, ZeroCopy::On] {
+            let (a, b) = (net_with(engine, zc), net_with(engine, zc));
+            std::thread::scope(|s| {
+                s.spawn(|| lone_messages(&a, &b, 1));
+                s.spawn(|| lone_messages(&b, &a, 2));
+            });
+        }
+    }
+}
+
+#[test]
+fn a_lone_message_stays_within_both_ends_inline_limit() {
+    let limited = |max| {
+        let mut c = three_nics();
+        c.inline_idle_max = max;
+        Net::init(c).unwrap()
+    };
+    let full = Net::init(three_nics()).unwrap();
+    // (sender, receiver, largest inline); each limit is the announced KiB.
+    for (a, b, largest) in [
+        (&full, &limited(0), 65_536),
+        (&limited(0), &full, 65_536),
+        (&full, &limited(100_000), 97 * 1024),
+        (&limited(128 << 10), &full, 128 << 10),
+    ] {
+        let (send, recv) = pair(a, b);
+        exchange(a, b, &send, &recv, largest, 1);
+        assert_eq!(chunks_sent(&send), 0, "{largest}");
+        exchange(a, b, &send, &recv, largest + 1, 2);
+        assert!(chunks_sent(&send) > 0, "{largest}");
+    }
 }
 
 #[test]

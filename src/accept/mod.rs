@@ -353,6 +353,7 @@ impl ListenComm {
                 let welcome = Welcome {
                     comm_id,
                     n_nics: self.data_addrs.len() as u16,
+                    inline_kib: self.net.inline_kib(),
                     peer_timeout_ms: self.net.timeout_ms(),
                 };
                 write_handshake(&f.stream, &welcome.encode(&self.data_addrs))?;
@@ -395,9 +396,11 @@ impl ListenComm {
                     self.net.tune(stream, true)?;
                 }
                 let flows = self.net.paths.steer(&data)?;
-                let agreed = self
-                    .net
-                    .agreed(p.hello.peer_timeout_ms, p.hello.inline_threshold as usize);
+                let agreed = self.net.agreed(
+                    p.hello.peer_timeout_ms,
+                    p.hello.inline_threshold as usize,
+                    self.net.inline_kib() as usize * 1024,
+                );
                 let comm = RecvComm::new(self.net.clone(), p.ctrl, data, flows, agreed)?;
                 let wait = self.net.cfg.flow_steering_wait;
                 if wait.is_zero() {

@@ -61,6 +61,9 @@ pub(crate) struct Agreed {
     pub peer_timeout: Option<Duration>,
     /// The sender's inline threshold (what the receiver must expect).
     pub inline_threshold: usize,
+    /// The largest inline message of the comm: the receiver accepts it,
+    /// the sender sends it when nothing else is in flight.
+    pub inline_max: usize,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

@@ -190,6 +190,7 @@ impl RecvComm {
             timeout: net.cfg.peer_timeout,
             peer_timeout: agreed.peer_timeout,
             inline_threshold: agreed.inline_threshold,
+            inline_max: agreed.inline_max,
         };
         let watch = match net.watch_ctrl(&ctrl, data.first().map_or(0, |d| d.0)) {
             Ok(w) => w,

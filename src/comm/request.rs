@@ -22,7 +22,11 @@ const SLICE: Duration = Duration::from_millis(100);
 
 #[derive(Clone)]
 pub(crate) enum Owner {
-    Send(Arc<SendCore>),
+    /// `large`: a message above the inline threshold (see `SendCore::lone_inline`).
+    Send {
+        core: Arc<SendCore>,
+        large: bool,
+    },
     Recv(Arc<RecvCore>),
     None,
 }
@@ -31,7 +35,7 @@ impl Owner {
     /// Drives the comm's protocol.
     fn progress(&self) {
         match self {
-            Owner::Send(c) => c.drive(true),
+            Owner::Send { core, .. } => core.drive(true),
             Owner::Recv(c) => c.drive(),
             Owner::None => {}
         }
@@ -40,7 +44,7 @@ impl Owner {
     /// The control socket and eventfd a sleeper polls.
     fn sleep_on(&self) -> Option<(Option<i32>, &Arc<FdWaker>)> {
         match self {
-            Owner::Send(c) => Some((c.base.poll_fd(), &c.base.waker)),
+            Owner::Send { core, .. } => Some((core.base.poll_fd(), &core.base.waker)),
             Owner::Recv(c) => Some((c.base.poll_fd(), &c.base.waker)),
             Owner::None => None,
         }
@@ -48,7 +52,7 @@ impl Owner {
 
     fn release(&self) {
         match self {
-            Owner::Send(c) => c.base.release_slot(),
+            Owner::Send { core, large } => core.release(*large),
             Owner::Recv(c) => c.base.release_slot(),
             Owner::None => {}
         }

@@ -2,7 +2,7 @@
 
 use std::net::TcpStream;
 use std::sync::atomic::Ordering;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -62,6 +62,11 @@ pub(crate) struct SendCore {
     pub(super) base: CommBase,
     ctrl: Ctrl<SendCtrl>,
     link: Arc<SendLink>,
+    /// A message up to this size goes inline when no other message above
+    /// the inline threshold is in flight (both ends' `inline_idle_max`).
+    lone_inline: usize,
+    /// Requests in flight of messages above the inline threshold.
+    large_inflight: AtomicUsize,
 }
 
 /// The sending end of a connection (from `Net::connect`).
@@ -230,6 +235,7 @@ impl SendComm {
             timeout: cfg.peer_timeout,
             peer_timeout: agreed.peer_timeout,
             inline_threshold: cfg.inline_threshold,
+            inline_max: agreed.inline_max,
         };
         let watch = net.watch_ctrl(&ctrl, data.first().map_or(0, |d| d.0))?;
         let now = Instant::now();
@@ -259,6 +265,8 @@ impl SendComm {
                     retired: Vec::new(),
                 }),
                 link,
+                lone_inline: agreed.inline_max,
+                large_inflight: AtomicUsize::new(0),
             }
         });
         Ok(SendComm { core })
@@ -286,8 +294,8 @@ impl SendComm {
         self.post(mr, offset, len, tag, false)
     }
 
-    /// [`SendComm::isend`] for a message that another follows at once: a
-    /// small one (inline, up to `inline_threshold`) waits in the control
+    /// [`SendComm::isend`] for a message that another follows at once: an
+    /// inline one (docs/PROTOCOL.md, **Msg**) waits in the control
     /// buffer and leaves with the next `isend` in one system call, so the
     /// peer wakes once for both. Follow it with an `isend` (a test of this
     /// request also sends it).
@@ -317,7 +325,15 @@ impl SendComm {
             return Ok(None);
         }
         let n = core.base.live().max(1);
-        let inline = len <= cfg.inline_threshold || len == 0;
+        // A lone mid-size message goes inline: one write, where chunks would
+        // first wait a round trip for the receiver's Post. Behind another
+        // one it is chunked, so that a stream of them stripes. From host
+        // memory only: CUDA memory would be staged whole on this thread.
+        let large = len > cfg.inline_threshold;
+        let inline = !large
+            || (len <= core.lone_inline
+                && mr.inner.kind() == PtrKind::Host
+                && core.large_inflight.load(Ordering::Acquire) == 0);
         let state = Arc::new(ReqState::new(1, 1).with_waker(core.base.waker.clone()));
         state.set_size(0, len as u64);
         core.ctrl.with(
@@ -383,7 +399,14 @@ impl SendComm {
             |c| core.progress(c, true),
         )?;
         core.base.inflight.fetch_add(1, Ordering::AcqRel);
-        Ok(Some(Request::new(state, Owner::Send(core.clone()))))
+        if large {
+            core.large_inflight.fetch_add(1, Ordering::AcqRel);
+        }
+        let owner = Owner::Send {
+            core: core.clone(),
+            large,
+        };
+        Ok(Some(Request::new(state, owner)))
     }
 
     /// Closes the comm; requests still in flight fail with `Error::Closed`.
@@ -411,6 +434,14 @@ impl Drop for SendComm {
 }
 
 impl SendCore {
+    /// A finished or dropped request frees its slot.
+    pub(super) fn release(&self, large: bool) {
+        if large {
+            self.large_inflight.fetch_sub(1, Ordering::AcqRel);
+        }
+        self.base.release_slot();
+    }
+
     pub(super) fn nudge(&self) {
         self.ctrl.nudge(|c| self.progress(c, true));
     }

@@ -78,8 +78,11 @@ pub(crate) struct Params {
     pub timeout: Option<Duration>,
     /// The peer's, from the handshake: our heartbeats must satisfy it.
     pub peer_timeout: Option<Duration>,
-    /// The sender's inline threshold: larger messages are chunked.
+    /// The sender's inline threshold: larger messages are chunked unless
+    /// they travel alone.
     pub inline_threshold: usize,
+    /// The largest inline message the receiver accepts.
+    pub inline_max: usize,
 }
 
 /// Feeds `data` to a fresh sender and receiver as what their peers sent
@@ -96,6 +99,7 @@ pub(crate) fn feed_both(data: &[u8]) {
         timeout: Some(Duration::from_secs(1)),
         peer_timeout: Some(Duration::from_secs(1)),
         inline_threshold: 65536,
+        inline_max: 256 << 10,
     };
     let mut s = SendSide::new(p, now);
     let mut r = RecvSide::new(p, now);

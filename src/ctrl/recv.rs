@@ -7,7 +7,6 @@ use super::frame::{Frame, Inbox, Outbox};
 use super::liveness::Liveness;
 use super::matcher::{Matcher, Outcome, Verdict};
 use super::{eager_cost, Params, Token, EAGER_WINDOW, MAX_OPEN_POSTS};
-use crate::config::MAX_INLINE;
 use crate::error::{Error, Result};
 use crate::wire::{Ack, Bye, Dial, Kind, Msg, Ping, Placed, Post, MAX_PLACED_BYTES};
 
@@ -54,8 +53,11 @@ struct State {
     /// Eager cost of the messages matched to deferred receives.
     deferred_cost: usize,
     next_post: u64,
-    /// The sender's inline threshold: larger messages come in chunks.
+    /// The sender's inline threshold: larger messages come in chunks
+    /// unless they travel alone.
     peer_inline: u64,
+    /// The largest inline message we accept (as Welcome said).
+    inline_max: u64,
     out: Outbox,
     live: Liveness,
     broken: Option<Error>,
@@ -75,7 +77,7 @@ impl RecvSide {
         RecvSide {
             inbox: Inbox::new(
                 &[Kind::Msg, Kind::Ping, Kind::Bye, Kind::Retire],
-                MAX_INLINE,
+                p.inline_max,
             ),
             s: State {
                 next_seq: 0,
@@ -87,6 +89,7 @@ impl RecvSide {
                 deferred_cost: 0,
                 next_post: 0,
                 peer_inline: p.inline_threshold as u64,
+                inline_max: p.inline_max as u64,
                 out: Outbox::default(),
                 live: Liveness::new(p.timeout, p.peer_timeout, now),
                 broken: None,
@@ -331,6 +334,12 @@ impl State {
             return Err(Error::Protocol(format!(
                 "message {} announced, expected {}",
                 msg.seq, self.next_seq
+            )));
+        }
+        if msg.is_inline() && msg.size > self.inline_max {
+            return Err(Error::Protocol(format!(
+                "inline message {} of {} bytes, above the {} announced",
+                msg.seq, msg.size, self.inline_max
             )));
         }
         if !msg.is_inline() && msg.chunk_size > MAX_CHUNK {

@@ -82,6 +82,13 @@ const COPY_LATER: Duration = Duration::from_millis(5);
 /// Sockets within this fraction of the best rate get chunks evenly.
 const EVEN: f64 = 0.7;
 
+/// A NIC's rate is forgotten when it was last measured this long ago. A
+/// rate is measured only while the NIC has chunks outstanding, so one
+/// measured in a bad moment (a link down while its chunks waited, not long
+/// enough to stall) would leave it dealt next to nothing, never measured
+/// again: idle for good. Forgotten, it is dealt as the best and measured anew.
+const RATE_TTL: Duration = Duration::from_secs(1);
+
 /// Shortest interval a rate is measured over: a rate-limited path
 /// delivers in bursts, so 1 ms samples swing several-fold (and longer
 /// ones miss the short busy spells of one message at a time).
@@ -214,9 +221,19 @@ struct Nic {
     rate: Option<f64>,
     /// Start of the busy interval being measured: (time, acked).
     mark: Option<(Instant, u64)>,
+    /// When `rate` was last updated.
+    measured: Option<Instant>,
 }
 
 impl Nic {
+    /// The rate, unless it is older than `RATE_TTL` at `now`.
+    fn rate(&self, now: Instant) -> Option<f64> {
+        let fresh = self
+            .measured
+            .is_some_and(|t| now.saturating_duration_since(t) < RATE_TTL);
+        self.rate.filter(|_| fresh)
+    }
+
     fn note(&mut self, advanced: u64, busy: bool, now: Instant) {
         self.acked += advanced;
         // A rate counts only time the NIC had bytes outstanding: one that
@@ -229,6 +246,7 @@ impl Nic {
                     let r = (self.acked - a) as f64 / dt.as_secs_f64();
                     self.rate = Some(self.rate.map_or(r, |old| 0.75 * old + 0.25 * r));
                     self.mark = Some((now, self.acked));
+                    self.measured = Some(now);
                 }
             }
             None if busy => self.mark = Some((now, self.acked)),
@@ -247,6 +265,8 @@ pub(crate) struct Sched<M> {
     retired: Vec<Retired>,
     /// Sockets that asked and got nothing since: woken when work comes.
     hungry: Vec<bool>,
+    /// The latest time a socket reported (rates age by it).
+    clock: Instant,
     /// Hungry sockets that work came for, for the comm to wake.
     woken: Vec<usize>,
 }
@@ -266,6 +286,7 @@ impl<M: Clone> Sched<M> {
             // Sockets begin waiting for work.
             hungry: vec![true; nics.len()],
             woken: Vec::new(),
+            clock: now,
         }
     }
 
@@ -279,7 +300,11 @@ impl<M: Clone> Sched<M> {
         let shares: Vec<Option<f64>> = self
             .slots
             .iter()
-            .map(|s| self.nics[s.nic].rate.map(|r| r / live[s.nic].max(1) as f64))
+            .map(|s| {
+                self.nics[s.nic]
+                    .rate(self.clock)
+                    .map(|r| r / live[s.nic].max(1) as f64)
+            })
             .collect();
         let best = shares.iter().flatten().fold(0.0, |a, &b| f64::max(a, b));
         (shares, best)
@@ -406,6 +431,7 @@ impl<M: Clone> Sched<M> {
     /// Socket `i`'s stream end and acknowledged bytes, at `now`, and so
     /// its NIC's.
     fn note(&mut self, i: usize, acked: u64, end: u64, now: Instant) {
+        self.clock = self.clock.max(now);
         let advanced = self.slots[i].note(acked, end, now);
         let nic = self.slots[i].nic;
         let busy = self
@@ -864,6 +890,34 @@ mod tests {
             .map(|t| t.homes.iter().position(|h| !h.is_empty()).unwrap())
             .collect();
         assert_eq!(first, vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn a_nic_measured_near_zero_is_measured_again_a_second_later() {
+        let t0 = Instant::now();
+        let mut s = Sched::new(&[0, 1], None, t0);
+        s.start(0, 0, 2 * 4096, 4096, true);
+        let mut k = [Sock::default(); 2];
+        pull(&mut s, &mut k, 0, t0);
+        pull(&mut s, &mut k, 1, t0);
+        // Socket 1's chunk waited out a link down: one byte in 10 ms.
+        k[0].acked = k[0].end - 1;
+        k[1].acked = 1;
+        s.sample(0, 0, k[0].acked, k[0].end, t0 + 10 * MS);
+        s.sample(1, 0, k[1].acked, k[1].end, t0 + 10 * MS);
+        s.acked(0);
+        s.start(1, 1, 66 * 4096, 4096, true);
+        let homes: Vec<usize> = s.msgs[0].homes.iter().map(|h| h.len()).collect();
+        assert_eq!(homes, vec![66, 0]);
+        // A second later, socket 0 still busy and measured, socket 1 idle:
+        // its rate is forgotten, and it is dealt as the best.
+        for ms in [20, 500, 1000, 1011] {
+            k[0].acked += 4096;
+            s.sample(0, 0, k[0].acked, k[0].end + 66 * 4096, t0 + ms * MS);
+        }
+        s.start(2, 2, 66 * 4096, 4096, true);
+        let homes: Vec<usize> = s.msgs[1].homes.iter().map(|h| h.len()).collect();
+        assert_eq!(homes, vec![33, 33]);
     }
 
     #[test]

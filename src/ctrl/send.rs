@@ -13,7 +13,8 @@ use crate::wire::{Bye, Dial, Kind, Msg, Ping, Placed, Retire, MAX_PLACED_BYTES, 
 /// What the comm layer must do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum SendEvent {
-    /// An inline message left (the kernel has its bytes): its request is done.
+    /// An inline message left (the kernel has its bytes; a lone one's
+    /// receive accepts it, too): its request is done.
     Written(Token),
     /// The receiver will take chunked message `seq`: its chunks may go.
     Start { token: Token, seq: u64 },
@@ -48,6 +49,18 @@ struct Announced {
     tag: i32,
     token: Token,
     inline: bool,
+    /// Its sender waits for the receive that takes it (chunked and lone
+    /// messages): the receive's refusal is the send's too.
+    needs_post: bool,
+}
+
+/// Where a lone message stands: done once written and matched to an
+/// accepting receive, whichever comes last.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lone {
+    Written,
+    Matched,
+    Refused,
 }
 
 pub(crate) struct SendSide {
@@ -58,19 +71,25 @@ pub(crate) struct SendSide {
     unresolved: VecDeque<Announced>,
     /// Eager cost of the inline messages in `unresolved`.
     uncovered: usize,
-    /// Chunked messages in `unresolved` (counted: `unresolved` holds up to
-    /// half the eager window of inline ones, too many to scan per isend).
-    unresolved_chunked: usize,
+    /// Messages in `unresolved` with `needs_post` (counted: `unresolved`
+    /// holds up to half the eager window of inline ones, too many to scan
+    /// per isend).
+    unresolved_needy: usize,
+    /// Lone messages written or matched but not both.
+    lone: OwnMap<Lone>,
     awaiting_ack: OwnMap<Token>,
     /// The receiver's posted receives.
     posts: Matcher<()>,
     next_post: u64,
-    /// Inline messages in `out`, by the stream offset where they end.
-    writing: VecDeque<(u64, Token)>,
+    /// Inline messages in `out`, by the stream offset where they end (and
+    /// whether they are lone).
+    writing: VecDeque<(u64, Token, bool)>,
     out: Outbox,
     inbox: Inbox,
     live: Liveness,
     broken: Option<Error>,
+    /// Inline messages above it are lone ones.
+    inline_threshold: u64,
 }
 
 impl SendSide {
@@ -80,7 +99,8 @@ impl SendSide {
             queued: VecDeque::new(),
             unresolved: VecDeque::new(),
             uncovered: 0,
-            unresolved_chunked: 0,
+            unresolved_needy: 0,
+            lone: OwnMap::default(),
             awaiting_ack: OwnMap::default(),
             posts: Matcher::new(),
             next_post: 0,
@@ -99,6 +119,7 @@ impl SendSide {
             ),
             live: Liveness::new(p.timeout, p.peer_timeout, now),
             broken: None,
+            inline_threshold: p.inline_threshold as u64,
         }
     }
 
@@ -181,7 +202,9 @@ impl SendSide {
         };
         self.out.put(&msg.encode());
         self.out.put(payload);
-        self.writing.push_back((self.out.end(), token));
+        let lone = size > self.inline_threshold;
+        self.unresolved_needy += usize::from(lone);
+        self.writing.push_back((self.out.end(), token, lone));
         self.uncovered += eager_cost(size);
         self.unresolved.push_back(Announced {
             seq,
@@ -189,6 +212,7 @@ impl SendSide {
             tag,
             token,
             inline: true,
+            needs_post: lone,
         });
     }
 
@@ -214,13 +238,14 @@ impl SendSide {
                     flags: 0,
                 };
                 self.out.put(&msg.encode());
-                self.unresolved_chunked += 1;
+                self.unresolved_needy += 1;
                 self.unresolved.push_back(Announced {
                     seq,
                     size,
                     tag,
                     token,
                     inline: false,
+                    needs_post: true,
                 });
             }
         }
@@ -245,12 +270,18 @@ impl SendSide {
                     break;
                 };
                 if a.inline {
-                    // Its fate is the receiver's request to report.
                     self.uncovered -= eager_cost(a.size);
+                }
+                if !a.needs_post {
+                    // Its fate is the receiver's request to report.
                     continue;
                 }
-                self.unresolved_chunked -= 1;
+                self.unresolved_needy -= 1;
+                if a.inline {
+                    self.lone_step(a.token, out.verdict == Verdict::Accept, ev);
+                }
                 match out.verdict {
+                    Verdict::Accept if a.inline => {}
                     Verdict::Accept => {
                         self.awaiting_ack.insert(a.seq, a.token);
                         ev(SendEvent::Start {
@@ -431,27 +462,52 @@ impl SendSide {
         self.out.wrote(n);
         self.live.spoke(now);
         let written = self.out.written();
-        while let Some(&(end, token)) = self.writing.front() {
+        while let Some(&(end, token, lone)) = self.writing.front() {
             if end > written {
                 break;
             }
             self.writing.pop_front();
-            ev(SendEvent::Written(token));
+            if !lone {
+                ev(SendEvent::Written(token));
+                continue;
+            }
+            match self.lone.remove(&token) {
+                Some(Lone::Matched) => ev(SendEvent::Written(token)),
+                Some(Lone::Refused) => {}
+                _ => {
+                    self.lone.insert(token, Lone::Written);
+                }
+            }
+        }
+    }
+
+    /// Lone message `token` met its receive (`accepted`, else refused: the
+    /// caller reports why); `Written` once it is also written.
+    fn lone_step(&mut self, token: Token, accepted: bool, ev: &mut impl FnMut(SendEvent)) {
+        match (self.lone.remove(&token), accepted) {
+            (Some(Lone::Written), true) => ev(SendEvent::Written(token)),
+            (Some(Lone::Written), false) => {}
+            (_, true) => {
+                self.lone.insert(token, Lone::Matched);
+            }
+            (_, false) => {
+                self.lone.insert(token, Lone::Refused);
+            }
         }
     }
 
     /// The chunked-message count agrees with what `unresolved` holds.
     #[cfg(test)]
     pub fn counts_agree(&self) -> bool {
-        self.unresolved_chunked == self.unresolved.iter().filter(|a| !a.inline).count()
+        self.unresolved_needy == self.unresolved.iter().filter(|a| a.needs_post).count()
     }
 
     /// Whether control bytes from the receiver are awaited now: a chunked
-    /// message needs its receive, an acknowledgement, or the window room.
+    /// or lone message needs its receive, an acknowledgement, or the window room.
     pub fn awaits_peer(&self) -> bool {
         !self.awaiting_ack.is_empty()
             || !self.queued.is_empty()
-            || self.unresolved_chunked > 0
+            || self.unresolved_needy > 0
             || self.uncovered >= EAGER_WINDOW / 2
     }
 }

@@ -78,6 +78,7 @@ impl Pair {
             timeout,
             peer_timeout: timeout,
             inline_threshold: 65536,
+            inline_max: 256 << 10,
         };
         Pair {
             s: SendSide::new(p, now),
@@ -92,8 +93,13 @@ impl Pair {
     }
 
     fn send(&mut self, token: Token, size: u64, tag: i32) {
+        self.send_as(token, size, tag, size <= 65536);
+    }
+
+    /// `inline`: as the comm sends a lone message of up to 256 KiB.
+    fn send_as(&mut self, token: Token, size: u64, tag: i32, inline: bool) {
         let se = &mut self.se;
-        if size <= 65536 {
+        if inline {
             let payload: Vec<u8> = (0..size).map(|i| (i as u8) ^ (token as u8)).collect();
             self.s
                 .send_inline(token, tag, &payload, &mut |e| se.push(e))
@@ -637,10 +643,91 @@ fn protocol_violations_fail_the_comm() {
     assert!(matches!(p.s.broken(), Some(Error::ConnectionLost(_))));
 }
 
+#[test]
+fn a_lone_message_is_done_once_written_and_accepted() {
+    // Sent first: written at once, done only when its receive shows up.
+    let mut p = Pair::new(None);
+    p.send_as(1, 100_000, 1, true);
+    p.run();
+    assert!(p.se.is_empty(), "{:?}", p.se);
+    p.post(100, &[(100_000, 1)]);
+    p.run();
+    assert_eq!(p.se, vec![SendEvent::Written(1)]);
+    // Refused: the send fails as a chunked one would, written or not.
+    let mut p = Pair::new(None);
+    p.post(100, &[(99_999, 1)]);
+    p.run();
+    p.send_as(1, 100_000, 1, true);
+    p.run();
+    let trunc = Error::Truncated {
+        tag: 1,
+        message: 100_000,
+        buffer: 99_999,
+    };
+    assert_eq!(
+        p.se,
+        vec![SendEvent::Refused {
+            token: 1,
+            err: trunc.clone()
+        }]
+    );
+    assert_eq!(
+        p.re,
+        vec![REv::Refused {
+            token: 100,
+            err: trunc,
+            bufs: vec![0]
+        }]
+    );
+    // Up to the threshold an inline message is done once written.
+    let mut p = Pair::new(None);
+    p.send_as(1, 65_536, 1, true);
+    p.run();
+    assert_eq!(p.se, vec![SendEvent::Written(1)]);
+}
+
+#[test]
+fn inline_messages_past_what_the_receiver_announced_fail_the_comm() {
+    let mut p = Pair::new(None);
+    p.post(100, &[(300_000, 1)]);
+    p.send_as(1, 256 << 10, 1, true);
+    p.run();
+    assert_eq!(p.se, vec![SendEvent::Written(1)]);
+    assert_eq!(
+        p.re,
+        vec![REv::Deliver {
+            token: 100,
+            buf: 0,
+            payload: payload_of(1, 256 << 10)
+        }]
+    );
+    // A receiver that announced 64 KiB.
+    let mut p = Pair::new(None);
+    p.r = RecvSide::new(
+        Params {
+            timeout: None,
+            peer_timeout: None,
+            inline_threshold: 65536,
+            inline_max: 65536,
+        },
+        p.now,
+    );
+    p.post(100, &[(300_000, 1)]);
+    p.send_as(1, 65537, 1, true);
+    p.run();
+    assert!(
+        matches!(p.r.broken(), Some(Error::Protocol(e)) if e.contains("65537 bytes")),
+        "{:?}",
+        p.r.broken()
+    );
+    assert!(p.re.is_empty());
+}
+
 #[derive(Debug, Clone)]
 enum Op {
     Post(Vec<(u64, i32)>),
-    Send(u64, i32),
+    /// Size, tag, and whether a mid-size one travels inline (as a lone one does).
+    Send(u64, i32, bool),
     Step,
     Tick,
     Place,
@@ -650,7 +737,12 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         proptest::collection::vec((prop_oneof![0u64..200, 60_000u64..200_000], 0i32..3), 1..=3)
             .prop_map(Op::Post),
-        (prop_oneof![0u64..200, 60_000u64..200_000], 0i32..3).prop_map(|(s, t)| Op::Send(s, t)),
+        (
+            prop_oneof![0u64..200, 60_000u64..=262_144],
+            0i32..3,
+            any::<bool>()
+        )
+            .prop_map(|(s, t, lone)| Op::Send(s, t, lone)),
         Just(Op::Step),
         Just(Op::Tick),
         Just(Op::Place),
@@ -666,13 +758,21 @@ proptest! {
     fn both_ends_agree_whatever_the_order(ops in proptest::collection::vec(op(), 1..80), io in 1usize..200) {
         let mut p = Pair::new(Some(Duration::from_secs(60)));
         p.io = io;
-        let mut sent: Vec<(u64, i32)> = Vec::new();
+        let mut sent: Vec<(u64, i32, bool)> = Vec::new();
+        // Lone ones stay within the eager window, as the comm's do (each
+        // waits for the one before): the reference has no queue.
+        let mut lone_left = 3;
         let mut posts: Vec<Vec<(u64, i32)>> = Vec::new();
         let mut placed = Vec::new();
         for o in ops {
             match o {
                 Op::Post(bufs) => { p.post(10_000 + posts.len() as u64, &bufs); posts.push(bufs); }
-                Op::Send(size, tag) => { p.send(sent.len() as u64, size, tag); sent.push((size, tag)); }
+                Op::Send(size, tag, lone) => {
+                    let inline = size <= 65536 || (lone && lone_left > 0);
+                    lone_left -= usize::from(inline && size > 65536);
+                    p.send_as(sent.len() as u64, size, tag, inline);
+                    sent.push((size, tag, inline));
+                }
                 Op::Step => { p.step(); }
                 Op::Tick => { p.now += MS; p.s.poll(p.now); p.r.poll(p.now, true); }
                 Op::Place => {
@@ -696,10 +796,10 @@ proptest! {
         }
         let mut want_s = Vec::new();
         let mut want_r = Vec::new();
-        for (seq, &(size, tag)) in sent.iter().enumerate() {
+        for (seq, &(size, tag, inline)) in sent.iter().enumerate() {
             let seq = seq as u64;
-            let inline = size <= 65536;
-            if inline {
+            let lone = inline && size > 65536;
+            if inline && !lone {
                 want_s.push(SendEvent::Written(seq));
             }
             let Some(o) = reference.assign(size, tag) else { continue };
@@ -709,13 +809,19 @@ proptest! {
                 matcher::Verdict::Mismatch => Some(Error::TagMismatch(tag)),
             };
             match (err, inline) {
-                (None, true) => want_r.push(REv::Deliver { token: o.group, buf: o.buf.unwrap(), payload: payload_of(seq, size) }),
+                (None, true) => {
+                    if lone {
+                        // Done once written and its receive accepts it.
+                        want_s.push(SendEvent::Written(seq));
+                    }
+                    want_r.push(REv::Deliver { token: o.group, buf: o.buf.unwrap(), payload: payload_of(seq, size) })
+                }
                 (None, false) => {
                     want_s.push(SendEvent::Start { token: seq, seq });
                     want_r.push(REv::Place { token: o.group, buf: o.buf.unwrap(), seq, size });
                 }
                 (Some(err), _) => {
-                    if !inline {
+                    if !inline || lone {
                         want_s.push(SendEvent::Refused { token: seq, err: err.clone() });
                     }
                     let mut bufs = o.released.clone();
