@@ -67,6 +67,8 @@ pub(crate) struct SendCore {
     lone_inline: usize,
     /// Requests in flight of messages above the inline threshold.
     large_inflight: AtomicUsize,
+    /// Whether the last such message found none in flight.
+    last_large_alone: AtomicBool,
 }
 
 /// The sending end of a connection (from `Net::connect`).
@@ -267,6 +269,7 @@ impl SendComm {
                 link,
                 lone_inline: agreed.inline_max,
                 large_inflight: AtomicUsize::new(0),
+                last_large_alone: AtomicBool::new(true),
             }
         });
         Ok(SendComm { core })
@@ -327,13 +330,19 @@ impl SendComm {
         let n = core.base.live().max(1);
         // A lone mid-size message goes inline: one write, where chunks would
         // first wait a round trip for the receiver's Post. Behind another
-        // one it is chunked, so that a stream of them stripes. From host
-        // memory only: CUDA memory would be staged whole on this thread.
+        // one it is chunked, so that a stream of them stripes; a stream that
+        // drains for a moment stays chunked (a lone one follows a lone one:
+        // inline ones finish fast, so they would otherwise take the stream
+        // over, onto one socket with two more copies). From host memory
+        // only: CUDA memory would be staged whole on this thread.
         let large = len > cfg.inline_threshold;
+        let alone = large && core.large_inflight.load(Ordering::Acquire) == 0;
+        let follows_alone = large && core.last_large_alone.swap(alone, Ordering::AcqRel);
         let inline = !large
             || (len <= core.lone_inline
                 && mr.inner.kind() == PtrKind::Host
-                && core.large_inflight.load(Ordering::Acquire) == 0);
+                && alone
+                && follows_alone);
         let state = Arc::new(ReqState::new(1, 1).with_waker(core.base.waker.clone()));
         state.set_size(0, len as u64);
         core.ctrl.with(

@@ -5,8 +5,8 @@
 //! carries more than a slow one. Each socket reports how far the peer's
 //! TCP acknowledged its byte stream; from that the scheduler learns each
 //! NIC's delivery rate (while one of its sockets has bytes outstanding; a
-//! socket's rate is an even share of its NIC's) and which of a socket's
-//! chunks are still on the way.
+//! socket's rate is an even share of its NIC's; forgotten a second after
+//! its last sample) and which of a socket's chunks are still on the way.
 //!
 //! When a message starts, its chunks are dealt to home sockets in
 //! proportion to their rates (smooth weighted round robin, so equal

@@ -70,6 +70,9 @@ impl Outbox {
     /// Posts the backlog until a slot is missing, and drops finished sends
     /// (inline ones finish as they are posted).
     pub fn advance(&mut self, net: &Net) -> Result<()> {
+        // Finished sends first: a send is sent inline only when no larger
+        // one is outstanding (tcpx's lone messages).
+        self.reap()?;
         while let Some(it) = self.backlog.pop_front() {
             // Small items of one go leave in one system call.
             let more = !self.backlog.is_empty();
