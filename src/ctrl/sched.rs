@@ -861,21 +861,26 @@ mod tests {
             .all(|g| g.is_some_and(|(seq, _, again)| seq == 1 && !again)));
     }
 
-    #[test]
-    fn chunks_are_dealt_in_proportion_to_measured_rates() {
-        let t0 = Instant::now();
+    /// Two sockets that each took a chunk at `t0`; in 10 ms socket 0
+    /// delivered its chunk but a byte, socket 1 `acked1` of its bytes.
+    fn measured(t0: Instant, acked1: impl Fn(u64) -> u64) -> (Sched<u32>, [Sock; 2]) {
         let mut s = Sched::new(&[0, 1], None, t0);
         s.start(0, 0, 2 * 4096, 4096, true);
         let mut k = [Sock::default(); 2];
         pull(&mut s, &mut k, 0, t0);
         pull(&mut s, &mut k, 1, t0);
-        // In 10 ms socket 0 delivered its chunk (but a byte), socket 1 a
-        // tenth of it.
         k[0].acked = k[0].end - 1;
-        k[1].acked = k[1].end / 10;
+        k[1].acked = acked1(k[1].end);
         s.sample(0, 0, k[0].acked, k[0].end, t0 + 10 * MS);
         s.sample(1, 0, k[1].acked, k[1].end, t0 + 10 * MS);
         s.acked(0);
+        (s, k)
+    }
+
+    #[test]
+    fn chunks_are_dealt_in_proportion_to_measured_rates() {
+        let t0 = Instant::now();
+        let (mut s, _) = measured(t0, |end| end / 10);
         s.start(1, 1, 110 * 4096, 4096, true);
         let homes: Vec<usize> = s.msgs[0].homes.iter().map(|h| h.len()).collect();
         assert_eq!(homes, vec![100, 10]);
@@ -895,17 +900,8 @@ mod tests {
     #[test]
     fn a_nic_measured_near_zero_is_measured_again_a_second_later() {
         let t0 = Instant::now();
-        let mut s = Sched::new(&[0, 1], None, t0);
-        s.start(0, 0, 2 * 4096, 4096, true);
-        let mut k = [Sock::default(); 2];
-        pull(&mut s, &mut k, 0, t0);
-        pull(&mut s, &mut k, 1, t0);
         // Socket 1's chunk waited out a link down: one byte in 10 ms.
-        k[0].acked = k[0].end - 1;
-        k[1].acked = 1;
-        s.sample(0, 0, k[0].acked, k[0].end, t0 + 10 * MS);
-        s.sample(1, 0, k[1].acked, k[1].end, t0 + 10 * MS);
-        s.acked(0);
+        let (mut s, mut k) = measured(t0, |_| 1);
         s.start(1, 1, 66 * 4096, 4096, true);
         let homes: Vec<usize> = s.msgs[0].homes.iter().map(|h| h.len()).collect();
         assert_eq!(homes, vec![66, 0]);
