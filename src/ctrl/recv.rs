@@ -408,9 +408,12 @@ impl State {
             if msg.is_inline() {
                 self.deferred_cost += eager_cost(msg.size);
             }
-            // The sender waits to learn a chunked message's receive; the
-            // eager window waits for inline ones to be seen taken.
-            if !msg.is_inline() || self.deferred_cost >= EAGER_WINDOW / 4 {
+            // The sender waits to learn a chunked or lone message's
+            // receive; the eager window waits for inline ones to be seen taken.
+            if !msg.is_inline()
+                || msg.size > self.peer_inline
+                || self.deferred_cost >= EAGER_WINDOW / 4
+            {
                 self.flush_posts();
             }
         }

@@ -679,6 +679,18 @@ fn a_lone_message_is_done_once_written_and_accepted() {
             bufs: vec![0]
         }]
     );
+    // A small receive is told later, with others; one that refuses a lone
+    // message is told at once (its sender waits for it).
+    let mut p = Pair::new(None);
+    p.post(100, &[(10, 1)]);
+    assert_eq!(p.r.deferred(), 1);
+    p.send_as(1, 100_000, 1, true);
+    p.run();
+    assert!(
+        matches!(&p.se[..], [SendEvent::Refused { token: 1, .. }]),
+        "{:?}",
+        p.se
+    );
     // Up to the threshold an inline message is done once written.
     let mut p = Pair::new(None);
     p.send_as(1, 65_536, 1, true);
