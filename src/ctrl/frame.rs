@@ -23,9 +23,15 @@ pub(crate) enum Frame {
     Bye,
 }
 
+/// Payload an inbox has room for before it grows.
+const GROW_ABOVE: usize = 64 * 1024;
+
 /// Received control bytes not yet consumed.
 pub(crate) struct Inbox {
     buf: Vec<u8>,
+    /// Room for two of the largest frames: `buf` grows to it when a frame
+    /// needs it (most comms never see a large inline message).
+    limit: usize,
     start: usize,
     end: usize,
     /// Frame kinds this end of the stream accepts.
@@ -33,10 +39,13 @@ pub(crate) struct Inbox {
 }
 
 impl Inbox {
-    /// Room for two of the largest frames of `accepts` (`max_payload` bytes of payload at most).
+    /// Room for two of the largest frames of `accepts` (`max_payload` bytes
+    /// of payload at most), taken once a frame above 64 KiB needs it.
     pub fn new(accepts: &'static [Kind], max_payload: usize) -> Self {
+        let limit = 2 * (wire::MAX_HEADER_LEN + max_payload);
         Inbox {
-            buf: vec![0; 2 * (wire::MAX_HEADER_LEN + max_payload)],
+            buf: vec![0; limit.min(2 * (wire::MAX_HEADER_LEN + GROW_ABOVE))],
+            limit,
             start: 0,
             end: 0,
             accepts,
@@ -50,7 +59,20 @@ impl Inbox {
             self.end -= self.start;
             self.start = 0;
         }
+        if self.buf.len() < self.limit && self.front_len() > self.buf.len() / 2 {
+            self.buf.resize(self.limit, 0);
+        }
         &mut self.buf[self.end..]
+    }
+
+    /// The length of the frame at the front, once its prefix is in (0
+    /// before, and for a prefix `peek` refuses).
+    fn front_len(&self) -> usize {
+        let b = &self.buf[self.start..self.end];
+        match wire::decode_prefix(b) {
+            Ok(p) if b.len() >= PREFIX_LEN => p.kind.header_len() + p.payload_len as usize,
+            _ => 0,
+        }
     }
 
     /// `n` bytes were read into `space()`.
@@ -90,7 +112,7 @@ impl Inbox {
             )));
         }
         let total = p.kind.header_len() + p.payload_len as usize;
-        if total > self.buf.len() / 2 {
+        if total > self.limit / 2 {
             return Err(Error::Protocol(format!(
                 "{:?} frame of {total} bytes on the control socket",
                 p.kind
@@ -230,6 +252,53 @@ mod tests {
             assert_eq!(got[1], Frame::Ping(Ping { count: 4 }));
             assert_eq!(ib.held(), 0);
         }
+    }
+
+    #[test]
+    fn the_inbox_grows_for_a_large_frame_and_no_further() {
+        let mut ib = Inbox::new(KINDS, 256 << 10);
+        let small = ib.buf.len();
+        assert!(small < 2 * (256 << 10), "{small}");
+        let msg = Msg {
+            seq: 0,
+            size: 200_000,
+            tag: 1,
+            chunk_size: 0,
+            flags: wire::MSG_INLINE,
+        };
+        let mut stream = msg.encode().to_vec();
+        stream.extend((0..200_000u32).map(|i| i as u8));
+        let mut rest = &stream[..];
+        let mut reads = 0;
+        while ib.peek().unwrap().is_none() {
+            // Reads of at most 1000 bytes, as a slow socket gives them.
+            let n = ib.push(&rest[..rest.len().min(1000)]);
+            assert!(n > 0, "room for the whole frame");
+            rest = &rest[n..];
+            reads += 1;
+        }
+        let (f, n) = ib.peek().unwrap().unwrap();
+        let Frame::Msg { payload, .. } = f else {
+            panic!("{f:?}")
+        };
+        assert!(ib
+            .bytes(payload)
+            .iter()
+            .enumerate()
+            .all(|(i, &b)| b == i as u8));
+        assert!(reads >= 200);
+        assert_eq!(ib.buf.len(), ib.limit);
+        ib.consume(n);
+        // Past the limit: refused as before.
+        let huge = Msg {
+            seq: 1,
+            size: 300_000,
+            tag: 1,
+            chunk_size: 0,
+            flags: wire::MSG_INLINE,
+        };
+        ib.push(&huge.encode());
+        assert!(matches!(ib.peek(), Err(Error::Protocol(_))));
     }
 
     #[test]
