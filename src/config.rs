@@ -108,9 +108,11 @@ pub struct Config {
     pub cuda_chunk_size: usize,
     /// Messages up to this size travel inline on the control socket (lowest latency).
     pub inline_threshold: usize,
-    /// A message up to this size also travels inline when its comm has no
-    /// other request in flight: a lone mid-size message then costs one
-    /// write, not a receive's round trip before its chunks may leave. As
+    /// A message from host memory up to this size also travels inline when
+    /// it is lone: no other message of its comm above `inline_threshold` is
+    /// in flight, nor was when the previous one was posted (docs/PROTOCOL.md,
+    /// **Msg**). It then costs one write, not a receive's round trip before
+    /// its chunks may leave. As
     /// the receiving end, the largest inline message a comm accepts
     /// (announced in Welcome); a comm uses the smaller of both ends'
     /// (`TCPX_INLINE_IDLE_MAX`; at or below `inline_threshold`: off).

@@ -62,7 +62,7 @@ pub(crate) struct Agreed {
     /// The sender's inline threshold (what the receiver must expect).
     pub inline_threshold: usize,
     /// The largest inline message of the comm: the receiver accepts it,
-    /// the sender sends it when nothing else is in flight.
+    /// the sender sends a lone message up to it inline.
     pub inline_max: usize,
 }
 
