@@ -108,7 +108,8 @@ pub struct Config {
     pub cuda_chunk_size: usize,
     /// Messages up to this size travel inline on the control socket (lowest latency).
     pub inline_threshold: usize,
-    /// A message from host memory up to this size also travels inline when
+    /// A message up to this size (host memory, or CUDA memory no NIC sends
+    /// by devmem TX) also travels inline when
     /// it is lone: no other message of its comm above `inline_threshold` is
     /// in flight, nor was when the previous one was posted (docs/PROTOCOL.md,
     /// **Msg**). It then costs one write, not a receive's round trip before

@@ -205,6 +205,11 @@ impl Region {
         self.devmem_tx.get(nic).and_then(Option::as_ref)
     }
 
+    /// Some NIC sends the region by devmem TX (from its DMA-BUF).
+    pub(crate) fn any_devmem_tx(&self) -> bool {
+        self.devmem_tx.iter().any(Option::is_some)
+    }
+
     /// Every NIC sends the region by devmem TX: it is never staged.
     fn devmem_tx_only(&self) -> bool {
         !self.devmem_tx.is_empty() && self.devmem_tx.iter().all(Option::is_some)

@@ -333,16 +333,15 @@ impl SendComm {
         // one it is chunked, so that a stream of them stripes; a stream that
         // drains for a moment stays chunked (a lone one follows a lone one:
         // inline ones finish fast, so they would otherwise take the stream
-        // over, onto one socket with two more copies). From host memory
-        // only: CUDA memory would be staged whole on this thread.
+        // over, onto one socket with two more copies). CUDA memory is then
+        // staged whole on this thread (256 KiB one at a time GPU to GPU: 0.50x
+        // host TCP chunked, 1.00-1.10x inline); memory that a NIC sends by
+        // devmem TX stays on the data sockets, sent from its DMA-BUF.
         let large = len > cfg.inline_threshold;
         let alone = large && core.large_inflight.load(Ordering::Acquire) == 0;
         let follows_alone = large && core.last_large_alone.swap(alone, Ordering::AcqRel);
         let inline = !large
-            || (len <= core.lone_inline
-                && mr.inner.kind() == PtrKind::Host
-                && alone
-                && follows_alone);
+            || (len <= core.lone_inline && !mr.inner.any_devmem_tx() && alone && follows_alone);
         let state = Arc::new(ReqState::new(1, 1).with_waker(core.base.waker.clone()));
         state.set_size(0, len as u64);
         core.ctrl.with(
