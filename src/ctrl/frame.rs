@@ -69,10 +69,12 @@ impl Inbox {
     /// before, and for a prefix `peek` refuses).
     fn front_len(&self) -> usize {
         let b = &self.buf[self.start..self.end];
-        match wire::decode_prefix(b) {
-            Ok(p) if b.len() >= PREFIX_LEN => p.kind.header_len() + p.payload_len as usize,
-            _ => 0,
+        // Checked first: a short prefix's decode error is a formatted
+        // string, and an empty inbox is what most reads start from.
+        if b.len() < PREFIX_LEN {
+            return 0;
         }
+        wire::decode_prefix(b).map_or(0, |p| p.kind.header_len() + p.payload_len as usize)
     }
 
     /// `n` bytes were read into `space()`.
