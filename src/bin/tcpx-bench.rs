@@ -7,6 +7,7 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -118,6 +119,11 @@ enum Mode {
         /// connection carries the ACK on the reply.
         #[arg(long)]
         socket_per_direction: bool,
+        /// Spinning reads peek, and the bytes are dropped at the next read
+        /// (as tcpx reads its control sockets): the bare ACK a draining
+        /// read sends then leaves after the reply.
+        #[arg(long, requires = "spin")]
+        peek: bool,
     },
 }
 
@@ -631,14 +637,55 @@ fn read_full(s: &mut TcpStream, b: &mut [u8], spin: bool) -> std::io::Result<()>
     Ok(())
 }
 
+/// A spinning reader that peeks a whole message and drops it from the
+/// socket only at its next read.
+struct PeekReader {
+    owed: usize,
+}
+
+impl PeekReader {
+    fn read_full(&mut self, s: &TcpStream, b: &mut [u8]) -> std::io::Result<()> {
+        use nix::sys::socket::{recv, MsgFlags};
+        let fd = s.as_raw_fd();
+        while self.owed > 0 {
+            let len = self.owed.min(b.len());
+            let n = recv(fd, &mut b[..len], MsgFlags::MSG_TRUNC)?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            self.owed -= n.min(self.owed);
+        }
+        loop {
+            match recv(fd, b, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT) {
+                Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) if n == b.len() => {
+                    self.owed = n;
+                    return Ok(());
+                }
+                Ok(_) | Err(nix::errno::Errno::EAGAIN) => std::hint::spin_loop(),
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
 fn tcp_pingpong(
     size: usize,
     iters: usize,
     spin: bool,
     per_direction: bool,
+    peek: bool,
     json: bool,
 ) -> BoxResult<()> {
     let l = TcpListener::bind("127.0.0.1:0")?;
+    // Blocking reads are the plain path; peeking needs spinning reads.
+    let read = move |r: &mut PeekReader, s: &mut TcpStream, b: &mut [u8]| {
+        if peek {
+            r.read_full(s, b)
+        } else {
+            read_full(s, b, spin)
+        }
+    };
     // (pinger's out, echo's in) and (echo's out, pinger's in).
     let (mut ping_out, mut echo_in) = loopback_pair(&l, spin)?;
     let (mut echo_out, mut ping_in) = if per_direction {
@@ -648,18 +695,20 @@ fn tcp_pingpong(
     };
     let echo = std::thread::spawn(move || -> std::io::Result<()> {
         let mut b = vec![0u8; size];
+        let mut r = PeekReader { owed: 0 };
         for _ in 0..iters {
-            read_full(&mut echo_in, &mut b, spin)?;
+            read(&mut r, &mut echo_in, &mut b)?;
             echo_out.write_all(&b)?;
         }
         Ok(())
     });
     let mut b = vec![1u8; size];
     let mut lat = Vec::with_capacity(iters);
+    let mut r = PeekReader { owed: 0 };
     for _ in 0..iters {
         let t = Instant::now();
         ping_out.write_all(&b)?;
-        read_full(&mut ping_in, &mut b, spin)?;
+        read(&mut r, &mut ping_in, &mut b)?;
         lat.push(t.elapsed().as_secs_f64() * 1e6 / 2.0);
     }
     echo.join().map_err(|_| "echo thread panicked")??;
@@ -669,10 +718,14 @@ fn tcp_pingpong(
         println!(
             "{}",
             serde_json::json!({"size": size, "iters": iters, "spin": spin,
-                "socket_per_direction": per_direction, "p50_us": p50, "p99_us": p99})
+                "socket_per_direction": per_direction, "peek": peek, "p50_us": p50, "p99_us": p99})
         );
     } else {
-        let how = if spin { "spinning" } else { "blocking" };
+        let how = match (spin, peek) {
+            (true, true) => "spinning, peeking",
+            (true, false) => "spinning",
+            _ => "blocking",
+        };
         let conns = if per_direction {
             "a connection per direction"
         } else {
@@ -850,7 +903,8 @@ fn main() -> BoxResult<()> {
             iters,
             spin,
             socket_per_direction,
-        }) => tcp_pingpong(*size, *iters, *spin, *socket_per_direction, cli.json),
+            peek,
+        }) => tcp_pingpong(*size, *iters, *spin, *socket_per_direction, *peek, cli.json),
         Some(Mode::Server {
             bind,
             setup_timeout_ms,

@@ -11,8 +11,7 @@ use flowsteer::RuleHandle;
 use super::redial::Offers;
 use super::request::{Owner, Request, Waiter};
 use super::{
-    check_range, close_ctrl, lock, read_ctrl, write_ctrl, Agreed, CommBase, Ctrl, CtrlRead,
-    Mailbox, PEER_END_GRACE,
+    check_range, lock, Agreed, CommBase, Ctrl, CtrlRead, CtrlSocket, Mailbox, PEER_END_GRACE,
 };
 use crate::config::MAX_RECVS;
 use crate::ctrl::{OwnMap, Params, RecvEvent, RecvSide, Token};
@@ -48,7 +47,7 @@ struct Group {
 }
 
 pub(crate) struct RecvCtrl {
-    stream: TcpStream,
+    stream: CtrlSocket,
     side: RecvSide,
     groups: OwnMap<Group>,
     next_token: Token,
@@ -225,7 +224,7 @@ impl RecvComm {
             RecvCore {
                 base: CommBase::new(net.clone(), data, &as_link, true, watch, &ctrl),
                 ctrl: Ctrl::new(RecvCtrl {
-                    stream: ctrl,
+                    stream: CtrlSocket::new(ctrl),
                     side: RecvSide::new(params, Instant::now()),
                     groups: OwnMap::default(),
                     next_token: 0,
@@ -353,7 +352,7 @@ impl Drop for RecvComm {
                 let _ = core.link.failure.set(Error::Closed);
                 c.side.fail(Error::Closed);
                 core.progress(c, false);
-                close_ctrl(&c.stream, CLOSE_PATIENCE);
+                c.stream.close(CLOSE_PATIENCE);
             },
             |_| {},
         );
@@ -401,7 +400,7 @@ impl RecvCore {
         }
         let mut retired = Vec::new();
         while read && side.broken().is_none() {
-            let CtrlRead { n, more } = match read_ctrl(stream, side.inbox_space()) {
+            let CtrlRead { n, more } = match stream.read(side.inbox_space()) {
                 Ok(Some(r)) => r,
                 Ok(None) => break,
                 Err(e) => {
@@ -479,7 +478,7 @@ impl RecvCore {
         }
         side.poll(now, tick);
         while side.broken().is_none() && !side.output().is_empty() {
-            match write_ctrl(stream, side.output()) {
+            match stream.write(side.output()) {
                 Ok(0) => break,
                 Ok(n) => side.wrote(n, now),
                 Err(e) => side.fail(e),
@@ -501,10 +500,12 @@ impl RecvCore {
                 self.base.kick_slots(&waiters);
             }
         }
-        self.base.arm(
-            link.waiting.load(Ordering::SeqCst) || draining.is_some() || !c.losses.is_empty(),
-            !c.side.output().is_empty(),
-        );
+        let expect =
+            link.waiting.load(Ordering::SeqCst) || draining.is_some() || !c.losses.is_empty();
+        if expect {
+            c.stream.settle();
+        }
+        self.base.arm(expect, !c.side.output().is_empty());
         let judge = c.losses.iter().map(|l| l.2).min();
         let due = [c.side.due(now), c.offers.due(now), draining, judge]
             .into_iter()

@@ -8,10 +8,7 @@ use std::time::{Duration, Instant};
 
 use super::redial::Dials;
 use super::request::{Owner, Request};
-use super::{
-    bytes, check_range, close_ctrl, lock, read_ctrl, write_ctrl, Agreed, CommBase, Ctrl,
-    PEER_END_GRACE,
-};
+use super::{bytes, check_range, lock, Agreed, CommBase, Ctrl, CtrlSocket, PEER_END_GRACE};
 use crate::ctrl::sched::{Retired, Sched, Why};
 use crate::ctrl::{OwnMap, Params, SendEvent, SendSide, Token};
 use crate::engine::{CommLink, Poke, SockId, TxChunk, TxMsg};
@@ -46,7 +43,7 @@ struct Pending {
 }
 
 pub(crate) struct SendCtrl {
-    stream: TcpStream,
+    stream: CtrlSocket,
     side: SendSide,
     /// Requests whose protocol piece (write, refusal or acknowledgement) is open.
     reqs: OwnMap<Pending>,
@@ -258,7 +255,7 @@ impl SendComm {
             SendCore {
                 base: CommBase::new(net.clone(), data, &as_link, false, watch, &ctrl),
                 ctrl: Ctrl::new(SendCtrl {
-                    stream: ctrl,
+                    stream: CtrlSocket::new(ctrl),
                     side: SendSide::new(params, now),
                     reqs: OwnMap::default(),
                     next_token: 0,
@@ -433,7 +430,7 @@ impl Drop for SendComm {
                 core.progress(c, false);
                 c.side.fail(Error::Closed);
                 core.progress(c, false);
-                close_ctrl(&c.stream, CLOSE_PATIENCE);
+                c.stream.close(CLOSE_PATIENCE);
             },
             |_| {},
         );
@@ -473,7 +470,7 @@ impl SendCore {
         loop {
             if read && c.side.broken().is_none() {
                 loop {
-                    match read_ctrl(&c.stream, c.side.inbox_space()) {
+                    match c.stream.read(c.side.inbox_space()) {
                         Ok(Some(r)) => {
                             c.side.received(r.n, now, &mut |e| events.push(e));
                             if !r.more {
@@ -494,7 +491,7 @@ impl SendCore {
             }
             gone = gone.or_else(|| self.retirements(c, now));
             while c.side.broken().is_none() && !c.side.output().is_empty() {
-                match write_ctrl(&c.stream, c.side.output()) {
+                match c.stream.write(c.side.output()) {
                     Ok(0) => break,
                     Ok(n) => c.side.wrote(n, now, &mut |e| events.push(e)),
                     Err(e) => c.side.fail(e),
@@ -530,6 +527,9 @@ impl SendCore {
         // peer closed waits for what the control socket says.
         let expect =
             c.side.awaits_peer() || self.base.live() < self.base.n_data() || !c.retired.is_empty();
+        if expect {
+            c.stream.settle();
+        }
         self.base.arm(expect, !c.side.output().is_empty());
         let due = if c.dials.pending() {
             Some(now)
