@@ -510,7 +510,7 @@ impl RecvCore {
         let expect =
             link.waiting.load(Ordering::SeqCst) || draining.is_some() || !c.losses.is_empty();
         if expect {
-            c.stream.settle();
+            c.stream.settle(c.side.inbox_space());
         }
         self.base.arm(expect, !c.side.output().is_empty());
         let judge = c.losses.iter().map(|l| l.2).min();

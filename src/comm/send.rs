@@ -528,7 +528,7 @@ impl SendCore {
         let expect =
             c.side.awaits_peer() || self.base.live() < self.base.n_data() || !c.retired.is_empty();
         if expect {
-            c.stream.settle();
+            c.stream.settle(c.side.inbox_space());
         }
         self.base.arm(expect, !c.side.output().is_empty());
         let due = if c.dials.pending() {
