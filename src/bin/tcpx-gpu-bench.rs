@@ -2,7 +2,8 @@
 //! host memory, the bounce path GPU->GPU (same loopback; in one process,
 //! and between two processes), the unpack kernel against a
 //! device-to-device copy of the same bytes, and batched copies (the NIXL
-//! plugin's pack gather) by each method. Exits 0 with a note when no GPU
+//! plugin's pack gather) by each method. `tcpx-gpu-bench mid` runs only the
+//! one-at-a-time rows and the copy costs. Exits 0 with a note when no GPU
 //! is present.
 
 use std::io::{BufRead, BufReader, Write};
@@ -68,7 +69,13 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let want = pattern(MSG);
     gs.write(0, &want)?;
     // Host messages use the default chunk; CUDA ones `cuda_chunk_size`.
-    for (workers, chunk) in [(1, 2 << 20), (2, 512 << 10), (2, 1 << 20), (2, 2 << 20)] {
+    // `tcpx-gpu-bench mid`: only the one-at-a-time rows and the copy costs.
+    let streaming = if std::env::args().nth(1).as_deref() == Some("mid") {
+        &[][..]
+    } else {
+        &[(1, 2 << 20), (2, 512 << 10), (2, 1 << 20), (2, 2 << 20)][..]
+    };
+    for &(workers, chunk) in streaming {
         let mut cfg = Config::loopback(&["127.0.0.1", "127.0.0.2"])?;
         cfg.workers_per_nic = workers;
         cfg.cuda_chunk_size = chunk;
@@ -114,29 +121,51 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
 
-    two_processes(&gs, &want)?;
+    if !streaming.is_empty() {
+        two_processes(&gs, &want)?;
+    }
 
     // Mid-size messages one at a time (latency-bound, as small NIXL
-    // transfers are), default config.
-    {
-        let cfg = Config::loopback(&["127.0.0.1", "127.0.0.2"])?;
+    // transfers are), default config; in `mid` mode also with CUDA chunks
+    // of 256 KiB (several per socket, so less copying left at either end).
+    let chunks: &[usize] = if streaming.is_empty() {
+        &[0, 256 << 10]
+    } else {
+        &[0]
+    };
+    for &cuda_chunk in chunks {
+        let mut cfg = Config::loopback(&["127.0.0.1", "127.0.0.2"])?;
+        let tag = if cuda_chunk == 0 {
+            String::new()
+        } else {
+            cfg.cuda_chunk_size = cuda_chunk;
+            format!("_cudachunk{}K", cuda_chunk >> 10)
+        };
         let l = Loopback::new(cfg, &gs, &gd, &want)?;
         let (send, recv, hs, hd, ms, md) = (&l.send, &l.recv, &l.hs, &l.hd, &l.ms, &l.md);
         for len in [256 << 10, 512 << 10, 1 << 20, 2 << 20, 4 << 20] {
-            let mut ratios = Vec::new();
+            // Per round, against host TCP: GPU both sides, then one side only.
+            let (mut ratios, mut tx_only, mut rx_only) = (Vec::new(), Vec::new(), Vec::new());
             let (mut host, mut bounce) = (0f64, 0f64);
             for _ in 0..ROUNDS {
                 let h = transfer(send, recv, hs, hd, len, 64)?;
                 let g = transfer(send, recv, ms, md, len, 64)?;
+                tx_only.push(transfer(send, recv, ms, hd, len, 64)? / h);
+                rx_only.push(transfer(send, recv, hs, md, len, 64)? / h);
                 ratios.push(g / h);
                 host = host.max(h);
                 bounce = bounce.max(g);
             }
-            ratios.sort_by(f64::total_cmp);
+            let median = |v: &mut Vec<f64>| {
+                v.sort_by(f64::total_cmp);
+                v[v.len() / 2]
+            };
             println!(
-                "ROW bounce_gpu_to_gpu_{}KiBx64_one_at_a_time | {bounce:.2} GB/s (host TCP {host:.2}; per round median {:.2}x)",
+                "ROW bounce_gpu_to_gpu_{}KiBx64_one_at_a_time{tag} | {bounce:.2} GB/s (host TCP {host:.2}; per round median {:.2}x; GPU sender only {:.2}x, GPU receiver only {:.2}x)",
                 len >> 10,
-                ratios[ratios.len() / 2]
+                median(&mut ratios),
+                median(&mut tx_only),
+                median(&mut rx_only)
             );
         }
     }
@@ -144,33 +173,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     // Where the bounce path's time goes: one small copy + event round trip
     // (its per-chunk CUDA cost), and host TCP between pinned buffers (the
     // CPU's cost of touching staging memory).
-    let ev = devmem::cuda::mem::Event::new(ctx)?;
-    let staging = PinnedBuffer::alloc(ctx, 2 << 20)?;
-    for len in [4096, 512 << 10, 2 << 20] {
-        // As the bounce path waits: Event::wait (spins, then naps).
-        let calls = if len == 4096 { 2000 } else { 200 };
-        let (mut d2h, mut h2d) = (Duration::ZERO, Duration::ZERO);
-        for _ in 0..calls {
-            let t = Instant::now();
-            // SAFETY: `len` pinned and device bytes; waited for before the next.
-            unsafe { stream.dtoh(staging.as_ptr(), dev.ptr(), len)? };
-            ev.record(&stream)?;
-            ev.wait("bench copy", T)?;
-            d2h += t.elapsed();
-            let t = Instant::now();
-            // SAFETY: as above.
-            unsafe { stream.htod(dev.ptr(), staging.as_ptr(), len)? };
-            ev.record(&stream)?;
-            ev.wait("bench copy", T)?;
-            h2d += t.elapsed();
-        }
-        println!(
-            "ROW cuda_copy_event_roundtrip_{}KiB | D2H {:.1} us, H2D {:.1} us per copy+record+wait",
-            len >> 10,
-            d2h.as_secs_f64() * 1e6 / calls as f64,
-            h2d.as_secs_f64() * 1e6 / calls as f64
-        );
-    }
+    copy_roundtrips(ctx, &stream, &dev)?;
     {
         let cfg = Config::loopback(&["127.0.0.1", "127.0.0.2"])?;
         let workers = cfg.workers_per_nic;
@@ -594,4 +597,72 @@ fn transfer(
         rx.wait(T)?;
     }
     Ok(gbps(len * n, t.elapsed().as_secs_f64()))
+}
+
+/// One copy plus its event, recorded and waited for as the bounce path
+/// does (spins, then naps): alone, and with three more threads doing the
+/// same at once on their own streams, as the workers of four data sockets
+/// do (the copy engine serves them one after another).
+fn copy_roundtrips(
+    ctx: &'static Context,
+    stream: &Stream,
+    dev: &DeviceBuffer,
+) -> Result<(), Box<dyn std::error::Error>> {
+    use devmem::cuda::mem::Event;
+    // µs per D2H and per H2D copy+record+wait of `len` bytes at `off` of `dev`.
+    let roundtrip = |stream: &Stream, len: usize, off: u64, calls: usize| {
+        let ev = Event::new(ctx)?;
+        let staging = PinnedBuffer::alloc(ctx, len)?;
+        let (mut d2h, mut h2d, mut submit) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
+        for _ in 0..calls {
+            let t = Instant::now();
+            // SAFETY: `len` pinned and device bytes; waited for before the next.
+            unsafe { stream.dtoh(staging.as_ptr(), dev.ptr() + off, len)? };
+            ev.record(stream)?;
+            submit += t.elapsed();
+            ev.wait("bench copy", T)?;
+            d2h += t.elapsed();
+            let t = Instant::now();
+            // SAFETY: as above.
+            unsafe { stream.htod(dev.ptr() + off, staging.as_ptr(), len)? };
+            ev.record(stream)?;
+            ev.wait("bench copy", T)?;
+            h2d += t.elapsed();
+        }
+        let us = |d: Duration| d.as_secs_f64() * 1e6 / calls as f64;
+        Ok::<_, devmem::cuda::CudaError>((us(d2h), us(h2d), us(submit)))
+    };
+    for len in [4096, 512 << 10, 2 << 20] {
+        let calls = if len == 4096 { 2000 } else { 200 };
+        let (d2h, h2d, submit) = roundtrip(stream, len, 0, calls)?;
+        println!(
+            "ROW cuda_copy_event_roundtrip_{}KiB | D2H {d2h:.1} us, H2D {h2d:.1} us per copy+record+wait (D2H copy+record calls {submit:.1} us)",
+            len >> 10
+        );
+    }
+    let len = 512 << 10;
+    let per_thread = std::thread::scope(|sc| {
+        let hs: Vec<_> = (0..4u64)
+            .map(|i| {
+                sc.spawn(move || {
+                    let s = Stream::new(ctx)?;
+                    roundtrip(&s, len, i * (4 << 20), 200)
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| h.join().map_err(|_| "copy thread panicked".to_string()))
+            .collect::<Result<Vec<_>, _>>()
+    })?;
+    let (mut d2h, mut h2d, mut submit) = (0f64, 0f64, 0f64);
+    for r in per_thread {
+        let (d, h, c) = r?;
+        d2h = d2h.max(d);
+        h2d = h2d.max(h);
+        submit = submit.max(c);
+    }
+    println!(
+        "ROW cuda_copy_event_roundtrip_512KiB_4_threads | D2H {d2h:.1} us, H2D {h2d:.1} us per copy+record+wait, slowest thread (D2H copy+record calls {submit:.1} us)"
+    );
+    Ok(())
 }
