@@ -63,7 +63,9 @@ pub enum ZeroCopy {
     Off,
     /// Always (even where the kernel reports it copied: loopback, tests).
     On,
-    /// On, until the kernel reports that it copied anyway; then plain sends on that socket.
+    /// Off to a peer on this host (the kernel always copies there); elsewhere
+    /// on, until the kernel reports that it copied anyway, then plain sends
+    /// on that socket.
     Auto,
 }
 

@@ -10,7 +10,7 @@ mod common;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::lab::{self, Lab};
+use common::lab::{self, over, Lab};
 use common::{child, pattern};
 use tcpx::{
     Config, EngineKind, Error, Handle, HostMemory, MemoryRegion, Net, RecvBuf, RecvComm, SendComm,
@@ -18,33 +18,6 @@ use tcpx::{
 };
 
 const T: Duration = Duration::from_secs(30);
-
-/// Runs `recv` on a receiver in the lab's receiving namespace and `send`
-/// on a sender in the sending one (this thread), over one comm.
-fn over<R: Send + 'static>(
-    lab: &Lab,
-    rx: Config,
-    tx: Config,
-    recv: impl FnOnce(&Net, RecvComm) -> R + Send + 'static,
-    send: impl FnOnce(&Net, SendComm),
-) -> R {
-    let (htx, hrx) = mpsc::channel();
-    let ns = lab.rx.clone();
-    let receiver = std::thread::spawn(move || {
-        Lab::enter(&ns);
-        let net = Net::init(rx).unwrap();
-        let (h, mut l) = net.listen(0).unwrap();
-        htx.send(h.to_bytes()).unwrap();
-        let comm = l.accept_wait(T).unwrap();
-        recv(&net, comm)
-    });
-    Lab::enter(&lab.tx);
-    let net = Net::init(tx).unwrap();
-    let mut h = Handle::from_bytes(&hrx.recv().unwrap()).unwrap();
-    let comm = net.connect_wait(0, &mut h, T).unwrap();
-    send(&net, comm);
-    receiver.join().unwrap()
-}
 
 fn filled(net: &Net, n: usize, seed: u64) -> MemoryRegion {
     let mut m = HostMemory::zeroed(n).unwrap();

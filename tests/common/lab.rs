@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
-use tcpx::{Config, NicSpec};
+use tcpx::{Config, Handle, Net, NicSpec, RecvComm, SendComm};
 
 pub struct Lab {
     pub rx: String,
@@ -195,4 +195,32 @@ impl Drop for Lab {
         let _ = ip(&["netns", "del", &self.rx]);
         let _ = ip(&["netns", "del", &self.tx]);
     }
+}
+
+/// Runs `recv` on a receiver in the lab's receiving namespace and `send`
+/// on a sender in the sending one (this thread), over one comm.
+pub fn over<R: Send + 'static>(
+    lab: &Lab,
+    rx: Config,
+    tx: Config,
+    recv: impl FnOnce(&Net, RecvComm) -> R + Send + 'static,
+    send: impl FnOnce(&Net, SendComm),
+) -> R {
+    const T: Duration = Duration::from_secs(30);
+    let (htx, hrx) = std::sync::mpsc::channel();
+    let ns = lab.rx.clone();
+    let receiver = std::thread::spawn(move || {
+        Lab::enter(&ns);
+        let net = Net::init(rx).unwrap();
+        let (h, mut l) = net.listen(0).unwrap();
+        htx.send(h.to_bytes()).unwrap();
+        let comm = l.accept_wait(T).unwrap();
+        recv(&net, comm)
+    });
+    Lab::enter(&lab.tx);
+    let net = Net::init(tx).unwrap();
+    let mut h = Handle::from_bytes(&hrx.recv().unwrap()).unwrap();
+    let comm = net.connect_wait(0, &mut h, T).unwrap();
+    send(&net, comm);
+    receiver.join().unwrap()
 }
