@@ -70,7 +70,8 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     gs.write(0, &want)?;
     // Host messages use the default chunk; CUDA ones `cuda_chunk_size`.
     // `tcpx-gpu-bench mid`: only the one-at-a-time rows and the copy costs.
-    let streaming = if std::env::args().nth(1).as_deref() == Some("mid") {
+    let mid = std::env::args().nth(1).as_deref() == Some("mid");
+    let streaming = if mid {
         &[][..]
     } else {
         &[(1, 2 << 20), (2, 512 << 10), (2, 1 << 20), (2, 2 << 20)][..]
@@ -121,18 +122,14 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
 
-    if !streaming.is_empty() {
+    if !mid {
         two_processes(&gs, &want)?;
     }
 
     // Mid-size messages one at a time (latency-bound, as small NIXL
     // transfers are), default config; in `mid` mode also with CUDA chunks
     // of 256 KiB (several per socket, so less copying left at either end).
-    let chunks: &[usize] = if streaming.is_empty() {
-        &[0, 256 << 10]
-    } else {
-        &[0]
-    };
+    let chunks: &[usize] = if mid { &[0, 256 << 10] } else { &[0] };
     for &cuda_chunk in chunks {
         let mut cfg = Config::loopback(&["127.0.0.1", "127.0.0.2"])?;
         let tag = if cuda_chunk == 0 {

@@ -115,16 +115,17 @@ impl Sock {
         id: SockId,
         sock_counters: Arc<SockCounters>,
     ) -> Self {
-        let enabled = match mode.zerocopy {
-            ZeroCopy::Off => false,
-            // The kernel copies every zero-copy send to a socket on this
-            // host (msg_zerocopy.rst), so `auto` does not try there: one
-            // copied send per socket left BBR pacing a whole loopback run
-            // slower (1 MiB one way 226-319 µs p50 against 134-219 with
-            // none sent; PERFORMANCE.md).
-            ZeroCopy::Auto if to_this_host(&stream) => false,
-            _ => !receives && enable_zerocopy(&stream),
-        };
+        let enabled = !receives
+            && match mode.zerocopy {
+                ZeroCopy::Off => false,
+                // The kernel copies every zero-copy send to a socket on this
+                // host (msg_zerocopy.rst), so `auto` does not try there: one
+                // copied send per socket left BBR pacing a whole loopback run
+                // slower (1 MiB one way 226-319 µs p50 against 134-219 with
+                // none sent; PERFORMANCE.md).
+                ZeroCopy::Auto if to_this_host(&stream) => false,
+                _ => enable_zerocopy(&stream),
+            };
         let devmem = match receives
             .then_some(mode.devmem)
             .flatten()
