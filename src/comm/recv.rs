@@ -373,6 +373,14 @@ impl RecvCore {
         self.ctrl.nudge(|c| self.progress(c, false));
     }
 
+    /// Drops what the control socket showed already (before a sleep on it).
+    pub(super) fn settle(&self) {
+        self.ctrl.with(
+            |c| c.stream.settle(c.side.inbox_space()),
+            |c| self.progress(c, false),
+        );
+    }
+
     pub(super) fn drive(&self) {
         self.ctrl
             .with(|c| self.progress(c, false), |c| self.progress(c, false));

@@ -41,6 +41,16 @@ impl Owner {
         }
     }
 
+    /// Drops what the control socket showed already, so that a sleeper
+    /// on it wakes only for new bytes.
+    fn settle(&self) {
+        match self {
+            Owner::Send { core, .. } => core.settle(),
+            Owner::Recv(c) => c.settle(),
+            Owner::None => {}
+        }
+    }
+
     /// The control socket and eventfd a sleeper polls.
     fn sleep_on(&self) -> Option<(Option<i32>, &Arc<FdWaker>)> {
         match self {
@@ -191,6 +201,7 @@ fn sleep(owner: &Owner, state: &ReqState, seen: u64, deadline: Instant) {
     let Some((ctrl, waker)) = owner.sleep_on() else {
         return;
     };
+    owner.settle();
     let efd = waker.sleep();
     let mut woken = false;
     if state.generation() == seen && !state.is_done() {

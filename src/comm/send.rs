@@ -452,6 +452,14 @@ impl SendCore {
     }
 
     /// Drives the protocol (`read`: also take in what the receiver sent).
+    /// Drops what the control socket showed already (before a sleep on it).
+    pub(super) fn settle(&self) {
+        self.ctrl.with(
+            |c| c.stream.settle(c.side.inbox_space()),
+            |c| self.progress(c, true),
+        );
+    }
+
     pub(super) fn drive(&self, read: bool) {
         self.ctrl
             .with(|c| self.progress(c, read), |c| self.progress(c, true));
