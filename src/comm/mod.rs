@@ -460,9 +460,9 @@ struct CtrlRead {
 /// the `recv` that drops the bytes, and on the peer's socket. Dropped at
 /// the next read, the ACK leaves after the answer, but it meets the peer's
 /// next send on that socket's lock whenever the answer takes a few hundred
-/// nanoseconds of work. Where the kernel keeps a peek offset (SO_PEEK_OFF;
-/// TCP has it since Linux 6.9) they are dropped a few reads at a time, so
-/// most messages meet no ACK: 64 B one way 2.9-3.1 µs against 3.4 at the
+/// nanoseconds of work. On a receive comm's socket, where the kernel keeps
+/// a peek offset (SO_PEEK_OFF; TCP has it since Linux 6.9), they are
+/// dropped a few reads at a time, so most messages meet no ACK: 64 B one way 2.9-3.1 µs against 3.4 at the
 /// next read, raw TCP on one connection 2.7 (PERFORMANCE.md). Elsewhere a
 /// peek would return the owed bytes again: they go at the next read. Owed
 /// bytes go before anyone sleeps on the socket (`settle`), which reads
@@ -486,8 +486,11 @@ const DROP_AT: usize = 512;
 const DROP_READS: usize = 4;
 
 impl CtrlSocket {
-    pub(crate) fn new(stream: TcpStream) -> Self {
-        let offset = peek_offset(&stream);
+    /// `batch`: drop in batches where the kernel can (a receive comm's
+    /// socket, which small messages arrive on; a send comm reads posts
+    /// and acknowledgements, and drops at the next read).
+    pub(crate) fn new(stream: TcpStream, batch: bool) -> Self {
+        let offset = batch && peek_offset(&stream);
         Self::reading(stream, offset)
     }
 

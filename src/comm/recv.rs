@@ -231,7 +231,7 @@ impl RecvComm {
             RecvCore {
                 base: CommBase::new(net.clone(), data, &as_link, true, watch, &ctrl),
                 ctrl: Ctrl::new(RecvCtrl {
-                    stream: CtrlSocket::new(ctrl),
+                    stream: CtrlSocket::new(ctrl, true),
                     side: RecvSide::new(params, Instant::now()),
                     groups: OwnMap::default(),
                     next_token: 0,

@@ -255,7 +255,7 @@ impl SendComm {
             SendCore {
                 base: CommBase::new(net.clone(), data, &as_link, false, watch, &ctrl),
                 ctrl: Ctrl::new(SendCtrl {
-                    stream: CtrlSocket::new(ctrl),
+                    stream: CtrlSocket::new(ctrl, false),
                     side: SendSide::new(params, now),
                     reqs: OwnMap::default(),
                     next_token: 0,
