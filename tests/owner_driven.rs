@@ -135,3 +135,68 @@ fn isend_more_batches_small_sends_and_a_test_sends_them() {
     drop(recvs);
     assert!(dst.bytes().unwrap() == &expect[..], "bytes differ");
 }
+
+/// CPU time of the calling thread.
+fn thread_cpu() -> Duration {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid clock id and out pointer.
+    assert_eq!(
+        unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) },
+        0
+    );
+    Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
+}
+
+/// A receive comm keeps the last few small messages it read in its
+/// control socket (their ACK leaves later), and the socket reads ready
+/// while they are there: a wait that outlasts its spin must drop them
+/// before it sleeps, or it polls a ready socket until its deadline. So
+/// after three small messages, a 400 ms wait for a fourth that never
+/// comes, and the same in `wait_progress`, sleep.
+#[test]
+fn long_waits_sleep_after_small_messages() {
+    let net = Net::init(Config::loopback(&["127.0.0.1", "127.0.0.2"]).unwrap()).unwrap();
+    let (send, recv) = pair(&net, &net);
+    let src = net.reg_mr(HostMemory::zeroed(64).unwrap());
+    let dst = net.reg_mr(HostMemory::zeroed(64).unwrap());
+    let buf = [RecvBuf {
+        mr: &dst,
+        offset: 0,
+        len: 64,
+        tag: 0,
+    }];
+    for _ in 0..3 {
+        let mut r = recv.irecv(&buf).unwrap().unwrap();
+        send.isend(&src, 0, 64, 0)
+            .unwrap()
+            .unwrap()
+            .wait(T)
+            .unwrap();
+        assert_eq!(r.wait(T).unwrap()[0], 64);
+    }
+    let wait = Duration::from_millis(400);
+    let mut r = recv.irecv(&buf).unwrap().unwrap();
+    let cpu = thread_cpu();
+    assert!(matches!(r.wait(wait), Err(tcpx::Error::Timeout { .. })));
+    let spent = thread_cpu() - cpu;
+    assert!(spent < wait / 4, "a {wait:?} wait spent {spent:?} of CPU");
+    let cpu = thread_cpu();
+    let t = Instant::now();
+    recv.wait_progress(&r.waiter(), wait);
+    assert!(
+        t.elapsed() >= wait - Duration::from_millis(50),
+        "woke for nothing"
+    );
+    let spent = thread_cpu() - cpu;
+    assert!(spent < wait / 4, "wait_progress spent {spent:?} of CPU");
+    // The comm still works: the fourth message arrives.
+    send.isend(&src, 0, 64, 0)
+        .unwrap()
+        .unwrap()
+        .wait(T)
+        .unwrap();
+    assert_eq!(r.wait(T).unwrap()[0], 64);
+}
