@@ -533,8 +533,9 @@ impl SendCore {
         }
         // A retired socket may be invited back at any time; a socket the
         // peer closed waits for what the control socket says.
-        let expect =
-            c.side.awaits_peer() || self.base.live() < self.base.n_data() || !c.retired.is_empty();
+        let expect = c.side.moves_on_peer()
+            || self.base.live() < self.base.n_data()
+            || !c.retired.is_empty();
         if expect {
             c.stream.settle(c.side.inbox_space());
         }

@@ -75,6 +75,8 @@ pub(crate) struct SendSide {
     /// holds up to half the eager window of inline ones, too many to scan
     /// per isend).
     unresolved_needy: usize,
+    /// Of those, lone inline messages.
+    unresolved_lone: usize,
     /// Lone messages written or matched but not both.
     lone: OwnMap<Lone>,
     awaiting_ack: OwnMap<Token>,
@@ -100,6 +102,7 @@ impl SendSide {
             unresolved: VecDeque::new(),
             uncovered: 0,
             unresolved_needy: 0,
+            unresolved_lone: 0,
             lone: OwnMap::default(),
             awaiting_ack: OwnMap::default(),
             posts: Matcher::new(),
@@ -204,6 +207,7 @@ impl SendSide {
         self.out.put(payload);
         let lone = size > self.inline_threshold;
         self.unresolved_needy += usize::from(lone);
+        self.unresolved_lone += usize::from(lone);
         self.writing.push_back((self.out.end(), token, lone));
         self.uncovered += eager_cost(size);
         self.unresolved.push_back(Announced {
@@ -278,6 +282,7 @@ impl SendSide {
                 }
                 self.unresolved_needy -= 1;
                 if a.inline {
+                    self.unresolved_lone -= 1;
                     self.lone_step(a.token, out.verdict == Verdict::Accept, ev);
                 }
                 match out.verdict {
@@ -496,10 +501,13 @@ impl SendSide {
         }
     }
 
-    /// The chunked-message count agrees with what `unresolved` holds.
+    /// The counts of messages that need their receive's Post agree with
+    /// what `unresolved` holds.
     #[cfg(test)]
     pub fn counts_agree(&self) -> bool {
-        self.unresolved_needy == self.unresolved.iter().filter(|a| a.needs_post).count()
+        let needy = self.unresolved.iter().filter(|a| a.needs_post);
+        self.unresolved_needy == needy.clone().count()
+            && self.unresolved_lone == needy.filter(|a| a.inline).count()
     }
 
     /// Whether control bytes from the receiver are awaited now: a chunked
@@ -508,6 +516,19 @@ impl SendSide {
         !self.awaiting_ack.is_empty()
             || !self.queued.is_empty()
             || self.unresolved_needy > 0
+            || self.uncovered >= EAGER_WINDOW / 2
+    }
+
+    /// Whether the receiver's control bytes would move anything without
+    /// its owner calling in: chunks leave on a Post, requests complete on
+    /// an Ack, queued messages on window room. A lone message only learns
+    /// its fate from its Post, which the owner's next test reads, so it
+    /// needs no watch: woken for it, a progress thread ran once per lone
+    /// message, and the Post's sender paid the wake-up in its send.
+    pub fn moves_on_peer(&self) -> bool {
+        !self.awaiting_ack.is_empty()
+            || !self.queued.is_empty()
+            || self.unresolved_needy > self.unresolved_lone
             || self.uncovered >= EAGER_WINDOW / 2
     }
 }

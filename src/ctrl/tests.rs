@@ -698,6 +698,45 @@ fn a_lone_message_is_done_once_written_and_accepted() {
     assert_eq!(p.se, vec![SendEvent::Written(1)]);
 }
 
+/// What the sender awaits from the receiver, and what of it needs a
+/// watch (a progress thread woken by the receiver's bytes): a lone
+/// message awaits its Post only to learn its fate, which the owner's next
+/// test reads; a chunked one's chunks leave on it.
+#[test]
+fn only_what_moves_on_the_peer_needs_a_watch() {
+    // (what is sent, awaits the peer, needs a watch), before the receive.
+    let cases: [(&str, u64, bool, bool, bool); 3] = [
+        ("small inline", 1000, true, false, false),
+        ("lone inline", 100_000, true, true, false),
+        ("chunked", 100_000, false, true, true),
+    ];
+    for (what, size, inline, awaits, watch) in cases {
+        let mut p = Pair::new(None);
+        p.send_as(1, size, 1, inline);
+        p.run();
+        assert_eq!(p.s.awaits_peer(), awaits, "{what}: awaits the peer");
+        assert_eq!(p.s.moves_on_peer(), watch, "{what}: needs a watch");
+        p.post(100, &[(size, 1)]);
+        p.run();
+        assert!(
+            p.s.moves_on_peer() == !inline,
+            "{what}: a chunked one awaits its Ack"
+        );
+    }
+    // A chunked message behind a lone one needs the watch.
+    let mut p = Pair::new(None);
+    p.send_as(1, 100_000, 1, true);
+    p.send_as(2, 100_000, 1, false);
+    p.run();
+    assert!(p.s.moves_on_peer());
+    p.post(100, &[(100_000, 1)]);
+    p.run();
+    assert!(p.s.moves_on_peer(), "the chunked one still waits");
+    p.post(101, &[(100_000, 1)]);
+    p.run();
+    assert!(p.s.moves_on_peer(), "its Ack is awaited");
+}
+
 #[test]
 fn inline_messages_past_what_the_receiver_announced_fail_the_comm() {
     let mut p = Pair::new(None);
