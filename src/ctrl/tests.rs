@@ -719,7 +719,7 @@ fn only_what_moves_on_the_peer_needs_a_watch() {
         p.post(100, &[(size, 1)]);
         p.run();
         assert!(
-            p.s.moves_on_peer() == !inline,
+            p.s.moves_on_peer() != inline,
             "{what}: a chunked one awaits its Ack"
         );
     }
