@@ -451,7 +451,6 @@ impl SendCore {
         self.ctrl.nudge(|c| self.progress(c, true));
     }
 
-    /// Drives the protocol (`read`: also take in what the receiver sent).
     /// Drops what the control socket showed already (before a sleep on it).
     pub(super) fn settle(&self) {
         self.ctrl.with(
@@ -460,6 +459,7 @@ impl SendCore {
         );
     }
 
+    /// Drives the protocol (`read`: also take in what the receiver sent).
     pub(super) fn drive(&self, read: bool) {
         self.ctrl
             .with(|c| self.progress(c, read), |c| self.progress(c, true));
