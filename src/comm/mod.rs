@@ -473,7 +473,8 @@ pub(crate) struct CtrlSocket {
     owed: usize,
     /// Reads that found bytes since the owed ones were last dropped.
     reads: usize,
-    /// Where the kernel keeps a peek offset; else owed bytes go at the next read.
+    /// Owed bytes go in batches (a receive comm's socket, where the kernel
+    /// keeps a peek offset); else at the next read.
     batched: bool,
 }
 
@@ -490,17 +491,17 @@ impl CtrlSocket {
     /// socket, which small messages arrive on; a send comm reads posts
     /// and acknowledgements, and drops at the next read).
     pub(crate) fn new(stream: TcpStream, batch: bool) -> Self {
-        let offset = batch && peek_offset(&stream);
-        Self::reading(stream, offset)
+        let batched = batch && peek_offset(&stream);
+        Self::reading(stream, batched)
     }
 
-    /// `offset`: the kernel keeps a peek offset for the socket.
-    fn reading(stream: TcpStream, offset: bool) -> Self {
+    /// `batched`: drop in batches (needs the kernel's peek offset).
+    fn reading(stream: TcpStream, batched: bool) -> Self {
         CtrlSocket {
             stream,
             owed: 0,
             reads: 0,
-            batched: offset,
+            batched,
         }
     }
 
