@@ -462,11 +462,11 @@ struct CtrlRead {
 /// next send on that socket's lock whenever the answer takes a few hundred
 /// nanoseconds of work. On a receive comm's socket, where the kernel keeps
 /// a peek offset (SO_PEEK_OFF; TCP has it since Linux 6.9), they are
-/// dropped a few reads at a time, so most messages meet no ACK: 64 B one way 2.9-3.1 µs against 3.4 at the
-/// next read, raw TCP on one connection 2.7 (PERFORMANCE.md). Elsewhere a
-/// peek would return the owed bytes again: they go at the next read. Owed
-/// bytes go before anyone sleeps on the socket (`settle`), which reads
-/// ready while they are there.
+/// dropped a few reads at a time, so most messages meet no ACK: 64 B one
+/// way 2.9-3.1 µs against 3.4 at the next read, raw TCP on one connection
+/// 2.7 (PERFORMANCE.md). Elsewhere a peek would return the owed bytes
+/// again: they go at the next read. Owed bytes go before anyone sleeps on
+/// the socket (`settle`), which reads ready while they are there.
 pub(crate) struct CtrlSocket {
     stream: TcpStream,
     /// Bytes peeked (and handed to the protocol) but still in the socket.
@@ -616,18 +616,7 @@ impl CtrlSocket {
 /// Linux 6.9).
 fn peek_offset(s: &TcpStream) -> bool {
     const SO_PEEK_OFF: libc::c_int = 42;
-    let zero: libc::c_int = 0;
-    // SAFETY: a valid socket fd and a c_int option value of the size passed.
-    let rc = unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            SO_PEEK_OFF,
-            (&zero as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    rc == 0
+    crate::engine::set_int_option(s, libc::SOL_SOCKET, SO_PEEK_OFF, 0).is_ok()
 }
 
 fn ctrl_error(op: &'static str, e: Errno) -> Error {

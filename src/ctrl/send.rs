@@ -513,10 +513,7 @@ impl SendSide {
     /// Whether control bytes from the receiver are awaited now: a chunked
     /// or lone message needs its receive, an acknowledgement, or the window room.
     pub fn awaits_peer(&self) -> bool {
-        !self.awaiting_ack.is_empty()
-            || !self.queued.is_empty()
-            || self.unresolved_needy > 0
-            || self.uncovered >= EAGER_WINDOW / 2
+        self.moves_on_peer() || self.unresolved_lone > 0
     }
 
     /// Whether the receiver's control bytes would move anything without

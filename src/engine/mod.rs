@@ -33,7 +33,7 @@ use crate::stats::{Counters, SockCounters};
 
 pub(crate) use link::{CommLink, Lookup};
 pub(crate) use placement::Placement;
-pub(crate) use tx::{outq, SockId, TxChunk, TxMsg};
+pub(crate) use tx::{outq, set_int_option, SockId, TxChunk, TxMsg};
 pub(crate) use uring::probe as probe_uring;
 
 /// A comm whose control socket a worker watches: readiness pokes it, and

@@ -15,7 +15,6 @@
 //! (a protocol violation, a failed copy) fails the comm.
 
 use std::net::TcpStream;
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -27,7 +26,7 @@ use super::devmem_tx::{DevmemBody, DevmemTx};
 use super::link::{CommLink, Lookup};
 use super::placement::{Claim, Placement};
 pub(super) use super::tx::TxPlan;
-use super::tx::{set_notsent_lowat, SockId, TxSide, Zc};
+use super::tx::{set_int_option, set_notsent_lowat, SockId, TxSide, Zc};
 use super::TxMode;
 use crate::config::ZeroCopy;
 use crate::error::Error;
@@ -720,24 +719,13 @@ fn to_this_host(s: &TcpStream) -> bool {
 
 /// Sets SO_ZEROCOPY; false (with a log line) where the kernel refuses it.
 fn enable_zerocopy(s: &TcpStream) -> bool {
-    let one: libc::c_int = 1;
-    // SAFETY: a valid socket fd and a c_int option value of the size passed.
-    let rc = unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            zerocopy::SO_ZEROCOPY,
-            (&one as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        tracing::warn!(
-            "SO_ZEROCOPY refused ({}); plain sends",
-            std::io::Error::last_os_error()
-        );
+    match set_int_option(s, libc::SOL_SOCKET, zerocopy::SO_ZEROCOPY, 1) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!("SO_ZEROCOPY refused ({e}); plain sends");
+            false
+        }
     }
-    rc == 0
 }
 
 #[cfg(test)]

@@ -446,28 +446,41 @@ pub(crate) fn outq(stream: &TcpStream) -> u64 {
     }
 }
 
-/// Caps the socket's unsent bytes (TCP_NOTSENT_LOWAT): it turns writable,
-/// and asks for its next chunk, only when the kernel is nearly through
-/// what it has, so a slow path holds little that faster ones could carry.
-pub(super) fn set_notsent_lowat(s: &TcpStream, bytes: u32) -> Result<()> {
-    let v = bytes as libc::c_int;
+/// Sets an integer socket option (`setsockopt` with a `c_int` value).
+pub(crate) fn set_int_option(
+    s: &TcpStream,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> std::io::Result<()> {
     // SAFETY: a valid socket fd and a c_int option value of the size passed.
     let rc = unsafe {
         libc::setsockopt(
             s.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_NOTSENT_LOWAT,
-            (&v as *const libc::c_int).cast(),
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
-    if rc != 0 {
-        return Err(Error::io(
-            "TCP_NOTSENT_LOWAT",
-            std::io::Error::last_os_error(),
-        ));
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
-    Ok(())
+}
+
+/// Caps the socket's unsent bytes (TCP_NOTSENT_LOWAT): it turns writable,
+/// and asks for its next chunk, only when the kernel is nearly through
+/// what it has, so a slow path holds little that faster ones could carry.
+pub(super) fn set_notsent_lowat(s: &TcpStream, bytes: u32) -> Result<()> {
+    set_int_option(
+        s,
+        libc::IPPROTO_TCP,
+        libc::TCP_NOTSENT_LOWAT,
+        bytes as libc::c_int,
+    )
+    .map_err(|e| Error::io("TCP_NOTSENT_LOWAT", e))
 }
 
 #[cfg(test)]
