@@ -104,11 +104,11 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         }
         let tag = format!("64MiBx{N}_w{workers}_cudachunk{}K", chunk >> 10);
         println!("ROW loopback_tcp_host_{tag} | {host:.2} GB/s");
-        ratios.sort_by(f64::total_cmp);
+        let mid = median(&mut ratios);
         println!(
             "ROW bounce_gpu_to_gpu_{tag} | {bounce:.2} GB/s (byte-exact; best {:.2}x best host TCP; per round median {:.2}x, {:.2}..{:.2}x)",
             bounce / host,
-            ratios[ratios.len() / 2],
+            mid,
             ratios[0],
             ratios[ratios.len() - 1]
         );
@@ -153,10 +153,6 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                 host = host.max(h);
                 bounce = bounce.max(g);
             }
-            let median = |v: &mut Vec<f64>| {
-                v.sort_by(f64::total_cmp);
-                v[v.len() / 2]
-            };
             println!(
                 "ROW bounce_gpu_to_gpu_{}KiBx64_one_at_a_time{tag} | {bounce:.2} GB/s (host TCP {host:.2}; per round median {:.2}x; GPU sender only {:.2}x, GPU receiver only {:.2}x)",
                 len >> 10,
@@ -281,8 +277,7 @@ fn batched_gather(
                 unsafe { list.run(stream, how, T)? };
                 t.push(start.elapsed().as_secs_f64() * 1e6);
             }
-            t.sort_by(f64::total_cmp);
-            let us = t[t.len() / 2];
+            let us = median(&mut t);
             cells.push(format!(
                 "{how:?} {us:.1} us ({:.2} us/descriptor, {:.0} GB/s)",
                 us / n as f64,
@@ -426,7 +421,7 @@ fn drive_receiver(
         }
         ratios.push(got[1] / got[0]);
     }
-    ratios.sort_by(f64::total_cmp);
+    let mid = median(&mut ratios);
     println!(
         "ROW two_processes_loopback_tcp_host_64MiBx{BATCH} | {:.2} GB/s",
         best[0]
@@ -434,7 +429,7 @@ fn drive_receiver(
     println!(
         "ROW two_processes_bounce_gpu_to_gpu_64MiBx{BATCH} | {:.2} GB/s (byte-exact; per round median {:.2}x host TCP, {:.2}..{:.2}x)",
         best[1],
-        ratios[ratios.len() / 2],
+        mid,
         ratios[0],
         ratios[ratios.len() - 1]
     );
@@ -662,4 +657,10 @@ fn copy_roundtrips(
         "ROW cuda_copy_event_roundtrip_512KiB_4_threads | D2H {d2h:.1} us, H2D {h2d:.1} us per copy+record+wait, slowest thread (D2H copy+record calls {submit:.1} us)"
     );
     Ok(())
+}
+
+/// The median of `v`, which it leaves sorted.
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
 }
